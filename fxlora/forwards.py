@@ -1,0 +1,198 @@
+"""The forwards fxlora installs on the user's modules (as the instance attribute ``forward``).
+
+- `GraphForward` on a *graph root*: runs the LoRA-rewritten graph code with ``self`` bound to the
+  root module itself, so every attribute it reads is the live one (no copy of the model exists).
+- `EagerLoraForward` on an adapted layer that no graph covers: the layer's own forward, then
+  `fxlora.branch.lora_output`, the same function the graph path traces.
+- `SavedForward` on a `modules_to_save` module that no graph covers.
+
+The module's class, parameters and ``state_dict()`` keys never change; deleting the instance
+attribute (`uninstall`) gives back the class's own forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.graph_module import _forward_from_src
+
+from .branch import lora_output, saved_output
+from .layers import saved_meta, target_meta
+from .passes import rewrite
+from .tracing import CallKey, TraceFailure, TracedVariant, call_key, trace_through_ids, trace_variant
+
+__all__ = [
+    "GraphForward",
+    "EagerLoraForward",
+    "SavedForward",
+    "installed_forward",
+    "install",
+    "uninstall",
+    "compile_graph",
+]
+
+
+def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
+    """Python function ``forward(self, *inputs)`` generated from `graph`."""
+    code = graph.python_code(root_module="self")
+    return _forward_from_src(code.src, code.globals)
+
+
+def installed_forward(module: nn.Module) -> Optional[Any]:
+    """The fxlora forward installed on `module`, if any."""
+    fwd = module.__dict__.get("forward")
+    return fwd if isinstance(fwd, (GraphForward, EagerLoraForward, SavedForward)) else None
+
+
+def install(module: nn.Module, forward: Any) -> None:
+    module.__dict__["forward"] = forward
+
+
+def uninstall(module: nn.Module) -> None:
+    """Give `module` back the forward it had before fxlora."""
+    fwd = installed_forward(module)
+    if fwd is None:
+        return
+    if fwd.previous is not None:
+        module.__dict__["forward"] = fwd.previous
+    else:
+        del module.__dict__["forward"]
+
+
+def _call_original(module: nn.Module, previous: Optional[Callable], args: tuple, kwargs: dict) -> Any:
+    if previous is not None:
+        return previous(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
+
+
+class EagerLoraForward:
+    """``forward`` of an adapted layer on the eager path: base output plus `lora_output`."""
+
+    path = "eager"
+
+    def __init__(self, module: nn.Module, previous: Optional[Callable] = None) -> None:
+        self.module = module
+        self.previous = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        base = _call_original(module, self.previous, args, kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        return lora_output(module, x, base)
+
+
+class SavedForward:
+    """``forward`` of a `modules_to_save` module on the eager path."""
+
+    path = "eager"
+
+    def __init__(self, module: nn.Module, previous: Optional[Callable] = None) -> None:
+        self.module = module
+        self.previous = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        base = _call_original(self.module, self.previous, args, kwargs)
+        return saved_output(self.module, base, *args, **kwargs)
+
+
+def _interesting(root: nn.Module) -> list[nn.Module]:
+    return [m for m in root.modules() if target_meta(m) is not None or saved_meta(m) is not None]
+
+
+class GraphForward:
+    """``forward`` of a graph root: one rewritten graph per call pattern (`fxlora.tracing`).
+
+    A call whose pattern has a graph runs that graph's generated code: straight-line tensor code,
+    so ``torch.compile`` captures it whole. A new pattern is traced on first use; a pattern that
+    cannot be traced runs the root's original forward with the eager LoRA forwards installed on its
+    layers for the duration of the call (same math, no graph).
+    """
+
+    path = "graph"
+
+    def __init__(self, root: nn.Module, variants: dict[CallKey, TracedVariant], previous: Optional[Callable] = None):
+        self.root = root
+        self.previous = previous
+        self.variants = dict(variants)
+        self.failures: dict[CallKey, str] = {}
+        self._compiled: dict[CallKey, tuple[Callable[..., Any], Optional[tuple]]] = {}
+
+    # ---------------------------------------------------------------- building
+    def _build(self, variant: TracedVariant) -> tuple[Callable[..., Any], Optional[tuple]]:
+        graph = rewrite(copy.deepcopy(variant.graph), self.root)
+        return compile_graph(graph), (None if variant.positional_only else variant.inputs)
+
+    def refresh(self) -> None:
+        """Rebuild every known pattern's code from its traced graph (after adapters changed)."""
+        self._compiled = {key: self._build(v) for key, v in self.variants.items()}
+
+    def retrace(self) -> None:
+        """Trace every known pattern again (after the set of adapted modules changed)."""
+        through = trace_through_ids(self.root, _interesting(self.root))
+        variants, failures = {}, dict(self.failures)
+        for key in self.variants:
+            try:
+                variants[key] = trace_variant(self.root, through, key)
+            except TraceFailure as exc:
+                failures[key] = str(exc)
+        self.variants, self.failures = variants, failures
+        self.refresh()
+
+    def graph_code(self, training: Optional[bool] = None) -> str:
+        """The generated code of the plainest call pattern (for inspection)."""
+        from .tracing import canonical_key
+
+        key = canonical_key(self.root, self.root.training if training is None else training)
+        variant = self.variants.get(key) or next(iter(self.variants.values()))
+        return rewrite(copy.deepcopy(variant.graph), self.root).python_code("self").src
+
+    # ---------------------------------------------------------------- calling
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = call_key(self.root.training, args, kwargs)
+        entry = self._compiled.get(key)
+        if entry is None:
+            return self._slow_call(key, args, kwargs)
+        fn, inputs = entry
+        if inputs is None:
+            return fn(self.root, *args)
+        return fn(self.root, *[args[i] if type(i) is int else kwargs[i] for i in inputs])
+
+    @torch.compiler.disable
+    def _slow_call(self, key: Optional[CallKey], args: tuple, kwargs: dict) -> Any:
+        if key is not None and key not in self.failures:
+            variant = self.variants.get(key)
+            if variant is None:
+                try:
+                    through = trace_through_ids(self.root, _interesting(self.root))
+                    variant = self.variants[key] = trace_variant(self.root, through, key)
+                except TraceFailure as exc:
+                    self.failures[key] = str(exc)
+            if variant is not None:
+                self._compiled[key] = self._build(variant)
+                return self(*args, **kwargs)
+        return self._run_eagerly(args, kwargs)
+
+    def _run_eagerly(self, args: tuple, kwargs: dict) -> Any:
+        """The original forward, with eager LoRA on every adapted module under the root."""
+        installed = []
+        try:
+            for module in _interesting(self.root):
+                if module is self.root or "forward" in module.__dict__:
+                    continue
+                cls = EagerLoraForward if target_meta(module) is not None else SavedForward
+                install(module, cls(module))
+                installed.append(module)
+            return _call_original(self.root, self.previous, args, kwargs)
+        finally:
+            for module in installed:
+                uninstall(module)
+
+    # ---------------------------------------------------------------- copying
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_compiled"] = {}  # generated code is rebuilt from the graphs on first use
+        return state

@@ -1,0 +1,347 @@
+"""Runtime LoRA state attached to the user's own modules.
+
+fxlora never replaces a target module: it attaches the adapter's modules *under* it, so every
+module of the original model keeps its type, its qualified name and its ``state_dict()`` keys.
+For an adapter named ``default`` on a target ``seq.0`` the naming is::
+
+    seq.0.weight, seq.0.bias                 the base layer, untouched
+    seq.0.lora_A.default.weight              A: (r, in) for Linear; (r, in, *kernel) for ConvNd
+    seq.0.lora_B.default.weight              B: (out, r) for Linear; (out, r/groups, 1, ..) for ConvNd
+    seq.0.lora_B.default.bias                only with lora_bias=True
+    seq.0.lora_dropout.default               nn.Dropout(p), or nn.Identity() when p = 0
+    emb.lora_embedding_A.default             Embedding: A (r, num_embeddings)
+    emb.lora_embedding_B.default             Embedding: B (embedding_dim, r)
+    seq.0.lora_scaling.default               the scaling alpha/r, a non-persistent 0-d buffer
+    seq.0.lora_gates                         the model-wide adapter gates, shared by every target
+    head.modules_to_save.default.weight      trainable copy of a `modules_to_save` module
+
+These are the names PEFT gives its LoRA tensors, without PEFT's ``base_layer`` indirection.
+
+The *gates* (`AdapterGates`) are one module shared by every adapted module of a model. Per
+adapter it holds a ``scale`` gate (multiplies that adapter's update: 0 when it is inactive,
+disabled or merged) and a ``select`` gate (1 where its `modules_to_save` copies compute). Changing
+adapter state writes these tensors in place, which costs no graph change and no recompilation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .config import scaling_value
+from .layer_types import in_out_features, is_hf_conv1d, layer_kind
+
+__all__ = [
+    "LORA_CHILDREN",
+    "AdapterSpec",
+    "TargetMeta",
+    "SavedMeta",
+    "TensorSlots",
+    "AdapterGates",
+    "adapter_dtype",
+    "attach_adapter",
+    "attach_saved_copy",
+    "attach_gates",
+    "detach_all",
+    "target_meta",
+    "saved_meta",
+    "fxlora_internal_names",
+    "check_adapter_name",
+]
+
+#: Children fxlora adds to a module; nothing else of the user's tree is touched.
+LORA_CHILDREN = (
+    "lora_A",
+    "lora_B",
+    "lora_dropout",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_scaling",
+    "lora_gates",
+    "modules_to_save",
+)
+META_ATTR = "_fxlora"
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter on one layer: its rank, alpha and the options that shape the branch."""
+
+    r: int
+    alpha: float
+    use_rslora: bool = False
+    lora_bias: bool = False
+    dropout: float = 0.0
+
+    @property
+    def scaling(self) -> float:
+        return scaling_value(self.alpha, self.r, self.use_rslora)
+
+
+@dataclass
+class TargetMeta:
+    """Plain-Python record on an adapted module (``module._fxlora``)."""
+
+    kind: str  # "linear" | "conv" | "embedding"
+    fan_in_fan_out: bool
+    adapters: dict[str, AdapterSpec] = field(default_factory=dict)
+    merged: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SavedMeta:
+    """Record on a `modules_to_save` module: the adapters that own a trainable copy of it."""
+
+    adapters: list[str] = field(default_factory=list)
+
+
+class TensorSlots(nn.Module):
+    """Named 0-d tensors held as non-persistent buffers (they follow ``.to()`` but stay out of
+    ``state_dict()``). One slot per adapter name."""
+
+    def set(self, name: str, value: Union[float, torch.Tensor], like: Optional[torch.Tensor] = None) -> None:
+        tensor = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float32)
+        if like is not None:
+            tensor = tensor.to(device=like.device)
+        self.register_buffer(name, tensor, persistent=False)
+
+    def remove(self, name: str) -> None:
+        self._buffers.pop(name, None)
+
+    def names(self) -> list[str]:
+        return list(self._buffers)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v.tolist()}" for k, v in self._buffers.items() if v is not None and v.dim() == 0)
+
+
+class AdapterGates(nn.Module):
+    """Model-wide adapter state as tensors: ``scale.<adapter>`` and ``select.<adapter>``.
+
+    The rewritten forward multiplies each adapter's update by ``scale.<adapter>`` and picks a
+    `modules_to_save` copy where ``select.<adapter>`` is non-zero. Values are 0-d normally, or one
+    value per batch row for a mixed batch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = TensorSlots()
+        self.select = TensorSlots()
+
+    def add(self, adapter: str) -> None:
+        if adapter not in self.scale.names():
+            self.scale.set(adapter, 0.0)
+            self.select.set(adapter, 0.0)
+
+    def remove(self, adapter: str) -> None:
+        self.scale.remove(adapter)
+        self.select.remove(adapter)
+
+
+# --------------------------------------------------------------------- lookups
+def target_meta(module: nn.Module) -> Optional[TargetMeta]:
+    meta = module.__dict__.get(META_ATTR)
+    return meta if isinstance(meta, TargetMeta) else None
+
+
+def saved_meta(module: nn.Module) -> Optional[SavedMeta]:
+    meta = module.__dict__.get(META_ATTR)
+    return meta if isinstance(meta, SavedMeta) else None
+
+
+def fxlora_internal_names(model: nn.Module) -> set[str]:
+    """Names of every module fxlora added under `model` (adapter modules, copies, gates)."""
+    internal: set[str] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if META_ATTR not in module.__dict__:
+            continue
+        prefix = f"{name}." if name else ""
+        for child_name in LORA_CHILDREN:
+            child = module._modules.get(child_name)
+            if child is not None:
+                internal.update(n for n, _ in child.named_modules(prefix=prefix + child_name, remove_duplicate=False))
+    return internal
+
+
+def check_adapter_name(name: object) -> str:
+    """Adapter names key ModuleDicts and buffers: a non-empty str without dots, not reserved."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty str, got {name!r}")
+    if "." in name:
+        raise ValueError(f"adapter_name must not contain '.', got {name!r}")
+    if name == "__base__":
+        raise ValueError("adapter_name '__base__' is reserved: it selects the base model in a mixed batch")
+    if hasattr(nn.ModuleDict(), name) or hasattr(TensorSlots(), name):
+        raise ValueError(f"adapter_name {name!r} clashes with an nn.Module attribute; choose another name")
+    return name
+
+
+# --------------------------------------------------------------------- creation
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """PEFT's rule: adapters are float32 for fp16/bf16 bases, else the base's floating dtype."""
+    if base_weight.dtype in (torch.float16, torch.bfloat16) or not base_weight.dtype.is_floating_point:
+        return torch.float32
+    return base_weight.dtype
+
+
+def _conv_branch_modules(base: nn.Module, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
+    """A: a conv with the base's kernel, stride, padding, dilation and padding mode; B: 1x..x1 with
+    the base's groups (PEFT's layout, plus dilation and padding mode, which PEFT drops)."""
+    if r % base.groups != 0:
+        raise ValueError(
+            f"rank {r} is not divisible by groups={base.groups} of {type(base).__name__}; choose a rank "
+            "that is a multiple of the layer's groups (rank_pattern can set it per layer) or exclude the layer"
+        )
+    dims = base.weight.dim() - 2
+    plain = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    geometry = dict(
+        kernel_size=base.kernel_size,
+        stride=base.stride,
+        padding=base.padding,
+        dilation=base.dilation,
+        padding_mode=base.padding_mode,
+    )
+    lora_a = plain(base.in_channels, r, bias=False, **geometry)
+    lora_b = plain(r, base.out_channels, kernel_size=(1,) * dims, stride=(1,) * dims, groups=base.groups, bias=lora_bias)
+    return lora_a, lora_b
+
+
+def _init_linear_like(lora_a: nn.Module, lora_b: nn.Module, init: Union[bool, str], r: int, lora_bias: bool) -> None:
+    if init is False:
+        return
+    if init is True:
+        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+    else:  # "gaussian"
+        nn.init.normal_(lora_a.weight, std=1 / r)
+    nn.init.zeros_(lora_b.weight)
+    if lora_bias:
+        nn.init.zeros_(lora_b.bias)
+
+
+def _child_dict(module: nn.Module, name: str, factory: type) -> nn.Module:
+    child = module._modules.get(name)
+    if child is None:
+        child = factory()
+        module.add_module(name, child)
+    return child
+
+
+def attach_adapter(
+    module: nn.Module,
+    adapter: str,
+    spec: AdapterSpec,
+    init: Union[bool, str],
+    gates: AdapterGates,
+    fan_in_fan_out: Optional[bool] = None,
+) -> TargetMeta:
+    """Create adapter `adapter` on the supported layer `module` and initialise it.
+
+    Random numbers are drawn in PEFT's order (construct A, construct B, then re-initialise), so a
+    seeded run gives PEFT's initial weights. Adapter weights are placed on the base weight's device,
+    in `adapter_dtype`. Returns the module's `TargetMeta`.
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} cannot carry a LoRA adapter")
+    meta = target_meta(module) or TargetMeta(kind=kind, fan_in_fan_out=is_hf_conv1d(module) if fan_in_fan_out is None else fan_in_fan_out)
+    if adapter in meta.adapters:
+        raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
+    weight = module.weight
+    target = dict(device=weight.device, dtype=adapter_dtype(weight))
+    n_in, n_out = in_out_features(module)
+
+    if kind == "embedding":
+        a = nn.Parameter(torch.randn(spec.r, n_in))
+        b = nn.Parameter(torch.randn(n_out, spec.r))
+        if init is not False:
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        _child_dict(module, "lora_embedding_A", nn.ParameterDict)[adapter] = nn.Parameter(a.detach().to(**target))
+        _child_dict(module, "lora_embedding_B", nn.ParameterDict)[adapter] = nn.Parameter(b.detach().to(**target))
+    else:
+        if kind == "conv":
+            lora_a, lora_b = _conv_branch_modules(module, spec.r, spec.lora_bias)
+        else:
+            lora_a = nn.Linear(n_in, spec.r, bias=False)
+            lora_b = nn.Linear(spec.r, n_out, bias=spec.lora_bias)
+        _init_linear_like(lora_a, lora_b, init, spec.r, spec.lora_bias)
+        dropout = nn.Dropout(p=spec.dropout) if spec.dropout > 0 else nn.Identity()
+        _child_dict(module, "lora_dropout", nn.ModuleDict)[adapter] = dropout
+        _child_dict(module, "lora_A", nn.ModuleDict)[adapter] = lora_a.to(**target)
+        _child_dict(module, "lora_B", nn.ModuleDict)[adapter] = lora_b.to(**target)
+
+    _child_dict(module, "lora_scaling", TensorSlots).set(adapter, spec.scaling, like=weight)
+    attach_gates(module, gates)
+    meta.adapters[adapter] = spec
+    module.__dict__[META_ATTR] = meta
+    return meta
+
+
+def attach_saved_copy(module: nn.Module, adapter: str, gates: AdapterGates) -> None:
+    """Give `module` (a `modules_to_save` entry) a trainable deep copy for `adapter`."""
+    meta = saved_meta(module) or SavedMeta()
+    if adapter in meta.adapters:
+        raise ValueError(f"adapter {adapter!r} already has a copy of {type(module).__name__}")
+    copy_of = _copy_without_fxlora(module)
+    _child_dict(module, "modules_to_save", nn.ModuleDict)[adapter] = copy_of
+    attach_gates(module, gates)
+    meta.adapters.append(adapter)
+    module.__dict__[META_ATTR] = meta
+
+
+def _copy_without_fxlora(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` as the user built it (no fxlora children, no installed forward)."""
+    import copy
+
+    saved_children = {k: module._modules.pop(k) for k in LORA_CHILDREN if k in module._modules}
+    saved_attrs = {k: module.__dict__.pop(k) for k in (META_ATTR, "forward") if k in module.__dict__}
+    try:
+        clone = copy.deepcopy(module)
+    finally:
+        module._modules.update(saved_children)
+        module.__dict__.update(saved_attrs)
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    return clone
+
+
+def attach_gates(module: nn.Module, gates: AdapterGates) -> None:
+    current = module._modules.get("lora_gates")
+    if current is None:
+        module.add_module("lora_gates", gates)
+    elif current is not gates:
+        raise RuntimeError("module already carries the gates of another fxlora model")
+
+
+def remove_adapter(module: nn.Module, adapter: str) -> None:
+    """Remove one adapter's modules from `module`; drop fxlora entirely when none is left."""
+    for name in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
+        holder = module._modules.get(name)
+        if holder is not None and adapter in holder:
+            del holder[adapter]
+    scaling = module._modules.get("lora_scaling")
+    if scaling is not None:
+        scaling.remove(adapter)
+    meta = module.__dict__.get(META_ATTR)
+    if isinstance(meta, TargetMeta):
+        meta.adapters.pop(adapter, None)
+        left = bool(meta.adapters)
+    elif isinstance(meta, SavedMeta):
+        if adapter in meta.adapters:
+            meta.adapters.remove(adapter)
+        left = bool(meta.adapters)
+    else:
+        left = False
+    if not left:
+        detach_all(module)
+
+
+def detach_all(module: nn.Module) -> None:
+    """Remove every fxlora child and record from `module` (not its installed forward)."""
+    for name in LORA_CHILDREN:
+        module._modules.pop(name, None)
+    module.__dict__.pop(META_ATTR, None)

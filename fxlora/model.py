@@ -1,0 +1,210 @@
+"""`LoraModel`: the object `fxlora.transform` returns.
+
+It wraps the user's model *without* adding a level to its names: the wrapper shares the model's
+parameter, buffer and submodule tables, so ``lora_model.state_dict()``, ``named_modules()`` and
+``named_parameters()`` use exactly the model's own names (plus the LoRA entries under each target,
+see `fxlora.layers`). The user's model object itself is ``lora_model.model``; attributes and
+methods the wrapper does not define (``config``, ``generate``, ...) are looked up there.
+
+Adapter state (which adapters are active, disabled, their scale) lives in Python on the wrapper and
+is mirrored into the shared gate tensors (`fxlora.layers.AdapterGates`), which the rewritten code
+reads; changing it never touches the graph code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import LoraConfig
+from .explain import Report
+from .forwards import GraphForward, installed_forward
+from .layers import LORA_CHILDREN, AdapterGates, saved_meta, target_meta
+
+__all__ = ["LoraModel"]
+
+_SHARED_TABLES = (
+    "_parameters",
+    "_buffers",
+    "_modules",
+    "_non_persistent_buffers_set",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA adapters. Create it with `fxlora.transform`, not directly."""
+
+    def __init__(self, model: nn.Module, gates: AdapterGates) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "_gates", gates)
+        for table in _SHARED_TABLES:
+            object.__setattr__(self, table, getattr(model, table))
+        self.training = model.training
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.reports: dict[str, Report] = {}
+        self._active: list[str] = []
+        self._enabled = True
+        self._scales: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ calling
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model object (adapted in place)."""
+        return self.model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("model")
+            if model is None or name == "model":
+                raise
+            return getattr(model, name)
+
+    def train(self, mode: bool = True) -> "LoraModel":
+        super().train(mode)
+        self.model.training = mode
+        return self
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def _sync_gates(self) -> None:
+        """Write the adapter state into the gate tensors the rewritten code reads (O(adapters))."""
+        with torch.no_grad():
+            for adapter in self.peft_config:
+                on = self._enabled and adapter in self._active
+                getattr(self._gates.scale, adapter).fill_(self._scales.get(adapter, 1.0) if on else 0.0)
+                getattr(self._gates.select, adapter).fill_(1.0 if on else 0.0)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as the base model (original `modules_to_save`
+        modules included); the adapter state is restored afterwards, even on error."""
+        previous = self._enabled
+        self._enabled = False
+        self._sync_gates()
+        try:
+            yield
+        finally:
+            self._enabled = previous
+            self._sync_gates()
+
+    # ------------------------------------------------------------------ reporting
+    def _adapted(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.model.named_modules():
+            if target_meta(module) is not None:
+                yield name, module
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Full names of the modules carrying LoRA, in ``named_modules()`` order."""
+        return [name for name, _ in self._adapted()]
+
+    @property
+    def modules_to_save_names(self) -> list[str]:
+        return [n for n, m in self.model.named_modules() if saved_meta(m) is not None]
+
+    @property
+    def target_paths(self) -> dict[str, str]:
+        """``{target name: "graph" | "eager"}``: how each adapted module computes its branch."""
+        covered: dict[str, str] = {}
+        for name, module in self.model.named_modules():
+            fwd = installed_forward(module)
+            if isinstance(fwd, GraphForward):
+                prefix = f"{name}." if name else ""
+                for sub, m in module.named_modules():
+                    if target_meta(m) is not None:
+                        covered[prefix + sub] = "graph"
+        return {name: covered.get(name, "eager") for name, _ in self._adapted()}
+
+    @property
+    def graph_roots(self) -> list[str]:
+        """Names of the modules whose forward runs rewritten graph code ('' is the model)."""
+        return [n for n, m in self.model.named_modules() if isinstance(installed_forward(m), GraphForward)]
+
+    def graph_code(self, root: str = "", training: Optional[bool] = None) -> str:
+        """The generated code of a graph root (for inspection)."""
+        fwd = installed_forward(self.model.get_submodule(root))
+        if not isinstance(fwd, GraphForward):
+            raise ValueError(f"{root or '<model>'!r} is not a graph root; graph roots: {self.graph_roots}")
+        return fwd.graph_code(training)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts (both the original and the copy of each
+        `modules_to_save` module count in ``all``, as in PEFT)."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: ``trainable params: T || all params: A || trainable%: P``."""
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    def __repr__(self) -> str:
+        paths = self.target_paths
+        n_graph = sum(1 for p in paths.values() if p == "graph")
+        head = (
+            f"LoraModel(adapters={list(self.peft_config)}, active={self._active}, "
+            f"targets={len(paths)} ({n_graph} graph, {len(paths) - n_graph} eager))"
+        )
+        return head + "\n" + _annotated_repr(self.model, paths)
+
+    # ------------------------------------------------------------------ copying
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for module in self.model.modules():
+            fwd = installed_forward(module)
+            if isinstance(fwd, GraphForward):
+                fwd.refresh()
+
+
+def _lora_note(module: nn.Module, path: str) -> str:
+    meta = target_meta(module)
+    if meta is not None:
+        parts = [f"{a}: r={s.r} alpha={s.alpha:g}" for a, s in meta.adapters.items()]
+        return f"  [LoRA {', '.join(parts)}; {path}]"
+    saved = saved_meta(module)
+    if saved is not None:
+        return f"  [modules_to_save: trainable copy for {', '.join(saved.adapters)}]"
+    return ""
+
+
+def _annotated_repr(module: nn.Module, paths: dict[str, str], name: str = "") -> str:
+    """`nn.Module.__repr__` with fxlora's children folded into a note on their module's line."""
+    hide = _is_fxlora_child(module)
+    children = [(k, m) for k, m in module._modules.items() if m is not None and not (hide and k in LORA_CHILDREN)]
+    note = _lora_note(module, paths.get(name, "eager"))
+    extra_lines = module.extra_repr().split("\n") if module.extra_repr() else []
+    child_lines = [
+        f"({key}): " + _annotated_repr(child, paths, f"{name}.{key}" if name else key).replace("\n", "\n  ")
+        for key, child in children
+    ]
+    if not child_lines and len(extra_lines) <= 1:
+        return f"{module._get_name()}({''.join(extra_lines)}){note}"
+    body = "\n  ".join(extra_lines + child_lines)
+    return f"{module._get_name()}({note}\n  {body}\n)"
+
+
+def _is_fxlora_child(module: nn.Module) -> bool:
+    return target_meta(module) is not None or saved_meta(module) is not None

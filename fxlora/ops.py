@@ -1,0 +1,60 @@
+"""Small tensor functions the LoRA branch is built from.
+
+Each is one opaque ``call_function`` node in a rewritten graph (fx does not trace into them), and
+plain Python to ``torch.compile``, which traces straight through them. They hold the only
+shape- and dtype-dependent logic of the branch, so the branch itself stays straight-line code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["cast_like", "scale_update", "add_update", "select_output"]
+
+
+def cast_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`x` in `ref`'s dtype (no copy when it already is)."""
+    return x if x.dtype == ref.dtype else x.to(ref.dtype)
+
+
+def _per_row(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d gate as is; a gate with one value per batch row shaped to broadcast over `like`."""
+    if gate.dim() == 0:
+        return gate
+    if gate.shape[0] != like.shape[0]:
+        raise RuntimeError(
+            f"the adapter gates hold {gate.shape[0]} rows but a layer received a batch of {like.shape[0]}; "
+            "adapter_names needs one entry per row of the batch"
+        )
+    return gate.view(-1, *([1] * (like.dim() - 1)))
+
+
+def scale_update(update: torch.Tensor, scaling: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``update * scaling * gate``; `gate` is 0-d or holds one value per batch row."""
+    factor = (scaling * gate).to(update.dtype)
+    return update * _per_row(factor, update)
+
+
+def add_update(base: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``base + update`` in `base`'s dtype (the update may be float32 on a half-precision base)."""
+    out = base + update
+    return out if out.dtype == base.dtype else out.to(base.dtype)
+
+
+def select_output(gate: torch.Tensor, new: Any, old: Any) -> Any:
+    """`new` where `gate` is non-zero (per batch row when `gate` is 1-d), else `old`.
+
+    Works leaf by leaf on tensors nested in tuples/lists/dicts; non-tensor leaves come from `old`.
+    """
+
+    def pick(n: Any, o: Any) -> Any:
+        if not (isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor)):
+            return o
+        return torch.where(_per_row(gate, n) != 0, n, o)
+
+    if isinstance(new, torch.Tensor):
+        return pick(new, old)
+    return pytree.tree_map(pick, new, old)

@@ -1,0 +1,115 @@
+"""Pass: insert each adapted layer's LoRA branch after the layer's node.
+
+Requires: `graph` was traced from `root` with every adapted module (one carrying
+`fxlora.layers.TargetMeta`) as a leaf, so each call of such a module is one ``call_module`` node
+whose target is the module's path from `root`.
+
+Guarantees: for every such node ``N = layer(x)``, every former user of N now reads
+``lora_output(layer, x, N)`` (`fxlora.branch`): the branch's nodes (dropout as a call of the
+``nn.Dropout`` module, A, B, the scaling tensor, the gate tensor and the add), traced from that
+function and spliced right after N. Adapter modules are called by their paths
+(``<layer>.lora_A.<adapter>`` ...); every inserted node has ``meta["fxlora_target"]`` set to the
+layer's path. Nothing else in the graph changes.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..branch import lora_output
+from ..layers import TargetMeta, target_meta
+from ..tracing import LoraTracer
+
+__all__ = ["insert_lora", "branch_template", "splice", "first_input", "nodes_between"]
+
+
+class _BranchHost(nn.Module):
+    """Lets fx trace `lora_output` with module paths relative to the adapted layer."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, base):
+        return lora_output(self.layer, x, base)
+
+
+def _template_key(module: nn.Module, meta: TargetMeta) -> Hashable:
+    extra = ()
+    if meta.kind == "embedding":
+        extra = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+    return (meta.kind, tuple(meta.adapters), extra)
+
+
+def branch_template(module: nn.Module) -> fx.Graph:
+    """`lora_output(module, x, base)` as a graph with placeholders (x, base) and node targets
+    relative to `module`."""
+    host = _BranchHost(module)
+    graph = LoraTracer({id(host)}).trace(host)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = node.target.removeprefix("layer.")
+    return graph
+
+
+def splice(graph: fx.Graph, template: fx.Graph, prefix: str, inputs: list, tag: str) -> object:
+    """Copy `template`'s nodes into `graph` at the current insertion point, binding its
+    placeholders to `inputs` and prefixing module/attribute targets; return the output value."""
+    env: dict[fx.Node, object] = {}
+    placeholders = [n for n in template.nodes if n.op == "placeholder"]
+    env.update(zip(placeholders, inputs))
+    for node in template.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            return fx.map_arg(node.args[0], lambda n: env[n])
+        target = prefix + node.target if node.op in ("call_module", "get_attr") else node.target
+        args = fx.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.map_arg(node.kwargs, lambda n: env[n])
+        new = graph.create_node(node.op, target, args, kwargs, type_expr=node.type)
+        new.meta["fxlora_target"] = tag
+        env[node] = new
+    raise ValueError("template graph has no output")
+
+
+def first_input(node: fx.Node) -> fx.Node:
+    """The tensor a layer call consumes: its first positional argument, else its first keyword."""
+    if node.args:
+        return node.args[0]
+    if node.kwargs:
+        return next(iter(node.kwargs.values()))
+    raise ValueError(f"call of {node.target} has no input")
+
+
+def nodes_between(first: fx.Node, stop: fx.Node) -> set[fx.Node]:
+    """The nodes from `first` up to (not including) `stop`, in graph order."""
+    found, node = set(), first
+    while node is not stop:
+        found.add(node)
+        node = node.next
+    return found
+
+
+def insert_lora(graph: fx.Graph, root: nn.Module) -> int:
+    """Run the pass; return the number of layer calls that received a branch."""
+    templates: dict[Hashable, fx.Graph] = {}
+    count = 0
+    for node in list(graph.find_nodes(op="call_module")):
+        module = root.get_submodule(node.target)
+        meta = target_meta(module)
+        if meta is None or not meta.adapters:
+            continue
+        key = _template_key(module, meta)
+        if key not in templates:
+            templates[key] = branch_template(module)
+        following = node.next
+        with graph.inserting_before(following):
+            out = splice(graph, templates[key], node.target + ".", [first_input(node), node], node.target)
+        if out is not node:
+            inserted = nodes_between(node.next, following)
+            node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+        count += 1
+    return count

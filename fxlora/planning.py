@@ -1,0 +1,286 @@
+"""Planning a transform without changing the model: targets, per-target settings, and the path
+(graph or eager) each adapted module will take.
+
+`make_plan` is the dry run behind both `fxlora.explain` and `fxlora.transform`: the latter only
+applies a plan, so what `explain` reports is what `transform` does.
+
+Path choice ("trace the largest traceable sub-modules that contain targets"): starting at the
+model, try to trace a module (canonical call pattern, train and eval mode); if it traces, it
+becomes a graph root that covers every target inside it. If not, try each child that contains
+targets. A target reached this way with no traceable ancestor takes the eager path; its reason is
+the failure of its nearest ancestor.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch.nn as nn
+
+from .config import LoraConfig
+from .layer_types import in_out_features, is_hf_conv1d, layer_kind
+from .layers import AdapterSpec, check_adapter_name
+from .matching import TargetSelection, select_modules
+from .tracing import (
+    TraceFailure,
+    TracedVariant,
+    attributes_read,
+    canonical_key,
+    graphs_equal,
+    modules_called,
+    trace_through_ids,
+    trace_variant,
+)
+
+__all__ = ["TracePolicy", "TargetPlan", "SavedPlan", "RootPlan", "Plan", "make_plan", "lora_param_count"]
+
+TracePolicy = Literal["auto", "eager", "graph"]
+
+
+@dataclass
+class TargetPlan:
+    name: str
+    module: nn.Module
+    kind: str
+    spec: AdapterSpec
+    fan_in_fan_out: bool
+    path: str = "eager"  # "graph" | "eager"
+    root: Optional[str] = None  # graph root covering it
+    reason: str = ""  # why eager
+    calls: int = 0  # call sites in the root's graph
+
+    @property
+    def added_params(self) -> int:
+        return lora_param_count(self.module, self.spec)
+
+
+@dataclass
+class SavedPlan:
+    name: str
+    module: nn.Module
+    path: str = "eager"
+    root: Optional[str] = None
+    reason: str = ""
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+@dataclass
+class RootPlan:
+    name: str
+    module: nn.Module
+    variants: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    adapter: str
+    config: LoraConfig
+    model_type: str
+    targets: list[TargetPlan]
+    saved: list[SavedPlan]
+    roots: list[RootPlan]
+    base_params: int
+    trainable_params: int
+    all_params: int
+    warnings: list[str] = field(default_factory=list)
+    order: dict[str, int] = field(default_factory=dict)  # position in named_modules()
+
+    @property
+    def graph_targets(self) -> list[TargetPlan]:
+        return [t for t in self.targets if t.path == "graph"]
+
+    @property
+    def eager_targets(self) -> list[TargetPlan]:
+        return [t for t in self.targets if t.path == "eager"]
+
+
+def lora_param_count(module: nn.Module, spec: AdapterSpec) -> int:
+    """Numbers an adapter of rank ``spec.r`` adds to `module` (PEFT's shapes)."""
+    n_in, n_out = in_out_features(module)
+    kind = layer_kind(module)
+    if kind == "embedding":
+        return spec.r * (n_in + n_out)
+    bias = n_out if spec.lora_bias else 0
+    if kind == "conv":
+        kernel = math.prod(module.kernel_size)
+        return spec.r * n_in * kernel + n_out * (spec.r // module.groups) + bias
+    return spec.r * (n_in + n_out) + bias
+
+
+def _fan_in_fan_out(name: str, module: nn.Module, config: LoraConfig, notes: list[str]) -> bool:
+    wanted = is_hf_conv1d(module)
+    if config.fan_in_fan_out != wanted and layer_kind(module) == "linear":
+        notes.append(
+            f"{name}: fan_in_fan_out={config.fan_in_fan_out} does not fit {type(module).__name__} "
+            f"(weight stored {'(in, out)' if wanted else '(out, in)'}); using fan_in_fan_out={wanted} for it"
+        )
+    return wanted
+
+
+def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection, notes: list[str]) -> list[TargetPlan]:
+    plans = []
+    for name in selection.targets:
+        module = model.get_submodule(name)
+        kind = layer_kind(module)
+        spec = AdapterSpec(
+            r=config.rank_for(name),
+            alpha=config.alpha_for(name),
+            use_rslora=config.use_rslora,
+            lora_bias=config.lora_bias,
+            dropout=float(config.lora_dropout),
+        )
+        if kind == "embedding" and spec.lora_bias:
+            raise ValueError(f"lora_bias=True is not supported for the Embedding {name!r}; set lora_bias=False")
+        if kind == "conv" and spec.r % module.groups != 0:
+            raise ValueError(
+                f"rank {spec.r} of {name!r} is not divisible by its groups={module.groups}; choose a rank that "
+                "is a multiple of the layer's groups (rank_pattern sets it per layer) or exclude the layer"
+            )
+        if spec.lora_bias and getattr(module, "bias", None) is None:
+            notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
+        plans.append(
+            TargetPlan(name, module, kind, spec, _fan_in_fan_out(name, module, config, notes))
+        )
+    return plans
+
+
+# ---------------------------------------------------------------------- paths
+def _trace_canonical(module: nn.Module, interesting: list[nn.Module]) -> dict:
+    """Graphs of `module` for its plainest call in train and eval mode (shared when equal)."""
+    through = trace_through_ids(module, interesting)
+    train = trace_variant(module, through, canonical_key(module, True))
+    evaluation = trace_variant(module, through, canonical_key(module, False))
+    if graphs_equal(train.graph, evaluation.graph):
+        evaluation = train
+    return {canonical_key(module, True): train, canonical_key(module, False): evaluation}
+
+
+def _check_calls(root_name: str, root: nn.Module, variant: TracedVariant, names: list[str]) -> dict[str, int]:
+    """Call sites of each adapted module in the graph; a module whose weights are read but which
+    is never called would silently miss its branch, so that root cannot be a graph."""
+    called = modules_called(variant.graph)
+    read = attributes_read(variant.graph)
+    counts = {}
+    for name in names:
+        rel = name[len(root_name) + 1 :] if root_name else name
+        counts[name] = called.get(rel, 0)
+        if counts[name] == 0 and any(a == rel or a.startswith(rel + ".") for a in read):
+            raise TraceFailure(f"{rel} is used through its weights, not called as a module")
+    return counts
+
+
+def _assign_paths(
+    model: nn.Module,
+    targets: list[TargetPlan],
+    saved: list[SavedPlan],
+    policy: TracePolicy,
+) -> list[RootPlan]:
+    by_name: dict[str, TargetPlan | SavedPlan] = {p.name: p for p in [*targets, *saved]}
+    if policy == "eager":
+        for p in by_name.values():
+            p.reason = "trace='eager' was requested"
+        return []
+    modules = {p.name: p.module for p in by_name.values()}
+    roots: list[RootPlan] = []
+
+    def inside(prefix: str) -> list[str]:
+        return [n for n in by_name if not prefix or n.startswith(prefix + ".")]
+
+    def visit(name: str, module: nn.Module, reason: str) -> None:
+        if name in by_name:
+            by_name[name].reason = reason or "no traceable module contains it"
+            return
+        names = inside(name)
+        try:
+            variants = _trace_canonical(module, [modules[n] for n in names])
+            counts = _check_calls(name, module, next(iter(variants.values())), names)
+        except TraceFailure as exc:
+            failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
+            for child_name, child in module.named_children():
+                full = f"{name}.{child_name}" if name else child_name
+                if full in by_name or inside(full):
+                    visit(full, child, failure)
+            return
+        roots.append(RootPlan(name, module, variants))
+        for n in names:
+            plan = by_name[n]
+            plan.path, plan.root, plan.reason = "graph", name, ""
+            if isinstance(plan, TargetPlan):
+                plan.calls = counts[n]
+
+    visit("", model, "")
+    if policy == "graph":
+        eager = [p for p in by_name.values() if p.path == "eager"]
+        if eager:
+            detail = "; ".join(f"{p.name}: {p.reason}" for p in eager[:5])
+            raise TraceFailure(f"trace='graph' was requested but {len(eager)} module(s) cannot be in a graph: {detail}")
+    return roots
+
+
+# ---------------------------------------------------------------------- counts
+def _count_params(model: nn.Module, config: LoraConfig, targets: list[TargetPlan], saved: list[SavedPlan]):
+    base = sum(p.numel() for p in model.parameters())
+    lora = sum(t.added_params for t in targets)
+    copies = sum(s.params for s in saved)
+    saved_ids = {id(p) for s in saved for p in s.module.parameters()}
+    if config.bias == "all":
+        biases = {
+            id(p): p.numel()
+            for n, p in model.named_parameters()
+            if n.rsplit(".", 1)[-1] == "bias" and id(p) not in saved_ids
+        }
+    elif config.bias == "lora_only":
+        biases = {id(t.module.bias): t.module.bias.numel() for t in targets if getattr(t.module, "bias", None) is not None}
+    else:
+        biases = {}
+    trainable = lora + copies + sum(biases.values())
+    return base, trainable, base + lora + copies
+
+
+def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default", trace: TracePolicy = "auto") -> Plan:
+    """Everything `transform` would do, computed without changing `model`.
+
+    Raises the errors of matching (no target, unsupported type), of invalid settings, and of
+    ``trace='graph'`` when some module cannot be in a graph.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a fxlora.LoraConfig, got {type(config).__name__}")
+    if trace not in ("auto", "eager", "graph"):
+        raise ValueError(f"trace must be 'auto', 'eager' or 'graph', got {trace!r}")
+    check_adapter_name(adapter_name)
+    config.validate()
+    notes: list[str] = []
+    selection = select_modules(model, config)
+    targets = _target_plans(model, config, selection, notes)
+    saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
+    roots = _assign_paths(model, targets, saved, trace)
+    for t in targets:
+        if t.path == "graph" and t.calls == 0:
+            notes.append(f"{t.name}: never called in {t.root or '<model>'}'s forward; its adapter will have no effect")
+    base, trainable, total = _count_params(model, config, targets, saved)
+    return Plan(
+        adapter=adapter_name,
+        config=config,
+        model_type=type(model).__name__,
+        targets=targets,
+        saved=saved,
+        roots=roots,
+        base_params=base,
+        trainable_params=trainable,
+        all_params=total,
+        warnings=notes,
+        order={name: i for i, (name, _) in enumerate(model.named_modules())},
+    )
+
+
+def emit_warnings(plan: Plan) -> None:
+    for note in plan.warnings:
+        warnings.warn(f"fxlora: {note}", stacklevel=3)
