@@ -80,8 +80,8 @@ class LoraConfig:
         self.layers_pattern = _normalise_names("layers_pattern", self.layers_pattern, allow_str=True)
         if isinstance(self.init_lora_weights, str):
             self.init_lora_weights = self.init_lora_weights.lower()
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.rank_pattern = {} if self.rank_pattern is None else self.rank_pattern
+        self.alpha_pattern = {} if self.alpha_pattern is None else self.alpha_pattern
         self.validate()
 
     # ------------------------------------------------------------------ checks

@@ -23,7 +23,15 @@ from torch.fx.graph_module import _forward_from_src
 from .branch import lora_output, saved_output
 from .layers import saved_meta, target_meta
 from .passes import rewrite
-from .tracing import CallKey, TraceFailure, TracedVariant, call_key, trace_through_ids, trace_variant
+from .tracing import (
+    CallKey,
+    TraceFailure,
+    TracedVariant,
+    call_key,
+    canonical_key,
+    trace_through_ids,
+    trace_variant,
+)
 
 __all__ = [
     "GraphForward",
@@ -122,30 +130,58 @@ class GraphForward:
         self._compiled: dict[CallKey, tuple[Callable[..., Any], Optional[tuple]]] = {}
 
     # ---------------------------------------------------------------- building
-    def _build(self, variant: TracedVariant) -> tuple[Callable[..., Any], Optional[tuple]]:
+    def _build(self, key: CallKey, variant: TracedVariant) -> tuple[Callable[..., Any], Optional[tuple]]:
+        """Code for `variant`, and where its inputs come from (None: the call's positional
+        arguments as they are, the common case)."""
         graph = rewrite(copy.deepcopy(variant.graph), self.root)
-        return compile_graph(graph), (None if variant.positional_only else variant.inputs)
+        _, positional, named = key
+        direct = not named and variant.inputs == tuple(range(len(positional)))
+        return compile_graph(graph), (None if direct else variant.inputs)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's code from its traced graph (after adapters changed)."""
-        self._compiled = {key: self._build(v) for key, v in self.variants.items()}
+        for key, variant in self.variants.items():
+            self._compiled[key] = self._build(key, variant)
+        for key in list(self._compiled):
+            if key not in self.variants:
+                del self._compiled[key]
 
     def retrace(self) -> None:
         """Trace every known pattern again (after the set of adapted modules changed)."""
         through = trace_through_ids(self.root, _interesting(self.root))
-        variants, failures = {}, dict(self.failures)
+        variants = {}
         for key in self.variants:
             try:
                 variants[key] = trace_variant(self.root, through, key)
             except TraceFailure as exc:
-                failures[key] = str(exc)
-        self.variants, self.failures = variants, failures
+                self.failures[key] = str(exc)
+        self.variants = variants
         self.refresh()
+
+    def ensure(self, key: CallKey) -> bool:
+        """Make sure pattern `key` has code (tracing it if new); False if it cannot be traced."""
+        if key in self._compiled:
+            return True
+        if key in self.failures:
+            return False
+        variant = self.variants.get(key)
+        if variant is None:
+            try:
+                variant = trace_variant(self.root, trace_through_ids(self.root, _interesting(self.root)), key)
+            except TraceFailure as exc:
+                self.failures[key] = str(exc)
+                return False
+            self.variants[key] = variant
+        self._compiled[key] = self._build(key, variant)
+        return True
+
+    def prepare(self, training: bool) -> bool:
+        """Trace and build the plainest call pattern for train or eval mode ahead of use (so that a
+        compiled model does not meet an untraced pattern)."""
+        return self.ensure(canonical_key(self.root, training))
 
     def graph_code(self, training: Optional[bool] = None) -> str:
         """The generated code of the plainest call pattern (for inspection)."""
-        from .tracing import canonical_key
-
         key = canonical_key(self.root, self.root.training if training is None else training)
         variant = self.variants.get(key) or next(iter(self.variants.values()))
         return rewrite(copy.deepcopy(variant.graph), self.root).python_code("self").src
@@ -163,17 +199,8 @@ class GraphForward:
 
     @torch.compiler.disable
     def _slow_call(self, key: Optional[CallKey], args: tuple, kwargs: dict) -> Any:
-        if key is not None and key not in self.failures:
-            variant = self.variants.get(key)
-            if variant is None:
-                try:
-                    through = trace_through_ids(self.root, _interesting(self.root))
-                    variant = self.variants[key] = trace_variant(self.root, through, key)
-                except TraceFailure as exc:
-                    self.failures[key] = str(exc)
-            if variant is not None:
-                self._compiled[key] = self._build(variant)
-                return self(*args, **kwargs)
+        if key is not None and self.ensure(key):
+            return self(*args, **kwargs)
         return self._run_eagerly(args, kwargs)
 
     def _run_eagerly(self, args: tuple, kwargs: dict) -> Any:

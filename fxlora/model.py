@@ -72,8 +72,13 @@ class LoraModel(nn.Module):
             return getattr(model, name)
 
     def train(self, mode: bool = True) -> "LoraModel":
+        """Set train/eval mode; also traces the graph roots for that mode if not done yet."""
         super().train(mode)
         self.model.training = mode
+        for module in self.model.modules():
+            fwd = installed_forward(module)
+            if isinstance(fwd, GraphForward):
+                fwd.prepare(module.training)
         return self
 
     # ------------------------------------------------------------------ adapters

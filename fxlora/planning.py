@@ -29,7 +29,6 @@ from .tracing import (
     TracedVariant,
     attributes_read,
     canonical_key,
-    graphs_equal,
     modules_called,
     trace_through_ids,
     trace_variant,
@@ -152,13 +151,12 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
 
 # ---------------------------------------------------------------------- paths
 def _trace_canonical(module: nn.Module, interesting: list[nn.Module]) -> dict:
-    """Graphs of `module` for its plainest call in train and eval mode (shared when equal)."""
-    through = trace_through_ids(module, interesting)
-    train = trace_variant(module, through, canonical_key(module, True))
-    evaluation = trace_variant(module, through, canonical_key(module, False))
-    if graphs_equal(train.graph, evaluation.graph):
-        evaluation = train
-    return {canonical_key(module, True): train, canonical_key(module, False): evaluation}
+    """The graph of `module`'s plainest call in its current train/eval mode (the other mode is
+    traced when the model switches to it: `LoraModel.train`)."""
+    if "forward" in module.__dict__:
+        raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
+    key = canonical_key(module, module.training)
+    return {key: trace_variant(module, trace_through_ids(module, interesting), key)}
 
 
 def _check_calls(root_name: str, root: nn.Module, variant: TracedVariant, names: list[str]) -> dict[str, int]:

@@ -57,10 +57,6 @@ class TracedVariant:
     graph: fx.Graph
     inputs: tuple[Union[int, str], ...]
 
-    @property
-    def positional_only(self) -> bool:
-        return self.inputs == tuple(range(len(self.inputs)))
-
 
 class LoraTracer(fx.Tracer):
     """Traces through exactly the modules in `trace_through` (by id); every other module is a leaf."""
@@ -217,13 +213,12 @@ def trace_variant(
     trace_through: set[int],
     key: CallKey,
 ) -> TracedVariant:
-    """Trace `root` for the call pattern `key`; raise `TraceFailure` if it cannot be captured.
+    """Trace `root`'s class ``forward`` for the call pattern `key`; raise `TraceFailure` if it
+    cannot be captured.
 
     Guarantees: the returned graph's placeholders are the tensor inputs of the pattern, in
     forward's parameter order; the model is left as it was (flags and attributes).
     """
-    if "forward" in root.__dict__:
-        raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
     training, _, _ = key
     params, concrete, sources = _bind(root, key)
     flags = [(m, m.training) for m in root.modules()]
@@ -248,11 +243,6 @@ def trace_variant(
     inputs = tuple(sources[p.name] for p in params if p.name in sources)
     graph.lint()
     return TracedVariant(graph=graph, inputs=inputs)
-
-
-def graphs_equal(a: fx.Graph, b: fx.Graph) -> bool:
-    """Same code (used to share one graph between train and eval mode when they agree)."""
-    return a.python_code("self").src == b.python_code("self").src
 
 
 def modules_called(graph: fx.Graph) -> dict[str, int]:

@@ -1,0 +1,189 @@
+"""Small models shared by the tests (no downloads, all built in code)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    """The PEFT custom-models guide's MLP (20 -> hidden -> hidden -> 2)."""
+
+    def __init__(self, num_units_hidden: int = 2000):
+        super().__init__()
+        self.seq = nn.Sequential(
+            nn.Linear(20, num_units_hidden),
+            nn.ReLU(),
+            nn.Linear(num_units_hidden, num_units_hidden),
+            nn.ReLU(),
+            nn.Linear(num_units_hidden, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, X):
+        return self.seq(X)
+
+    def describe(self) -> str:  # a user method that must stay reachable
+        return f"MLP with {len(self.seq)} layers"
+
+
+class ConvNet1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv1d(8, 8, 5, stride=2, padding=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        return self.head(x.mean(-1))
+
+
+class ConvNet2d(nn.Module):
+    def __init__(self, dilation: int = 1, padding_mode: str = "zeros", groups: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=dilation, dilation=dilation, padding_mode=padding_mode)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=groups)
+        self.conv3 = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = self.conv3(x)
+        return self.head(x.mean((2, 3)))
+
+
+class ConvNet3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv3d(4, 4, (1, 1, 3), padding=(0, 0, 1))
+        self.conv3 = nn.Conv3d(4, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = self.conv3(x)
+        return self.head(x.mean((2, 3, 4)))
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self, vocab: int = 50, dim: int = 16, padding_idx=0):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.proj = nn.Linear(dim, dim)
+        self.classifier = nn.Linear(dim, 5)
+
+    def forward(self, ids):
+        h = torch.tanh(self.proj(self.emb(ids)))
+        return self.classifier(h.mean(1))
+
+
+class Branchy(nn.Module):
+    """Its own forward branches on tensor data: not traceable. Its children are."""
+
+    def __init__(self):
+        super().__init__()
+        self.block_a = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.block_b = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.block_a(x)
+        if h.sum() > 0:  # data-dependent control flow defeats symbolic tracing
+            h = self.block_b(h)
+        return self.out(h)
+
+
+class Untraceable(nn.Module):
+    """A block whose forward cannot be traced, with adaptable layers directly inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.abs().max() > 100:
+            return x
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Mixed(nn.Module):
+    """Graph-path and eager-path targets in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList([Untraceable(), nn.Sequential(nn.Linear(8, 8), nn.GELU())])
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        if h.mean() > 1e6:
+            h = h * 0
+        return self.head(h)
+
+
+class WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x)[0])
+
+
+class OptionalArgs(nn.Module):
+    """forward with optional arguments that change the computation."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.gate = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, mask=None, scale: float = 1.0, use_gate: bool = True):
+        h = self.fc(x)
+        if mask is not None:
+            h = h * mask
+        if use_gate:
+            h = h * torch.sigmoid(self.gate(x))
+        if self.training:
+            h = self.drop(h)
+        return h * scale
+
+
+class Stateful(nn.Module):
+    """A forward that changes the module's attributes: must not be captured as a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.fc(x)
+
+
+def peft_key_to_fxlora(key: str) -> str:
+    """peft's name of a tensor -> fxlora's (peft moves base layers under ``base_layer`` and
+    ``original_module``; fxlora leaves them where they were)."""
+    return key.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def copy_peft_adapter_weights(peft_model: nn.Module, lora_model: nn.Module) -> None:
+    """Load every tensor of the peft model (adapters, copies, trained biases) into fxlora's."""
+    state = {peft_key_to_fxlora(k): v for k, v in peft_model.state_dict().items()}
+    ours = lora_model.state_dict()
+    missing = set(state) - set(ours)
+    assert not missing, f"fxlora lacks peft tensors: {sorted(missing)[:5]}"
+    lora_model.load_state_dict(state, strict=True)

@@ -1,0 +1,80 @@
+import torch
+import torch.nn as nn
+
+import fxlora
+from fxlora import LoraConfig
+from fxlora.ops import add_update
+from fxlora.passes import insert_lora
+from fxlora.passes.insert_lora import branch_template
+from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
+
+
+class Reuse(nn.Module):
+    """One layer called twice, once with a keyword input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(input=self.fc(x))
+
+
+def traced_after_transform(model, targets):
+    """A transformed model (graph path) and a fresh base graph of its root, not yet rewritten."""
+    lora = fxlora.transform(model, LoraConfig(target_modules=targets, init_lora_weights=False))
+    root = lora.model
+    interesting = [root.get_submodule(t) for t in targets]
+    graph = trace_variant(root, trace_through_ids(root, interesting), canonical_key(root, True)).graph
+    return lora, root, graph
+
+
+def test_every_call_site_gets_a_branch_and_users_read_it():
+    lora, root, graph = traced_after_transform(Reuse(), ["fc"])
+    assert insert_lora(graph, root) == 2
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == "fc"]
+    for node in calls:
+        outer = [u for u in node.users if u.target is add_update]
+        assert len(outer) == 1
+        assert all(u.meta.get("fxlora_target") == "fc" for u in node.users)
+    # the keyword input of the second call (the first call's adapted output) feeds its branch
+    first_out = next(u for u in calls[0].users if u.target is add_update)
+    casts = [n for n in graph.nodes if n.op == "call_function" and n.target.__name__ == "cast_like"]
+    assert [c.args[0] for c in casts] == [calls[0].args[0], first_out]
+    graph.lint()
+
+
+def test_pass_output_equals_eager_math():
+    torch.manual_seed(0)
+    lora, root, graph = traced_after_transform(Reuse(), ["fc"])
+    insert_lora(graph, root)
+    from fxlora.forwards import compile_graph
+
+    fn = compile_graph(graph)
+    x = torch.randn(3, 4)
+    eager = fxlora.transform(Reuse(), LoraConfig(target_modules=["fc"], init_lora_weights=False), trace="eager")
+    eager.load_state_dict(lora.state_dict())
+    torch.testing.assert_close(fn(root, x), eager(x))
+    torch.testing.assert_close(lora(x), eager(x))
+
+
+def test_template_nodes_for_each_kind():
+    model = nn.Module()
+    model.lin = nn.Linear(3, 3)
+    model.emb = nn.Embedding(5, 3)
+    model.conv = nn.Conv2d(2, 2, 3)
+    fxlora.transform(model, LoraConfig(target_modules=["lin", "emb", "conv"]), trace="eager")
+    lin = [(n.op, str(n.target)) for n in branch_template(model.lin).nodes]
+    assert ("call_module", "lora_dropout.default") in lin and ("call_module", "lora_A.default") in lin
+    assert ("get_attr", "lora_scaling.default") in lin and ("get_attr", "lora_gates.scale.default") in lin
+    emb = [(n.op, str(n.target)) for n in branch_template(model.emb).nodes]
+    assert ("get_attr", "lora_embedding_A.default") in emb and not any("dropout" in t for _, t in emb)
+    assert any("embedding" in t for _, t in emb)
+
+
+def test_untargeted_graph_is_unchanged():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    graph = torch.fx.Tracer().trace(model)
+    before = [(n.op, n.target) for n in graph.nodes]
+    assert insert_lora(graph, model) == 0
+    assert [(n.op, n.target) for n in graph.nodes] == before

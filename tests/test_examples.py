@@ -1,0 +1,23 @@
+"""The examples run as a user would run them (small sizes to keep CI fast)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_custom_mlp_example_learns():
+    out = run("custom_mlp.py", "--epochs", "4", "--hidden", "256")
+    assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}", out)
+    assert "targeted modules: ['seq.0', 'seq.2']" in out
+    before, after = map(float, re.search(r"accuracy before: ([\d.]+) \| after: ([\d.]+)", out).groups())
+    assert after > before + 0.15
+    assert "epoch 4/4 [##############################]" in out

@@ -1,0 +1,104 @@
+"""The installed forwards: graph code per call pattern, eager fallback, copying and pickling."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import fxlora
+from fxlora import LoraConfig
+from fxlora.forwards import EagerLoraForward, GraphForward, SavedForward, installed_forward
+from models import MLP, Mixed, OptionalArgs
+
+
+@pytest.fixture
+def count_eager_runs(monkeypatch):
+    calls = []
+    original = GraphForward._run_eagerly
+
+    def spy(self, args, kwargs):
+        calls.append((args, kwargs))
+        return original(self, args, kwargs)
+
+    monkeypatch.setattr(GraphForward, "_run_eagerly", spy)
+    return calls
+
+
+def test_train_and_eval_both_run_graph_code(count_eager_runs):
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
+    fwd = installed_forward(model.model)
+    assert isinstance(fwd, GraphForward)
+    x = torch.randn(2, 20)
+    model.train()
+    model(x)
+    model.eval()
+    model(x)
+    assert count_eager_runs == [] and fwd.failures == {}
+    assert {k[0] for k in fwd._compiled} == {True, False}
+
+
+def test_eval_variant_traced_on_mode_switch_not_on_call():
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
+    fwd = installed_forward(model.model)
+    assert [k[0] for k in fwd._compiled] == [True]
+    model.eval()
+    assert sorted(k[0] for k in fwd._compiled) == [False, True]
+
+
+def test_new_call_patterns_are_traced_once(count_eager_runs):
+    model = fxlora.transform(OptionalArgs(), LoraConfig(target_modules=["fc", "gate"]))
+    fwd = installed_forward(model.model)
+    x = torch.randn(2, 8)
+    model(x, mask=torch.ones(2, 8))
+    model(x, mask=torch.zeros(2, 8))
+    model(x, None, 2.0)
+    assert count_eager_runs == []
+    assert len(fwd.variants) == 3
+
+
+def test_unsupported_arguments_run_eagerly_with_the_same_math(count_eager_runs):
+    base = OptionalArgs()
+    ref_model = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules=["fc", "gate"], init_lora_weights=False), trace="eager")
+    model = fxlora.transform(base, LoraConfig(target_modules=["fc", "gate"], init_lora_weights=False))
+    model.load_state_dict(ref_model.state_dict())
+    model.eval(), ref_model.eval()
+    x = torch.randn(2, 8)
+    weird = torch.tensor(2.0).item  # a callable: not a tensor nor a constant
+    scale = [1.5]  # a list: not traced
+    out = model(x, None, torch.tensor(1.5))
+    assert torch.equal(out, ref_model(x, None, torch.tensor(1.5)))
+    with pytest.raises(TypeError):
+        model(x, None, weird)  # the original forward raises its own error
+    assert len(count_eager_runs) == 1
+    # after an eager fallback, no eager forward stays installed on the layers
+    assert installed_forward(model.get_submodule("fc")) is None
+
+
+def test_eager_and_saved_forwards_installed_where_expected():
+    model = fxlora.transform(Mixed(), LoraConfig(target_modules="all-linear", exclude_modules=["head"], modules_to_save=["head"]))
+    assert isinstance(installed_forward(model.get_submodule("stem")), EagerLoraForward)
+    assert isinstance(installed_forward(model.get_submodule("head")), SavedForward)
+    assert isinstance(installed_forward(model.get_submodule("blocks.1")), GraphForward)
+    assert installed_forward(model.get_submodule("blocks.1.0")) is None  # inside a graph: plain module
+
+
+def test_pickle_keeps_graphs_and_rebuilds_code():
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"], init_lora_weights=False))
+    model.eval()
+    x = torch.randn(2, 20)
+    clone = pickle.loads(pickle.dumps(model))
+    fwd = installed_forward(clone.model)
+    assert fwd.root is clone.model
+    assert sorted(k[0] for k in fwd._compiled) == [False, True]  # rebuilt on load, not on first call
+    assert torch.equal(clone(x), model(x))
+
+
+def test_graph_code_is_straight_line():
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"], lora_dropout=0.1))
+    code = model.graph_code()
+    assert "lora_dropout.default(" in code and "lora_A.default(" in code and "lora_B.default(" in code
+    assert "lora_scaling.default" in code and "lora_gates.scale.default" in code
+    assert " if " not in code and "for " not in code
+    with pytest.raises(ValueError, match="not a graph root"):
+        model.graph_code("seq.0")
