@@ -12,9 +12,21 @@ import torch.nn as nn
 
 from .forwards import EagerLoraForward, GraphForward, SavedForward, install, installed_forward, uninstall
 from .layers import AdapterGates, attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
-from .planning import Plan
+from .planning import PathInfo, Plan, RootPlan, TracePolicy, assign_paths
 
-__all__ = ["apply_plan", "strip", "lora_parameters", "fxlora_present", "set_trainable"]
+__all__ = [
+    "apply_plan",
+    "attach_plan",
+    "install_forwards",
+    "uninstall_forwards",
+    "reinstall_forwards",
+    "adapted_modules",
+    "strip",
+    "restore_requires_grad",
+    "lora_parameters",
+    "fxlora_present",
+    "set_trainable",
+]
 
 
 def fxlora_present(model: nn.Module) -> bool:
@@ -24,6 +36,54 @@ def fxlora_present(model: nn.Module) -> bool:
     )
 
 
+def attach_plan(model: nn.Module, plan: Plan, gates: AdapterGates) -> None:
+    """Create the plan's adapter on its targets and its `modules_to_save` copies (no forwards)."""
+    gates.add(plan.adapter)
+    for t in plan.targets:
+        attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, gates, t.fan_in_fan_out)
+    for s in plan.saved:
+        attach_saved_copy(s.module, plan.adapter, gates)
+
+
+def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, PathInfo]) -> None:
+    """Install a `GraphForward` on each root and eager forwards on the modules no root covers."""
+    for r in roots:
+        forward = GraphForward(r.module, r.variants)
+        forward.refresh()
+        install(r.module, forward)
+    for name, info in paths.items():
+        if info.path == "eager":
+            module = model.get_submodule(name)
+            cls = EagerLoraForward if target_meta(module) is not None else SavedForward
+            install(module, cls(module, previous=module.__dict__.get("forward")))
+
+
+def uninstall_forwards(model: nn.Module) -> None:
+    for module in model.modules():
+        uninstall(module)
+
+
+def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules carrying an adapter or a `modules_to_save` copy, by name, in named_modules order."""
+    return {n: m for n, m in model.named_modules() if target_meta(m) is not None or saved_meta(m) is not None}
+
+
+def reinstall_forwards(model: nn.Module, policy: TracePolicy) -> dict[str, PathInfo]:
+    """Re-plan the paths of every adapted module (after adapters were added or removed) and
+    install the forwards again. On failure the previous forwards are restored."""
+    previous = {m: m.__dict__["forward"] for m in model.modules() if installed_forward(m) is not None}
+    uninstall_forwards(model)
+    try:
+        roots, paths = assign_paths(model, adapted_modules(model), policy)
+        install_forwards(model, roots, paths)
+    except BaseException:
+        uninstall_forwards(model)
+        for module, forward in previous.items():
+            install(module, forward)
+        raise
+    return paths
+
+
 def apply_plan(model: nn.Module, plan: Plan, gates: AdapterGates) -> None:
     """Attach the plan's adapter and copies, install the forwards, set what trains.
 
@@ -31,26 +91,20 @@ def apply_plan(model: nn.Module, plan: Plan, gates: AdapterGates) -> None:
     """
     flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        gates.add(plan.adapter)
-        for t in plan.targets:
-            attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, gates, t.fan_in_fan_out)
-        for s in plan.saved:
-            attach_saved_copy(s.module, plan.adapter, gates)
-        for r in plan.roots:
-            forward = GraphForward(r.module, r.variants)
-            forward.refresh()
-            install(r.module, forward)
-        for p in [*plan.targets, *plan.saved]:
-            if p.path == "eager":
-                cls = EagerLoraForward if target_meta(p.module) is not None else SavedForward
-                install(p.module, cls(p.module, previous=p.module.__dict__.get("forward")))
-        set_trainable(model, plan.adapter, plan.config.bias)
+        attach_plan(model, plan, gates)
+        paths = {p.name: PathInfo(p.path, p.root, p.reason) for p in [*plan.targets, *plan.saved]}
+        install_forwards(model, plan.roots, paths)
+        set_trainable(model, {plan.adapter: plan.config.bias})
     except BaseException:
         strip(model)
-        for p in model.parameters():
-            if id(p) in flags:
-                p.requires_grad_(flags[id(p)])
+        restore_requires_grad(model, flags)
         raise
+
+
+def restore_requires_grad(model: nn.Module, flags: dict[int, bool]) -> None:
+    for p in model.parameters():
+        if id(p) in flags:
+            p.requires_grad_(flags[id(p)])
 
 
 def strip(model: nn.Module) -> None:
@@ -103,11 +157,13 @@ def _own_params(module: nn.Module) -> Iterator[nn.Parameter]:
     return (p for p in module.parameters() if id(p) not in internal)
 
 
-def set_trainable(model: nn.Module, adapter: str, bias: str) -> None:
-    """Freeze everything, then let `adapter`'s weights, its copies and the `bias` biases train."""
+def set_trainable(model: nn.Module, adapters: dict[str, str]) -> None:
+    """Freeze everything, then let the given adapters' weights and copies train, and the base
+    biases their ``bias`` settings ("none", "all", "lora_only") ask for."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in lora_parameters(model, adapter):
-        p.requires_grad_(True)
-    for p in _base_biases(model, bias):
-        p.requires_grad_(True)
+    for adapter, bias in adapters.items():
+        for p in lora_parameters(model, adapter):
+            p.requires_grad_(True)
+        for p in _base_biases(model, bias):
+            p.requires_grad_(True)

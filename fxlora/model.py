@@ -19,10 +19,13 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from .adapters import AdapterMixin
+from .checkpoint import CheckpointMixin
 from .config import LoraConfig
 from .explain import Report
 from .forwards import GraphForward, installed_forward
 from .layers import LORA_CHILDREN, AdapterGates, saved_meta, target_meta
+from .merge import MergeMixin
 
 __all__ = ["LoraModel"]
 
@@ -38,10 +41,10 @@ _SHARED_TABLES = (
 )
 
 
-class LoraModel(nn.Module):
+class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
     """A model with LoRA adapters. Create it with `fxlora.transform`, not directly."""
 
-    def __init__(self, model: nn.Module, gates: AdapterGates) -> None:
+    def __init__(self, model: nn.Module, gates: AdapterGates, trace_policy: str = "auto") -> None:
         super().__init__()
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "_gates", gates)
@@ -52,7 +55,11 @@ class LoraModel(nn.Module):
         self.reports: dict[str, Report] = {}
         self._active: list[str] = []
         self._enabled = True
-        self._scales: dict[str, float] = {}
+        self._scales: dict[str, float] = {}  # run-time scale per adapter (default 1.0)
+        self._merged_scale: dict[str, float] = {}  # scale each merged adapter was folded in with
+        self._trainable: dict[str, bool] = {}
+        self._trainable_stale = False
+        self._trace_policy = trace_policy
 
     # ------------------------------------------------------------------ calling
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -72,9 +79,12 @@ class LoraModel(nn.Module):
             return getattr(model, name)
 
     def train(self, mode: bool = True) -> "LoraModel":
-        """Set train/eval mode; also traces the graph roots for that mode if not done yet."""
+        """Set train/eval mode; also traces the graph roots for that mode if not done yet, and
+        applies trainable flags deferred by adapter switches made in eval mode."""
         super().train(mode)
         self.model.training = mode
+        if mode and self.__dict__.get("_trainable_stale"):
+            self._sync_trainable()
         for module in self.model.modules():
             fwd = installed_forward(module)
             if isinstance(fwd, GraphForward):
@@ -90,13 +100,21 @@ class LoraModel(nn.Module):
     def active_adapter(self) -> str:
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
+    def _gate_values(self, adapter: str) -> tuple[float, float]:
+        """(scale gate, select gate) of an adapter. The scale gate is what the branch adds on top of
+        the weights: the wanted scale (0 when inactive or disabled) minus the scale the adapter was
+        merged with, so a merged adapter that is switched off is subtracted again."""
+        on = self._enabled and adapter in self._active
+        wanted = self._scales.get(adapter, 1.0) if on else 0.0
+        return wanted - self._merged_scale.get(adapter, 0.0), 1.0 if on else 0.0
+
     def _sync_gates(self) -> None:
         """Write the adapter state into the gate tensors the rewritten code reads (O(adapters))."""
         with torch.no_grad():
             for adapter in self.peft_config:
-                on = self._enabled and adapter in self._active
-                getattr(self._gates.scale, adapter).fill_(self._scales.get(adapter, 1.0) if on else 0.0)
-                getattr(self._gates.select, adapter).fill_(1.0 if on else 0.0)
+                scale, select = self._gate_values(adapter)
+                getattr(self._gates.scale, adapter).fill_(scale)
+                getattr(self._gates.select, adapter).fill_(select)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -154,6 +172,8 @@ class LoraModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts (both the original and the copy of each
         `modules_to_save` module count in ``all``, as in PEFT)."""
+        if self.__dict__.get("_trainable_stale"):
+            self._sync_trainable(force=True)
         trainable = total = 0
         for p in self.parameters():
             total += p.numel()

@@ -34,7 +34,17 @@ from .tracing import (
     trace_variant,
 )
 
-__all__ = ["TracePolicy", "TargetPlan", "SavedPlan", "RootPlan", "Plan", "make_plan", "lora_param_count"]
+__all__ = [
+    "TracePolicy",
+    "TargetPlan",
+    "SavedPlan",
+    "RootPlan",
+    "PathInfo",
+    "Plan",
+    "make_plan",
+    "assign_paths",
+    "lora_param_count",
+]
 
 TracePolicy = Literal["auto", "eager", "graph"]
 
@@ -173,26 +183,37 @@ def _check_calls(root_name: str, root: nn.Module, variant: TracedVariant, names:
     return counts
 
 
-def _assign_paths(
-    model: nn.Module,
-    targets: list[TargetPlan],
-    saved: list[SavedPlan],
-    policy: TracePolicy,
-) -> list[RootPlan]:
-    by_name: dict[str, TargetPlan | SavedPlan] = {p.name: p for p in [*targets, *saved]}
+@dataclass
+class PathInfo:
+    """How one adapted (or saved) module computes: in a graph root's code, or eagerly."""
+
+    path: str = "eager"
+    root: Optional[str] = None
+    reason: str = ""
+    calls: int = 0
+
+
+def assign_paths(
+    model: nn.Module, modules: dict[str, nn.Module], policy: TracePolicy
+) -> tuple[list[RootPlan], dict[str, PathInfo]]:
+    """Choose the graph roots covering the named modules (adapted layers and `modules_to_save`),
+    top-down: the largest traceable module containing them wins.
+
+    Requires: no fxlora forward installed on `model` (they are uninstalled before re-planning).
+    """
+    info = {name: PathInfo() for name in modules}
     if policy == "eager":
-        for p in by_name.values():
+        for p in info.values():
             p.reason = "trace='eager' was requested"
-        return []
-    modules = {p.name: p.module for p in by_name.values()}
+        return [], info
     roots: list[RootPlan] = []
 
     def inside(prefix: str) -> list[str]:
-        return [n for n in by_name if not prefix or n.startswith(prefix + ".")]
+        return [n for n in modules if not prefix or n.startswith(prefix + ".")]
 
     def visit(name: str, module: nn.Module, reason: str) -> None:
-        if name in by_name:
-            by_name[name].reason = reason or "no traceable module contains it"
+        if name in modules:
+            info[name].reason = reason or "no traceable module contains it"
             return
         names = inside(name)
         try:
@@ -202,23 +223,20 @@ def _assign_paths(
             failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
             for child_name, child in module.named_children():
                 full = f"{name}.{child_name}" if name else child_name
-                if full in by_name or inside(full):
+                if full in modules or inside(full):
                     visit(full, child, failure)
             return
         roots.append(RootPlan(name, module, variants))
         for n in names:
-            plan = by_name[n]
-            plan.path, plan.root, plan.reason = "graph", name, ""
-            if isinstance(plan, TargetPlan):
-                plan.calls = counts[n]
+            info[n] = PathInfo("graph", name, "", counts[n])
 
     visit("", model, "")
     if policy == "graph":
-        eager = [p for p in by_name.values() if p.path == "eager"]
+        eager = [(n, p) for n, p in info.items() if p.path == "eager"]
         if eager:
-            detail = "; ".join(f"{p.name}: {p.reason}" for p in eager[:5])
+            detail = "; ".join(f"{n}: {p.reason}" for n, p in eager[:5])
             raise TraceFailure(f"trace='graph' was requested but {len(eager)} module(s) cannot be in a graph: {detail}")
-    return roots
+    return roots, info
 
 
 # ---------------------------------------------------------------------- counts
@@ -259,7 +277,12 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
     selection = select_modules(model, config)
     targets = _target_plans(model, config, selection, notes)
     saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
-    roots = _assign_paths(model, targets, saved, trace)
+    roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace)
+    for p in [*targets, *saved]:
+        info = paths[p.name]
+        p.path, p.root, p.reason = info.path, info.root, info.reason
+        if isinstance(p, TargetPlan):
+            p.calls = info.calls
     for t in targets:
         if t.path == "graph" and t.calls == 0:
             notes.append(f"{t.name}: never called in {t.root or '<model>'}'s forward; its adapter will have no effect")

@@ -52,9 +52,10 @@ def transform(
     device = next((p.device for p in model.parameters()), None)
     gates = AdapterGates().to(device) if device is not None else AdapterGates()
     apply_plan(model, plan, gates)
-    wrapped = LoraModel(model, gates)
+    wrapped = LoraModel(model, gates, trace)
     wrapped.peft_config[adapter_name] = config
     wrapped.reports[adapter_name] = report_from_plan(plan)
+    wrapped._trainable[adapter_name] = True
     wrapped._active = [adapter_name]
     wrapped._sync_gates()
     return wrapped
