@@ -60,6 +60,7 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         self._trainable: dict[str, bool] = {}
         self._trainable_stale = False
         self._trace_policy = trace_policy
+        self._base_requires_grad: dict[str, bool] = {}  # the user's flags, restored by unload()
 
     # ------------------------------------------------------------------ calling
     def forward(self, *args: Any, **kwargs: Any) -> Any:

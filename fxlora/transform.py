@@ -49,6 +49,7 @@ def transform(
     config = copy.deepcopy(config)
     plan = make_plan(model, config, adapter_name, trace)
     emit_warnings(plan)
+    flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
     device = next((p.device for p in model.parameters()), None)
     gates = AdapterGates().to(device) if device is not None else AdapterGates()
     apply_plan(model, plan, gates)
@@ -56,6 +57,7 @@ def transform(
     wrapped.peft_config[adapter_name] = config
     wrapped.reports[adapter_name] = report_from_plan(plan)
     wrapped._trainable[adapter_name] = True
+    wrapped._base_requires_grad = flags_before
     wrapped._active = [adapter_name]
     wrapped._sync_gates()
     return wrapped
