@@ -24,8 +24,10 @@ from .checkpoint import CheckpointMixin
 from .config import LoraConfig
 from .explain import Report
 from .forwards import GraphForward, installed_forward
+from .apply import lora_parameters
 from .layers import LORA_CHILDREN, AdapterGates, saved_meta, target_meta
 from .merge import MergeMixin
+from .mixed_batch import batch_size_of, check_adapter_names, mixed_batch, prepare_mixed_batch
 
 __all__ = ["LoraModel"]
 
@@ -63,8 +65,46 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         self._base_requires_grad: dict[str, bool] = {}  # the user's flags, restored by unload()
 
     # ------------------------------------------------------------------ calling
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    @torch.compiler.disable(recursive=False)
+    def forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        """Call the model. With ``adapter_names`` (one adapter name per batch row, ``"__base__"``
+        for the base model) every row computes with its own adapter.
+
+        This frame is kept out of ``torch.compile`` (the model call inside is compiled), so the
+        names never become guards: a new assignment of adapters to rows does not recompile.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        restore = prepare_mixed_batch(self, adapter_names, args, kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            restore()
+
+    def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        """The model's own ``generate``; ``adapter_names`` (one per input row) gives each row its
+        adapter for the whole generation (rows expanded for beams / returned sequences follow
+        their input row)."""
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate() method")
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        rows = batch_size_of(args, kwargs)
+        names = check_adapter_names(adapter_names, list(self.peft_config), rows)
+        expand = _generation_expansion(self.model, kwargs)
+        with mixed_batch(self, [n for n in names for _ in range(expand)]):
+            return generate(*args, **kwargs)
+
+    def adapter_tensors(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """``{parameter name: tensor}`` of one adapter (default: the active one): its LoRA weights
+        and `modules_to_save` copies, named as in ``named_parameters()``. Pass such a dict (or a
+        stack of them under ``torch.func.vmap``) to ``torch.func.functional_call(model, tensors,
+        args)`` to evaluate with adapter weights that are not stored in the model."""
+        adapter = adapter_name or self._active[0]
+        self._check_known(adapter)
+        wanted = {id(p) for p in lora_parameters(self.model, adapter)}
+        return {n: p for n, p in self.named_parameters() if id(p) in wanted}
 
     def get_base_model(self) -> nn.Module:
         """The user's model object (adapted in place)."""
@@ -203,6 +243,14 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
             fwd = installed_forward(module)
             if isinstance(fwd, GraphForward):
                 fwd.refresh()
+
+
+def _generation_expansion(model: nn.Module, kwargs: dict) -> int:
+    """How many rows `generate` makes of each input row (beams, or returned sequences)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+    sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
+    return beams if beams > 1 else sequences
 
 
 def _lora_note(module: nn.Module, path: str) -> str:

@@ -1,0 +1,169 @@
+"""Several adapters on one model: add, activate (one or several), delete, disable, scale."""
+
+import copy
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxlora
+from fxlora import LoraConfig
+from models import MLP, ConvNet2d, EmbeddingModel, Mixed, copy_peft_adapter_weights
+
+peft = pytest.importorskip("peft")
+
+
+def two_adapter_pair(make, cfg_a, cfg_b, policy="auto"):
+    torch.manual_seed(0)
+    base = make()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg_a, init_lora_weights=False))
+    pm.add_adapter("b", peft.LoraConfig(**cfg_b, init_lora_weights=False))
+    fm = fxlora.transform(copy.deepcopy(base), LoraConfig(**cfg_a, init_lora_weights=False), trace=policy)
+    fm.add_adapter("b", LoraConfig(**cfg_b, init_lora_weights=False))
+    copy_peft_adapter_weights(pm, fm)
+    pm.eval(), fm.eval()
+    return base, pm, fm
+
+
+@pytest.mark.parametrize("policy", ["auto", "eager"])
+@pytest.mark.parametrize(
+    "make, cfg_a, cfg_b, make_x",
+    [
+        (Mixed, dict(target_modules=["stem", "blocks.1.0"]), dict(target_modules=["blocks.0.fc1", "head", "stem"], r=4, lora_alpha=16), lambda: torch.randn(4, 6)),
+        (ConvNet2d, dict(target_modules=["conv1", "conv3"], modules_to_save=["head"]), dict(target_modules=["conv1", "conv2"], r=2, lora_alpha=3, modules_to_save=["head"]), lambda: torch.randn(2, 3, 9, 9)),
+        (EmbeddingModel, dict(target_modules=["emb"]), dict(target_modules=["emb", "proj"], r=2), lambda: torch.randint(0, 50, (2, 5))),
+    ],
+    ids=["mixed-model", "conv-with-saved", "embedding"],
+)
+def test_switching_matches_peft(policy, make, cfg_a, cfg_b, make_x):
+    base, pm, fm = two_adapter_pair(make, cfg_a, cfg_b, policy)
+    x = make_x()
+    with torch.no_grad():  # give the copies distinct weights
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p))
+    copy_peft_adapter_weights(pm, fm)
+    for active in ["default", "b", ["default", "b"], "default"]:
+        if isinstance(active, list) and cfg_a.get("modules_to_save"):
+            continue  # peft cannot activate two adapters that both save the same module
+        pm.base_model.set_adapter(active)
+        fm.set_adapter(active)
+        torch.testing.assert_close(fm(x), pm(x), rtol=1e-5, atol=1e-6)
+        assert fm.active_adapters == ([active] if isinstance(active, str) else active)
+
+
+def test_new_adapter_is_inactive_and_frozen_until_set():
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
+    x = torch.randn(2, 20)
+    before = model(x)
+    model.add_adapter("other", LoraConfig(target_modules=["seq.0", "seq.2"], init_lora_weights=False))
+    assert model.active_adapters == ["default"]
+    assert torch.equal(model(x), before)
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if ".lora_" in n}
+    assert all(v == (".default." in n) for n, v in flags.items())
+    model.set_adapter("other")
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if ".lora_" in n}
+    assert all(v == (".other." in n) for n, v in flags.items())
+    assert not torch.equal(model(x), before)
+    assert model.targeted_module_names == ["seq.0", "seq.2"]
+
+
+def test_delete_adapter():
+    model = fxlora.transform(Mixed(), LoraConfig(target_modules=["stem"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(target_modules=["blocks.1.0", "head"], init_lora_weights=False))
+    model.set_adapter(["default", "b"])
+    model.delete_adapter("default")
+    assert model.active_adapters == ["b"] and list(model.peft_config) == ["b"]
+    assert model.targeted_module_names == ["blocks.1.0", "head"]
+    assert not any(".default." in k for k in model.state_dict())
+    assert "default" not in model.get_submodule("head").lora_gates.scale.names()
+    x = torch.randn(3, 6)
+    reference = fxlora.transform(Mixed(), LoraConfig(target_modules=["blocks.1.0", "head"], init_lora_weights=False), adapter_name="b")
+    reference.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)
+    reference.model.load_state_dict(model.model.state_dict(), strict=False)
+    torch.testing.assert_close(model(x), reference(x))
+
+
+def test_errors_change_nothing():
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match="unknown adapter 'nope'; existing adapters: \\['default'\\]"):
+        model.set_adapter("nope")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.set_adapter(["default", "nope"])
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", LoraConfig(target_modules=["seq.2"]))
+    with pytest.raises(ValueError, match="only adapter"):
+        model.delete_adapter("default")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.delete_adapter("nope")
+    with pytest.raises(fxlora.NoTargetFoundError):
+        model.add_adapter("b", LoraConfig(target_modules=["nothing"]))
+    with pytest.raises(ValueError, match="finite"):
+        model.set_adapter_scale("default", float("inf"))
+    assert list(model.state_dict()) == keys and model.active_adapters == ["default"] and list(model.peft_config) == ["default"]
+
+
+def test_adapters_may_differ_in_rank_alpha_and_targets():
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"], r=2))
+    model.add_adapter("wide", LoraConfig(target_modules=["seq.0", "seq.2"], r=6, lora_alpha=3, rank_pattern={"seq.2": 1}))
+    assert model.get_submodule("seq.0.lora_A.default").weight.shape == (2, 20)
+    assert model.get_submodule("seq.0.lora_A.wide").weight.shape == (6, 20)
+    assert model.get_submodule("seq.2.lora_A.wide").weight.shape == (1, 8)
+    assert model.get_submodule("seq.2").lora_scaling.wide.item() == 3.0
+
+
+def test_scale_and_layer_toggles():
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0", "seq.2"], init_lora_weights=False))
+    model.eval()
+    x = torch.randn(4, 20)
+    with model.disable_adapter():
+        base = model(x)
+    full = model(x)
+    model.set_adapter_scale("default", 0.0)
+    assert torch.equal(model(x), base)
+    model.set_adapter_scale("default", 1.0)
+    assert torch.equal(model(x), full)
+    assert model.get_adapter_scale("default") == 1.0
+    model.disable_adapter_layers()
+    assert torch.equal(model(x), base)
+    model.enable_adapter_layers()
+    assert torch.equal(model(x), full)
+    # half scale on a single layer stack equals half the update
+    lin = fxlora.transform(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"], init_lora_weights=False))
+    z = torch.randn(2, 4)
+    with lin.disable_adapter():
+        b = lin(z)
+    u = lin(z) - b
+    lin.set_adapter_scale("default", 0.5)
+    torch.testing.assert_close(lin(z) - b, 0.5 * u)
+
+
+def test_switch_cost_does_not_grow_with_layers():
+    def switch_ms(n_layers):
+        stack = nn.Sequential(*[nn.Linear(16, 16) for _ in range(n_layers)])
+        model = fxlora.transform(stack, LoraConfig(target_modules="all-linear"))
+        model.add_adapter("other", LoraConfig(target_modules="all-linear"))
+        model.eval()
+        for _ in range(20):
+            model.set_adapter("other")
+        start = time.perf_counter()
+        for i in range(200):
+            model.set_adapter("other" if i % 2 else "default")
+        return (time.perf_counter() - start) / 200 * 1e3
+
+    small, large = switch_ms(10), switch_ms(240)
+    assert large < 0.5, large
+    assert large < 3 * small + 0.05, (small, large)
+
+
+def test_trainable_flags_follow_active_adapters_after_eval_switches():
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
+    model.add_adapter("b", LoraConfig(target_modules=["seq.2"]))
+    model.eval()
+    model.set_adapter("b")
+    assert model.get_nb_trainable_parameters()[0] == 8 * (8 + 8)  # reports see the switch
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"seq.2.lora_A.b.weight", "seq.2.lora_B.b.weight"}
