@@ -13,6 +13,7 @@ import torch.nn as nn
 from .forwards import EagerLoraForward, GraphForward, SavedForward, install, installed_forward, uninstall
 from .layers import AdapterGates, attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
 from .planning import PathInfo, Plan, RootPlan, TracePolicy, assign_paths
+from .tracing import CONSTANT_PREFIX
 
 __all__ = [
     "apply_plan",
@@ -108,10 +109,12 @@ def restore_requires_grad(model: nn.Module, flags: dict[int, bool]) -> None:
 
 
 def strip(model: nn.Module) -> None:
-    """Remove every fxlora forward, adapter module, copy and record from `model`."""
+    """Remove every fxlora forward, adapter module, copy, record and trace-time constant."""
     for module in list(model.modules()):
         uninstall(module)
         detach_all(module)
+        for name in [b for b in module._buffers if b.startswith(CONSTANT_PREFIX)]:
+            del module._buffers[name]
 
 
 def lora_parameters(model: nn.Module, adapter: str) -> Iterator[nn.Parameter]:

@@ -6,6 +6,9 @@ with torch.fx (`fxlora.passes.insert_lora`) and splices the nodes after the laye
 both paths run the very same operations. `saved_output` is the same for `modules_to_save`.
 
 Requires of `module`: adapters attached by `fxlora.layers.attach_adapter`.
+
+Rule for this file: no arithmetic on the module's tensors here — hand them to an op in
+`fxlora.ops`, so that tracing records them as attribute reads instead of baking in their values.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import target_meta, saved_meta
-from .ops import add_update, cast_like, scale_update, select_output
+from .layers import TargetMeta
+from .ops import add_update, cast_like, scale_update, select_output, stacked_linear_update
 
-__all__ = ["lora_output", "saved_output"]
+__all__ = ["lora_output", "saved_output", "stackable"]
 
 # Keep the ops opaque when this module's functions are traced: one node each.
-for _name in ("add_update", "cast_like", "scale_update", "select_output"):
+for _name in ("add_update", "cast_like", "scale_update", "select_output", "stacked_linear_update"):
     torch.fx.wrap(_name)
 
 
@@ -48,9 +52,31 @@ def _low_rank_update(module: nn.Module, adapter: str, x: torch.Tensor) -> torch.
     return module.lora_B[adapter](lora_a(dropped))
 
 
+def stackable(meta: TargetMeta) -> bool:
+    """Several adapters of a linear layer without B biases or dropout: their updates can be
+    computed together from stacked weights (`stacked_linear_update`). Decided from the layer's
+    record alone, so tracing this decision adds no node."""
+    if meta.kind != "linear" or len(meta.adapters) < 2:
+        return False
+    return not any(spec.lora_bias or spec.dropout > 0 for spec in meta.adapters.values())
+
+
+def _stacked_update(module: nn.Module, meta: TargetMeta, x: torch.Tensor) -> torch.Tensor:
+    adapters = list(meta.adapters)
+    return stacked_linear_update(
+        x,
+        [module.lora_A[a].weight for a in adapters],
+        [module.lora_B[a].weight for a in adapters],
+        [getattr(module.lora_scaling, a) for a in adapters],
+        [getattr(module.lora_gates.scale, a) for a in adapters],
+    )
+
+
 def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """`base` (the layer's own output for input `x`) plus every adapter's gated, scaled update."""
     meta = target_meta(module)
+    if stackable(meta):
+        return add_update(base, _stacked_update(module, meta, x))
     total = None
     for adapter in meta.adapters:
         if meta.kind == "embedding":

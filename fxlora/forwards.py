@@ -25,6 +25,7 @@ from .layers import saved_meta, target_meta
 from .passes import rewrite
 from .tracing import (
     CallKey,
+    adopt_constants,
     TraceFailure,
     TracedVariant,
     call_key,
@@ -133,6 +134,7 @@ class GraphForward:
     def _build(self, key: CallKey, variant: TracedVariant) -> tuple[Callable[..., Any], Optional[tuple]]:
         """Code for `variant`, and where its inputs come from (None: the call's positional
         arguments as they are, the common case)."""
+        adopt_constants(self.root, variant.constants or {})
         graph = rewrite(copy.deepcopy(variant.graph), self.root)
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))

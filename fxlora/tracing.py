@@ -36,6 +36,8 @@ __all__ = [
     "trace_variant",
     "trace_through_ids",
     "short_error",
+    "adopt_constants",
+    "CONSTANT_PREFIX",
 ]
 
 TENSOR = "T"
@@ -56,6 +58,7 @@ class TracedVariant:
 
     graph: fx.Graph
     inputs: tuple[Union[int, str], ...]
+    constants: dict = None  # trace-time tensor constants the graph reads (see `adopt_constants`)
 
 
 class LoraTracer(fx.Tracer):
@@ -64,6 +67,8 @@ class LoraTracer(fx.Tracer):
     def __init__(self, trace_through: set[int]) -> None:
         super().__init__()
         self.trace_through = trace_through
+        # Reading a buffer gives a graph node, not its current value baked in as a constant.
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) not in self.trace_through
@@ -208,6 +213,34 @@ def _restore_if_changed(snapshot: list[tuple[nn.Module, dict[str, Any]]]) -> Opt
     return changed
 
 
+_FX_CONSTANT = "_tensor_constant"
+CONSTANT_PREFIX = "_fxlora_constant_"
+
+
+def _take_constants(root: nn.Module, graph: fx.Graph) -> dict[str, torch.Tensor]:
+    """Tensors fx computed at trace time and stored on `root` as ``_tensor_constantN`` (a tensor
+    built from Python values inside forward): detach them from `root` and rename the graph's reads
+    of them to unique names; the caller registers them (`adopt_constants`)."""
+    taken: dict[str, torch.Tensor] = {}
+    for node in graph.find_nodes(op="get_attr"):
+        if node.target.startswith(_FX_CONSTANT) and node.target in root.__dict__:
+            value = root.__dict__[node.target]
+            name = f"{CONSTANT_PREFIX}{id(graph):x}_{node.target[len(_FX_CONSTANT):]}"
+            taken[name] = value
+            node.target = name
+    for key in [k for k in root.__dict__ if k.startswith(_FX_CONSTANT)]:
+        del root.__dict__[key]
+    return taken
+
+
+def adopt_constants(root: nn.Module, constants: dict[str, torch.Tensor]) -> None:
+    """Register trace-time constants as non-persistent buffers of `root` (so they follow
+    ``.to()`` and stay out of ``state_dict()``)."""
+    for name, value in constants.items():
+        if name not in root._buffers:
+            root.register_buffer(name, value, persistent=False)
+
+
 def trace_variant(
     root: nn.Module,
     trace_through: set[int],
@@ -224,6 +257,7 @@ def trace_variant(
     flags = [(m, m.training) for m in root.modules()]
     traced_modules = [m for m in root.modules() if id(m) in trace_through]
     snapshot = _snapshot(traced_modules)
+    graph: Optional[fx.Graph] = None
     try:
         root.train(training)
         with warnings.catch_warnings():
@@ -236,13 +270,14 @@ def trace_variant(
     finally:
         for module, flag in flags:
             module.training = flag
+        constants = _take_constants(root, graph if graph is not None else fx.Graph())
         changed = _restore_if_changed(snapshot)
     if changed:
         raise TraceFailure(f"forward of {changed} changes the module's attributes")
     _drop_concrete_placeholders(graph, params, concrete)
     inputs = tuple(sources[p.name] for p in params if p.name in sources)
     graph.lint()
-    return TracedVariant(graph=graph, inputs=inputs)
+    return TracedVariant(graph=graph, inputs=inputs, constants=constants)
 
 
 def modules_called(graph: fx.Graph) -> dict[str, int]:

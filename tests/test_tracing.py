@@ -62,3 +62,29 @@ def test_failures():
     assert stateful.calls == 0
     with pytest.raises(TraceFailure, match="not a named parameter"):
         trace_variant(model, set(), (True, ("T",), (("bogus", "T"),)))
+
+
+class WithConstants(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.register_buffer("shift", torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x) * torch.tensor([1.0, 2.0, 3.0]) + self.shift
+
+
+def test_buffers_are_read_live_and_constants_kept_on_the_root():
+    import fxlora
+
+    model = WithConstants()
+    x = torch.randn(2, 3)
+    ref = model(x)
+    lora = fxlora.transform(model, fxlora.LoraConfig(target_modules=["fc"]))
+    assert lora.target_paths == {"fc": "graph"}
+    torch.testing.assert_close(lora(x), ref)
+    model.shift.fill_(5.0)  # a buffer changed after transform is seen by the graph code
+    torch.testing.assert_close(lora(x), ref + 4.0)
+    constants = [n for n, _ in model.named_buffers() if n.startswith("_fxlora_constant_")]
+    assert len(constants) == 1 and constants[0] not in model.state_dict()
+    assert not any(k.startswith("_tensor_constant") for k in model.__dict__)

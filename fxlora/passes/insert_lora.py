@@ -51,6 +51,8 @@ def branch_template(module: nn.Module) -> fx.Graph:
     graph = LoraTracer({id(host)}).trace(host)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
+            if not node.target.startswith("layer."):
+                raise RuntimeError(f"internal error: the LoRA branch reads {node.target!r}, outside the layer")
             node.target = node.target.removeprefix("layer.")
     return graph
 
