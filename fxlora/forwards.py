@@ -22,7 +22,7 @@ from torch.fx.graph_module import _forward_from_src
 
 from .branch import lora_output, saved_output
 from .layers import saved_meta, target_meta
-from .passes import rewrite
+from .passes import PassOptions, rewrite
 from .tracing import (
     CallKey,
     adopt_constants,
@@ -123,9 +123,16 @@ class GraphForward:
 
     path = "graph"
 
-    def __init__(self, root: nn.Module, variants: dict[CallKey, TracedVariant], previous: Optional[Callable] = None):
+    def __init__(
+        self,
+        root: nn.Module,
+        variants: dict[CallKey, TracedVariant],
+        previous: Optional[Callable] = None,
+        options: Optional[PassOptions] = None,
+    ):
         self.root = root
         self.previous = previous
+        self.options = options or PassOptions()
         self.variants = dict(variants)
         self.failures: dict[CallKey, str] = {}
         self._compiled: dict[CallKey, tuple[Callable[..., Any], Optional[tuple]]] = {}
@@ -135,7 +142,7 @@ class GraphForward:
         """Code for `variant`, and where its inputs come from (None: the call's positional
         arguments as they are, the common case)."""
         adopt_constants(self.root, variant.constants or {})
-        graph = rewrite(copy.deepcopy(variant.graph), self.root)
+        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.options)
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
         return compile_graph(graph), (None if direct else variant.inputs)
@@ -186,7 +193,7 @@ class GraphForward:
         """The generated code of the plainest call pattern (for inspection)."""
         key = canonical_key(self.root, self.root.training if training is None else training)
         variant = self.variants.get(key) or next(iter(self.variants.values()))
-        return rewrite(copy.deepcopy(variant.graph), self.root).python_code("self").src
+        return rewrite(copy.deepcopy(variant.graph), self.root, self.options).python_code("self").src
 
     # ---------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -14,6 +14,7 @@ reads; changing it never touches the graph code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterator, Optional
 
 import torch
@@ -202,6 +203,21 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
     def graph_roots(self) -> list[str]:
         """Names of the modules whose forward runs rewritten graph code ('' is the model)."""
         return [n for n, m in self.model.named_modules() if isinstance(installed_forward(m), GraphForward)]
+
+    def set_optimizations(self, **switches: bool) -> None:
+        """Turn the graph optimisation passes on or off (see `fxlora.passes.PassOptions`), e.g.
+        ``model.set_optimizations(fold_scaling=False)``; the graph code is rebuilt."""
+        from .passes import PassOptions
+
+        known = set(PassOptions.__dataclass_fields__)
+        unknown = set(switches) - known
+        if unknown:
+            raise ValueError(f"unknown optimisation(s) {sorted(unknown)}; known: {sorted(known)}")
+        for module in self.model.modules():
+            fwd = installed_forward(module)
+            if isinstance(fwd, GraphForward):
+                fwd.options = dataclasses.replace(fwd.options, **switches)
+                fwd.refresh()
 
     def graph_code(self, root: str = "", training: Optional[bool] = None) -> str:
         """The generated code of a graph root (for inspection)."""

@@ -12,7 +12,15 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["cast_like", "scale_update", "add_update", "select_output", "stacked_linear_update"]
+__all__ = [
+    "cast_like",
+    "scale_update",
+    "add_update",
+    "select_output",
+    "stacked_linear_update",
+    "add_scaled_linear",
+    "shared_low_rank",
+]
 
 
 def cast_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -65,6 +73,26 @@ def stacked_linear_update(
     if columns.dim() == 2:
         columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
     return torch.nn.functional.linear(hidden * columns, torch.cat([b.to(dtype) for b in lora_b], dim=1))
+
+
+def add_scaled_linear(
+    base: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, scaling: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """``base + (hidden * scaling * gate) @ weight.T``: the B product of a linear layer's branch,
+    scaled on the rank-r side and added to the base output in one ``addmm`` where dtypes allow."""
+    scaled = scale_update(hidden, scaling, gate)
+    if base.dtype != scaled.dtype or weight.dtype != scaled.dtype:
+        return add_update(base, torch.nn.functional.linear(scaled, weight))
+    out = torch.addmm(base.reshape(-1, weight.shape[0]), scaled.reshape(-1, weight.shape[1]), weight.t())
+    return out.view(base.shape)
+
+
+def shared_low_rank(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``(x @ A_1.T, x @ A_2.T, ...)`` for A weights that read the same input, from one matmul on
+    the concatenated weights."""
+    x = cast_like(x, weights[0])
+    hidden = torch.nn.functional.linear(x, torch.cat([w.to(weights[0].dtype) for w in weights]))
+    return torch.split(hidden, [w.shape[0] for w in weights], dim=-1)
 
 
 def add_update(base: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

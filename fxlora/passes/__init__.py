@@ -1,25 +1,48 @@
 """Graph passes. Each pass states what it requires of a graph and what it guarantees after.
 
-`rewrite` runs the pipeline that turns a traced base graph into the adapted model's graph.
+`rewrite` runs the pipeline that turns a traced base graph into the adapted model's graph: the
+two passes that add LoRA (`swap_saved_modules`, `insert_lora`), then the optimisations switched on
+in `PassOptions` (`skip_dropout`, `share_lora_a`, `fold_scaling`).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.fx as fx
 import torch.nn as nn
 
+from .fold_scaling import fold_scaling
 from .insert_lora import insert_lora
+from .options import PassOptions
+from .share_lora_a import share_lora_a
+from .skip_dropout import skip_dropout
 from .swap_saved import swap_saved_modules
 
-__all__ = ["rewrite", "insert_lora", "swap_saved_modules"]
+__all__ = [
+    "rewrite",
+    "PassOptions",
+    "insert_lora",
+    "swap_saved_modules",
+    "skip_dropout",
+    "share_lora_a",
+    "fold_scaling",
+]
 
 
-def rewrite(graph: fx.Graph, root: nn.Module) -> fx.Graph:
+def rewrite(graph: fx.Graph, root: nn.Module, options: Optional[PassOptions] = None) -> fx.Graph:
     """Apply the passes in order to `graph` (in place) and return it, linted.
 
     Requires: `graph` traced from `root` by `fxlora.tracing.trace_variant`.
     """
+    options = PassOptions() if options is None else options
     swap_saved_modules(graph, root)
     insert_lora(graph, root)
+    if options.skip_dropout:
+        skip_dropout(graph, root)
+    if options.share_lora_a:
+        share_lora_a(graph, root)
+    if options.fold_scaling:
+        fold_scaling(graph, root)
     graph.lint()
     return graph

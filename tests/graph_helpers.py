@@ -1,0 +1,12 @@
+"""Helpers for pass tests: a transformed model's root and a fresh base graph with branches inserted."""
+
+from fxlora.passes import insert_lora
+from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
+
+
+def base_graph(lora):
+    root = lora.model
+    interesting = [root.get_submodule(n) for n in lora.targeted_module_names]
+    graph = trace_variant(root, trace_through_ids(root, interesting), canonical_key(root, True)).graph
+    insert_lora(graph, root)
+    return root, graph

@@ -1,0 +1,58 @@
+import operator
+
+import torch
+import torch.nn as nn
+
+import fxlora
+from fxlora import LoraConfig
+from fxlora.ops import shared_low_rank
+from fxlora.passes import share_lora_a, skip_dropout
+from graph_helpers import base_graph
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        h = q[..., :4] * k + v
+        h = torch.cat([h, h], dim=-1)
+        return self.down(torch.relu(self.gate(h)) * self.up(h))
+
+
+def test_projections_of_one_input_share_one_matmul():
+    lora = fxlora.transform(Attention(), LoraConfig(target_modules="all-linear", rank_pattern={"k_proj": 2}))
+    root, graph = base_graph(lora)
+    skip_dropout(graph, root)
+    assert share_lora_a(graph, root) == 5  # q/k/v and gate/up
+    shared = graph.find_nodes(op="call_function", target=shared_low_rank)
+    assert sorted(len(n.args[1]) for n in shared) == [2, 3]
+    assert not any(n.target in ("q_proj.lora_A.default", "gate.lora_A.default") for n in graph.find_nodes(op="call_module"))
+    assert any(n.target == "down.lora_A.default" for n in graph.find_nodes(op="call_module"))
+    graph.lint()
+
+
+def test_dropout_branches_keep_their_own_a():
+    lora = fxlora.transform(Attention(), LoraConfig(target_modules=["q_proj", "k_proj"], lora_dropout=0.2))
+    root, graph = base_graph(lora)
+    skip_dropout(graph, root)
+    assert share_lora_a(graph, root) == 0
+
+
+def test_outputs_and_gradients_equal():
+    torch.manual_seed(0)
+    on = fxlora.transform(Attention(), LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    off = fxlora.transform(Attention(), LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    off.load_state_dict(on.state_dict())
+    off.set_optimizations(share_lora_a=False)
+    assert "shared_low_rank" in on.graph_code() and "shared_low_rank" not in off.graph_code()
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(on(x), off(x), rtol=1e-5, atol=1e-6)
+    on(x).sum().backward(), off(x).sum().backward()
+    ref = dict(off.named_parameters())
+    for name, p in on.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-6)
