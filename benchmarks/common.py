@@ -51,3 +51,73 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
+
+
+class PeakMemory:
+    """Peak bytes of tensor storage allocated while the block runs (CPU-friendly: it follows
+    every op's outputs through a dispatch mode and frees them when their last tensor dies).
+    Storage that existed before the block (weights, optimizer state) is not counted."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, list[int]] = {}
+
+    def _release(self, key: int) -> None:
+        entry = self._live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self._live[key]
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        import weakref
+
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        entry = self._live.get(key)
+        if entry is None:
+            self._live[key] = [storage.nbytes(), 1]
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[1] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def __enter__(self) -> "PeakMemory":
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def peak_memory(fn: Callable[[], object], warmup: int = 2) -> int:
+    """Peak extra bytes of one call of `fn` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    with PeakMemory() as tracker:
+        fn()
+    return tracker.peak

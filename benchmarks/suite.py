@@ -1,0 +1,249 @@
+"""The benchmark suite: fxlora against peft and against the base model, in one run.
+
+For each model (the seed MLP, 24 Linear(1024) layers with r=16 and batch 64, a timm ViT, a tiny
+llama with all-linear targets) it measures, interleaving the contenders round by round so that
+machine drift hits all alike:
+
+- unmerged forward (eval, no grad), eager and torch.compile'd;
+- training step (forward + backward + AdamW step), eager and compiled; the base's training step is
+  full fine-tuning;
+- merged forward (after ``merge_adapter()``) against the base forward, eager and compiled;
+- transform time (``fxlora.transform`` vs ``peft.get_peft_model``);
+- peak extra memory of an eager training step.
+
+Prints a table of times and ratios and writes JSON.
+
+    python benchmarks/suite.py [--models mlp,linear24,vit,llama] [--no-compile] [--rounds 11] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import interleaved, peak_memory, table  # noqa: E402
+
+import fxlora  # noqa: E402
+
+
+@dataclass
+class Case:
+    name: str
+    make_base: Callable[[], nn.Module]
+    lora: dict
+    make_input: Callable[[], object]
+    loss: Callable[[object], torch.Tensor]
+
+
+class MLP(nn.Module):
+    def __init__(self, num_units_hidden: int = 2000):
+        super().__init__()
+        self.seq = nn.Sequential(
+            nn.Linear(20, num_units_hidden), nn.ReLU(), nn.Linear(num_units_hidden, num_units_hidden), nn.ReLU(),
+            nn.Linear(num_units_hidden, 2), nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, X):
+        return self.seq(X)
+
+
+def _call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def cases() -> dict[str, Case]:
+    def vit():
+        import timm
+
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=112)
+
+    def llama():
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128,
+        )
+        return transformers.LlamaForCausalLM(config)
+
+    squared = lambda out: _logits(out).float().square().mean()  # noqa: E731
+    return {
+        "mlp": Case("seed MLP (hidden 2000, batch 64)", MLP, dict(target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]), lambda: torch.randn(64, 20), squared),
+        "linear24": Case(
+            "24x Linear(1024), r=16, batch 64",
+            lambda: nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(24)]),
+            dict(r=16, target_modules="all-linear"),
+            lambda: torch.randn(64, 1024),
+            squared,
+        ),
+        "vit": Case("timm vit_tiny (112px, batch 8)", vit, dict(r=16, target_modules=r".*\.(qkv|proj|fc1|fc2)"), lambda: torch.randn(8, 3, 112, 112), squared),
+        "llama": Case(
+            "tiny llama all-linear (batch 4 x 64 tokens)",
+            llama,
+            dict(r=16, target_modules="all-linear"),
+            lambda: {"input_ids": torch.randint(0, 1000, (4, 64))},
+            squared,
+        ),
+    }
+
+
+def build(case: Case):
+    import peft
+
+    torch.manual_seed(0)
+    base = case.make_base().eval()
+    fx_model = fxlora.transform(copy.deepcopy(base), fxlora.LoraConfig(**case.lora))
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**case.lora))
+    return base, fx_model, peft_model
+
+
+def forward_fn(model, x):
+    def run():
+        with torch.no_grad():
+            return _call(model, x)
+
+    return run
+
+
+def step_fn(model, x, loss, params):
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss(_call(model, x)).backward()
+        opt.step()
+
+    return run
+
+
+def row(case: Case, measure: str, mode: str, t: dict[str, float], unit: str = "ms") -> dict:
+    scale = 1e3 if unit == "ms" else 1 / 2**20
+    out = {"model": case.name, "measure": measure, "mode": mode, "unit": unit}
+    for k, v in t.items():
+        out[k] = v
+        out[f"{k} {unit}"] = f"{v * scale:.2f}"
+    if "peft" in t:
+        out["fxlora/peft"] = f"{t['fxlora'] / t['peft']:.3f}"
+    if "base" in t:
+        out["fxlora/base"] = f"{t['fxlora'] / t['base']:.3f}"
+    return out
+
+
+def measure_case(case: Case, rounds: int, compiled: bool) -> list[dict]:
+    x = case.make_input()
+    base, fxm, pm = build(case)
+    rows = []
+    fxm.eval(), pm.eval()
+    rows.append(row(case, "unmerged forward", "eager", interleaved({"fxlora": forward_fn(fxm, x), "peft": forward_fn(pm, x), "base": forward_fn(base, x)}, rounds)))
+
+    full = copy.deepcopy(base).train()
+    fxm.train(), pm.train()
+    steps = {
+        "fxlora": step_fn(fxm, x, case.loss, [p for p in fxm.parameters() if p.requires_grad]),
+        "peft": step_fn(pm, x, case.loss, [p for p in pm.parameters() if p.requires_grad]),
+        "base": step_fn(full, x, case.loss, list(full.parameters())),
+    }
+    rows.append(row(case, "training step", "eager", interleaved(steps, max(5, rounds // 2))))
+    memory = {k: float(peak_memory(fn)) for k, fn in steps.items()}
+    rows.append(row(case, "peak memory of a training step", "eager", memory, unit="MiB"))
+
+    fxm.eval(), pm.eval()
+    fxm.merge_adapter(), pm.merge_adapter()
+    rows.append(row(case, "merged forward", "eager", interleaved({"fxlora": forward_fn(fxm, x), "peft": forward_fn(pm, x), "base": forward_fn(base, x)}, rounds)))
+    fxm.unmerge_adapter(), pm.unmerge_adapter()
+
+    if compiled:
+        rows += measure_compiled(case, x, base, fxm, pm, full, rounds)
+    rows.append(row(case, "transform time", "eager", transform_times(case, base)))
+    return rows
+
+
+def measure_compiled(case, x, base, fxm, pm, full, rounds) -> list[dict]:
+    torch._dynamo.reset()
+    rows = []
+    cfx, cpm, cbase, cfull = (torch.compile(m) for m in (fxm, pm, base, full))
+    fxm.eval(), pm.eval()
+    rows.append(row(case, "unmerged forward", "compiled", interleaved({"fxlora": forward_fn(cfx, x), "peft": forward_fn(cpm, x), "base": forward_fn(cbase, x)}, rounds)))
+    fxm.train(), pm.train(), full.train()
+    steps = {
+        "fxlora": step_fn(cfx, x, case.loss, [p for p in fxm.parameters() if p.requires_grad]),
+        "peft": step_fn(cpm, x, case.loss, [p for p in pm.parameters() if p.requires_grad]),
+        "base": step_fn(cfull, x, case.loss, list(full.parameters())),
+    }
+    rows.append(row(case, "training step", "compiled", interleaved(steps, max(5, rounds // 2))))
+    fxm.eval(), pm.eval()
+    fxm.merge_adapter(), pm.merge_adapter()
+    rows.append(row(case, "merged forward", "compiled", interleaved({"fxlora": forward_fn(cfx, x), "peft": forward_fn(cpm, x), "base": forward_fn(cbase, x)}, rounds)))
+    fxm.unmerge_adapter(), pm.unmerge_adapter()
+    return rows
+
+
+def transform_times(case: Case, base: nn.Module, rounds: int = 5) -> dict[str, float]:
+    import peft
+
+    samples = {"fxlora": [], "peft": []}
+    for i in range(rounds + 1):  # the first round warms caches and is dropped
+        for name in ("fxlora", "peft"):
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            if name == "fxlora":
+                fxlora.transform(model, fxlora.LoraConfig(**case.lora))
+            else:
+                peft.get_peft_model(model, peft.LoraConfig(**case.lora))
+            if i:
+                samples[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+COLUMNS = ["model", "measure", "mode", "fxlora/peft", "fxlora/base", "fxlora ms", "peft ms", "base ms"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp,linear24,vit,llama")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--json", default="benchmarks/results/suite.json")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    all_cases = cases()
+    rows = []
+    for key in args.models.split(","):
+        print(f"measuring {all_cases[key].name} ...", file=sys.stderr, flush=True)
+        rows += measure_case(all_cases[key], args.rounds, not args.no_compile)
+    shown = []
+    for r in rows:
+        r = dict(r)
+        if r["unit"] == "MiB":
+            for k in ("fxlora", "peft", "base"):
+                r[f"{k} ms"] = f"{r.get(k, 0) / 2**20:.1f} MiB" if k in r else ""
+        shown.append(r)
+    header = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    print(header)
+    print(table(shown, COLUMNS))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"environment": header, "rows": rows}, indent=1, default=str))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
