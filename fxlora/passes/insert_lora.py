@@ -38,10 +38,16 @@ class _BranchHost(nn.Module):
 
 
 def _template_key(module: nn.Module, meta: TargetMeta) -> Hashable:
+    """Everything `lora_output` reads as Python values (the graph it traces depends on nothing
+    else): layer kind, adapters and their branch options, embedding lookup options."""
     extra = ()
     if meta.kind == "embedding":
         extra = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
-    return (meta.kind, tuple(meta.adapters), extra)
+    adapters = tuple((name, spec.lora_bias, spec.dropout > 0) for name, spec in meta.adapters.items())
+    return (meta.kind, adapters, extra)
+
+
+_TEMPLATES: dict[Hashable, fx.Graph] = {}  # traced once per process; templates hold no module
 
 
 def branch_template(module: nn.Module) -> fx.Graph:
@@ -97,7 +103,6 @@ def nodes_between(first: fx.Node, stop: fx.Node) -> set[fx.Node]:
 
 def insert_lora(graph: fx.Graph, root: nn.Module) -> int:
     """Run the pass; return the number of layer calls that received a branch."""
-    templates: dict[Hashable, fx.Graph] = {}
     count = 0
     for node in list(graph.find_nodes(op="call_module")):
         module = root.get_submodule(node.target)
@@ -105,11 +110,11 @@ def insert_lora(graph: fx.Graph, root: nn.Module) -> int:
         if meta is None or not meta.adapters:
             continue
         key = _template_key(module, meta)
-        if key not in templates:
-            templates[key] = branch_template(module)
+        if key not in _TEMPLATES:
+            _TEMPLATES[key] = branch_template(module)
         following = node.next
         with graph.inserting_before(following):
-            out = splice(graph, templates[key], node.target + ".", [first_input(node), node], node.target)
+            out = splice(graph, _TEMPLATES[key], node.target + ".", [first_input(node), node], node.target)
         if out is not node:
             inserted = nodes_between(node.next, following)
             node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
