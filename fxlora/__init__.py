@@ -8,6 +8,7 @@
 """
 
 from .config import LoraConfig
+from .peft_format import CheckpointError
 from .explain import Report, explain
 from .matching import NoTargetFoundError, UnsupportedTargetError
 from .model import LoraModel
@@ -21,6 +22,7 @@ __all__ = [
     "transform",
     "NoTargetFoundError",
     "UnsupportedTargetError",
+    "CheckpointError",
 ]
 
 __version__ = "0.1.0"
