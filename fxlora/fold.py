@@ -7,8 +7,7 @@ into the weight's dtype.
 
 Unfolding by subtraction alone is not exact: ``round(round(w + d) - d)`` differs from ``w`` in a
 share of the elements that grows with the size of the update (PEFT's unmerge, which does this,
-changes 5.5% of the elements of a float32 weight and 13.9% of a bfloat16 one per cycle, and drifts
-further with every cycle). `fold_layer` therefore also returns a `FoldRecord` that keeps the
+leaves 5.5% of the elements of a float32 weight and 13.9% of a bfloat16 one changed). `fold_layer` therefore also returns a `FoldRecord` that keeps the
 pre-merge values of exactly the elements where that subtraction would miss, with their positions
 (or, when that would take more memory than the tensor itself, a copy of the whole tensor).
 `unfold_layer` subtracts, then puts those values back, so merge + unmerge gives the original
