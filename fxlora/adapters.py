@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Union
+import re
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
 
 from .apply import attach_plan, reinstall_forwards, restore_requires_grad, set_trainable
+from .combine import COMBINATIONS, combined_weights, layer_rank
 from .config import LoraConfig
 from .explain import report_from_plan
 from .layers import check_adapter_name, remove_adapter, saved_meta, target_meta
@@ -37,22 +42,28 @@ class AdapterMixin:
         return names
 
     def _check_no_overlap_with_saved(self, plan) -> None:
+        """A module cannot both carry LoRA (of any adapter) and be trained in full as a
+        `modules_to_save` copy (of any adapter), nor contain one of the two kinds inside the other."""
+
+        def overlap(a: str, b: str) -> bool:
+            return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
         saved_by_others = [n for n, m in self.model.named_modules() if saved_meta(m) is not None]
+        adapted = [n for n, m in self.model.named_modules() if target_meta(m) is not None]
         for t in plan.targets:
             for s in saved_by_others:
-                if t.name.startswith(s + "."):
+                if overlap(t.name, s):
                     raise ValueError(
-                        f"adapter {plan.adapter!r} targets {t.name!r}, inside {s!r}, which another adapter "
-                        "trains in full (modules_to_save); exclude it or drop that modules_to_save entry"
+                        f"adapter {plan.adapter!r} targets {t.name!r}, but another adapter trains {s!r} in full "
+                        "(modules_to_save); exclude it or drop that modules_to_save entry"
                     )
-        adapted = [n for n, m in self.model.named_modules() if target_meta(m) is not None]
         for s in plan.saved:
-            inside = [n for n in adapted if n.startswith(s.name + ".")]
-            if inside:
-                raise ValueError(
-                    f"adapter {plan.adapter!r} saves {s.name!r} in full (modules_to_save), but {inside[0]!r} "
-                    "inside it carries another adapter's LoRA; choose a module without adapters inside"
-                )
+            for n in adapted:
+                if overlap(s.name, n):
+                    raise ValueError(
+                        f"adapter {plan.adapter!r} saves {s.name!r} in full (modules_to_save), but {n!r} carries "
+                        "another adapter's LoRA; choose a module without adapters"
+                    )
 
     # ------------------------------------------------------------------ add / delete
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
@@ -115,6 +126,102 @@ class AdapterMixin:
                 merged.update(meta.merged)
         return merged
 
+    # ------------------------------------------------------------------ combine
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+    ) -> None:
+        """Add a new (inactive) adapter combining `adapters` with `weights` (`fxlora.combine`):
+        ``"cat"`` (exact weighted sum of the updates), ``"linear"`` (PEFT's, equal ranks) or
+        ``"svd"`` (best rank-`svd_rank` approximation; Linear, Conv1D, Embedding, Conv1d/2d/3d).
+        An existing `adapter_name` is an error (PEFT silently does nothing); on any error nothing
+        changes."""
+        plan = self._plan_combination(adapters, weights, adapter_name, combination_type, svd_rank)
+        layers, ranks, saved_from, config = plan
+        factors = {
+            name: combined_weights(
+                module, present, layer_weights, combination_type, ranks[name], svd_clamp, svd_full_matrices, svd_driver
+            )
+            for name, (module, present, layer_weights) in layers.items()
+        }
+        biases = {name: _combined_bias(module, present, w) for name, (module, present, w) in layers.items()}
+        self.add_adapter(adapter_name, config)
+        try:
+            with torch.no_grad():
+                for name, (a, b) in factors.items():
+                    _write_factors(layers[name][0], adapter_name, a, b, biases[name])
+                for module, owner in saved_from.items():
+                    module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[owner].state_dict())
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _plan_combination(self, adapters, weights, adapter_name, combination_type, svd_rank):
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; choose a new name (existing: {list(self.peft_config)})")
+        adapters = self._check_known(adapters)
+        weights = list(weights)
+        if len(weights) != len(adapters) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise ValueError(f"weights must be {len(adapters)} finite numbers, one per adapter, got {weights!r}")
+        if combination_type not in COMBINATIONS:
+            raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
+            raise ValueError(f"svd_rank must be a positive int or None, got {svd_rank!r}")
+        combination = "linear" if len(adapters) == 1 else combination_type
+        layers, ranks = {}, {}
+        for name, module in self.model.named_modules():
+            meta = target_meta(module)
+            if meta is None:
+                continue
+            present = [a for a in adapters if a in meta.adapters]
+            if not present:
+                continue
+            if combination == "linear" and len({meta.adapters[a].r for a in present}) > 1:
+                raise ValueError(
+                    f"combination_type='linear' needs equal ranks, but {name!r} has ranks "
+                    f"{ {a: meta.adapters[a].r for a in present} }; use 'cat' or 'svd'"
+                )
+            layers[name] = (module, present, [weights[adapters.index(a)] for a in present])
+            ranks[name] = layer_rank(module, present, combination_type if len(adapters) > 1 else "linear", svd_rank)
+        saved_from = {}
+        for name, module in self.model.named_modules():
+            meta = saved_meta(module)
+            owners = [a for a in adapters if meta is not None and a in meta.adapters]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"adapters {owners} each train their own copy of {name!r} (modules_to_save); "
+                    "combining them is ambiguous: combine adapters that do not save the same module"
+                )
+            if owners:
+                saved_from[module] = owners[0]
+        first = self.peft_config[adapters[0]]
+        top = max(ranks.values())
+        pattern = {re.escape(n): r for n, r in ranks.items() if r != top}
+        config = first.replace(
+            r=top,
+            lora_alpha=top,
+            target_modules=list(layers),
+            exclude_modules=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+            modules_to_save=[n for n, m in self.model.named_modules() if m in saved_from] or None,
+            lora_bias=any(target_meta(m).adapters[a].lora_bias for m, present, _ in layers.values() for a in present),
+            init_lora_weights=False,
+        )
+        return layers, ranks, saved_from, config
+
     # ------------------------------------------------------------------ activate
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
         """Make these adapters active (several active adapters sum their updates). O(adapters):
@@ -162,3 +269,26 @@ class AdapterMixin:
         self._check_known(adapter_name)
         self._trainable[adapter_name] = bool(trainable)
         self._sync_trainable()
+
+
+def _combined_bias(module: nn.Module, adapters: list[str], weights: list[float]) -> Optional[torch.Tensor]:
+    """Weighted sum of the adapters' B biases (each times its scaling), or None without any."""
+    meta = target_meta(module)
+    total = None
+    for adapter, weight in zip(adapters, weights):
+        if meta.kind != "embedding" and meta.adapters[adapter].lora_bias:
+            part = module.lora_B[adapter].bias.float() * (weight * float(getattr(module.lora_scaling, adapter)))
+            total = part if total is None else total + part
+    return total
+
+
+def _write_factors(module: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    if target_meta(module).kind == "embedding":
+        module.lora_embedding_A[adapter].copy_(a)
+        module.lora_embedding_B[adapter].copy_(b)
+        return
+    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+    lora_a.weight.copy_(a.reshape(lora_a.weight.shape))
+    lora_b.weight.copy_(b.reshape(lora_b.weight.shape))
+    if lora_b.bias is not None:
+        lora_b.bias.copy_(bias if bias is not None else torch.zeros_like(lora_b.bias))

@@ -167,3 +167,15 @@ def test_trainable_flags_follow_active_adapters_after_eval_switches():
     model.train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"seq.2.lora_A.b.weight", "seq.2.lora_B.b.weight"}
+
+
+def test_lora_and_saved_copies_never_share_a_module():
+    model = fxlora.transform(ConvNet2d(), LoraConfig(target_modules=["conv1", "conv3"]))
+    with pytest.raises(ValueError, match="carries another adapter's LoRA"):
+        model.add_adapter("b", LoraConfig(target_modules=["conv2"], modules_to_save=["conv3"]))
+    assert model.targeted_module_names == ["conv1", "conv3"] and list(model.peft_config) == ["default"]
+    saved = fxlora.transform(ConvNet2d(), LoraConfig(target_modules=["conv1"], modules_to_save=["conv3"]))
+    with pytest.raises(ValueError, match="trains 'conv3' in full"):
+        saved.add_adapter("b", LoraConfig(target_modules=["conv3"]))
+    saved.add_adapter("c", LoraConfig(target_modules=["conv2"], modules_to_save=["conv3"]))  # two copies are fine
+    assert saved.modules_to_save_names == ["conv3"]
