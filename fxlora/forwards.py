@@ -30,6 +30,10 @@ from .tracing import (
     TracedVariant,
     call_key,
     canonical_key,
+    gather_inputs,
+    guards_hold,
+    key_is_ranked,
+    with_training,
     trace_through_ids,
     trace_variant,
 )
@@ -136,6 +140,8 @@ class GraphForward:
         self.variants = dict(variants)
         self.failures: dict[CallKey, str] = {}
         self._compiled: dict[CallKey, tuple[Callable[..., Any], Optional[tuple]]] = {}
+        # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.call_key`)
+        self.ranked = any(key_is_ranked(k) for k in self.variants)
 
     # ---------------------------------------------------------------- building
     def _build(self, key: CallKey, variant: TracedVariant) -> tuple[Callable[..., Any], Optional[tuple]]:
@@ -170,7 +176,9 @@ class GraphForward:
     def ensure(self, key: CallKey) -> bool:
         """Make sure pattern `key` has code (tracing it if new); False if it cannot be traced."""
         if key in self._compiled:
-            return True
+            if guards_hold(self.variants[key].guards):
+                return True
+            del self._compiled[key], self.variants[key]  # an attribute the graph baked in changed
         if key in self.failures:
             return False
         variant = self.variants.get(key)
@@ -185,9 +193,13 @@ class GraphForward:
         return True
 
     def prepare(self, training: bool) -> bool:
-        """Trace and build the plainest call pattern for train or eval mode ahead of use (so that a
-        compiled model does not meet an untraced pattern)."""
-        return self.ensure(canonical_key(self.root, training))
+        """Trace and build the plainest call pattern, and the train/eval twin of every known
+        pattern, for that mode ahead of use (so that a compiled model does not meet an untraced
+        pattern)."""
+        keys = [with_training(k, training) for k in list(self.variants)]
+        if not self.ranked:  # a ranked root is never called with the rank-free plainest pattern
+            keys.insert(0, canonical_key(self.root, training))
+        return all([self.ensure(k) for k in keys])
 
     def graph_code(self, training: Optional[bool] = None) -> str:
         """The generated code of the plainest call pattern (for inspection)."""
@@ -197,14 +209,14 @@ class GraphForward:
 
     # ---------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = call_key(self.root.training, args, kwargs)
+        key = call_key(self.root.training, args, kwargs, self.ranked)
         entry = self._compiled.get(key)
-        if entry is None:
+        if entry is None or not guards_hold(self.variants[key].guards):
             return self._slow_call(key, args, kwargs)
         fn, inputs = entry
         if inputs is None:
             return fn(self.root, *args)
-        return fn(self.root, *[args[i] if type(i) is int else kwargs[i] for i in inputs])
+        return fn(self.root, *gather_inputs(inputs, self.root, args, kwargs))
 
     @torch.compiler.disable
     def _slow_call(self, key: Optional[CallKey], args: tuple, kwargs: dict) -> Any:

@@ -5,10 +5,12 @@
 applies a plan, so what `explain` reports is what `transform` does.
 
 Path choice ("trace the largest traceable sub-modules that contain targets"): starting at the
-model, try to trace a module (canonical call pattern, train and eval mode); if it traces, it
-becomes a graph root that covers every target inside it. If not, try each child that contains
-targets. A target reached this way with no traceable ancestor takes the eager path; its reason is
-the failure of its nearest ancestor.
+model, try to trace a module for the way it is really called (the call patterns seen in one small
+forward pass, `fxlora.probe`, where the model's integration provides an input; otherwise its
+plainest call), in the module's current train/eval mode; if it traces, it becomes a graph root
+that covers every target inside it. If not, try each child that contains targets. A target
+reached this way with no traceable ancestor takes the eager path; its reason is the failure of
+its nearest ancestor.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ from .config import LoraConfig
 from .layer_types import in_out_features, is_hf_conv1d, layer_kind
 from .layers import AdapterSpec, check_adapter_name
 from .matching import TargetSelection, select_modules
+from .probe import observe_calls
 from .tracing import (
+    CallKey,
     TraceFailure,
     TracedVariant,
     attributes_read,
     canonical_key,
+    key_is_ranked,
     modules_called,
     trace_through_ids,
     trace_variant,
+    with_training,
 )
 
 __all__ = [
@@ -160,13 +166,26 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
 
 
 # ---------------------------------------------------------------------- paths
-def _trace_canonical(module: nn.Module, interesting: list[nn.Module]) -> dict:
-    """The graph of `module`'s plainest call in its current train/eval mode (the other mode is
-    traced when the model switches to it: `LoraModel.train`)."""
+def _root_patterns(module: nn.Module, observed: dict[int, list[CallKey]]) -> list[CallKey]:
+    """The call patterns to plan `module` for: those observed (`fxlora.probe`), else its plainest
+    call; in the module's current train/eval mode (the other mode is traced when the model
+    switches to it: `LoraModel.train`)."""
+    keys = observed.get(id(module))
+    if keys:
+        return [with_training(k, module.training) for k in keys]
+    return [canonical_key(module, module.training)]
+
+
+def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[int, list[CallKey]]) -> dict:
+    """The graphs of `module`'s call patterns; raises `TraceFailure` unless every one traces.
+    If one pattern needed tensor ranks, all are kept under their ranked keys (the root then
+    dispatches on ranked patterns)."""
     if "forward" in module.__dict__:
         raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
-    key = canonical_key(module, module.training)
-    return {key: trace_variant(module, trace_through_ids(module, interesting), key)}
+    through = trace_through_ids(module, interesting)
+    traced = [(key, trace_variant(module, through, key)) for key in _root_patterns(module, observed)]
+    ranked = any(key_is_ranked(v.key) for _, v in traced)
+    return {(key if ranked else v.key): v for key, v in traced}
 
 
 def _check_calls(root_name: str, root: nn.Module, variant: TracedVariant, names: list[str]) -> dict[str, int]:
@@ -207,6 +226,7 @@ def assign_paths(
             p.reason = "trace='eager' was requested"
         return [], info
     roots: list[RootPlan] = []
+    observed = observe_calls(model)
 
     def inside(prefix: str) -> list[str]:
         return [n for n in modules if not prefix or n.startswith(prefix + ".")]
@@ -217,7 +237,7 @@ def assign_paths(
             return
         names = inside(name)
         try:
-            variants = _trace_canonical(module, [modules[n] for n in names])
+            variants = _trace_root(module, [modules[n] for n in names], observed)
             counts = _check_calls(name, module, next(iter(variants.values())), names)
         except TraceFailure as exc:
             failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"

@@ -13,7 +13,8 @@ def test_call_key_distinguishes_patterns():
     assert call_key(True, (t, None), {}) != call_key(True, (t,), {})
     assert call_key(True, (t, 1), {}) != call_key(True, (t, True), {})  # 1 == True, but not the same pattern
     assert call_key(False, (t,), {"b": 2.0, "a": None}) == (False, ("T",), (("a", ("NoneType", None)), ("b", ("float", 2.0))))
-    assert call_key(True, (t, [t]), {}) is None
+    assert call_key(True, (t, [t]), {}) == (True, ("T", ("list", ("T",))), ())
+    assert call_key(True, (t, object()), {}) is None
     assert call_key(True, (t,), {"x": float("nan")}) is None
 
 
