@@ -13,7 +13,7 @@ Rule for this file: no arithmetic on the module's tensors here — hand them to 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx
@@ -52,17 +52,21 @@ def _low_rank_update(module: nn.Module, adapter: str, x: torch.Tensor) -> torch.
     return module.lora_B[adapter](lora_a(dropped))
 
 
-def stackable(meta: TargetMeta) -> bool:
+def stackable(meta: TargetMeta, adapters: list[str]) -> bool:
     """Several adapters of a linear layer without B biases or dropout: their updates can be
     computed together from stacked weights (`stacked_linear_update`). Decided from the layer's
     record alone, so tracing this decision adds no node."""
-    if meta.kind != "linear" or len(meta.adapters) < 2:
+    if meta.kind != "linear" or len(adapters) < 2:
         return False
-    return not any(spec.lora_bias or spec.dropout > 0 for spec in meta.adapters.values())
+    return not any(meta.adapters[a].lora_bias or meta.adapters[a].dropout > 0 for a in adapters)
 
 
-def _stacked_update(module: nn.Module, meta: TargetMeta, x: torch.Tensor) -> torch.Tensor:
-    adapters = list(meta.adapters)
+def branch_adapters(meta: TargetMeta, live: Optional[tuple[str, ...]]) -> list[str]:
+    """The adapters whose branch runs: all of them (gated by tensors), or only the `live` ones."""
+    return [a for a in meta.adapters if live is None or a in live]
+
+
+def _stacked_update(module: nn.Module, adapters: list[str], x: torch.Tensor) -> torch.Tensor:
     return stacked_linear_update(
         x,
         [module.lora_A[a].weight for a in adapters],
@@ -72,13 +76,17 @@ def _stacked_update(module: nn.Module, meta: TargetMeta, x: torch.Tensor) -> tor
     )
 
 
-def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """`base` (the layer's own output for input `x`) plus every adapter's gated, scaled update."""
+def lora_output(
+    module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Optional[tuple[str, ...]] = None
+) -> torch.Tensor:
+    """`base` (the layer's own output for input `x`) plus every adapter's gated, scaled update;
+    with `live`, only those adapters' (the others' gates are zero: `AdapterGates.eager_state`)."""
     meta = target_meta(module)
-    if stackable(meta):
-        return add_update(base, _stacked_update(module, meta, x))
+    adapters = branch_adapters(meta, live)
+    if stackable(meta, adapters):
+        return add_update(base, _stacked_update(module, adapters, x))
     total = None
-    for adapter in meta.adapters:
+    for adapter in adapters:
         if meta.kind == "embedding":
             update = _embedding_update(module, adapter, x)
         else:
@@ -88,11 +96,18 @@ def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch
     return base if total is None else add_update(base, total)
 
 
-def saved_output(module: nn.Module, base: Any, *args: Any, **kwargs: Any) -> Any:
-    """`base` (the original module's output), replaced by a trainable copy's output wherever that
-    copy's adapter is selected."""
-    out = base
-    for adapter in saved_meta(module).adapters:
+def saved_output(
+    module: nn.Module, original: Callable[..., Any], args: tuple, kwargs: dict, chosen: Optional[tuple[str, ...]] = None
+) -> Any:
+    """The output of a `modules_to_save` module: its trainable copy's wherever that copy's adapter
+    is selected, else the original's (`original(*args, **kwargs)`). With `chosen` (the selected
+    adapters, known in Python) only the module that is used runs."""
+    adapters = saved_meta(module).adapters
+    if chosen is not None:
+        picked = [a for a in adapters if a in chosen]
+        return module.modules_to_save[picked[-1]](*args, **kwargs) if picked else original(*args, **kwargs)
+    out = original(*args, **kwargs)
+    for adapter in adapters:
         copy_out = module.modules_to_save[adapter](*args, **kwargs)
         out = select_output(getattr(module.lora_gates.select, adapter), copy_out, out)
     return out

@@ -76,6 +76,22 @@ def uninstall(module: nn.Module) -> None:
         del module.__dict__["forward"]
 
 
+def eager_state(gates: nn.Module) -> Optional[tuple]:
+    """The Python mirror of the adapter state when running eagerly; None under torch.compile
+    (whose code reads only the gate tensors, so state changes never recompile)."""
+    if torch.compiler.is_compiling():
+        return None
+    return gates.eager_state
+
+
+def _find_gates(root: nn.Module) -> Optional[nn.Module]:
+    for module in root.modules():
+        gates = module._modules.get("lora_gates")
+        if gates is not None:
+            return gates
+    return None
+
+
 def _call_original(module: nn.Module, previous: Optional[Callable], args: tuple, kwargs: dict) -> Any:
     if previous is not None:
         return previous(*args, **kwargs)
@@ -95,7 +111,8 @@ class EagerLoraForward:
         module = self.module
         base = _call_original(module, self.previous, args, kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
-        return lora_output(module, x, base)
+        state = eager_state(module.lora_gates)
+        return lora_output(module, x, base, None if state is None else state[0])
 
 
 class SavedForward:
@@ -108,8 +125,13 @@ class SavedForward:
         self.previous = previous
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        base = _call_original(self.module, self.previous, args, kwargs)
-        return saved_output(self.module, base, *args, **kwargs)
+        module = self.module
+        state = eager_state(module.lora_gates)
+
+        def original(*a: Any, **k: Any) -> Any:
+            return _call_original(module, self.previous, a, k)
+
+        return saved_output(module, original, args, kwargs, None if state is None else state[1])
 
 
 def _interesting(root: nn.Module) -> list[nn.Module]:
@@ -137,29 +159,29 @@ class GraphForward:
         self.root = root
         self.previous = previous
         self.options = options or PassOptions()
+        self.gates = _find_gates(root)
         self.variants = dict(variants)
         self.failures: dict[CallKey, str] = {}
-        self._compiled: dict[CallKey, tuple[Callable[..., Any], Optional[tuple]]] = {}
+        # code per (call pattern, adapter state): state None = gated code (what torch.compile
+        # sees); a known eager state gets code that runs only the live branches
+        self._compiled: dict[tuple, tuple[Callable[..., Any], Optional[tuple]]] = {}
         # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.call_key`)
         self.ranked = any(key_is_ranked(k) for k in self.variants)
 
     # ---------------------------------------------------------------- building
-    def _build(self, key: CallKey, variant: TracedVariant) -> tuple[Callable[..., Any], Optional[tuple]]:
-        """Code for `variant`, and where its inputs come from (None: the call's positional
-        arguments as they are, the common case)."""
+    def _build(self, key: CallKey, variant: TracedVariant, state: Optional[tuple] = None) -> tuple[Callable[..., Any], Optional[tuple]]:
+        """Code for `variant` in adapter `state`, and where its inputs come from (None: the
+        call's positional arguments as they are, the common case)."""
         adopt_constants(self.root, variant.constants or {})
-        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.options)
+        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.options, state)
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
         return compile_graph(graph), (None if direct else variant.inputs)
 
     def refresh(self) -> None:
-        """Rebuild every known pattern's code from its traced graph (after adapters changed)."""
-        for key, variant in self.variants.items():
-            self._compiled[key] = self._build(key, variant)
-        for key in list(self._compiled):
-            if key not in self.variants:
-                del self._compiled[key]
+        """Rebuild every known pattern's gated code from its traced graph (after adapters
+        changed); code for eager states is rebuilt on first use."""
+        self._compiled = {(key, None): self._build(key, variant) for key, variant in self.variants.items()}
 
     def retrace(self) -> None:
         """Trace every known pattern again (after the set of adapted modules changed)."""
@@ -173,12 +195,13 @@ class GraphForward:
         self.variants = variants
         self.refresh()
 
-    def ensure(self, key: CallKey) -> bool:
-        """Make sure pattern `key` has code (tracing it if new); False if it cannot be traced."""
-        if key in self._compiled:
+    def ensure(self, key: CallKey, state: Optional[tuple] = None) -> bool:
+        """Make sure pattern `key` has code for adapter `state` (tracing it if new); False if it
+        cannot be traced."""
+        if (key, state) in self._compiled:
             if guards_hold(self.variants[key].guards):
                 return True
-            del self._compiled[key], self.variants[key]  # an attribute the graph baked in changed
+            self._forget(key)  # an attribute the graph baked in changed
         if key in self.failures:
             return False
         variant = self.variants.get(key)
@@ -189,8 +212,13 @@ class GraphForward:
                 self.failures[key] = str(exc)
                 return False
             self.variants[key] = variant
-        self._compiled[key] = self._build(key, variant)
+        self._compiled[(key, state)] = self._build(key, variant, state)
         return True
+
+    def _forget(self, key: CallKey) -> None:
+        self.variants.pop(key, None)
+        for entry in [e for e in self._compiled if e[0] == key]:
+            del self._compiled[entry]
 
     def prepare(self, training: bool) -> bool:
         """Trace and build the plainest call pattern, and the train/eval twin of every known
@@ -210,17 +238,18 @@ class GraphForward:
     # ---------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = call_key(self.root.training, args, kwargs, self.ranked)
-        entry = self._compiled.get(key)
+        state = eager_state(self.gates) if self.gates is not None else None
+        entry = self._compiled.get((key, state))
         if entry is None or not guards_hold(self.variants[key].guards):
-            return self._slow_call(key, args, kwargs)
+            return self._slow_call(key, state, args, kwargs)
         fn, inputs = entry
         if inputs is None:
             return fn(self.root, *args)
         return fn(self.root, *gather_inputs(inputs, self.root, args, kwargs))
 
     @torch.compiler.disable
-    def _slow_call(self, key: Optional[CallKey], args: tuple, kwargs: dict) -> Any:
-        if key is not None and self.ensure(key):
+    def _slow_call(self, key: Optional[CallKey], state: Optional[tuple], args: tuple, kwargs: dict) -> Any:
+        if key is not None and self.ensure(key, state):
             return self(*args, **kwargs)
         return self._run_eagerly(args, kwargs)
 

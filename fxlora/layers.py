@@ -125,12 +125,18 @@ class AdapterGates(nn.Module):
     The rewritten forward multiplies each adapter's update by ``scale.<adapter>`` and picks a
     `modules_to_save` copy where ``select.<adapter>`` is non-zero. Values are 0-d normally, or one
     value per batch row for a mixed batch.
+
+    ``eager_state`` mirrors the tensors in Python for eager execution: ``(live, chosen)``, the
+    adapters whose branch contributes (non-zero scale gate) and those whose copies are selected,
+    or None when the tensors alone decide (mixed batches). Eager code runs only the live branches;
+    code under ``torch.compile`` never reads it, so state changes never recompile.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.scale = TensorSlots()
         self.select = TensorSlots()
+        self.eager_state: Optional[tuple[tuple[str, ...], tuple[str, ...]]] = None
 
     def add(self, adapter: str) -> None:
         if adapter not in self.scale.names():

@@ -57,13 +57,16 @@ def install_row_gates(lora_model: Any, names: list[str]) -> Callable[[], None]:
     row_ids = torch.tensor([index.get(n, -1) for n in names], device=like.device)
     saved_scale = dict(gates.scale._buffers)
     saved_select = dict(gates.select._buffers)
+    saved_state = gates.eager_state
 
     @torch.compiler.disable
     def restore() -> None:
         gates.scale._buffers.update(saved_scale)
         gates.select._buffers.update(saved_select)
+        gates.eager_state = saved_state
 
     try:
+        gates.eager_state = None  # the row gates decide: run every branch
         for adapter in adapters:
             rows = (row_ids == index[adapter]).to(like.dtype)
             if not lora_model._enabled:

@@ -152,11 +152,17 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
 
     def _sync_gates(self) -> None:
         """Write the adapter state into the gate tensors the rewritten code reads (O(adapters))."""
+        live, chosen = [], []
         with torch.no_grad():
             for adapter in self.peft_config:
                 scale, select = self._gate_values(adapter)
                 getattr(self._gates.scale, adapter).fill_(scale)
                 getattr(self._gates.select, adapter).fill_(select)
+                if scale != 0:
+                    live.append(adapter)
+                if select != 0:
+                    chosen.append(adapter)
+        self._gates.eager_state = (tuple(live), tuple(chosen))
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

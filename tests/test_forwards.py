@@ -35,15 +35,15 @@ def test_train_and_eval_both_run_graph_code(count_eager_runs):
     model.eval()
     model(x)
     assert count_eager_runs == [] and fwd.failures == {}
-    assert {k[0] for k in fwd._compiled} == {True, False}
+    assert {key[0] for key, state in fwd._compiled if state is None} == {True, False}
 
 
 def test_eval_variant_traced_on_mode_switch_not_on_call():
     model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
     fwd = installed_forward(model.model)
-    assert [k[0] for k in fwd._compiled] == [True]
+    assert [key[0] for key, _ in fwd._compiled] == [True]
     model.eval()
-    assert sorted(k[0] for k in fwd._compiled) == [False, True]
+    assert sorted(key[0] for key, _ in fwd._compiled) == [False, True]
 
 
 def test_new_call_patterns_are_traced_once(count_eager_runs):
@@ -90,7 +90,7 @@ def test_pickle_keeps_graphs_and_rebuilds_code():
     clone = pickle.loads(pickle.dumps(model))
     fwd = installed_forward(clone.model)
     assert fwd.root is clone.model
-    assert sorted(k[0] for k in fwd._compiled) == [False, True]  # rebuilt on load, not on first call
+    assert sorted(key[0] for key, state in fwd._compiled if state is None) == [False, True]  # rebuilt on load
     assert torch.equal(clone(x), model(x))
 
 
@@ -103,3 +103,26 @@ def test_graph_code_is_straight_line():
     assert " if " not in code and "for " not in code
     with pytest.raises(ValueError, match="not a graph root"):
         model.graph_code("seq.0")
+
+
+def test_eager_code_runs_only_live_branches_and_compiled_code_is_gated():
+    torch.manual_seed(0)
+    model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(target_modules=["seq.2"], init_lora_weights=False))
+    model.eval()
+    fwd = installed_forward(model.model)
+    x = torch.randn(2, 20)
+    model(x)
+    eager = fwd._compiled[next(k for k in fwd._compiled if k[1] == (("default",), ("default",)))][0]
+    import inspect
+
+    code = inspect.getsource(eager)
+    assert "lora_A.b" not in code and "lora_A.default" in code and "select_output" not in code
+    assert "seq.4\").modules_to_save.default(" in code.replace("'", '"').replace('"', '\"') or "modules_to_save.default" in code
+    with model.disable_adapter():
+        model(x)
+    off = fwd._compiled[next(k for k in fwd._compiled if k[1] == ((), ()))][0]
+    assert "lora" not in inspect.getsource(off) and "modules_to_save" not in inspect.getsource(off)
+    with torch.no_grad():  # a NaN in an inactive adapter does not reach eager outputs
+        model.get_submodule("seq.2.lora_B.b").weight.fill_(float("nan"))
+    assert torch.isfinite(model(x)).all()

@@ -30,14 +30,21 @@ __all__ = [
 ]
 
 
-def rewrite(graph: fx.Graph, root: nn.Module, options: Optional[PassOptions] = None) -> fx.Graph:
+def rewrite(
+    graph: fx.Graph, root: nn.Module, options: Optional[PassOptions] = None, state: Optional[tuple] = None
+) -> fx.Graph:
     """Apply the passes in order to `graph` (in place) and return it, linted.
+
+    `state` is None for code whose adapter state lives in the gate tensors (what torch.compile
+    sees), or ``(live, chosen)`` (`AdapterGates.eager_state`) for eager code that runs only the
+    branches and copies in use.
 
     Requires: `graph` traced from `root` by `fxlora.tracing.trace_variant`.
     """
     options = PassOptions() if options is None else options
-    swap_saved_modules(graph, root)
-    insert_lora(graph, root)
+    live, chosen = state if state is not None else (None, None)
+    swap_saved_modules(graph, root, chosen)
+    insert_lora(graph, root, live)
     if options.skip_dropout:
         skip_dropout(graph, root)
     if options.share_lora_a:

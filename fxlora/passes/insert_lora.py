@@ -5,7 +5,8 @@ Requires: `graph` was traced from `root` with every adapted module (one carrying
 whose target is the module's path from `root`.
 
 Guarantees: for every such node ``N = layer(x)``, every former user of N now reads
-``lora_output(layer, x, N)`` (`fxlora.branch`): the branch's nodes (dropout as a call of the
+``lora_output(layer, x, N, live)`` (`fxlora.branch`; with ``live`` given, layers where none of
+those adapters sits keep their plain node): the branch's nodes (dropout as a call of the
 ``nn.Dropout`` module, A, B, the scaling tensor, the gate tensor and the add), traced from that
 function and spliced right after N. Adapter modules are called by their paths
 (``<layer>.lora_A.<adapter>`` ...); every inserted node has ``meta["fxlora_target"]`` set to the
@@ -14,7 +15,7 @@ layer's path. Nothing else in the graph changes.
 
 from __future__ import annotations
 
-from typing import Hashable
+from typing import Hashable, Optional
 
 import torch.fx as fx
 import torch.nn as nn
@@ -29,31 +30,34 @@ __all__ = ["insert_lora", "branch_template", "splice", "first_input", "nodes_bet
 class _BranchHost(nn.Module):
     """Lets fx trace `lora_output` with module paths relative to the adapted layer."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, live: Optional[tuple[str, ...]]) -> None:
         super().__init__()
         self.layer = layer
+        self.live = live
 
     def forward(self, x, base):
-        return lora_output(self.layer, x, base)
+        return lora_output(self.layer, x, base, self.live)
 
 
-def _template_key(module: nn.Module, meta: TargetMeta) -> Hashable:
+def _template_key(module: nn.Module, meta: TargetMeta, live: Optional[tuple[str, ...]]) -> Hashable:
     """Everything `lora_output` reads as Python values (the graph it traces depends on nothing
-    else): layer kind, adapters and their branch options, embedding lookup options."""
+    else): layer kind, the adapters whose branch runs and their options, embedding options."""
     extra = ()
     if meta.kind == "embedding":
         extra = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
-    adapters = tuple((name, spec.lora_bias, spec.dropout > 0) for name, spec in meta.adapters.items())
+    adapters = tuple(
+        (name, spec.lora_bias, spec.dropout > 0) for name, spec in meta.adapters.items() if live is None or name in live
+    )
     return (meta.kind, adapters, extra)
 
 
 _TEMPLATES: dict[Hashable, fx.Graph] = {}  # traced once per process; templates hold no module
 
 
-def branch_template(module: nn.Module) -> fx.Graph:
-    """`lora_output(module, x, base)` as a graph with placeholders (x, base) and node targets
-    relative to `module`."""
-    host = _BranchHost(module)
+def branch_template(module: nn.Module, live: Optional[tuple[str, ...]] = None) -> fx.Graph:
+    """`lora_output(module, x, base, live)` as a graph with placeholders (x, base) and node
+    targets relative to `module`."""
+    host = _BranchHost(module, live)
     graph = LoraTracer({id(host)}).trace(host)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
@@ -101,17 +105,20 @@ def nodes_between(first: fx.Node, stop: fx.Node) -> set[fx.Node]:
     return found
 
 
-def insert_lora(graph: fx.Graph, root: nn.Module) -> int:
-    """Run the pass; return the number of layer calls that received a branch."""
+def insert_lora(graph: fx.Graph, root: nn.Module, live: Optional[tuple[str, ...]] = None) -> int:
+    """Run the pass; return the number of layer calls that received a branch. With `live`, only
+    those adapters' branches are inserted (eager code for a known adapter state)."""
     count = 0
     for node in list(graph.find_nodes(op="call_module")):
         module = root.get_submodule(node.target)
         meta = target_meta(module)
         if meta is None or not meta.adapters:
             continue
-        key = _template_key(module, meta)
+        key = _template_key(module, meta, live)
+        if not key[1]:
+            continue  # no branch runs on this layer
         if key not in _TEMPLATES:
-            _TEMPLATES[key] = branch_template(module)
+            _TEMPLATES[key] = branch_template(module, live)
         following = node.next
         with graph.inserting_before(following):
             out = splice(graph, _TEMPLATES[key], node.target + ".", [first_input(node), node], node.target)

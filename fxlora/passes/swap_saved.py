@@ -7,10 +7,13 @@ Guarantees: for every such node ``N = module(*args, **kwargs)`` and every adapte
 in order, a node calls ``<module>.modules_to_save.<adapter>`` with the same arguments and
 ``select_output(<module>.lora_gates.select.<adapter>, copy, previous)`` picks it wherever the gate
 is set (`fxlora.branch.saved_output` computes the same eagerly). Former users of N read the last
-selection. The original module is still called: it is what a disabled adapter computes.
+selection. The original module is still called: it is what a disabled adapter computes. With
+``chosen`` given instead, the node calls just the selected copy (or stays the original's call).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch.fx as fx
 import torch.nn as nn
@@ -21,12 +24,21 @@ from ..ops import select_output
 __all__ = ["swap_saved_modules"]
 
 
-def swap_saved_modules(graph: fx.Graph, root: nn.Module) -> int:
-    """Run the pass; return the number of module calls rewired."""
+def swap_saved_modules(graph: fx.Graph, root: nn.Module, chosen: Optional[tuple[str, ...]] = None) -> int:
+    """Run the pass; return the number of module calls rewired. With `chosen` (the adapters whose
+    copies are selected, known in Python: eager code for a known state) a node simply calls the
+    copy that is used, or stays the original's call when none is."""
     count = 0
     for node in list(graph.find_nodes(op="call_module")):
         meta = saved_meta(root.get_submodule(node.target))
         if meta is None or not meta.adapters:
+            continue
+        if chosen is not None:
+            picked = [a for a in meta.adapters if a in chosen]
+            if picked:
+                node.target = f"{node.target}.modules_to_save.{picked[-1]}"
+                node.meta["fxlora_target"] = node.target
+                count += 1
             continue
         inserted = []
         with graph.inserting_before(node.next):
