@@ -118,7 +118,7 @@ def test_eager_code_runs_only_live_branches_and_compiled_code_is_gated():
 
     code = inspect.getsource(eager)
     assert "lora_A.b" not in code and "lora_A.default" in code and "select_output" not in code
-    assert "seq.4\").modules_to_save.default(" in code.replace("'", '"').replace('"', '\"') or "modules_to_save.default" in code
+    assert "modules_to_save.default(" in code  # the copy is called instead of the original
     with model.disable_adapter():
         model(x)
     off = fwd._compiled[next(k for k in fwd._compiled if k[1] == ((), ()))][0]
