@@ -29,7 +29,7 @@ def make_model(make=lambda: MLP(16), targets=("seq.0", "seq.2"), saved=("seq.4",
 
 
 def run_sequence(model, x, compiled):
-    """The issue's sequence (merging is covered in test_merge); returns (label, compiled, eager)."""
+    """The issue's sequence; returns (label, compiled output, eager output) per step."""
     names_1 = ["default", "other", "__base__", "default"]
     names_2 = ["other", "__base__", "default", "default"]
     steps = [
@@ -44,6 +44,10 @@ def run_sequence(model, x, compiled):
     with model.disable_adapter():
         out.append(("disabled", compiled(x), model(x)))
     out.append(("enabled", compiled(x), model(x)))
+    model.merge_adapter()
+    out.append(("merged", compiled(x), model(x)))
+    model.unmerge_adapter()
+    out.append(("unmerged", compiled(x), model(x)))
     model.set_adapter_scale("default", 0.25)
     out.append(("new scale", compiled(x), model(x)))
     model.set_adapter_scale("default", 1.0)
@@ -67,6 +71,8 @@ def test_state_changes_compile_at_most_once_more(fullgraph):
     by_label = {label: got for label, got, _ in results}
     assert not torch.allclose(by_label["first call"], by_label["set other"])
     assert not torch.allclose(by_label["first call"], by_label["disabled"])
+    torch.testing.assert_close(by_label["merged"], by_label["first call"], rtol=1e-5, atol=1e-6)
+    assert not model.merged
 
 
 def test_eager_path_model_state_changes_do_not_recompile():
