@@ -126,3 +126,39 @@ def test_eager_code_runs_only_live_branches_and_compiled_code_is_gated():
     with torch.no_grad():  # a NaN in an inactive adapter does not reach eager outputs
         model.get_submodule("seq.2.lora_B.b").weight.fill_(float("nan"))
     assert torch.isfinite(model(x)).all()
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from test_properties import setups  # noqa: E402
+
+
+def gated_output(model, x):
+    """The output of the gated code (what torch.compile runs): the Python state mirror switched off."""
+    gates = model._gates
+    saved, gates.eager_state = gates.eager_state, None
+    try:
+        return model(x)
+    finally:
+        gates.eager_state = saved
+
+
+@given(setup=setups(), data=st.data())
+def test_eager_state_code_equals_gated_code(setup, data):
+    net, shape, targets, config = setup
+    model = fxlora.transform(net, config.replace(init_lora_weights=False))
+    second = data.draw(st.lists(st.sampled_from(targets), min_size=1, unique=True))
+    model.add_adapter("b", LoraConfig(target_modules=second, r=2, init_lora_weights=False))
+    model.eval()
+    x = torch.randn(*shape)
+    steps = [
+        lambda: model.set_adapter("b"),
+        lambda: model.set_adapter(["default", "b"]),
+        lambda: model.set_adapter_scale("b", 0.5),
+        lambda: model.disable_adapter_layers(),
+        lambda: model.enable_adapter_layers(),
+        lambda: model.set_adapter("default"),
+    ]
+    for step in steps:
+        step()
+        torch.testing.assert_close(model(x), gated_output(model, x), rtol=1e-5, atol=1e-6)
