@@ -16,6 +16,7 @@ its nearest ancestor.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -128,14 +129,25 @@ def lora_param_count(module: nn.Module, spec: AdapterSpec) -> int:
     return spec.r * (n_in + n_out) + bias
 
 
-def _fan_in_fan_out(name: str, module: nn.Module, config: LoraConfig, notes: list[str]) -> bool:
-    wanted = is_hf_conv1d(module)
-    if config.fan_in_fan_out != wanted and layer_kind(module) == "linear":
-        notes.append(
-            f"{name}: fan_in_fan_out={config.fan_in_fan_out} does not fit {type(module).__name__} "
-            f"(weight stored {'(in, out)' if wanted else '(out, in)'}); using fan_in_fan_out={wanted} for it"
-        )
-    return wanted
+def _fan_in_fan_out(module: nn.Module) -> bool:
+    """How the layer stores its weight: (in, out) for transformers ``Conv1D``, (out, in) otherwise.
+    fxlora always uses the layer's own layout; the config's ``fan_in_fan_out`` is only checked."""
+    return is_hf_conv1d(module)
+
+
+def _fan_in_fan_out_note(config: LoraConfig, targets: list["TargetPlan"]) -> Optional[str]:
+    """One warning naming the linear layers whose layout contradicts ``config.fan_in_fan_out``
+    (PEFT warns and overwrites the config; fxlora leaves the config as the user wrote it)."""
+    wrong = [t for t in targets if t.kind == "linear" and t.fan_in_fan_out != config.fan_in_fan_out]
+    if not wrong:
+        return None
+    kinds = sorted({type(t.module).__name__ for t in wrong})
+    names = ", ".join(t.name for t in wrong[:4]) + (f", ... ({len(wrong)} layers)" if len(wrong) > 4 else "")
+    layout = "(in, out)" if wrong[0].fan_in_fan_out else "(out, in)"
+    return (
+        f"fan_in_fan_out={config.fan_in_fan_out} does not fit {'/'.join(kinds)} (weight stored {layout}); "
+        f"using fan_in_fan_out={wrong[0].fan_in_fan_out} for {names}. The config object is left unchanged."
+    )
 
 
 def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection, notes: list[str]) -> list[TargetPlan]:
@@ -160,7 +172,7 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
         if spec.lora_bias and getattr(module, "bias", None) is None:
             notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
         plans.append(
-            TargetPlan(name, module, kind, spec, _fan_in_fan_out(name, module, config, notes))
+            TargetPlan(name, module, kind, spec, _fan_in_fan_out(module))
         )
     return plans
 
@@ -198,8 +210,17 @@ def _check_calls(root_name: str, root: nn.Module, variant: TracedVariant, names:
         rel = name[len(root_name) + 1 :] if root_name else name
         counts[name] = called.get(rel, 0)
         if counts[name] == 0 and any(a == rel or a.startswith(rel + ".") for a in read):
-            raise TraceFailure(f"{rel} is used through its weights, not called as a module")
+            raise TraceFailure(f"{rel} {_WEIGHT_READ}")
     return counts
+
+
+_WEIGHT_READ = "is used through its weights, not called as a module"
+
+
+def _weight_read_only(target: "TargetPlan") -> bool:
+    """True when the target's eager reason says its own weight is read instead of it being called."""
+    found = re.search(r": (\S+) " + re.escape(_WEIGHT_READ), target.reason)
+    return bool(found) and (target.name == found.group(1) or target.name.endswith("." + found.group(1)))
 
 
 @dataclass
@@ -303,9 +324,17 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
         p.path, p.root, p.reason = info.path, info.root, info.reason
         if isinstance(p, TargetPlan):
             p.calls = info.calls
+    layout = _fan_in_fan_out_note(config, targets)
+    if layout:
+        notes.insert(0, layout)
     for t in targets:
         if t.path == "graph" and t.calls == 0:
             notes.append(f"{t.name}: never called in {t.root or '<model>'}'s forward; its adapter will have no effect")
+        elif t.path == "eager" and _weight_read_only(t):
+            notes.append(
+                f"{t.name}: its parent reads its weight directly instead of calling it, so a LoRA adapter on it "
+                "has no effect (PEFT's neither); adapt another layer or change how the parent computes"
+            )
     base, trainable, total = _count_params(model, config, targets, saved)
     return Plan(
         adapter=adapter_name,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -82,8 +83,8 @@ class TracedVariant:
     ``inputs[i]`` says where the i-th placeholder's value comes from: a positional index or a
     keyword name of the call, a path ``(index or name, item, ...)`` into a tuple argument, or
     `SELF` (see `gather_inputs`). ``key`` is the pattern the graph is valid for (a ranked request
-    that traced without ranks gives the rank-free pattern). ``guards`` are ``(object, attribute,
-    value)`` triples the graph depends on.
+    that traced without ranks gives the rank-free pattern). ``guards`` are ``(object, names,
+    reader, values)`` checks of the plain attribute values the graph depends on (`guards_hold`).
     """
 
     graph: fx.Graph
@@ -269,10 +270,19 @@ def gather_inputs(sources: tuple[Source, ...], root: nn.Module, args: tuple, kwa
 
 
 def guards_hold(guards: tuple) -> bool:
-    """True while every ``(object, attribute, value)`` guard still reads its value."""
-    for obj, name, value in guards:
-        if getattr(obj, name, _MISSING) != value:
-            return False
+    """True while every guard ``(object, names, reader, values)`` still reads its values.
+
+    Eagerly one C-level ``attrgetter`` call per guarded object; under ``torch.compile`` plain
+    ``getattr`` (which dynamo traces, turning each value into one of its own guards)."""
+    try:
+        if torch.compiler.is_compiling():
+            return all(tuple(getattr(obj, n) for n in names) == values for obj, names, _, values in guards)
+        for obj, names, read, values in guards:
+            got = read(obj)
+            if (got if len(names) > 1 else (got,)) != values:
+                return False
+    except AttributeError:  # an attribute was deleted
+        return False
     return True
 
 
@@ -462,22 +472,47 @@ def adopt_constants(root: nn.Module, constants: dict[str, torch.Tensor]) -> None
 
 
 _PLAIN = (bool, int, float, str, type(None))
+#: plain attributes torch and transformers keep on modules for their own bookkeeping
+_NOT_GUARDED = frozenset({"training", "_is_full_backward_hook", "_is_hf_initialized"})
 
 
 def _guards(traced_modules: list[nn.Module], hooks: TraceHooks) -> tuple:
-    """``(object, attribute, value)`` for every plain attribute of the traced-through modules
-    (their values are baked into the graph wherever forward reads them) and for the attributes
-    the integrations name."""
-    guards = []
+    """Guards ``(object, names, reader, values)``: every plain attribute of the
+    traced-through modules (their values are baked into the graph wherever forward reads them),
+    and the attributes the integrations name. One guard per object, so checking costs one C call
+    per traced module."""
+    names: dict[int, tuple[Any, list[str]]] = {}
     for module in traced_modules:
-        for name, value in module.__dict__.items():
-            if name != "training" and type(value) in _PLAIN and not (type(value) is float and math.isnan(value)):
-                guards.append((module, name, value))
+        plain = [
+            name
+            for name, value in module.__dict__.items()
+            if name not in _NOT_GUARDED and type(value) in _PLAIN and not (type(value) is float and math.isnan(value))
+        ]
+        names.setdefault(id(module), (module, []))[1].extend(plain)
         for obj, name in hooks.guards(module):
-            value = getattr(obj, name, _MISSING)
-            if value is not _MISSING:
-                guards.append((obj, name, value))
+            if hasattr(obj, name):
+                entry = names.setdefault(id(obj), (obj, []))[1]
+                if name not in entry:
+                    entry.append(name)
+    guards = []
+    for obj, attrs in names.values():
+        if attrs:
+            read = operator.attrgetter(*attrs) if isinstance(obj, nn.Module) else _RawAttributes(tuple(attrs))
+            guards.append((obj, tuple(attrs), read, tuple(getattr(obj, n) for n in attrs)))
     return tuple(guards)
+
+
+class _RawAttributes:
+    """Reads attributes with ``object.__getattribute__`` (descriptors and properties included),
+    skipping a class's own ``__getattribute__`` override (transformers configs have a slow one)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def __call__(self, obj: Any) -> Any:
+        if len(self.names) == 1:  # like operator.attrgetter
+            return object.__getattribute__(obj, self.names[0])
+        return tuple(object.__getattribute__(obj, n) for n in self.names)
 
 
 def trace_variant(

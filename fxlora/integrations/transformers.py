@@ -85,7 +85,12 @@ def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
     from transformers import PretrainedConfig
 
     config = module.__dict__.get("config")
-    return [(config, "_attn_implementation")] if isinstance(config, PretrainedConfig) else []
+    if not isinstance(config, PretrainedConfig):
+        return []
+    # the property ``_attn_implementation`` reads this field (through the config's slow
+    # ``__getattribute__``); guarding the field itself is the same check, faster
+    stored = "_attn_implementation_internal"
+    return [(config, stored if stored in vars(config) else "_attn_implementation")]
 
 
 def example_inputs(model: nn.Module) -> list[dict[str, Any]]:
