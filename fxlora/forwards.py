@@ -98,40 +98,36 @@ def _call_original(module: nn.Module, previous: Optional[Callable], args: tuple,
     return type(module).forward(module, *args, **kwargs)
 
 
-class EagerLoraForward:
+class _EagerForward:
+    """An eager forward installed on one module; `previous` is the instance forward it replaced
+    (None: the class's own)."""
+
+    path = "eager"
+
+    def __init__(self, module: nn.Module, previous: Optional[Callable] = None) -> None:
+        self.module = module
+        self.previous = previous
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        return _call_original(self.module, self.previous, args, kwargs)
+
+
+class EagerLoraForward(_EagerForward):
     """``forward`` of an adapted layer on the eager path: base output plus `lora_output`."""
 
-    path = "eager"
-
-    def __init__(self, module: nn.Module, previous: Optional[Callable] = None) -> None:
-        self.module = module
-        self.previous = previous
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.module
-        base = _call_original(module, self.previous, args, kwargs)
+        base = self.original(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
-        state = eager_state(module.lora_gates)
-        return lora_output(module, x, base, None if state is None else state[0])
+        state = eager_state(self.module.lora_gates)
+        return lora_output(self.module, x, base, None if state is None else state[0])
 
 
-class SavedForward:
+class SavedForward(_EagerForward):
     """``forward`` of a `modules_to_save` module on the eager path."""
 
-    path = "eager"
-
-    def __init__(self, module: nn.Module, previous: Optional[Callable] = None) -> None:
-        self.module = module
-        self.previous = previous
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.module
-        state = eager_state(module.lora_gates)
-
-        def original(*a: Any, **k: Any) -> Any:
-            return _call_original(module, self.previous, a, k)
-
-        return saved_output(module, original, args, kwargs, None if state is None else state[1])
+        state = eager_state(self.module.lora_gates)
+        return saved_output(self.module, self.original, args, kwargs, None if state is None else state[1])
 
 
 def _interesting(root: nn.Module) -> list[nn.Module]:
