@@ -27,6 +27,7 @@ from .config import LoraConfig
 from .layer_types import in_out_features, is_hf_conv1d, layer_kind
 from .layers import AdapterSpec, check_adapter_name
 from .matching import TargetSelection, select_modules
+from .integrations import TraceHooks, hooks_for
 from .probe import observe_calls
 from .tracing import (
     CallKey,
@@ -223,6 +224,20 @@ def _weight_read_only(target: "TargetPlan") -> bool:
     return bool(found) and (target.name == found.group(1) or target.name.endswith("." + found.group(1)))
 
 
+def _check_callable_root(module: nn.Module, observed: dict[int, list[CallKey]], hooks: TraceHooks) -> None:
+    """A sub-module only works as a graph root if its parent calls it as a module: a parent that
+    reaches into it (iterating an ``nn.Sequential``'s children, say) would run its layers without
+    their LoRA branches. Where a forward pass was observed (`fxlora.probe`) the module must have
+    been called; the model's integration may rule out kinds of modules (timm: ``nn.Sequential``,
+    whose children timm's ``checkpoint_seq`` and ``forward_intermediates`` call one by one)."""
+    if observed and id(module) not in observed:
+        raise TraceFailure("it is not called as a module in the model's forward (its parent calls into it)")
+    for refusal in hooks.root_refusals:
+        reason = refusal(module)
+        if reason:
+            raise TraceFailure(reason)
+
+
 @dataclass
 class PathInfo:
     """How one adapted (or saved) module computes: in a graph root's code, or eagerly."""
@@ -248,6 +263,7 @@ def assign_paths(
         return [], info
     roots: list[RootPlan] = []
     observed = observe_calls(model)
+    hooks = hooks_for(model)
 
     def inside(prefix: str) -> list[str]:
         return [n for n in modules if not prefix or n.startswith(prefix + ".")]
@@ -258,6 +274,8 @@ def assign_paths(
             return
         names = inside(name)
         try:
+            if name:
+                _check_callable_root(module, observed, hooks)
             variants = _trace_root(module, [modules[n] for n in names], observed)
             counts = _check_calls(name, module, next(iter(variants.values())), names)
         except TraceFailure as exc:

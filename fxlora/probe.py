@@ -54,8 +54,8 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
     try:
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            for inputs in examples:
-                model(**inputs)
+            for args, kwargs in examples:
+                model(*args, **kwargs)
     except Exception:
         return {}
     finally:

@@ -30,6 +30,7 @@ attribute values the trace read (flags such as ``gradient_checkpointing``) are r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
@@ -174,7 +175,7 @@ class LoraTracer(fx.Tracer):
         if module is not None and module not in self._autowrap_search:
             self._autowrap_search = [*self._autowrap_search, module]
         try:
-            with self.hooks.active():
+            with self.hooks.active(), _refusing_checkpoints():
                 graph = self.trace(root)
         finally:
             self._call = None
@@ -182,6 +183,32 @@ class LoraTracer(fx.Tracer):
             graph.erase_node(self._self_node)
             self._self_node = None
         return graph
+
+
+_CHECKPOINT_ENTRIES = ("_checkpoint_impl", "CheckpointFunction", "_checkpoint_without_reentrant_generator")
+
+
+@contextlib.contextmanager
+def _refusing_checkpoints():
+    """While tracing, ``torch.utils.checkpoint`` raises: fx would record the checkpointed
+    function's operations inline and silently drop the checkpointing (the memory saving the
+    user asked for). The module then runs eagerly, checkpointing intact."""
+    import torch.utils.checkpoint as checkpoint
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise NotTraceable("the forward uses gradient checkpointing (torch.utils.checkpoint), which a graph would drop")
+
+    class _Refused:
+        apply = staticmethod(refuse)
+
+    saved = {name: checkpoint.__dict__[name] for name in _CHECKPOINT_ENTRIES if name in checkpoint.__dict__}
+    try:
+        for name in saved:
+            setattr(checkpoint, name, _Refused if isinstance(saved[name], type) else refuse)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(checkpoint, name, value)
 
 
 # ------------------------------------------------------------------ call patterns

@@ -14,7 +14,9 @@ little more knowledge to be traced *correctly* and *further*; an integration mod
   returns an opaque leaf);
 - ``guards``: extra ``(object, attribute)`` pairs whose trace-time values a graph depends on
   (transformers: ``config._attn_implementation``);
-- ``example_inputs``: small inputs (keyword dicts) for forward passes, used to observe how each
+- ``root_refusals``: kinds of sub-modules that must not become graph roots because the library
+  calls *into* them rather than calling them (timm iterates ``nn.Sequential`` children);
+- ``example_inputs``: small inputs ``(args, kwargs)`` for forward passes, used to observe how each
   module is really called (`fxlora.probe`).
 
 Object arguments that are neither tensors nor constants can be declared as *handles*
@@ -64,7 +66,8 @@ class TraceHooks:
     unwrappers: tuple[Unwrapper, ...] = ()
     patches: tuple[Callable[[], ContextManager], ...] = ()
     guard_sources: tuple[Callable[[nn.Module], list[tuple[Any, str]]], ...] = ()
-    example_inputs: Optional[Callable[[nn.Module], list[dict[str, Any]]]] = None
+    root_refusals: tuple[Callable[[nn.Module], Optional[str]], ...] = ()
+    example_inputs: Optional[Callable[[nn.Module], list[tuple[tuple, dict[str, Any]]]]] = None
 
     def merged(self, other: "TraceHooks") -> "TraceHooks":
         return TraceHooks(
@@ -73,6 +76,7 @@ class TraceHooks:
             unwrappers=self.unwrappers + other.unwrappers,
             patches=self.patches + other.patches,
             guard_sources=self.guard_sources + other.guard_sources,
+            root_refusals=self.root_refusals + other.root_refusals,
             example_inputs=self.example_inputs or other.example_inputs,
         )
 

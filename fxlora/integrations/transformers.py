@@ -93,7 +93,7 @@ def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
     return [(config, stored if stored in vars(config) else "_attn_implementation")]
 
 
-def example_inputs(model: nn.Module) -> list[dict[str, Any]]:
+def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
     """Tiny text inputs for a transformers model taking ``input_ids``: four tokens, once plain and
     once with the first position padded out; none for other models."""
     if not is_pretrained_model(model) or getattr(model, "main_input_name", None) != "input_ids":
@@ -110,7 +110,7 @@ def example_inputs(model: nn.Module) -> list[dict[str, Any]]:
     if getattr(config, "is_encoder_decoder", False):
         for inputs in (plain, padded):
             inputs["decoder_input_ids"] = ids[:, :2]
-    return [plain, padded]
+    return [((), plain), ((), padded)]
 
 
 def _rank_preserving() -> tuple[type, ...]:
