@@ -107,6 +107,12 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         wanted = {id(p) for p in lora_parameters(self.model, adapter)}
         return {n: p for n, p in self.named_parameters() if id(p) in wanted}
 
+    def get_submodule(self, target: str) -> nn.Module:
+        """The sub-module named `target` in ``named_modules()`` (the user's model's names), also
+        where that model has a child called ``model`` (transformers' ``*ForCausalLM``), which the
+        attribute ``self.model`` would otherwise shadow."""
+        return self if target == "" else self.model.get_submodule(target)
+
     def get_base_model(self) -> nn.Module:
         """The user's model object (adapted in place)."""
         return self.model

@@ -196,7 +196,7 @@ def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[
     if "forward" in module.__dict__:
         raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
     through = trace_through_ids(module, interesting)
-    traced = [(key, trace_variant(module, through, key)) for key in _root_patterns(module, observed)]
+    traced = [(key, trace_variant(module, through, key, planning=True)) for key in _root_patterns(module, observed)]
     ranked = any(key_is_ranked(v.key) for _, v in traced)
     return {(key if ranked else v.key): v for key, v in traced}
 

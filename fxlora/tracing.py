@@ -48,6 +48,7 @@ from .proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length
 
 __all__ = [
     "TraceFailure",
+    "CheckpointingAfterPlanning",
     "TracedVariant",
     "LoraTracer",
     "call_key",
@@ -75,6 +76,14 @@ _MAX_ITEMS = 16
 
 class TraceFailure(Exception):
     """A module (or one call pattern of it) cannot be captured as a graph."""
+
+
+class CheckpointInTrace(NotTraceable):
+    """The traced forward reached ``torch.utils.checkpoint``."""
+
+
+class CheckpointingAfterPlanning(RuntimeError):
+    """A graph root's forward started using gradient checkpointing after fxlora planned it."""
 
 
 @dataclass
@@ -196,7 +205,7 @@ def _refusing_checkpoints():
     import torch.utils.checkpoint as checkpoint
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise NotTraceable("the forward uses gradient checkpointing (torch.utils.checkpoint), which a graph would drop")
+        raise CheckpointInTrace("the forward uses gradient checkpointing (torch.utils.checkpoint), which a graph would drop")
 
     class _Refused:
         apply = staticmethod(refuse)
@@ -546,6 +555,8 @@ def trace_variant(
     root: nn.Module,
     trace_through: set[int],
     key: CallKey,
+    *,
+    planning: bool = False,
 ) -> TracedVariant:
     """Trace `root`'s ``forward`` for the call pattern `key`; raise `TraceFailure` if it cannot be
     captured. A ranked `key` is first traced without ranks (the result then holds for any rank,
@@ -554,16 +565,22 @@ def trace_variant(
     Guarantees: the returned graph's placeholders are the pattern's tensors and handles (and the
     root itself where an opaque function takes it), sourced by ``variant.inputs``; the model is
     left as it was (flags and attributes).
+
+    A forward that uses gradient checkpointing cannot be one graph (the graph would drop the
+    checkpointing). While `planning`, that is a `TraceFailure` (fxlora plans inside such a
+    module); afterwards (the root was planned as a graph and then switched checkpointing on, e.g.
+    timm's ``set_grad_checkpointing()`` after ``transform``) it raises `CheckpointingAfterPlanning`,
+    because its eager fallback could not take part in checkpoint recomputation.
     """
     if key_is_ranked(key):
         try:
-            return _trace(root, trace_through, erase_ranks(key))
+            return _trace(root, trace_through, erase_ranks(key), planning)
         except TraceFailure:
             pass
-    return _trace(root, trace_through, key)
+    return _trace(root, trace_through, key, planning)
 
 
-def _trace(root: nn.Module, trace_through: set[int], key: CallKey) -> TracedVariant:
+def _trace(root: nn.Module, trace_through: set[int], key: CallKey, planning: bool) -> TracedVariant:
     training, _, _ = key
     hooks = hooks_for(root)
     call = _CallTemplate(_forward_function(root, hooks, key), key)
@@ -579,6 +596,14 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey) -> TracedVari
             graph = tracer.trace_call(root, call)
     except TraceFailure:
         raise
+    except CheckpointInTrace as exc:
+        if planning:
+            raise TraceFailure(short_error(exc)) from exc
+        raise CheckpointingAfterPlanning(
+            f"{type(root).__name__} now uses gradient checkpointing, but fxlora planned it as one graph before that was "
+            "switched on. Switch gradient checkpointing on before fxlora.transform (timm: model.set_grad_checkpointing()), "
+            "and fxlora plans the graphs inside the checkpointed blocks."
+        ) from exc
     except Exception as exc:  # any failure of symbolic execution means "not traceable"
         raise TraceFailure(short_error(exc)) from exc
     finally:
@@ -589,6 +614,9 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey) -> TracedVari
     if changed:
         raise TraceFailure(f"forward of {changed} changes the module's attributes")
     inputs = ((SELF,) if tracer._self_node is not None else ()) + tuple(slot.source for slot in call.slots)
+    for node in graph.nodes:
+        if node.name == "self":  # a child module called `self` (transformers' BertAttention.self)
+            node._rename("self_module")
     graph.lint()
     return TracedVariant(graph=graph, inputs=inputs, constants=constants, key=key, guards=_guards(traced_modules, hooks))
 

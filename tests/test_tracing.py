@@ -89,3 +89,127 @@ def test_buffers_are_read_live_and_constants_kept_on_the_root():
     constants = [n for n, _ in model.named_buffers() if n.startswith("_fxlora_constant_")]
     assert len(constants) == 1 and constants[0] not in model.state_dict()
     assert not any(k.startswith("_tensor_constant") for k in model.__dict__)
+
+
+# ------------------------------------------------------------------ richer call patterns
+import functools
+
+import fxlora
+from fxlora.forwards import GraphForward, installed_forward
+from fxlora.tracing import SELF, gather_inputs
+
+
+class TupleAndKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, pair=None, *extra, scale=1.0, **options):
+        y = self.fc(x)
+        if pair is not None:
+            a, b = pair
+            y = y * a + b
+        for e in extra:
+            y = y - e
+        if options.get("double"):
+            y = y * 2
+        return y * scale
+
+
+def test_tuples_varargs_and_extra_keywords_are_traced(monkeypatch):
+    model = TupleAndKeywords()
+    reference = TupleAndKeywords()
+    reference.load_state_dict(model.state_dict())
+    lora = fxlora.transform(model, fxlora.LoraConfig(target_modules=["fc"]))
+    eager = []
+    monkeypatch.setattr(GraphForward, "_run_eagerly", lambda self, a, k: eager.append(1))
+    x, a, b, e = (torch.randn(2, 4) for _ in range(4))
+    for args, kwargs in [((x,), {}), ((x, (a, b)), {"scale": 3.0}), ((x, [a, b], e, e), {"double": True})]:
+        torch.testing.assert_close(lora(*args, **kwargs), reference(*args, **kwargs))
+    assert eager == []
+    variant = installed_forward(model).variants[call_key(True, (x, [a, b], e, e), {"double": True})]
+    assert variant.inputs == (0, (1, 0), (1, 1), 2, 3)
+
+
+def test_gather_inputs_follows_sources():
+    root, t = nn.Linear(1, 1), torch.ones(1)
+    assert gather_inputs((SELF, 1, "k", ("p", 1, 0)), root, (t, "arg1"), {"k": "kw", "p": (0, ("x", "y"))}) == [root, "arg1", "kw", "x"]
+
+
+def unknown_decorator(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class Decorated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    @unknown_decorator
+    def forward(self, x):
+        return self.fc(x).relu()
+
+
+def test_only_known_transparent_decorators_are_seen_through(monkeypatch):
+    model = Decorated()
+    through = trace_through_ids(model, [model.fc])
+    with pytest.raises(TraceFailure, match="wrapped by .*wrapper"):
+        trace_variant(model, through, canonical_key(model, True))
+    import fxlora.integrations as integrations
+
+    known = integrations.TraceHooks(unwrappers=(lambda fn: (fn.__wrapped__, frozenset({"legacy"})) if fn.__code__ is Decorated.forward.__code__ else None,))
+    monkeypatch.setattr(integrations, "hooks_for", lambda module: known)
+    monkeypatch.setattr("fxlora.tracing.hooks_for", lambda module: known)
+    variant = trace_variant(model, through, canonical_key(model, True))
+    assert [n.target for n in variant.graph.nodes if n.op == "call_module"] == ["fc"]
+    with pytest.raises(TraceFailure, match="legacy"):
+        trace_variant(model, through, (True, ("T",), (("legacy", ("int", 1)),)))
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.double = False
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if self.double else y
+
+
+def test_plain_attributes_read_at_trace_time_are_guarded():
+    model = Flagged()
+    lora = fxlora.transform(model, fxlora.LoraConfig(target_modules=["fc"], init_lora_weights=False))
+    x = torch.randn(3, 4)
+    once = lora(x)
+    model.double = True
+    torch.testing.assert_close(lora(x), once * 2)  # traced again with the new value
+    model.double = False
+    torch.testing.assert_close(lora(x), once)
+
+
+class HasChildCalledSelf(nn.Module):
+    """transformers' BertAttention has a child named ``self``; the generated code must not shadow
+    its own ``self``."""
+
+    def __init__(self):
+        super().__init__()
+        self.self = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.gelu(self.self(x)))
+
+
+def test_a_child_named_self():
+    model = HasChildCalledSelf()
+    reference = HasChildCalledSelf()
+    reference.load_state_dict(model.state_dict())
+    lora = fxlora.transform(model, fxlora.LoraConfig(target_modules=["out"]))
+    assert lora.target_paths == {"out": "graph"}
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(lora(x), reference(x))

@@ -1,0 +1,47 @@
+"""The probe: how a transformers model's modules are really called, observed without changing anything."""
+
+import pytest
+import torch
+
+from fxlora.probe import observe_calls
+from fxlora.tracing import OBJECT, TENSOR
+from models import MLP
+from zoo import TRANSFORMERS
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_observes_attention_calls_with_cache_handles_tuples_and_ranks():
+    model = TRANSFORMERS["llama"].build()
+    model.train()
+    attention = model.model.layers[0].self_attn
+    seen = observe_calls(model)
+    keys = seen[id(attention)]
+    assert len(keys) == 2  # without and with a padding mask
+    training, positional, named = keys[0]
+    kinds = dict(named)
+    assert training is False and positional == ()
+    assert kinds["hidden_states"] == (TENSOR, 3)
+    assert kinds["position_embeddings"] == ("tuple", ((TENSOR, 3), (TENSOR, 3)))
+    assert kinds["cache"][:2] == (OBJECT, transformers.DynamicCache)
+    assert dict(keys[1][2])["attention_mask"] != kinds["attention_mask"]
+    assert id(model) in seen and id(model.lm_head) in seen
+
+
+def test_probe_changes_nothing():
+    model = TRANSFORMERS["gpt2"].build()
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    observe_calls(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(m.training for m in model.modules())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_no_observation_without_an_example_input():
+    assert observe_calls(MLP(4)) == {}
+    vision = transformers.ViTForImageClassification(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=16))
+    assert observe_calls(vision) == {}  # main input is pixel_values, not input_ids
