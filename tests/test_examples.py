@@ -21,3 +21,19 @@ def test_custom_mlp_example_learns():
     before, after = map(float, re.search(r"accuracy before: ([\d.]+) \| after: ([\d.]+)", out).groups())
     assert after > before + 0.15
     assert "epoch 4/4 [##############################]" in out
+
+
+def test_timm_image_classifier_example_learns():
+    out = run("timm_image_classifier.py", "--model", "test_resnet", "--epochs", "4", "--images", "384")
+    assert re.search(r"test_resnet: \d+ convolutions adapted, graph share 1\.00, graph roots: <model>", out)
+    assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}", out)
+    before, after = map(float, re.search(r"accuracy before: ([\d.]+) \| after: ([\d.]+)", out).groups())
+    assert after > max(before + 0.3, 0.75)
+
+
+def test_new_transformers_architecture_example_learns():
+    out = run("new_transformers_architecture.py", "--steps", "120", "--hidden", "32")
+    assert "model_type 'qwen3': targets ['q_proj', 'v_proj'], 4 layers, graph share 1.00" in out
+    before, after = map(float, re.search(r"loss before: ([\d.]+) \| after: ([\d.]+)", out).groups())
+    assert after < before - 1.0
+    assert re.search(r"sample before: '.+'", out) and re.search(r"sample after: 'The keeper .+'", out)
