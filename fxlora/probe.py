@@ -9,8 +9,8 @@ code relies on), so for models whose integration can build a small input
 module's call pattern (ranked, `fxlora.tracing.call_key`).
 
 The probe changes nothing: it runs in eval mode under ``torch.no_grad()`` with the random number
-generators' state saved and restored, and removes its hooks; any failure just means "no
-observation" (planning then uses the plainest call).
+generators' state saved and restored, and removes its hooks; an example that fails just adds no
+observation (planning uses the plainest call for modules never seen called).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["observe_calls"]
 def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
     """``{id(module): [call patterns seen, in order]}`` for forward passes of the integration's
     example inputs (eval mode, training flag False in the patterns); ``{}`` when there is no
-    example input or a pass fails."""
+    example input. An example the model rejects is skipped."""
     hooks = hooks_for(model)
     if hooks.example_inputs is None:
         return {}
@@ -55,9 +55,10 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for args, kwargs in examples:
-                model(*args, **kwargs)
-    except Exception:
-        return {}
+                try:
+                    model(*args, **kwargs)
+                except Exception:  # this example does not suit the model; the calls seen so far are real
+                    continue
     finally:
         for handle in handles:
             handle.remove()

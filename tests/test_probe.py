@@ -17,7 +17,7 @@ def test_observes_attention_calls_with_cache_handles_tuples_and_ranks():
     attention = model.model.layers[0].self_attn
     seen = observe_calls(model)
     keys = seen[id(attention)]
-    assert len(keys) == 2  # without and with a padding mask
+    assert len(keys) == 4  # with and without a padding mask, each with and without the KV cache
     training, positional, named = keys[0]
     kinds = dict(named)
     assert training is False and positional == ()
@@ -25,6 +25,7 @@ def test_observes_attention_calls_with_cache_handles_tuples_and_ranks():
     assert kinds["position_embeddings"] == ("tuple", ((TENSOR, 3), (TENSOR, 3)))
     assert kinds["cache"][:2] == (OBJECT, transformers.DynamicCache)
     assert dict(keys[1][2])["attention_mask"] != kinds["attention_mask"]
+    assert dict(keys[2][2])["cache"] == ("NoneType", None)
     assert id(model) in seen and id(model.lm_head) in seen
 
 

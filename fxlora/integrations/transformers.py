@@ -25,8 +25,9 @@ without changing what the module computes for any call:
    and `fxlora.proxies` cover that; ``Conv1D`` and transformers' activations are declared
    rank-preserving.
 
-`example_inputs` gives `fxlora.probe` a tiny ``input_ids`` batch (with and without a padding
-mask; plus ``decoder_input_ids`` for encoder-decoders) to observe how each module is called.
+`example_inputs` gives `fxlora.probe` a tiny ``input_ids`` batch (plain, with a padding mask, and
+without the KV cache; plus ``decoder_input_ids`` for encoder-decoders) to observe how each module
+is called, so those patterns are traced ahead (and ``torch.compile`` meets no untraced pattern).
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
 
 
 def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
-    """Tiny text inputs for a transformers model taking ``input_ids``: four tokens, once plain and
-    once with the first position padded out; none for other models."""
+    """Tiny text inputs for a transformers model taking ``input_ids``: four tokens, plain and with
+    the first position padded out, each with and without the KV cache; none for other models."""
     if not is_pretrained_model(model) or getattr(model, "main_input_name", None) != "input_ids":
         return []
     config = model.config
@@ -107,10 +108,13 @@ def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
     mask = torch.tensor([[0, 1, 1, 1]], device=device)
     plain: dict[str, Any] = {"input_ids": ids}
     padded: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    examples = [plain, padded]
+    if getattr(config, "use_cache", None) is not None:  # without the KV cache: checkpointed training, export, ...
+        examples += [{**plain, "use_cache": False}, {**padded, "use_cache": False}]
     if getattr(config, "is_encoder_decoder", False):
-        for inputs in (plain, padded):
+        for inputs in examples:
             inputs["decoder_input_ids"] = ids[:, :2]
-    return [((), plain), ((), padded)]
+    return [((), inputs) for inputs in examples]
 
 
 def _rank_preserving() -> tuple[type, ...]:

@@ -200,3 +200,19 @@ def test_encoder_decoder_cache_members_are_typed_handles(eager_fallbacks):
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     torch.testing.assert_close(out, reference.generate(**inputs, max_new_tokens=5, do_sample=False))
     assert eager_fallbacks == []
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_compiles_without_graph_breaks_with_and_without_cache(name):
+    import torch._dynamo
+
+    base = TRANSFORMERS[name].build()
+    model = fxlora.transform(base, fxlora.LoraConfig(init_lora_weights=False)).eval()
+    inputs = text_inputs(base)
+    try:
+        for extra in ({}, {"use_cache": False}):
+            torch._dynamo.reset()
+            explanation = torch._dynamo.explain(model)(**inputs, **extra)
+            assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons][:2]
+    finally:
+        torch._dynamo.reset()
