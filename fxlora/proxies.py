@@ -118,7 +118,7 @@ class ObjectProxy(InfoProxy):
             node = self.tracer.create_proxy("call_function", getattr, (self, name), {}).node
             member = self._fxlora_members[name]
             return ObjectProxy(node, self.tracer, member, object_kind_of_type(member), {})
-        if self._fxlora_kind is None or name not in self._fxlora_kind.attributes:
+        if self._fxlora_kind is None or name not in self._fxlora_kind.allowed(cls, self._fxlora_members):
             raise NotTraceable(f"{cls.__name__}.{name} is used; fxlora traces only declared attributes of it")
         return fx.proxy.Attribute(self, name)
 

@@ -148,6 +148,12 @@ class ObjectKind:
     base: type
     attributes: frozenset[str] = field(default_factory=frozenset)
     members: frozenset[str] = field(default_factory=frozenset)
+    #: more attributes for particular handle and member types: ``(cls, {member: type}) -> names``
+    extra: Optional[Callable[[type, dict], Iterable[str]]] = None
+
+    def allowed(self, cls: type, members: dict) -> frozenset[str]:
+        """Attributes traced code may use on a handle of type `cls` with these member types."""
+        return self.attributes | frozenset(self.extra(cls, members) if self.extra else ())
 
     def member_types(self, value: Any) -> tuple[tuple[str, type], ...]:
         found = []
@@ -162,12 +168,18 @@ _object_kinds: list[ObjectKind] = []
 _kind_of_type: dict[type, Optional[ObjectKind]] = {}
 
 
-def register_object_type(base: type, attributes: Iterable[str], members: Iterable[str] = ()) -> None:
+def register_object_type(
+    base: type,
+    attributes: Iterable[str],
+    members: Iterable[str] = (),
+    extra: Optional[Callable[[type, dict], Iterable[str]]] = None,
+) -> None:
     """Let instances of `base` (and subclasses) be call arguments of traced forwards; in the
-    traced code only `attributes` and `members` of them may be used (anything else makes the trace
-    fail, so the call runs eagerly). Registering the same type again replaces its entry."""
+    traced code only `attributes` and `members` of them may be used, plus what `extra` allows for
+    a handle's exact type (anything else makes the trace fail, so the call runs eagerly).
+    Registering the same type again replaces its entry."""
     _object_kinds[:] = [k for k in _object_kinds if k.base is not base]
-    _object_kinds.append(ObjectKind(base, frozenset(attributes), frozenset(members)))
+    _object_kinds.append(ObjectKind(base, frozenset(attributes), frozenset(members), extra))
     _kind_of_type.clear()
 
 

@@ -132,11 +132,21 @@ def _rank_preserving() -> tuple[type, ...]:
 _DEPRECATE_CODE = None
 #: what traced attention code may use of a ``Cache``: ``update`` (a node called on the real cache, in
 #: program order) and ``is_updated`` (read only: an ``EncoderDecoderCache``'s per-layer flags, whose
-#: truth value would fail the trace). ``get_seq_length`` is left out on purpose: its result is an int
-#: or a tensor depending on the cache class, and code branches on which.
+#: truth value would fail the trace). ``get_seq_length`` is not allowed in general: its result is an
+#: int or a tensor depending on the cache class, and code branches on which (T5 clones a tensor);
+#: `dynamic_cache_attributes` allows it for the classes where it is an int.
 CACHE_ATTRIBUTES = ("update", "is_updated")
 #: an ``EncoderDecoderCache``'s two caches are handles too (their types join the call pattern)
 CACHE_MEMBERS = ("self_attention_cache", "cross_attention_cache")
+
+
+def dynamic_cache_attributes(cls: type, members: dict) -> tuple[str, ...]:
+    """``get_seq_length`` where it returns a Python int: on a ``DynamicCache`` (not a subclass) and
+    on an ``EncoderDecoderCache`` whose self-attention cache is one (T5 reads it)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    ints = cls is DynamicCache or (cls is EncoderDecoderCache and members.get("self_attention_cache") is DynamicCache)
+    return ("get_seq_length",) if ints else ()
 
 
 def trace_hooks() -> TraceHooks:
@@ -144,7 +154,7 @@ def trace_hooks() -> TraceHooks:
     from transformers.cache_utils import Cache
 
     _DEPRECATE_CODE = _deprecate_kwarg_code()
-    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS)
+    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes)
     return TraceHooks(
         rank_preserving=_rank_preserving(),
         unwrappers=(unwrap_deprecate_kwarg,),

@@ -216,3 +216,16 @@ def test_compiles_without_graph_breaks_with_and_without_cache(name):
             assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons][:2]
     finally:
         torch._dynamo.reset()
+
+
+def test_get_seq_length_only_where_it_is_an_int():
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+
+    from fxlora.integrations.transformers import dynamic_cache_attributes
+
+    assert dynamic_cache_attributes(DynamicCache, {}) == ("get_seq_length",)
+    assert dynamic_cache_attributes(EncoderDecoderCache, {"self_attention_cache": DynamicCache}) == ("get_seq_length",)
+    assert dynamic_cache_attributes(StaticCache, {}) == ()  # a tensor there: T5 clones it
+    assert dynamic_cache_attributes(EncoderDecoderCache, {"self_attention_cache": StaticCache}) == ()
+    subclass = type("MyCache", (DynamicCache,), {})
+    assert dynamic_cache_attributes(subclass, {}) == ()
