@@ -224,16 +224,18 @@ def _weight_read_only(target: "TargetPlan") -> bool:
     return bool(found) and (target.name == found.group(1) or target.name.endswith("." + found.group(1)))
 
 
-def _check_callable_root(module: nn.Module, observed: dict[int, list[CallKey]], hooks: TraceHooks) -> None:
-    """A sub-module only works as a graph root if its parent calls it as a module: a parent that
-    reaches into it (iterating an ``nn.Sequential``'s children, say) would run its layers without
-    their LoRA branches. Where a forward pass was observed (`fxlora.probe`) the module must have
-    been called; the model's integration may rule out kinds of modules (timm: ``nn.Sequential``,
-    whose children timm's ``checkpoint_seq`` and ``forward_intermediates`` call one by one)."""
-    if observed and id(module) not in observed:
+def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]], hooks: TraceHooks) -> None:
+    """A module only works as a graph root if every way the model is used runs through its
+    ``forward``: a parent that reaches into it (iterating an ``nn.Sequential``'s children, say), or
+    a method of the model other than ``forward`` that calls its layers, would run those layers
+    without their LoRA branches. Where a forward pass was observed (`fxlora.probe`) a sub-module
+    must have been called; the model's integration may rule out kinds of roots (timm: the model
+    itself, whose ``forward_features``/``forward_head``/``forward_intermediates`` call its layers,
+    and ``nn.Sequential`` containers, whose children ``checkpoint_seq`` calls one by one)."""
+    if not is_model and observed and id(module) not in observed:
         raise TraceFailure("it is not called as a module in the model's forward (its parent calls into it)")
     for refusal in hooks.root_refusals:
-        reason = refusal(module)
+        reason = refusal(module, is_model)
         if reason:
             raise TraceFailure(reason)
 
@@ -274,8 +276,7 @@ def assign_paths(
             return
         names = inside(name)
         try:
-            if name:
-                _check_callable_root(module, observed, hooks)
+            _check_callable_root(module, not name, observed, hooks)
             variants = _trace_root(module, [modules[n] for n in names], observed)
             counts = _check_calls(name, module, next(iter(variants.values())), names)
         except TraceFailure as exc:

@@ -4,13 +4,14 @@ Planning must trace a candidate graph root for a representative call. For a modu
 with tensors, the plainest call (every required parameter a tensor: `fxlora.tracing.canonical_key`)
 is representative. A transformers attention module, though, is called with keyword arguments its
 signature does not reveal (rotary embeddings as a tuple, a ``Cache`` object, flags, ranks that the
-code relies on), so for models whose integration can build a small input
-(`fxlora.integrations.TraceHooks.example_inputs`), fxlora runs that input once and records every
-module's call pattern (ranked, `fxlora.tracing.call_key`).
+code relies on), and so is a timm block (``rope=``, ``attn_mask=``). For models whose integration
+can build a small input (`fxlora.integrations.TraceHooks.example_inputs`), fxlora runs it once and
+records every module's call pattern (ranked, `fxlora.tracing.call_key`): those patterns are traced
+ahead (so ``torch.compile`` meets no untraced one), and a sub-module never called is no root.
 
 The probe changes nothing: it runs in eval mode under ``torch.no_grad()`` with the random number
-generators' state saved and restored, and removes its hooks; an example that fails just adds no
-observation (planning uses the plainest call for modules never seen called).
+generators' state saved and restored, and removes its hooks; an example the model rejects adds no
+observation (with none at all, planning uses each module's plainest call).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["observe_calls"]
 def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
     """``{id(module): [call patterns seen, in order]}`` for forward passes of the integration's
     example inputs (eval mode, training flag False in the patterns); ``{}`` when there is no
-    example input. An example the model rejects is skipped."""
+    example input. An example the model rejects (raises on) is ignored entirely."""
     hooks = hooks_for(model)
     if hooks.example_inputs is None:
         return {}
@@ -40,13 +41,12 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
     if not examples:
         return {}
     seen: dict[int, list[CallKey]] = {}
+    pending: list[tuple[int, CallKey]] = []  # the calls of the example being run
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         key = call_key(False, args, kwargs, ranked=True)
         if key is not None:
-            keys = seen.setdefault(id(module), [])
-            if key not in keys:
-                keys.append(key)
+            pending.append((id(module), key))
 
     flags = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
@@ -55,10 +55,15 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for args, kwargs in examples:
+                pending.clear()
                 try:
                     model(*args, **kwargs)
-                except Exception:  # this example does not suit the model; the calls seen so far are real
+                except Exception:  # this example does not suit the model: it tells nothing
                     continue
+                for module_id, key in pending:
+                    keys = seen.setdefault(module_id, [])
+                    if key not in keys:
+                        keys.append(key)
     finally:
         for handle in handles:
             handle.remove()

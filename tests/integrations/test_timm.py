@@ -11,20 +11,57 @@ import fxlora.integrations as integrations
 from fxlora.tracing import CheckpointingAfterPlanning
 
 timm = pytest.importorskip("timm")
+from timm.layers import resample_abs_pos_embed  # noqa: E402  (a global name: what fx wraps)
 
 
-def test_notrace_helpers_keep_the_whole_model_one_graph(monkeypatch):
-    model = timm.create_model("test_vit", pretrained=False, num_classes=3)  # dynamic_img_size: resample_abs_pos_embed
-    config = fxlora.LoraConfig(target_modules="all-linear")
-    report = fxlora.explain(model, config)
+class PosEmbedBlock(torch.nn.Module):
+    """A block that resizes its position embedding to the input with timm's notrace helper
+    ``resample_abs_pos_embed`` (which branches on the sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.randn(1, 16, 8))
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):  # x: (batch, height, width, 8)
+        pos = resample_abs_pos_embed(self.pos, new_size=[x.shape[1], x.shape[2]], num_prefix_tokens=0)
+        return self.fc(x.flatten(1, 2) + pos)
+
+
+PosEmbedBlock.__module__ = "timm.layers.fxlora_test"  # a timm class, as far as fxlora can tell
+
+
+def test_notrace_helpers_stay_opaque(monkeypatch):
+    holder = torch.nn.Sequential(torch.nn.Linear(8, 8), PosEmbedBlock())
+    config = fxlora.LoraConfig(target_modules=["1.fc"], init_lora_weights=False)
+    report = fxlora.explain(holder, config)
     assert report.graph_roots == ("",) and report.graph_share == 1.0
-    plain = integrations.TraceHooks(root_refusals=integrations.hooks_for(model).root_refusals)
-    monkeypatch.setattr(integrations, "_loaded", {"timm": plain})
+    monkeypatch.setattr(integrations, "_loaded", {"timm": integrations.TraceHooks()})
     monkeypatch.setattr(integrations, "_merged", {})
-    without = fxlora.explain(model, config)
-    assert "" not in without.graph_roots
-    assert "head" in without.eager_targets
-    assert "control flow" in next(r.reason for r in without.rows if r.name == "head")
+    without = fxlora.explain(holder, config)
+    assert without.graph_share == 0.0 and "control flow" in without.rows[0].reason
+    monkeypatch.undo()
+    reference = fxlora.transform(copy.deepcopy(holder), config, trace="eager")
+    model = fxlora.transform(holder, config)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 4, 4, 8)
+    torch.testing.assert_close(model(x), reference(x))
+    y = torch.randn(2, 3, 5, 8)  # other sizes: the helper runs on them at run time
+    torch.testing.assert_close(model(y), reference(y))
+
+
+def test_whole_model_is_never_a_root_so_every_entry_point_uses_lora():
+    base = timm.create_model("test_vit", pretrained=False, num_classes=3)
+    model = fxlora.transform(copy.deepcopy(base), fxlora.LoraConfig(target_modules="all-linear", init_lora_weights=False)).eval()
+    assert "" not in model.graph_roots and "blocks" not in model.graph_roots  # blocks.N are
+    assert model.target_paths["head"] == "eager" and model.target_paths["blocks.0.attn.qkv"] == "graph"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), out)
+        last = model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+        with model.disable_adapter():
+            assert not torch.allclose(model.forward_intermediates(x, indices=1, intermediates_only=True)[-1], last)
 
 
 def grads(model, x):
@@ -60,12 +97,50 @@ def test_gradient_checkpointing_switched_on_before_transform():
         torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_checkpointing_switched_on_after_transform_fails_loudly():
-    model = fxlora.transform(timm.create_model("test_vit", pretrained=False, num_classes=3), fxlora.LoraConfig(target_modules="all-linear"))
-    x = torch.randn(1, 3, 32, 32)
-    model(x)
+def test_gradient_checkpointing_switched_on_after_transform():
+    base = timm.create_model("test_vit", pretrained=False, num_classes=3)
+    config = fxlora.LoraConfig(target_modules=r".*\.(qkv|fc1|fc2)", init_lora_weights=False)
+    model = fxlora.transform(copy.deepcopy(base), config)
+    x = torch.randn(2, 3, 32, 32)
+    out, expected = grads(model, x)
     model.model.set_grad_checkpointing(True)
+    runs = []
+    model.get_submodule("blocks.0").register_forward_pre_hook(lambda *_: runs.append(1))
+    out_c, got = grads(model, x)
+    assert len(runs) == 2
+    torch.testing.assert_close(out_c, out)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-6)
+
+
+class Checkpointed(torch.nn.Module):
+    """A graph root whose forward checkpoints its inner layer when asked to."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+        self.checkpointing = False
+
+    def forward(self, x):
+        if self.checkpointing:
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+        return self.inner(x)
+
+
+def test_checkpointing_a_graph_root_fails_loudly_after_transform_and_works_before():
+    model = fxlora.transform(Checkpointed(), fxlora.LoraConfig(target_modules=["inner.0"]))
+    assert model.graph_roots == [""]
+    x = torch.randn(3, 4)
+    model(x)
+    model.model.checkpointing = True
     with pytest.raises(CheckpointingAfterPlanning, match="before fxlora.transform"):
         model(x)
-    model.model.set_grad_checkpointing(False)
+    model.model.checkpointing = False
     model(x)  # the graph serves again
+    before = Checkpointed()
+    before.checkpointing = True
+    planned = fxlora.transform(before, fxlora.LoraConfig(target_modules=["inner.0"], init_lora_weights=False))
+    assert planned.graph_roots == ["inner"]  # planned inside the checkpointed part
+    planned.train()
+    planned(x).sum().backward()
+    assert planned.get_submodule("inner.0").lora_B.default.weight.grad is not None
