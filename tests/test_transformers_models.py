@@ -3,7 +3,8 @@
 Per model: default targets (``target_modules=None``) are PEFT's; identity at init; the same logits
 as peft for the same adapter weights (default targets and "all-linear", with and without a
 padding mask); a training step moves adapter weights only; decoders and encoder-decoders generate
-the same tokens as peft (greedy and sampling, KV cache on). The graph share per model is pinned.
+the same tokens as peft (greedy, sampling and beam search, KV cache on). The graph share per model
+is pinned.
 """
 
 import copy
@@ -143,6 +144,8 @@ def test_generate_same_tokens_as_peft(bases, name, eager_fallbacks):
     sampled = ours.generate(**inputs, do_sample=True, top_k=20, **settings)
     torch.manual_seed(7)
     torch.testing.assert_close(sampled, reference.generate(**inputs, do_sample=True, top_k=20, **settings))
+    beams = ours.generate(**inputs, num_beams=3, do_sample=False, **settings)
+    torch.testing.assert_close(beams, reference.generate(**inputs, num_beams=3, do_sample=False, **settings))
     assert greedy.shape[-1] > inputs["input_ids"].shape[-1] or TRANSFORMERS[name].kind == "seq2seq"
     if name in ("llama", "gpt2", "mistral", "qwen2", "gemma", "phi", "gpt_neox", "opt", "t5", "bart"):
         assert eager_fallbacks == []  # the KV cache is passed to the traced attention code
