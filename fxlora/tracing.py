@@ -353,6 +353,25 @@ def trace_through_ids(root: nn.Module, interesting: Iterable[nn.Module]) -> set[
     return ids
 
 
+def _where(exc: BaseException) -> str:
+    """`` (at file.py:line: source)`` for the innermost frame of model code (not torch's, not
+    fxlora's) the failure came from; empty when there is none."""
+    import linecache
+    import os
+    import traceback
+
+    torch_dir = os.path.dirname(torch.__file__)
+    own_dir = os.path.dirname(__file__)
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if not frame.filename.startswith((torch_dir, own_dir)) and os.path.isfile(frame.filename):
+            found = frame
+    if found is None:
+        return ""
+    line = linecache.getline(found.filename, found.lineno).strip()
+    return f" (at {os.path.basename(found.filename)}:{found.lineno}: {line[:80]})"
+
+
 def short_error(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -605,7 +624,7 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey, planning: boo
             "and fxlora plans the graphs inside the checkpointed blocks."
         ) from exc
     except Exception as exc:  # any failure of symbolic execution means "not traceable"
-        raise TraceFailure(short_error(exc)) from exc
+        raise TraceFailure(short_error(exc) + _where(exc)) from exc
     finally:
         for module, flag in flags:
             module.training = flag
