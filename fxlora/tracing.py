@@ -44,7 +44,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .integrations import NO_HOOKS, TraceHooks, hooks_for, object_kind, object_kind_of_type
-from .proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length
+from .proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length, infer
 
 __all__ = [
     "TraceFailure",
@@ -129,8 +129,6 @@ class LoraTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if isinstance(proxy, InfoProxy) and kind in ("call_function", "call_method", "call_module"):
-            from .proxies import infer
-
             module = self.root.get_submodule(target) if kind == "call_module" else None
             proxy.info = infer(kind, target, args, kwargs, module, self.hooks.rank_preserving)
         return proxy
