@@ -47,16 +47,17 @@ def attach_plan(model: nn.Module, plan: Plan, gates: AdapterGates) -> None:
 
 
 def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, PathInfo]) -> None:
-    """Install a `GraphForward` on each root and eager forwards on the modules no root covers."""
+    """Install an eager forward on every adapted and saved module (so that any call of it computes
+    with LoRA), then a `GraphForward` on each root (whose code calls those modules for their base
+    output and adds the branches as graph nodes)."""
+    for name in paths:
+        module = model.get_submodule(name)
+        cls = EagerLoraForward if target_meta(module) is not None else SavedForward
+        install(module, cls(module, previous=module.__dict__.get("forward")))
     for r in roots:
         forward = GraphForward(r.module, r.variants)
         forward.refresh()
         install(r.module, forward)
-    for name, info in paths.items():
-        if info.path == "eager":
-            module = model.get_submodule(name)
-            cls = EagerLoraForward if target_meta(module) is not None else SavedForward
-            install(module, cls(module, previous=module.__dict__.get("forward")))
 
 
 def uninstall_forwards(model: nn.Module) -> None:

@@ -2,9 +2,11 @@
 
 - `GraphForward` on a *graph root*: runs the LoRA-rewritten graph code with ``self`` bound to the
   root module itself, so every attribute it reads is the live one (no copy of the model exists).
-- `EagerLoraForward` on an adapted layer that no graph covers: the layer's own forward, then
-  `fxlora.branch.lora_output`, the same function the graph path traces.
-- `SavedForward` on a `modules_to_save` module that no graph covers.
+- `EagerLoraForward` on every adapted layer: the layer's own forward, then
+  `fxlora.branch.lora_output`, the same function the graph path traces. Graph code calls the layer
+  with ``BASE_ONLY`` and inserts the branch as nodes; any other call (a path no graph covers,
+  another method of the model) gets the branch eagerly.
+- `SavedForward` on every `modules_to_save` module, likewise.
 
 The module's class, parameters and ``state_dict()`` keys never change; deleting the instance
 attribute (`uninstall`) gives back the class's own forward.
@@ -21,7 +23,7 @@ import torch.nn as nn
 from torch.fx.graph_module import _forward_from_src
 
 from .branch import lora_output, saved_output
-from .layers import saved_meta, target_meta
+from .layers import BASE_ONLY, saved_meta, target_meta
 from .passes import PassOptions, rewrite
 from .tracing import (
     CallKey,
@@ -39,6 +41,7 @@ from .tracing import (
 )
 
 __all__ = [
+    "BASE_ONLY",
     "GraphForward",
     "EagerLoraForward",
     "SavedForward",
@@ -99,8 +102,11 @@ def _call_original(module: nn.Module, previous: Optional[Callable], args: tuple,
 
 
 class _EagerForward:
-    """An eager forward installed on one module; `previous` is the instance forward it replaced
-    (None: the class's own)."""
+    """The forward installed on every adapted (or saved) module, whichever path its branch takes:
+    called from anywhere (the model's ``forward``, another method such as timm's
+    ``forward_features``, a library reaching into a container), the module computes with LoRA.
+    Graph code calls it with ``BASE_ONLY=True`` and adds the branch as graph nodes. `previous` is
+    the instance forward it replaced (None: the class's own)."""
 
     path = "eager"
 
@@ -113,9 +119,11 @@ class _EagerForward:
 
 
 class EagerLoraForward(_EagerForward):
-    """``forward`` of an adapted layer on the eager path: base output plus `lora_output`."""
+    """``forward`` of an adapted layer: base output plus `lora_output`."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop(BASE_ONLY, False):
+            return self.original(*args, **kwargs)
         base = self.original(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         state = eager_state(self.module.lora_gates)
@@ -123,9 +131,11 @@ class EagerLoraForward(_EagerForward):
 
 
 class SavedForward(_EagerForward):
-    """``forward`` of a `modules_to_save` module on the eager path."""
+    """``forward`` of a `modules_to_save` module: the selected trainable copy's output."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop(BASE_ONLY, False):
+            return self.original(*args, **kwargs)
         state = eager_state(self.module.lora_gates)
         return saved_output(self.module, self.original, args, kwargs, None if state is None else state[1])
 
@@ -250,19 +260,8 @@ class GraphForward:
         return self._run_eagerly(args, kwargs)
 
     def _run_eagerly(self, args: tuple, kwargs: dict) -> Any:
-        """The original forward, with eager LoRA on every adapted module under the root."""
-        installed = []
-        try:
-            for module in _interesting(self.root):
-                if module is self.root or "forward" in module.__dict__:
-                    continue
-                cls = EagerLoraForward if target_meta(module) is not None else SavedForward
-                install(module, cls(module))
-                installed.append(module)
-            return _call_original(self.root, self.previous, args, kwargs)
-        finally:
-            for module in installed:
-                uninstall(module)
+        """The original forward: its adapted layers compute their branches themselves."""
+        return _call_original(self.root, self.previous, args, kwargs)
 
     # ---------------------------------------------------------------- copying
     def __getstate__(self) -> dict[str, Any]:

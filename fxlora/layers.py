@@ -37,6 +37,7 @@ from .layer_types import in_out_features, is_hf_conv1d, layer_kind
 
 __all__ = [
     "LORA_CHILDREN",
+    "BASE_ONLY",
     "AdapterSpec",
     "TargetMeta",
     "SavedMeta",
@@ -65,6 +66,9 @@ LORA_CHILDREN = (
     "modules_to_save",
 )
 META_ATTR = "_fxlora"
+#: keyword with which graph code calls an adapted module for its base output alone (the graph
+#: computes the branch itself); every other call of the module computes with LoRA
+BASE_ONLY = "_fxlora_base_only"
 
 
 @dataclass

@@ -27,7 +27,6 @@ from .config import LoraConfig
 from .layer_types import in_out_features, is_hf_conv1d, layer_kind
 from .layers import AdapterSpec, check_adapter_name
 from .matching import TargetSelection, select_modules
-from .integrations import TraceHooks, hooks_for
 from .probe import observe_calls
 from .tracing import (
     CallKey,
@@ -196,7 +195,7 @@ def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[
     if "forward" in module.__dict__:
         raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
     through = trace_through_ids(module, interesting)
-    traced = [(key, trace_variant(module, through, key, planning=True)) for key in _root_patterns(module, observed)]
+    traced = [(key, trace_variant(module, through, key)) for key in _root_patterns(module, observed)]
     ranked = any(key_is_ranked(v.key) for _, v in traced)
     return {(key if ranked else v.key): v for key, v in traced}
 
@@ -224,20 +223,12 @@ def _weight_read_only(target: "TargetPlan") -> bool:
     return bool(found) and (target.name == found.group(1) or target.name.endswith("." + found.group(1)))
 
 
-def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]], hooks: TraceHooks) -> None:
-    """A module only works as a graph root if every way the model is used runs through its
-    ``forward``: a parent that reaches into it (iterating an ``nn.Sequential``'s children, say), or
-    a method of the model other than ``forward`` that calls its layers, would run those layers
-    without their LoRA branches. Where a forward pass was observed (`fxlora.probe`) a sub-module
-    must have been called; the model's integration may rule out kinds of roots (timm: the model
-    itself, whose ``forward_features``/``forward_head``/``forward_intermediates`` call its layers,
-    and ``nn.Sequential`` containers, whose children ``checkpoint_seq`` calls one by one)."""
+def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]]) -> None:
+    """Where a forward pass was observed (`fxlora.probe`), a sub-module that was never called as a
+    module (its parent reaches into it) would never run its graph: it is no root. (Its layers
+    still compute with LoRA: each keeps its eager forward.)"""
     if not is_model and observed and id(module) not in observed:
         raise TraceFailure("it is not called as a module in the model's forward (its parent calls into it)")
-    for refusal in hooks.root_refusals:
-        reason = refusal(module, is_model)
-        if reason:
-            raise TraceFailure(reason)
 
 
 @dataclass
@@ -265,7 +256,6 @@ def assign_paths(
         return [], info
     roots: list[RootPlan] = []
     observed = observe_calls(model)
-    hooks = hooks_for(model)
 
     def inside(prefix: str) -> list[str]:
         return [n for n in modules if not prefix or n.startswith(prefix + ".")]
@@ -276,7 +266,7 @@ def assign_paths(
             return
         names = inside(name)
         try:
-            _check_callable_root(module, not name, observed, hooks)
+            _check_callable_root(module, not name, observed)
             variants = _trace_root(module, [modules[n] for n in names], observed)
             counts = _check_calls(name, module, next(iter(variants.values())), names)
         except TraceFailure as exc:

@@ -48,7 +48,6 @@ from .proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length, 
 
 __all__ = [
     "TraceFailure",
-    "CheckpointingAfterPlanning",
     "TracedVariant",
     "LoraTracer",
     "call_key",
@@ -80,10 +79,6 @@ class TraceFailure(Exception):
 
 class CheckpointInTrace(NotTraceable):
     """The traced forward reached ``torch.utils.checkpoint``."""
-
-
-class CheckpointingAfterPlanning(RuntimeError):
-    """A graph root's forward started using gradient checkpointing after fxlora planned it."""
 
 
 @dataclass
@@ -572,8 +567,6 @@ def trace_variant(
     root: nn.Module,
     trace_through: set[int],
     key: CallKey,
-    *,
-    planning: bool = False,
 ) -> TracedVariant:
     """Trace `root`'s ``forward`` for the call pattern `key`; raise `TraceFailure` if it cannot be
     captured. A ranked `key` is first traced without ranks (the result then holds for any rank,
@@ -584,20 +577,20 @@ def trace_variant(
     left as it was (flags and attributes).
 
     A forward that uses gradient checkpointing cannot be one graph (the graph would drop the
-    checkpointing). While `planning`, that is a `TraceFailure` (fxlora plans inside such a
-    module); afterwards (the root was planned as a graph and then switched checkpointing on, e.g.
-    timm's ``set_grad_checkpointing()`` after ``transform``) it raises `CheckpointingAfterPlanning`,
-    because its eager fallback could not take part in checkpoint recomputation.
+    checkpointing): that is a `TraceFailure`. While planning, fxlora then plans inside such a
+    module; afterwards (a root switched checkpointing on after ``transform``, e.g. timm's
+    ``set_grad_checkpointing()``) that call pattern runs the original forward, whose adapted layers
+    compute their branches eagerly (and take part in checkpoint recomputation).
     """
     if key_is_ranked(key):
         try:
-            return _trace(root, trace_through, erase_ranks(key), planning)
+            return _trace(root, trace_through, erase_ranks(key))
         except TraceFailure:
             pass
-    return _trace(root, trace_through, key, planning)
+    return _trace(root, trace_through, key)
 
 
-def _trace(root: nn.Module, trace_through: set[int], key: CallKey, planning: bool) -> TracedVariant:
+def _trace(root: nn.Module, trace_through: set[int], key: CallKey) -> TracedVariant:
     training, _, _ = key
     hooks = hooks_for(root)
     call = _CallTemplate(_forward_function(root, hooks, key), key)
@@ -614,13 +607,7 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey, planning: boo
     except TraceFailure:
         raise
     except CheckpointInTrace as exc:
-        if planning:
-            raise TraceFailure(short_error(exc)) from exc
-        raise CheckpointingAfterPlanning(
-            f"{type(root).__name__} now uses gradient checkpointing, but fxlora planned it as one graph before that was "
-            "switched on. Switch gradient checkpointing on before fxlora.transform (timm: model.set_grad_checkpointing()), "
-            "and fxlora plans the graphs inside the checkpointed blocks."
-        ) from exc
+        raise TraceFailure(short_error(exc)) from exc
     except Exception as exc:  # any failure of symbolic execution means "not traceable"
         raise TraceFailure(short_error(exc) + _where(exc)) from exc
     finally:

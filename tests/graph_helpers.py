@@ -1,6 +1,7 @@
-"""Helpers for pass tests: a transformed model's root and a fresh base graph with branches inserted."""
+"""Helpers for pass tests: a transformed model's root and a fresh base graph with branches inserted
+(and the adapted layers' calls asking for their base output, as `fxlora.passes.rewrite` does)."""
 
-from fxlora.passes import insert_lora
+from fxlora.passes import insert_lora, mark_base_calls
 from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
 
 
@@ -9,4 +10,5 @@ def base_graph(lora):
     interesting = [root.get_submodule(n) for n in lora.targeted_module_names]
     graph = trace_variant(root, trace_through_ids(root, interesting), canonical_key(root, True)).graph
     insert_lora(graph, root)
+    mark_base_calls(graph, root)
     return root, graph

@@ -25,7 +25,7 @@ def test_custom_mlp_example_learns():
 
 def test_timm_image_classifier_example_learns():
     out = run("timm_image_classifier.py", "--model", "test_resnet", "--epochs", "4", "--images", "384")
-    assert re.search(r"test_resnet: \d+ convolutions adapted, graph share 1\.00, graph roots: conv1, layer1\.0, ", out)
+    assert re.search(r"test_resnet: \d+ convolutions adapted, graph share 1\.00, graph roots: <model>", out)
     assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}", out)
     before, after = map(float, re.search(r"accuracy before: ([\d.]+) \| after: ([\d.]+)", out).groups())
     assert after > max(before + 0.3, 0.75)

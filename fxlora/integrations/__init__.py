@@ -14,9 +14,6 @@ little more knowledge to be traced *correctly* and *further*; an integration mod
   returns an opaque leaf);
 - ``guards``: extra ``(object, attribute)`` pairs whose trace-time values a graph depends on
   (transformers: ``config._attn_implementation``);
-- ``root_refusals``: ``(module, is_model) -> reason or None``: modules that must not become graph
-  roots because the library reaches *into* them rather than calling their ``forward`` (timm: the
-  model itself, whose other entry points call its layers, and ``nn.Sequential`` children);
 - ``example_inputs``: small inputs ``(args, kwargs)`` for forward passes, used to observe how each
   module is really called (`fxlora.probe`).
 
@@ -67,7 +64,6 @@ class TraceHooks:
     unwrappers: tuple[Unwrapper, ...] = ()
     patches: tuple[Callable[[], ContextManager], ...] = ()
     guard_sources: tuple[Callable[[nn.Module], list[tuple[Any, str]]], ...] = ()
-    root_refusals: tuple[Callable[[nn.Module, bool], Optional[str]], ...] = ()
     example_inputs: Optional[Callable[[nn.Module], list[tuple[tuple, dict[str, Any]]]]] = None
 
     def merged(self, other: "TraceHooks") -> "TraceHooks":
@@ -77,7 +73,6 @@ class TraceHooks:
             unwrappers=self.unwrappers + other.unwrappers,
             patches=self.patches + other.patches,
             guard_sources=self.guard_sources + other.guard_sources,
-            root_refusals=self.root_refusals + other.root_refusals,
             example_inputs=self.example_inputs or other.example_inputs,
         )
 

@@ -1,4 +1,4 @@
-"""timm: the helpers timm declares untraceable stay opaque; the model and its block lists are not roots.
+"""timm: the helpers timm declares untraceable stay opaque; probe inputs at the model's resolution.
 
 timm registers the functions that branch on shapes or values (``resample_abs_pos_embed``,
 ``window_partition`` helpers, ...) with ``register_notrace_function`` for its own fx feature
@@ -7,14 +7,10 @@ when the graph runs. (timm's "notrace" *modules* need nothing: fxlora already le
 without an adapted layer inside as one node, and one that contains adapted layers is traced
 through or, if it cannot be, planned below.)
 
-A graph root only computes with LoRA when it is entered through its ``forward``. A timm model has
-other entry points that call its layers directly (``forward_features``, ``forward_head``,
-``forward_intermediates``, feature extractors), and timm calls the blocks of its ``nn.Sequential``
-block lists one by one (``checkpoint_seq``, ``forward_intermediates``). So neither the model
-itself nor a block list becomes a graph root (`refuse_root`): the roots are the blocks, stages,
-stems and heads inside, which every entry point calls as modules, and a target sitting directly on
-the model (a classifier ``head``, a stem conv) takes the eager path, which works from every entry
-point too.
+A timm model has entry points besides ``forward`` that call its layers directly
+(``forward_features``, ``forward_head``, ``forward_intermediates``, ``checkpoint_seq``): they
+compute with LoRA too, because every adapted layer keeps its eager forward (`fxlora.forwards`); only
+a call from graph code asks a layer for its base output.
 
 Imported only for models built from timm classes (`fxlora.integrations.hooks_for`).
 """
@@ -28,31 +24,7 @@ import torch.nn as nn
 
 from ..integrations import TraceHooks
 
-__all__ = ["trace_hooks", "refuse_root", "example_inputs"]
-
-
-def refuse_root(module: nn.Module, is_model: bool) -> Optional[str]:
-    """Why `module` must not be a graph root of a timm model (None: it may be)."""
-    if is_model and type(module).__module__.startswith("timm.") and hasattr(module, "forward_features"):
-        return (
-            "a timm model's other entry points (forward_features, forward_head, forward_intermediates) call its "
-            "layers directly, bypassing a graph of the whole model"
-        )
-    if _is_block_list(module):
-        return "timm may call this list of blocks one by one (checkpoint_seq, forward_intermediates), bypassing its forward"
-    return None
-
-
-def _is_block_list(module: nn.Module) -> bool:
-    """An ``nn.Sequential`` of blocks of one (non-torch) class, or of such lists (stages): what
-    timm iterates. Stems and heads, sequences of torch layers, are called as a whole."""
-    if type(module) is not nn.Sequential or len(module) == 0:
-        return False
-    kinds = {type(child) for child in module}
-    if len(kinds) != 1:
-        return False
-    kind = next(iter(kinds))
-    return kind is nn.Sequential or not kind.__module__.startswith("torch.")
+__all__ = ["trace_hooks", "example_inputs"]
 
 
 def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
@@ -75,6 +47,6 @@ def trace_hooks() -> TraceHooks:
     try:
         from timm.layers import _fx
     except ImportError:  # pragma: no cover - very old timm
-        return TraceHooks(root_refusals=(refuse_root,), example_inputs=example_inputs)
+        return TraceHooks(example_inputs=example_inputs)
     functions = tuple(f for f in _fx.get_notrace_functions() if callable(f))
-    return TraceHooks(leaf_functions=functions, root_refusals=(refuse_root,), example_inputs=example_inputs)
+    return TraceHooks(leaf_functions=functions, example_inputs=example_inputs)

@@ -1,8 +1,8 @@
 """Graph passes. Each pass states what it requires of a graph and what it guarantees after.
 
 `rewrite` runs the pipeline that turns a traced base graph into the adapted model's graph: the
-two passes that add LoRA (`swap_saved_modules`, `insert_lora`), then the optimisations switched on
-in `PassOptions` (`skip_dropout`, `share_lora_a`, `fold_scaling`).
+passes that add LoRA (`swap_saved_modules`, `insert_lora`, `mark_base_calls`), then the
+optimisations switched on in `PassOptions` (`skip_dropout`, `share_lora_a`, `fold_scaling`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
+from .base_calls import mark_base_calls
 from .fold_scaling import fold_scaling
 from .insert_lora import insert_lora
 from .options import PassOptions
@@ -22,6 +23,7 @@ from .swap_saved import swap_saved_modules
 __all__ = [
     "rewrite",
     "PassOptions",
+    "mark_base_calls",
     "insert_lora",
     "swap_saved_modules",
     "skip_dropout",
@@ -45,6 +47,7 @@ def rewrite(
     live, chosen = state if state is not None else (None, None)
     swap_saved_modules(graph, root, chosen)
     insert_lora(graph, root, live)
+    mark_base_calls(graph, root)
     if options.skip_dropout:
         skip_dropout(graph, root)
     if options.share_lora_a:

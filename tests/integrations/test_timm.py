@@ -8,7 +8,6 @@ import torch
 
 import fxlora
 import fxlora.integrations as integrations
-from fxlora.tracing import CheckpointingAfterPlanning
 
 timm = pytest.importorskip("timm")
 from timm.layers import resample_abs_pos_embed  # noqa: E402  (a global name: what fx wraps)
@@ -50,15 +49,20 @@ def test_notrace_helpers_stay_opaque(monkeypatch):
     torch.testing.assert_close(model(y), reference(y))
 
 
-def test_whole_model_is_never_a_root_so_every_entry_point_uses_lora():
+def test_whole_model_is_a_root_and_every_entry_point_still_uses_lora():
     base = timm.create_model("test_vit", pretrained=False, num_classes=3)
-    model = fxlora.transform(copy.deepcopy(base), fxlora.LoraConfig(target_modules="all-linear", init_lora_weights=False)).eval()
-    assert "" not in model.graph_roots and "blocks" not in model.graph_roots  # blocks.N are
-    assert model.target_paths["head"] == "eager" and model.target_paths["blocks.0.attn.qkv"] == "graph"
+    config = fxlora.LoraConfig(target_modules="all-linear", init_lora_weights=False)
+    model = fxlora.transform(copy.deepcopy(base), config).eval()
+    eager = fxlora.transform(copy.deepcopy(base), config, trace="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    assert model.graph_roots == [""] and set(model.target_paths.values()) == {"graph"}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
+        torch.testing.assert_close(out, eager(x))
+        # entry points that reach into the layers bypass the graph, yet compute with LoRA
         torch.testing.assert_close(model.forward_head(model.forward_features(x)), out)
+        torch.testing.assert_close(model.forward_features(x), eager.forward_features(x))
         last = model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
         with model.disable_adapter():
             assert not torch.allclose(model.forward_intermediates(x, indices=1, intermediates_only=True)[-1], last)
@@ -127,14 +131,17 @@ class Checkpointed(torch.nn.Module):
         return self.inner(x)
 
 
-def test_checkpointing_a_graph_root_fails_loudly_after_transform_and_works_before():
-    model = fxlora.transform(Checkpointed(), fxlora.LoraConfig(target_modules=["inner.0"]))
+def test_checkpointing_a_graph_root_after_transform_runs_it_eagerly_and_works_before():
+    model = fxlora.transform(Checkpointed(), fxlora.LoraConfig(target_modules=["inner.0"], init_lora_weights=False))
     assert model.graph_roots == [""]
     x = torch.randn(3, 4)
-    model(x)
-    model.model.checkpointing = True
-    with pytest.raises(CheckpointingAfterPlanning, match="before fxlora.transform"):
-        model(x)
+    model.train()
+    expected, grads_expected = grads(model, x)
+    model.model.checkpointing = True  # the graph would drop the checkpointing: run the forward eagerly
+    got, grads_got = grads(model, x)
+    torch.testing.assert_close(got, expected)
+    for n in grads_expected:
+        torch.testing.assert_close(grads_got[n], grads_expected[n])
     model.model.checkpointing = False
     model(x)  # the graph serves again
     before = Checkpointed()

@@ -4,7 +4,7 @@ import torch.nn as nn
 import fxlora
 from fxlora import LoraConfig
 from fxlora.ops import add_update
-from fxlora.passes import insert_lora
+from fxlora.passes import insert_lora, mark_base_calls
 from fxlora.passes.insert_lora import branch_template
 from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
 
@@ -48,6 +48,7 @@ def test_pass_output_equals_eager_math():
     torch.manual_seed(0)
     lora, root, graph = traced_after_transform(Reuse(), ["fc"])
     insert_lora(graph, root)
+    mark_base_calls(graph, root)  # the layers' own forwards would add the branch a second time
     from fxlora.forwards import compile_graph
 
     fn = compile_graph(graph)
@@ -78,3 +79,17 @@ def test_untargeted_graph_is_unchanged():
     before = [(n.op, n.target) for n in graph.nodes]
     assert insert_lora(graph, model) == 0
     assert [(n.op, n.target) for n in graph.nodes] == before
+
+
+def test_base_calls_are_marked_only_on_adapted_and_saved_modules():
+    from fxlora.layers import BASE_ONLY
+    from models import MLP
+
+    lora = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"], modules_to_save=["seq.4"]))
+    root = lora.model
+    interesting = [root.seq[0], root.seq[4]]
+    graph = trace_variant(root, trace_through_ids(root, interesting), canonical_key(root, True)).graph
+    insert_lora(graph, root)
+    assert mark_base_calls(graph, root) == 2
+    marked = {n.target for n in graph.find_nodes(op="call_module") if n.kwargs.get(BASE_ONLY)}
+    assert marked == {"seq.0", "seq.4"}
