@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 from .layers import target_meta, saved_meta
 from .layers import TargetMeta
-from .ops import add_update, cast_like, scale_update, select_output, stacked_linear_update
+from .ops import add_linear_product, add_update, cast_like, scale_by, scale_update, select_output, stacked_linear_update
 
-__all__ = ["lora_output", "saved_output", "stackable"]
+__all__ = ["lora_output", "saved_output", "stackable", "Live"]
 
 # Keep the ops opaque when this module's functions are traced: one node each.
-for _name in ("add_update", "cast_like", "scale_update", "select_output", "stacked_linear_update"):
+for _name in ("add_linear_product", "add_update", "cast_like", "scale_by", "scale_update", "select_output", "stacked_linear_update"):
     torch.fx.wrap(_name)
 
 
@@ -52,6 +52,9 @@ def _low_rank_update(module: nn.Module, adapter: str, x: torch.Tensor) -> torch.
     return module.lora_B[adapter](lora_a(dropped))
 
 
+Live = Optional[tuple[tuple[str, float], ...]]  # (adapter, gate value) of the branches that run
+
+
 def stackable(meta: TargetMeta, adapters: list[str]) -> bool:
     """Several adapters of a linear layer without B biases or dropout: their updates can be
     computed together from stacked weights (`stacked_linear_update`). Decided from the layer's
@@ -61,37 +64,53 @@ def stackable(meta: TargetMeta, adapters: list[str]) -> bool:
     return not any(meta.adapters[a].lora_bias or meta.adapters[a].dropout > 0 for a in adapters)
 
 
-def branch_adapters(meta: TargetMeta, live: Optional[tuple[str, ...]]) -> list[str]:
-    """The adapters whose branch runs: all of them (gated by tensors), or only the `live` ones."""
-    return [a for a in meta.adapters if live is None or a in live]
+def _plain_linear(meta: TargetMeta, adapters: list[str]) -> bool:
+    """One adapter on a linear layer, without B bias or dropout: A product, then one addmm."""
+    if meta.kind != "linear" or len(adapters) != 1:
+        return False
+    spec = meta.adapters[adapters[0]]
+    return not spec.lora_bias and spec.dropout == 0
 
 
-def _stacked_update(module: nn.Module, adapters: list[str], x: torch.Tensor) -> torch.Tensor:
-    return stacked_linear_update(
-        x,
-        [module.lora_A[a].weight for a in adapters],
-        [module.lora_B[a].weight for a in adapters],
-        [getattr(module.lora_scaling, a) for a in adapters],
-        [getattr(module.lora_gates.scale, a) for a in adapters],
-    )
+def _factors(module: nn.Module, meta: TargetMeta, adapters: list[str], live: Live) -> list:
+    """Each adapter's multiplier: the scaling and gate tensors (gated code), or, for eager code of
+    a known state, the Python number ``scaling * gate``."""
+    if live is None:
+        return [(getattr(module.lora_scaling, a), getattr(module.lora_gates.scale, a)) for a in adapters]
+    gates = dict(live)
+    return [meta.adapters[a].scaling * gates[a] for a in adapters]
 
 
-def lora_output(
-    module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Optional[tuple[str, ...]] = None
-) -> torch.Tensor:
-    """`base` (the layer's own output for input `x`) plus every adapter's gated, scaled update;
-    with `live`, only those adapters' (the others' gates are zero: `AdapterGates.eager_state`)."""
+def _scaled(update: torch.Tensor, factor) -> torch.Tensor:
+    return scale_by(update, factor) if isinstance(factor, float) else scale_update(update, *factor)
+
+
+def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Live = None) -> torch.Tensor:
+    """`base` (the layer's own output for input `x`) plus every adapter's gated, scaled update.
+
+    `live` None: every adapter's branch, each multiplied by its scaling and gate *tensors* (the
+    code torch.compile sees: adapter state never changes it). `live` given (eager code for a known
+    adapter state, `AdapterGates.eager_state`): only those adapters, multiplied by Python numbers.
+    """
     meta = target_meta(module)
-    adapters = branch_adapters(meta, live)
+    adapters = [a for a in meta.adapters if live is None or a in dict(live)]
+    factors = _factors(module, meta, adapters, live)
+    if live is not None and _plain_linear(meta, adapters):
+        weight = module.lora_A[adapters[0]].weight
+        hidden = F.linear(cast_like(x, weight), weight)
+        return add_linear_product(base, hidden, module.lora_B[adapters[0]].weight, factors[0])
     if stackable(meta, adapters):
-        return add_update(base, _stacked_update(module, adapters, x))
+        update = stacked_linear_update(
+            x, [module.lora_A[a].weight for a in adapters], [module.lora_B[a].weight for a in adapters], factors
+        )
+        return add_update(base, update)
     total = None
-    for adapter in adapters:
+    for adapter, factor in zip(adapters, factors):
         if meta.kind == "embedding":
             update = _embedding_update(module, adapter, x)
         else:
             update = _low_rank_update(module, adapter, x)
-        update = scale_update(update, getattr(module.lora_scaling, adapter), getattr(module.lora_gates.scale, adapter))
+        update = _scaled(update, factor)
         total = update if total is None else total + update
     return base if total is None else add_update(base, total)
 

@@ -131,7 +131,8 @@ class AdapterGates(nn.Module):
     value per batch row for a mixed batch.
 
     ``eager_state`` mirrors the tensors in Python for eager execution: ``(live, chosen)``, the
-    adapters whose branch contributes (non-zero scale gate) and those whose copies are selected,
+    ``(adapter, scale gate)`` pairs whose branch contributes (non-zero gate) and the adapters whose
+    copies are selected,
     or None when the tensors alone decide (mixed batches). Eager code runs only the live branches;
     code under ``torch.compile`` never reads it, so state changes never recompile.
     """
@@ -140,7 +141,7 @@ class AdapterGates(nn.Module):
         super().__init__()
         self.scale = TensorSlots()
         self.select = TensorSlots()
-        self.eager_state: Optional[tuple[tuple[str, ...], tuple[str, ...]]] = None
+        self.eager_state: Optional[tuple[tuple[tuple[str, float], ...], tuple[str, ...]]] = None
 
     def add(self, adapter: str) -> None:
         if adapter not in self.scale.names():

@@ -165,7 +165,7 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
                 getattr(self._gates.scale, adapter).fill_(scale)
                 getattr(self._gates.select, adapter).fill_(select)
                 if scale != 0:
-                    live.append(adapter)
+                    live.append((adapter, scale))
                 if select != 0:
                     chosen.append(adapter)
         self._gates.eager_state = (tuple(live), tuple(chosen))

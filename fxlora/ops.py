@@ -19,6 +19,8 @@ __all__ = [
     "select_output",
     "stacked_linear_update",
     "add_scaled_linear",
+    "add_linear_product",
+    "scale_by",
     "shared_low_rank",
 ]
 
@@ -54,22 +56,23 @@ def _column_factors(factors: list[torch.Tensor], ranks: list[int]) -> torch.Tens
 
 
 def stacked_linear_update(
-    x: torch.Tensor,
-    lora_a: list[torch.Tensor],
-    lora_b: list[torch.Tensor],
-    scalings: list[torch.Tensor],
-    gates: list[torch.Tensor],
+    x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], factors: list
 ) -> torch.Tensor:
-    """``sum_i (x @ A_i.T) * scaling_i * gate_i @ B_i.T`` for several adapters of one linear layer,
-    as two matmuls on the stacked weights (A's rows, B's columns) instead of two per adapter.
+    """``sum_i (x @ A_i.T) * factor_i @ B_i.T`` for several adapters of one linear layer, as two
+    matmuls on the stacked weights (A's rows, B's columns) instead of two per adapter. A factor
+    is ``(scaling, gate)`` tensors (gates all 0-d or all one value per row) or a Python number.
 
-    Requires: no B bias, no dropout (the caller checks). Gates are all 0-d or all one value per row.
+    Requires: no B bias, no dropout (the caller checks).
     """
-    factors = [s * g for s, g in zip(scalings, gates)]
     dtype = lora_a[0].dtype
     x = cast_like(x, lora_a[0])
     hidden = torch.nn.functional.linear(x, torch.cat([a.to(dtype) for a in lora_a]))
-    columns = _column_factors([f.to(hidden.dtype) for f in factors], [a.shape[0] for a in lora_a])
+    ranks = [a.shape[0] for a in lora_a]
+    if isinstance(factors[0], float):
+        columns = torch.tensor([f for f, r in zip(factors, ranks) for _ in range(r)], dtype=hidden.dtype, device=hidden.device)
+        return torch.nn.functional.linear(hidden * columns, torch.cat([b.to(dtype) for b in lora_b], dim=1))
+    products = [(s * g).to(hidden.dtype) for s, g in factors]
+    columns = _column_factors(products, ranks)
     if columns.dim() == 2:
         columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
     return torch.nn.functional.linear(hidden * columns, torch.cat([b.to(dtype) for b in lora_b], dim=1))
@@ -93,6 +96,22 @@ def shared_low_rank(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch
     x = cast_like(x, weights[0])
     hidden = torch.nn.functional.linear(x, torch.cat([w.to(weights[0].dtype) for w in weights]))
     return torch.split(hidden, [w.shape[0] for w in weights], dim=-1)
+
+
+def scale_by(update: torch.Tensor, factor: float) -> torch.Tensor:
+    """``update * factor`` for a Python number (eager code of a known adapter state)."""
+    return update * factor
+
+
+def add_linear_product(base: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``base + alpha * hidden @ weight.T`` in one ``addmm`` where dtypes allow (eager code of a
+    known adapter state: `alpha` is a Python number)."""
+    if base.dtype != hidden.dtype or weight.dtype != hidden.dtype:
+        return add_update(base, torch.nn.functional.linear(hidden, weight) * alpha)
+    if base.dim() == 2:
+        return torch.addmm(base, hidden, weight.t(), alpha=alpha)
+    out = torch.addmm(base.reshape(-1, weight.shape[0]), hidden.reshape(-1, weight.shape[1]), weight.t(), alpha=alpha)
+    return out.view(base.shape)
 
 
 def add_update(base: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,7 @@ def test_eager_code_runs_only_live_branches_and_compiled_code_is_gated():
     fwd = installed_forward(model.model)
     x = torch.randn(2, 20)
     model(x)
-    eager = fwd._compiled[next(k for k in fwd._compiled if k[1] == (("default",), ("default",)))][0]
+    eager = fwd._compiled[next(k for k in fwd._compiled if k[1] == ((("default", 1.0),), ("default",)))][0]
     import inspect
 
     code = inspect.getsource(eager)

@@ -20,7 +20,7 @@ from typing import Hashable, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..branch import lora_output
+from ..branch import Live, lora_output
 from ..layers import TargetMeta, target_meta
 from ..tracing import LoraTracer
 
@@ -30,7 +30,7 @@ __all__ = ["insert_lora", "branch_template", "splice", "first_input", "nodes_bet
 class _BranchHost(nn.Module):
     """Lets fx trace `lora_output` with module paths relative to the adapted layer."""
 
-    def __init__(self, layer: nn.Module, live: Optional[tuple[str, ...]]) -> None:
+    def __init__(self, layer: nn.Module, live: Live) -> None:
         super().__init__()
         self.layer = layer
         self.live = live
@@ -39,22 +39,26 @@ class _BranchHost(nn.Module):
         return lora_output(self.layer, x, base, self.live)
 
 
-def _template_key(module: nn.Module, meta: TargetMeta, live: Optional[tuple[str, ...]]) -> Hashable:
+def _template_key(module: nn.Module, meta: TargetMeta, live: Live) -> Hashable:
     """Everything `lora_output` reads as Python values (the graph it traces depends on nothing
-    else): layer kind, the adapters whose branch runs and their options, embedding options."""
+    else): layer kind, the adapters whose branch runs and their options (and, for eager code of a
+    known state, their multipliers), embedding options."""
     extra = ()
     if meta.kind == "embedding":
         extra = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+    gates = None if live is None else dict(live)
     adapters = tuple(
-        (name, spec.lora_bias, spec.dropout > 0) for name, spec in meta.adapters.items() if live is None or name in live
+        (name, spec.lora_bias, spec.dropout > 0, None if gates is None else spec.scaling * gates[name])
+        for name, spec in meta.adapters.items()
+        if gates is None or name in gates
     )
-    return (meta.kind, adapters, extra)
+    return (meta.kind, adapters, extra, live is None)
 
 
 _TEMPLATES: dict[Hashable, fx.Graph] = {}  # traced once per process; templates hold no module
 
 
-def branch_template(module: nn.Module, live: Optional[tuple[str, ...]] = None) -> fx.Graph:
+def branch_template(module: nn.Module, live: Live = None) -> fx.Graph:
     """`lora_output(module, x, base, live)` as a graph with placeholders (x, base) and node
     targets relative to `module`."""
     host = _BranchHost(module, live)
@@ -105,7 +109,7 @@ def nodes_between(first: fx.Node, stop: fx.Node) -> set[fx.Node]:
     return found
 
 
-def insert_lora(graph: fx.Graph, root: nn.Module, live: Optional[tuple[str, ...]] = None) -> int:
+def insert_lora(graph: fx.Graph, root: nn.Module, live: Live = None) -> int:
     """Run the pass; return the number of layer calls that received a branch. With `live`, only
     those adapters' branches are inserted (eager code for a known adapter state)."""
     count = 0
