@@ -7,7 +7,8 @@ machine drift hits all alike:
 - unmerged forward (eval, no grad), eager and torch.compile'd;
 - training step (forward + backward + AdamW step), eager and compiled; the base's training step is
   full fine-tuning;
-- merged forward (after ``merge_adapter()``) against the base forward, eager and compiled;
+- merged forward (after ``merge_adapter()``) against the base forward, eager and compiled, and
+  compiled with the opt-in ``guard_idle`` pass (unmerged and merged);
 - transform time (``fxlora.transform`` vs ``peft.get_peft_model``);
 - peak extra memory of an eager training step.
 
@@ -191,6 +192,13 @@ def measure_compiled(case, x, base, fxm, pm, full, rounds) -> list[dict]:
     fxm.merge_adapter(), pm.merge_adapter()
     rows.append(row(case, "merged forward", "compiled", interleaved({"fxlora": forward_fn(cfx, x), "peft": forward_fn(cpm, x), "base": forward_fn(cbase, x)}, rounds)))
     fxm.unmerge_adapter(), pm.unmerge_adapter()
+    # the opt-in pass that skips idle branches at run time (torch.cond per layer)
+    fxm.set_optimizations(guard_idle=True)
+    for label, change in (("unmerged forward, guard_idle", lambda: None), ("merged forward, guard_idle", lambda: (fxm.merge_adapter(), pm.merge_adapter()))):
+        change()
+        rows.append(row(case, label, "compiled", interleaved({"fxlora": forward_fn(cfx, x), "peft": forward_fn(cpm, x), "base": forward_fn(cbase, x)}, rounds)))
+    fxm.unmerge_adapter(), pm.unmerge_adapter()
+    fxm.set_optimizations(guard_idle=False)
     return rows
 
 

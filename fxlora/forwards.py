@@ -23,7 +23,8 @@ import torch.nn as nn
 from torch.fx.graph_module import _forward_from_src
 
 from .branch import lora_output, saved_output
-from .layers import BASE_ONLY, saved_meta, target_meta
+from .layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
+from .ops import any_open
 from .passes import PassOptions, rewrite
 from .tracing import (
     CallKey,
@@ -124,10 +125,30 @@ class EagerLoraForward(_EagerForward):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.pop(BASE_ONLY, False):
             return self.original(*args, **kwargs)
+        if kwargs.pop(GUARD_IDLE, False) and torch.compiler.is_compiling() and self._guardable(args, kwargs):
+            return self._guarded(args[0])
         base = self.original(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         state = eager_state(self.module.lora_gates)
         return lora_output(self.module, x, base, None if state is None else state[0])
+
+    @staticmethod
+    def _guardable(args: tuple, kwargs: dict) -> bool:
+        return len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+
+    def _guarded(self, x: torch.Tensor) -> torch.Tensor:
+        """Compiled evaluation code (`fxlora.passes.guard_idle`): the branches run only when one of
+        the layer's gates is open, decided at run time, so no state change recompiles."""
+        module = self.module
+        gates = [getattr(module.lora_gates.scale, a) for a in target_meta(module).adapters]
+
+        def with_lora(x: torch.Tensor) -> torch.Tensor:
+            return lora_output(module, x, self.original(x), None)
+
+        def base_only(x: torch.Tensor) -> torch.Tensor:
+            return self.original(x)
+
+        return torch.cond(any_open(gates), with_lora, base_only, (x,))
 
 
 class SavedForward(_EagerForward):
@@ -179,7 +200,7 @@ class GraphForward:
         """Code for `variant` in adapter `state`, and where its inputs come from (None: the
         call's positional arguments as they are, the common case)."""
         adopt_constants(self.root, variant.constants or {})
-        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.options, state)
+        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.options, state, training=key[0])
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
         return compile_graph(graph), (None if direct else variant.inputs)
@@ -239,7 +260,8 @@ class GraphForward:
         """The generated code of the plainest call pattern (for inspection)."""
         key = canonical_key(self.root, self.root.training if training is None else training)
         variant = self.variants.get(key) or next(iter(self.variants.values()))
-        return rewrite(copy.deepcopy(variant.graph), self.root, self.options).python_code("self").src
+        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.options, training=key[0])
+        return graph.python_code("self").src
 
     # ---------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -38,6 +38,7 @@ from .layer_types import in_out_features, is_hf_conv1d, layer_kind
 __all__ = [
     "LORA_CHILDREN",
     "BASE_ONLY",
+    "GUARD_IDLE",
     "AdapterSpec",
     "TargetMeta",
     "SavedMeta",
@@ -69,6 +70,9 @@ META_ATTR = "_fxlora"
 #: keyword with which graph code calls an adapted module for its base output alone (the graph
 #: computes the branch itself); every other call of the module computes with LoRA
 BASE_ONLY = "_fxlora_base_only"
+#: keyword with which gated evaluation code calls an adapted module for its output with LoRA under
+#: a run-time test of its gates (`fxlora.passes.guard_idle`): idle branches cost nothing compiled
+GUARD_IDLE = "_fxlora_guard_idle"
 
 
 @dataclass

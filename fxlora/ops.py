@@ -22,6 +22,7 @@ __all__ = [
     "add_linear_product",
     "scale_by",
     "shared_low_rank",
+    "any_open",
 ]
 
 
@@ -134,3 +135,8 @@ def select_output(gate: torch.Tensor, new: Any, old: Any) -> Any:
     if isinstance(new, torch.Tensor):
         return pick(new, old)
     return pytree.tree_map(pick, new, old)
+
+
+def any_open(gates: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor: is any of `gates` (0-d, or one value per batch row) non-zero anywhere."""
+    return torch.stack([gate.ne(0).any() for gate in gates]).any()

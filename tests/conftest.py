@@ -28,3 +28,19 @@ def _seed_and_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
         yield
+
+
+@pytest.fixture
+def eager_fallbacks(monkeypatch):
+    """Roots (class names) whose graph code could not serve a call (filled as calls run)."""
+    from fxlora.forwards import GraphForward
+
+    calls = []
+    original = GraphForward._run_eagerly
+
+    def spy(self, args, kwargs):
+        calls.append(type(self.root).__name__)
+        return original(self, args, kwargs)
+
+    monkeypatch.setattr(GraphForward, "_run_eagerly", spy)
+    return calls

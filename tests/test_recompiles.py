@@ -57,9 +57,11 @@ def run_sequence(model, x, compiled):
     return out
 
 
+@pytest.mark.parametrize("guard_idle", [False, True])
 @pytest.mark.parametrize("fullgraph", [True, False])
-def test_state_changes_compile_at_most_once_more(fullgraph):
+def test_state_changes_compile_at_most_once_more(fullgraph, guard_idle):
     model = make_model()
+    model.set_optimizations(guard_idle=guard_idle)
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter, fullgraph=fullgraph)
     x = torch.randn(4, 20)

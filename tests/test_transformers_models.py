@@ -14,7 +14,6 @@ import torch
 
 import fxlora
 from fxlora.defaults import DEFAULT_TARGET_MODULES
-from fxlora.forwards import GraphForward
 from models import copy_peft_adapter_weights
 from zoo import TRANSFORMERS, main_output, text_inputs
 
@@ -55,20 +54,6 @@ def bases():
         return copy.deepcopy(cache[name])
 
     return get
-
-
-@pytest.fixture
-def eager_fallbacks(monkeypatch):
-    """Roots (class names) whose graph code could not serve a call."""
-    calls = []
-    original = GraphForward._run_eagerly
-
-    def spy(self, args, kwargs):
-        calls.append(type(self.root).__name__)
-        return original(self, args, kwargs)
-
-    monkeypatch.setattr(GraphForward, "_run_eagerly", spy)
-    return calls
 
 
 def paired(base, targets):

@@ -2,7 +2,8 @@
 
 `rewrite` runs the pipeline that turns a traced base graph into the adapted model's graph: the
 passes that add LoRA (`swap_saved_modules`, `insert_lora`, `mark_base_calls`), then the
-optimisations switched on in `PassOptions` (`skip_dropout`, `share_lora_a`, `fold_scaling`).
+optimisations switched on in `PassOptions` (`guard_idle_branches`, `skip_dropout`, `share_lora_a`,
+`fold_scaling`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from .base_calls import mark_base_calls
 from .fold_scaling import fold_scaling
+from .guard_idle import guard_idle_branches
 from .insert_lora import insert_lora
 from .options import PassOptions
 from .share_lora_a import share_lora_a
@@ -29,23 +31,31 @@ __all__ = [
     "skip_dropout",
     "share_lora_a",
     "fold_scaling",
+    "guard_idle_branches",
 ]
 
 
 def rewrite(
-    graph: fx.Graph, root: nn.Module, options: Optional[PassOptions] = None, state: Optional[tuple] = None
+    graph: fx.Graph,
+    root: nn.Module,
+    options: Optional[PassOptions] = None,
+    state: Optional[tuple] = None,
+    training: bool = True,
 ) -> fx.Graph:
     """Apply the passes in order to `graph` (in place) and return it, linted.
 
     `state` is None for code whose adapter state lives in the gate tensors (what torch.compile
     sees), or ``(live, chosen)`` (`AdapterGates.eager_state`) for eager code that runs only the
-    branches and copies in use.
+    branches and copies in use. `training` says which mode the graph was traced for (gated
+    evaluation code guards idle branches, see `guard_idle_branches`).
 
     Requires: `graph` traced from `root` by `fxlora.tracing.trace_variant`.
     """
     options = PassOptions() if options is None else options
     live, chosen = state if state is not None else (None, None)
     swap_saved_modules(graph, root, chosen)
+    if options.guard_idle and state is None and not training:
+        guard_idle_branches(graph, root)
     insert_lora(graph, root, live)
     mark_base_calls(graph, root)
     if options.skip_dropout:

@@ -10,7 +10,8 @@ those adapters sits keep their plain node): the branch's nodes (dropout as a cal
 ``nn.Dropout`` module, A, B, the scaling tensor, the gate tensor and the add), traced from that
 function and spliced right after N. Adapter modules are called by their paths
 (``<layer>.lora_A.<adapter>`` ...); every inserted node has ``meta["fxlora_target"]`` set to the
-layer's path. Nothing else in the graph changes.
+layer's path. Calls marked by `guard_idle_branches` are left alone (the layer computes its own
+branches). Nothing else in the graph changes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn as nn
 from ..branch import Live, lora_output
 from ..layers import TargetMeta, target_meta
 from ..tracing import LoraTracer
+from .guard_idle import is_guarded
 
 __all__ = ["insert_lora", "branch_template", "splice", "first_input", "nodes_between"]
 
@@ -116,7 +118,7 @@ def insert_lora(graph: fx.Graph, root: nn.Module, live: Live = None) -> int:
     for node in list(graph.find_nodes(op="call_module")):
         module = root.get_submodule(node.target)
         meta = target_meta(module)
-        if meta is None or not meta.adapters:
+        if meta is None or not meta.adapters or is_guarded(node):
             continue
         key = _template_key(module, meta, live)
         if not key[1]:

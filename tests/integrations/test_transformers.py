@@ -17,19 +17,6 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture
-def eager_fallbacks(monkeypatch):
-    calls = []
-    original = GraphForward._run_eagerly
-
-    def spy(self, args, kwargs):
-        calls.append(type(self.root).__name__)
-        return original(self, args, kwargs)
-
-    monkeypatch.setattr(GraphForward, "_run_eagerly", spy)
-    return calls
-
-
 def test_unknown_model_type_asks_for_targets_and_suggests_projections():
     config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=32)
     model = transformers.DistilBertForSequenceClassification(config)
