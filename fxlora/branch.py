@@ -100,10 +100,9 @@ def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Li
         hidden = F.linear(cast_like(x, weight), weight)
         return add_linear_product(base, hidden, module.lora_B[adapters[0]].weight, factors[0])
     if stackable(meta, adapters):
-        update = stacked_linear_update(
-            x, [module.lora_A[a].weight for a in adapters], [module.lora_B[a].weight for a in adapters], factors
+        return stacked_linear_update(
+            x, [module.lora_A[a].weight for a in adapters], [module.lora_B[a].weight for a in adapters], factors, base
         )
-        return add_update(base, update)
     total = None
     for adapter, factor in zip(adapters, factors):
         if meta.kind == "embedding":

@@ -1,0 +1,51 @@
+import torch
+
+from fxlora.ops import stacked_linear_update
+
+
+def reference(x, lora_a, lora_b, factors, base):
+    out = base.clone()
+    for a, b, (s, g) in zip(lora_a, lora_b, factors):
+        gate = g.view(-1, *([1] * (x.dim() - 1))) if g.dim() else g
+        out = out + (x @ a.T) @ b.T * (s * gate)
+    return out
+
+
+def weights(ranks=(2, 3, 4), width=6, out=5):
+    torch.manual_seed(0)
+    return [torch.randn(r, width) for r in ranks], [torch.randn(out, r) for r in ranks]
+
+
+def test_equals_the_sum_of_per_adapter_updates_with_row_gates():
+    lora_a, lora_b = weights()
+    x, base = torch.randn(4, 7, 6), torch.randn(4, 7, 5)
+    factors = [(torch.tensor(0.5), torch.tensor([1.0, 0, 0, 1])), (torch.tensor(2.0), torch.tensor([0.0, 1, 0, 0])), (torch.tensor(1.0), torch.tensor([0.0, 0, 1, 1]))]
+    with torch.no_grad():
+        torch.testing.assert_close(stacked_linear_update(x, lora_a, lora_b, factors, base), reference(x, lora_a, lora_b, factors, base))
+    torch.testing.assert_close(stacked_linear_update(x, lora_a, lora_b, factors, base), reference(x, lora_a, lora_b, factors, base))
+
+
+def test_stacked_weights_follow_in_place_changes_and_replacements():
+    lora_a, lora_b = weights()
+    x, base = torch.randn(3, 6), torch.zeros(3, 5)
+    factors = [(torch.tensor(1.0), torch.tensor(1.0))] * 3
+    with torch.no_grad():
+        first = stacked_linear_update(x, lora_a, lora_b, factors, base)
+        lora_a[1].mul_(3)  # in place: the cached stack is stale
+        lora_b[2].zero_()
+        torch.testing.assert_close(stacked_linear_update(x, lora_a, lora_b, factors, base), reference(x, lora_a, lora_b, factors, base))
+        replaced = [torch.randn_like(a) for a in lora_a]  # new tensors, the first one included
+        torch.testing.assert_close(stacked_linear_update(x, replaced, lora_b, factors, base), reference(x, replaced, lora_b, factors, base))
+    assert not torch.allclose(first, reference(x, lora_a, lora_b, factors, base))
+
+
+def test_gradients_reach_every_adapter_weight():
+    lora_a, lora_b = weights()
+    for w in lora_a + lora_b:
+        w.requires_grad_(True)
+    x, base = torch.randn(3, 6), torch.zeros(3, 5)
+    factors = [(torch.tensor(1.0), torch.tensor(1.0))] * 3
+    with torch.no_grad():  # a cached stack from a no-grad call must not cut the graph later
+        stacked_linear_update(x, lora_a, lora_b, factors, base)
+    stacked_linear_update(x, lora_a, lora_b, factors, base).square().sum().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in lora_a + lora_b)
