@@ -66,15 +66,16 @@ class _StackedWeights:
         self._entries: dict[int, tuple] = {}  # id of the first weight -> (stamp, stacked)
 
     def get(self, weights: list[torch.Tensor], dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """The weights concatenated along `dim`, transposed (contiguous when cached)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.cat([w.to(dtype) for w in weights], dim=dim)
+            return torch.cat([w.to(dtype) for w in weights], dim=dim).t()
         key = id(weights[0])
         stamp = (dim, dtype, tuple((id(w), w._version) for w in weights))
         entry = self._entries.get(key)
         if entry is None or entry[0] != stamp:
             if entry is None:  # forget the entry with the weight it belongs to
                 weakref.finalize(weights[0], self._entries.pop, key, None)
-            entry = (stamp, torch.cat([w.to(dtype) for w in weights], dim=dim))
+            entry = (stamp, torch.cat([w.to(dtype) for w in weights], dim=dim).t().contiguous())
             self._entries[key] = entry
         return entry[1]
 
@@ -94,7 +95,7 @@ def stacked_linear_update(
     """
     dtype = lora_a[0].dtype
     x = cast_like(x, lora_a[0])
-    hidden = torch.nn.functional.linear(x, _STACKED.get(lora_a, 0, dtype))
+    hidden = torch.matmul(x, _STACKED.get(lora_a, 0, dtype))
     ranks = [a.shape[0] for a in lora_a]
     if isinstance(factors[0], float):
         columns = torch.tensor([f for f, r in zip(factors, ranks) for _ in range(r)], dtype=hidden.dtype, device=hidden.device)
@@ -102,7 +103,7 @@ def stacked_linear_update(
         columns = _column_factors([(s * g).to(hidden.dtype) for s, g in factors], ranks)
         if columns.dim() == 2:
             columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
-    update = torch.nn.functional.linear(hidden * columns, _STACKED.get(lora_b, 1, dtype))
+    update = torch.matmul(hidden * columns, _STACKED.get(lora_b, 1, dtype))
     return add_update(base, update)
 
 
