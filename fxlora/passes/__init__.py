@@ -2,8 +2,9 @@
 
 `rewrite` runs the pipeline that turns a traced base graph into the adapted model's graph: the
 passes that add LoRA (`swap_saved_modules`, `insert_lora`, `mark_base_calls`), then the
-optimisations switched on in `PassOptions` (`guard_idle_branches`, `skip_dropout`, `share_lora_a`,
-`fold_scaling`).
+optimisations switched on in `PassOptions` (`skip_dropout`, `share_lora_a`, `fold_scaling`). The
+opt-in `guard_idle_branches` runs before `insert_lora` on gated evaluation code: it marks the
+layer calls whose branches the layers then compute themselves, under ``torch.cond``.
 """
 
 from __future__ import annotations
