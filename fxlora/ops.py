@@ -8,7 +8,7 @@ shape- and dtype-dependent logic of the branch, so the branch itself stays strai
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -57,54 +57,77 @@ def _column_factors(factors: list[torch.Tensor], ranks: list[int]) -> torch.Tens
     return torch.cat([f.reshape(-1, 1).expand(-1, r) for f, r in zip(factors, ranks)], dim=1)
 
 
-class _StackedWeights:
-    """Stacked A rows / B columns of a layer's adapters, kept between eager no-grad calls (serving
-    mixed batches) and rebuilt when any of the weights changed (``Tensor._version``) or was
-    replaced. Under autograd or ``torch.compile`` the weights are concatenated on every call."""
+class _DerivedTensors:
+    """Tensors derived from other tensors (stacked adapter weights, row-gate columns), kept between
+    eager no-grad calls — serving mixed batches — and rebuilt when any source tensor changed
+    (``Tensor._version``) or was replaced. An entry is dropped with its first source tensor."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple] = {}  # id of the first weight -> (stamp, stacked)
+        self._entries: dict[tuple, tuple] = {}  # (kind, id of first source, extra) -> (stamp, value)
 
-    def get(self, weights: list[torch.Tensor], dim: int, dtype: torch.dtype) -> torch.Tensor:
-        """The weights concatenated along `dim`, transposed (contiguous when cached)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.cat([w.to(dtype) for w in weights], dim=dim).t()
-        key = id(weights[0])
-        stamp = (dim, dtype, tuple((id(w), w._version) for w in weights))
+    def get(self, kind: str, sources: list[torch.Tensor], extra: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (kind, id(sources[0]), extra)
+        stamp = tuple((id(t), t._version) for t in sources)
         entry = self._entries.get(key)
         if entry is None or entry[0] != stamp:
-            if entry is None:  # forget the entry with the weight it belongs to
-                weakref.finalize(weights[0], self._entries.pop, key, None)
-            entry = (stamp, torch.cat([w.to(dtype) for w in weights], dim=dim).t().contiguous())
+            if entry is None:
+                weakref.finalize(sources[0], self._entries.pop, key, None)
+            entry = (stamp, build())
             self._entries[key] = entry
         return entry[1]
 
 
-_STACKED = _StackedWeights()
+_DERIVED = _DerivedTensors()
+
+
+def _reusable() -> bool:
+    """Derived tensors may be reused: eager code without autograd (a reused tensor would cut
+    the graph to its sources; torch.compile traces the plain computation)."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+
+def _stack_t(weights: list[torch.Tensor], dim: int, dtype: torch.dtype, scalings: Optional[list] = None) -> torch.Tensor:
+    """The weights (each times its scaling, if given) concatenated along `dim`, transposed."""
+    if scalings is not None:
+        weights = [w.to(dtype) * s.to(dtype) for w, s in zip(weights, scalings)]
+    return torch.cat([w.to(dtype) for w in weights], dim=dim).t()
 
 
 def stacked_linear_update(
     x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], factors: list, base: torch.Tensor
 ) -> torch.Tensor:
     """``base + sum_i (x @ A_i.T) * factor_i @ B_i.T`` for several adapters of one linear layer, as
-    two matmuls on the stacked weights (A's rows, B's columns) instead of two per adapter (an
-    ``addmm`` with the base measured slower here than a matmul and an add). A factor is ``(scaling, gate)`` tensors (gates all
-    0-d or all one value per row) or a Python number.
+    two matmuls on the stacked weights (A's rows, B's columns) instead of two per adapter. A factor
+    is ``(scaling, gate)`` tensors (gates all 0-d or all one value per row) or a Python number.
+
+    Eagerly without autograd (serving) the stacked weights — B's columns already multiplied by the
+    scalings — and the gates repeated over the ranks are reused between calls and layers while
+    their sources are unchanged, so a layer runs little more than its two matmuls.
 
     Requires: no B bias, no dropout (the caller checks).
     """
     dtype = lora_a[0].dtype
     x = cast_like(x, lora_a[0])
-    hidden = torch.matmul(x, _STACKED.get(lora_a, 0, dtype))
-    ranks = [a.shape[0] for a in lora_a]
+    ranks = tuple(a.shape[0] for a in lora_a)
+    reuse = _reusable()
     if isinstance(factors[0], float):
-        columns = torch.tensor([f for f, r in zip(factors, ranks) for _ in range(r)], dtype=hidden.dtype, device=hidden.device)
+        columns = torch.tensor([f for f, r in zip(factors, ranks) for _ in range(r)], dtype=dtype, device=x.device)
+        stacked_b = _stack_t(lora_b, 1, dtype)
+    elif reuse:
+        scalings, gates = [s for s, _ in factors], [g for _, g in factors]
+        stacked_b = _DERIVED.get("b", lora_b + scalings, dtype, lambda: _stack_t(lora_b, 1, dtype, scalings).contiguous())
+        columns = _DERIVED.get("gates", gates, (dtype, ranks), lambda: _column_factors([g.to(dtype) for g in gates], ranks))
     else:
-        columns = _column_factors([(s * g).to(hidden.dtype) for s, g in factors], ranks)
-        if columns.dim() == 2:
-            columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
-    update = torch.matmul(hidden * columns, _STACKED.get(lora_b, 1, dtype))
-    return add_update(base, update)
+        columns = _column_factors([(s * g).to(dtype) for s, g in factors], ranks)
+        stacked_b = _stack_t(lora_b, 1, dtype)
+    if reuse:
+        stacked_a = _DERIVED.get("a", lora_a, dtype, lambda: _stack_t(lora_a, 0, dtype).contiguous())
+    else:
+        stacked_a = _stack_t(lora_a, 0, dtype)
+    hidden = torch.matmul(x, stacked_a)
+    if columns.dim() == 2:
+        columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
+    return add_update(base, torch.matmul(hidden * columns, stacked_b))
 
 
 def add_scaled_linear(

@@ -49,3 +49,24 @@ def test_gradients_reach_every_adapter_weight():
         stacked_linear_update(x, lora_a, lora_b, factors, base)
     stacked_linear_update(x, lora_a, lora_b, factors, base).square().sum().backward()
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in lora_a + lora_b)
+
+
+def test_reused_scalings_and_row_gates_follow_changes():
+    lora_a, lora_b = weights(ranks=(3, 3, 3))
+    other_a, other_b = weights(ranks=(3, 3, 3), out=5)
+    other_a = [a + 1 for a in other_a]
+    x, base = torch.randn(4, 6), torch.zeros(4, 5)
+    scalings = [torch.tensor(0.5), torch.tensor(2.0), torch.tensor(1.0)]
+    gates = [torch.tensor([1.0, 0, 0, 1]), torch.tensor([0.0, 1, 0, 0]), torch.tensor([0.0, 0, 1, 1])]
+    with torch.no_grad():
+        for _ in range(2):  # two "layers" sharing the gate tensors, twice
+            for a, b in ((lora_a, lora_b), (other_a, other_b)):
+                factors = list(zip(scalings, gates))
+                torch.testing.assert_close(stacked_linear_update(x, a, b, factors, base), reference(x, a, b, factors, base))
+        scalings[1].mul_(3)  # a scaling changed in place
+        gates[0].zero_()  # a gate rewritten in place
+        factors = list(zip(scalings, gates))
+        torch.testing.assert_close(stacked_linear_update(x, lora_a, lora_b, factors, base), reference(x, lora_a, lora_b, factors, base))
+        gates = [torch.tensor([0.0, 0, 0, 1])] * 3  # new gate tensors (the next mixed batch)
+        factors = list(zip(scalings, gates))
+        torch.testing.assert_close(stacked_linear_update(x, lora_a, lora_b, factors, base), reference(x, lora_a, lora_b, factors, base))
