@@ -66,8 +66,11 @@ class _DerivedTensors:
         self._entries: dict[tuple, tuple] = {}  # (kind, id of first source, extra) -> (stamp, value)
 
     def get(self, kind: str, sources: list[torch.Tensor], extra: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        try:
+            stamp = tuple((id(t), t._version) for t in sources)
+        except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
+            return build()
         key = (kind, id(sources[0]), extra)
-        stamp = tuple((id(t), t._version) for t in sources)
         entry = self._entries.get(key)
         if entry is None or entry[0] != stamp:
             if entry is None:

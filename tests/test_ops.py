@@ -70,3 +70,13 @@ def test_reused_scalings_and_row_gates_follow_changes():
         gates = [torch.tensor([0.0, 0, 0, 1])] * 3  # new gate tensors (the next mixed batch)
         factors = list(zip(scalings, gates))
         torch.testing.assert_close(stacked_linear_update(x, lora_a, lora_b, factors, base), reference(x, lora_a, lora_b, factors, base))
+
+
+def test_inference_tensors_are_used_without_reuse():
+    lora_a, lora_b = weights(ranks=(2, 2, 2))
+    x, base = torch.randn(4, 6), torch.zeros(4, 5)
+    with torch.inference_mode():  # gates made here have no version counter
+        gates = [torch.tensor([1.0, 0, 0, 1]), torch.tensor([0.0, 1, 0, 0]), torch.tensor([0.0, 0, 1, 1])]
+        factors = [(torch.tensor(1.5), g) for g in gates]
+        got = stacked_linear_update(x, lora_a, lora_b, factors, base)
+    torch.testing.assert_close(got, reference(x, lora_a, lora_b, factors, base))
