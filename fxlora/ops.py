@@ -65,7 +65,7 @@ class _DerivedTensors:
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple] = {}  # (kind, id of first source, extra) -> (stamp, value)
 
-    def get(self, kind: str, sources: list[torch.Tensor], extra: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, kind: str, sources: list[torch.Tensor], extra: Hashable, build: Callable[[], Any]) -> Any:
         try:
             stamp = tuple((id(t), t._version) for t in sources)
         except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
@@ -112,25 +112,25 @@ def stacked_linear_update(
     dtype = lora_a[0].dtype
     x = cast_like(x, lora_a[0])
     ranks = tuple(a.shape[0] for a in lora_a)
-    reuse = _reusable()
     if isinstance(factors[0], float):
         columns = torch.tensor([f for f, r in zip(factors, ranks) for _ in range(r)], dtype=dtype, device=x.device)
-        stacked_b = _stack_t(lora_b, 1, dtype)
-    elif reuse:
+        stacked_a, stacked_b = _stack_t(lora_a, 0, dtype), _stack_t(lora_b, 1, dtype)
+    elif _reusable():
         scalings, gates = [s for s, _ in factors], [g for _, g in factors]
-        stacked_b = _DERIVED.get("b", lora_b + scalings, dtype, lambda: _stack_t(lora_b, 1, dtype, scalings).contiguous())
+        stacked_a, stacked_b = _DERIVED.get("weights", lora_a + lora_b + scalings, dtype, lambda: _stacked_pair(lora_a, lora_b, scalings, dtype))
         columns = _DERIVED.get("gates", gates, (dtype, ranks), lambda: _column_factors([g.to(dtype) for g in gates], ranks))
     else:
         columns = _column_factors([(s * g).to(dtype) for s, g in factors], ranks)
-        stacked_b = _stack_t(lora_b, 1, dtype)
-    if reuse:
-        stacked_a = _DERIVED.get("a", lora_a, dtype, lambda: _stack_t(lora_a, 0, dtype).contiguous())
-    else:
-        stacked_a = _stack_t(lora_a, 0, dtype)
+        stacked_a, stacked_b = _stack_t(lora_a, 0, dtype), _stack_t(lora_b, 1, dtype)
     hidden = torch.matmul(x, stacked_a)
-    if columns.dim() == 2:
+    if columns.dim() == 2 and hidden.dim() > 2:
         columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
     return add_update(base, torch.matmul(hidden * columns, stacked_b))
+
+
+def _stacked_pair(lora_a: list, lora_b: list, scalings: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous transposed stacks: A's rows, and B's columns times their scalings."""
+    return _stack_t(lora_a, 0, dtype).contiguous(), _stack_t(lora_b, 1, dtype, scalings).contiguous()
 
 
 def add_scaled_linear(
