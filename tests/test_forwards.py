@@ -12,20 +12,7 @@ from fxlora.forwards import EagerLoraForward, GraphForward, SavedForward, instal
 from models import MLP, Mixed, OptionalArgs
 
 
-@pytest.fixture
-def count_eager_runs(monkeypatch):
-    calls = []
-    original = GraphForward._run_eagerly
-
-    def spy(self, args, kwargs):
-        calls.append((args, kwargs))
-        return original(self, args, kwargs)
-
-    monkeypatch.setattr(GraphForward, "_run_eagerly", spy)
-    return calls
-
-
-def test_train_and_eval_both_run_graph_code(count_eager_runs):
+def test_train_and_eval_both_run_graph_code(eager_fallbacks):
     model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
     fwd = installed_forward(model.model)
     assert isinstance(fwd, GraphForward)
@@ -34,7 +21,7 @@ def test_train_and_eval_both_run_graph_code(count_eager_runs):
     model(x)
     model.eval()
     model(x)
-    assert count_eager_runs == [] and fwd.failures == {}
+    assert eager_fallbacks == [] and fwd.failures == {}
     assert {key[0] for key, state in fwd._compiled if state is None} == {True, False}
 
 
@@ -46,18 +33,18 @@ def test_eval_variant_traced_on_mode_switch_not_on_call():
     assert sorted(key[0] for key, _ in fwd._compiled) == [False, True]
 
 
-def test_new_call_patterns_are_traced_once(count_eager_runs):
+def test_new_call_patterns_are_traced_once(eager_fallbacks):
     model = fxlora.transform(OptionalArgs(), LoraConfig(target_modules=["fc", "gate"]))
     fwd = installed_forward(model.model)
     x = torch.randn(2, 8)
     model(x, mask=torch.ones(2, 8))
     model(x, mask=torch.zeros(2, 8))
     model(x, None, 2.0)
-    assert count_eager_runs == []
+    assert eager_fallbacks == []
     assert len(fwd.variants) == 3
 
 
-def test_unsupported_arguments_run_eagerly_with_the_same_math(count_eager_runs):
+def test_unsupported_arguments_run_eagerly_with_the_same_math(eager_fallbacks):
     base = OptionalArgs()
     ref_model = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules=["fc", "gate"], init_lora_weights=False), trace="eager")
     model = fxlora.transform(base, LoraConfig(target_modules=["fc", "gate"], init_lora_weights=False))
@@ -70,7 +57,7 @@ def test_unsupported_arguments_run_eagerly_with_the_same_math(count_eager_runs):
     assert torch.equal(out, ref_model(x, None, torch.tensor(1.5)))
     with pytest.raises(TypeError):
         model(x, None, weird)  # the original forward raises its own error
-    assert len(count_eager_runs) == 1
+    assert len(eager_fallbacks) == 1
 
 
 def test_eager_and_saved_forwards_installed_where_expected():
