@@ -72,13 +72,16 @@ def _plain_linear(meta: TargetMeta, adapters: list[str]) -> bool:
     return not spec.lora_bias and spec.dropout == 0
 
 
-def _factors(module: nn.Module, meta: TargetMeta, adapters: list[str], live: Live) -> list:
-    """Each adapter's multiplier: the scaling and gate tensors (gated code), or, for eager code of
-    a known state, the Python number ``scaling * gate``."""
+def _branches(module: nn.Module, meta: TargetMeta, live: Live) -> tuple[list[str], list]:
+    """The adapters whose branch runs and each one's multiplier: every adapter with its scaling and
+    gate tensors (gated code), or, for eager code of a known state, the live adapters with the
+    Python number ``scaling * gate``."""
     if live is None:
-        return [(getattr(module.lora_scaling, a), getattr(module.lora_gates.scale, a)) for a in adapters]
+        adapters = list(meta.adapters)
+        return adapters, [(getattr(module.lora_scaling, a), getattr(module.lora_gates.scale, a)) for a in adapters]
     gates = dict(live)
-    return [meta.adapters[a].scaling * gates[a] for a in adapters]
+    adapters = [a for a in meta.adapters if a in gates]
+    return adapters, [meta.adapters[a].scaling * gates[a] for a in adapters]
 
 
 def _scaled(update: torch.Tensor, factor) -> torch.Tensor:
@@ -93,8 +96,7 @@ def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Li
     adapter state, `AdapterGates.eager_state`): only those adapters, multiplied by Python numbers.
     """
     meta = target_meta(module)
-    adapters = [a for a in meta.adapters if live is None or a in dict(live)]
-    factors = _factors(module, meta, adapters, live)
+    adapters, factors = _branches(module, meta, live)
     if live is not None and _plain_linear(meta, adapters):
         weight = module.lora_A[adapters[0]].weight
         hidden = F.linear(cast_like(x, weight), weight)

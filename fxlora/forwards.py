@@ -145,10 +145,7 @@ class EagerLoraForward(_EagerForward):
         def with_lora(x: torch.Tensor) -> torch.Tensor:
             return lora_output(module, x, self.original(x), None)
 
-        def base_only(x: torch.Tensor) -> torch.Tensor:
-            return self.original(x)
-
-        return torch.cond(any_open(gates), with_lora, base_only, (x,))
+        return torch.cond(any_open(gates), with_lora, self.original, (x,))
 
 
 class SavedForward(_EagerForward):

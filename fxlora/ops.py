@@ -138,11 +138,7 @@ def add_scaled_linear(
 ) -> torch.Tensor:
     """``base + (hidden * scaling * gate) @ weight.T``: the B product of a linear layer's branch,
     scaled on the rank-r side and added to the base output in one ``addmm`` where dtypes allow."""
-    scaled = scale_update(hidden, scaling, gate)
-    if base.dtype != scaled.dtype or weight.dtype != scaled.dtype:
-        return add_update(base, torch.nn.functional.linear(scaled, weight))
-    out = torch.addmm(base.reshape(-1, weight.shape[0]), scaled.reshape(-1, weight.shape[1]), weight.t())
-    return out.view(base.shape)
+    return add_linear_product(base, scale_update(hidden, scaling, gate), weight)
 
 
 def shared_low_rank(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -158,13 +154,12 @@ def scale_by(update: torch.Tensor, factor: float) -> torch.Tensor:
     return update * factor
 
 
-def add_linear_product(base: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``base + alpha * hidden @ weight.T`` in one ``addmm`` where dtypes allow (eager code of a
-    known adapter state: `alpha` is a Python number)."""
+def add_linear_product(base: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``base + alpha * hidden @ weight.T`` in one ``addmm`` where dtypes allow (`alpha` a Python
+    number: 1, or the multiplier of eager code for a known adapter state)."""
     if base.dtype != hidden.dtype or weight.dtype != hidden.dtype:
-        return add_update(base, torch.nn.functional.linear(hidden, weight) * alpha)
-    if base.dim() == 2:
-        return torch.addmm(base, hidden, weight.t(), alpha=alpha)
+        update = torch.nn.functional.linear(hidden, weight)
+        return add_update(base, update if alpha == 1.0 else update * alpha)
     out = torch.addmm(base.reshape(-1, weight.shape[0]), hidden.reshape(-1, weight.shape[1]), weight.t(), alpha=alpha)
     return out.view(base.shape)
 

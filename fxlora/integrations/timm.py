@@ -17,7 +17,7 @@ Imported only for models built from timm classes (`fxlora.integrations.hooks_for
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -16,7 +16,7 @@ branches). Nothing else in the graph changes.
 
 from __future__ import annotations
 
-from typing import Hashable, Optional
+from typing import Hashable
 
 import torch.fx as fx
 import torch.nn as nn
