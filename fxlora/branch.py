@@ -22,12 +22,30 @@ import torch.nn.functional as F
 
 from .layers import target_meta, saved_meta
 from .layers import TargetMeta
-from .ops import add_linear_product, add_update, cast_like, scale_by, scale_update, select_output, stacked_linear_update
+from .ops import (
+    add_linear_product,
+    add_update,
+    cast_like,
+    rows_linear_update,
+    scale_by,
+    scale_update,
+    select_output,
+    stacked_linear_update,
+)
 
 __all__ = ["lora_output", "saved_output", "stackable", "Live"]
 
 # Keep the ops opaque when this module's functions are traced: one node each.
-for _name in ("add_linear_product", "add_update", "cast_like", "scale_by", "scale_update", "select_output", "stacked_linear_update"):
+for _name in (
+    "add_linear_product",
+    "add_update",
+    "cast_like",
+    "rows_linear_update",
+    "scale_by",
+    "scale_update",
+    "select_output",
+    "stacked_linear_update",
+):
     torch.fx.wrap(_name)
 
 
@@ -52,7 +70,9 @@ def _low_rank_update(module: nn.Module, adapter: str, x: torch.Tensor) -> torch.
     return module.lora_B[adapter](lora_a(dropped))
 
 
-Live = Optional[tuple[tuple[str, float], ...]]  # (adapter, gate value) of the branches that run
+#: (adapter, gate value) of the branches that run; a gate value of None means the gate tensor
+#: decides, with one value per batch row (a mixed batch)
+Live = Optional[tuple[tuple[str, Optional[float]], ...]]
 
 
 def stackable(meta: TargetMeta, adapters: list[str]) -> bool:
@@ -72,16 +92,31 @@ def _plain_linear(meta: TargetMeta, adapters: list[str]) -> bool:
     return not spec.lora_bias and spec.dropout == 0
 
 
-def _branches(module: nn.Module, meta: TargetMeta, live: Live) -> tuple[list[str], list]:
-    """The adapters whose branch runs and each one's multiplier: every adapter with its scaling and
-    gate tensors (gated code), or, for eager code of a known state, the live adapters with the
-    Python number ``scaling * gate``."""
+def _rows_linear(meta: TargetMeta, adapters: list[str], live: Live) -> bool:
+    """Eager code of a mixed batch (gates with one value per row) on a linear layer whose adapters
+    have no B bias or dropout: one `rows_linear_update` node reads the layer's tensors itself."""
+    if live is None or meta.kind != "linear" or not adapters or any(gate is not None for _, gate in live):
+        return False
+    return not any(meta.adapters[a].lora_bias or meta.adapters[a].dropout > 0 for a in adapters)
+
+
+def _live_adapters(meta: TargetMeta, live: Live) -> list[str]:
+    """The layer's adapters whose branch runs: all of them in gated code, else the live ones."""
     if live is None:
-        adapters = list(meta.adapters)
-        return adapters, [(getattr(module.lora_scaling, a), getattr(module.lora_gates.scale, a)) for a in adapters]
-    gates = dict(live)
-    adapters = [a for a in meta.adapters if a in gates]
-    return adapters, [meta.adapters[a].scaling * gates[a] for a in adapters]
+        return list(meta.adapters)
+    return [a for a in meta.adapters if a in dict(live)]
+
+
+def _factors(module: nn.Module, meta: TargetMeta, adapters: list[str], live: Live) -> list:
+    """Each adapter's multiplier: its scaling and gate tensors (gated code, or a gate with one
+    value per row), or, for eager code of a known state, the Python number ``scaling * gate``."""
+    gates = {} if live is None else dict(live)
+    return [
+        meta.adapters[a].scaling * gates[a]
+        if gates.get(a) is not None
+        else (getattr(module.lora_scaling, a), getattr(module.lora_gates.scale, a))
+        for a in adapters
+    ]
 
 
 def _scaled(update: torch.Tensor, factor) -> torch.Tensor:
@@ -93,10 +128,14 @@ def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Li
 
     `live` None: every adapter's branch, each multiplied by its scaling and gate *tensors* (the
     code torch.compile sees: adapter state never changes it). `live` given (eager code for a known
-    adapter state, `AdapterGates.eager_state`): only those adapters, multiplied by Python numbers.
+    adapter state, `AdapterGates.eager_state`): only those adapters, multiplied by Python numbers,
+    or by their tensors where the gates hold one value per row (a mixed batch).
     """
     meta = target_meta(module)
-    adapters, factors = _branches(module, meta, live)
+    adapters = _live_adapters(meta, live)
+    if _rows_linear(meta, adapters, live):
+        return rows_linear_update(x, base, module, tuple(adapters))
+    factors = _factors(module, meta, adapters, live)
     if live is not None and _plain_linear(meta, adapters):
         weight = module.lora_A[adapters[0]].weight
         hidden = F.linear(cast_like(x, weight), weight)

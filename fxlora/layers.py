@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -136,16 +136,18 @@ class AdapterGates(nn.Module):
 
     ``eager_state`` mirrors the tensors in Python for eager execution: ``(live, chosen)``, the
     ``(adapter, scale gate)`` pairs whose branch contributes (non-zero gate) and the adapters whose
-    copies are selected,
-    or None when the tensors alone decide (mixed batches). Eager code runs only the live branches;
-    code under ``torch.compile`` never reads it, so state changes never recompile.
+    copies are selected. In a mixed batch every adapter is live with the gate value None (its row
+    gate tensor decides) and ``chosen`` is None (the select tensors decide), and ``row_groups``
+    (`fxlora.mixed_batch.RowGroups`) says which rows use which adapter. Eager code runs only the
+    live branches; code under ``torch.compile`` reads neither, so state changes never recompile.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.scale = TensorSlots()
         self.select = TensorSlots()
-        self.eager_state: Optional[tuple[tuple[tuple[str, float], ...], tuple[str, ...]]] = None
+        self.eager_state: Optional[tuple[tuple[tuple[str, Optional[float]], ...], Optional[tuple[str, ...]]]] = None
+        self.row_groups: Optional[Any] = None
 
     def add(self, adapter: str) -> None:
         if adapter not in self.scale.names():

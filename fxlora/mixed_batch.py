@@ -2,21 +2,35 @@
 
 The gate tensors normally hold one value per adapter. For a mixed batch they temporarily hold one
 value *per row*: ``scale.<a>[i]`` is adapter ``a``'s scale if row ``i`` names ``a`` and 0
-otherwise, ``select.<a>[i]`` says whether row ``i`` uses ``a``'s `modules_to_save` copies. Every
-adapted layer then computes each adapter's update for the whole batch and the row gates keep the
-right rows: no Python loop over rows or adapters in the forward, no sub-batch indexing, and the same
-generated code as a plain call (so a compiled model compiles once for the row-gate shape and never
-again for a new assignment of adapters to rows).
+otherwise, ``select.<a>[i]`` says whether row ``i`` uses ``a``'s `modules_to_save` copies.
+
+Code under ``torch.compile`` is the same generated code as for a plain call: every adapted layer
+computes each adapter's update for the whole batch and the row gates keep the right rows (no
+Python loop over rows, no sub-batch indexing), so a compiled model compiles once for the row-gate
+shape and never again for a new assignment of adapters to rows.
+
+Eager serving (no autograd) does less work: `RowGroups` records which rows use which adapter, and
+each linear layer computes every adapter on its own rows only, with two batched matmuls over the
+adapters (`fxlora.ops.rows_linear_update`). No Python loop over rows or adapters runs per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["BASE", "mixed_batch", "install_row_gates", "prepare_mixed_batch", "batch_size_of", "check_adapter_names"]
+__all__ = [
+    "BASE",
+    "RowGroups",
+    "GroupPlan",
+    "mixed_batch",
+    "install_row_gates",
+    "prepare_mixed_batch",
+    "batch_size_of",
+    "check_adapter_names",
+]
 
 BASE = "__base__"
 
@@ -42,10 +56,64 @@ def check_adapter_names(names: Any, known: Sequence[str], rows: int) -> list[str
     return names
 
 
+class GroupPlan:
+    """The rows of a mixed batch that use some of a layer's adapters, grouped by adapter and padded
+    to equal groups, for batched matmuls over the adapters (`fxlora.ops.grouped_linear_update`).
+
+    - `adapters`: the adapters that some row uses (a subset of the layer's, in the layer's order);
+    - `index`: ``(K * G,)`` row numbers, group after group, padded with the group's first row;
+    - `factors`: ``(K, G, 1)`` each entry's run-time adapter scale, 0 for padding.
+    """
+
+    def __init__(self, adapters: tuple[str, ...], index: torch.Tensor, factors: torch.Tensor) -> None:
+        self.adapters = adapters
+        self.index = index
+        self.factors = factors
+
+
+class RowGroups:
+    """Which rows of a mixed batch use which adapter, for eager serving: built once per call,
+    shared by every layer. Only made when every row uses at most one adapter's update (no
+    adapter is merged: a merged adapter is subtracted on the rows that do not use it)."""
+
+    def __init__(self, names: list[str], scales: dict[str, float], device: torch.device) -> None:
+        self.rows = len(names)
+        self.members = {a: [i for i, n in enumerate(names) if n == a] for a in scales if scales[a] != 0 and a in names}
+        self.scales = scales
+        self.device = device
+        self._plans: dict[tuple[str, ...], Optional[GroupPlan]] = {}
+
+    def plan(self, adapters: tuple[str, ...]) -> Optional[GroupPlan]:
+        """The grouping for a layer carrying `adapters`; None when no row uses any of them."""
+        if adapters not in self._plans:
+            self._plans[adapters] = self._make_plan(adapters)
+        return self._plans[adapters]
+
+    def _make_plan(self, adapters: tuple[str, ...]) -> Optional[GroupPlan]:
+        used = tuple(a for a in adapters if a in self.members)
+        if not used:
+            return None
+        size = max(len(self.members[a]) for a in used)
+        index, factors = [], []
+        for a in used:
+            rows = self.members[a]
+            index += rows + [rows[0]] * (size - len(rows))
+            factors += [self.scales[a]] * len(rows) + [0.0] * (size - len(rows))
+        return GroupPlan(
+            used,
+            torch.tensor(index, device=self.device),
+            torch.tensor(factors, device=self.device).view(len(used), size, 1),
+        )
+
+
 @torch.compiler.disable
 def install_row_gates(lora_model: Any, names: list[str]) -> Callable[[], None]:
     """Replace the gates of `lora_model` by per-row gates for `names`; return the function that
     puts the per-adapter gates back.
+
+    Eager code then runs one code for every assignment of rows: each adapter's branch reads its
+    row gate tensor (`fxlora.branch.Live` with gate value None), and linear layers group the rows
+    by adapter (`RowGroups`; not when an adapter is merged, which some rows would subtract).
 
     Requires: `names` checked with `check_adapter_names`. Kept out of ``torch.compile`` entirely
     (it is Python over names, not tensor code).
@@ -55,25 +123,24 @@ def install_row_gates(lora_model: Any, names: list[str]) -> Callable[[], None]:
     like = getattr(gates.scale, adapters[0])
     index = {a: i for i, a in enumerate(adapters)}
     row_ids = torch.tensor([index.get(n, -1) for n in names], device=like.device)
-    saved_scale = dict(gates.scale._buffers)
-    saved_select = dict(gates.select._buffers)
-    saved_state = gates.eager_state
+    saved = dict(gates.scale._buffers), dict(gates.select._buffers), gates.eager_state, gates.row_groups
 
     @torch.compiler.disable
     def restore() -> None:
-        gates.scale._buffers.update(saved_scale)
-        gates.select._buffers.update(saved_select)
-        gates.eager_state = saved_state
+        gates.scale._buffers.update(saved[0])
+        gates.select._buffers.update(saved[1])
+        gates.eager_state, gates.row_groups = saved[2], saved[3]
 
     try:
-        gates.eager_state = None  # the row gates decide: run every branch
+        used = {a for a in adapters if lora_model._enabled and a in names}
+        wanted = {a: lora_model._scales.get(a, 1.0) if a in used else 0.0 for a in adapters}
         for adapter in adapters:
             rows = (row_ids == index[adapter]).to(like.dtype)
-            if not lora_model._enabled:
-                rows = torch.zeros_like(rows)
-            wanted = rows * lora_model._scales.get(adapter, 1.0)
-            gates.scale._buffers[adapter] = wanted - lora_model._merged_scale.get(adapter, 0.0)
-            gates.select._buffers[adapter] = rows
+            gates.scale._buffers[adapter] = rows * wanted[adapter] - lora_model._merged_scale.get(adapter, 0.0)
+            gates.select._buffers[adapter] = rows if adapter in used else torch.zeros_like(rows)
+        # eager code: every branch reads its row gates (one code for every assignment of rows)
+        gates.eager_state = (tuple((a, None) for a in adapters), None)
+        gates.row_groups = None if lora_model._merged_scale else RowGroups(names, wanted, like.device)
     except BaseException:
         restore()
         raise

@@ -19,6 +19,8 @@ __all__ = [
     "add_update",
     "select_output",
     "stacked_linear_update",
+    "rows_linear_update",
+    "grouped_linear_update",
     "add_scaled_linear",
     "add_linear_product",
     "scale_by",
@@ -99,9 +101,10 @@ def _stack_t(weights: list[torch.Tensor], dim: int, dtype: torch.dtype, scalings
 def stacked_linear_update(
     x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], factors: list, base: torch.Tensor
 ) -> torch.Tensor:
-    """``base + sum_i (x @ A_i.T) * factor_i @ B_i.T`` for several adapters of one linear layer, as
-    two matmuls on the stacked weights (A's rows, B's columns) instead of two per adapter. A factor
-    is ``(scaling, gate)`` tensors (gates all 0-d or all one value per row) or a Python number.
+    """``base + sum_i (x @ A_i.T) * factor_i @ B_i.T`` for the adapters of one linear layer, as two
+    matmuls on the stacked weights (A's rows, B's columns) instead of two per adapter, the second
+    one an ``addmm`` into `base` where dtypes allow. A factor is ``(scaling, gate)`` tensors (gates
+    all 0-d or all one value per row) or a Python number.
 
     Eagerly without autograd (serving) the stacked weights — B's columns already multiplied by the
     scalings — and the gates repeated over the ranks are reused between calls and layers while
@@ -125,7 +128,83 @@ def stacked_linear_update(
     hidden = torch.matmul(x, stacked_a)
     if columns.dim() == 2 and hidden.dim() > 2:
         columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
-    return add_update(base, torch.matmul(hidden * columns, stacked_b))
+    return add_linear_product(base, hidden * columns, stacked_b.t())
+
+
+def rows_linear_update(x: torch.Tensor, base: torch.Tensor, layer: torch.nn.Module, adapters: tuple[str, ...]) -> torch.Tensor:
+    """The update of `adapters` on the adapted linear `layer` for a mixed batch (gates with one
+    value per row), its weights, scalings and gates read from the layer here: eager code makes this
+    one node per layer instead of one attribute read per tensor.
+
+    Serving (no autograd), with the rows grouped by adapter (`fxlora.mixed_batch.RowGroups`), each
+    adapter computes on its own rows only (`grouped_linear_update`); otherwise every adapter
+    computes on every row and the row gates keep the right ones (`stacked_linear_update`).
+
+    Requires: `layer` carries `adapters` (`fxlora.layers.attach_adapter`), none with a B bias or
+    dropout.
+    """
+    children = layer._modules
+    scalings = children["lora_scaling"]._buffers
+    groups = children["lora_gates"].__dict__.get("row_groups")
+    if groups is not None and groups.rows == x.shape[0] and _reusable():
+        plan = groups.plan(adapters)
+        if plan is None:
+            return base
+        sources = _linear_weights(children, plan.adapters) + [scalings[a] for a in plan.adapters]
+        if base.dtype == sources[0].dtype:
+            stacks = _DERIVED.get("grouped", sources, len(plan.adapters), lambda: _grouped_stacks(sources))
+            return grouped_linear_update(x, base, stacks, plan.index, plan.factors)
+    weights = _linear_weights(children, adapters)
+    gates = children["lora_gates"].scale._buffers
+    count = len(adapters)
+    return stacked_linear_update(x, weights[:count], weights[count:], [(scalings[a], gates[a]) for a in adapters], base)
+
+
+def _linear_weights(children: dict, adapters: tuple[str, ...]) -> list[torch.Tensor]:
+    """``[A_1.weight, ..., A_K.weight, B_1.weight, ..., B_K.weight]`` of a layer's adapters, from
+    its child table (``layer._modules``)."""
+    found = []
+    for holder in (children["lora_A"]._modules, children["lora_B"]._modules):
+        for adapter in adapters:
+            module = holder[adapter]
+            weight = module._parameters.get("weight")
+            found.append(module.weight if weight is None else weight)
+    return found
+
+
+def grouped_linear_update(
+    x: torch.Tensor, base: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, factors: torch.Tensor
+) -> torch.Tensor:
+    """``base`` plus, on the rows listed in `index` (K groups of G rows), group k's adapter update
+    times its factor: two batched matmuls over the K adapters, ``(K, G*, in) @ (K, in, R)`` and
+    ``(K, G*, R) @ (K, R, out)``, then one ``index_add`` into a copy of `base` (padding entries
+    have factor 0 and add nothing).
+
+    Requires: `stacks` from `_grouped_stacks` (A transposed; B transposed, times the scalings), in
+    `base`'s dtype; `index` (K * G,) and `factors` (K, G, 1) from `fxlora.mixed_batch.GroupPlan`.
+    """
+    stacked_a, stacked_b = stacks
+    groups, rank = stacked_a.shape[0], stacked_a.shape[2]
+    rows = cast_like(x, stacked_a).index_select(0, index)
+    hidden = torch.bmm(rows.view(groups, -1, stacked_a.shape[1]), stacked_a)
+    hidden = hidden.view(factors.shape[0], factors.shape[1], -1) * cast_like(factors, hidden)  # over positions and ranks
+    update = torch.bmm(hidden.view(groups, -1, rank), stacked_b)
+    return base.index_add(0, index, update.view(index.shape[0], *base.shape[1:]))
+
+
+def _grouped_stacks(sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K, in, R)`` A weights transposed and ``(K, R, out)`` B weights transposed times their
+    scalings, from ``[A_1..A_K, B_1..B_K, scaling_1..scaling_K]``; ranks below the largest are
+    padded with zeros."""
+    k = len(sources) // 3
+    lora_a, lora_b, scalings = sources[:k], sources[k : 2 * k], sources[2 * k :]
+    rank = max(a.shape[0] for a in lora_a)
+    stacked_a = lora_a[0].new_zeros(k, lora_a[0].shape[1], rank)
+    stacked_b = lora_b[0].new_zeros(k, rank, lora_b[0].shape[0])
+    for i, (a, b, s) in enumerate(zip(lora_a, lora_b, scalings)):
+        stacked_a[i, :, : a.shape[0]] = a.t()
+        stacked_b[i, : b.shape[1]] = (b * s.to(b.dtype)).t()
+    return stacked_a, stacked_b
 
 
 def _stacked_pair(lora_a: list, lora_b: list, scalings: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
@@ -130,3 +131,121 @@ def test_generate_with_adapter_names_matches_per_row_generation():
     model.set_adapter("default")
     beams = model.generate(input_ids=ids, adapter_names=names, num_beams=2, num_return_sequences=2, **kwargs)
     assert beams.shape[0] == 6
+
+
+# --------------------------------------------------------------------------- properties
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+import fxlora.ops  # noqa: E402
+
+
+class SequenceStack(nn.Module):
+    """Linear layers on (batch, positions, features) or (batch, features) inputs, with a
+    data-dependent block in the middle (an eager-path target)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.inp = nn.Linear(width, width)
+        self.mid = Untraceable(width)
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(self.inp(x))))
+
+
+class Untraceable(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        if x.abs().max() > 1e6:  # cannot be traced
+            return x
+        return self.fc(x)
+
+
+LAYERS = ["inp", "mid.fc", "out"]
+
+
+@st.composite
+def mixed_setups(draw):
+    n_adapters = draw(st.integers(1, 3))
+    adapters = []
+    for i in range(n_adapters):
+        targets = draw(st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True))
+        adapters.append(
+            dict(
+                name=f"a{i}",
+                targets=targets,
+                r=draw(st.sampled_from([1, 2, 4])),
+                alpha=draw(st.sampled_from([1, 3, 8])),
+                scale=draw(st.sampled_from([1.0, 1.0, 0.5, 0.0, -2.0])),
+            )
+        )
+    rows = draw(st.integers(1, 7))
+    names = draw(st.lists(st.sampled_from([a["name"] for a in adapters] + ["__base__"]), min_size=rows, max_size=rows))
+    positions = draw(st.sampled_from([None, 3]))
+    merged = draw(st.sampled_from([None] + [a["name"] for a in adapters]))
+    return adapters, names, positions, merged
+
+
+@given(
+    setup=mixed_setups(),
+    mode=st.sampled_from(list(MODES)),
+    policy=st.sampled_from(["auto", "eager"]),
+)
+def test_mixed_batch_equals_row_by_row(setup, mode, policy):
+    """Any assignment of adapters (of any ranks, alphas, targets and run-time scales, one of them
+    possibly merged) to rows computes, row for row, what that row's adapter alone computes."""
+    adapters, names, positions, merged = setup
+    torch.manual_seed(0)
+    width = 5
+    first, *others = adapters
+    config = lambda a: LoraConfig(target_modules=a["targets"], r=a["r"], lora_alpha=a["alpha"], init_lora_weights=False)  # noqa: E731
+    model = fxlora.transform(SequenceStack(width), config(first), adapter_name=first["name"], trace=policy)
+    for a in others:
+        model.add_adapter(a["name"], config(a))
+    model.eval()
+    for a in adapters:
+        model.set_adapter_scale(a["name"], a["scale"])
+    if merged is not None:
+        model.set_adapter(merged)
+        model.merge_adapter()
+    x = torch.randn(len(names), *([positions] if positions else []), width)
+    with MODES[mode]():
+        out = model(x, adapter_names=names).detach().clone()
+    expected = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                expected.append(model(x[i : i + 1]))
+        else:
+            model.set_adapter(name)
+            expected.append(model(x[i : i + 1]))
+    torch.testing.assert_close(out, torch.cat(expected).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_serving_groups_rows_by_adapter(monkeypatch):
+    """Eager serving computes each adapter on its own rows only (batched matmuls over the adapters),
+    not every adapter on every row; with autograd, or with a merged adapter, it computes densely."""
+    grouped = []
+    original = fxlora.ops.grouped_linear_update
+    monkeypatch.setattr(fxlora.ops, "grouped_linear_update", lambda x, base, stacks, index, factors: grouped.append(index.tolist()) or original(x, base, stacks, index, factors))
+    torch.manual_seed(0)
+    model = fxlora.transform(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"], r=2, init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(target_modules=["0"], r=3, init_lora_weights=False))
+    model.eval()
+    names = ["b", "__base__", "a", "b", "b"]
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        served = model(x, adapter_names=names)
+    assert grouped == [[2, 2, 2, 0, 3, 4]]  # a: row 2 (padded to 3 entries); b: rows 0, 3, 4
+    with torch.enable_grad():
+        dense = model(x, adapter_names=names)
+    assert len(grouped) == 1
+    torch.testing.assert_close(served, dense)
+    model.merge_adapter()  # "a" is merged: rows that use "b" or the base subtract it
+    with torch.no_grad():
+        model(x, adapter_names=names)
+    assert len(grouped) == 1

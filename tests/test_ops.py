@@ -80,3 +80,49 @@ def test_inference_tensors_are_used_without_reuse():
         factors = [(torch.tensor(1.5), g) for g in gates]
         got = stacked_linear_update(x, lora_a, lora_b, factors, base)
     torch.testing.assert_close(got, reference(x, lora_a, lora_b, factors, base))
+
+
+def test_grouped_update_adds_each_groups_adapter_to_its_rows_only():
+    from fxlora.ops import _grouped_stacks, grouped_linear_update
+
+    lora_a, lora_b = weights(ranks=(2, 4))  # ranks padded to 4 in the stacks
+    scalings = [torch.tensor(0.5), torch.tensor(3.0)]
+    x, base = torch.randn(5, 2, 6), torch.randn(5, 2, 5)  # rows, positions, features
+    # adapter 0 on row 3 (padded with row 3 again, factor 0), adapter 1 on rows 0 and 4 (scale 2)
+    index = torch.tensor([3, 3, 0, 4])
+    factors = torch.tensor([[1.0], [0.0], [2.0], [2.0]]).view(2, 2, 1)
+    got = grouped_linear_update(x, base, _grouped_stacks(lora_a + lora_b + scalings), index, factors)
+    expected = base.clone()
+    expected[3] += (x[3] @ lora_a[0].T) @ lora_b[0].T * 0.5
+    for row in (0, 4):
+        expected[row] += (x[row] @ lora_a[1].T) @ lora_b[1].T * 3.0 * 2.0
+    torch.testing.assert_close(got, expected)
+
+
+def test_served_mixed_batches_follow_weight_changes():
+    """The stacks kept between serving calls are rebuilt when a weight changes in place or is
+    replaced."""
+    import fxlora
+
+    torch.manual_seed(0)
+    model = fxlora.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), fxlora.LoraConfig(target_modules=["0"], init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", fxlora.LoraConfig(target_modules=["0"], r=2, init_lora_weights=False))
+    model.eval()
+    x, names = torch.randn(3, 4), ["a", "b", "__base__"]
+
+    def row_by_row():
+        model.set_adapter("a")
+        first = model(x[:1])
+        model.set_adapter("b")
+        second = model(x[1:2])
+        with model.disable_adapter():
+            third = model(x[2:])
+        return torch.cat([first, second, third])
+
+    with torch.no_grad():
+        before = model(x, adapter_names=names)
+        model.get_submodule("0.lora_B.b").weight.mul_(-3)  # in place
+        torch.testing.assert_close(model(x, adapter_names=names), row_by_row())
+        model.get_submodule("0.lora_A.a").weight = torch.nn.Parameter(torch.randn(8, 4))  # replaced
+        torch.testing.assert_close(model(x, adapter_names=names), row_by_row())
+    assert not torch.allclose(before, row_by_row())

@@ -50,7 +50,7 @@ def _template_key(module: nn.Module, meta: TargetMeta, live: Live) -> Hashable:
         extra = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
     gates = None if live is None else dict(live)
     adapters = tuple(
-        (name, spec.lora_bias, spec.dropout > 0, None if gates is None else spec.scaling * gates[name])
+        (name, spec.lora_bias, spec.dropout > 0, None if gates is None or gates[name] is None else spec.scaling * gates[name])
         for name, spec in meta.adapters.items()
         if gates is None or name in gates
     )
@@ -62,20 +62,21 @@ _TEMPLATES: dict[Hashable, fx.Graph] = {}  # traced once per process; templates 
 
 def branch_template(module: nn.Module, live: Live = None) -> fx.Graph:
     """`lora_output(module, x, base, live)` as a graph with placeholders (x, base) and node
-    targets relative to `module`."""
+    targets relative to `module` ("" for the layer itself, handed to an op)."""
     host = _BranchHost(module, live)
     graph = LoraTracer({id(host)}).trace(host)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            if not node.target.startswith("layer."):
+            if node.target != "layer" and not node.target.startswith("layer."):
                 raise RuntimeError(f"internal error: the LoRA branch reads {node.target!r}, outside the layer")
-            node.target = node.target.removeprefix("layer.")
+            node.target = node.target.removeprefix("layer").removeprefix(".")
     return graph
 
 
 def splice(graph: fx.Graph, template: fx.Graph, prefix: str, inputs: list, tag: str) -> object:
     """Copy `template`'s nodes into `graph` at the current insertion point, binding its
-    placeholders to `inputs` and prefixing module/attribute targets; return the output value."""
+    placeholders to `inputs` and prefixing module/attribute targets (`prefix` ends with a dot; a
+    target "" names the module `prefix` itself); return the output value."""
     env: dict[fx.Node, object] = {}
     placeholders = [n for n in template.nodes if n.op == "placeholder"]
     env.update(zip(placeholders, inputs))
@@ -84,7 +85,7 @@ def splice(graph: fx.Graph, template: fx.Graph, prefix: str, inputs: list, tag: 
             continue
         if node.op == "output":
             return fx.map_arg(node.args[0], lambda n: env[n])
-        target = prefix + node.target if node.op in ("call_module", "get_attr") else node.target
+        target = (prefix + node.target).rstrip(".") if node.op in ("call_module", "get_attr") else node.target
         args = fx.map_arg(node.args, lambda n: env[n])
         kwargs = fx.map_arg(node.kwargs, lambda n: env[n])
         new = graph.create_node(node.op, target, args, kwargs, type_expr=node.type)
