@@ -1,11 +1,13 @@
 """Many adapters: mixed-batch forward cost, switch latency and compilation counts, fxlora vs peft.
 
-24 Linear(1024) layers, r=16, batch 64, 3 adapters plus base rows; switch latency on 240 targeted
-layers; compilation counts over the sequence: first call, same call, set_adapter to another adapter,
-back, disable, enable, merge, unmerge, a new scale, a first mixed batch, a mixed batch with another
-row assignment. All measured in one run.
+24 Linear(1024) layers, r=16, batch 64, 3 adapters plus base rows, eager and with every model
+``torch.compile``d: each ratio is given as the median of the per-round ratios and as the ratio of
+the fastest rounds (this shared machine's interference only ever slows a round down). Switch
+latency on 240 targeted layers, in eval and in train mode; compilation counts over the sequence:
+first call, same call, set_adapter to another adapter, back, disable, enable, merge, unmerge, a new
+scale, a first mixed batch, a mixed batch with another row assignment. All measured in one run.
 
-    python benchmarks/bench_adapters.py [--rounds 15]
+    python benchmarks/bench_adapters.py [--rounds 31]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn as nn
 from torch._dynamo.testing import CompileCounter
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import interleaved, table  # noqa: E402
+from common import interleaved_samples, paired_ratios, table  # noqa: E402
 
 import fxlora  # noqa: E402
 
@@ -58,17 +60,26 @@ def mixed_batch_ratios(rounds: int) -> list[dict]:
 
         return f
 
-    t = interleaved({"base": run(base), "fxlora": run(fx_model, adapter_names=names), "peft": run(pm, adapter_names=names)}, rounds)
+    eager = interleaved_samples({"base": run(base), "fxlora": run(fx_model, adapter_names=names), "peft": run(pm, adapter_names=names)}, rounds)
     # the same, every model torch.compile'd (each compiled for the mixed batch before timing)
     torch._dynamo.reset()
     cbase, cfx, cpm = (torch.compile(m) for m in (base, fx_model, pm))
-    c = interleaved({"base": run(cbase), "fxlora": run(cfx, adapter_names=names), "peft": run(cpm, adapter_names=names)}, rounds)
+    compiled = interleaved_samples({"base": run(cbase), "fxlora": run(cfx, adapter_names=names), "peft": run(cpm, adapter_names=names)}, rounds)
     torch._dynamo.reset()
     label = "mixed batch / base forward (24x Linear(1024), r=16, batch 64, 3 adapters + base rows)"
-    return [
-        {"measure": label + ", eager", "fxlora": f"{t['fxlora'] / t['base']:.3f}x", "peft": f"{t['peft'] / t['base']:.3f}x", "goal": "<= 1.2x"},
-        {"measure": label + ", compiled", "fxlora": f"{c['fxlora'] / c['base']:.3f}x", "peft": f"{c['peft'] / c['base']:.3f}x", "goal": "<= 1.2x"},
-    ]
+    rows = []
+    for mode, samples in (("eager", eager), ("compiled", compiled)):
+        ratios = paired_ratios(samples, "base")
+        for stat, i in (("median of rounds", 0), ("fastest rounds", 1)):
+            rows.append(
+                {
+                    "measure": f"{label}, {mode}, {stat}",
+                    "fxlora": f"{ratios['fxlora'][i]:.3f}x",
+                    "peft": f"{ratios['peft'][i]:.3f}x",
+                    "goal": "<= 1.2x",
+                }
+            )
+    return rows
 
 
 def switch_latency() -> list[dict]:
@@ -91,7 +102,7 @@ def switch_latency() -> list[dict]:
     peft_train = per_switch(pm.set_adapter, 20)
     return [
         {"measure": "set_adapter, 240 targeted layers, eval mode (ms)", "fxlora": f"{fx_ms:.3f}", "peft": f"{peft_ms:.3f}", "goal": "< 0.5"},
-        {"measure": "set_adapter, 240 targeted layers, train mode (ms)", "fxlora": f"{fx_train:.3f}", "peft": f"{peft_train:.3f}", "goal": ""},
+        {"measure": "set_adapter, 240 targeted layers, train mode (ms)", "fxlora": f"{fx_train:.3f}", "peft": f"{peft_train:.3f}", "goal": "< 0.5"},
     ]
 
 
@@ -136,7 +147,7 @@ def compile_counts() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=31)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, eager mode unless stated")

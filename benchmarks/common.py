@@ -11,8 +11,11 @@ from typing import Callable
 import torch
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 15, inner: int = 3, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, timing them in turn, round after round."""
+def interleaved_samples(
+    fns: dict[str, Callable[[], object]], rounds: int = 15, inner: int = 3, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, one sample per round, timing them in turn, round after
+    round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -24,7 +27,24 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 15, inner: i
             for _ in range(inner):
                 fn()
             samples[name].append((time.perf_counter() - start) / inner)
+    return samples
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 15, inner: int = 3, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timing them in turn, round after round."""
+    samples = interleaved_samples(fns, rounds, inner, warmup)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def paired_ratios(samples: dict[str, list[float]], reference: str) -> dict[str, tuple[float, float]]:
+    """Each function's time over `reference`'s: the median of the per-round ratios (the two were
+    timed next to each other, so drift cancels) and the ratio of the fastest rounds (on a shared
+    machine interference only ever slows a round down)."""
+    base = samples[reference]
+    return {
+        name: (statistics.median(a / b for a, b in zip(values, base)), min(values) / min(base))
+        for name, values in samples.items()
+    }
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, loss_fn: Callable, optimizer: torch.optim.Optimizer) -> Callable[[], None]:

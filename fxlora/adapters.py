@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .apply import attach_plan, reinstall_forwards, restore_requires_grad, set_trainable
+from .apply import attach_plan, reinstall_forwards, restore_requires_grad
 from .combine import COMBINATIONS, combined_weights, layer_rank
 from .config import LoraConfig
 from .explain import report_from_plan
@@ -90,6 +90,7 @@ class AdapterMixin:
         self.peft_config[adapter_name] = config
         self.reports[adapter_name] = report_from_plan(plan)
         self._trainable[adapter_name] = True
+        self._trainable_flags.invalidate()
         self._sync_gates()
         self._sync_trainable()
 
@@ -110,6 +111,7 @@ class AdapterMixin:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() it first")
         self._drop_adapter_modules(adapter_name)
         reinstall_forwards(self.model, self._trace_policy)
+        self._trainable_flags.invalidate()
         del self.peft_config[adapter_name]
         self.reports.pop(adapter_name, None)
         self._trainable.pop(adapter_name, None)
@@ -256,12 +258,13 @@ class AdapterMixin:
     # ------------------------------------------------------------------ trainable flags
     def _sync_trainable(self, force: bool = False) -> None:
         """Let exactly the active, trainable adapters train. Deferred while in eval mode (applied
-        by ``train()`` and by the parameter reports), so switching adapters to serve stays O(1)."""
+        by ``train()`` and by the parameter reports), so switching adapters to serve stays O(1);
+        in train mode only the parameters of the adapters switched on or off are touched."""
         if not (self.training or force):
             self._trainable_stale = True
             return
         wanted = {a: self.peft_config[a].bias for a in self._active if self._trainable.get(a, True)}
-        set_trainable(self.model, wanted)
+        self._trainable_flags.apply(wanted)
         self._trainable_stale = False
 
     def set_trainable_adapter(self, adapter_name: str, trainable: bool = True) -> None:

@@ -25,7 +25,7 @@ from .checkpoint import CheckpointMixin
 from .config import LoraConfig
 from .explain import Report
 from .forwards import GraphForward, installed_forward
-from .apply import lora_parameters
+from .apply import TrainableFlags, lora_parameters
 from .layers import LORA_CHILDREN, AdapterGates, saved_meta, target_meta
 from .merge import MergeMixin
 from .mixed_batch import batch_size_of, check_adapter_names, mixed_batch, prepare_mixed_batch
@@ -61,6 +61,7 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         self._scales: dict[str, float] = {}  # run-time scale per adapter (default 1.0)
         self._merged_scale: dict[str, float] = {}  # scale each merged adapter was folded in with
         self._trainable: dict[str, bool] = {}
+        self._trainable_flags = TrainableFlags(model)
         self._trainable_stale = False
         self._trace_policy = trace_policy
         self._base_requires_grad: dict[str, bool] = {}  # the user's flags, restored by unload()

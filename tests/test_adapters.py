@@ -1,11 +1,11 @@
 """Several adapters on one model: add, activate (one or several), delete, disable, scale."""
 
 import copy
-import time
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, strategies as st
 
 import fxlora
 from fxlora import LoraConfig
@@ -140,22 +140,77 @@ def test_scale_and_layer_toggles():
     torch.testing.assert_close(lin(z) - b, 0.5 * u)
 
 
-def test_switch_cost_does_not_grow_with_layers():
-    def switch_ms(n_layers):
-        stack = nn.Sequential(*[nn.Linear(16, 16) for _ in range(n_layers)])
-        model = fxlora.transform(stack, LoraConfig(target_modules="all-linear"))
-        model.add_adapter("other", LoraConfig(target_modules="all-linear"))
-        model.eval()
-        for _ in range(20):
-            model.set_adapter("other")
-        start = time.perf_counter()
-        for i in range(200):
-            model.set_adapter("other" if i % 2 else "default")
-        return (time.perf_counter() - start) / 200 * 1e3
+@pytest.mark.parametrize("training", [False, True])
+def test_switching_walks_no_module_tree(monkeypatch, training):
+    """A switch writes the gate tensors and, in train mode, the flags of the adapters switched on or
+    off, from lists kept between switches: no walk over the model's modules, whatever its size."""
+    stack = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+    model = fxlora.transform(stack, LoraConfig(target_modules="all-linear"))
+    model.add_adapter("other", LoraConfig(target_modules="all-linear", bias="lora_only"))
+    model.train(training)
+    model.set_adapter("other"), model.set_adapter("default")  # lists built once
 
-    small, large = switch_ms(10), switch_ms(240)
-    assert large < 0.5, large
-    assert large < 3 * small + 0.05, (small, large)
+    def no_walk(*args, **kwargs):
+        raise AssertionError("a switch walked the module tree")
+
+    for method in ("modules", "named_modules", "parameters", "named_parameters", "children"):
+        monkeypatch.setattr(nn.Module, method, no_walk)
+    model.set_adapter("other")
+    model.set_adapter(["default", "other"])
+    model.set_adapter("default")
+    monkeypatch.undo()
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if ".lora_" in n and ".default." in n}
+
+
+@st.composite
+def switch_sequences(draw):
+    biases = [draw(st.sampled_from(["none", "all", "lora_only"])) for _ in range(3)]
+    saved = draw(st.booleans())
+    steps = draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("set"), st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3, unique=True)),
+                st.tuples(st.just("trainable"), st.sampled_from(["a", "b", "c"]), st.booleans()),
+                st.tuples(st.just("mode"), st.booleans()),
+                st.tuples(st.just("assign"), st.sampled_from(["a", "b", "c"])),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    return biases, saved, steps
+
+
+@given(setup=switch_sequences())
+def test_trainable_flags_equal_a_full_recomputation_after_any_switches(setup):
+    """However adapters are switched, made (un)trainable, or have weights replaced in their modules
+    (``load_state_dict(assign=True)``), in train mode exactly the active trainable adapters' weights
+    and copies, and the biases their ``bias`` settings name, require grad."""
+    from fxlora.apply import set_trainable
+
+    biases, saved, steps = setup
+    torch.manual_seed(0)
+    model = fxlora.transform(Mixed(), LoraConfig(target_modules=["stem", "blocks.1.0"], bias=biases[0]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(target_modules=["stem", "blocks.0.fc1"], bias=biases[1], modules_to_save=["head"] if saved else None))
+    model.add_adapter("c", LoraConfig(target_modules=["blocks.0.fc2"], bias=biases[2]))
+    model.train()
+    for step in steps:
+        if step[0] == "set":
+            model.set_adapter(step[1])
+        elif step[0] == "trainable":
+            model.set_trainable_adapter(step[1], step[2])
+        elif step[0] == "mode":
+            model.train(step[1])
+        else:
+            weights = {n: torch.randn_like(p) for n, p in model.named_parameters() if f".{step[1]}." in n}
+            model.load_state_dict(weights, strict=False, assign=True)
+    model.train()
+    got = {n: p.requires_grad for n, p in model.named_parameters()}
+    wanted = {a: model.peft_config[a].bias for a in model.active_adapters if model._trainable[a]}
+    set_trainable(model.model, wanted)  # the rule, recomputed from scratch
+    assert got == {n: p.requires_grad for n, p in model.named_parameters()}
 
 
 def test_trainable_flags_follow_active_adapters_after_eval_switches():
