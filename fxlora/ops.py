@@ -38,12 +38,17 @@ def _per_row(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A 0-d gate as is; a gate with one value per batch row shaped to broadcast over `like`."""
     if gate.dim() == 0:
         return gate
-    if gate.shape[0] != like.shape[0]:
+    _check_rows(gate.shape[0], like)
+    return gate.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _check_rows(rows: int, like: torch.Tensor) -> None:
+    """Row gates (a mixed batch) fit a layer's input only if it has one row per gate value."""
+    if rows != like.shape[0]:
         raise RuntimeError(
-            f"the adapter gates hold {gate.shape[0]} rows but a layer received a batch of {like.shape[0]}; "
+            f"the adapter gates hold {rows} rows but a layer received a batch of {like.shape[0]}; "
             "adapter_names needs one entry per row of the batch"
         )
-    return gate.view(-1, *([1] * (like.dim() - 1)))
 
 
 def scale_update(update: torch.Tensor, scaling: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -126,7 +131,8 @@ def stacked_linear_update(
         columns = _column_factors([(s * g).to(dtype) for s, g in factors], ranks)
         stacked_a, stacked_b = _stack_t(lora_a, 0, dtype), _stack_t(lora_b, 1, dtype)
     hidden = torch.matmul(x, stacked_a)
-    if columns.dim() == 2 and hidden.dim() > 2:
+    if columns.dim() == 2:
+        _check_rows(columns.shape[0], hidden)
         columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
     return add_linear_product(base, hidden * columns, stacked_b.t())
 

@@ -249,3 +249,24 @@ def test_serving_groups_rows_by_adapter(monkeypatch):
     with torch.no_grad():
         model(x, adapter_names=names)
     assert len(grouped) == 1
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_layer_that_sees_other_rows_gets_a_clear_error(grad):
+    """Row gates apply along the batch dimension: a layer fed a reshaped batch (here rows folded
+    into positions) cannot apply them, and says so, served or not."""
+
+    class Folding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x.reshape(-1, 4))
+
+    model = fxlora.transform(Folding(), LoraConfig(target_modules=["proj"], init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(target_modules=["proj"], init_lora_weights=False))
+    model.eval()
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="gates hold 2 rows but a layer received a batch of 6"):
+        model(torch.randn(2, 3, 4), adapter_names=["a", "b"])
+    assert model.get_submodule("proj").lora_gates.scale.a.dim() == 0
