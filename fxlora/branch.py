@@ -22,14 +22,15 @@ import torch.nn.functional as F
 
 from .layers import target_meta, saved_meta
 from .layers import TargetMeta
+from .stacks import stack_supported
 from .ops import (
     add_linear_product,
     add_update,
     cast_like,
-    rows_linear_update,
     scale_by,
     scale_update,
     select_output,
+    stacked_layer_update,
     stacked_linear_update,
 )
 
@@ -40,10 +41,10 @@ for _name in (
     "add_linear_product",
     "add_update",
     "cast_like",
-    "rows_linear_update",
     "scale_by",
     "scale_update",
     "select_output",
+    "stacked_layer_update",
     "stacked_linear_update",
 ):
     torch.fx.wrap(_name)
@@ -92,12 +93,12 @@ def _plain_linear(meta: TargetMeta, adapters: list[str]) -> bool:
     return not spec.lora_bias and spec.dropout == 0
 
 
-def _rows_linear(meta: TargetMeta, adapters: list[str], live: Live) -> bool:
-    """Eager code of a mixed batch (gates with one value per row) on a linear layer whose adapters
-    have no B bias or dropout: one `rows_linear_update` node reads the layer's tensors itself."""
-    if live is None or meta.kind != "linear" or not adapters or any(gate is not None for _, gate in live):
+def _serves_rows(meta: TargetMeta, adapters: list[str], live: Live) -> bool:
+    """Eager code of a mixed batch (row gates) on a linear layer whose adapters can be stacked:
+    one `stacked_layer_update` node reads the layer's tensors itself."""
+    if live is None or not adapters or any(gate is not None for _, gate in live):
         return False
-    return not any(meta.adapters[a].lora_bias or meta.adapters[a].dropout > 0 for a in adapters)
+    return stack_supported(meta)
 
 
 def _live_adapters(meta: TargetMeta, live: Live) -> list[str]:
@@ -133,8 +134,8 @@ def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Li
     """
     meta = target_meta(module)
     adapters = _live_adapters(meta, live)
-    if _rows_linear(meta, adapters, live):
-        return rows_linear_update(x, base, module, tuple(adapters))
+    if _serves_rows(meta, adapters, live):
+        return stacked_layer_update(x, base, module, tuple(adapters))
     factors = _factors(module, meta, adapters, live)
     if live is not None and _plain_linear(meta, adapters):
         weight = module.lora_A[adapters[0]].weight

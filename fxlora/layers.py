@@ -98,6 +98,7 @@ class TargetMeta:
     fan_in_fan_out: bool
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
+    stack: Optional[Any] = field(default=None, compare=False, repr=False)  # `fxlora.stacks.layer_stack`
 
 
 @dataclass

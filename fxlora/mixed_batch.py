@@ -11,7 +11,8 @@ shape and never again for a new assignment of adapters to rows.
 
 Eager serving (no autograd) does less work: `RowGroups` records which rows use which adapter, and
 each linear layer computes every adapter on its own rows only, with two batched matmuls over the
-adapters (`fxlora.ops.rows_linear_update`). No Python loop over rows or adapters runs per layer.
+adapters on their weights stacked once and kept between calls (`fxlora.ops.stacked_layer_update`,
+`fxlora.stacks`). No Python loop over rows or adapters runs per layer.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class GroupPlan:
     """The rows of a mixed batch that use some of a layer's adapters, grouped by adapter and padded
     to equal groups, for batched matmuls over the adapters (`fxlora.ops.grouped_linear_update`).
 
-    - `adapters`: the adapters that some row uses (a subset of the layer's, in the layer's order);
+    - `adapters`: the layer's adapters that some row uses, in the layer's order;
     - `index`: ``(K * G,)`` row numbers, group after group, padded with the group's first row;
     - `factors`: ``(K, G, 1)`` each entry's run-time adapter scale, 0 for padding.
     """

@@ -7,11 +7,12 @@ shape- and dtype-dependent logic of the branch, so the branch itself stays strai
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Callable, Hashable, Optional
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from .stacks import adapter_sources, layer_stack
 
 __all__ = [
     "cast_like",
@@ -19,7 +20,7 @@ __all__ = [
     "add_update",
     "select_output",
     "stacked_linear_update",
-    "rows_linear_update",
+    "stacked_layer_update",
     "grouped_linear_update",
     "add_scaled_linear",
     "add_linear_product",
@@ -64,42 +65,8 @@ def _column_factors(factors: list[torch.Tensor], ranks: list[int]) -> torch.Tens
     return torch.cat([f.reshape(-1, 1).expand(-1, r) for f, r in zip(factors, ranks)], dim=1)
 
 
-class _DerivedTensors:
-    """Tensors derived from other tensors (stacked adapter weights, row-gate columns), kept between
-    eager no-grad calls — serving mixed batches — and rebuilt when any source tensor changed
-    (``Tensor._version``) or was replaced. An entry is dropped with its first source tensor."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple] = {}  # (kind, id of first source, extra) -> (stamp, value)
-
-    def get(self, kind: str, sources: list[torch.Tensor], extra: Hashable, build: Callable[[], Any]) -> Any:
-        try:
-            stamp = tuple((id(t), t._version) for t in sources)
-        except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
-            return build()
-        key = (kind, id(sources[0]), extra)
-        entry = self._entries.get(key)
-        if entry is None or entry[0] != stamp:
-            if entry is None:
-                weakref.finalize(sources[0], self._entries.pop, key, None)
-            entry = (stamp, build())
-            self._entries[key] = entry
-        return entry[1]
-
-
-_DERIVED = _DerivedTensors()
-
-
-def _reusable() -> bool:
-    """Derived tensors may be reused: eager code without autograd (a reused tensor would cut
-    the graph to its sources; torch.compile traces the plain computation)."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
-
-
-def _stack_t(weights: list[torch.Tensor], dim: int, dtype: torch.dtype, scalings: Optional[list] = None) -> torch.Tensor:
-    """The weights (each times its scaling, if given) concatenated along `dim`, transposed."""
-    if scalings is not None:
-        weights = [w.to(dtype) * s.to(dtype) for w, s in zip(weights, scalings)]
+def _stack_t(weights: list[torch.Tensor], dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weights concatenated along `dim`, transposed."""
     return torch.cat([w.to(dtype) for w in weights], dim=dim).t()
 
 
@@ -111,71 +78,55 @@ def stacked_linear_update(
     one an ``addmm`` into `base` where dtypes allow. A factor is ``(scaling, gate)`` tensors (gates
     all 0-d or all one value per row) or a Python number.
 
-    Eagerly without autograd (serving) the stacked weights — B's columns already multiplied by the
-    scalings — and the gates repeated over the ranks are reused between calls and layers while
-    their sources are unchanged, so a layer runs little more than its two matmuls.
-
     Requires: no B bias, no dropout (the caller checks).
     """
     dtype = lora_a[0].dtype
     x = cast_like(x, lora_a[0])
-    ranks = tuple(a.shape[0] for a in lora_a)
+    ranks = [a.shape[0] for a in lora_a]
     if isinstance(factors[0], float):
         columns = torch.tensor([f for f, r in zip(factors, ranks) for _ in range(r)], dtype=dtype, device=x.device)
-        stacked_a, stacked_b = _stack_t(lora_a, 0, dtype), _stack_t(lora_b, 1, dtype)
-    elif _reusable():
-        scalings, gates = [s for s, _ in factors], [g for _, g in factors]
-        stacked_a, stacked_b = _DERIVED.get("weights", lora_a + lora_b + scalings, dtype, lambda: _stacked_pair(lora_a, lora_b, scalings, dtype))
-        columns = _DERIVED.get("gates", gates, (dtype, ranks), lambda: _column_factors([g.to(dtype) for g in gates], ranks))
     else:
         columns = _column_factors([(s * g).to(dtype) for s, g in factors], ranks)
-        stacked_a, stacked_b = _stack_t(lora_a, 0, dtype), _stack_t(lora_b, 1, dtype)
-    hidden = torch.matmul(x, stacked_a)
+    hidden = torch.matmul(x, _stack_t(lora_a, 0, dtype))
+    return add_linear_product(base, _times_columns(hidden, columns), torch.cat([b.to(dtype) for b in lora_b], dim=1))
+
+
+def _times_columns(hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """`hidden` (rows, ..., R) times per-rank factors: (R,), or (rows, R) for row gates."""
     if columns.dim() == 2:
         _check_rows(columns.shape[0], hidden)
         columns = columns.view(columns.shape[0], *([1] * (hidden.dim() - 2)), columns.shape[1])
-    return add_linear_product(base, hidden * columns, stacked_b.t())
+    return hidden * columns
 
 
-def rows_linear_update(x: torch.Tensor, base: torch.Tensor, layer: torch.nn.Module, adapters: tuple[str, ...]) -> torch.Tensor:
-    """The update of `adapters` on the adapted linear `layer` for a mixed batch (gates with one
-    value per row), its weights, scalings and gates read from the layer here: eager code makes this
-    one node per layer instead of one attribute read per tensor.
+def stacked_layer_update(x: torch.Tensor, base: torch.Tensor, layer: torch.nn.Module, adapters: tuple[str, ...]) -> torch.Tensor:
+    """`base` plus the updates of `adapters` on the adapted linear `layer` for a mixed batch (row
+    gates), their tensors read from the layer here: eager code makes this one node per layer
+    instead of one attribute read per tensor.
 
-    Serving (no autograd), with the rows grouped by adapter (`fxlora.mixed_batch.RowGroups`), each
-    adapter computes on its own rows only (`grouped_linear_update`); otherwise every adapter
-    computes on every row and the row gates keep the right ones (`stacked_linear_update`).
+    Serving (no autograd, rows grouped by adapter: `fxlora.mixed_batch.RowGroups`), each adapter
+    computes on its own rows only (`grouped_linear_update`, on the layer's
+    `fxlora.stacks.AdapterStack`). Otherwise (with autograd, or with a merged adapter, which some
+    rows subtract) every adapter computes on every row and the row gates keep the right ones
+    (`stacked_linear_update`).
 
     Requires: `layer` carries `adapters` (`fxlora.layers.attach_adapter`), none with a B bias or
     dropout.
     """
     children = layer._modules
-    scalings = children["lora_scaling"]._buffers
     groups = children["lora_gates"].__dict__.get("row_groups")
-    if groups is not None and groups.rows == x.shape[0] and _reusable():
+    if groups is not None and groups.rows == x.shape[0] and not torch.is_grad_enabled():
         plan = groups.plan(adapters)
         if plan is None:
             return base
-        sources = _linear_weights(children, plan.adapters) + [scalings[a] for a in plan.adapters]
-        if base.dtype == sources[0].dtype:
-            stacks = _DERIVED.get("grouped", sources, len(plan.adapters), lambda: _grouped_stacks(sources))
-            return grouped_linear_update(x, base, stacks, plan.index, plan.factors)
-    weights = _linear_weights(children, adapters)
-    gates = children["lora_gates"].scale._buffers
+        stack = layer_stack(layer, plan.adapters)
+        if base.dtype == stack.a.dtype:
+            return grouped_linear_update(x, base, (stack.a, stack.b), plan.index, plan.factors)
+    sources = adapter_sources(layer, adapters)
     count = len(adapters)
-    return stacked_linear_update(x, weights[:count], weights[count:], [(scalings[a], gates[a]) for a in adapters], base)
-
-
-def _linear_weights(children: dict, adapters: tuple[str, ...]) -> list[torch.Tensor]:
-    """``[A_1.weight, ..., A_K.weight, B_1.weight, ..., B_K.weight]`` of a layer's adapters, from
-    its child table (``layer._modules``)."""
-    found = []
-    for holder in (children["lora_A"]._modules, children["lora_B"]._modules):
-        for adapter in adapters:
-            module = holder[adapter]
-            weight = module._parameters.get("weight")
-            found.append(module.weight if weight is None else weight)
-    return found
+    gates = children["lora_gates"].scale
+    factors = [(s, getattr(gates, a)) for s, a in zip(sources[2 * count :], adapters)]
+    return stacked_linear_update(x, sources[:count], sources[count : 2 * count], factors, base)
 
 
 def grouped_linear_update(
@@ -186,8 +137,9 @@ def grouped_linear_update(
     ``(K, G*, R) @ (K, R, out)``, then one ``index_add`` into a copy of `base` (padding entries
     have factor 0 and add nothing).
 
-    Requires: `stacks` from `_grouped_stacks` (A transposed; B transposed, times the scalings), in
-    `base`'s dtype; `index` (K * G,) and `factors` (K, G, 1) from `fxlora.mixed_batch.GroupPlan`.
+    Requires: `stacks` ``(K, in, R)`` A weights transposed and ``(K, R, out)`` B weights transposed
+    times their scalings (`fxlora.stacks.AdapterStack`), in `base`'s dtype; `index`
+    ``(K * G,)`` and `factors` ``(K, G, 1)`` from `fxlora.mixed_batch.GroupPlan`.
     """
     stacked_a, stacked_b = stacks
     groups, rank = stacked_a.shape[0], stacked_a.shape[2]
@@ -196,26 +148,6 @@ def grouped_linear_update(
     hidden = hidden.view(factors.shape[0], factors.shape[1], -1) * cast_like(factors, hidden)  # over positions and ranks
     update = torch.bmm(hidden.view(groups, -1, rank), stacked_b)
     return base.index_add(0, index, update.view(index.shape[0], *base.shape[1:]))
-
-
-def _grouped_stacks(sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K, in, R)`` A weights transposed and ``(K, R, out)`` B weights transposed times their
-    scalings, from ``[A_1..A_K, B_1..B_K, scaling_1..scaling_K]``; ranks below the largest are
-    padded with zeros."""
-    k = len(sources) // 3
-    lora_a, lora_b, scalings = sources[:k], sources[k : 2 * k], sources[2 * k :]
-    rank = max(a.shape[0] for a in lora_a)
-    stacked_a = lora_a[0].new_zeros(k, lora_a[0].shape[1], rank)
-    stacked_b = lora_b[0].new_zeros(k, rank, lora_b[0].shape[0])
-    for i, (a, b, s) in enumerate(zip(lora_a, lora_b, scalings)):
-        stacked_a[i, :, : a.shape[0]] = a.t()
-        stacked_b[i, : b.shape[1]] = (b * s.to(b.dtype)).t()
-    return stacked_a, stacked_b
-
-
-def _stacked_pair(lora_a: list, lora_b: list, scalings: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous transposed stacks: A's rows, and B's columns times their scalings."""
-    return _stack_t(lora_a, 0, dtype).contiguous(), _stack_t(lora_b, 1, dtype, scalings).contiguous()
 
 
 def add_scaled_linear(
