@@ -187,3 +187,17 @@ def copy_peft_adapter_weights(peft_model: nn.Module, lora_model: nn.Module) -> N
     missing = set(state) - set(ours)
     assert not missing, f"fxlora lacks peft tensors: {sorted(missing)[:5]}"
     lora_model.load_state_dict(state, strict=True)
+
+
+def row_by_row(lora_model, x: torch.Tensor, names: list) -> torch.Tensor:
+    """What a mixed batch should compute: each row alone, with its adapter active (or the
+    adapters disabled for "__base__"). Leaves the last row's adapter active."""
+    rows = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with lora_model.disable_adapter():
+                rows.append(lora_model(x[i : i + 1]))
+        else:
+            lora_model.set_adapter(name)
+            rows.append(lora_model(x[i : i + 1]))
+    return torch.cat(rows)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
-from models import ConvNet2d, EmbeddingModel, Mixed, copy_peft_adapter_weights
+from models import ConvNet2d, EmbeddingModel, Mixed, copy_peft_adapter_weights, row_by_row
 
 peft = pytest.importorskip("peft")
 
@@ -45,16 +45,9 @@ def test_each_row_gets_its_adapter(policy, make, cfg_a, cfg_b, make_x, mode):
     with MODES[mode]():  # without autograd, serving reuses stacked weights between calls
         model(x, adapter_names=names[::-1])
         out = model(x, adapter_names=names).clone()
-    expected = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                expected.append(model(x[i : i + 1]))
-        else:
-            model.set_adapter(name)
-            expected.append(model(x[i : i + 1]))
+    expected = row_by_row(model, x, names)
     model.set_adapter("default")
-    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     # the gates are back to the per-adapter state afterwards
     torch.testing.assert_close(model(x), torch.cat([model(x[i : i + 1]) for i in range(len(names))]), rtol=1e-5, atol=1e-6)
     assert model.get_submodule(model.targeted_module_names[0]).lora_gates.scale.default.dim() == 0
@@ -215,15 +208,7 @@ def test_mixed_batch_equals_row_by_row(setup, mode, policy):
     x = torch.randn(len(names), *([positions] if positions else []), width)
     with MODES[mode]():
         out = model(x, adapter_names=names).detach().clone()
-    expected = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                expected.append(model(x[i : i + 1]))
-        else:
-            model.set_adapter(name)
-            expected.append(model(x[i : i + 1]))
-    torch.testing.assert_close(out, torch.cat(expected).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, row_by_row(model, x, names).detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_serving_groups_rows_by_adapter(monkeypatch):

@@ -8,6 +8,7 @@ import torch.nn as nn
 import fxlora
 from fxlora import LoraConfig
 from fxlora.stacks import layer_stack
+from models import row_by_row
 
 
 def two_adapters():
@@ -75,20 +76,10 @@ def test_served_mixed_batches_follow_weight_changes():
     model.add_adapter("b", LoraConfig(target_modules=["0"], r=2, init_lora_weights=False))
     model.eval()
     x, names = torch.randn(3, 4), ["a", "b", "__base__"]
-
-    def row_by_row():
-        model.set_adapter("a")
-        first = model(x[:1])
-        model.set_adapter("b")
-        second = model(x[1:2])
-        with model.disable_adapter():
-            third = model(x[2:])
-        return torch.cat([first, second, third])
-
     with torch.no_grad():
         before = model(x, adapter_names=names)
         model.get_submodule("0.lora_B.b").weight.mul_(-3)  # in place
-        torch.testing.assert_close(model(x, adapter_names=names), row_by_row())
+        torch.testing.assert_close(model(x, adapter_names=names), row_by_row(model, x, names))
         model.get_submodule("0.lora_A.a").weight = nn.Parameter(torch.randn(8, 4))  # replaced
-        torch.testing.assert_close(model(x, adapter_names=names), row_by_row())
-    assert not torch.allclose(before, row_by_row())
+        torch.testing.assert_close(model(x, adapter_names=names), row_by_row(model, x, names))
+    assert not torch.allclose(before, row_by_row(model, x, names))
