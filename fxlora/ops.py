@@ -120,8 +120,7 @@ def stacked_layer_update(x: torch.Tensor, base: torch.Tensor, layer: torch.nn.Mo
         if plan is None:
             return base
         stack = layer_stack(layer, plan.adapters)
-        if base.dtype == stack.a.dtype:
-            return grouped_linear_update(x, base, (stack.a, stack.b), plan.index, plan.factors)
+        return grouped_linear_update(x, base, (stack.a, stack.b), plan.index, plan.factors)
     sources = adapter_sources(layer, adapters)
     count = len(adapters)
     gates = children["lora_gates"].scale
@@ -135,10 +134,11 @@ def grouped_linear_update(
     """``base`` plus, on the rows listed in `index` (K groups of G rows), group k's adapter update
     times its factor: two batched matmuls over the K adapters, ``(K, G*, in) @ (K, in, R)`` and
     ``(K, G*, R) @ (K, R, out)``, then one ``index_add`` into a copy of `base` (padding entries
-    have factor 0 and add nothing).
+    have factor 0 and add nothing), in the adapters' dtype and rounded once to `base`'s (as
+    `add_update` does).
 
     Requires: `stacks` ``(K, in, R)`` A weights transposed and ``(K, R, out)`` B weights transposed
-    times their scalings (`fxlora.stacks.AdapterStack`), in `base`'s dtype; `index`
+    times their scalings (`fxlora.stacks.AdapterStack`); `index`
     ``(K * G,)`` and `factors` ``(K, G, 1)`` from `fxlora.mixed_batch.GroupPlan`.
     """
     stacked_a, stacked_b = stacks
@@ -147,7 +147,8 @@ def grouped_linear_update(
     hidden = torch.bmm(rows.view(groups, -1, stacked_a.shape[1]), stacked_a)
     hidden = hidden.view(factors.shape[0], factors.shape[1], -1) * cast_like(factors, hidden)  # over positions and ranks
     update = torch.bmm(hidden.view(groups, -1, rank), stacked_b)
-    return base.index_add(0, index, update.view(index.shape[0], *base.shape[1:]))
+    out = cast_like(base, update).index_add(0, index, update.view(index.shape[0], *base.shape[1:]))
+    return cast_like(out, base)
 
 
 def add_scaled_linear(

@@ -255,3 +255,20 @@ def test_a_layer_that_sees_other_rows_gets_a_clear_error(grad):
     with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="gates hold 2 rows but a layer received a batch of 6"):
         model(torch.randn(2, 3, 4), adapter_names=["a", "b"])
     assert model.get_submodule("proj").lora_gates.scale.a.dim() == 0
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_half_precision_base_with_float32_adapters(mode):
+    """A bfloat16 model gets float32 adapters (PEFT's rule); a mixed batch adds each row's update in
+    float32 and rounds once, as a single adapter's forward does."""
+    torch.manual_seed(0)
+    model = fxlora.transform(SequenceStack(8).to(torch.bfloat16), LoraConfig(target_modules=LAYERS, init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(target_modules=["inp", "out"], r=2, init_lora_weights=False))
+    model.eval()
+    assert model.get_submodule("inp.lora_A.a").weight.dtype == torch.float32
+    names = ["b", "a", "__base__", "a"]
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with MODES[mode]():
+        out = model(x, adapter_names=names).detach().clone()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, row_by_row(model, x, names).detach())
