@@ -347,6 +347,7 @@ def remove_adapter(module: nn.Module, adapter: str) -> None:
     meta = module.__dict__.get(META_ATTR)
     if isinstance(meta, TargetMeta):
         meta.adapters.pop(adapter, None)
+        meta.stack = None  # it may hold the removed adapter's weights
         left = bool(meta.adapters)
     elif isinstance(meta, SavedMeta):
         if adapter in meta.adapters:
