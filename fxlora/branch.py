@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .layers import target_meta, saved_meta
 from .layers import TargetMeta
-from .stacks import stack_supported
 from .ops import (
     add_linear_product,
     add_update,
@@ -76,29 +75,29 @@ def _low_rank_update(module: nn.Module, adapter: str, x: torch.Tensor) -> torch.
 Live = Optional[tuple[tuple[str, Optional[float]], ...]]
 
 
+def _bare_linear(meta: TargetMeta, adapters: list[str]) -> bool:
+    """A linear layer whose given adapters have neither a B bias nor dropout."""
+    return meta.kind == "linear" and not any(meta.adapters[a].lora_bias or meta.adapters[a].dropout > 0 for a in adapters)
+
+
 def stackable(meta: TargetMeta, adapters: list[str]) -> bool:
     """Several adapters of a linear layer without B biases or dropout: their updates can be
     computed together from stacked weights (`stacked_linear_update`). Decided from the layer's
     record alone, so tracing this decision adds no node."""
-    if meta.kind != "linear" or len(adapters) < 2:
-        return False
-    return not any(meta.adapters[a].lora_bias or meta.adapters[a].dropout > 0 for a in adapters)
+    return len(adapters) >= 2 and _bare_linear(meta, adapters)
 
 
 def _plain_linear(meta: TargetMeta, adapters: list[str]) -> bool:
     """One adapter on a linear layer, without B bias or dropout: A product, then one addmm."""
-    if meta.kind != "linear" or len(adapters) != 1:
-        return False
-    spec = meta.adapters[adapters[0]]
-    return not spec.lora_bias and spec.dropout == 0
+    return len(adapters) == 1 and _bare_linear(meta, adapters)
 
 
 def _serves_rows(meta: TargetMeta, adapters: list[str], live: Live) -> bool:
-    """Eager code of a mixed batch (row gates) on a linear layer whose adapters can be stacked:
-    one `stacked_layer_update` node reads the layer's tensors itself."""
+    """Eager code of a mixed batch (row gates) on a linear layer whose adapters have neither a B
+    bias nor dropout: one `stacked_layer_update` node reads the layer's tensors itself."""
     if live is None or not adapters or any(gate is not None for _, gate in live):
         return False
-    return stack_supported(meta)
+    return _bare_linear(meta, adapters)
 
 
 def _live_adapters(meta: TargetMeta, live: Live) -> list[str]:

@@ -124,13 +124,15 @@ def install_row_gates(lora_model: Any, names: list[str]) -> Callable[[], None]:
     like = getattr(gates.scale, adapters[0])
     index = {a: i for i, a in enumerate(adapters)}
     row_ids = torch.tensor([index.get(n, -1) for n in names], device=like.device)
-    saved = dict(gates.scale._buffers), dict(gates.select._buffers), gates.eager_state, gates.row_groups
+    saved_scale = dict(gates.scale._buffers)
+    saved_select = dict(gates.select._buffers)
+    saved_state, saved_groups = gates.eager_state, gates.row_groups
 
     @torch.compiler.disable
     def restore() -> None:
-        gates.scale._buffers.update(saved[0])
-        gates.select._buffers.update(saved[1])
-        gates.eager_state, gates.row_groups = saved[2], saved[3]
+        gates.scale._buffers.update(saved_scale)
+        gates.select._buffers.update(saved_select)
+        gates.eager_state, gates.row_groups = saved_state, saved_groups
 
     try:
         used = {a for a in adapters if lora_model._enabled and a in names}

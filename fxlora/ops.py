@@ -65,11 +65,6 @@ def _column_factors(factors: list[torch.Tensor], ranks: list[int]) -> torch.Tens
     return torch.cat([f.reshape(-1, 1).expand(-1, r) for f, r in zip(factors, ranks)], dim=1)
 
 
-def _stack_t(weights: list[torch.Tensor], dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The weights concatenated along `dim`, transposed."""
-    return torch.cat([w.to(dtype) for w in weights], dim=dim).t()
-
-
 def stacked_linear_update(
     x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], factors: list, base: torch.Tensor
 ) -> torch.Tensor:
@@ -87,7 +82,7 @@ def stacked_linear_update(
         columns = torch.tensor([f for f, r in zip(factors, ranks) for _ in range(r)], dtype=dtype, device=x.device)
     else:
         columns = _column_factors([(s * g).to(dtype) for s, g in factors], ranks)
-    hidden = torch.matmul(x, _stack_t(lora_a, 0, dtype))
+    hidden = torch.nn.functional.linear(x, torch.cat([a.to(dtype) for a in lora_a]))
     return add_linear_product(base, _times_columns(hidden, columns), torch.cat([b.to(dtype) for b in lora_b], dim=1))
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .layers import target_meta
 
-__all__ = ["AdapterStack", "layer_stack", "adapter_sources", "stack_supported"]
+__all__ = ["AdapterStack", "layer_stack", "adapter_sources"]
 
 
 class AdapterStack:
@@ -78,8 +78,3 @@ def adapter_sources(layer: nn.Module, adapters: Iterable[str]) -> list[torch.Ten
     scalings = children["lora_scaling"]._buffers
     return found + [scalings[a] for a in adapters]
 
-
-def stack_supported(meta) -> bool:
-    """A linear layer whose adapters all lack a B bias and dropout: their updates can come from
-    stacked weights (`meta` is the layer's `fxlora.layers.TargetMeta`)."""
-    return meta.kind == "linear" and bool(meta.adapters) and not any(s.lora_bias or s.dropout > 0 for s in meta.adapters.values())
