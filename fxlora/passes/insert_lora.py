@@ -8,9 +8,10 @@ Guarantees: for every such node ``N = layer(x)``, every former user of N now rea
 ``lora_output(layer, x, N, live)`` (`fxlora.branch`; with ``live`` given, layers where none of
 those adapters sits keep their plain node): the branch's nodes (dropout as a call of the
 ``nn.Dropout`` module, A, B, the scaling tensor, the gate tensor and the add), traced from that
-function and spliced right after N. Adapter modules are called by their paths
-(``<layer>.lora_A.<adapter>`` ...); every inserted node has ``meta["fxlora_target"]`` set to the
-layer's path. Calls marked by `guard_idle_branches` are left alone (the layer computes its own
+function and spliced right after N (in eager code of a mixed batch, a linear layer's branch is
+one ``stacked_layer_update`` node, handed the layer itself by a ``get_attr`` of its path). Adapter
+modules are called by their paths (``<layer>.lora_A.<adapter>`` ...); every inserted node has
+``meta["fxlora_target"]`` set to the layer's path. Calls marked by `guard_idle_branches` are left alone (the layer computes its own
 branches). Nothing else in the graph changes.
 """
 
