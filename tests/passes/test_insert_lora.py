@@ -93,3 +93,22 @@ def test_base_calls_are_marked_only_on_adapted_and_saved_modules():
     assert mark_base_calls(graph, root) == 2
     marked = {n.target for n in graph.find_nodes(op="call_module") if n.kwargs.get(BASE_ONLY)}
     assert marked == {"seq.0", "seq.4"}
+
+
+def test_mixed_batch_eager_code_hands_each_linear_layer_to_one_node():
+    """With row gates (gate values None), a linear layer's branch is one `stacked_layer_update`
+    node reading the layer (a get_attr of its path), no attribute read per tensor."""
+    from fxlora.ops import stacked_layer_update
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Conv1d(1, 1, 1))
+    lora = fxlora.transform(model, LoraConfig(target_modules=["0"], init_lora_weights=False), adapter_name="a")
+    lora.add_adapter("b", LoraConfig(target_modules=["0"], r=2, init_lora_weights=False))
+    root = lora.model
+    graph = trace_variant(root, trace_through_ids(root, [root[0]]), canonical_key(root, True)).graph
+    assert insert_lora(graph, root, (("a", None), ("b", None))) == 1
+    (node,) = graph.find_nodes(op="call_function", target=stacked_layer_update)
+    layer = node.args[2]
+    assert layer.op == "get_attr" and layer.target == "0" and node.args[3] == ("a", "b")
+    assert not [n for n in graph.nodes if n.op == "get_attr" and "lora_" in n.target]
+    graph.lint()
