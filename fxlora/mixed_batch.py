@@ -18,7 +18,7 @@ adapters on their weights stacked once and kept between calls (`fxlora.ops.stack
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -57,19 +57,13 @@ def check_adapter_names(names: Any, known: Sequence[str], rows: int) -> list[str
     return names
 
 
-class GroupPlan:
+class GroupPlan(NamedTuple):
     """The rows of a mixed batch that use some of a layer's adapters, grouped by adapter and padded
-    to equal groups, for batched matmuls over the adapters (`fxlora.ops.grouped_linear_update`).
+    to equal groups, for batched matmuls over the adapters (`fxlora.ops.grouped_linear_update`)."""
 
-    - `adapters`: the layer's adapters that some row uses, in the layer's order;
-    - `index`: ``(K * G,)`` row numbers, group after group, padded with the group's first row;
-    - `factors`: ``(K, G, 1)`` each entry's run-time adapter scale, 0 for padding.
-    """
-
-    def __init__(self, adapters: tuple[str, ...], index: torch.Tensor, factors: torch.Tensor) -> None:
-        self.adapters = adapters
-        self.index = index
-        self.factors = factors
+    adapters: tuple[str, ...]  # the layer's adapters that some row uses, in the layer's order
+    index: torch.Tensor  # (K * G,) row numbers, group after group, padded with the group's first row
+    factors: torch.Tensor  # (K, G, 1) each entry's run-time adapter scale, 0 for padding
 
 
 class RowGroups:
@@ -78,8 +72,12 @@ class RowGroups:
     adapter is merged: a merged adapter is subtracted on the rows that do not use it)."""
 
     def __init__(self, names: list[str], scales: dict[str, float], device: torch.device) -> None:
+        """`scales`: each adapter's run-time scale in this batch (0: its rows get no update)."""
         self.rows = len(names)
-        self.members = {a: [i for i, n in enumerate(names) if n == a] for a in scales if scales[a] != 0 and a in names}
+        self.members: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            if scales.get(name, 0.0) != 0:
+                self.members.setdefault(name, []).append(row)
         self.scales = scales
         self.device = device
         self._plans: dict[tuple[str, ...], Optional[GroupPlan]] = {}
