@@ -6,8 +6,9 @@ parameters train follows the active adapters (PEFT's rule: only active, trainabl
 require grad); in eval mode that update is deferred until the model is put back in train mode, so
 serving-time switches stay cheap.
 
-Mixin of `fxlora.LoraModel`; relies on its ``model``, ``peft_config``, ``_active``, ``_enabled``,
-``_scales``, ``_gates`` and ``_sync_gates``.
+Mixin of `fxlora.LoraModel`: it changes adapter state only through the model's
+`fxlora.state.AdapterState` (``adapter_state``), and every all-or-nothing step through its
+``transaction``.
 """
 
 from __future__ import annotations
@@ -20,26 +21,28 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .apply import attach_plan, reinstall_forwards, restore_requires_grad
+from .apply import attach_plan, install_forwards, reinstall_forwards
+from .calls import CALL_LOCK
 from .combine import COMBINATIONS, combined_weights, layer_rank
 from .config import LoraConfig
 from .explain import report_from_plan
 from .layers import check_adapter_name, remove_adapter, saved_meta, target_meta
-from .planning import emit_warnings, make_plan
 
-__all__ = ["AdapterMixin"]
+__all__ = ["AdapterMixin", "drop_adapter_modules"]
+
+
+def drop_adapter_modules(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter's modules and copies from every layer of `model`."""
+    for module in list(model.modules()):
+        if target_meta(module) is not None or saved_meta(module) is not None:
+            remove_adapter(module, adapter_name)
+from .planning import PathInfo, Plan, emit_warnings, make_plan
 
 
 class AdapterMixin:
     # ------------------------------------------------------------------ checks
     def _check_known(self, names: Iterable[str]) -> list[str]:
-        names = [names] if isinstance(names, str) else list(names)
-        if not names:
-            raise ValueError(f"give at least one adapter name; existing adapters: {list(self.peft_config)}")
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"unknown adapter {name!r}; existing adapters: {list(self.peft_config)}")
-        return names
+        return self.adapter_state.check_known(names)
 
     def _check_no_overlap_with_saved(self, plan) -> None:
         """A module cannot both carry LoRA (of any adapter) and be trained in full as a
@@ -73,60 +76,59 @@ class AdapterMixin:
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
         config = copy.deepcopy(config)
-        plan = make_plan(self.model, config, adapter_name, trace="eager")  # paths come from re-planning
-        self._check_no_overlap_with_saved(plan)
-        emit_warnings(plan)
-        flags = {id(p): p.requires_grad for p in self.model.parameters()}
-        try:
-            attach_plan(self.model, plan, self._gates)
-            paths = reinstall_forwards(self.model, self._trace_policy)
-        except BaseException:
-            self._drop_adapter_modules(adapter_name)
-            restore_requires_grad(self.model, flags)
-            raise
-        for p in [*plan.targets, *plan.saved]:
-            info = paths[p.name]
-            p.path, p.root, p.reason = info.path, info.root, info.reason
-        self.peft_config[adapter_name] = config
-        self.reports[adapter_name] = report_from_plan(plan)
-        self._trainable[adapter_name] = True
-        self._trainable_flags.invalidate()
-        self._sync_gates()
-        self._sync_trainable()
+        with CALL_LOCK.exclusive():
+            plan = make_plan(self.model, config, adapter_name, trace="eager")  # paths come from re-planning
+            self._check_no_overlap_with_saved(plan)
+            emit_warnings(plan)
+            self._add_planned(plan)
 
-    def _drop_adapter_modules(self, adapter_name: str) -> None:
-        for module in list(self.model.modules()):
-            if target_meta(module) is not None or saved_meta(module) is not None:
-                remove_adapter(module, adapter_name)
-        self._gates.remove(adapter_name)
+    def _add_planned(self, plan: Plan) -> None:
+        """The one path by which an adapter joins the model (`fxlora.transform`, `add_adapter`,
+        `from_pretrained`, `load_adapter`): attach its modules, install the forwards (for the first
+        adapter those the plan traced, `plan.roots`; else re-planned for every adapted module), record
+        it in the adapter state, all or nothing. The adapter is active if it is the only one."""
+        state = self.adapter_state
+        with CALL_LOCK.exclusive(), state.transaction(self.model) as tx:
+            tx.on_undo(lambda: drop_adapter_modules(self.model, plan.adapter))
+            first = not state.configs
+            attach_plan(plan)
+            if first:
+                install_forwards(self.model, plan.roots, {p.name: PathInfo(p.path, p.root, p.reason) for p in [*plan.targets, *plan.saved]}, state)
+            else:
+                paths = reinstall_forwards(self.model, state)
+                for p in [*plan.targets, *plan.saved]:
+                    info = paths[p.name]
+                    p.path, p.root, p.reason = info.path, info.root, info.reason
+            state.configs[plan.adapter] = plan.config
+            state.reports[plan.adapter] = report_from_plan(plan)
+            state.trainable[plan.adapter] = True
+            if first:
+                state.active = [plan.adapter]
+            state.flags.invalidate()
+            state.publish()
+            state.sync_trainable(self.training or first)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its weights. If it was active, the remaining active adapters (or
         the first remaining adapter) become active. The last adapter cannot be deleted (use
         ``unload()``); nor can a merged one (unmerge it first)."""
-        self._check_known(adapter_name)
-        if len(self.peft_config) == 1:
+        state = self.adapter_state
+        state.check_known(adapter_name)
+        if len(state.configs) == 1:
             raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to remove fxlora from the model")
-        if adapter_name in self._merged_adapters():
+        if adapter_name in state.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() it first")
-        self._drop_adapter_modules(adapter_name)
-        reinstall_forwards(self.model, self._trace_policy)
-        self._trainable_flags.invalidate()
-        del self.peft_config[adapter_name]
-        self.reports.pop(adapter_name, None)
-        self._trainable.pop(adapter_name, None)
-        self._scales.pop(adapter_name, None)
-        self._active = [a for a in self._active if a != adapter_name] or [next(iter(self.peft_config))]
-        self._sync_gates()
-        self._sync_trainable()
-
-    def _merged_adapters(self) -> set[str]:
-        merged: set[str] = set()
-        for module in self.model.modules():
-            meta = target_meta(module)
-            if meta is not None:
-                merged.update(meta.merged)
-        return merged
+        with CALL_LOCK.exclusive():
+            drop_adapter_modules(self.model, adapter_name)
+            reinstall_forwards(self.model, state)
+            state.flags.invalidate()
+            del state.configs[adapter_name]
+            state.reports.pop(adapter_name, None)
+            state.trainable.pop(adapter_name, None)
+            state.scales.pop(adapter_name, None)
+            state.active = [a for a in state.active if a != adapter_name] or [next(iter(state.configs))]
+            state.publish()
+            state.sync_trainable(self.training)
 
     # ------------------------------------------------------------------ combine
     def add_weighted_adapter(
@@ -154,16 +156,14 @@ class AdapterMixin:
             for name, (module, present, layer_weights) in layers.items()
         }
         biases = {name: _combined_bias(module, present, w) for name, (module, present, w) in layers.items()}
-        self.add_adapter(adapter_name, config)
-        try:
+        with self.adapter_state.transaction(self.model) as tx:
+            self.add_adapter(adapter_name, config)
+            tx.on_undo(lambda: self.delete_adapter(adapter_name))
             with torch.no_grad():
                 for name, (a, b) in factors.items():
                     _write_factors(layers[name][0], adapter_name, a, b, biases[name])
                 for module, owner in saved_from.items():
                     module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[owner].state_dict())
-        except BaseException:
-            self.delete_adapter(adapter_name)
-            raise
 
     def _plan_combination(self, adapters, weights, adapter_name, combination_type, svd_rank):
         check_adapter_name(adapter_name)
@@ -228,50 +228,45 @@ class AdapterMixin:
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
         """Make these adapters active (several active adapters sum their updates). O(adapters):
         only the gate tensors change, so a compiled model does not recompile."""
-        self._active = self._check_known(adapter_name)
-        self._sync_gates()
-        self._sync_trainable()
+        state = self.adapter_state
+        state.active = state.check_known(adapter_name)
+        state.publish()
+        state.sync_trainable(self.training)
 
     def enable_adapter_layers(self) -> None:
         """Turn the active adapters back on after `disable_adapter_layers`."""
-        self._enabled = True
-        self._sync_gates()
+        self.adapter_state.enabled = True
+        self.adapter_state.publish()
 
     def disable_adapter_layers(self) -> None:
         """Compute as the base model until `enable_adapter_layers` (see also `disable_adapter()`)."""
-        self._enabled = False
-        self._sync_gates()
+        self.adapter_state.enabled = False
+        self.adapter_state.publish()
 
     def set_adapter_scale(self, adapter_name: str, scale: float) -> None:
         """Multiply an adapter's update by `scale` (1.0 restores it) — at run time, without
         recompiling."""
-        self._check_known(adapter_name)
+        state = self.adapter_state
+        state.check_known(adapter_name)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
-        self._scales[adapter_name] = float(scale)
-        self._sync_gates()
+        state.scales[adapter_name] = float(scale)
+        state.publish()
 
     def get_adapter_scale(self, adapter_name: str) -> float:
-        self._check_known(adapter_name)
-        return self._scales.get(adapter_name, 1.0)
+        self.adapter_state.check_known(adapter_name)
+        return self.adapter_state.scale_of(adapter_name)
 
     # ------------------------------------------------------------------ trainable flags
     def _sync_trainable(self, force: bool = False) -> None:
-        """Let exactly the active, trainable adapters train. Deferred while in eval mode (applied
-        by ``train()`` and by the parameter reports), so switching adapters to serve stays O(1);
-        in train mode only the parameters of the adapters switched on or off are touched."""
-        if not (self.training or force):
-            self._trainable_stale = True
-            return
-        wanted = {a: self.peft_config[a].bias for a in self._active if self._trainable.get(a, True)}
-        self._trainable_flags.apply(wanted)
-        self._trainable_stale = False
+        self.adapter_state.sync_trainable(self.training, force)
 
     def set_trainable_adapter(self, adapter_name: str, trainable: bool = True) -> None:
         """Allow (or forbid) an adapter's weights to train when it is active."""
-        self._check_known(adapter_name)
-        self._trainable[adapter_name] = bool(trainable)
-        self._sync_trainable()
+        state = self.adapter_state
+        state.check_known(adapter_name)
+        state.trainable[adapter_name] = bool(trainable)
+        state.sync_trainable(self.training)
 
 
 def _combined_bias(module: nn.Module, adapters: list[str], weights: list[float]) -> Optional[torch.Tensor]:
@@ -280,7 +275,7 @@ def _combined_bias(module: nn.Module, adapters: list[str], weights: list[float])
     total = None
     for adapter, weight in zip(adapters, weights):
         if meta.kind != "embedding" and meta.adapters[adapter].lora_bias:
-            part = module.lora_B[adapter].bias.float() * (weight * float(getattr(module.lora_scaling, adapter)))
+            part = module.lora_B[adapter].bias.float() * (weight * meta.adapters[adapter].scaling)
             total = part if total is None else total + part
     return total
 

@@ -6,14 +6,17 @@ was before (modules, forwards, ``requires_grad`` flags).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch.nn as nn
 
 from .forwards import EagerLoraForward, GraphForward, SavedForward, install, installed_forward, uninstall
-from .layers import AdapterGates, attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
+from .layers import attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
 from .planning import PathInfo, Plan, RootPlan, TracePolicy, assign_paths
 from .tracing import CONSTANT_PREFIX
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .state import AdapterState
 
 __all__ = [
     "apply_plan",
@@ -38,25 +41,24 @@ def fxlora_present(model: nn.Module) -> bool:
     )
 
 
-def attach_plan(model: nn.Module, plan: Plan, gates: AdapterGates) -> None:
+def attach_plan(plan: Plan) -> None:
     """Create the plan's adapter on its targets and its `modules_to_save` copies (no forwards)."""
-    gates.add(plan.adapter)
     for t in plan.targets:
-        attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, gates, t.fan_in_fan_out)
+        attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, t.fan_in_fan_out)
     for s in plan.saved:
-        attach_saved_copy(s.module, plan.adapter, gates)
+        attach_saved_copy(s.module, plan.adapter)
 
 
-def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, PathInfo]) -> None:
+def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, PathInfo], owner: "AdapterState") -> None:
     """Install an eager forward on every adapted and saved module (so that any call of it computes
     with LoRA), then a `GraphForward` on each root (whose code calls those modules for their base
     output and adds the branches as graph nodes)."""
     for name in paths:
         module = model.get_submodule(name)
         cls = EagerLoraForward if target_meta(module) is not None else SavedForward
-        install(module, cls(module, previous=module.__dict__.get("forward")))
+        install(module, cls(module, owner, previous=module.__dict__.get("forward")))
     for r in roots:
-        forward = GraphForward(r.module, r.variants)
+        forward = GraphForward(r.module, owner, r.variants)
         forward.refresh()
         install(r.module, forward)
 
@@ -71,14 +73,14 @@ def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if target_meta(m) is not None or saved_meta(m) is not None}
 
 
-def reinstall_forwards(model: nn.Module, policy: TracePolicy) -> dict[str, PathInfo]:
+def reinstall_forwards(model: nn.Module, owner: "AdapterState") -> dict[str, PathInfo]:
     """Re-plan the paths of every adapted module (after adapters were added or removed) and
     install the forwards again. On failure the previous forwards are restored."""
     previous = {m: m.__dict__["forward"] for m in model.modules() if installed_forward(m) is not None}
     uninstall_forwards(model)
     try:
-        roots, paths = assign_paths(model, adapted_modules(model), policy)
-        install_forwards(model, roots, paths)
+        roots, paths = assign_paths(model, adapted_modules(model), owner.trace_policy)
+        install_forwards(model, roots, paths, owner)
     except BaseException:
         uninstall_forwards(model)
         for module, forward in previous.items():
@@ -87,16 +89,16 @@ def reinstall_forwards(model: nn.Module, policy: TracePolicy) -> dict[str, PathI
     return paths
 
 
-def apply_plan(model: nn.Module, plan: Plan, gates: AdapterGates) -> None:
+def apply_plan(model: nn.Module, plan: Plan, owner: "AdapterState") -> None:
     """Attach the plan's adapter and copies, install the forwards, set what trains.
 
     Guarantees on failure: `model` is left exactly as before (the exception propagates).
     """
     flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        attach_plan(model, plan, gates)
+        attach_plan(plan)
         paths = {p.name: PathInfo(p.path, p.root, p.reason) for p in [*plan.targets, *plan.saved]}
-        install_forwards(model, plan.roots, paths)
+        install_forwards(model, plan.roots, paths, owner)
         set_trainable(model, {plan.adapter: plan.config.bias})
     except BaseException:
         strip(model)

@@ -20,28 +20,34 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import target_meta, saved_meta
-from .layers import TargetMeta
+from .gates import EagerKey
+from .layers import TargetMeta, saved_meta, target_meta
 from .ops import (
+    adapter_gate,
     add_linear_product,
     add_update,
     cast_like,
+    eager_factor,
     scale_by,
     scale_update,
+    select_gate,
     select_output,
     stacked_layer_update,
     stacked_linear_update,
 )
 
-__all__ = ["lora_output", "saved_output", "stackable", "Live"]
+__all__ = ["lora_output", "saved_output", "stackable", "branch_adapters"]
 
 # Keep the ops opaque when this module's functions are traced: one node each.
 for _name in (
+    "adapter_gate",
     "add_linear_product",
     "add_update",
     "cast_like",
+    "eager_factor",
     "scale_by",
     "scale_update",
+    "select_gate",
     "select_output",
     "stacked_layer_update",
     "stacked_linear_update",
@@ -70,11 +76,6 @@ def _low_rank_update(module: nn.Module, adapter: str, x: torch.Tensor) -> torch.
     return module.lora_B[adapter](lora_a(dropped))
 
 
-#: (adapter, gate value) of the branches that run; a gate value of None means the gate tensor
-#: decides, with one value per batch row (a mixed batch)
-Live = Optional[tuple[tuple[str, Optional[float]], ...]]
-
-
 def _bare_linear(meta: TargetMeta, adapters: list[str]) -> bool:
     """A linear layer whose given adapters have neither a B bias nor dropout."""
     return meta.kind == "linear" and not any(meta.adapters[a].lora_bias or meta.adapters[a].dropout > 0 for a in adapters)
@@ -92,51 +93,54 @@ def _plain_linear(meta: TargetMeta, adapters: list[str]) -> bool:
     return len(adapters) == 1 and _bare_linear(meta, adapters)
 
 
-def _serves_rows(meta: TargetMeta, adapters: list[str], live: Live) -> bool:
+def _serves_rows(meta: TargetMeta, adapters: list[str], eager: Optional[EagerKey]) -> bool:
     """Eager code of a mixed batch (row gates) on a linear layer whose adapters have neither a B
     bias nor dropout: one `stacked_layer_update` node reads the layer's tensors itself."""
-    if live is None or not adapters or any(gate is not None for _, gate in live):
-        return False
-    return _bare_linear(meta, adapters)
+    return eager is not None and eager.rows and bool(adapters) and _bare_linear(meta, adapters)
 
 
-def _live_adapters(meta: TargetMeta, live: Live) -> list[str]:
-    """The layer's adapters whose branch runs: all of them in gated code, else the live ones."""
-    if live is None:
+def branch_adapters(meta: TargetMeta, eager: Optional[EagerKey]) -> list[str]:
+    """The layer's adapters whose branch runs: all of them in gated code and in a mixed batch,
+    else the live ones."""
+    if eager is None or eager.rows:
         return list(meta.adapters)
-    return [a for a in meta.adapters if a in dict(live)]
+    return [a for a in meta.adapters if a in eager.live]
 
 
-def _factors(module: nn.Module, meta: TargetMeta, adapters: list[str], live: Live) -> list:
-    """Each adapter's multiplier: its scaling and gate tensors (gated code, or a gate with one
-    value per row), or, for eager code of a known state, the Python number ``scaling * gate``."""
-    gates = {} if live is None else dict(live)
-    return [
-        meta.adapters[a].scaling * gates[a]
-        if gates.get(a) is not None
-        else (getattr(module.lora_scaling, a), getattr(module.lora_gates.scale, a))
-        for a in adapters
-    ]
+def _factors(gates: Any, x: torch.Tensor, adapters: list[str], scalings: dict, eager: Optional[EagerKey]) -> list:
+    """Each adapter's multiplier: for eager code of a known state the Python number ``scaling *
+    gate`` read from the call's `gates`, else ``(scaling, gate tensor)`` (gated code, or a mixed
+    batch's gate with one value per row)."""
+    if eager is not None and not eager.rows:
+        return [eager_factor(gates, a, scalings[a]) for a in adapters]
+    return [(scalings[a], adapter_gate(gates, a, x)) for a in adapters]
 
 
-def _scaled(update: torch.Tensor, factor) -> torch.Tensor:
-    return scale_by(update, factor) if isinstance(factor, float) else scale_update(update, *factor)
+def lora_output(
+    module: nn.Module,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    gates: Any,
+    eager: Optional[EagerKey] = None,
+    scalings: Optional[dict] = None,
+) -> torch.Tensor:
+    """`base` (the layer's own output for input `x`) plus every adapter's gated, scaled update,
+    with the gates of the call (`gates`: a `fxlora.gates.GateState`).
 
-
-def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Live = None) -> torch.Tensor:
-    """`base` (the layer's own output for input `x`) plus every adapter's gated, scaled update.
-
-    `live` None: every adapter's branch, each multiplied by its scaling and gate *tensors* (the
-    code torch.compile sees: adapter state never changes it). `live` given (eager code for a known
-    adapter state, `AdapterGates.eager_state`): only those adapters, multiplied by Python numbers,
-    or by their tensors where the gates hold one value per row (a mixed batch).
+    `eager` None: every adapter's branch, each multiplied by its scaling and gate *tensor* (the
+    code torch.compile sees: adapter state never changes it). `eager` given (eager code for a kind
+    of state, `fxlora.gates.EagerKey`): only the live adapters, multiplied by Python numbers read
+    from `gates`, or by their row gate tensors in a mixed batch. `scalings` (adapter -> alpha/r,
+    default: the layer's specs) is given as values when the function is traced into a template.
     """
     meta = target_meta(module)
-    adapters = _live_adapters(meta, live)
-    if _serves_rows(meta, adapters, live):
-        return stacked_layer_update(x, base, module, tuple(adapters))
-    factors = _factors(module, meta, adapters, live)
-    if live is not None and _plain_linear(meta, adapters):
+    adapters = branch_adapters(meta, eager)
+    scalings = {a: meta.adapters[a].scaling for a in adapters} if scalings is None else scalings
+    if _serves_rows(meta, adapters, eager):
+        return stacked_layer_update(x, base, module, tuple(adapters), gates, tuple(scalings[a] for a in adapters))
+    factors = _factors(gates, x, adapters, scalings, eager)
+    known = eager is not None and not eager.rows
+    if known and _plain_linear(meta, adapters):
         weight = module.lora_A[adapters[0]].weight
         hidden = F.linear(cast_like(x, weight), weight)
         return add_linear_product(base, hidden, module.lora_B[adapters[0]].weight, factors[0])
@@ -150,23 +154,22 @@ def lora_output(module: nn.Module, x: torch.Tensor, base: torch.Tensor, live: Li
             update = _embedding_update(module, adapter, x)
         else:
             update = _low_rank_update(module, adapter, x)
-        update = _scaled(update, factor)
+        update = scale_by(update, factor) if known else scale_update(update, *factor)
         total = update if total is None else total + update
     return base if total is None else add_update(base, total)
 
 
-def saved_output(
-    module: nn.Module, original: Callable[..., Any], args: tuple, kwargs: dict, chosen: Optional[tuple[str, ...]] = None
-) -> Any:
+def saved_output(module: nn.Module, original: Callable[..., Any], args: tuple, kwargs: dict, gates: Any, eager: Optional[EagerKey]) -> Any:
     """The output of a `modules_to_save` module: its trainable copy's wherever that copy's adapter
-    is selected, else the original's (`original(*args, **kwargs)`). With `chosen` (the selected
-    adapters, known in Python) only the module that is used runs."""
+    is selected in the call's `gates`, else the original's (`original(*args, **kwargs)`). For eager
+    code of a known state (`eager`) only the module that is used runs."""
     adapters = saved_meta(module).adapters
+    chosen = None if eager is None else eager.chosen
     if chosen is not None:
         picked = [a for a in adapters if a in chosen]
         return module.modules_to_save[picked[-1]](*args, **kwargs) if picked else original(*args, **kwargs)
     out = original(*args, **kwargs)
     for adapter in adapters:
         copy_out = module.modules_to_save[adapter](*args, **kwargs)
-        out = select_output(getattr(module.lora_gates.select, adapter), copy_out, out)
+        out = select_output(select_gate(gates, adapter, copy_out), copy_out, out)
     return out

@@ -14,8 +14,8 @@ Loading is all-or-nothing: the config and every tensor (names, shapes, kinds) ar
 against the model before it is touched, and if anything fails later the model is rolled back, so
 a bad adapter never leaves a half-loaded one behind.
 
-Mixin of `fxlora.LoraModel`; relies on its ``model``, ``peft_config``, ``add_adapter``,
-``delete_adapter``, ``set_trainable_adapter`` and ``_sync_trainable``.
+Mixin of `fxlora.LoraModel`; relies on its ``model``, ``adapter_state``, ``add_adapter``,
+``delete_adapter`` and ``set_trainable_adapter``.
 """
 
 from __future__ import annotations
@@ -394,20 +394,16 @@ class CheckpointMixin:
         files = read_adapter_dir(directory, allow_bin)
         fitted = fit_tensors(files, _plan_layout(self.model, files, adapter_name))
         _emit(files.notes)
-        flags = {id(p): p.requires_grad for p in self.model.parameters()}
         snapshot = _snapshot_base(self.model, fitted)
-        self.add_adapter(adapter_name, files.config)
-        try:
+        with self.adapter_state.transaction(self.model) as tx:
+            tx.on_undo(lambda: _restore_base(self.model, snapshot))
+            self.add_adapter(adapter_name, files.config)
+            tx.on_undo(lambda: self.delete_adapter(adapter_name))
             _copy_in(self.model, fitted)
-        except BaseException:
-            self.delete_adapter(adapter_name)
-            restore_requires_grad(self.model, flags)
-            _restore_base(self.model, snapshot)
-            raise
         self._finish_load(adapter_name, is_trainable)
 
     def _finish_load(self, adapter_name: str, is_trainable: bool) -> None:
         self.set_trainable_adapter(adapter_name, is_trainable)
-        self._sync_trainable(force=True)
+        self.adapter_state.sync_trainable(self.training, force=True)
         if not is_trainable:
             self.eval()

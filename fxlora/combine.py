@@ -41,7 +41,7 @@ def _factors(module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _scaling(module: nn.Module, adapter: str) -> float:
-    return float(getattr(module.lora_scaling, adapter))
+    return target_meta(module).adapters[adapter].scaling
 
 
 def layer_rank(module: nn.Module, adapters: list[str], combination: str, svd_rank: Optional[int]) -> int:

@@ -16,7 +16,7 @@ linear in its weight, the same output comes from the base layer alone with its w
   update (`MergeError`).
 
 Every delta is computed in float32 (or wider, when the base or the adapter is wider) from the adapter
-weights as they are, times the ``lora_scaling`` buffer the forward uses and the run-time `scale`.
+weights as they are, times the adapter's scaling (its spec's alpha/r, as the forward uses) and the run-time `scale`.
 Nothing here writes to a module.
 """
 
@@ -91,7 +91,7 @@ def _low_rank_product(module: nn.Module, adapter: str, dtype: torch.dtype) -> to
 
 
 def _factor(module: nn.Module, adapter: str, scale: float) -> float:
-    return float(getattr(module.lora_scaling, adapter)) * float(scale)
+    return target_meta(module).adapters[adapter].scaling * float(scale)
 
 
 def delta_weight(module: nn.Module, adapter: str, scale: float = 1.0, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

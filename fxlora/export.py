@@ -60,7 +60,7 @@ def merged_state_dict(lora_model: nn.Module, adapters: list[str], safe_merge: bo
 
     Raises `fxlora.delta.MergeError` where `merge_adapter` would (nothing is computed further)."""
     model = lora_model.model
-    scales = {a: lora_model._scales.get(a, 1.0) for a in adapters if a not in lora_model.merged_adapters}
+    scales = {a: lora_model.adapter_state.scale_of(a) for a in adapters if a not in lora_model.merged_adapters}
     layers = {n: m for n, m in model.named_modules() if layer_scales(m, scales)}
     check_untied(model, layers)
     for name, module in layers.items():

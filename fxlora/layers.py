@@ -11,16 +11,12 @@ For an adapter named ``default`` on a target ``seq.0`` the naming is::
     seq.0.lora_dropout.default               nn.Dropout(p), or nn.Identity() when p = 0
     emb.lora_embedding_A.default             Embedding: A (r, num_embeddings)
     emb.lora_embedding_B.default             Embedding: B (embedding_dim, r)
-    seq.0.lora_scaling.default               the scaling alpha/r, a non-persistent 0-d buffer
-    seq.0.lora_gates                         the model-wide adapter gates, shared by every target
     head.modules_to_save.default.weight      trainable copy of a `modules_to_save` module
 
 These are the names PEFT gives its LoRA tensors, without PEFT's ``base_layer`` indirection.
-
-The *gates* (`AdapterGates`) are one module shared by every adapted module of a model. Per
-adapter it holds a ``scale`` gate (multiplies that adapter's update: 0 when it is inactive,
-disabled or merged) and a ``select`` gate (1 where its `modules_to_save` copies compute). Changing
-adapter state writes these tensors in place, which costs no graph change and no recompilation.
+Nothing else is attached: an adapter's scaling (alpha/r) is its `AdapterSpec`'s, a Python number,
+and the adapter gates are the call's (`fxlora.gates.GateState`), never a tensor stored on a module
+(so nothing derived can hold stale or uninitialised values, e.g. after meta-device init).
 """
 
 from __future__ import annotations
@@ -42,12 +38,9 @@ __all__ = [
     "AdapterSpec",
     "TargetMeta",
     "SavedMeta",
-    "TensorSlots",
-    "AdapterGates",
     "adapter_dtype",
     "attach_adapter",
     "attach_saved_copy",
-    "attach_gates",
     "detach_all",
     "target_meta",
     "saved_meta",
@@ -62,8 +55,6 @@ LORA_CHILDREN = (
     "lora_dropout",
     "lora_embedding_A",
     "lora_embedding_B",
-    "lora_scaling",
-    "lora_gates",
     "modules_to_save",
 )
 META_ATTR = "_fxlora"
@@ -108,58 +99,6 @@ class SavedMeta:
     adapters: list[str] = field(default_factory=list)
 
 
-class TensorSlots(nn.Module):
-    """Named 0-d tensors held as non-persistent buffers (they follow ``.to()`` but stay out of
-    ``state_dict()``). One slot per adapter name."""
-
-    def set(self, name: str, value: Union[float, torch.Tensor], like: Optional[torch.Tensor] = None) -> None:
-        tensor = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float32)
-        if like is not None:
-            tensor = tensor.to(device=like.device)
-        self.register_buffer(name, tensor, persistent=False)
-
-    def remove(self, name: str) -> None:
-        self._buffers.pop(name, None)
-
-    def names(self) -> list[str]:
-        return list(self._buffers)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v.tolist()}" for k, v in self._buffers.items() if v is not None and v.dim() == 0)
-
-
-class AdapterGates(nn.Module):
-    """Model-wide adapter state as tensors: ``scale.<adapter>`` and ``select.<adapter>``.
-
-    The rewritten forward multiplies each adapter's update by ``scale.<adapter>`` and picks a
-    `modules_to_save` copy where ``select.<adapter>`` is non-zero. Values are 0-d normally, or one
-    value per batch row for a mixed batch.
-
-    ``eager_state`` mirrors the tensors in Python for eager execution: ``(live, chosen)``, the
-    ``(adapter, scale gate)`` pairs whose branch contributes (non-zero gate) and the adapters whose
-    copies are selected. In a mixed batch every adapter is live with the gate value None (its row
-    gate tensor decides) and ``chosen`` is None (the select tensors decide), and ``row_groups``
-    (`fxlora.mixed_batch.RowGroups`) says which rows use which adapter. Eager code runs only the
-    live branches; code under ``torch.compile`` reads neither, so state changes never recompile.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = TensorSlots()
-        self.select = TensorSlots()
-        self.eager_state: Optional[tuple[tuple[tuple[str, Optional[float]], ...], Optional[tuple[str, ...]]]] = None
-        self.row_groups: Optional[Any] = None
-
-    def add(self, adapter: str) -> None:
-        if adapter not in self.scale.names():
-            self.scale.set(adapter, 0.0)
-            self.select.set(adapter, 0.0)
-
-    def remove(self, adapter: str) -> None:
-        self.scale.remove(adapter)
-        self.select.remove(adapter)
-
-
 # --------------------------------------------------------------------- lookups
 def target_meta(module: nn.Module) -> Optional[TargetMeta]:
     meta = module.__dict__.get(META_ATTR)
@@ -193,7 +132,7 @@ def check_adapter_name(name: object) -> str:
         raise ValueError(f"adapter_name must not contain '.', got {name!r}")
     if name == "__base__":
         raise ValueError("adapter_name '__base__' is reserved: it selects the base model in a mixed batch")
-    if hasattr(nn.ModuleDict(), name) or hasattr(TensorSlots(), name):
+    if hasattr(nn.ModuleDict(), name):
         raise ValueError(f"adapter_name {name!r} clashes with an nn.Module attribute; choose another name")
     return name
 
@@ -253,7 +192,6 @@ def attach_adapter(
     adapter: str,
     spec: AdapterSpec,
     init: Union[bool, str],
-    gates: AdapterGates,
     fan_in_fan_out: Optional[bool] = None,
 ) -> TargetMeta:
     """Create adapter `adapter` on the supported layer `module` and initialise it.
@@ -292,21 +230,18 @@ def attach_adapter(
         _child_dict(module, "lora_A", nn.ModuleDict)[adapter] = lora_a.to(**target)
         _child_dict(module, "lora_B", nn.ModuleDict)[adapter] = lora_b.to(**target)
 
-    _child_dict(module, "lora_scaling", TensorSlots).set(adapter, spec.scaling, like=weight)
-    attach_gates(module, gates)
     meta.adapters[adapter] = spec
     module.__dict__[META_ATTR] = meta
     return meta
 
 
-def attach_saved_copy(module: nn.Module, adapter: str, gates: AdapterGates) -> None:
+def attach_saved_copy(module: nn.Module, adapter: str) -> None:
     """Give `module` (a `modules_to_save` entry) a trainable deep copy for `adapter`."""
     meta = saved_meta(module) or SavedMeta()
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already has a copy of {type(module).__name__}")
     copy_of = _copy_without_fxlora(module)
     _child_dict(module, "modules_to_save", nn.ModuleDict)[adapter] = copy_of
-    attach_gates(module, gates)
     meta.adapters.append(adapter)
     module.__dict__[META_ATTR] = meta
 
@@ -327,23 +262,12 @@ def _copy_without_fxlora(module: nn.Module) -> nn.Module:
     return clone
 
 
-def attach_gates(module: nn.Module, gates: AdapterGates) -> None:
-    current = module._modules.get("lora_gates")
-    if current is None:
-        module.add_module("lora_gates", gates)
-    elif current is not gates:
-        raise RuntimeError("module already carries the gates of another fxlora model")
-
-
 def remove_adapter(module: nn.Module, adapter: str) -> None:
     """Remove one adapter's modules from `module`; drop fxlora entirely when none is left."""
     for name in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
         holder = module._modules.get(name)
         if holder is not None and adapter in holder:
             del holder[adapter]
-    scaling = module._modules.get("lora_scaling")
-    if scaling is not None:
-        scaling.remove(adapter)
     meta = module.__dict__.get(META_ATTR)
     if isinstance(meta, TargetMeta):
         meta.adapters.pop(adapter, None)

@@ -1,7 +1,8 @@
 """Merging adapters into the base weights, unmerging, and unloading fxlora from a model.
 
-Mixin of `fxlora.LoraModel`; relies on its ``model``, ``peft_config``, ``_active``, ``_scales``,
-``_merged_scale``, ``_base_requires_grad``, ``_check_known`` and ``_sync_gates``.
+Mixin of `fxlora.LoraModel`: which adapters are merged is the merge steps of the model's
+`fxlora.state.AdapterState` (``adapter_state.merge_steps``), its one representation. Merging and
+unmerging hold `fxlora.calls.CALL_LOCK` exclusively: no call is in flight while weights change.
 
 How a merged model computes: each merged adapter's update is in the base weights (folded on the
 graph path by the pass `fxlora.passes.merge`, and with the same code for eager-path layers), and its
@@ -16,7 +17,6 @@ Unmerging is exact: merge + unmerge gives the original weights bit for bit (see 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -24,22 +24,15 @@ import torch
 import torch.nn as nn
 
 from .apply import strip
+from .calls import exclusive
 from .delta import MergeError
 from .fold import FoldRecord, check_fold, fold_layer, unfold_layer
 from .forwards import GraphForward, installed_forward
 from .layers import saved_meta, target_meta
 from .passes.merge import layer_scales, merge_graph, merge_targets
+from .state import MergeStep
 
 __all__ = ["MergeMixin", "MergeError", "UnloadedLoraModel", "check_untied", "saved_copy_choice"]
-
-
-@dataclass
-class MergeStep:
-    """One `merge_adapter` call: the adapters it folded (name -> run-time scale) and, per layer
-    name, the record that undoes it."""
-
-    scales: dict[str, float]
-    records: dict[str, FoldRecord]
 
 
 class MergeMixin:
@@ -47,20 +40,16 @@ class MergeMixin:
     @property
     def merged_adapters(self) -> list[str]:
         """Adapters whose update is folded into the base weights, in merge order."""
-        return [a for step in self._merge_steps for a in step.scales]
+        return self.adapter_state.merged_adapters
 
     @property
     def merged(self) -> bool:
-        return bool(self._merge_steps)
-
-    @property
-    def _merge_steps(self) -> list[MergeStep]:
-        return self.__dict__.setdefault("_fxlora_merge_steps", [])
+        return bool(self.adapter_state.merge_steps)
 
     def _requested(self, adapter_names: Optional[Union[str, Iterable[str]]]) -> list[str]:
         if adapter_names is None:
-            return list(self._active)
-        return self._check_known(adapter_names)
+            return list(self.adapter_state.active)
+        return self.adapter_state.check_known(adapter_names)
 
     # ------------------------------------------------------------------ merge / unmerge
     def merge_adapter(self, adapter_names: Optional[Union[str, list[str]]] = None, safe_merge: bool = False) -> None:
@@ -88,10 +77,12 @@ class MergeMixin:
             warnings.warn(f"adapter(s) {already} are already merged; merging them again is a no-op", UserWarning, stacklevel=2)
         self._merge([a for a in requested if a not in already], safe_merge)
 
+    @exclusive
     def _merge(self, adapters: list[str], safe_merge: bool, exact: bool = True) -> None:
         if not adapters:
             return
-        scales = {a: self._scales.get(a, 1.0) for a in adapters}
+        state = self.adapter_state
+        scales = {a: state.scale_of(a) for a in adapters}
         every, direct = self._merge_layers(adapters)
         check_untied(self.model, every)
         for name, module in every.items():
@@ -111,11 +102,8 @@ class MergeMixin:
             for name, record in reversed(records.items()):
                 unfold_layer(every[name], record)
             raise
-        for name in records:
-            target_meta(every[name]).merged.extend(layer_scales(every[name], scales))
-        self._merge_steps.append(MergeStep(scales, records))
-        self._merged_scale.update(scales)
-        self._sync_gates()
+        state.merge_steps.append(MergeStep(scales, records))
+        state.publish()
 
     def _graph_units(self) -> list[tuple[str, nn.Module, list]]:
         """(name prefix, root, traced base graphs) of every graph root."""
@@ -149,23 +137,20 @@ class MergeMixin:
         weights (bit for bit, where neither the merged weights nor the adapter weights changed
         since the merge; elsewhere the update is subtracted). Unmerging an unmerged model is a
         no-op with a warning."""
-        if not self._merge_steps:
+        if not self.adapter_state.merge_steps:
             warnings.warn("no adapter is merged; unmerge_adapter() is a no-op", UserWarning, stacklevel=2)
             return
         self._unmerge_all()
 
+    @exclusive
     def _unmerge_all(self) -> None:
-        while self._merge_steps:
-            step = self._merge_steps[-1]
+        state = self.adapter_state
+        while state.merge_steps:
+            step = state.merge_steps[-1]
             for name, record in reversed(step.records.items()):
-                module = self.model.get_submodule(name)
-                unfold_layer(module, record)
-                meta = target_meta(module)
-                meta.merged[:] = [a for a in meta.merged if a not in step.scales]
-            self._merge_steps.pop()
-            for adapter in step.scales:
-                self._merged_scale.pop(adapter, None)
-        self._sync_gates()
+                unfold_layer(self.model.get_submodule(name), record)
+            state.merge_steps.pop()
+        state.publish()
 
     # ------------------------------------------------------------------ unload
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
@@ -192,7 +177,7 @@ class MergeMixin:
         """Return the user's own model object as it was before `fxlora.transform` (merged adapters
         are unmerged first, exactly), with nothing of fxlora left. This `LoraModel` cannot be used
         afterwards."""
-        if self._merge_steps:
+        if self.adapter_state.merge_steps:
             self._unmerge_all()
         return self._strip_and_close({})
 
@@ -201,7 +186,7 @@ class MergeMixin:
         strip(model)
         for name, state in copies.items():
             model.get_submodule(name).load_state_dict(state)
-        flags = self._base_requires_grad
+        flags = self.adapter_state.base_requires_grad
         for name, p in model.named_parameters():
             if name in flags:
                 p.requires_grad_(flags[name])

@@ -6,9 +6,10 @@ parameter, buffer and submodule tables, so ``lora_model.state_dict()``, ``named_
 see `fxlora.layers`). The user's model object itself is ``lora_model.model``; attributes and
 methods the wrapper does not define (``config``, ``generate``, ...) are looked up there.
 
-Adapter state (which adapters are active, disabled, their scale) lives in Python on the wrapper and
-is mirrored into the shared gate tensors (`fxlora.layers.AdapterGates`), which the rewritten code
-reads; changing it never touches the graph code.
+Adapter state (which adapters are active, disabled, their scale, merged, trainable, the pass
+options) has one owner, `fxlora.state.AdapterState` (``lora_model.adapter_state``); every change
+publishes a new immutable gate state that calls read (`fxlora.gates`), so changing it never touches
+the graph code, and a call in flight in another thread keeps the state it started with.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from .checkpoint import CheckpointMixin
 from .config import LoraConfig
 from .explain import Report
 from .forwards import GraphForward, installed_forward
-from .apply import TrainableFlags, lora_parameters
-from .layers import LORA_CHILDREN, AdapterGates, saved_meta, target_meta
+from .apply import lora_parameters
+from .calls import CALL_LOCK
+from .layers import LORA_CHILDREN, saved_meta, target_meta
 from .merge import MergeMixin
-from .mixed_batch import batch_size_of, check_adapter_names, mixed_batch, prepare_mixed_batch
+from .mixed_batch import batch_size_of, check_adapter_names
+from .state import AdapterState
 
 __all__ = ["LoraModel"]
 
@@ -47,24 +50,23 @@ _SHARED_TABLES = (
 class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
     """A model with LoRA adapters. Create it with `fxlora.transform`, not directly."""
 
-    def __init__(self, model: nn.Module, gates: AdapterGates, trace_policy: str = "auto") -> None:
+    def __init__(self, model: nn.Module, adapter_state: AdapterState) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)
-        object.__setattr__(self, "_gates", gates)
+        object.__setattr__(self, "adapter_state", adapter_state)
         for table in _SHARED_TABLES:
             object.__setattr__(self, table, getattr(model, table))
         self.training = model.training
-        self.peft_config: dict[str, LoraConfig] = {}
-        self.reports: dict[str, Report] = {}
-        self._active: list[str] = []
-        self._enabled = True
-        self._scales: dict[str, float] = {}  # run-time scale per adapter (default 1.0)
-        self._merged_scale: dict[str, float] = {}  # scale each merged adapter was folded in with
-        self._trainable: dict[str, bool] = {}
-        self._trainable_flags = TrainableFlags(model)
-        self._trainable_stale = False
-        self._trace_policy = trace_policy
-        self._base_requires_grad: dict[str, bool] = {}  # the user's flags, restored by unload()
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        """``{adapter name: LoraConfig}`` (the owner's; change adapters through the methods)."""
+        return self.adapter_state.configs
+
+    @property
+    def reports(self) -> dict[str, Report]:
+        """``{adapter name: fxlora.explain.Report}``: how each adapter was placed."""
+        return self.adapter_state.reports
 
     # ------------------------------------------------------------------ calling
     @torch.compiler.disable(recursive=False)
@@ -75,13 +77,14 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         This frame is kept out of ``torch.compile`` (the model call inside is compiled), so the
         names never become guards: a new assignment of adapters to rows does not recompile.
         """
-        if adapter_names is None:
+        state = self.adapter_state
+        rows = None if adapter_names is None else state.row_state(self._row_names(adapter_names, batch_size_of(args, kwargs)))
+        with state.scope(rows):
             return self.model(*args, **kwargs)
-        restore = prepare_mixed_batch(self, adapter_names, args, kwargs)
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            restore()
+
+    def _row_names(self, adapter_names: Any, rows: int, expand: int = 1) -> list[str]:
+        names = check_adapter_names(adapter_names, list(self.peft_config), rows)
+        return [n for n in names for _ in range(expand)]
 
     def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
         """The model's own ``generate``; ``adapter_names`` (one per input row) gives each row its
@@ -90,12 +93,12 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         generate = getattr(self.model, "generate", None)
         if generate is None:
             raise AttributeError(f"{type(self.model).__name__} has no generate() method")
-        if adapter_names is None:
-            return generate(*args, **kwargs)
-        rows = batch_size_of(args, kwargs)
-        names = check_adapter_names(adapter_names, list(self.peft_config), rows)
-        expand = _generation_expansion(self.model, kwargs)
-        with mixed_batch(self, [n for n in names for _ in range(expand)]):
+        state = self.adapter_state
+        rows = None
+        if adapter_names is not None:
+            names = self._row_names(adapter_names, batch_size_of(args, kwargs), _generation_expansion(self.model, kwargs))
+            rows = state.row_state(names)
+        with state.scope(rows):
             return generate(*args, **kwargs)
 
     def adapter_tensors(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -103,8 +106,8 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         and `modules_to_save` copies, named as in ``named_parameters()``. Pass such a dict (or a
         stack of them under ``torch.func.vmap``) to ``torch.func.functional_call(model, tensors,
         args)`` to evaluate with adapter weights that are not stored in the model."""
-        adapter = adapter_name or self._active[0]
-        self._check_known(adapter)
+        adapter = adapter_name or self.adapter_state.active[0]
+        self.adapter_state.check_known(adapter)
         wanted = {id(p) for p in lora_parameters(self.model, adapter)}
         return {n: p for n, p in self.named_parameters() if id(p) in wanted}
 
@@ -132,57 +135,48 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         applies trainable flags deferred by adapter switches made in eval mode."""
         super().train(mode)
         self.model.training = mode
-        if mode and self.__dict__.get("_trainable_stale"):
-            self._sync_trainable()
+        state = self.__dict__.get("adapter_state")
+        if state is None:
+            return self
+        if mode and state.flags_stale:
+            state.sync_trainable(True)
         for module in self.model.modules():
             fwd = installed_forward(module)
             if isinstance(fwd, GraphForward):
                 fwd.prepare(module.training)
         return self
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "LoraModel":
+        """``.to()``, ``.cuda()``, ``to_empty()`` ...: the gates follow the model's tensors."""
+        super()._apply(fn, recurse)
+        state = self.__dict__.get("adapter_state")
+        if state is not None:
+            state.moved_to(next((p.device for p in self.model.parameters()), None))
+        return self
+
     # ------------------------------------------------------------------ adapters
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._active)
+        return list(self.adapter_state.active)
 
     @property
     def active_adapter(self) -> str:
-        return self._active[0] if len(self._active) == 1 else list(self._active)
-
-    def _gate_values(self, adapter: str) -> tuple[float, float]:
-        """(scale gate, select gate) of an adapter. The scale gate is what the branch adds on top of
-        the weights: the wanted scale (0 when inactive or disabled) minus the scale the adapter was
-        merged with, so a merged adapter that is switched off is subtracted again."""
-        on = self._enabled and adapter in self._active
-        wanted = self._scales.get(adapter, 1.0) if on else 0.0
-        return wanted - self._merged_scale.get(adapter, 0.0), 1.0 if on else 0.0
-
-    def _sync_gates(self) -> None:
-        """Write the adapter state into the gate tensors the rewritten code reads (O(adapters))."""
-        live, chosen = [], []
-        with torch.no_grad():
-            for adapter in self.peft_config:
-                scale, select = self._gate_values(adapter)
-                getattr(self._gates.scale, adapter).fill_(scale)
-                getattr(self._gates.select, adapter).fill_(select)
-                if scale != 0:
-                    live.append((adapter, scale))
-                if select != 0:
-                    chosen.append(adapter)
-        self._gates.eager_state = (tuple(live), tuple(chosen))
+        active = self.adapter_state.active
+        return active[0] if len(active) == 1 else list(active)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as the base model (original `modules_to_save`
         modules included); the adapter state is restored afterwards, even on error."""
-        previous = self._enabled
-        self._enabled = False
-        self._sync_gates()
+        state = self.adapter_state
+        previous = state.enabled
+        state.enabled = False
+        state.publish()
         try:
             yield
         finally:
-            self._enabled = previous
-            self._sync_gates()
+            state.enabled = previous
+            state.publish()
 
     # ------------------------------------------------------------------ reporting
     def _adapted(self) -> Iterator[tuple[str, nn.Module]]:
@@ -226,11 +220,13 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         unknown = set(switches) - known
         if unknown:
             raise ValueError(f"unknown optimisation(s) {sorted(unknown)}; known: {sorted(known)}")
-        for module in self.model.modules():
-            fwd = installed_forward(module)
-            if isinstance(fwd, GraphForward):
-                fwd.options = dataclasses.replace(fwd.options, **switches)
-                fwd.refresh()
+        state = self.adapter_state
+        with CALL_LOCK.exclusive(), state.transaction(self.model):
+            state.options = dataclasses.replace(state.options, **switches)
+            for module in self.model.modules():
+                fwd = installed_forward(module)
+                if isinstance(fwd, GraphForward):
+                    fwd.refresh()
 
     def graph_code(self, root: str = "", training: Optional[bool] = None) -> str:
         """The generated code of a graph root (for inspection)."""
@@ -242,8 +238,9 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts (both the original and the copy of each
         `modules_to_save` module count in ``all``, as in PEFT)."""
-        if self.__dict__.get("_trainable_stale"):
-            self._sync_trainable(force=True)
+        state = self.adapter_state
+        if state.flags_stale:
+            state.sync_trainable(self.training, force=True)
         trainable = total = 0
         for p in self.parameters():
             total += p.numel()
@@ -260,7 +257,7 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         paths = self.target_paths
         n_graph = sum(1 for p in paths.values() if p == "graph")
         head = (
-            f"LoraModel(adapters={list(self.peft_config)}, active={self._active}, "
+            f"LoraModel(adapters={list(self.peft_config)}, active={self.adapter_state.active}, "
             f"targets={len(paths)} ({n_graph} graph, {len(paths) - n_graph} eager))"
         )
         return head + "\n" + _annotated_repr(self.model, paths)

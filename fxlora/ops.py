@@ -12,9 +12,13 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .stacks import adapter_sources, layer_stack
+from .gates import GateState
+from .stacks import adapter_weights, layer_stack
 
 __all__ = [
+    "adapter_gate",
+    "select_gate",
+    "eager_factor",
     "cast_like",
     "scale_update",
     "add_update",
@@ -28,6 +32,25 @@ __all__ = [
     "shared_low_rank",
     "any_open",
 ]
+
+
+def adapter_gate(gates: GateState, adapter: str, like: torch.Tensor) -> torch.Tensor:
+    """`adapter`'s scale gate in the call's `gates`, on `like`'s device (0-d, or one per row)."""
+    return gates.scale_of(adapter, like)
+
+
+def select_gate(gates: GateState, adapter: str, like: Any) -> torch.Tensor:
+    """`adapter`'s select gate in the call's `gates`, on the device of `like` (the first tensor in
+    it) (0-d, or one per row)."""
+    if not isinstance(like, torch.Tensor):
+        like = [t for t in pytree.tree_leaves(like) if isinstance(t, torch.Tensor)][0]
+    return gates.select_of(adapter, like)
+
+
+def eager_factor(gates: GateState, adapter: str, scaling: float) -> float:
+    """``scaling * scale gate`` as a Python number (eager code of a known state reads it per call,
+    so the code does not depend on the value)."""
+    return scaling * gates.scale[adapter]
 
 
 def cast_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -52,9 +75,9 @@ def _check_rows(rows: int, like: torch.Tensor) -> None:
         )
 
 
-def scale_update(update: torch.Tensor, scaling: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def scale_update(update: torch.Tensor, scaling: float, gate: torch.Tensor) -> torch.Tensor:
     """``update * scaling * gate``; `gate` is 0-d or holds one value per batch row."""
-    factor = (scaling * gate).to(update.dtype)
+    factor = (gate * scaling).to(update.dtype)
     return update * _per_row(factor, update)
 
 
@@ -81,7 +104,7 @@ def stacked_linear_update(
     if isinstance(factors[0], float):
         columns = torch.tensor([f for f, r in zip(factors, ranks) for _ in range(r)], dtype=dtype, device=x.device)
     else:
-        columns = _column_factors([(s * g).to(dtype) for s, g in factors], ranks)
+        columns = _column_factors([(g * s).to(dtype) for s, g in factors], ranks)
     hidden = torch.nn.functional.linear(x, torch.cat([a.to(dtype) for a in lora_a]))
     return add_linear_product(base, _times_columns(hidden, columns), torch.cat([b.to(dtype) for b in lora_b], dim=1))
 
@@ -94,33 +117,31 @@ def _times_columns(hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return hidden * columns
 
 
-def stacked_layer_update(x: torch.Tensor, base: torch.Tensor, layer: torch.nn.Module, adapters: tuple[str, ...]) -> torch.Tensor:
-    """`base` plus the updates of `adapters` on the adapted linear `layer` for a mixed batch (row
-    gates), their tensors read from the layer here: eager code makes this one node per layer
-    instead of one attribute read per tensor.
+def stacked_layer_update(
+    x: torch.Tensor, base: torch.Tensor, layer: torch.nn.Module, adapters: tuple[str, ...], gates: GateState, scalings: tuple
+) -> torch.Tensor:
+    """`base` plus the updates of `adapters` (with their `scalings`) on the adapted linear `layer`
+    for a mixed batch (row `gates`), their tensors read from the layer here: eager code makes this
+    one node per layer instead of one attribute read per tensor.
 
-    Serving (no autograd, rows grouped by adapter: `fxlora.mixed_batch.RowGroups`), each adapter
-    computes on its own rows only (`grouped_linear_update`, on the layer's
-    `fxlora.stacks.AdapterStack`). Otherwise (with autograd, or with a merged adapter, which some
-    rows subtract) every adapter computes on every row and the row gates keep the right ones
-    (`stacked_linear_update`).
+    Serving (no autograd, rows grouped by adapter: `fxlora.rows.RowGroups`), each adapter computes
+    on its own rows only (`grouped_linear_update`, on the layer's `fxlora.stacks.AdapterStack`).
+    Otherwise (with autograd, or with a merged adapter, which some rows subtract) every adapter
+    computes on every row and the row gates keep the right ones (`stacked_linear_update`).
 
     Requires: `layer` carries `adapters` (`fxlora.layers.attach_adapter`), none with a B bias or
     dropout.
     """
-    children = layer._modules
-    groups = children["lora_gates"].__dict__.get("row_groups")
+    groups = gates.rows
     if groups is not None and groups.rows == x.shape[0] and not torch.is_grad_enabled():
         plan = groups.plan(adapters)
         if plan is None:
             return base
-        stack = layer_stack(layer, plan.adapters)
+        stack = layer_stack(layer, plan.adapters, tuple(scalings[adapters.index(a)] for a in plan.adapters))
         return grouped_linear_update(x, base, (stack.a, stack.b), plan.index, plan.factors)
-    sources = adapter_sources(layer, adapters)
-    count = len(adapters)
-    gates = children["lora_gates"].scale
-    factors = [(s, getattr(gates, a)) for s, a in zip(sources[2 * count :], adapters)]
-    return stacked_linear_update(x, sources[:count], sources[count : 2 * count], factors, base)
+    lora_a, lora_b = adapter_weights(layer, adapters)
+    factors = [(s, gates.scale_of(a, x)) for s, a in zip(scalings, adapters)]
+    return stacked_linear_update(x, lora_a, lora_b, factors, base)
 
 
 def grouped_linear_update(
@@ -147,7 +168,7 @@ def grouped_linear_update(
 
 
 def add_scaled_linear(
-    base: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, scaling: torch.Tensor, gate: torch.Tensor
+    base: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, scaling: float, gate: torch.Tensor
 ) -> torch.Tensor:
     """``base + (hidden * scaling * gate) @ weight.T``: the B product of a linear layer's branch,
     scaled on the rank-r side and added to the base output in one ``addmm`` where dtypes allow."""

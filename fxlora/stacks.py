@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .layers import target_meta
 
-__all__ = ["AdapterStack", "layer_stack", "adapter_sources"]
+__all__ = ["AdapterStack", "layer_stack", "adapter_weights"]
 
 
 class AdapterStack:
@@ -31,16 +31,22 @@ class AdapterStack:
     `adapters` names the K adapters in order.
     """
 
-    def __init__(self, adapters: tuple[str, ...], sources: list[torch.Tensor], stamp: Optional[tuple]) -> None:
+    def __init__(
+        self,
+        adapters: tuple[str, ...],
+        weights: tuple[list[torch.Tensor], list[torch.Tensor]],
+        scalings: tuple[float, ...],
+        stamp: Optional[tuple],
+    ) -> None:
         count = len(adapters)
-        lora_a, lora_b, scalings = sources[:count], sources[count : 2 * count], sources[2 * count :]
+        lora_a, lora_b = weights
         rank = max(w.shape[0] for w in lora_a)
         with torch.no_grad():
             self.a = lora_a[0].new_zeros(count, lora_a[0].shape[1], rank)
             self.b = lora_b[0].new_zeros(count, rank, lora_b[0].shape[0])
             for i, (wa, wb, s) in enumerate(zip(lora_a, lora_b, scalings)):
                 self.a[i, :, : wa.shape[0]] = wa.t()
-                self.b[i, : wb.shape[1]] = (wb * s.to(wb.dtype)).t()
+                self.b[i, : wb.shape[1]] = (wb * s).t()
         self.adapters = adapters
         self.stamp = stamp
 
@@ -48,33 +54,34 @@ class AdapterStack:
         return {"a": None, "b": None, "adapters": self.adapters, "stamp": None}  # rebuilt on first use
 
 
-def layer_stack(layer: nn.Module, adapters: tuple[str, ...]) -> AdapterStack:
-    """The up-to-date stack of `adapters` on the adapted `layer`, kept on its `TargetMeta` and
-    rebuilt only when a source changed or was replaced, or the adapters differ from the last
-    call's."""
+def layer_stack(layer: nn.Module, adapters: tuple[str, ...], scalings: tuple[float, ...]) -> AdapterStack:
+    """The up-to-date stack of `adapters` (with their `scalings`) on the adapted `layer`, kept on
+    its `TargetMeta` and rebuilt only when a weight changed or was replaced, or the adapters
+    differ from the last call's."""
     meta = target_meta(layer)
-    sources = adapter_sources(layer, adapters)
+    weights = adapter_weights(layer, adapters)
     try:
-        stamp = (adapters, tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in sources))
+        stamp = (adapters, scalings, tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in (*weights[0], *weights[1])))
     except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version
         stamp = None
     stack = meta.stack
     if stack is None or stamp is None or stack.stamp != stamp:
-        stack = meta.stack = AdapterStack(adapters, sources, stamp)
+        stack = meta.stack = AdapterStack(adapters, weights, scalings, stamp)
     return stack
 
 
-def adapter_sources(layer: nn.Module, adapters: Iterable[str]) -> list[torch.Tensor]:
-    """``[A_1, ..., A_K, B_1, ..., B_K, scaling_1, ..., scaling_K]`` of a layer's adapters (the
-    weights of its ``lora_A`` / ``lora_B`` modules and its ``lora_scaling`` tensors)."""
+def adapter_weights(layer: nn.Module, adapters: Iterable[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``([A_1, ..., A_K], [B_1, ..., B_K])``: the weights of a layer's ``lora_A`` / ``lora_B``
+    modules for `adapters`."""
     adapters = tuple(adapters)
     children = layer._modules
     found = []
     for holder in (children["lora_A"]._modules, children["lora_B"]._modules):
+        row = []
         for adapter in adapters:
             module = holder[adapter]
             weight = module._parameters.get("weight")
-            found.append(module.weight if weight is None else weight)
-    scalings = children["lora_scaling"]._buffers
-    return found + [scalings[a] for a in adapters]
+            row.append(module.weight if weight is None else weight)
+        found.append(row)
+    return found[0], found[1]
 

@@ -6,12 +6,12 @@ import copy
 
 import torch.nn as nn
 
-from .apply import apply_plan, fxlora_present
+from .apply import fxlora_present, strip
+from .calls import CALL_LOCK
 from .config import LoraConfig
-from .explain import report_from_plan
-from .layers import AdapterGates
 from .model import LoraModel
 from .planning import TracePolicy, emit_warnings, make_plan
+from .state import AdapterState
 
 __all__ = ["transform"]
 
@@ -47,17 +47,15 @@ def transform(
     if isinstance(model, nn.Module) and fxlora_present(model):
         raise ValueError("this model already carries fxlora adapters; use the LoraModel it came from")
     config = copy.deepcopy(config)
-    plan = make_plan(model, config, adapter_name, trace)
-    emit_warnings(plan)
-    flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
-    device = next((p.device for p in model.parameters()), None)
-    gates = AdapterGates().to(device) if device is not None else AdapterGates()
-    apply_plan(model, plan, gates)
-    wrapped = LoraModel(model, gates, trace)
-    wrapped.peft_config[adapter_name] = config
-    wrapped.reports[adapter_name] = report_from_plan(plan)
-    wrapped._trainable[adapter_name] = True
-    wrapped._base_requires_grad = flags_before
-    wrapped._active = [adapter_name]
-    wrapped._sync_gates()
+    with CALL_LOCK.exclusive():  # tracing patches torch.nn.Module.__call__ process-wide
+        plan = make_plan(model, config, adapter_name, trace)
+        emit_warnings(plan)
+        state = AdapterState(model, trace)
+        state.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        wrapped = LoraModel(model, state)
+        try:
+            wrapped._add_planned(plan)
+        except BaseException:
+            strip(model)  # the forwards of a first adapter replace none of fxlora's
+            raise
     return wrapped

@@ -14,8 +14,10 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
+from ..gates import EagerKey
 from .base_calls import mark_base_calls
 from .fold_scaling import fold_scaling
+from .gates_input import gates_input
 from .guard_idle import guard_idle_branches
 from .insert_lora import insert_lora
 from .options import PassOptions
@@ -40,24 +42,25 @@ def rewrite(
     graph: fx.Graph,
     root: nn.Module,
     options: Optional[PassOptions] = None,
-    state: Optional[tuple] = None,
+    eager: Optional[EagerKey] = None,
     training: bool = True,
 ) -> fx.Graph:
-    """Apply the passes in order to `graph` (in place) and return it, linted.
+    """Apply the passes in order to `graph` (in place) and return it, linted. The result takes the
+    call's gates as its first input (`gates_input`).
 
-    `state` is None for code whose adapter state lives in the gate tensors (what torch.compile
-    sees), or ``(live, chosen)`` (`AdapterGates.eager_state`) for eager code that runs only the
-    branches and copies in use. `training` says which mode the graph was traced for (gated
-    evaluation code guards idle branches, see `guard_idle_branches`).
+    `eager` is None for code that reads the adapter state from gate tensors only (what
+    torch.compile sees), or the `fxlora.gates.EagerKey` of eager code that runs only the branches
+    and copies in use. `training` says which mode the graph was traced for (gated evaluation code
+    guards idle branches, see `guard_idle_branches`).
 
     Requires: `graph` traced from `root` by `fxlora.tracing.trace_variant`.
     """
     options = PassOptions() if options is None else options
-    live, chosen = state if state is not None else (None, None)
-    swap_saved_modules(graph, root, chosen)
-    if options.guard_idle and state is None and not training:
+    gates_input(graph)
+    swap_saved_modules(graph, root, None if eager is None else eager.chosen)
+    if options.guard_idle and eager is None and not training:
         guard_idle_branches(graph, root)
-    insert_lora(graph, root, live)
+    insert_lora(graph, root, eager)
     mark_base_calls(graph, root)
     if options.skip_dropout:
         skip_dropout(graph, root)

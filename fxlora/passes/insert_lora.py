@@ -17,54 +17,71 @@ branches). Nothing else in the graph changes.
 
 from __future__ import annotations
 
-from typing import Hashable
+import functools
+from typing import Hashable, Optional
 
 import torch.fx as fx
 import torch.nn as nn
 
-from ..branch import Live, lora_output
+from ..branch import branch_adapters, lora_output
+from ..gates import EagerKey
 from ..layers import TargetMeta, target_meta
 from ..tracing import LoraTracer
+from .gates_input import gates_input
 from .guard_idle import is_guarded
 
 __all__ = ["insert_lora", "branch_template", "splice", "first_input", "nodes_between"]
 
 
 class _BranchHost(nn.Module):
-    """Lets fx trace `lora_output` with module paths relative to the adapted layer."""
+    """Lets fx trace `lora_output` with module paths relative to the adapted layer; the call's
+    gates and the adapters' scalings are inputs of the template (bound when it is spliced)."""
 
-    def __init__(self, layer: nn.Module, live: Live) -> None:
+    def __init__(self, layer: nn.Module, eager: Optional[EagerKey], adapters: list[str]) -> None:
         super().__init__()
         self.layer = layer
-        self.live = live
+        self.eager = eager
+        self.adapters = adapters
 
-    def forward(self, x, base):
-        return lora_output(self.layer, x, base, self.live)
+    def branch(self, x, base, gates, scalings: tuple):
+        return lora_output(self.layer, x, base, gates, self.eager, dict(zip(self.adapters, scalings)))
 
 
-def _template_key(module: nn.Module, meta: TargetMeta, live: Live) -> Hashable:
+@functools.lru_cache(maxsize=None)
+def _host_class(count: int) -> type:
+    """A `_BranchHost` whose ``forward`` takes `count` scalings as named inputs (fx gives a
+    ``*args`` input one placeholder, which cannot be bound to separate values)."""
+    names = [f"scaling_{i}" for i in range(count)]
+    source = f"def forward(self, x, base, gates{''.join(', ' + n for n in names)}):\n"
+    source += f"    return self.branch(x, base, gates, ({''.join(n + ', ' for n in names)}))\n"
+    namespace: dict = {}
+    exec(source, namespace)
+    return type(f"_BranchHost{count}", (_BranchHost,), {"forward": namespace["forward"]})
+
+
+def _template_key(module: nn.Module, meta: TargetMeta, eager: Optional[EagerKey]) -> Hashable:
     """Everything `lora_output` reads as Python values (the graph it traces depends on nothing
-    else): layer kind, the adapters whose branch runs and their options (and, for eager code of a
-    known state, their multipliers), embedding options."""
+    else): layer kind, the adapters whose branch runs and their options, embedding options, and
+    which kind of code (gated, a known state, a mixed batch). No numbers: scalings are inputs."""
     extra = ()
     if meta.kind == "embedding":
         extra = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
-    gates = None if live is None else dict(live)
     adapters = tuple(
-        (name, spec.lora_bias, spec.dropout > 0, None if gates is None or gates[name] is None else spec.scaling * gates[name])
-        for name, spec in meta.adapters.items()
-        if gates is None or name in gates
+        (name, meta.adapters[name].lora_bias, meta.adapters[name].dropout > 0) for name in branch_adapters(meta, eager)
     )
-    return (meta.kind, adapters, extra, live is None)
+    mode = None if eager is None else eager.rows
+    return (meta.kind, adapters, extra, mode)
 
 
-_TEMPLATES: dict[Hashable, fx.Graph] = {}  # traced once per process; templates hold no module
+_TEMPLATES: dict[Hashable, fx.Graph] = {}  # traced once per process; templates hold no module or number
 
 
-def branch_template(module: nn.Module, live: Live = None) -> fx.Graph:
-    """`lora_output(module, x, base, live)` as a graph with placeholders (x, base) and node
-    targets relative to `module` ("" for the layer itself, handed to an op)."""
-    host = _BranchHost(module, live)
+def branch_template(module: nn.Module, eager: Optional[EagerKey] = None) -> fx.Graph:
+    """`lora_output(module, x, base, gates, eager, scalings)` as a graph with placeholders (x, base,
+    gates, one scaling per adapter whose branch runs) and node targets relative to `module` (""
+    for the layer itself, handed to an op)."""
+    adapters = branch_adapters(target_meta(module), eager)
+    host = _host_class(len(adapters))(module, eager, adapters)
     graph = LoraTracer({id(host)}).trace(host)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
@@ -113,23 +130,25 @@ def nodes_between(first: fx.Node, stop: fx.Node) -> set[fx.Node]:
     return found
 
 
-def insert_lora(graph: fx.Graph, root: nn.Module, live: Live = None) -> int:
-    """Run the pass; return the number of layer calls that received a branch. With `live`, only
-    those adapters' branches are inserted (eager code for a known adapter state)."""
+def insert_lora(graph: fx.Graph, root: nn.Module, eager: Optional[EagerKey] = None) -> int:
+    """Run the pass; return the number of layer calls that received a branch. With `eager`, only
+    the live adapters' branches are inserted (eager code for a kind of adapter state)."""
     count = 0
+    gates = gates_input(graph)
     for node in list(graph.find_nodes(op="call_module")):
         module = root.get_submodule(node.target)
         meta = target_meta(module)
         if meta is None or not meta.adapters or is_guarded(node):
             continue
-        key = _template_key(module, meta, live)
+        key = _template_key(module, meta, eager)
         if not key[1]:
             continue  # no branch runs on this layer
         if key not in _TEMPLATES:
-            _TEMPLATES[key] = branch_template(module, live)
+            _TEMPLATES[key] = branch_template(module, eager)
+        scalings = [meta.adapters[name].scaling for name, _, _ in key[1]]
         following = node.next
         with graph.inserting_before(following):
-            out = splice(graph, _TEMPLATES[key], node.target + ".", [first_input(node), node], node.target)
+            out = splice(graph, _TEMPLATES[key], node.target + ".", [first_input(node), node, gates, *scalings], node.target)
         if out is not node:
             inserted = nodes_between(node.next, following)
             node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)

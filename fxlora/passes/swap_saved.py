@@ -5,8 +5,8 @@ Requires: every module carrying `fxlora.layers.SavedMeta` is a leaf of `graph` (
 
 Guarantees: for every such node ``N = module(*args, **kwargs)`` and every adapter owning a copy,
 in order, a node calls ``<module>.modules_to_save.<adapter>`` with the same arguments and
-``select_output(<module>.lora_gates.select.<adapter>, copy, previous)`` picks it wherever the gate
-is set (`fxlora.branch.saved_output` computes the same eagerly). Former users of N read the last
+``select_output(select_gate(gates, adapter, copy), copy, previous)`` picks it wherever the call's
+select gate is set (`fxlora.branch.saved_output` computes the same eagerly). Former users of N read the last
 selection. The original module is still called: it is what a disabled adapter computes. With
 ``chosen`` given instead, the node calls just the selected copy (or stays the original's call).
 """
@@ -19,7 +19,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..layers import saved_meta
-from ..ops import select_output
+from ..ops import select_gate, select_output
+from .gates_input import gates_input
 
 __all__ = ["swap_saved_modules"]
 
@@ -29,6 +30,7 @@ def swap_saved_modules(graph: fx.Graph, root: nn.Module, chosen: Optional[tuple[
     copies are selected, known in Python: eager code for a known state) a node simply calls the
     copy that is used, or stays the original's call when none is."""
     count = 0
+    gates = gates_input(graph)
     for node in list(graph.find_nodes(op="call_module")):
         meta = saved_meta(root.get_submodule(node.target))
         if meta is None or not meta.adapters:
@@ -45,7 +47,7 @@ def swap_saved_modules(graph: fx.Graph, root: nn.Module, chosen: Optional[tuple[
             out = node
             for adapter in meta.adapters:
                 copy = graph.call_module(f"{node.target}.modules_to_save.{adapter}", node.args, node.kwargs)
-                gate = graph.get_attr(f"{node.target}.lora_gates.select.{adapter}")
+                gate = graph.call_function(select_gate, (gates, adapter, copy))
                 out = graph.call_function(select_output, (gate, copy, out))
                 inserted += [copy, gate, out]
         for new in inserted:
