@@ -162,6 +162,9 @@ def _interesting(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if target_meta(m) is not None or saved_meta(m) is not None]
 
 
+#: generated code and where its inputs come from (None: the call's positional arguments as they are)
+Code = tuple[Callable[..., Any], Optional[tuple]]
+
 #: eager codes kept per graph root (least recently used dropped first); each is code for one
 #: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
 MAX_EAGER_CODES = 16
@@ -185,14 +188,16 @@ class GraphForward:
         self.previous: Optional[Callable] = None
         self.variants = dict(variants)
         self.failures: dict[CallKey, str] = {}
-        # code per (call pattern, eager key): None = gated code (what torch.compile sees), kept
-        # for every pattern; eager keys get code that runs only the live branches, kept LRU
-        self._compiled: OrderedDict[tuple, tuple[Callable[..., Any], Optional[tuple]]] = OrderedDict()
+        # code per call pattern: gated code (what torch.compile sees, which reads only this table)
+        # for every pattern, and per (pattern, eager key) code that runs only the live branches,
+        # least recently used dropped first
+        self._gated: dict[CallKey, Code] = {}
+        self._eager: OrderedDict[tuple[CallKey, EagerKey], Code] = OrderedDict()
         # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.call_key`)
         self.ranked = any(key_is_ranked(k) for k in self.variants)
 
     # ---------------------------------------------------------------- building
-    def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey] = None) -> tuple[Callable[..., Any], Optional[tuple]]:
+    def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey] = None) -> Code:
         """Code for `variant` for `eager` (None: gated code), and where its inputs come from (None:
         the call's positional arguments as they are, the common case)."""
         adopt_constants(self.root, variant.constants or {})
@@ -205,13 +210,22 @@ class GraphForward:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
         options changed); code for eager keys is rebuilt on first use."""
         with CALL_LOCK.exclusive():
-            self._compiled = OrderedDict(((key, None), self._build(key, variant)) for key, variant in self.variants.items())
+            self._gated = {key: self._build(key, variant) for key, variant in self.variants.items()}
+            self._eager = OrderedDict()
+
+    def _code(self, key: Optional[CallKey], eager: Optional[EagerKey]) -> Optional[Code]:
+        if eager is None:
+            return self._gated.get(key)
+        code = self._eager.get((key, eager))
+        if code is not None:
+            self._eager.move_to_end((key, eager))
+        return code
 
     def ensure(self, key: CallKey, eager: Optional[EagerKey] = None) -> bool:
         """Make sure pattern `key` has code for `eager` (tracing it if new); False if it cannot be
         traced."""
         with CALL_LOCK.exclusive():
-            if (key, eager) in self._compiled:
+            if self._code(key, eager) is not None:
                 if guards_hold(self.variants[key].guards):
                     return True
                 self._forget(key)  # an attribute the graph baked in changed
@@ -225,19 +239,20 @@ class GraphForward:
                     self.failures[key] = str(exc)
                     return False
                 self.variants[key] = variant
-            self._compiled[(key, eager)] = self._build(key, variant, eager)
-            self._drop_old_eager_codes()
+            code = self._build(key, variant, eager)
+            if eager is None:
+                self._gated[key] = code
+            else:
+                self._eager[(key, eager)] = code
+                while len(self._eager) > MAX_EAGER_CODES:
+                    self._eager.popitem(last=False)
             return True
-
-    def _drop_old_eager_codes(self) -> None:
-        eager = [entry for entry in self._compiled if entry[1] is not None]
-        for entry in eager[: max(0, len(eager) - MAX_EAGER_CODES)]:
-            del self._compiled[entry]
 
     def _forget(self, key: CallKey) -> None:
         self.variants.pop(key, None)
-        for entry in [e for e in self._compiled if e[0] == key]:
-            del self._compiled[entry]
+        self._gated.pop(key, None)
+        for entry in [e for e in self._eager if e[0] == key]:
+            del self._eager[entry]
 
     def prepare(self, training: bool) -> bool:
         """Trace and build the plainest call pattern, and the train/eval twin of every known
@@ -264,12 +279,10 @@ class GraphForward:
 
     def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
         key = call_key(self.root.training, args, kwargs, self.ranked)
-        entry = self._compiled.get((key, eager))
-        if entry is None or not guards_hold(self.variants[key].guards):
+        code = self._code(key, eager)
+        if code is None or not guards_hold(self.variants[key].guards):
             return self._slow_call(key, gates, eager, args, kwargs)
-        if eager is not None:
-            self._compiled.move_to_end((key, eager))
-        fn, inputs = entry
+        fn, inputs = code
         if inputs is None:
             return fn(self.root, gates, *args)
         return fn(self.root, gates, *gather_inputs(inputs, self.root, args, kwargs))
@@ -287,5 +300,5 @@ class GraphForward:
     # ---------------------------------------------------------------- copying
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_compiled"] = OrderedDict()  # generated code is rebuilt from the graphs on first use
+        state["_gated"], state["_eager"] = {}, OrderedDict()  # code is rebuilt from the graphs on first use
         return state

@@ -42,7 +42,8 @@ class GateState:
     - ``scale_tensor`` / ``select_tensor``: ``(adapters,)`` or, for a mixed batch,
       ``(adapters, rows)``; row ``i`` of adapter ``a`` is its gate for batch row ``i``.
     - ``index``: each adapter's position in the tensors.
-    - ``eager``: the `EagerKey` eager code for this state runs.
+    - ``eager``: the `EagerKey` eager code for this state runs (None: eager calls run the gated
+      code too, as compiled code does).
     - ``rows``: the rows grouped by adapter, for eager serving of a mixed batch (or None).
     """
 
@@ -51,7 +52,7 @@ class GateState:
     scale_tensor: torch.Tensor
     select_tensor: torch.Tensor
     index: Mapping[str, int]
-    eager: EagerKey
+    eager: Optional[EagerKey]
     rows: Optional[RowGroups] = None
 
     def scale_of(self, adapter: str, like: torch.Tensor) -> torch.Tensor:

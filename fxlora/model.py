@@ -31,7 +31,7 @@ from .calls import CALL_LOCK
 from .layers import LORA_CHILDREN, saved_meta, target_meta
 from .merge import MergeMixin
 from .mixed_batch import batch_size_of, check_adapter_names
-from .state import AdapterState
+from .state import AdapterState, CallScope
 
 __all__ = ["LoraModel"]
 
@@ -77,14 +77,18 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         This frame is kept out of ``torch.compile`` (the model call inside is compiled), so the
         names never become guards: a new assignment of adapters to rows does not recompile.
         """
-        state = self.adapter_state
-        rows = None if adapter_names is None else state.row_state(self._row_names(adapter_names, batch_size_of(args, kwargs)))
-        with state.scope(rows):
+        with self._scope(adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
 
-    def _row_names(self, adapter_names: Any, rows: int, expand: int = 1) -> list[str]:
-        names = check_adapter_names(adapter_names, list(self.peft_config), rows)
-        return [n for n in names for _ in range(expand)]
+    @torch.compiler.disable
+    def _scope(self, adapter_names: Optional[list[str]], args: tuple, kwargs: dict, expand: int = 1) -> CallScope:
+        """The scope of one call: the published gates, or a mixed batch's own (one adapter name
+        per row, each row repeated `expand` times). Python over names, kept out of torch.compile."""
+        state = self.adapter_state
+        if adapter_names is None:
+            return state.scope()
+        names = check_adapter_names(adapter_names, list(self.peft_config), batch_size_of(args, kwargs))
+        return state.scope(state.row_state([n for n in names for _ in range(expand)]))
 
     def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
         """The model's own ``generate``; ``adapter_names`` (one per input row) gives each row its
@@ -93,12 +97,7 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
         generate = getattr(self.model, "generate", None)
         if generate is None:
             raise AttributeError(f"{type(self.model).__name__} has no generate() method")
-        state = self.adapter_state
-        rows = None
-        if adapter_names is not None:
-            names = self._row_names(adapter_names, batch_size_of(args, kwargs), _generation_expansion(self.model, kwargs))
-            rows = state.row_state(names)
-        with state.scope(rows):
+        with self._scope(adapter_names, args, kwargs, _generation_expansion(self.model, kwargs)):
             return generate(*args, **kwargs)
 
     def adapter_tensors(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from .integrations import NO_HOOKS, TraceHooks, hooks_for, object_kind, object_kind_of_type
 from .proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length, infer
+from .trace_threads import tracing_here, tracing_in_this_thread
 
 __all__ = [
     "TraceFailure",
@@ -143,7 +144,18 @@ class LoraTracer(fx.Tracer):
                 return self.create_node("get_attr", path, (), {}, name="module_" + path.replace(".", "_"))
         return super().create_arg(a)
 
+    def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
+        with tracing_in_this_thread():
+            return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if not tracing_here():  # another thread's module, read while this one traces
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if not tracing_here():  # another thread's call, made while this one traces
+            return forward(*args, **kwargs)
         if id(m) in self.trace_through and m is not self.root:
             _check_transparent(type(m).forward, self.hooks, set(kwargs))
         return super().call_module(m, forward, args, kwargs)
@@ -197,16 +209,22 @@ def _refusing_checkpoints():
     user asked for). The module then runs eagerly, checkpointing intact."""
     import torch.utils.checkpoint as checkpoint
 
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise CheckpointInTrace("the forward uses gradient checkpointing (torch.utils.checkpoint), which a graph would drop")
-
-    class _Refused:
-        apply = staticmethod(refuse)
-
     saved = {name: checkpoint.__dict__[name] for name in _CHECKPOINT_ENTRIES if name in checkpoint.__dict__}
+
+    def refusing(original: Callable) -> Callable:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            if not tracing_here():  # another thread checkpoints while this one traces
+                return original(*args, **kwargs)
+            raise CheckpointInTrace("the forward uses gradient checkpointing (torch.utils.checkpoint), which a graph would drop")
+
+        return refuse
+
+    def refused_class(original: type) -> type:
+        return type(original.__name__, (), {"apply": staticmethod(refusing(original.apply))})
+
     try:
-        for name in saved:
-            setattr(checkpoint, name, _Refused if isinstance(saved[name], type) else refuse)
+        for name, value in saved.items():
+            setattr(checkpoint, name, refused_class(value) if isinstance(value, type) else refusing(value))
         yield
     finally:
         for name, value in saved.items():

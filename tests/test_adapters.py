@@ -77,7 +77,7 @@ def test_delete_adapter():
     assert model.active_adapters == ["b"] and list(model.peft_config) == ["b"]
     assert model.targeted_module_names == ["blocks.1.0", "head"]
     assert not any(".default." in k for k in model.state_dict())
-    assert "default" not in model.get_submodule("head").lora_gates.scale.names()
+    assert "default" not in model.adapter_state.published.index
     x = torch.randn(3, 6)
     reference = fxlora.transform(Mixed(), LoraConfig(target_modules=["blocks.1.0", "head"], init_lora_weights=False), adapter_name="b")
     reference.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)
@@ -111,7 +111,7 @@ def test_adapters_may_differ_in_rank_alpha_and_targets():
     assert model.get_submodule("seq.0.lora_A.default").weight.shape == (2, 20)
     assert model.get_submodule("seq.0.lora_A.wide").weight.shape == (6, 20)
     assert model.get_submodule("seq.2.lora_A.wide").weight.shape == (1, 8)
-    assert model.get_submodule("seq.2").lora_scaling.wide.item() == 3.0
+    assert model.get_submodule("seq.2")._fxlora.adapters["wide"].scaling == 3.0
 
 
 def test_scale_and_layer_toggles():
@@ -208,7 +208,7 @@ def test_trainable_flags_equal_a_full_recomputation_after_any_switches(setup):
             model.load_state_dict(weights, strict=False, assign=True)
     model.train()
     got = {n: p.requires_grad for n, p in model.named_parameters()}
-    wanted = {a: model.peft_config[a].bias for a in model.active_adapters if model._trainable[a]}
+    wanted = {a: model.peft_config[a].bias for a in model.active_adapters if model.adapter_state.trainable[a]}
     set_trainable(model.model, wanted)  # the rule, recomputed from scratch
     assert got == {n: p.requires_grad for n, p in model.named_parameters()}
 

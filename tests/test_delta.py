@@ -88,7 +88,7 @@ def test_delta_reproduces_the_adapted_layer(name, make, make_input, config):
 def test_hf_conv1d_delta_is_transposed():
     _, layer = adapted(Conv1D(5, 7))  # weight (in=7, out=5)
     product = layer.lora_B["default"].weight @ layer.lora_A["default"].weight  # (out, in)
-    torch.testing.assert_close(delta_weight(layer, "default"), product.T * layer.lora_scaling.default)
+    torch.testing.assert_close(delta_weight(layer, "default"), product.T * layer._fxlora.adapters["default"].scaling)
 
 
 def test_scaling_follows_rank_and_alpha():

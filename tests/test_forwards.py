@@ -1,6 +1,7 @@
 """The installed forwards: graph code per call pattern, eager fallback, copying and pickling."""
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import fxlora
 from fxlora import LoraConfig
+from fxlora.gates import EagerKey
 from fxlora.forwards import EagerLoraForward, GraphForward, SavedForward, installed_forward
 from models import MLP, Mixed, OptionalArgs
 
@@ -22,15 +24,15 @@ def test_train_and_eval_both_run_graph_code(eager_fallbacks):
     model.eval()
     model(x)
     assert eager_fallbacks == [] and fwd.failures == {}
-    assert {key[0] for key, state in fwd._compiled if state is None} == {True, False}
+    assert {key[0] for key in fwd._gated} == {True, False}
 
 
 def test_eval_variant_traced_on_mode_switch_not_on_call():
     model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
     fwd = installed_forward(model.model)
-    assert [key[0] for key, _ in fwd._compiled] == [True]
+    assert [key[0] for key in fwd._gated] == [True]
     model.eval()
-    assert sorted(key[0] for key, _ in fwd._compiled) == [False, True]
+    assert sorted(key[0] for key in fwd._gated) == [False, True]
 
 
 def test_new_call_patterns_are_traced_once(eager_fallbacks):
@@ -84,7 +86,7 @@ def test_pickle_keeps_graphs_and_rebuilds_code():
     clone = pickle.loads(pickle.dumps(model))
     fwd = installed_forward(clone.model)
     assert fwd.root is clone.model
-    assert sorted(key[0] for key, state in fwd._compiled if state is None) == [False, True]  # rebuilt on load
+    assert sorted(key[0] for key in fwd._gated) == [False, True]  # rebuilt on load
     assert torch.equal(clone(x), model(x))
 
 
@@ -93,7 +95,8 @@ def test_graph_code_is_straight_line():
     model.set_optimizations(fold_scaling=False)
     code = model.graph_code()
     assert "lora_dropout.default(" in code and "lora_A.default(" in code and "lora_B.default(" in code
-    assert "lora_scaling.default" in code and "lora_gates.scale.default" in code
+    # gates come from the call's gate state (the first input), the scaling is a number in the code
+    assert "def forward(self, _fxlora_gates," in code and "adapter_gate(_fxlora_gates, 'default'" in code
     assert " if " not in code and "for " not in code
     with pytest.raises(ValueError, match="not a graph root"):
         model.graph_code("seq.0")
@@ -107,7 +110,7 @@ def test_eager_code_runs_only_live_branches_and_compiled_code_is_gated():
     fwd = installed_forward(model.model)
     x = torch.randn(2, 20)
     model(x)
-    eager = fwd._compiled[next(k for k in fwd._compiled if k[1] == ((("default", 1.0),), ("default",)))][0]
+    eager = next(code for (_, key), code in fwd._eager.items() if key == EagerKey(("default",), ("default",)))[0]
     import inspect
 
     code = inspect.getsource(eager)
@@ -115,8 +118,8 @@ def test_eager_code_runs_only_live_branches_and_compiled_code_is_gated():
     assert "modules_to_save.default(" in code  # the copy is called instead of the original
     with model.disable_adapter():
         model(x)
-    off = fwd._compiled[next(k for k in fwd._compiled if k[1] == ((), ()))][0]
-    off_code = inspect.getsource(off).replace("_fxlora_base_only", "")
+    off = next(code for (_, key), code in fwd._eager.items() if key == EagerKey((), ()))[0]
+    off_code = inspect.getsource(off).replace("_fxlora_base_only", "").replace("_fxlora_gates", "")
     assert "lora" not in off_code and "modules_to_save" not in off_code
     with torch.no_grad():  # a NaN in an inactive adapter does not reach eager outputs
         model.get_submodule("seq.2.lora_B.b").weight.fill_(float("nan"))
@@ -129,13 +132,10 @@ from test_properties import setups  # noqa: E402
 
 
 def gated_output(model, x):
-    """The output of the gated code (what torch.compile runs): the Python state mirror switched off."""
-    gates = model._gates
-    saved, gates.eager_state = gates.eager_state, None
-    try:
+    """The output of the gated code (what torch.compile runs): a gate state without eager key."""
+    state = model.adapter_state
+    with state.calling(dataclasses.replace(state.published, eager=None)):
         return model(x)
-    finally:
-        gates.eager_state = saved
 
 
 @given(setup=setups(), data=st.data())

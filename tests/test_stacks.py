@@ -10,6 +10,8 @@ from fxlora import LoraConfig
 from fxlora.stacks import layer_stack
 from models import row_by_row
 
+SCALINGS = (2.0, 1.0)  # alpha / r of the adapters a and b of `two_adapters`
+
 
 def two_adapters():
     torch.manual_seed(0)
@@ -20,7 +22,7 @@ def two_adapters():
 
 def test_a_stack_holds_the_scaled_weights_with_ranks_padded():
     _, layer = two_adapters()
-    stack = layer_stack(layer, ("a", "b"))
+    stack = layer_stack(layer, ("a", "b"), SCALINGS)
     assert stack.a.shape == (2, 6, 3) and stack.b.shape == (2, 3, 5)
     for i, (name, scaling) in enumerate((("a", 2.0), ("b", 1.0))):
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
@@ -28,44 +30,43 @@ def test_a_stack_holds_the_scaled_weights_with_ranks_padded():
         torch.testing.assert_close(stack.a[i, :, :r], a.T)
         torch.testing.assert_close(stack.b[i, :r], b.T * scaling)
         assert not stack.a[i, :, r:].any() and not stack.b[i, r:].any()
-    assert layer_stack(layer, ("b",)).a.shape == (1, 6, 3)
+    assert layer_stack(layer, ("b",), SCALINGS[1:]).a.shape == (1, 6, 3)
 
 
 def test_a_stack_is_kept_until_a_source_changes_or_is_replaced():
     _, layer = two_adapters()
-    stack = layer_stack(layer, ("a", "b"))
-    assert layer_stack(layer, ("a", "b")) is stack  # nothing changed: no copy
+    stack = layer_stack(layer, ("a", "b"), SCALINGS)
+    assert layer_stack(layer, ("a", "b"), SCALINGS) is stack  # nothing changed: no copy
     with torch.no_grad():
         layer.lora_A["b"].weight.mul_(2)  # in place
-    changed = layer_stack(layer, ("a", "b"))
+    changed = layer_stack(layer, ("a", "b"), SCALINGS)
     assert changed is not stack
     torch.testing.assert_close(changed.a[1], layer.lora_A["b"].weight.T)
     layer.lora_B["a"].weight = nn.Parameter(torch.randn(5, 2))  # replaced
-    torch.testing.assert_close(layer_stack(layer, ("a", "b")).b[0, :2], layer.lora_B["a"].weight.T * 2.0)
-    with torch.no_grad():
-        layer.lora_scaling.b.fill_(5.0)  # a scaling changed in place
-    torch.testing.assert_close(layer_stack(layer, ("a", "b")).b[1], layer.lora_B["b"].weight.T * 5.0)
+    torch.testing.assert_close(layer_stack(layer, ("a", "b"), SCALINGS).b[0, :2], layer.lora_B["a"].weight.T * 2.0)
+    # another scaling (the stack is kept per scalings too)
+    torch.testing.assert_close(layer_stack(layer, ("a", "b"), (2.0, 5.0)).b[1], layer.lora_B["b"].weight.T * 5.0)
 
 
 def test_weights_made_in_inference_mode_are_stacked_on_every_call():
     with torch.inference_mode():
         _, layer = two_adapters()
-        layer_stack(layer, ("a", "b"))
+        layer_stack(layer, ("a", "b"), SCALINGS)
         layer.lora_A["a"].weight.mul_(3)
-    torch.testing.assert_close(layer_stack(layer, ("a", "b")).a[0, :, :2], layer.lora_A["a"].weight.T)
+    torch.testing.assert_close(layer_stack(layer, ("a", "b"), SCALINGS).a[0, :, :2], layer.lora_A["a"].weight.T)
 
 
 def test_stacks_stay_out_of_state_dict_and_copies_rebuild_theirs():
     model, layer = two_adapters()
     keys = set(model.state_dict())
-    layer_stack(layer, ("a", "b"))
+    layer_stack(layer, ("a", "b"), SCALINGS)
     assert set(model.state_dict()) == keys
     twin = copy.deepcopy(model)
     twin_layer = twin.get_submodule("0")
     with torch.no_grad():
         twin_layer.lora_A["a"].weight.zero_()
-    assert not layer_stack(twin_layer, ("a", "b")).a[0].any()
-    assert layer_stack(layer, ("a", "b")).a[0].any()
+    assert not layer_stack(twin_layer, ("a", "b"), SCALINGS).a[0].any()
+    assert layer_stack(layer, ("a", "b"), SCALINGS).a[0].any()
 
 
 def test_served_mixed_batches_follow_weight_changes():

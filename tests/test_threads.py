@@ -165,10 +165,10 @@ def test_compiled_model_in_two_threads_with_mixed_batches():
     torch._dynamo.reset()
 
 
-def test_new_call_patterns_traced_while_other_threads_serve():
+def test_models_traced_while_other_threads_serve():
     """Tracing patches nn.Module.__call__ process-wide: it waits for calls in flight and calls
-    wait for it, so threads meeting new call patterns (here: train/eval twins, new batch ranks)
-    at the same time as others serve still get exact results."""
+    wait for it, so a thread transforming (tracing) more models while others serve leaves their
+    results exact, and its own models right."""
     model = build("auto")
     reference = copy.deepcopy(model)
     inputs = [torch.randn(5, 6), torch.randn(3, 6)]
@@ -183,14 +183,19 @@ def test_new_call_patterns_traced_while_other_threads_serve():
 
         return loop
 
-    def retrain():
-        for _ in range(5):
-            model.set_optimizations(fold_scaling=False)
-            model.set_optimizations(fold_scaling=True)
+    made = []
+
+    def trace_more():
+        for _ in range(6):
+            made.append(build("auto"))
+            made[-1].set_optimizations(fold_scaling=False)
 
     # reference is a separate model: its own forwards take the shared lock too
-    run_threads(serve(inputs[0]), serve(inputs[1]), retrain)
+    run_threads(serve(inputs[0]), serve(inputs[1]), trace_more)
     assert wrong == []
+    with torch.no_grad():
+        for other in made:
+            torch.testing.assert_close(other(inputs[0]), reference(inputs[0]), rtol=1e-5, atol=1e-6)
 
 
 def test_shared_lock_exclusive_waits_for_shared_holders_and_upgrades_without_deadlock():

@@ -42,6 +42,7 @@ import torch.nn as nn
 from ..integrations import TraceHooks, opaque, register_object_type
 from ..layer_types import is_pretrained_model
 from ..proxies import SeqInfo, TensorInfo
+from ..trace_threads import tracing_here
 
 __all__ = ["trace_hooks", "unwrap_deprecate_kwarg", "opaque_attention_functions", "attention_guards", "example_inputs"]
 
@@ -72,7 +73,8 @@ def opaque_attention_functions() -> Iterator[None]:
     original = AttentionInterface.__dict__["get_interface"]
 
     def get_interface(self: Any, attn_implementation: str, default: Callable) -> Callable:
-        return opaque(original(self, attn_implementation, default), ATTENTION_OUTPUT)
+        found = original(self, attn_implementation, default)
+        return opaque(found, ATTENTION_OUTPUT) if tracing_here() else found
 
     AttentionInterface.get_interface = get_interface
     try:

@@ -134,7 +134,6 @@ def insert_lora(graph: fx.Graph, root: nn.Module, eager: Optional[EagerKey] = No
     """Run the pass; return the number of layer calls that received a branch. With `eager`, only
     the live adapters' branches are inserted (eager code for a kind of adapter state)."""
     count = 0
-    gates = gates_input(graph)
     for node in list(graph.find_nodes(op="call_module")):
         module = root.get_submodule(node.target)
         meta = target_meta(module)
@@ -148,7 +147,8 @@ def insert_lora(graph: fx.Graph, root: nn.Module, eager: Optional[EagerKey] = No
         scalings = [meta.adapters[name].scaling for name, _, _ in key[1]]
         following = node.next
         with graph.inserting_before(following):
-            out = splice(graph, _TEMPLATES[key], node.target + ".", [first_input(node), node, gates, *scalings], node.target)
+            inputs = [first_input(node), node, gates_input(graph), *scalings]
+            out = splice(graph, _TEMPLATES[key], node.target + ".", inputs, node.target)
         if out is not node:
             inserted = nodes_between(node.next, following)
             node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)

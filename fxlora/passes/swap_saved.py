@@ -30,7 +30,6 @@ def swap_saved_modules(graph: fx.Graph, root: nn.Module, chosen: Optional[tuple[
     copies are selected, known in Python: eager code for a known state) a node simply calls the
     copy that is used, or stays the original's call when none is."""
     count = 0
-    gates = gates_input(graph)
     for node in list(graph.find_nodes(op="call_module")):
         meta = saved_meta(root.get_submodule(node.target))
         if meta is None or not meta.adapters:
@@ -47,7 +46,7 @@ def swap_saved_modules(graph: fx.Graph, root: nn.Module, chosen: Optional[tuple[
             out = node
             for adapter in meta.adapters:
                 copy = graph.call_module(f"{node.target}.modules_to_save.{adapter}", node.args, node.kwargs)
-                gate = graph.call_function(select_gate, (gates, adapter, copy))
+                gate = graph.call_function(select_gate, (gates_input(graph), adapter, copy))
                 out = graph.call_function(select_output, (gate, copy, out))
                 inserted += [copy, gate, out]
         for new in inserted:

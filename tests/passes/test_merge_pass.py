@@ -2,6 +2,7 @@
 graph alone, and its records undo each fold exactly."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import fxlora
 from fxlora import LoraConfig
 from fxlora.delta import MergeError, delta_weight
 from fxlora.fold import unfold_layer
+from fxlora.gates import make_gate_state
 from fxlora.passes.merge import merge_graph, merge_targets
 from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
 
@@ -139,13 +141,15 @@ def test_merged_graph_code_with_gate_adjusted_gives_the_same_outputs():
     x = torch.randn(3, 4, 6)
     ref = lora(x)
     reference_model = copy.deepcopy(lora)
-    root.conv.lora_gates.eager_state = None  # run the gated code (what torch.compile sees): it reads the tensors
     merge_graph(graph, root, {"default": 1.0})
-    with torch.no_grad():
-        root.conv.lora_gates.scale.default.fill_(0.0)  # what LoraModel._sync_gates writes once merged
-    torch.testing.assert_close(lora(x), ref, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        root.conv.lora_gates.scale.default.fill_(-1.0)  # adapter switched off while merged
+    state = lora.adapter_state
+
+    def gated(scale):  # the gated code (what torch.compile sees) with that gate value
+        gates = make_gate_state({"default": scale}, {"default": 1.0}, None)
+        return state.calling(dataclasses.replace(gates, eager=None))
+
+    with gated(0.0):  # what the adapter state publishes once merged
+        torch.testing.assert_close(lora(x), ref, rtol=1e-5, atol=1e-6)
     # `spare` is not called, so the only folded layers are the ones the forward uses
-    with reference_model.disable_adapter():
+    with gated(-1.0), reference_model.disable_adapter():  # adapter switched off while merged
         torch.testing.assert_close(lora(x), reference_model(x), rtol=1e-5, atol=1e-6)
