@@ -42,7 +42,7 @@ def attach_plan(model: nn.Module, plan: Plan, gates: AdapterGates) -> None:
     """Create the plan's adapter on its targets and its `modules_to_save` copies (no forwards)."""
     gates.add(plan.adapter)
     for t in plan.targets:
-        attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, gates, t.fan_in_fan_out)
+        attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, gates, t.kind, t.fan_in_fan_out)
     for s in plan.saved:
         attach_saved_copy(s.module, plan.adapter, gates)
 

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
+from .variants import branch_gate, variant_for
+
 __all__ = [
     "BASE",
     "RowGroups",
@@ -137,7 +139,8 @@ def install_row_gates(lora_model: Any, names: list[str]) -> Callable[[], None]:
         wanted = {a: lora_model._scales.get(a, 1.0) if a in used else 0.0 for a in adapters}
         for adapter in adapters:
             rows = (row_ids == index[adapter]).to(like.dtype)
-            gates.scale._buffers[adapter] = rows * wanted[adapter] - lora_model._merged_scale.get(adapter, 0.0)
+            variant = variant_for(lora_model.peft_config[adapter])
+            gates.scale._buffers[adapter] = branch_gate(variant, rows * wanted[adapter], lora_model._merged_scale.get(adapter, 0.0))
             gates.select._buffers[adapter] = rows if adapter in used else torch.zeros_like(rows)
         # eager code: every branch reads its row gates (one code for every assignment of rows)
         gates.eager_state = (tuple((a, None) for a in adapters), None)

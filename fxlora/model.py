@@ -29,6 +29,7 @@ from .apply import TrainableFlags, lora_parameters
 from .layers import LORA_CHILDREN, AdapterGates, saved_meta, target_meta
 from .merge import MergeMixin
 from .mixed_batch import batch_size_of, check_adapter_names, mixed_batch, prepare_mixed_batch
+from .variants import branch_gate, variant_for
 
 __all__ = ["LoraModel"]
 
@@ -152,10 +153,12 @@ class LoraModel(AdapterMixin, MergeMixin, CheckpointMixin, nn.Module):
     def _gate_values(self, adapter: str) -> tuple[float, float]:
         """(scale gate, select gate) of an adapter. The scale gate is what the branch adds on top of
         the weights: the wanted scale (0 when inactive or disabled) minus the scale the adapter was
-        merged with, so a merged adapter that is switched off is subtracted again."""
+        merged with, so a merged adapter that is switched off is subtracted again (`branch_gate`:
+        the adapter's variant must be additive)."""
         on = self._enabled and adapter in self._active
         wanted = self._scales.get(adapter, 1.0) if on else 0.0
-        return wanted - self._merged_scale.get(adapter, 0.0), 1.0 if on else 0.0
+        variant = variant_for(self.peft_config[adapter])
+        return branch_gate(variant, wanted, self._merged_scale.get(adapter, 0.0)), 1.0 if on else 0.0
 
     def _sync_gates(self) -> None:
         """Write the adapter state into the gate tensors the rewritten code reads (O(adapters))."""

@@ -45,17 +45,14 @@ class _BranchHost(nn.Module):
 def _template_key(module: nn.Module, meta: TargetMeta, live: Live) -> Hashable:
     """Everything `lora_output` reads as Python values (the graph it traces depends on nothing
     else): layer kind, the adapters whose branch runs and their options (and, for eager code of a
-    known state, their multipliers), embedding options."""
-    extra = ()
-    if meta.kind == "embedding":
-        extra = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+    known state, their multipliers), the layer options its kind's update reads."""
     gates = None if live is None else dict(live)
     adapters = tuple(
-        (name, spec.lora_bias, spec.dropout > 0, None if gates is None or gates[name] is None else spec.scaling * gates[name])
+        (name, spec.variant, spec.lora_bias, spec.dropout > 0, None if gates is None or gates[name] is None else spec.scaling * gates[name])
         for name, spec in meta.adapters.items()
         if gates is None or name in gates
     )
-    return (meta.kind, adapters, extra, live is None)
+    return (meta.kind, adapters, meta.kind.template_key(module), live is None)
 
 
 _TEMPLATES: dict[Hashable, fx.Graph] = {}  # traced once per process; templates hold no module

@@ -1,0 +1,91 @@
+"""The ``conv_transpose`` kind: ``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d`` / ``nn.ConvTranspose3d``.
+
+No peer library adapts these; fxlora's arrangement mirrors the ``conv`` kind so that the update is
+one transposed convolution with the base layer's geometry:
+
+- A is a transposed convolution in -> r with the base's kernel, stride, padding, output_padding and
+  dilation; its weight is stored the transposed way, (in, r, *kernel);
+- B is a 1x..x1 convolution r -> out with the base's ``groups``, weight (out, r / groups, 1, ..).
+
+A pointwise map after a transposed convolution is the transposed convolution with the mapped
+kernel, so (groups == 1) ``B(A(x)) = conv_transpose(x, delta)`` with
+``delta[i, o, ...] = sum_j B[o, j] * A[i, j, ...]``, shape (in, out, *kernel): exactly the base's
+weight layout, so merges fold it in exactly. A grouped base cannot take it (its kernel connects
+channels within a group only), as for grouped convolutions.
+
+``forward(x, output_size=...)``: the requested size picks the output padding; A is called with
+the spatial size of the base's output, so it always produces the shape the base produced.
+
+Init: A kaiming-uniform with ``a=sqrt(5)`` over its fan-in in * prod(kernel) (PyTorch's own init of
+a transposed convolution would use r * prod(kernel)), so A starts like the ``conv`` kind's A; B zero.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+
+from . import register_kind
+from .conv import grouped_combine_obstacle, grouped_merge_obstacle, pointwise_b
+from .low_rank import ModulePairKind, check_rank_divides_groups
+
+if TYPE_CHECKING:
+    from ..layers import AdapterSpec
+
+__all__ = ["CONV_TRANSPOSE"]
+
+_TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+class ConvTransposeKind(ModulePairKind):
+    name = "conv_transpose"
+    layer_types = "nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, tuple(_TRANSPOSED.values()))
+
+    def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
+        check_rank_divides_groups(where, module, spec)
+
+    def factor_shapes(self, module: nn.Module, spec: "AdapterSpec") -> dict[str, tuple[int, ...]]:
+        kernel = tuple(module.kernel_size)
+        shapes = {
+            "lora_A.weight": (module.in_channels, spec.r, *kernel),
+            "lora_B.weight": (module.out_channels, spec.r // module.groups, *(1,) * len(kernel)),
+        }
+        if spec.lora_bias:
+            shapes["lora_B.bias"] = (module.out_channels,)
+        return shapes
+
+    def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
+        lora_a = _TRANSPOSED[len(module.kernel_size)](
+            module.in_channels,
+            spec.r,
+            kernel_size=module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            output_padding=module.output_padding,
+            dilation=module.dilation,
+            bias=False,
+        )
+        return lora_a, pointwise_b(spec, module)
+
+    def a_view(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.transpose(0, 1)  # (in, r, *kernel) -> (r, in, *kernel)
+
+    def call_a(self, lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return lora_a(x, output_size=base.shape[-len(lora_a.kernel_size) :])
+
+    def merge_obstacle(self, module: nn.Module) -> Optional[str]:
+        return grouped_merge_obstacle(module)
+
+    def weight_from_matrix(self, module: nn.Module, matrix: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+        return matrix.view(matrix.shape[0], -1, *module.kernel_size).transpose(0, 1).contiguous()
+
+    def combine_obstacle(self, module: nn.Module, combination: str) -> Optional[str]:
+        return grouped_combine_obstacle(module, combination)
+
+
+CONV_TRANSPOSE = register_kind(ConvTransposeKind())
