@@ -13,8 +13,9 @@ kernel, so (groups == 1) ``B(A(x)) = conv_transpose(x, delta)`` with
 weight layout, so merges fold it in exactly. A grouped base cannot take it (its kernel connects
 channels within a group only), as for grouped convolutions.
 
-``forward(x, output_size=...)``: the requested size picks the output padding; A is called with
-the spatial size of the base's output, so it always produces the shape the base produced.
+``forward(x, output_size=...)``: the requested size picks the output padding; A runs with the
+output padding that gives the spatial size of the base's output (`sized_like`), so it always
+produces the shape the base produced.
 
 Init: A kaiming-uniform with ``a=sqrt(5)`` over its fan-in in * prod(kernel) (PyTorch's own init of
 a transposed convolution would use r * prod(kernel)), so A starts like the ``conv`` kind's A; B zero.
@@ -25,7 +26,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import register_kind
 from .conv import grouped_combine_obstacle, grouped_merge_obstacle, pointwise_b
@@ -37,6 +40,22 @@ if TYPE_CHECKING:
 __all__ = ["CONV_TRANSPOSE"]
 
 _TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_FUNCTIONAL = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def sized_like(lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A's output for `x` with the spatial size of `base` (the base's output, whose size its
+    ``output_padding`` or a call's ``output_size`` chose): A runs with the output padding that
+    gives that size. (``output_size=`` cannot stand in: it only reaches sizes below the smallest
+    plus the stride, while an output padding may reach up to the dilation.)"""
+    dims = len(lora_a.kernel_size)
+    geometry = zip(x.shape[-dims:], lora_a.stride, lora_a.padding, lora_a.dilation, lora_a.kernel_size)
+    smallest = [(n - 1) * s - 2 * p + d * (k - 1) + 1 for n, s, p, d, k in geometry]
+    padding = [size - low for size, low in zip(base.shape[-dims:], smallest)]
+    return _FUNCTIONAL[dims](x, lora_a.weight, None, lora_a.stride, lora_a.padding, padding, 1, lora_a.dilation)
+
+
+torch.fx.wrap("sized_like")  # one opaque node when the update is traced
 
 
 class ConvTransposeKind(ModulePairKind):
@@ -76,7 +95,7 @@ class ConvTransposeKind(ModulePairKind):
         return weight.transpose(0, 1)  # (in, r, *kernel) -> (r, in, *kernel)
 
     def call_a(self, lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        return lora_a(x, output_size=base.shape[-len(lora_a.kernel_size) :])
+        return sized_like(lora_a, x, base)
 
     def merge_obstacle(self, module: nn.Module) -> Optional[str]:
         return grouped_merge_obstacle(module)
