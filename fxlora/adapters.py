@@ -280,7 +280,7 @@ def _combined_bias(module: nn.Module, adapters: list[str], weights: list[float])
     meta = target_meta(module)
     total = None
     for adapter, weight in zip(adapters, weights):
-        bias = meta.kind.bias(module, adapter) if meta.adapters[adapter].lora_bias else None
+        bias = meta.kind.bias(module, adapter)
         if bias is not None:
             part = bias.float() * (weight * meta.adapters[adapter].scaling)
             total = part if total is None else total + part

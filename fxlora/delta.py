@@ -84,7 +84,7 @@ def delta_bias(module: nn.Module, adapter: str, scale: float = 1.0, dtype: Optio
     """The update `adapter` adds to ``module.bias`` (``B.bias * scaling * scale``), or None when
     the adapter has no bias (``lora_bias=False``)."""
     meta = target_meta(module)
-    b_bias = meta.kind.bias(module, adapter) if meta.adapters[adapter].lora_bias else None
+    b_bias = meta.kind.bias(module, adapter)
     if b_bias is None:
         return None
     dtype = dtype or compute_dtype(module.bias, b_bias)

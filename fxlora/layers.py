@@ -198,7 +198,7 @@ def check_adapter_name(name: object) -> str:
         raise ValueError(f"adapter_name must not contain '.', got {name!r}")
     if name == "__base__":
         raise ValueError("adapter_name '__base__' is reserved: it selects the base model in a mixed batch")
-    if hasattr(nn.ModuleDict(), name) or hasattr(TensorSlots(), name):
+    if any(hasattr(holder, name) for holder in (nn.ModuleDict(), nn.ParameterDict(), TensorSlots())):
         raise ValueError(f"adapter_name {name!r} clashes with an nn.Module attribute; choose another name")
     return name
 
