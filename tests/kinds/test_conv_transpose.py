@@ -322,9 +322,11 @@ def geometries(draw):
     kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
     stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
-    padding = tuple(draw(st.integers(0, d * (k - 1))) for k, d in zip(kernel, dilation))
     output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
     size = tuple(draw(st.integers(2, 4)) for _ in range(dims))
+    # padding up to what leaves an output of at least one element along each axis
+    room = [((n - 1) * s + d * (k - 1) + op) // 2 for n, s, d, k, op in zip(size, stride, dilation, kernel, output_padding)]
+    padding = tuple(draw(st.integers(0, min(high, d * (k - 1)))) for high, k, d in zip(room, kernel, dilation))
     return dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, output_padding=output_padding), size
 
 
