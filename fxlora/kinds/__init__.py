@@ -30,7 +30,7 @@ __all__ = [
     "Factors",
     "Init",
     "LayerKind",
-    "RegisteredKind",
+    "KindBase",
     "register_kind",
     "kind_of",
     "is_all_linear",
@@ -94,8 +94,10 @@ class LayerKind(Protocol):
 
     def update(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The adapter's unscaled update ``B(A(dropout(x)))`` for input `x`, whose base output is
-        `base` (shaped like it). Traced by torch.fx into graph code: tensor arithmetic goes
-        through `fxlora.ops`, and Python values it reads appear in `template_key`."""
+        `base` (shaped like it). Traced by torch.fx into graph code (`fxlora.passes.insert_lora`)
+        whose template is shared by every layer with the same `template_key`: straight-line code,
+        reading the layer's tensors as attributes (helpers with logic are ``torch.fx.wrap``-ed,
+        like `fxlora.ops`), and every Python value it bakes in part of `template_key`."""
 
     def template_key(self, module: nn.Module) -> Hashable:
         """The layer's Python values `update` reads (its traced code depends on nothing else)."""
@@ -121,10 +123,29 @@ class LayerKind(Protocol):
         adapter's tensors, in place."""
 
 
-class RegisteredKind:
-    """Base of the built-in kinds: copies and pickles of a kind are the registered object itself."""
+class KindBase:
+    """Base of the built-in kinds: the answers of a kind that has nothing special to say (not
+    selected by "all-linear", not stackable, no fan_in_fan_out, no template values, no obstacle),
+    and copies and pickles that are the registered object itself."""
 
     name: str
+    all_linear = False
+    stackable = False
+
+    def fan_in_fan_out(self, module: nn.Module) -> Optional[bool]:
+        return None
+
+    def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
+        return None
+
+    def template_key(self, module: nn.Module) -> Hashable:
+        return ()
+
+    def merge_obstacle(self, module: nn.Module) -> Optional[str]:
+        return None
+
+    def combine_obstacle(self, module: nn.Module, combination: str) -> Optional[str]:
+        return None
 
     def __reduce__(self):
         return kind_named, (self.name,)

@@ -23,7 +23,7 @@ a transposed convolution would use r * prod(kernel)), so A starts like the ``con
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Any
 
 import torch
 import torch.fx
@@ -31,11 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register_kind
-from .conv import grouped_combine_obstacle, grouped_merge_obstacle, pointwise_b
-from .low_rank import ModulePairKind, check_rank_divides_groups
-
-if TYPE_CHECKING:
-    from ..layers import AdapterSpec
+from .conv import ConvKind
 
 __all__ = ["CONV_TRANSPOSE"]
 
@@ -58,38 +54,18 @@ def sized_like(lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.
 torch.fx.wrap("sized_like")  # one opaque node when the update is traced
 
 
-class ConvTransposeKind(ModulePairKind):
+class ConvTransposeKind(ConvKind):
+    """The ``conv`` kind with a transposed A (B, merge and combination rules are the same)."""
+
     name = "conv_transpose"
     layer_types = "nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d"
+    classes = _TRANSPOSED
 
-    def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, tuple(_TRANSPOSED.values()))
+    def a_shape(self, module: nn.Module, r: int) -> tuple[int, ...]:
+        return (module.in_channels, r, *module.kernel_size)
 
-    def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
-        check_rank_divides_groups(where, module, spec)
-
-    def factor_shapes(self, module: nn.Module, spec: "AdapterSpec") -> dict[str, tuple[int, ...]]:
-        kernel = tuple(module.kernel_size)
-        shapes = {
-            "lora_A.weight": (module.in_channels, spec.r, *kernel),
-            "lora_B.weight": (module.out_channels, spec.r // module.groups, *(1,) * len(kernel)),
-        }
-        if spec.lora_bias:
-            shapes["lora_B.bias"] = (module.out_channels,)
-        return shapes
-
-    def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
-        lora_a = _TRANSPOSED[len(module.kernel_size)](
-            module.in_channels,
-            spec.r,
-            kernel_size=module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            output_padding=module.output_padding,
-            dilation=module.dilation,
-            bias=False,
-        )
-        return lora_a, pointwise_b(spec, module)
+    def a_geometry(self, module: nn.Module) -> dict[str, Any]:
+        return dict(stride=module.stride, padding=module.padding, output_padding=module.output_padding, dilation=module.dilation)
 
     def a_view(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.transpose(0, 1)  # (in, r, *kernel) -> (r, in, *kernel)
@@ -97,14 +73,8 @@ class ConvTransposeKind(ModulePairKind):
     def call_a(self, lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return sized_like(lora_a, x, base)
 
-    def merge_obstacle(self, module: nn.Module) -> Optional[str]:
-        return grouped_merge_obstacle(module)
-
     def weight_from_matrix(self, module: nn.Module, matrix: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-        return matrix.view(matrix.shape[0], -1, *module.kernel_size).transpose(0, 1).contiguous()
-
-    def combine_obstacle(self, module: nn.Module, combination: str) -> Optional[str]:
-        return grouped_combine_obstacle(module, combination)
+        return super().weight_from_matrix(module, matrix, fan_in_fan_out).transpose(0, 1).contiguous()
 
 
 CONV_TRANSPOSE = register_kind(ConvTransposeKind())

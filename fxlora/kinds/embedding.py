@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Factors, Init, RegisteredKind, register_kind
+from . import Factors, Init, KindBase, register_kind
 
 if TYPE_CHECKING:
     from ..layers import AdapterSpec
@@ -24,17 +24,12 @@ if TYPE_CHECKING:
 __all__ = ["EMBEDDING"]
 
 
-class EmbeddingKind(RegisteredKind):
+class EmbeddingKind(KindBase):
     name = "embedding"
     layer_types = "nn.Embedding"
-    all_linear = False
-    stackable = False
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
-
-    def fan_in_fan_out(self, module: nn.Module) -> Optional[bool]:
-        return None
 
     def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
         if spec.lora_bias:
@@ -83,9 +78,6 @@ class EmbeddingKind(RegisteredKind):
 
     def weight_from_matrix(self, module: nn.Module, matrix: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
         return matrix.T
-
-    def combine_obstacle(self, module: nn.Module, combination: str) -> Optional[str]:
-        return None
 
     def write_matrices(self, module: nn.Module, adapter: str, factors: Factors, bias: Optional[torch.Tensor]) -> None:
         module.lora_embedding_A[adapter].copy_(factors.a)

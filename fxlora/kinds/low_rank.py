@@ -12,37 +12,25 @@ read as matrices; everything else is here.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Hashable, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.fx
 import torch.nn as nn
 
 from ..ops import cast_like
-from . import Factors, Init, RegisteredKind
+from . import Factors, Init, KindBase
 
 if TYPE_CHECKING:
     from ..layers import AdapterSpec
 
-__all__ = ["ModulePairKind", "check_rank_divides_groups"]
+__all__ = ["ModulePairKind"]
 
 torch.fx.wrap("cast_like")  # one opaque node when `update` is traced
 
 
-def check_rank_divides_groups(where: str, module: nn.Module, spec: "AdapterSpec") -> None:
-    """A grouped B (`groups` > 1) splits the rank evenly over the groups."""
-    if spec.r % module.groups != 0:
-        raise ValueError(
-            f"rank {spec.r} of {where} is not divisible by its groups={module.groups}; choose a rank that is "
-            "a multiple of the layer's groups (rank_pattern sets it per layer) or exclude the layer"
-        )
-
-
-class ModulePairKind(RegisteredKind):
+class ModulePairKind(KindBase):
     """Base of the kinds with ``lora_A`` / ``lora_B`` modules behind a ``lora_dropout``."""
-
-    all_linear = False
-    stackable = False
 
     # ---------------------------------------------------------------- to define per kind
     def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
@@ -55,12 +43,6 @@ class ModulePairKind(RegisteredKind):
         return weight
 
     # ---------------------------------------------------------------- shared
-    def fan_in_fan_out(self, module: nn.Module) -> Optional[bool]:
-        return None
-
-    def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
-        return None
-
     def make_factors(
         self, module: nn.Module, spec: "AdapterSpec", init: Init, device: torch.device, dtype: torch.dtype
     ) -> dict[str, Union[nn.Module, nn.Parameter]]:
@@ -90,21 +72,12 @@ class ModulePairKind(RegisteredKind):
         """A's output for `x` (the layer's base output is `base`)."""
         return lora_a(x)
 
-    def template_key(self, module: nn.Module) -> Hashable:
-        return ()
-
     def bias(self, module: nn.Module, adapter: str) -> Optional[torch.Tensor]:
         return module.lora_B[adapter].bias
-
-    def merge_obstacle(self, module: nn.Module) -> Optional[str]:
-        return None
 
     def as_matrices(self, module: nn.Module, adapter: str) -> Factors:
         a = self.a_view(module.lora_A[adapter].weight)
         return Factors(a.flatten(1), module.lora_B[adapter].weight.flatten(1))
-
-    def combine_obstacle(self, module: nn.Module, combination: str) -> Optional[str]:
-        return None
 
     def write_matrices(self, module: nn.Module, adapter: str, factors: Factors, bias: Optional[torch.Tensor]) -> None:
         lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]

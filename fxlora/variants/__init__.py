@@ -34,9 +34,6 @@ class LoraVariant:
     additive_update: bool
     additive_delta: bool
 
-    def __reduce__(self):
-        return variant_named, (self.name,)
-
 
 _REGISTRY: dict[str, LoraVariant] = {}
 
