@@ -5,9 +5,10 @@ module of the original model keeps its type, its qualified name and its ``state_
 For an adapter named ``default`` on a target ``seq.0`` the naming is::
 
     seq.0.weight, seq.0.bias                 the base layer, untouched
-    seq.0.lora_A.default.weight              A: (r, in) for Linear; (r, in, *kernel) for ConvNd
+    seq.0.lora_A.default.weight              A: (r, in) for Linear; (r, in, *kernel) for ConvNd;
+                                             (in, r, *kernel) for ConvTransposeNd
     seq.0.lora_B.default.weight              B: (out, r) for Linear; (out, r/groups, 1, ..) for ConvNd
-                                             (each layer kind's shapes: `fxlora.kinds`)
+                                             and ConvTransposeNd (each layer kind's: `fxlora.kinds`)
     seq.0.lora_B.default.bias                only with lora_bias=True
     seq.0.lora_dropout.default               nn.Dropout(p), or nn.Identity() when p = 0
     emb.lora_embedding_A.default             Embedding: A (r, num_embeddings)
@@ -233,7 +234,9 @@ def attach_adapter(
     gives PEFT's initial weights). Adapter weights are placed on the base weight's device, in
     `adapter_dtype`. Returns the module's `TargetMeta`.
     """
-    meta = target_meta(module) or TargetMeta(kind=kind, fan_in_fan_out=bool(kind.fan_in_fan_out(module)) if fan_in_fan_out is None else fan_in_fan_out)
+    if fan_in_fan_out is None:
+        fan_in_fan_out = bool(kind.fan_in_fan_out(module))  # the layer's own layout
+    meta = target_meta(module) or TargetMeta(kind=kind, fan_in_fan_out=fan_in_fan_out)
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
     weight = module.weight

@@ -50,7 +50,8 @@ class ModulePairKind(KindBase):
         lora_a, lora_b = self.factor_modules(module, spec)
         self._init(lora_a, lora_b, init, spec.r)
         dropout = nn.Dropout(p=spec.dropout) if spec.dropout > 0 else nn.Identity()
-        return {"lora_dropout": dropout, "lora_A": lora_a.to(device=device, dtype=dtype), "lora_B": lora_b.to(device=device, dtype=dtype)}
+        placed = dict(device=device, dtype=dtype)
+        return {"lora_dropout": dropout, "lora_A": lora_a.to(**placed), "lora_B": lora_b.to(**placed)}
 
     def _init(self, lora_a: nn.Module, lora_b: nn.Module, init: Init, r: int) -> None:
         if init is False:
