@@ -144,7 +144,7 @@ class AdapterMixin:
     ) -> None:
         """Add a new (inactive) adapter combining `adapters` with `weights` (`fxlora.combine`):
         ``"cat"`` (exact weighted sum of the updates), ``"linear"`` (PEFT's, equal ranks) or
-        ``"svd"`` (best rank-`svd_rank` approximation; Linear, Conv1D, Embedding, Conv1d/2d/3d).
+        ``"svd"`` (best rank-`svd_rank` approximation; every layer kind).
         An existing `adapter_name` is an error (PEFT silently does nothing); on any error nothing
         changes."""
         plan = self._plan_combination(adapters, weights, adapter_name, combination_type, svd_rank)
@@ -160,8 +160,9 @@ class AdapterMixin:
             self.add_adapter(adapter_name, config)
             tx.on_undo(lambda: self.delete_adapter(adapter_name))
             with torch.no_grad():
-                for name, (a, b) in factors.items():
-                    _write_factors(layers[name][0], adapter_name, a, b, biases[name])
+                for name, combined in factors.items():
+                    module = layers[name][0]
+                    target_meta(module).kind.write_matrices(module, adapter_name, combined, biases[name])
                 for module, owner in saved_from.items():
                     module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[owner].state_dict())
 
@@ -274,19 +275,8 @@ def _combined_bias(module: nn.Module, adapters: list[str], weights: list[float])
     meta = target_meta(module)
     total = None
     for adapter, weight in zip(adapters, weights):
-        if meta.kind != "embedding" and meta.adapters[adapter].lora_bias:
-            part = module.lora_B[adapter].bias.float() * (weight * meta.adapters[adapter].scaling)
+        bias = meta.kind.bias(module, adapter)
+        if bias is not None:
+            part = bias.float() * (weight * meta.adapters[adapter].scaling)
             total = part if total is None else total + part
     return total
-
-
-def _write_factors(module: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    if target_meta(module).kind == "embedding":
-        module.lora_embedding_A[adapter].copy_(a)
-        module.lora_embedding_B[adapter].copy_(b)
-        return
-    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-    lora_a.weight.copy_(a.reshape(lora_a.weight.shape))
-    lora_b.weight.copy_(b.reshape(lora_b.weight.shape))
-    if lora_b.bias is not None:
-        lora_b.bias.copy_(bias if bias is not None else torch.zeros_like(lora_b.bias))

@@ -44,7 +44,7 @@ def fxlora_present(model: nn.Module) -> bool:
 def attach_plan(plan: Plan) -> None:
     """Create the plan's adapter on its targets and its `modules_to_save` copies (no forwards)."""
     for t in plan.targets:
-        attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, t.fan_in_fan_out)
+        attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, t.kind, t.fan_in_fan_out)
     for s in plan.saved:
         attach_saved_copy(s.module, plan.adapter)
 

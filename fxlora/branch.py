@@ -55,30 +55,15 @@ for _name in (
     torch.fx.wrap(_name)
 
 
-def _embedding_update(module: nn.Embedding, adapter: str, ids: torch.Tensor) -> torch.Tensor:
-    lora_a = module.lora_embedding_A[adapter]
-    lora_b = module.lora_embedding_B[adapter]
-    after_a = F.embedding(
-        ids,
-        lora_a.T,
-        module.padding_idx,
-        module.max_norm,
-        module.norm_type,
-        module.scale_grad_by_freq,
-        module.sparse,
-    )
-    return after_a @ lora_b.T
-
-
-def _low_rank_update(module: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
-    lora_a = module.lora_A[adapter]
-    dropped = module.lora_dropout[adapter](cast_like(x, lora_a.weight))
-    return module.lora_B[adapter](lora_a(dropped))
 
 
 def _bare_linear(meta: TargetMeta, adapters: list[str]) -> bool:
-    """A linear layer whose given adapters have neither a B bias nor dropout."""
-    return meta.kind == "linear" and not any(meta.adapters[a].lora_bias or meta.adapters[a].dropout > 0 for a in adapters)
+    """A layer of a stackable kind (`fxlora.kinds.LayerKind.stackable`: linear) whose given
+    adapters are additive (`fxlora.variants`) and have neither a B bias nor dropout."""
+    if not meta.kind.stackable:
+        return False
+    specs = [meta.adapters[a] for a in adapters]
+    return all(s.variant.additive_update and not s.lora_bias and not s.dropout > 0 for s in specs)
 
 
 def stackable(meta: TargetMeta, adapters: list[str]) -> bool:
@@ -150,10 +135,7 @@ def lora_output(
         )
     total = None
     for adapter, factor in zip(adapters, factors):
-        if meta.kind == "embedding":
-            update = _embedding_update(module, adapter, x)
-        else:
-            update = _low_rank_update(module, adapter, x)
+        update = meta.kind.update(module, adapter, x, base)
         update = scale_by(update, factor) if known else scale_update(update, *factor)
         total = update if total is None else total + update
     return base if total is None else add_update(base, total)

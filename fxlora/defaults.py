@@ -9,7 +9,8 @@ from collections import Counter
 
 import torch.nn as nn
 
-from .layer_types import is_pretrained_model, layer_kind
+from .hf_classes import is_pretrained_model
+from .kinds import is_all_linear
 
 __all__ = ["DEFAULT_TARGET_MODULES", "default_target_modules", "suggest_projection_names"]
 
@@ -47,7 +48,7 @@ def suggest_projection_names(model: nn.Module, limit: int = 10) -> list[str]:
     counts = Counter(
         name.rsplit(".", 1)[-1]
         for name, m in model.named_modules()
-        if name and layer_kind(m) == "linear" and not name.rsplit(".", 1)[-1].isdigit()
+        if name and is_all_linear(m) and not name.rsplit(".", 1)[-1].isdigit()
     )
     return [n for n, _ in counts.most_common(limit)]
 

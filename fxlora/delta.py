@@ -1,22 +1,16 @@
-"""The weight update ("delta") of one adapter on one layer, per layer type.
+"""The weight update ("delta") of one adapter on one layer.
 
 An adapted layer computes ``base(x) + B(A(x)) * scaling * scale``. Because every supported layer is
 linear in its weight, the same output comes from the base layer alone with its weight replaced by
-``weight + delta`` (and, with ``lora_bias``, its bias by ``bias + B.bias * scaling * scale``):
-
-- ``"linear"`` (`nn.Linear`): ``delta = B @ A``, shape ``(out, in)``;
-  transformers ``Conv1D`` stores its weight as ``(in, out)`` (fan_in_fan_out): ``delta = (B @ A).T``;
-- ``"conv"`` (`nn.Conv1d/2d/3d`): A has the base layer's kernel, stride, padding, dilation and padding
-  mode and B is a 1x..x1 convolution, so the composition is one convolution with the base's geometry
-  and the kernel ``delta[o, i, ...] = sum_j B[o, j] * A[j, i, ...]``, shape ``(out, in, *kernel)``.
-  A grouped base (``groups > 1``) cannot take it: its kernel only connects channels within a group,
-  while the update connects every input channel to every output channel (`MergeError`);
-- ``"embedding"`` (`nn.Embedding`): ``delta = (B @ A).T``, shape ``(num_embeddings, embedding_dim)``.
-  With ``max_norm`` the base renormalises looked-up rows, which does not commute with adding the
-  update (`MergeError`).
+``weight + delta`` (and, with ``lora_bias``, its bias by ``bias + B.bias * scaling * scale``). The
+layer's kind (`fxlora.kinds`) gives the adapter's factors as matrices, ``B @ A`` an (out, in * kernel)
+matrix, and lays that matrix out like the layer's weight (``(out, in)`` for ``nn.Linear``, its
+transpose for transformers ``Conv1D`` and ``nn.Embedding``, ``(out, in, *kernel)`` for ConvNd,
+``(in, out, *kernel)`` for ConvTransposeNd); it also says when a layer cannot take a delta at all
+(grouped convolutions, embeddings with ``max_norm``: `MergeError`).
 
 Every delta is computed in float32 (or wider, when the base or the adapter is wider) from the adapter
-weights as they are, times the adapter's scaling (its spec's alpha/r, as the forward uses) and the run-time `scale`.
+weights as they are, times the adapter's scaling (``AdapterSpec.scaling``) and the run-time `scale`.
 Nothing here writes to a module.
 """
 
@@ -54,40 +48,14 @@ def check_mergeable(name: str, module: nn.Module, adapter: str) -> None:
     its weights; return None if it can. Requires: `module` carries `adapter`."""
     meta = target_meta(module)
     where = _describe(name, module)
-    if meta.kind == "conv" and module.groups != 1:
-        raise MergeError(
-            f"cannot merge adapter {adapter!r} into {where}: the layer is a grouped convolution "
-            f"(groups={module.groups}) and a LoRA update connects every input channel to every output "
-            "channel, which a grouped kernel cannot hold; keep this adapter unmerged, or exclude the layer "
-            "(exclude_modules) if you need merged weights"
-        )
-    if meta.kind == "embedding" and module.max_norm is not None:
-        raise MergeError(
-            f"cannot merge adapter {adapter!r} into {where}: the embedding renormalises rows "
-            f"(max_norm={module.max_norm}), so the merged lookup would differ from base + update; "
-            "keep this adapter unmerged"
-        )
+    obstacle = meta.kind.merge_obstacle(module)
+    if obstacle is not None:
+        raise MergeError(f"cannot merge adapter {adapter!r} into {where}: {obstacle}")
     if meta.adapters[adapter].lora_bias and getattr(module, "bias", None) is None:
         raise MergeError(
             f"cannot merge adapter {adapter!r} into {where}: the adapter has a bias (lora_bias=True) but "
             "the layer has none to fold it into; keep this adapter unmerged"
         )
-
-
-def _low_rank_product(module: nn.Module, adapter: str, dtype: torch.dtype) -> torch.Tensor:
-    """``B @ A`` with the layer's input/output axes: (out, in) or (out, in, *kernel)."""
-    meta = target_meta(module)
-    if meta.kind == "embedding":
-        a = module.lora_embedding_A[adapter].to(dtype)  # (r, num_embeddings)
-        b = module.lora_embedding_B[adapter].to(dtype)  # (embedding_dim, r)
-        return b @ a  # (embedding_dim, num_embeddings)
-    a = module.lora_A[adapter].weight.to(dtype)
-    b = module.lora_B[adapter].weight.to(dtype)
-    if meta.kind == "linear":
-        return b @ a
-    # conv: A (r, in, *kernel), B (out, r, 1, ...) when groups == 1
-    kernel = a.shape[2:]
-    return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], a.shape[1], *kernel)
 
 
 def _factor(module: nn.Module, adapter: str, scale: float) -> float:
@@ -101,10 +69,9 @@ def delta_weight(module: nn.Module, adapter: str, scale: float = 1.0, dtype: Opt
     Requires: `check_mergeable` passed for (`module`, `adapter`)."""
     meta = target_meta(module)
     weight = module.weight
-    dtype = dtype or compute_dtype(weight, *_adapter_tensors(module, adapter))
-    product = _low_rank_product(module, adapter, dtype)
-    if meta.kind == "embedding" or (meta.kind == "linear" and meta.fan_in_fan_out):
-        product = product.T
+    a, b = meta.kind.as_matrices(module, adapter)
+    dtype = dtype or compute_dtype(weight, a, b)
+    product = meta.kind.weight_from_matrix(module, b.to(dtype) @ a.to(dtype), meta.fan_in_fan_out)
     if product.shape != weight.shape:
         raise MergeError(
             f"adapter {adapter!r} gives an update of shape {tuple(product.shape)} for a weight of shape "
@@ -117,14 +84,8 @@ def delta_bias(module: nn.Module, adapter: str, scale: float = 1.0, dtype: Optio
     """The update `adapter` adds to ``module.bias`` (``B.bias * scaling * scale``), or None when
     the adapter has no bias (``lora_bias=False``)."""
     meta = target_meta(module)
-    if meta.kind == "embedding" or not meta.adapters[adapter].lora_bias:
+    b_bias = meta.kind.bias(module, adapter)
+    if b_bias is None:
         return None
-    b_bias = module.lora_B[adapter].bias
     dtype = dtype or compute_dtype(module.bias, b_bias)
     return b_bias.to(dtype) * _factor(module, adapter, scale)
-
-
-def _adapter_tensors(module: nn.Module, adapter: str) -> list[torch.Tensor]:
-    if target_meta(module).kind == "embedding":
-        return [module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]]
-    return [module.lora_A[adapter].weight, module.lora_B[adapter].weight]

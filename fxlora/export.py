@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ._io import atomic_path, check_writable_dir
 from .fold import check_fold, merged_tensors
-from .layer_types import is_pretrained_model
+from .hf_classes import is_pretrained_model
 from .layers import fxlora_internal_names
 from .merge import check_untied, saved_copy_choice
 from .passes.merge import layer_scales

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .delta import MergeError, check_mergeable, compute_dtype, delta_bias, delta_weight
+from .layers import target_meta
 
 __all__ = ["Restore", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "check_fold"]
 
@@ -100,10 +101,23 @@ def merged_tensors(module: nn.Module, scales: dict[str, float]) -> dict[str, tor
     return out
 
 
+def _check_additive(name: str, module: nn.Module, adapter: str) -> None:
+    """Folding here is ``weight + delta`` and unfolding ``weight - delta`` plus the restored
+    elements: right only for variants whose delta is additive (`fxlora.variants`)."""
+    variant = target_meta(module).adapters[adapter].variant
+    if not variant.additive_delta:
+        raise MergeError(
+            f"cannot merge adapter {adapter!r} into {name!r} ({type(module).__name__}): its LoRA variant "
+            f"{variant.name!r} does not merge as weight + delta, which is how fxlora folds and exactly unfolds "
+            "adapters; keep this adapter unmerged"
+        )
+
+
 def check_fold(name: str, module: nn.Module, scales: dict[str, float], finite: bool) -> None:
     """Raise `MergeError` (naming the adapter and the layer) if the adapters cannot be folded into
     `module`; with `finite`, also if the result would hold a NaN or an infinity. Writes nothing."""
     for adapter in scales:
+        _check_additive(name, module, adapter)
         check_mergeable(name, module, adapter)
     if not finite:
         return
@@ -138,7 +152,8 @@ def _restore_data(original: torch.Tensor, merged: torch.Tensor, update: torch.Te
 def fold_layer(module: nn.Module, scales: dict[str, float], exact: bool = True) -> FoldRecord:
     """Fold the adapters in `scales` into `module`'s weight (and bias) in place and return the
     record that undoes it (exactly, with `exact`; without it the record keeps nothing, and
-    `unfold_layer` subtracts like PEFT does). Requires: `check_fold` passed."""
+    `unfold_layer` subtracts like PEFT does). Requires: `check_fold` passed (so every adapter's
+    variant has an additive delta, which the exact restore relies on)."""
     restores: dict[str, Restore] = {}
     with torch.no_grad():
         for which in ("weight", "bias"):

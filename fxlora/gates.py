@@ -19,6 +19,7 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 
 from .rows import RowGroups
+from .variants import LoraVariant, branch_gate
 
 __all__ = ["EagerKey", "GateState", "make_gate_state", "make_row_gate_state"]
 
@@ -94,18 +95,20 @@ def make_row_gate_state(
     wanted: dict[str, float],
     used: "set[str]",
     merged: dict[str, float],
+    variants: Mapping[str, LoraVariant],
     device: Optional[torch.device],
 ) -> GateState:
     """The state of a mixed batch: row ``i`` computes with adapter ``names[i]`` at scale
     ``wanted[a]`` (0 for an adapter no row uses or that is disabled; ``"__base__"``: the base
     model), and with its `modules_to_save` copies where it is in `used`. Each adapter's branch
     gate on a row is its wanted scale there minus the scale it was merged with (``merged``), so a
-    merged adapter is subtracted on the rows that do not use it. Rows are grouped by adapter for
+    merged adapter is subtracted on the rows that do not use it (`fxlora.variants.branch_gate`,
+    asked of the adapter's variant in `variants`). Rows are grouped by adapter for
     eager serving unless an adapter is merged."""
     adapters = list(wanted)
     used = set(used)
     using = {a: [1.0 if n == a else 0.0 for n in names] for a in adapters}
-    scale = [[u * wanted[a] - merged.get(a, 0.0) for u in using[a]] for a in adapters]
+    scale = [[branch_gate(variants[a], u * wanted[a], merged.get(a, 0.0)) for u in using[a]] for a in adapters]
     select = [using[a] if a in used else [0.0] * len(names) for a in adapters]
     return GateState(
         scale={},

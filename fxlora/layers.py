@@ -5,8 +5,10 @@ module of the original model keeps its type, its qualified name and its ``state_
 For an adapter named ``default`` on a target ``seq.0`` the naming is::
 
     seq.0.weight, seq.0.bias                 the base layer, untouched
-    seq.0.lora_A.default.weight              A: (r, in) for Linear; (r, in, *kernel) for ConvNd
+    seq.0.lora_A.default.weight              A: (r, in) for Linear; (r, in, *kernel) for ConvNd;
+                                             (in, r, *kernel) for ConvTransposeNd
     seq.0.lora_B.default.weight              B: (out, r) for Linear; (out, r/groups, 1, ..) for ConvNd
+                                             and ConvTransposeNd (each layer kind's: `fxlora.kinds`)
     seq.0.lora_B.default.bias                only with lora_bias=True
     seq.0.lora_dropout.default               nn.Dropout(p), or nn.Identity() when p = 0
     emb.lora_embedding_A.default             Embedding: A (r, num_embeddings)
@@ -21,15 +23,17 @@ and the adapter gates are the call's (`fxlora.gates.GateState`), never a tensor 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from .config import scaling_value
-from .layer_types import in_out_features, is_hf_conv1d, layer_kind
+from .variants import PLAIN, LoraVariant
+
+if TYPE_CHECKING:
+    from .kinds import LayerKind
 
 __all__ = [
     "LORA_CHILDREN",
@@ -68,13 +72,15 @@ GUARD_IDLE = "_fxlora_guard_idle"
 
 @dataclass
 class AdapterSpec:
-    """One adapter on one layer: its rank, alpha and the options that shape the branch."""
+    """One adapter on one layer: its rank, alpha, the options that shape the branch, and its
+    variant of the LoRA update (`fxlora.variants`)."""
 
     r: int
     alpha: float
     use_rslora: bool = False
     lora_bias: bool = False
     dropout: float = 0.0
+    variant: LoraVariant = PLAIN
 
     @property
     def scaling(self) -> float:
@@ -85,7 +91,7 @@ class AdapterSpec:
 class TargetMeta:
     """Plain-Python record on an adapted module (``module._fxlora``)."""
 
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: "LayerKind"  # `fxlora.kinds`: everything that depends on the layer's type
     fan_in_fan_out: bool
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
@@ -132,7 +138,7 @@ def check_adapter_name(name: object) -> str:
         raise ValueError(f"adapter_name must not contain '.', got {name!r}")
     if name == "__base__":
         raise ValueError("adapter_name '__base__' is reserved: it selects the base model in a mixed batch")
-    if hasattr(nn.ModuleDict(), name):
+    if any(hasattr(holder, name) for holder in (nn.ModuleDict(), nn.ParameterDict())):
         raise ValueError(f"adapter_name {name!r} clashes with an nn.Module attribute; choose another name")
     return name
 
@@ -143,40 +149,6 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     if base_weight.dtype in (torch.float16, torch.bfloat16) or not base_weight.dtype.is_floating_point:
         return torch.float32
     return base_weight.dtype
-
-
-def _conv_branch_modules(base: nn.Module, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
-    """A: a conv with the base's kernel, stride, padding, dilation and padding mode; B: 1x..x1 with
-    the base's groups (PEFT's layout, plus dilation and padding mode, which PEFT drops)."""
-    if r % base.groups != 0:
-        raise ValueError(
-            f"rank {r} is not divisible by groups={base.groups} of {type(base).__name__}; choose a rank "
-            "that is a multiple of the layer's groups (rank_pattern can set it per layer) or exclude the layer"
-        )
-    dims = base.weight.dim() - 2
-    plain = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-    geometry = dict(
-        kernel_size=base.kernel_size,
-        stride=base.stride,
-        padding=base.padding,
-        dilation=base.dilation,
-        padding_mode=base.padding_mode,
-    )
-    lora_a = plain(base.in_channels, r, bias=False, **geometry)
-    lora_b = plain(r, base.out_channels, kernel_size=(1,) * dims, stride=(1,) * dims, groups=base.groups, bias=lora_bias)
-    return lora_a, lora_b
-
-
-def _init_linear_like(lora_a: nn.Module, lora_b: nn.Module, init: Union[bool, str], r: int, lora_bias: bool) -> None:
-    if init is False:
-        return
-    if init is True:
-        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-    else:  # "gaussian"
-        nn.init.normal_(lora_a.weight, std=1 / r)
-    nn.init.zeros_(lora_b.weight)
-    if lora_bias:
-        nn.init.zeros_(lora_b.bias)
 
 
 def _child_dict(module: nn.Module, name: str, factory: type) -> nn.Module:
@@ -192,43 +164,23 @@ def attach_adapter(
     adapter: str,
     spec: AdapterSpec,
     init: Union[bool, str],
+    kind: "LayerKind",
     fan_in_fan_out: Optional[bool] = None,
 ) -> TargetMeta:
-    """Create adapter `adapter` on the supported layer `module` and initialise it.
-
-    Random numbers are drawn in PEFT's order (construct A, construct B, then re-initialise), so a
-    seeded run gives PEFT's initial weights. Adapter weights are placed on the base weight's device,
-    in `adapter_dtype`. Returns the module's `TargetMeta`.
+    """Create adapter `adapter` on the layer `module`, of the kind `kind` (`fxlora.kinds.kind_of`),
+    and initialise it (`LayerKind.make_factors`: random numbers in PEFT's order, so a seeded run
+    gives PEFT's initial weights). Adapter weights are placed on the base weight's device, in
+    `adapter_dtype`. Returns the module's `TargetMeta`.
     """
-    kind = layer_kind(module)
-    if kind is None:
-        raise TypeError(f"{type(module).__name__} cannot carry a LoRA adapter")
-    meta = target_meta(module) or TargetMeta(kind=kind, fan_in_fan_out=is_hf_conv1d(module) if fan_in_fan_out is None else fan_in_fan_out)
+    if fan_in_fan_out is None:
+        fan_in_fan_out = bool(kind.fan_in_fan_out(module))  # the layer's own layout
+    meta = target_meta(module) or TargetMeta(kind=kind, fan_in_fan_out=fan_in_fan_out)
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
     weight = module.weight
-    target = dict(device=weight.device, dtype=adapter_dtype(weight))
-    n_in, n_out = in_out_features(module)
-
-    if kind == "embedding":
-        a = nn.Parameter(torch.randn(spec.r, n_in))
-        b = nn.Parameter(torch.randn(n_out, spec.r))
-        if init is not False:
-            nn.init.zeros_(a)
-            nn.init.normal_(b)
-        _child_dict(module, "lora_embedding_A", nn.ParameterDict)[adapter] = nn.Parameter(a.detach().to(**target))
-        _child_dict(module, "lora_embedding_B", nn.ParameterDict)[adapter] = nn.Parameter(b.detach().to(**target))
-    else:
-        if kind == "conv":
-            lora_a, lora_b = _conv_branch_modules(module, spec.r, spec.lora_bias)
-        else:
-            lora_a = nn.Linear(n_in, spec.r, bias=False)
-            lora_b = nn.Linear(spec.r, n_out, bias=spec.lora_bias)
-        _init_linear_like(lora_a, lora_b, init, spec.r, spec.lora_bias)
-        dropout = nn.Dropout(p=spec.dropout) if spec.dropout > 0 else nn.Identity()
-        _child_dict(module, "lora_dropout", nn.ModuleDict)[adapter] = dropout
-        _child_dict(module, "lora_A", nn.ModuleDict)[adapter] = lora_a.to(**target)
-        _child_dict(module, "lora_B", nn.ModuleDict)[adapter] = lora_b.to(**target)
+    made = kind.make_factors(module, spec, init, device=weight.device, dtype=adapter_dtype(weight))
+    for holder, value in made.items():
+        _child_dict(module, holder, nn.ParameterDict if isinstance(value, nn.Parameter) else nn.ModuleDict)[adapter] = value
 
     meta.adapters[adapter] = spec
     module.__dict__[META_ATTR] = meta

@@ -28,7 +28,8 @@ import torch.nn as nn
 
 from .config import LoraConfig
 from .defaults import default_target_modules
-from .layer_types import SUPPORTED_TYPES, is_pretrained_model, layer_kind
+from .hf_classes import is_pretrained_model
+from .kinds import is_all_linear, kind_of, supported_types
 from .layers import fxlora_internal_names
 
 __all__ = [
@@ -120,7 +121,7 @@ def _resolve_target_spec(config: LoraConfig, model: nn.Module, names: Sequence[s
         return default_target_modules(model)
     if config.is_all_linear:
         modules = dict(model.named_modules())
-        linear = [n for n in names if n and layer_kind(modules[n]) == "linear"]
+        linear = [n for n in names if n and is_all_linear(modules[n])]
         excluded = _output_embedding_names(model)
         return [n for n in linear if n not in excluded]
     return config.target_modules
@@ -161,7 +162,7 @@ def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
         if not hit or not _in_layers(config, key):
             continue
         module = modules[key]
-        if layer_kind(module) is None:
+        if kind_of(module) is None:
             raise UnsupportedTargetError(_unsupported_message(key, module, model, names))
         _check_weight_read_by_parent(key, model)
         targets.append(key)
@@ -210,7 +211,7 @@ def _format_names(names: Sequence[str]) -> str:
 
 def _adaptable_summary(model: nn.Module, names: Sequence[str], limit: int = 8) -> str:
     modules = dict(model.named_modules())
-    adaptable = [(n, type(modules[n]).__name__) for n in names if n and layer_kind(modules[n])]
+    adaptable = [(n, type(modules[n]).__name__) for n in names if n and kind_of(modules[n]) is not None]
     if not adaptable:
         return "The model has no module of a supported type."
     shown = ", ".join(f"{n} ({t})" for n, t in adaptable[:limit])
@@ -244,11 +245,11 @@ def _unsupported_message(key: str, module: nn.Module, model: nn.Module, names: S
     inside = [
         f"{n} ({type(m).__name__})"
         for n, m in module.named_modules(prefix=key)
-        if n != key and layer_kind(m) is not None
+        if n != key and kind_of(m) is not None
     ][:6]
     hint = f" Supported layers inside it: {', '.join(inside)}." if inside else ""
     return (
         f"module {key!r} of type {type(module).__name__} matched target_modules, but fxlora can only adapt "
-        f"{SUPPORTED_TYPES}.{hint} Narrow target_modules (a str regex must match the whole name)."
+        f"{supported_types()}.{hint} Narrow target_modules (a str regex must match the whole name)."
     )
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .config import LoraConfig
-from .layer_types import in_out_features
+from .kinds import LayerKind
 from .layers import LORA_CHILDREN, AdapterSpec, fxlora_internal_names, saved_meta, target_meta
 
 __all__ = [
@@ -235,22 +235,6 @@ def peft_strip_adapter_name(key: str, adapter: str) -> str:
     return f"{head}.{suffix}"
 
 
-def _lora_shapes(module: nn.Module, kind: str, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
-    """``{suffix: shape}`` of one adapter's LoRA tensors on `module` (PEFT's shapes, see fxlora.layers)."""
-    n_in, n_out = in_out_features(module)
-    r = spec.r
-    if kind == "embedding":
-        return {"lora_embedding_A": (r, n_in), "lora_embedding_B": (n_out, r)}
-    if kind == "conv":
-        kernel = tuple(module.kernel_size)
-        shapes = {"lora_A.weight": (r, n_in, *kernel), "lora_B.weight": (n_out, r // module.groups, *(1,) * len(kernel))}
-    else:
-        shapes = {"lora_A.weight": (r, n_in), "lora_B.weight": (n_out, r)}
-    if spec.lora_bias:
-        shapes["lora_B.bias"] = (n_out,)
-    return shapes
-
-
 def _fxlora_lora_key(name: str, suffix: str, adapter: str) -> str:
     holder, _, leaf = suffix.partition(".")
     return f"{name}.{holder}.{adapter}" + (f".{leaf}" if leaf else "")
@@ -281,13 +265,13 @@ def _build_layout(
     model: nn.Module,
     adapter: str,
     bias: str,
-    targets: Sequence[tuple[str, nn.Module, str, AdapterSpec]],
+    targets: Sequence[tuple[str, nn.Module, LayerKind, AdapterSpec]],
     saved: Sequence[tuple[str, nn.Module]],
 ) -> Layout:
     layout = Layout(ignored_prefixes=tuple(p for name, _ in saved for p in (f"{name}.original_module.", f"{name}.modules_to_save.")))
     target_names = {name for name, *_ in targets}
     for name, module, kind, spec in targets:
-        for suffix, shape in _lora_shapes(module, kind, spec).items():
+        for suffix, shape in kind.factor_shapes(module, spec).items():
             layout.add(f"{name}.{suffix}", Slot(_fxlora_lora_key(name, suffix, adapter), shape, ADAPTER))
         own_bias = getattr(module, "bias", None)
         if bias == "lora_only" and isinstance(own_bias, torch.Tensor):

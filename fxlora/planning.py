@@ -24,8 +24,9 @@ from typing import Literal, Optional
 import torch.nn as nn
 
 from .config import LoraConfig
-from .layer_types import in_out_features, is_hf_conv1d, layer_kind
+from .kinds import LayerKind, kind_of
 from .layers import AdapterSpec, check_adapter_name
+from .variants import variant_for
 from .matching import TargetSelection, select_modules
 from .probe import observe_calls
 from .tracing import (
@@ -60,7 +61,7 @@ TracePolicy = Literal["auto", "eager", "graph"]
 class TargetPlan:
     name: str
     module: nn.Module
-    kind: str
+    kind: LayerKind
     spec: AdapterSpec
     fan_in_fan_out: bool
     path: str = "eager"  # "graph" | "eager"
@@ -70,7 +71,7 @@ class TargetPlan:
 
     @property
     def added_params(self) -> int:
-        return lora_param_count(self.module, self.spec)
+        return lora_param_count(self.module, self.spec, self.kind)
 
 
 @dataclass
@@ -116,29 +117,16 @@ class Plan:
         return [t for t in self.targets if t.path == "eager"]
 
 
-def lora_param_count(module: nn.Module, spec: AdapterSpec) -> int:
-    """Numbers an adapter of rank ``spec.r`` adds to `module` (PEFT's shapes)."""
-    n_in, n_out = in_out_features(module)
-    kind = layer_kind(module)
-    if kind == "embedding":
-        return spec.r * (n_in + n_out)
-    bias = n_out if spec.lora_bias else 0
-    if kind == "conv":
-        kernel = math.prod(module.kernel_size)
-        return spec.r * n_in * kernel + n_out * (spec.r // module.groups) + bias
-    return spec.r * (n_in + n_out) + bias
-
-
-def _fan_in_fan_out(module: nn.Module) -> bool:
-    """How the layer stores its weight: (in, out) for transformers ``Conv1D``, (out, in) otherwise.
-    fxlora always uses the layer's own layout; the config's ``fan_in_fan_out`` is only checked."""
-    return is_hf_conv1d(module)
+def lora_param_count(module: nn.Module, spec: AdapterSpec, kind: Optional[LayerKind] = None) -> int:
+    """Numbers an adapter with `spec` adds to `module` (the sizes of its kind's factor shapes)."""
+    kind = kind or kind_of(module)
+    return sum(math.prod(shape) for shape in kind.factor_shapes(module, spec).values())
 
 
 def _fan_in_fan_out_note(config: LoraConfig, targets: list["TargetPlan"]) -> Optional[str]:
     """One warning naming the linear layers whose layout contradicts ``config.fan_in_fan_out``
     (PEFT warns and overwrites the config; fxlora leaves the config as the user wrote it)."""
-    wrong = [t for t in targets if t.kind == "linear" and t.fan_in_fan_out != config.fan_in_fan_out]
+    wrong = [t for t in targets if t.kind.fan_in_fan_out(t.module) not in (None, config.fan_in_fan_out)]
     if not wrong:
         return None
     kinds = sorted({type(t.module).__name__ for t in wrong})
@@ -151,29 +139,24 @@ def _fan_in_fan_out_note(config: LoraConfig, targets: list["TargetPlan"]) -> Opt
 
 
 def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection, notes: list[str]) -> list[TargetPlan]:
+    """One plan per selected target. fxlora always uses the layer's own weight layout
+    (`LayerKind.fan_in_fan_out`); the config's ``fan_in_fan_out`` is only checked."""
     plans = []
     for name in selection.targets:
         module = model.get_submodule(name)
-        kind = layer_kind(module)
+        kind = kind_of(module)
         spec = AdapterSpec(
             r=config.rank_for(name),
             alpha=config.alpha_for(name),
             use_rslora=config.use_rslora,
             lora_bias=config.lora_bias,
             dropout=float(config.lora_dropout),
+            variant=variant_for(config),
         )
-        if kind == "embedding" and spec.lora_bias:
-            raise ValueError(f"lora_bias=True is not supported for the Embedding {name!r}; set lora_bias=False")
-        if kind == "conv" and spec.r % module.groups != 0:
-            raise ValueError(
-                f"rank {spec.r} of {name!r} is not divisible by its groups={module.groups}; choose a rank that "
-                "is a multiple of the layer's groups (rank_pattern sets it per layer) or exclude the layer"
-            )
+        kind.check_spec(repr(name), module, spec)
         if spec.lora_bias and getattr(module, "bias", None) is None:
             notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
-        plans.append(
-            TargetPlan(name, module, kind, spec, _fan_in_fan_out(module))
-        )
+        plans.append(TargetPlan(name, module, kind, spec, bool(kind.fan_in_fan_out(module))))
     return plans
 
 

@@ -176,7 +176,7 @@ _SCALAR_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv
 RANK_PRESERVING_MODULES: tuple[type, ...] = (
     nn.Linear, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LeakyReLU, nn.ELU,
     nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU,
 )

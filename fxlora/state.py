@@ -31,6 +31,7 @@ from .config import LoraConfig
 from .fold import FoldRecord
 from .gates import GateState, make_gate_state, make_row_gate_state
 from .passes.options import PassOptions
+from .variants import branch_gate, variant_for
 
 __all__ = ["AdapterState", "CallScope", "MergeStep", "Transaction"]
 
@@ -122,10 +123,12 @@ class AdapterState:
     def gate_values(self, adapter: str) -> tuple[float, float]:
         """(scale gate, select gate) of an adapter. The scale gate is what the branch adds on top
         of the weights: the wanted scale (0 when inactive or disabled) minus the scale the adapter
-        was merged with, so a merged adapter that is switched off is subtracted again."""
+        was merged with, so a merged adapter that is switched off is subtracted again
+        (`fxlora.variants.branch_gate`: the adapter's variant must be additive)."""
         on = self.enabled and adapter in self.active
         wanted = self.scale_of(adapter) if on else 0.0
-        return wanted - self.merged_scale.get(adapter, 0.0), 1.0 if on else 0.0
+        gate = branch_gate(variant_for(self.configs[adapter]), wanted, self.merged_scale.get(adapter, 0.0))
+        return gate, 1.0 if on else 0.0
 
     def publish(self) -> None:
         """Make the gate state of the current adapter state the one new calls read (O(adapters);
@@ -140,7 +143,8 @@ class AdapterState:
         alone. Requires: `names` checked (`fxlora.mixed_batch.check_adapter_names`)."""
         used = {a for a in self.configs if self.enabled and a in names}
         wanted = {a: self.scale_of(a) if a in used else 0.0 for a in self.configs}
-        return make_row_gate_state(names, wanted, used, self.merged_scale, self._gate_device())
+        variants = {a: variant_for(config) for a, config in self.configs.items()}
+        return make_row_gate_state(names, wanted, used, self.merged_scale, variants, self._gate_device())
 
     def current(self) -> GateState:
         """The state this thread's call pinned, else the published one."""

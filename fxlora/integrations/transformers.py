@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..integrations import TraceHooks, opaque, register_object_type
-from ..layer_types import is_pretrained_model
+from ..hf_classes import is_pretrained_model
 from ..proxies import SeqInfo, TensorInfo
 from ..trace_threads import tracing_here
 

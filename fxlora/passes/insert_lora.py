@@ -61,16 +61,15 @@ def _host_class(count: int) -> type:
 
 def _template_key(module: nn.Module, meta: TargetMeta, eager: Optional[EagerKey]) -> Hashable:
     """Everything `lora_output` reads as Python values (the graph it traces depends on nothing
-    else): layer kind, the adapters whose branch runs and their options, embedding options, and
-    which kind of code (gated, a known state, a mixed batch). No numbers: scalings are inputs."""
-    extra = ()
-    if meta.kind == "embedding":
-        extra = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+    else): layer kind, the adapters whose branch runs and their options, the layer options its
+    kind's update reads, and which kind of code (gated, a known state, a mixed batch). No
+    numbers: scalings are inputs."""
     adapters = tuple(
-        (name, meta.adapters[name].lora_bias, meta.adapters[name].dropout > 0) for name in branch_adapters(meta, eager)
+        (name, spec.variant, spec.lora_bias, spec.dropout > 0)
+        for name, spec in ((name, meta.adapters[name]) for name in branch_adapters(meta, eager))
     )
     mode = None if eager is None else eager.rows
-    return (meta.kind, adapters, extra, mode)
+    return (meta.kind, adapters, meta.kind.template_key(module), mode)
 
 
 _TEMPLATES: dict[Hashable, fx.Graph] = {}  # traced once per process; templates hold no module or number
@@ -144,7 +143,7 @@ def insert_lora(graph: fx.Graph, root: nn.Module, eager: Optional[EagerKey] = No
             continue  # no branch runs on this layer
         if key not in _TEMPLATES:
             _TEMPLATES[key] = branch_template(module, eager)
-        scalings = [meta.adapters[name].scaling for name, _, _ in key[1]]
+        scalings = [meta.adapters[name].scaling for name, *_ in key[1]]
         following = node.next
         with graph.inserting_before(following):
             inputs = [first_input(node), node, gates_input(graph), *scalings]

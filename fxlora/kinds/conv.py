@@ -1,0 +1,99 @@
+"""The ``conv`` kind: ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``.
+
+A is a convolution in -> r with the base layer's kernel, stride, padding, dilation and padding
+mode (PEFT drops the last two: a dilated conv crashes, reflect padding merges wrongly); B is a
+1x..x1 convolution r -> out with the base's ``groups`` (PEFT's layout). The composition is one
+convolution with the base's geometry and the kernel ``delta[o, i, ...] = sum_j B[o, j] * A[j, i, ...]``,
+shape (out, in, *kernel). A grouped base cannot take it: its kernel only connects channels within a
+group, while the update connects every input channel to every output channel.
+
+`ConvKind` is also the base of the ``conv_transpose`` kind, which differs only in A.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn as nn
+
+from . import register_kind
+from .low_rank import ModulePairKind
+
+if TYPE_CHECKING:
+    from ..layers import AdapterSpec
+
+__all__ = ["CONV", "ConvKind"]
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class ConvKind(ModulePairKind):
+    name = "conv"
+    layer_types = "nn.Conv1d, nn.Conv2d, nn.Conv3d"
+    #: the layer classes of this kind, by number of spatial dimensions
+    classes: dict[int, type] = _CONVS
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, tuple(self.classes.values()))
+
+    def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
+        if spec.r % module.groups != 0:  # a grouped B splits the rank evenly over the groups
+            raise ValueError(
+                f"rank {spec.r} of {where} is not divisible by its groups={module.groups}; choose a rank that is "
+                "a multiple of the layer's groups (rank_pattern sets it per layer) or exclude the layer"
+            )
+
+    # ---------------------------------------------------------------- A, the part a subclass changes
+    def a_shape(self, module: nn.Module, r: int) -> tuple[int, ...]:
+        return (r, module.in_channels, *module.kernel_size)
+
+    def a_geometry(self, module: nn.Module) -> dict[str, Any]:
+        """The base's settings A is built with (besides its kernel size)."""
+        return dict(stride=module.stride, padding=module.padding, dilation=module.dilation, padding_mode=module.padding_mode)
+
+    def a_module(self, module: nn.Module, r: int) -> nn.Module:
+        """A: in -> r, a layer of the base's class family with the base's kernel and geometry."""
+        cls = self.classes[len(module.kernel_size)]
+        return cls(module.in_channels, r, kernel_size=module.kernel_size, bias=False, **self.a_geometry(module))
+
+    # ---------------------------------------------------------------- the rest
+    def factor_shapes(self, module: nn.Module, spec: "AdapterSpec") -> dict[str, tuple[int, ...]]:
+        dims = len(module.kernel_size)
+        shapes = {
+            "lora_A.weight": self.a_shape(module, spec.r),
+            "lora_B.weight": (module.out_channels, spec.r // module.groups, *(1,) * dims),
+        }
+        if spec.lora_bias:
+            shapes["lora_B.bias"] = (module.out_channels,)
+        return shapes
+
+    def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
+        lora_a = self.a_module(module, spec.r)
+        dims = len(module.kernel_size)
+        lora_b = _CONVS[dims](spec.r, module.out_channels, kernel_size=(1,) * dims, groups=module.groups, bias=spec.lora_bias)
+        return lora_a, lora_b
+
+    def weight_from_matrix(self, module: nn.Module, matrix: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+        return matrix.view(matrix.shape[0], -1, *module.kernel_size)
+
+    def merge_obstacle(self, module: nn.Module) -> Optional[str]:
+        if module.groups == 1:
+            return None
+        return (
+            f"the layer is a grouped convolution (groups={module.groups}) and a LoRA update connects every input "
+            "channel to every output channel, which a grouped kernel cannot hold; keep this adapter unmerged, or "
+            "exclude the layer (exclude_modules) if you need merged weights"
+        )
+
+    def combine_obstacle(self, module: nn.Module, combination: str) -> Optional[str]:
+        """'cat' and 'svd' build B as one (out, rank) matrix, which a grouped B cannot hold."""
+        if module.groups == 1 or combination == "linear":
+            return None
+        return (
+            f"combination {combination!r} cannot combine adapters of a grouped convolution (groups={module.groups}); "
+            "use combination_type='linear' (equal ranks), or combine adapters of ungrouped layers only"
+        )
+
+
+CONV = register_kind(ConvKind())

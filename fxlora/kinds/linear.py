@@ -1,0 +1,60 @@
+"""The ``linear`` kind: ``nn.Linear`` and transformers' ``Conv1D``.
+
+A is ``nn.Linear(in, r)``, B is ``nn.Linear(r, out)`` (with a bias for ``lora_bias``); the update
+``B @ A`` is an (out, in) matrix. ``Conv1D`` (GPT-2) stores its weight as (in, out)
+(``fan_in_fan_out``), so its delta is ``(B @ A).T``. The only stackable kind: its A and B are
+plain matrices, so several adapters run as two matmuls (`fxlora.ops.stacked_linear_update`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+
+from ..hf_classes import is_hf_conv1d
+from . import register_kind
+from .low_rank import ModulePairKind
+
+if TYPE_CHECKING:
+    from ..layers import AdapterSpec
+
+__all__ = ["LINEAR"]
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if is_hf_conv1d(module):
+        rows, cols = module.weight.shape
+        return rows, cols
+    return module.in_features, module.out_features
+
+
+class LinearKind(ModulePairKind):
+    name = "linear"
+    layer_types = "nn.Linear, transformers Conv1D"
+    all_linear = True
+    stackable = True
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+    def fan_in_fan_out(self, module: nn.Module) -> Optional[bool]:
+        return is_hf_conv1d(module)
+
+    def factor_shapes(self, module: nn.Module, spec: "AdapterSpec") -> dict[str, tuple[int, ...]]:
+        n_in, n_out = _in_out(module)
+        shapes = {"lora_A.weight": (spec.r, n_in), "lora_B.weight": (n_out, spec.r)}
+        if spec.lora_bias:
+            shapes["lora_B.bias"] = (n_out,)
+        return shapes
+
+    def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
+        n_in, n_out = _in_out(module)
+        return nn.Linear(n_in, spec.r, bias=False), nn.Linear(spec.r, n_out, bias=spec.lora_bias)
+
+    def weight_from_matrix(self, module: nn.Module, matrix: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+        return matrix.T if fan_in_fan_out else matrix
+
+
+LINEAR = register_kind(LinearKind())

@@ -1,0 +1,89 @@
+"""What the kinds whose adapter is a pair of modules share: ``lora_dropout``, ``lora_A``, ``lora_B``.
+
+Such an adapter computes ``lora_B(lora_A(lora_dropout(x)))``: A maps the layer's input to r
+channels (features), B maps those to the layer's output, with an optional bias (``lora_bias``).
+Init (PEFT's): A kaiming-uniform with ``a=sqrt(5)`` (``"gaussian"``: normal with std 1/r), B and
+its bias zero; ``init_lora_weights=False`` keeps the modules' own random init.
+
+A subclass says how to build the two modules (`ModulePairKind.factor_modules`) and how its weights
+read as matrices; everything else is here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from ..ops import cast_like
+from . import Factors, Init, KindBase
+
+if TYPE_CHECKING:
+    from ..layers import AdapterSpec
+
+__all__ = ["ModulePairKind"]
+
+torch.fx.wrap("cast_like")  # one opaque node when `update` is traced
+
+
+class ModulePairKind(KindBase):
+    """Base of the kinds with ``lora_A`` / ``lora_B`` modules behind a ``lora_dropout``."""
+
+    # ---------------------------------------------------------------- to define per kind
+    def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
+        """New (A, B) modules for an adapter with `spec`, constructed in that order."""
+        raise NotImplementedError
+
+    def a_view(self, weight: torch.Tensor) -> torch.Tensor:
+        """A's weight with the rank first and the input (and kernel) after: what init and the
+        matrix view see. A's weight itself unless the kind stores it otherwise."""
+        return weight
+
+    # ---------------------------------------------------------------- shared
+    def make_factors(
+        self, module: nn.Module, spec: "AdapterSpec", init: Init, device: torch.device, dtype: torch.dtype
+    ) -> dict[str, Union[nn.Module, nn.Parameter]]:
+        self.check_spec(type(module).__name__, module, spec)
+        lora_a, lora_b = self.factor_modules(module, spec)
+        self._init(lora_a, lora_b, init, spec.r)
+        dropout = nn.Dropout(p=spec.dropout) if spec.dropout > 0 else nn.Identity()
+        placed = dict(device=device, dtype=dtype)
+        return {"lora_dropout": dropout, "lora_A": lora_a.to(**placed), "lora_B": lora_b.to(**placed)}
+
+    def _init(self, lora_a: nn.Module, lora_b: nn.Module, init: Init, r: int) -> None:
+        if init is False:
+            return
+        if init is True:
+            nn.init.kaiming_uniform_(self.a_view(lora_a.weight), a=math.sqrt(5))
+        else:  # "gaussian"
+            nn.init.normal_(self.a_view(lora_a.weight), std=1 / r)
+        nn.init.zeros_(lora_b.weight)
+        if lora_b.bias is not None:
+            nn.init.zeros_(lora_b.bias)
+
+    def update(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        lora_a = module.lora_A[adapter]
+        dropped = module.lora_dropout[adapter](cast_like(x, lora_a.weight))
+        return module.lora_B[adapter](self.call_a(lora_a, dropped, base))
+
+    def call_a(self, lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """A's output for `x` (the layer's base output is `base`)."""
+        return lora_a(x)
+
+    def bias(self, module: nn.Module, adapter: str) -> Optional[torch.Tensor]:
+        return module.lora_B[adapter].bias
+
+    def as_matrices(self, module: nn.Module, adapter: str) -> Factors:
+        a = self.a_view(module.lora_A[adapter].weight)
+        return Factors(a.flatten(1), module.lora_B[adapter].weight.flatten(1))
+
+    def write_matrices(self, module: nn.Module, adapter: str, factors: Factors, bias: Optional[torch.Tensor]) -> None:
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        a_weight = self.a_view(lora_a.weight)
+        a_weight.copy_(factors.a.reshape(a_weight.shape))
+        lora_b.weight.copy_(factors.b.reshape(lora_b.weight.shape))
+        if lora_b.bias is not None:
+            lora_b.bias.copy_(bias if bias is not None else torch.zeros_like(lora_b.bias))
