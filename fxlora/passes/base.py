@@ -51,7 +51,11 @@ class PassContext:
     live: Live = None
     chosen: Optional[tuple[str, ...]] = None
     training: bool = True
-    gated: bool = True
+
+    @property
+    def gated(self) -> bool:
+        """Gated code: the adapter state is read from the gate tensors at run time."""
+        return self.live is None
 
     @classmethod
     def of(cls, options: Optional[PassOptions], state: Optional[tuple], training: bool) -> "PassContext":
@@ -60,7 +64,7 @@ class PassContext:
         if state is None:
             return cls(options, training=training)
         live, chosen = state
-        return cls(options, live, chosen, training, gated=False)
+        return cls(options, live, chosen, training)
 
 
 @dataclass(frozen=True)

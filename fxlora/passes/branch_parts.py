@@ -20,7 +20,6 @@ adapter and no other one.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..ops import scale_by, scale_update
+from .conditions import resolve
 from .tags import Role
 
 __all__ = ["PART", "BranchPart", "adapter_parts", "label_template", "part_of"]
@@ -68,11 +68,6 @@ def adapter_parts(layer: nn.Module) -> dict[int, BranchPart]:
     return parts
 
 
-def _resolve(host: nn.Module, target: str) -> Any:
-    """The object a ``call_module`` / ``get_attr`` target names on `host`."""
-    return functools.reduce(getattr, target.split("."), host) if target else host
-
-
 def _inputs_adapter(node: fx.Node) -> Optional[str]:
     """The one adapter the labelled inputs of `node` name, else None."""
     named = {n.meta[PART].adapter for n in node.all_input_nodes if PART in n.meta} - {None}
@@ -82,9 +77,9 @@ def _inputs_adapter(node: fx.Node) -> Optional[str]:
 def part_of(node: fx.Node, host: nn.Module, parts: dict[int, BranchPart], returned: Any) -> BranchPart:
     """`node`'s part (see the module docstring); its inputs are labelled already."""
     if node.op == "call_module":
-        return parts.get(id(_resolve(host, node.target)), BranchPart(Role.BRANCH))
+        return parts.get(id(resolve(host, node.target)), BranchPart(Role.BRANCH))
     if node.op == "get_attr":
-        owner = parts.get(id(_resolve(host, node.target)))
+        owner = parts.get(id(resolve(host, node.target)))
         return BranchPart(Role.READ, None if owner is None else owner.adapter)
     if node is returned:
         return BranchPart(Role.ADD, _inputs_adapter(node))

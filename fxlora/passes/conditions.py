@@ -6,7 +6,9 @@ They look at module records (`fxlora.layers.target_meta` / `saved_meta`) and at 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+import itertools
+from typing import Any, Callable, Optional
 
 import torch.fx as fx
 import torch.nn as nn
@@ -18,7 +20,8 @@ __all__ = [
     "is_adapted",
     "is_saved",
     "called_module",
-    "call_inside",
+    "resolve",
+    "not_a_leaf",
     "untagged_call",
     "untagged_adapted_call",
     "BRANCHES_INSERTED",
@@ -42,6 +45,14 @@ def called_module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
     return root.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def resolve(root: nn.Module, target: str) -> Any:
+    """The object a ``call_module`` / ``get_attr`` target names on `root` (None if none)."""
+    try:
+        return functools.reduce(getattr, target.split("."), root) if target else root
+    except AttributeError:
+        return None
+
+
 def _inner_modules(root: nn.Module, owner: Callable[[nn.Module], bool]) -> set[int]:
     """ids of the modules strictly inside a module `owner` accepts."""
     inner: set[int] = set()
@@ -51,11 +62,34 @@ def _inner_modules(root: nn.Module, owner: Callable[[nn.Module], bool]) -> set[i
     return inner
 
 
-def call_inside(graph: fx.Graph, root: nn.Module, owner: Callable[[nn.Module], bool]) -> Optional[fx.Node]:
-    """A call of a module nested inside a module `owner` accepts: that module was traced into
-    instead of being one leaf call, or its adapter modules are already called."""
+def _call_inside(graph: fx.Graph, root: nn.Module, owner: Callable[[nn.Module], bool]) -> Optional[fx.Node]:
+    """A call of a module nested inside a module `owner` accepts."""
     inner = _inner_modules(root, owner)
     return next((n for n in graph.find_nodes(op="call_module") if id(called_module(n, root)) in inner), None)
+
+
+def _read_uncalled(graph: fx.Graph, root: nn.Module, owner: Callable[[nn.Module], bool]) -> Optional[fx.Node]:
+    """A read of the own tensors of a module `owner` accepts that the graph never calls."""
+    own = {
+        id(tensor): module
+        for module in root.modules()
+        if owner(module)
+        for tensor in itertools.chain(module._parameters.values(), module._buffers.values())
+        if tensor is not None
+    }
+    called = {id(called_module(n, root)) for n in graph.find_nodes(op="call_module")}
+    for node in graph.find_nodes(op="get_attr"):
+        module = own.get(id(resolve(root, node.target)))
+        if module is not None and id(module) not in called:
+            return node
+    return None
+
+
+def not_a_leaf(graph: fx.Graph, root: nn.Module, owner: Callable[[nn.Module], bool]) -> Optional[fx.Node]:
+    """Evidence that a module `owner` accepts was traced into instead of being one leaf call: a
+    call of a module nested inside it, or a read of its own tensors while it is never called
+    (a tied weight read next to the module's own call is fine)."""
+    return _call_inside(graph, root, owner) or _read_uncalled(graph, root, owner)
 
 
 def untagged_call(graph: fx.Graph, root: nn.Module, kind: Callable[[nn.Module], bool], *roles: Role) -> Optional[fx.Node]:

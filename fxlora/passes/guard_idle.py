@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from ..layers import BASE_ONLY, GUARD_IDLE, target_meta
 from .base import Pass, PassContext, PassResult
-from .conditions import call_inside, is_adapted, keyword_call
-from .tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag, tagged
+from .conditions import is_adapted, keyword_call, not_a_leaf
+from .tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag
 
 __all__ = ["GuardIdle", "GUARD_IDLE_BRANCHES", "guard_idle_branches", "is_guarded", "gated_evaluation"]
 
@@ -68,7 +68,7 @@ class GuardIdle(Pass):
         self.check("requires", "no adapted call is tagged and no branch is inserted yet", first_tagged(graph, roles))
         self.check("requires", f"no call passes {BASE_ONLY} yet", keyword_call(graph, BASE_ONLY))
         self.check("requires", f"no call passes {GUARD_IDLE} yet", keyword_call(graph, GUARD_IDLE))
-        self.check("requires", "every adapted layer is a leaf: one call_module node per call", call_inside(graph, root, is_adapted))
+        self.check("requires", "every adapted layer is a leaf: one call_module node per call", not_a_leaf(graph, root, is_adapted))
 
     def run(self, graph: fx.Graph, root: nn.Module, ctx: PassContext) -> PassResult:
         """Mark the guardable layer calls; the result lists them."""

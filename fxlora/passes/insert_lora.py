@@ -31,7 +31,7 @@ from ..layers import BASE_ONLY, TargetMeta, target_meta
 from ..tracing import LoraTracer
 from .base import Pass, PassContext, PassResult
 from .branch_parts import PART, BranchPart, label_template
-from .conditions import BRANCHES_INSERTED, branch_of, call_inside, is_adapted, keyword_call, untagged_adapted_call
+from .conditions import BRANCHES_INSERTED, branch_of, is_adapted, keyword_call, not_a_leaf, untagged_adapted_call
 from .guard_idle import is_guarded
 from .tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag, tag_of, tagged
 
@@ -166,7 +166,7 @@ class InsertLora(Pass):
 
     def requires(self, graph: fx.Graph, root: nn.Module, ctx: PassContext) -> None:
         self.check("requires", "no LoRA branch is inserted yet", first_tagged(graph, {Role.LAYER, *BRANCH_ROLES}))
-        self.check("requires", "every adapted layer is a leaf: one call_module node per call", call_inside(graph, root, is_adapted))
+        self.check("requires", "every adapted layer is a leaf: one call_module node per call", not_a_leaf(graph, root, is_adapted))
         self.check("requires", f"no call passes {BASE_ONLY} yet", keyword_call(graph, BASE_ONLY))
 
     def run(self, graph: fx.Graph, root: nn.Module, ctx: PassContext) -> PassResult:
@@ -206,4 +206,4 @@ INSERT_LORA = InsertLora()
 
 def insert_lora(graph: fx.Graph, root: nn.Module, live: Live = None) -> PassResult:
     """Run `InsertLora` (see the module docstring) with the adapter state `live`."""
-    return INSERT_LORA(graph, root, PassContext(live=live, gated=live is None))
+    return INSERT_LORA(graph, root, PassContext(live=live))

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..layers import saved_meta
 from ..ops import select_output
 from .base import Pass, PassContext, PassResult
-from .conditions import branch_of, call_inside, is_saved, untagged_call
+from .conditions import branch_of, is_saved, not_a_leaf, untagged_call
 from .tags import TAG, NodeTag, Role, set_tag, tagged
 
 __all__ = ["SwapSaved", "SWAP_SAVED", "swap_saved_modules"]
@@ -77,7 +77,7 @@ class SwapSaved(Pass):
 
     def requires(self, graph: fx.Graph, root: nn.Module, ctx: PassContext) -> None:
         self.check("requires", "no node is tagged by a pass yet", next((n for n in graph.nodes if TAG in n.meta), None))
-        self.check("requires", "every saved module is a leaf: one call_module node per call", call_inside(graph, root, is_saved))
+        self.check("requires", "every saved module is a leaf: one call_module node per call", not_a_leaf(graph, root, is_saved))
 
     def run(self, graph: fx.Graph, root: nn.Module, ctx: PassContext) -> PassResult:
         """Rewire the saved modules' calls; the result lists the calls rewired. With
@@ -112,4 +112,4 @@ SWAP_SAVED = SwapSaved()
 
 def swap_saved_modules(graph: fx.Graph, root: nn.Module, chosen: Optional[tuple[str, ...]] = None) -> PassResult:
     """Run `SwapSaved` (see the module docstring) for the chosen copies `chosen` (None: gated code)."""
-    return SWAP_SAVED(graph, root, PassContext(chosen=chosen, gated=chosen is None))
+    return SWAP_SAVED(graph, root, PassContext(chosen=chosen))
