@@ -9,12 +9,14 @@ base)``: a compiled model serving merged weights costs the base model's time, an
 recompiles on a state change.
 
 Requires: a graph before `insert_lora` and `mark_base_calls` (no adapted call tagged, no call
-passing ``BASE_ONLY`` or ``GUARD_IDLE``), traced from `root` with every adapted module a leaf; meant for evaluation code (``torch.cond`` is a forward-only construct here:
-training code keeps plain branches, whose dropout and autograd it would only get in the way of).
+passing ``BASE_ONLY`` or ``GUARD_IDLE``), traced from `root` with every adapted module a leaf;
+meant for evaluation code (``torch.cond`` is a forward-only construct here: training code keeps
+plain branches, whose dropout and autograd it would only get in the way of).
 
 Guarantees: every call of an adapted layer with one tensor argument and no keywords gets the
-keyword ``GUARD_IDLE=True`` and the tag ``GUARDED`` (`fxlora.passes.tags`); `insert_lora` and `mark_base_calls` leave such calls alone (the layer
-computes its own branches). Other calls, and everything else in the graph, are unchanged.
+keyword ``GUARD_IDLE=True`` and the tag ``GUARDED`` (`fxlora.passes.tags`); `insert_lora` and
+`mark_base_calls` leave such calls alone (the layer computes its own branches). Other calls, and
+everything else in the graph, are unchanged.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassContext, PassResult, checks_enabled
 from .base_calls import MARK_BASE_CALLS
 from .fold_scaling import FOLD_SCALING
 from .guard_idle import GUARD_IDLE_BRANCHES, gated_evaluation
@@ -66,4 +66,5 @@ def run_pipeline(
 ) -> tuple[PassResult, ...]:
     """Run the `stages` that apply to `ctx` in order on `graph` (in place); with `check` (default:
     `fxlora.passes.base.checks_enabled`) each checks its contracts. Returns their results."""
+    check = checks_enabled() if check is None else check
     return tuple(stage.pass_(graph, root, ctx, check) for stage in stages if stage.applies(ctx))

@@ -102,7 +102,8 @@ class SwapSaved(Pass):
         self.check("ensures", "every call of a saved module is tagged SAVED", untagged_call(graph, root, is_saved, Role.SAVED))
         self.check(
             "ensures",
-            "a saved module's own output reaches only its copies' selections (gated code), or a chosen copy is called instead (eager code)",
+            "a saved module's own output reaches only its copies' selections (gated code), "
+            "or a chosen copy is called instead (eager code)",
             _unswapped_call(graph, root, ctx.chosen),
         )
 

@@ -1,7 +1,4 @@
-import operator
-
 import torch
-import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
@@ -9,18 +6,7 @@ from fxlora.ops import shared_low_rank
 from fxlora.passes import share_lora_a, skip_dropout
 from graph_helpers import base_graph
 
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
-        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
-
-    def forward(self, x):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        h = q[..., :4] * k + v
-        h = torch.cat([h, h], dim=-1)
-        return self.down(torch.relu(self.gate(h)) * self.up(h))
+from .pass_models import Attention
 
 
 def test_projections_of_one_input_share_one_matmul():

@@ -18,6 +18,7 @@ from fxlora.passes.swap_saved import SWAP_SAVED
 from fxlora.passes.tags import BRANCH_ROLES, tagged
 
 from .pass_models import MODELS, fresh_graph
+from .test_insert_lora import Reuse
 
 _MODULE_ROLES = {Role.LORA_A: "lora_A", Role.LORA_B: "lora_B", Role.DROPOUT: "lora_dropout"}
 
@@ -77,15 +78,6 @@ def test_saved_module_nodes_are_tagged_by_swap_saved():
     assert saved.target == "head" and [tag_of(c).adapter for c in copies] == ["default", "noisy"]
     assert all(root.get_submodule(c.target) is root.head.modules_to_save[tag_of(c).adapter] for c in copies)
     assert all(tag_of(n).site == saved.name for n in copies + tagged(graph, Role.SELECT))
-
-
-class Reuse(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(self.fc(x))
 
 
 def test_a_layer_called_twice_has_two_sites():
