@@ -18,9 +18,8 @@ Who sets which role:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch.fx as fx
 
@@ -54,8 +53,7 @@ BRANCH_ROLES = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class NodeTag:
+class NodeTag(NamedTuple):
     """``layer``: path from the root of the adapted (or saved) module the node belongs to;
     ``site``: the name of that module's call node (a layer called twice has two sites);
     ``adapter``: the adapter whose update or copy the node computes, None when it combines several
