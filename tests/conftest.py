@@ -6,6 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# every graph pass checks its contracts (requires / ensures) in the tests (`fxlora.passes.base`)
+os.environ.setdefault("FXLORA_CHECK_PASSES", "1")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 try:

@@ -2,22 +2,26 @@
 
 Requires: `graph` was traced from `root` with every adapted module (one carrying
 `fxlora.layers.TargetMeta`) as a leaf, so each call of such a module is one ``call_module`` node
-whose target is the module's path from `root`.
+whose target is the module's path from `root`; no branch is inserted yet and no call asks for its
+base output yet (`mark_base_calls` runs after).
 
-Guarantees: for every such node ``N = layer(x)``, every former user of N now reads
-``lora_output(layer, x, N, live)`` (`fxlora.branch`; with ``live`` given, layers where none of
-those adapters sits keep their plain node): the branch's nodes (dropout as a call of the
-``nn.Dropout`` module, A, B, the scaling tensor, the gate tensor and the add), traced from that
-function and spliced right after N (in eager code of a mixed batch, a linear layer's branch is
-one ``stacked_layer_update`` node, handed the layer itself by a ``get_attr`` of its path). Adapter
-modules are called by their paths (``<layer>.lora_A.<adapter>`` ...); every inserted node has
-``meta["fxlora_target"]`` set to the layer's path. Calls marked by `guard_idle_branches` are left alone (the layer computes its own
-branches). Nothing else in the graph changes.
+Guarantees: every call of an adapted layer not marked by `guard_idle_branches` is tagged ``LAYER``
+(`fxlora.passes.tags`). For every such node ``N = layer(x)`` with a branch to run, every former
+user of N now reads ``lora_output(layer, x, N, gates, eager)`` (`fxlora.branch`; for eager code
+of a known state, layers where no live adapter sits keep their plain node and get no branch
+node): the branch's nodes (dropout as a call of the ``nn.Dropout`` module, A, B, the gate read
+from the graph's gates input (`gates_input`), the scaling as a number, the add), traced from that function and spliced right after N (in eager code of a mixed batch, a
+linear layer's branch is one ``stacked_layer_update`` node, handed the layer itself by a
+``get_attr`` of its path), and N's only users are its branch's nodes. Every inserted node is
+tagged with the layer's path, N's name as its site, its role (`fxlora.passes.branch_parts`, one
+``ADD`` node: the branch output) and its adapter. Calls marked by `guard_idle_branches` are left
+alone (the layer computes its own branches). Nothing else in the graph changes.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from typing import Hashable, Optional
 
 import torch.fx as fx
@@ -25,12 +29,16 @@ import torch.nn as nn
 
 from ..branch import branch_adapters, lora_output
 from ..gates import EagerKey
-from ..layers import TargetMeta, target_meta
+from ..layers import BASE_ONLY, TargetMeta, target_meta
 from ..tracing import LoraTracer
+from .base import Pass, PassContext, PassResult
+from .branch_parts import PART, BranchPart, label_template
+from .conditions import BRANCHES_INSERTED, branch_of, is_adapted, keyword_call, not_a_leaf, untagged_adapted_call
 from .gates_input import gates_input
 from .guard_idle import is_guarded
+from .tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag, tag_of, tagged
 
-__all__ = ["insert_lora", "branch_template", "splice", "first_input", "nodes_between"]
+__all__ = ["InsertLora", "INSERT_LORA", "insert_lora", "branch_template", "splice", "first_input", "nodes_between"]
 
 
 class _BranchHost(nn.Module):
@@ -82,6 +90,7 @@ def branch_template(module: nn.Module, eager: Optional[EagerKey] = None) -> fx.G
     adapters = branch_adapters(target_meta(module), eager)
     host = _host_class(len(adapters))(module, eager, adapters)
     graph = LoraTracer({id(host)}).trace(host)
+    label_template(graph, host, module)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             if node.target != "layer" and not node.target.startswith("layer."):
@@ -90,10 +99,11 @@ def branch_template(module: nn.Module, eager: Optional[EagerKey] = None) -> fx.G
     return graph
 
 
-def splice(graph: fx.Graph, template: fx.Graph, prefix: str, inputs: list, tag: str) -> object:
+def splice(graph: fx.Graph, template: fx.Graph, prefix: str, inputs: list, site: NodeTag) -> object:
     """Copy `template`'s nodes into `graph` at the current insertion point, binding its
     placeholders to `inputs` and prefixing module/attribute targets (`prefix` ends with a dot; a
-    target "" names the module `prefix` itself); return the output value."""
+    target "" names the module `prefix` itself); tag each copy as its template node's part of
+    `site`'s branch; return the output value."""
     env: dict[fx.Node, object] = {}
     placeholders = [n for n in template.nodes if n.op == "placeholder"]
     env.update(zip(placeholders, inputs))
@@ -106,7 +116,8 @@ def splice(graph: fx.Graph, template: fx.Graph, prefix: str, inputs: list, tag: 
         args = fx.map_arg(node.args, lambda n: env[n])
         kwargs = fx.map_arg(node.kwargs, lambda n: env[n])
         new = graph.create_node(node.op, target, args, kwargs, type_expr=node.type)
-        new.meta["fxlora_target"] = tag
+        part = node.meta.get(PART, BranchPart(Role.BRANCH))
+        set_tag(new, site.but(part.role, part.adapter))
         env[node] = new
     raise ValueError("template graph has no output")
 
@@ -129,27 +140,85 @@ def nodes_between(first: fx.Node, stop: fx.Node) -> set[fx.Node]:
     return found
 
 
-def insert_lora(graph: fx.Graph, root: nn.Module, eager: Optional[EagerKey] = None) -> int:
-    """Run the pass; return the number of layer calls that received a branch. With `eager`, only
-    the live adapters' branches are inserted (eager code for a kind of adapter state)."""
-    count = 0
-    for node in list(graph.find_nodes(op="call_module")):
+def _insert_branch(graph: fx.Graph, node: fx.Node, key: Hashable, meta: TargetMeta, site: NodeTag) -> None:
+    """Splice the branch of template `key` after the layer call `node` (its inputs: the layer's
+    input and output, the graph's gates input and the adapters' scalings); its users read the
+    output."""
+    following = node.next
+    with graph.inserting_before(following):
+        scalings = [meta.adapters[name].scaling for name, *_ in key[1]]
+        inputs = [first_input(node), node, gates_input(graph), *scalings]
+        out = splice(graph, _TEMPLATES[key], node.target + ".", inputs, site)
+    if out is not node:
+        inserted = nodes_between(node.next, following)
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
+
+
+def _misbranched_call(graph: fx.Graph, root: nn.Module, eager: Optional[EagerKey]) -> Optional[fx.Node]:
+    """A ``LAYER`` call that has branch nodes though no adapter of it runs, or that runs one but
+    lacks a single ``ADD`` node or feeds a node outside its branch."""
+    sites: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in tagged(graph, *BRANCH_ROLES):
+        sites[tag_of(node).site].append(node)
+    for node in tagged(graph, Role.LAYER):
         module = root.get_submodule(node.target)
         meta = target_meta(module)
-        if meta is None or not meta.adapters or is_guarded(node):
+        own = sites.get(node.name, [])
+        if not meta.adapters or not branch_adapters(meta, eager):
+            if own:
+                return node
             continue
-        key = _template_key(module, meta, eager)
-        if not key[1]:
-            continue  # no branch runs on this layer
-        if key not in _TEMPLATES:
-            _TEMPLATES[key] = branch_template(module, eager)
-        scalings = [meta.adapters[name].scaling for name, *_ in key[1]]
-        following = node.next
-        with graph.inserting_before(following):
-            inputs = [first_input(node), node, gates_input(graph), *scalings]
-            out = splice(graph, _TEMPLATES[key], node.target + ".", inputs, node.target)
-        if out is not node:
-            inserted = nodes_between(node.next, following)
-            node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inserted)
-        count += 1
-    return count
+        adds = [n for n in own if has_role(n, Role.ADD)]
+        if len(adds) != 1 or not all(branch_of(user, node.name, *BRANCH_ROLES) for user in node.users):
+            return node
+    return None
+
+
+class InsertLora(Pass):
+    """See the module docstring."""
+
+    name = "insert_lora"
+
+    def requires(self, graph: fx.Graph, root: nn.Module, ctx: PassContext) -> None:
+        self.check("requires", "no LoRA branch is inserted yet", first_tagged(graph, {Role.LAYER, *BRANCH_ROLES}))
+        self.check("requires", "every adapted layer is a leaf: one call_module node per call", not_a_leaf(graph, root, is_adapted))
+        self.check("requires", f"no call passes {BASE_ONLY} yet", keyword_call(graph, BASE_ONLY))
+
+    def run(self, graph: fx.Graph, root: nn.Module, ctx: PassContext) -> PassResult:
+        """Insert the branches; the result lists the layer calls that received one. With
+        ``ctx.eager`` of a known state, only the live adapters' branches are inserted."""
+        sites = []
+        for node in list(graph.find_nodes(op="call_module")):
+            module = root.get_submodule(node.target)
+            meta = target_meta(module)
+            if meta is None or is_guarded(node):
+                continue
+            site = NodeTag(node.target, node.name, Role.LAYER)
+            set_tag(node, site)
+            if not meta.adapters:
+                continue
+            key = _template_key(module, meta, ctx.eager)
+            if not key[1]:
+                continue  # no branch runs on this layer
+            if key not in _TEMPLATES:
+                _TEMPLATES[key] = branch_template(module, ctx.eager)
+            _insert_branch(graph, node, key, meta, site)
+            sites.append(node.target)
+        return PassResult(self.name, tuple(sites))
+
+    def ensures(self, graph: fx.Graph, root: nn.Module, ctx: PassContext) -> None:
+        self.check("ensures", BRANCHES_INSERTED, untagged_adapted_call(graph, root))
+        self.check(
+            "ensures",
+            "every adapted call with a live adapter feeds only its own branch, which has one ADD output; "
+            "every other adapted call has no branch",
+            _misbranched_call(graph, root, ctx.eager),
+        )
+
+
+INSERT_LORA = InsertLora()
+
+
+def insert_lora(graph: fx.Graph, root: nn.Module, eager: Optional[EagerKey] = None) -> PassResult:
+    """Run `InsertLora` (see the module docstring) for code of kind `eager` (None: gated code)."""
+    return INSERT_LORA(graph, root, PassContext(eager=eager))

@@ -16,7 +16,7 @@ def test_linear_branch_becomes_one_addmm_node():
     lora = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0", "seq.2"]))
     root, graph = base_graph(lora)
     skip_dropout(graph, root)
-    assert fold_scaling(graph, root) == 2
+    assert fold_scaling(graph, root).sites == ("seq.0", "seq.2")
     assert len(graph.find_nodes(op="call_function", target=add_scaled_linear)) == 2
     assert not any(".lora_B." in str(n.target) for n in graph.find_nodes(op="call_module"))
     graph.lint()
@@ -25,7 +25,7 @@ def test_linear_branch_becomes_one_addmm_node():
 def test_conv_branch_scales_the_rank_channels():
     lora = fxlora.transform(ConvNet2d(), LoraConfig(target_modules=["conv1"]))
     root, graph = base_graph(lora)
-    assert fold_scaling(graph, root) == 1
+    assert fold_scaling(graph, root).sites == ("conv1",)
     scale = graph.find_nodes(op="call_function", target=scale_update)[0]
     assert scale.args[0].target == "conv1.lora_A.default"
     assert [u.target for u in scale.users] == ["conv1.lora_B.default"]
@@ -34,7 +34,7 @@ def test_conv_branch_scales_the_rank_channels():
 def test_bias_in_b_is_left_alone():
     lora = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"], lora_bias=True))
     root, graph = base_graph(lora)
-    assert fold_scaling(graph, root) == 0
+    assert fold_scaling(graph, root).count == 0
 
 
 def test_mixed_batch_rows_still_scaled():

@@ -5,7 +5,7 @@ import fxlora
 from fxlora import LoraConfig
 from fxlora.gates import EagerKey
 from fxlora.ops import add_update
-from fxlora.passes import insert_lora, mark_base_calls
+from fxlora.passes import insert_lora, mark_base_calls, swap_saved_modules, tag_of
 from fxlora.passes.insert_lora import branch_template
 from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
 
@@ -32,12 +32,12 @@ def traced_after_transform(model, targets):
 
 def test_every_call_site_gets_a_branch_and_users_read_it():
     lora, root, graph = traced_after_transform(Reuse(), ["fc"])
-    assert insert_lora(graph, root) == 2
+    assert insert_lora(graph, root).sites == ("fc", "fc")
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == "fc"]
     for node in calls:
         outer = [u for u in node.users if u.target is add_update]
         assert len(outer) == 1
-        assert all(u.meta.get("fxlora_target") == "fc" for u in node.users)
+        assert all(tag_of(u).layer == "fc" and tag_of(u).site == node.name for u in node.users)
     # the keyword input of the second call (the first call's adapted output) feeds its branch
     first_out = next(u for u in calls[0].users if u.target is add_update)
     casts = [n for n in graph.nodes if n.op == "call_function" and n.target.__name__ == "cast_like"]
@@ -80,7 +80,7 @@ def test_untargeted_graph_is_unchanged():
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     graph = torch.fx.Tracer().trace(model)
     before = [(n.op, n.target) for n in graph.nodes]
-    assert insert_lora(graph, model) == 0
+    assert insert_lora(graph, model).count == 0
     assert [(n.op, n.target) for n in graph.nodes] == before
 
 
@@ -92,8 +92,9 @@ def test_base_calls_are_marked_only_on_adapted_and_saved_modules():
     root = lora.model
     interesting = [root.seq[0], root.seq[4]]
     graph = trace_variant(root, trace_through_ids(root, interesting), canonical_key(root, True)).graph
+    swap_saved_modules(graph, root)
     insert_lora(graph, root)
-    assert mark_base_calls(graph, root) == 2
+    assert mark_base_calls(graph, root).sites == ("seq.0", "seq.4")
     marked = {n.target for n in graph.find_nodes(op="call_module") if n.kwargs.get(BASE_ONLY)}
     assert marked == {"seq.0", "seq.4"}
 
@@ -109,7 +110,7 @@ def test_mixed_batch_eager_code_hands_each_linear_layer_to_one_node():
     lora.add_adapter("b", LoraConfig(target_modules=["0"], r=2, init_lora_weights=False))
     root = lora.model
     graph = trace_variant(root, trace_through_ids(root, [root[0]]), canonical_key(root, True)).graph
-    assert insert_lora(graph, root, EagerKey(("a", "b"), None, rows=True)) == 1
+    assert insert_lora(graph, root, EagerKey(("a", "b"), None, rows=True)).sites == ("0",)
     (node,) = graph.find_nodes(op="call_function", target=stacked_layer_update)
     layer = node.args[2]
     assert layer.op == "get_attr" and layer.target == "0" and node.args[3] == ("a", "b")

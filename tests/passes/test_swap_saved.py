@@ -14,7 +14,7 @@ def test_saved_module_node_is_rewired_to_copy_with_gate():
     lora = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"], modules_to_save=["seq.4"]), trace="eager")
     root = lora.model
     graph = trace_variant(root, trace_through_ids(root, [root.seq[4]]), canonical_key(root, True)).graph
-    assert swap_saved_modules(graph, root) == 1
+    assert swap_saved_modules(graph, root).sites == ("seq.4",)
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == "seq.4")
     copy_node = next(n for n in graph.nodes if n.target == "seq.4.modules_to_save.default")
     select = next(n for n in graph.nodes if n.target is select_output)
