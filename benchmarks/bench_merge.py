@@ -31,7 +31,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import interleaved, table  # noqa: E402
 
 import fxlora  # noqa: E402
-from fxlora.delta import delta_weight  # noqa: E402
+from fxlora.core.delta import delta_weight  # noqa: E402
 
 TARGETS = ["emb", "fc1", "fc2", "conv"]
 

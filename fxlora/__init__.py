@@ -7,12 +7,12 @@
     model.print_trainable_parameters()
 """
 
-from .config import LoraConfig
-from .peft_format import CheckpointError
-from .explain import Report, explain
-from .matching import NoTargetFoundError, UnsupportedTargetError
-from .model import LoraModel
-from .transform import transform
+from fxlora.config import LoraConfig
+from fxlora.io.peft_format import CheckpointError
+from fxlora.planning.explain import Report, explain
+from fxlora.planning.matching import NoTargetFoundError, UnsupportedTargetError
+from fxlora.model.lora_model import LoraModel
+from fxlora.model.transform import transform
 
 __all__ = [
     "LoraConfig",

@@ -1,7 +1,7 @@
 """`LoraConfig`: what to adapt and how, with PEFT's field names, defaults and meaning.
 
 The config is plain data. It knows nothing of models, graphs or layers: matching lives in
-`fxlora.matching`, the runtime layers in `fxlora.layers`, the graph passes in `fxlora.passes`.
+`fxlora.planning.matching`, the runtime layers in `fxlora.core.layers`, the graph passes in `fxlora.passes`.
 
 Every field is checked when the config is built (and again by `validate()`, which `fxlora.transform`
 calls, so a field assigned after construction is checked too). A bad value raises `ValueError` or

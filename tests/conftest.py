@@ -35,7 +35,7 @@ def _seed_and_quiet():
 @pytest.fixture
 def eager_fallbacks(monkeypatch):
     """Roots (class names) whose graph code could not serve a call (filled as calls run)."""
-    from fxlora.forwards import GraphForward
+    from fxlora.runtime.forwards import GraphForward
 
     calls = []
     original = GraphForward._run_eagerly

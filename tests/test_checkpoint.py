@@ -16,9 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fxlora
-import fxlora.checkpoint as checkpoint
+import fxlora.io.adapter_files as adapter_files
+import fxlora.model.loading as loading
 from fxlora import CheckpointError, LoraConfig, LoraModel
-from fxlora.apply import fxlora_present
+from fxlora.runtime.install import fxlora_present
 from models import MLP, ConvNet2d, EmbeddingModel
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -259,7 +260,7 @@ def test_interrupted_save_leaves_the_previous_adapter_intact(tmp_path, monkeypat
             fh.truncate(os.path.getsize(filename) // 2)
         raise failure
 
-    monkeypatch.setattr(checkpoint, "save_file", half_write)
+    monkeypatch.setattr(adapter_files, "save_file", half_write)
     with pytest.raises(type(failure)):
         model.save_pretrained(directory)
     assert {name: (directory / name).read_bytes() for name in os.listdir(directory)} == files_before  # no temp files left
@@ -406,7 +407,7 @@ def test_unexpected_failure_while_copying_rolls_everything_back(tmp_path, monkey
                 state[key].copy_(tensor)
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(checkpoint, "_copy_in", fail_half_way)
+    monkeypatch.setattr(loading, "copy_in", fail_half_way)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _expect_failure(base, directory, RuntimeError, "device lost")

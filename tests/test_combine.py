@@ -55,7 +55,7 @@ def test_low_rank_svd_is_the_best_approximation():
     model = two_adapters(lambda: MLP(16), ["seq.0", "seq.2"])
     model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "low", combination_type="svd", svd_rank=2)
     layer = model.get_submodule("seq.0")
-    from fxlora.delta import delta_weight
+    from fxlora.core.delta import delta_weight
 
     total = delta_weight(layer, "default") + delta_weight(layer, "b")
     s = torch.linalg.svdvals(total)

@@ -1,4 +1,4 @@
-"""fxlora.delta: per-layer-type updates. The reference is the base layer's own functional op run on
+"""fxlora.core.delta: per-layer-type updates. The reference is the base layer's own functional op run on
 ``weight + delta`` (and ``bias + B.bias * scaling``), compared with the adapted layer's output."""
 
 import pytest
@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxlora.dtypes import compute_dtype
 import fxlora
-from fxlora.delta import MergeError, check_mergeable, compute_dtype, delta_bias, delta_weight
+from fxlora.core.delta import MergeError, check_mergeable, delta_bias, delta_weight
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

@@ -9,8 +9,8 @@ import torch
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.gates import EagerKey
-from fxlora.forwards import EagerLoraForward, GraphForward, SavedForward, installed_forward
+from fxlora.core.gates import EagerKey
+from fxlora.runtime.forwards import EagerLoraForward, GraphForward, SavedForward, installed_forward
 from models import MLP, Mixed, OptionalArgs
 
 

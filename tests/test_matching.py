@@ -3,7 +3,7 @@ import torch.nn as nn
 from hypothesis import given, strategies as st
 
 from fxlora import LoraConfig, NoTargetFoundError, UnsupportedTargetError
-from fxlora.matching import closest_names, matches_name_list, select_modules
+from fxlora.planning.matching import closest_names, matches_name_list, select_modules
 from models import MLP, EmbeddingModel, WithMHA
 
 
@@ -164,7 +164,7 @@ def test_list_rule_equals_peft(names, targets):
 
 @given(names=st.lists(name_st, min_size=1, max_size=12, unique=True), layers=st.lists(st.integers(0, 11), min_size=1, max_size=3))
 def test_layers_filter_equals_peft_for_suffix_entries(names, layers):
-    from fxlora.matching import _in_layers
+    from fxlora.planning.matching import _in_layers
 
     cfg = LoraConfig(target_modules=["q"], layers_to_transform=layers)
 

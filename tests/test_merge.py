@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.delta import MergeError
+from fxlora.core.delta import MergeError
 from models import MLP, ConvNet1d, ConvNet2d, ConvNet3d, EmbeddingModel, Mixed, copy_peft_adapter_weights
 from test_properties import setups
 
@@ -202,7 +202,7 @@ def test_repeated_cycles_never_drift(dtype):
 def test_merging_rounds_once_into_half_precision():
     model = fxlora.transform(MLP(64).to(torch.bfloat16), LoraConfig(target_modules=["seq.2"], init_lora_weights=False)).eval()
     layer = model.model.seq[2]
-    from fxlora.delta import delta_weight
+    from fxlora.core.delta import delta_weight
 
     expected = (layer.weight.float() + delta_weight(layer, "default")).to(torch.bfloat16)
     model.merge_adapter()
@@ -227,7 +227,7 @@ def test_unmerge_after_the_adapter_changed_subtracts_the_current_update():
     merged = layer.weight.detach().clone()
     with torch.no_grad():
         layer.lora_B["default"].weight.mul_(2.0)
-    from fxlora.delta import delta_weight
+    from fxlora.core.delta import delta_weight
 
     expected = merged - delta_weight(layer, "default")
     model.unmerge_adapter()
@@ -236,7 +236,7 @@ def test_unmerge_after_the_adapter_changed_subtracts_the_current_update():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_exact_unmerge_keeps_little_for_small_updates_and_never_more_than_the_weights(dtype):
-    from fxlora.fold import fold_layer
+    from fxlora.core.fold import fold_layer
 
     for size, sparse in ((1e-3, True), (10.0, False)):
         model = fxlora.transform(MLP(128).to(dtype), LoraConfig(target_modules=["seq.2"], init_lora_weights=False))
@@ -300,7 +300,7 @@ def test_safe_merge_refuses_overflow_into_half_precision():
 
 
 def test_a_failure_while_writing_leaves_every_weight_as_it_was(monkeypatch):
-    import fxlora.merge as merge_module
+    import fxlora.model.merging as merge_module
     import fxlora.passes.merge as merge_pass
 
     model = fxlora.transform(Mixed(), LoraConfig(target_modules="all-linear", init_lora_weights=False)).eval()
@@ -373,7 +373,7 @@ def test_merge_unmerge_and_switches_never_recompile():
 
 # ---------------------------------------------------------------------- merge_and_unload / unload
 def assert_plain(model, original_keys):
-    from fxlora.apply import fxlora_present
+    from fxlora.runtime.install import fxlora_present
 
     assert not fxlora_present(model)
     assert all("forward" not in m.__dict__ for m in model.modules())

@@ -131,7 +131,7 @@ def test_generate_with_adapter_names_matches_per_row_generation():
 
 from hypothesis import given, strategies as st  # noqa: E402
 
-import fxlora.ops  # noqa: E402
+import fxlora.core.ops  # noqa: E402
 
 
 class SequenceStack(nn.Module):
@@ -216,8 +216,8 @@ def test_serving_groups_rows_by_adapter(monkeypatch):
     """Eager serving computes each adapter on its own rows only (batched matmuls over the adapters),
     not every adapter on every row; with autograd, or with a merged adapter, it computes densely."""
     grouped = []
-    original = fxlora.ops.grouped_linear_update
-    monkeypatch.setattr(fxlora.ops, "grouped_linear_update", lambda x, base, stacks, index, factors: grouped.append(index.tolist()) or original(x, base, stacks, index, factors))
+    original = fxlora.core.ops.grouped_linear_update
+    monkeypatch.setattr(fxlora.core.ops, "grouped_linear_update", lambda x, base, stacks, index, factors: grouped.append(index.tolist()) or original(x, base, stacks, index, factors))
     torch.manual_seed(0)
     model = fxlora.transform(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"], r=2, init_lora_weights=False), adapter_name="a")
     model.add_adapter("b", LoraConfig(target_modules=["0"], r=3, init_lora_weights=False))

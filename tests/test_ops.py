@@ -1,6 +1,6 @@
 import torch
 
-from fxlora.ops import stacked_linear_update
+from fxlora.core.ops import stacked_linear_update
 
 
 def reference(x, lora_a, lora_b, factors, base):
@@ -36,7 +36,7 @@ def test_gradients_reach_every_adapter_weight():
 
 
 def test_grouped_update_adds_each_groups_adapter_to_its_rows_only():
-    from fxlora.ops import grouped_linear_update
+    from fxlora.core.ops import grouped_linear_update
 
     lora_a, lora_b = weights(ranks=(2, 4))  # ranks padded with zeros to 4
     scalings = [torch.tensor(0.5), torch.tensor(3.0)]

@@ -9,14 +9,14 @@ import torch.nn as nn
 
 import fxlora
 from fxlora import CheckpointError, LoraConfig
-from fxlora.peft_format import (
+from fxlora.io.peft_format import (
     config_from_json,
     config_to_json,
     layout_of_adapter,
     layout_of_plan,
     peft_strip_adapter_name,
 )
-from fxlora.planning import make_plan
+from fxlora.planning.plan import make_plan
 from models import MLP, ConvNet1d, ConvNet2d, ConvNet3d, EmbeddingModel
 
 peft = pytest.importorskip("peft")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fxlora.probe import observe_calls
-from fxlora.tracing import OBJECT, TENSOR
+from fxlora.tracing.probe import observe_calls
+from fxlora.tracing.traced import OBJECT, TENSOR
 from models import MLP
 from zoo import TRANSFORMERS
 

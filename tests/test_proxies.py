@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 import fxlora
-import fxlora.integrations as integrations
-from fxlora.forwards import installed_forward
-from fxlora.proxies import InfoProxy, SeqInfo, SizesInfo, TensorInfo, infer
-from fxlora.tracing import TraceFailure, call_key, erase_ranks, trace_through_ids, trace_variant
+import fxlora.tracing.integrations as integrations
+from fxlora.runtime.forwards import installed_forward
+from fxlora.tracing.proxies import InfoProxy, SeqInfo, SizesInfo, TensorInfo, infer
+from fxlora.tracing.traced import TraceFailure, call_key, erase_ranks, trace_through_ids, trace_variant
 
 
 class Heads(nn.Module):
@@ -60,7 +60,7 @@ def test_ranked_patterns_trace_shape_unpacking_and_stay_correct():
 
 
 def test_plain_modules_without_observed_calls_keep_the_eager_path():
-    """Ranks come from observed calls (`fxlora.probe`); a plain module has none, so code that
+    """Ranks come from observed calls (`fxlora.tracing.probe`); a plain module has none, so code that
     needs them runs eagerly, with the same results."""
     reference = fxlora.transform(Heads(), fxlora.LoraConfig(target_modules=["fc"], init_lora_weights=False), trace="eager")
     lora = fxlora.transform(Heads(), fxlora.LoraConfig(target_modules=["fc"], init_lora_weights=False))

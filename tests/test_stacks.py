@@ -1,4 +1,4 @@
-"""Stacked adapter weights kept for serving mixed batches (`fxlora.stacks`)."""
+"""Stacked adapter weights kept for serving mixed batches (`fxlora.core.stacks`)."""
 
 import copy
 
@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.stacks import layer_stack
+from fxlora.core.stacks import layer_stack
 from models import row_by_row
 
 SCALINGS = (2.0, 1.0)  # alpha / r of the adapters a and b of `two_adapters`

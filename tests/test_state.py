@@ -1,4 +1,4 @@
-"""`fxlora.state.AdapterState`: one owner of adapter state; gates derived, caches bounded."""
+"""`fxlora.model.state.AdapterState`: one owner of adapter state; gates derived, caches bounded."""
 
 import copy
 import io
@@ -8,7 +8,7 @@ import torch
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.forwards import GraphForward, installed_forward
+from fxlora.runtime.forwards import GraphForward, installed_forward
 import importlib
 
 insert_lora_module = importlib.import_module("fxlora.passes.insert_lora")
@@ -91,7 +91,7 @@ def test_eager_codes_per_root_are_bounded():
         for subset in subsets:
             model.set_adapter(subset)
             model(x)
-    from fxlora.forwards import MAX_EAGER_CODES
+    from fxlora.runtime.forwards import MAX_EAGER_CODES
 
     (fwd,) = graph_forwards(model)
     assert len(subsets) > MAX_EAGER_CODES
@@ -161,7 +161,7 @@ def test_failed_add_adapter_restores_every_field(monkeypatch):
     state = model.adapter_state
     before = {k: copy.copy(v) for k, v in vars(state).items() if k in ("configs", "active", "scales", "trainable", "options", "enabled")}
     published = state.published
-    import fxlora.adapters as adapters_mod
+    import fxlora.model.adapters as adapters_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")

@@ -12,7 +12,7 @@ import torch
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.calls import SharedLock
+from fxlora.runtime.calls import SharedLock
 from models import Mixed, row_by_row
 
 ROUNDS = 60

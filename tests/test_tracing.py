@@ -3,7 +3,7 @@ import torch.nn as nn
 
 import pytest
 
-from fxlora.tracing import TraceFailure, call_key, canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.traced import TraceFailure, call_key, canonical_key, trace_through_ids, trace_variant
 from models import Branchy, MLP, OptionalArgs, Stateful
 
 
@@ -95,8 +95,8 @@ def test_buffers_are_read_live_and_constants_kept_on_the_root():
 import functools
 
 import fxlora
-from fxlora.forwards import installed_forward
-from fxlora.tracing import SELF, gather_inputs
+from fxlora.runtime.forwards import installed_forward
+from fxlora.tracing.traced import SELF, gather_inputs
 
 
 class TupleAndKeywords(nn.Module):
@@ -157,11 +157,11 @@ def test_only_known_transparent_decorators_are_seen_through(monkeypatch):
     through = trace_through_ids(model, [model.fc])
     with pytest.raises(TraceFailure, match="wrapped by .*wrapper"):
         trace_variant(model, through, canonical_key(model, True))
-    import fxlora.integrations as integrations
+    import fxlora.tracing.integrations as integrations
 
     known = integrations.TraceHooks(unwrappers=(lambda fn: (fn.__wrapped__, frozenset({"legacy"})) if fn.__code__ is Decorated.forward.__code__ else None,))
     monkeypatch.setattr(integrations, "hooks_for", lambda module: known)
-    monkeypatch.setattr("fxlora.tracing.hooks_for", lambda module: known)
+    monkeypatch.setattr("fxlora.tracing.traced.hooks_for", lambda module: known)
     variant = trace_variant(model, through, canonical_key(model, True))
     assert [n.target for n in variant.graph.nodes if n.op == "call_module"] == ["fc"]
     with pytest.raises(TraceFailure, match="legacy"):

@@ -283,7 +283,7 @@ def test_errors_leave_model_exactly_as_it_was(config, exc):
 
 
 def test_failure_during_apply_rolls_back(monkeypatch):
-    import fxlora.apply as apply_mod
+    import fxlora.runtime.install as apply_mod
 
     model = MLP(8)
     before = snapshot(model)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxlora
-from fxlora.defaults import DEFAULT_TARGET_MODULES
+from fxlora.planning.defaults import DEFAULT_TARGET_MODULES
 from models import copy_peft_adapter_weights
 from zoo import TRANSFORMERS, main_output, text_inputs
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.nn as nn
 
-from . import register_kind
-from .low_rank import ModulePairKind
+from fxlora.kinds.registry import register_kind
+from fxlora.kinds.low_rank import ModulePairKind
 
 if TYPE_CHECKING:
-    from ..layers import AdapterSpec
+    from fxlora.core.layers import AdapterSpec
 
 __all__ = ["CONV", "ConvKind"]
 

@@ -30,8 +30,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_kind
-from .conv import ConvKind
+from fxlora.kinds.registry import register_kind
+from fxlora.kinds.conv import ConvKind
 
 __all__ = ["CONV_TRANSPOSE"]
 

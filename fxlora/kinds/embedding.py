@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Factors, Init, KindBase, register_kind
+from fxlora.kinds.registry import Factors, Init, KindBase, register_kind
 
 if TYPE_CHECKING:
-    from ..layers import AdapterSpec
+    from fxlora.core.layers import AdapterSpec
 
 __all__ = ["EMBEDDING"]
 

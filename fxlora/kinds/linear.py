@@ -3,7 +3,7 @@
 A is ``nn.Linear(in, r)``, B is ``nn.Linear(r, out)`` (with a bias for ``lora_bias``); the update
 ``B @ A`` is an (out, in) matrix. ``Conv1D`` (GPT-2) stores its weight as (in, out)
 (``fan_in_fan_out``), so its delta is ``(B @ A).T``. The only stackable kind: its A and B are
-plain matrices, so several adapters run as two matmuls (`fxlora.ops.stacked_linear_update`).
+plain matrices, so several adapters run as two matmuls (`fxlora.core.ops.stacked_linear_update`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn as nn
 
-from ..hf_classes import is_hf_conv1d
-from . import register_kind
-from .low_rank import ModulePairKind
+from fxlora.kinds.hf_classes import is_hf_conv1d
+from fxlora.kinds.registry import register_kind
+from fxlora.kinds.low_rank import ModulePairKind
 
 if TYPE_CHECKING:
-    from ..layers import AdapterSpec
+    from fxlora.core.layers import AdapterSpec
 
 __all__ = ["LINEAR"]
 

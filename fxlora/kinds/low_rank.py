@@ -18,11 +18,11 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from ..ops import cast_like
-from . import Factors, Init, KindBase
+from fxlora.dtypes import cast_like
+from fxlora.kinds.registry import Factors, Init, KindBase
 
 if TYPE_CHECKING:
-    from ..layers import AdapterSpec
+    from fxlora.core.layers import AdapterSpec
 
 __all__ = ["ModulePairKind"]
 

@@ -18,19 +18,19 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..gates import EagerKey
-from .base import Pass, PassContext, PassContractError, PassResult, checks_enabled
-from .base_calls import mark_base_calls
-from .fold_scaling import fold_scaling
-from .gates_input import gates_input
-from .guard_idle import guard_idle_branches
-from .insert_lora import insert_lora
-from .options import PassOptions
-from .pipeline import PIPELINE, Stage, run_pipeline
-from .share_lora_a import share_lora_a
-from .skip_dropout import skip_dropout
-from .swap_saved import swap_saved_modules
-from .tags import NodeTag, Role, tag_of
+from fxlora.core.gates import EagerKey
+from fxlora.passes.base import Pass, PassContext, PassContractError, PassResult, checks_enabled
+from fxlora.passes.base_calls import mark_base_calls
+from fxlora.passes.fold_scaling import fold_scaling
+from fxlora.passes.gates_input import gates_input
+from fxlora.passes.guard_idle import guard_idle_branches
+from fxlora.passes.insert_lora import insert_lora
+from fxlora.passes.options import PassOptions
+from fxlora.passes.pipeline import PIPELINE, Stage, run_pipeline
+from fxlora.passes.share_lora_a import share_lora_a
+from fxlora.passes.skip_dropout import skip_dropout
+from fxlora.passes.swap_saved import swap_saved_modules
+from fxlora.passes.tags import NodeTag, Role, tag_of
 
 __all__ = [
     "rewrite",
@@ -67,11 +67,11 @@ def rewrite(
     result takes the call's gates as its first input (`gates_input`).
 
     `eager` is None for code that reads the adapter state from gate tensors only (what
-    torch.compile sees), or the `fxlora.gates.EagerKey` of eager code that runs only the branches
+    torch.compile sees), or the `fxlora.core.gates.EagerKey` of eager code that runs only the branches
     and copies in use. `training` says which mode the graph was traced for (gated evaluation code
     guards idle branches, see `guard_idle_branches`).
 
-    Requires: `graph` traced from `root` by `fxlora.tracing.trace_variant`.
+    Requires: `graph` traced from `root` by `fxlora.tracing.traced.trace_variant`.
     """
     gates_input(graph)
     run_pipeline(graph, root, PassContext.of(options, eager, training))

@@ -17,8 +17,8 @@ from typing import ClassVar, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..gates import EagerKey
-from .options import PassOptions
+from fxlora.core.gates import EagerKey
+from fxlora.passes.options import PassOptions
 
 __all__ = ["CHECK_ENV", "PassContractError", "PassContext", "PassResult", "Pass", "checks_enabled"]
 
@@ -42,7 +42,7 @@ class PassContractError(AssertionError):
 
 @dataclass(frozen=True)
 class PassContext:
-    """What the code being built is for. ``eager`` is the `fxlora.gates.EagerKey` of eager code
+    """What the code being built is for. ``eager`` is the `fxlora.core.gates.EagerKey` of eager code
     (the live adapters, the chosen copies; a mixed batch has no ``chosen``), None in gated code
     (what ``torch.compile`` sees). ``training`` is the mode the graph was traced in."""
 

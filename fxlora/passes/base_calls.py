@@ -3,7 +3,7 @@
 Requires: a graph after `swap_saved_modules` and `insert_lora` (the branches and copies are graph
 nodes): every call of an adapted layer is tagged ``LAYER`` or ``GUARDED``, every call of a saved
 module ``SAVED`` or ``COPY`` (`fxlora.passes.tags`), and no call passes ``BASE_ONLY`` yet. Every
-adapted / saved module carries an eager forward (`fxlora.forwards`) that computes with LoRA when
+adapted / saved module carries an eager forward (`fxlora.runtime.forwards`) that computes with LoRA when
 called plainly, so that the model's other entry points get LoRA too.
 
 Guarantees: every node tagged ``LAYER`` or ``SAVED`` passes the keyword ``BASE_ONLY=True``, and
@@ -19,10 +19,10 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import BASE_ONLY
-from .base import Pass, PassContext, PassResult
-from .conditions import BRANCHES_INSERTED, is_saved, keyword_call, untagged_adapted_call, untagged_call
-from .tags import Role, has_role, tagged
+from fxlora.core.layers import BASE_ONLY
+from fxlora.passes.base import Pass, PassContext, PassResult
+from fxlora.passes.conditions import BRANCHES_INSERTED, is_saved, keyword_call, untagged_adapted_call, untagged_call
+from fxlora.passes.tags import Role, has_role, tagged
 
 __all__ = ["MarkBaseCalls", "MARK_BASE_CALLS", "mark_base_calls"]
 

@@ -1,10 +1,10 @@
 """Which part of a LoRA branch each node of a traced branch template is.
 
-`insert_lora` traces `fxlora.branch.lora_output` once per kind of branch (a *template*) and splices
+`insert_lora` traces `fxlora.core.branch.lora_output` once per kind of branch (a *template*) and splices
 copies of it after every adapted layer call; `label_template` gives each template node a
 `BranchPart` in ``node.meta[PART]``, which the splice turns into the node's
 `fxlora.passes.tags.NodeTag`. This is the one place that knows how a layer holds its adapters
-(`fxlora.layers`: the ``lora_A`` / ``lora_B`` / ``lora_dropout`` module dicts and the
+(`fxlora.core.layers`: the ``lora_A`` / ``lora_B`` / ``lora_dropout`` module dicts and the
 ``lora_embedding_A`` / ``lora_embedding_B`` parameter dicts, keyed by adapter name), and it reads
 that layout by object identity, at template-tracing time only:
 
@@ -27,9 +27,9 @@ from typing import Any, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ops import scale_by, scale_update
-from .conditions import resolve
-from .tags import Role
+from fxlora.core.ops import scale_by, scale_update
+from fxlora.passes.conditions import resolve
+from fxlora.passes.tags import Role
 
 __all__ = ["PART", "BranchPart", "adapter_parts", "label_template", "part_of"]
 

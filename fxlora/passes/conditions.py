@@ -1,6 +1,6 @@
 """Conditions several pass contracts share. Each returns the first node violating it, or None.
 
-They look at module records (`fxlora.layers.target_meta` / `saved_meta`) and at tags
+They look at module records (`fxlora.core.layers.target_meta` / `saved_meta`) and at tags
 (`fxlora.passes.tags`), never at module paths.
 """
 
@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import saved_meta, target_meta
-from .tags import Role, has_role, tag_of
+from fxlora.core.layers import saved_meta, target_meta
+from fxlora.passes.tags import Role, has_role, tag_of
 
 __all__ = [
     "is_adapted",
@@ -31,12 +31,12 @@ __all__ = [
 
 
 def is_adapted(module: nn.Module) -> bool:
-    """`module` carries LoRA adapters (`fxlora.layers.TargetMeta`)."""
+    """`module` carries LoRA adapters (`fxlora.core.layers.TargetMeta`)."""
     return target_meta(module) is not None
 
 
 def is_saved(module: nn.Module) -> bool:
-    """`module` is a `modules_to_save` entry (`fxlora.layers.SavedMeta`)."""
+    """`module` is a `modules_to_save` entry (`fxlora.core.layers.SavedMeta`)."""
     return saved_meta(module) is not None
 
 

@@ -19,10 +19,10 @@ from typing import NamedTuple, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ops import add_scaled_linear, add_update, scale_update
-from .base import Pass, PassContext, PassResult
-from .conditions import BRANCHES_INSERTED, untagged_adapted_call
-from .tags import Role, has_role, set_tag, tag_of
+from fxlora.core.ops import add_scaled_linear, add_update, scale_update
+from fxlora.passes.base import Pass, PassContext, PassResult
+from fxlora.passes.conditions import BRANCHES_INSERTED, untagged_adapted_call
+from fxlora.passes.tags import Role, has_role, set_tag, tag_of
 
 __all__ = ["FoldScaling", "FOLD_SCALING", "fold_scaling"]
 

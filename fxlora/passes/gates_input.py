@@ -1,8 +1,8 @@
 """The graph input through which rewritten code receives the call's adapter gates.
 
-Generated code is called as ``forward(self, gates, *inputs)`` (`fxlora.forwards.GraphForward`):
-``gates`` is the call's `fxlora.gates.GateState`, and every branch and copy selection reads its
-adapter's gate from it (`fxlora.ops.adapter_gate`, `select_gate`, `eager_factor`), never from
+Generated code is called as ``forward(self, gates, *inputs)`` (`fxlora.runtime.forwards.GraphForward`):
+``gates`` is the call's `fxlora.core.gates.GateState`, and every branch and copy selection reads its
+adapter's gate from it (`fxlora.core.ops.adapter_gate`, `select_gate`, `eager_factor`), never from
 model-wide state.
 """
 

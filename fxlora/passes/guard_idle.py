@@ -4,7 +4,7 @@ of its adapters' gates are zero (merged, disabled or inactive adapters).
 Gated code (what ``torch.compile`` sees) reads the adapter state from gate tensors only, so that a
 state change never recompiles; without this pass it therefore computes every branch and multiplies
 it by a zero gate. With it, the layer call becomes ``layer(x, GUARD_IDLE=True)``, whose eager
-forward (`fxlora.forwards.EagerLoraForward`) runs ``torch.cond(any gate open, base + branches,
+forward (`fxlora.runtime.forwards.EagerLoraForward`) runs ``torch.cond(any gate open, base + branches,
 base)``: a compiled model serving merged weights costs the base model's time, and still never
 recompiles on a state change.
 
@@ -26,10 +26,10 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import BASE_ONLY, GUARD_IDLE, target_meta
-from .base import Pass, PassContext, PassResult
-from .conditions import is_adapted, keyword_call, not_a_leaf
-from .tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag
+from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, target_meta
+from fxlora.passes.base import Pass, PassContext, PassResult
+from fxlora.passes.conditions import is_adapted, keyword_call, not_a_leaf
+from fxlora.passes.tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag
 
 __all__ = ["GuardIdle", "GUARD_IDLE_BRANCHES", "guard_idle_branches", "is_guarded", "gated_evaluation"]
 

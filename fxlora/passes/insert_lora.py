@@ -1,13 +1,13 @@
 """Pass: insert each adapted layer's LoRA branch after the layer's node.
 
 Requires: `graph` was traced from `root` with every adapted module (one carrying
-`fxlora.layers.TargetMeta`) as a leaf, so each call of such a module is one ``call_module`` node
+`fxlora.core.layers.TargetMeta`) as a leaf, so each call of such a module is one ``call_module`` node
 whose target is the module's path from `root`; no branch is inserted yet and no call asks for its
 base output yet (`mark_base_calls` runs after).
 
 Guarantees: every call of an adapted layer not marked by `guard_idle_branches` is tagged ``LAYER``
 (`fxlora.passes.tags`). For every such node ``N = layer(x)`` with a branch to run, every former
-user of N now reads ``lora_output(layer, x, N, gates, eager)`` (`fxlora.branch`; for eager code
+user of N now reads ``lora_output(layer, x, N, gates, eager)`` (`fxlora.core.branch`; for eager code
 of a known state, layers where no live adapter sits keep their plain node and get no branch
 node): the branch's nodes (dropout as a call of the ``nn.Dropout`` module, A, B, the gate read
 from the graph's gates input (`gates_input`), the scaling as a number, the add), traced from that function and spliced right after N (in eager code of a mixed batch, a
@@ -27,16 +27,23 @@ from typing import Hashable, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..branch import branch_adapters, lora_output
-from ..gates import EagerKey
-from ..layers import BASE_ONLY, TargetMeta, target_meta
-from ..tracing import LoraTracer
-from .base import Pass, PassContext, PassResult
-from .branch_parts import PART, BranchPart, label_template
-from .conditions import BRANCHES_INSERTED, branch_of, is_adapted, keyword_call, not_a_leaf, untagged_adapted_call
-from .gates_input import gates_input
-from .guard_idle import is_guarded
-from .tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag, tag_of, tagged
+from fxlora.core.branch import branch_adapters, lora_output
+from fxlora.core.gates import EagerKey
+from fxlora.core.layers import BASE_ONLY, TargetMeta, target_meta
+from fxlora.tracing.traced import LoraTracer
+from fxlora.passes.base import Pass, PassContext, PassResult
+from fxlora.passes.branch_parts import PART, BranchPart, label_template
+from fxlora.passes.conditions import (
+    BRANCHES_INSERTED,
+    branch_of,
+    is_adapted,
+    keyword_call,
+    not_a_leaf,
+    untagged_adapted_call,
+)
+from fxlora.passes.gates_input import gates_input
+from fxlora.passes.guard_idle import is_guarded
+from fxlora.passes.tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag, tag_of, tagged
 
 __all__ = ["InsertLora", "INSERT_LORA", "insert_lora", "branch_template", "splice", "first_input", "nodes_between"]
 

@@ -1,16 +1,16 @@
 """Pass: fold adapters into the weights of the adapted layers a graph calls.
 
 Requires: `graph` was traced from `root` with every adapted module (one carrying
-`fxlora.layers.TargetMeta`) as a leaf, as `insert_lora` requires: each call of such a module is one
+`fxlora.core.layers.TargetMeta`) as a leaf, as `insert_lora` requires: each call of such a module is one
 ``call_module`` node whose target is the module's path from `root`.
 
-Guarantees: `merge_graph` folds ``delta = B @ A * scaling * scale`` (`fxlora.delta`) of every adapter
+Guarantees: `merge_graph` folds ``delta = B @ A * scaling * scale`` (`fxlora.core.delta`) of every adapter
 named in `scales` into the weight (and, for ``lora_bias``, the bias) of each adapted layer the graph
 calls that carries it: once per layer however often the graph calls it, in the order of first call,
-layers in `skip` left out, in place (`fxlora.fold.fold_layer`: float32 sum, rounded once). It
-returns ``{prefix + path: FoldRecord}``, which `fxlora.fold.unfold_layer` uses to undo each fold
+layers in `skip` left out, in place (`fxlora.core.fold.fold_layer`: float32 sum, rounded once). It
+returns ``{prefix + path: FoldRecord}``, which `fxlora.core.fold.unfold_layer` uses to undo each fold
 exactly. Every layer is checked before any weight is written, so a layer that cannot take an adapter
-raises `fxlora.delta.MergeError` with nothing changed; a failure while writing undoes the layers
+raises `fxlora.core.delta.MergeError` with nothing changed; a failure while writing undoes the layers
 already written before it propagates.
 
 The graph is not changed. The branch `insert_lora` spliced after each layer keeps running, multiplied
@@ -26,16 +26,10 @@ from collections.abc import Collection
 import torch.fx as fx
 import torch.nn as nn
 
-from ..fold import FoldRecord, check_fold, fold_layer, unfold_layer
-from ..layers import target_meta
+from fxlora.core.fold import FoldRecord, check_fold, fold_layer, layer_scales, unfold_layer
+from fxlora.core.layers import target_meta
 
-__all__ = ["merge_targets", "merge_graph", "layer_scales"]
-
-
-def layer_scales(module: nn.Module, scales: dict[str, float]) -> dict[str, float]:
-    """The entries of `scales` (adapter -> run-time scale) for the adapters `module` carries."""
-    meta = target_meta(module)
-    return {a: s for a, s in scales.items() if meta is not None and a in meta.adapters}
+__all__ = ["merge_targets", "merge_graph"]
 
 
 def merge_targets(graph: fx.Graph, root: nn.Module, adapters: Collection[str], prefix: str = "") -> dict[str, nn.Module]:

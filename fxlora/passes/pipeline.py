@@ -16,14 +16,14 @@ from typing import Callable, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from .base import Pass, PassContext, PassResult, checks_enabled
-from .base_calls import MARK_BASE_CALLS
-from .fold_scaling import FOLD_SCALING
-from .guard_idle import GUARD_IDLE_BRANCHES, gated_evaluation
-from .insert_lora import INSERT_LORA
-from .share_lora_a import SHARE_LORA_A
-from .skip_dropout import SKIP_DROPOUT
-from .swap_saved import SWAP_SAVED
+from fxlora.passes.base import Pass, PassContext, PassResult, checks_enabled
+from fxlora.passes.base_calls import MARK_BASE_CALLS
+from fxlora.passes.fold_scaling import FOLD_SCALING
+from fxlora.passes.guard_idle import GUARD_IDLE_BRANCHES, gated_evaluation
+from fxlora.passes.insert_lora import INSERT_LORA
+from fxlora.passes.share_lora_a import SHARE_LORA_A
+from fxlora.passes.skip_dropout import SKIP_DROPOUT
+from fxlora.passes.swap_saved import SWAP_SAVED
 
 __all__ = ["Stage", "PIPELINE", "run_pipeline", "always"]
 

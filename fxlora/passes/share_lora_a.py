@@ -23,10 +23,11 @@ from typing import Hashable, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ops import cast_like, shared_low_rank
-from .base import Pass, PassContext, PassResult
-from .conditions import BRANCHES_INSERTED, untagged_adapted_call
-from .tags import Role, has_role, set_tag, tag_of, tagged
+from fxlora.dtypes import cast_like
+from fxlora.core.ops import shared_low_rank
+from fxlora.passes.base import Pass, PassContext, PassResult
+from fxlora.passes.conditions import BRANCHES_INSERTED, untagged_adapted_call
+from fxlora.passes.tags import Role, has_role, set_tag, tag_of, tagged
 
 __all__ = ["ShareLoraA", "SHARE_LORA_A", "share_lora_a"]
 

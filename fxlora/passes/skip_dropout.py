@@ -15,9 +15,9 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from .base import Pass, PassContext, PassResult
-from .conditions import BRANCHES_INSERTED, untagged_adapted_call
-from .tags import Role, tag_of, tagged
+from fxlora.passes.base import Pass, PassContext, PassResult
+from fxlora.passes.conditions import BRANCHES_INSERTED, untagged_adapted_call
+from fxlora.passes.tags import Role, tag_of, tagged
 
 __all__ = ["SkipDropout", "SKIP_DROPOUT", "skip_dropout"]
 

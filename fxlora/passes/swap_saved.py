@@ -1,7 +1,7 @@
 """Pass: make each `modules_to_save` module's node compute with its trainable copies.
 
 Requires: the graph is untouched by fxlora (no node tagged), and every module carrying
-`fxlora.layers.SavedMeta` is a leaf of `graph` (one ``call_module`` node per call, target = its
+`fxlora.core.layers.SavedMeta` is a leaf of `graph` (one ``call_module`` node per call, target = its
 path from `root`).
 
 Guarantees: for every such node ``N = module(*args, **kwargs)`` and every adapter owning a copy,
@@ -9,7 +9,7 @@ in order, a node calls ``<module>.modules_to_save.<adapter>`` with the same argu
 ``COPY``, `fxlora.passes.tags`) and ``select_output(select_gate(gates, adapter, copy), copy,
 previous)`` picks it wherever the call's select gate is set (tagged ``SELECT``, as is the gate's
 read from the graph's gates input, `gates_input`;
-`fxlora.branch.saved_output` computes the same eagerly). Former users of N read the last
+`fxlora.core.branch.saved_output` computes the same eagerly). Former users of N read the last
 selection, and N's only users are its selections. The original module is still called: it is
 what a disabled adapter computes; N is tagged ``SAVED``. With ``chosen`` given instead, the node
 calls just the selected copy (tagged ``COPY``), or stays the original's call (tagged ``SAVED``).
@@ -22,13 +22,13 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..gates import EagerKey
-from ..layers import saved_meta
-from ..ops import select_gate, select_output
-from .base import Pass, PassContext, PassResult
-from .conditions import branch_of, is_saved, not_a_leaf, untagged_call
-from .gates_input import gates_input
-from .tags import TAG, NodeTag, Role, set_tag, tagged
+from fxlora.core.gates import EagerKey
+from fxlora.core.layers import saved_meta
+from fxlora.core.ops import select_gate, select_output
+from fxlora.passes.base import Pass, PassContext, PassResult
+from fxlora.passes.conditions import branch_of, is_saved, not_a_leaf, untagged_call
+from fxlora.passes.gates_input import gates_input
+from fxlora.passes.tags import TAG, NodeTag, Role, set_tag, tagged
 
 __all__ = ["SwapSaved", "SWAP_SAVED", "swap_saved_modules"]
 

@@ -8,10 +8,10 @@ it:
 - `LoraVariant.additive_update`: the output is ``base + scale * update(x)``, linear in the scale,
   the update independent of the base weights. The gate arithmetic of merged adapters relies on it
   (`branch_gate`: a branch adds ``wanted - merged`` times the update), and so do the fast paths
-  that fuse or stack the updates (`fxlora.branch`, mixed batches).
+  that fuse or stack the updates (`fxlora.core.branch`, mixed batches).
 - `LoraVariant.additive_delta`: merging adds a delta to the weight that is linear in the scale and
   depends on the adapter alone, so a merge is ``weight + delta`` and the exact unmerge of
-  `fxlora.fold` (subtract, then restore the elements rounding missed) undoes it bit for bit.
+  `fxlora.core.fold` (subtract, then restore the elements rounding missed) undoes it bit for bit.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ PLAIN = register_variant(LoraVariant("lora", additive_update=True, additive_delt
 
 def variant_for(config: Any) -> LoraVariant:
     """The variant a `fxlora.LoraConfig` asks for. Every config asks for plain LoRA today
-    (`fxlora.peft_format` refuses adapter files with ``use_dora``)."""
+    (`fxlora.io.peft_format` refuses adapter files with ``use_dora``)."""
     return PLAIN
 
 

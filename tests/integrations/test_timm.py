@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxlora
-import fxlora.integrations as integrations
+import fxlora.tracing.integrations as integrations
 
 timm = pytest.importorskip("timm")
 from timm.layers import resample_abs_pos_embed  # noqa: E402  (a global name: what fx wraps)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxlora
-from fxlora.forwards import GraphForward, installed_forward
+from fxlora.runtime.forwards import GraphForward, installed_forward
 from models import copy_peft_adapter_weights
 from zoo import TRANSFORMERS, VOCAB, main_output, text_inputs
 
@@ -208,7 +208,7 @@ def test_compiles_without_graph_breaks_with_and_without_cache(name):
 def test_get_seq_length_only_where_it_is_an_int():
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 
-    from fxlora.integrations.transformers import dynamic_cache_attributes
+    from fxlora.tracing.integrations.transformers import dynamic_cache_attributes
 
     assert dynamic_cache_attributes(DynamicCache, {}) == ("get_seq_length",)
     assert dynamic_cache_attributes(EncoderDecoderCache, {"self_attention_cache": DynamicCache}) == ("get_seq_length",)

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.delta import MergeError, delta_weight
-from fxlora.peft_format import layout_of_adapter
+from fxlora.core.delta import MergeError, delta_weight
+from fxlora.io.peft_format import layout_of_adapter
 
 TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}

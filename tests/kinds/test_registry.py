@@ -11,13 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxlora
-import fxlora.kinds as kinds
+import fxlora.kinds.registry as registry
 from fxlora import LoraConfig, UnsupportedTargetError
-from fxlora.branch import stackable
-from fxlora.delta import MergeError, delta_weight
+from fxlora.core.branch import stackable
+from fxlora.core.delta import MergeError, delta_weight
 from fxlora.kinds import LayerKind, kind_named, kind_of, register_kind, supported_types
 from fxlora.kinds.low_rank import ModulePairKind
-from fxlora.layers import AdapterSpec, target_meta
+from fxlora.core.layers import AdapterSpec, target_meta
 from fxlora.variants import PLAIN, LoraVariant, VariantError, branch_gate, register_variant, variant_named
 
 transformers = pytest.importorskip("transformers")
@@ -202,7 +202,7 @@ class RowLinearKind(ModulePairKind):
 
 @pytest.fixture
 def row_linear_kind(monkeypatch):
-    monkeypatch.setattr(kinds, "_REGISTRY", dict(kinds._REGISTRY))  # registrations end with the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registrations end with the test
     return register_kind(RowLinearKind())
 
 

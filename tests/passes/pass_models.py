@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.gates import EagerKey
+from fxlora.core.gates import EagerKey
 from fxlora.passes import PIPELINE, PassContext, PassOptions
-from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
 
 
 class Mixed(nn.Module):

@@ -6,7 +6,7 @@ from hypothesis import given
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.ops import add_scaled_linear, scale_update
+from fxlora.core.ops import add_scaled_linear, scale_update
 from fxlora.passes import fold_scaling, insert_lora, skip_dropout
 from models import ConvNet2d, MLP
 from graph_helpers import base_graph

@@ -4,9 +4,9 @@ import torch._dynamo
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.layers import BASE_ONLY, GUARD_IDLE
+from fxlora.core.layers import BASE_ONLY, GUARD_IDLE
 from fxlora.passes import PassOptions, guard_idle_branches, rewrite
-from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
 from models import MLP
 
 

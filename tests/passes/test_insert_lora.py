@@ -3,11 +3,11 @@ import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.gates import EagerKey
-from fxlora.ops import add_update
+from fxlora.core.gates import EagerKey
+from fxlora.core.ops import add_update
 from fxlora.passes import insert_lora, mark_base_calls, swap_saved_modules, tag_of
 from fxlora.passes.insert_lora import branch_template
-from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
 
 
 class Reuse(nn.Module):
@@ -50,7 +50,7 @@ def test_pass_output_equals_eager_math():
     lora, root, graph = traced_after_transform(Reuse(), ["fc"])
     insert_lora(graph, root)
     mark_base_calls(graph, root)  # the layers' own forwards would add the branch a second time
-    from fxlora.forwards import compile_graph
+    from fxlora.runtime.forwards import compile_graph
 
     fn = compile_graph(graph)
     x = torch.randn(3, 4)
@@ -85,7 +85,7 @@ def test_untargeted_graph_is_unchanged():
 
 
 def test_base_calls_are_marked_only_on_adapted_and_saved_modules():
-    from fxlora.layers import BASE_ONLY
+    from fxlora.core.layers import BASE_ONLY
     from models import MLP
 
     lora = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"], modules_to_save=["seq.4"]))
@@ -102,7 +102,7 @@ def test_base_calls_are_marked_only_on_adapted_and_saved_modules():
 def test_mixed_batch_eager_code_hands_each_linear_layer_to_one_node():
     """With row gates (gate values None), a linear layer's branch is one `stacked_layer_update`
     node reading the layer (a get_attr of its path), no attribute read per tensor."""
-    from fxlora.ops import stacked_layer_update
+    from fxlora.core.ops import stacked_layer_update
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Conv1d(1, 1, 1))

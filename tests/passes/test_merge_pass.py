@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.delta import MergeError, delta_weight
-from fxlora.fold import unfold_layer
-from fxlora.gates import make_gate_state
+from fxlora.core.delta import MergeError, delta_weight
+from fxlora.core.fold import unfold_layer
+from fxlora.core.gates import make_gate_state
 from fxlora.passes.merge import merge_graph, merge_targets
-from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
 
 
 class Net(nn.Module):

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from fxlora.gates import EagerKey
+from fxlora.core.gates import EagerKey
 from fxlora.passes import PIPELINE, PassContext, PassContractError, PassOptions, rewrite, run_pipeline
 from fxlora.passes.base import CHECK_ENV, Pass
 

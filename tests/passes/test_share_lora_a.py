@@ -2,7 +2,7 @@ import torch
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.ops import shared_low_rank
+from fxlora.core.ops import shared_low_rank
 from fxlora.passes import share_lora_a, skip_dropout
 from graph_helpers import base_graph
 

@@ -3,10 +3,10 @@ import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.forwards import compile_graph
-from fxlora.ops import select_output
+from fxlora.runtime.forwards import compile_graph
+from fxlora.core.ops import select_output
 from fxlora.passes import swap_saved_modules
-from fxlora.tracing import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
 from models import MLP
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.ops import shared_low_rank
+from fxlora.core.ops import shared_low_rank
 from fxlora.passes import PassContext, Role, run_pipeline, tag_of
 from fxlora.passes.base_calls import MARK_BASE_CALLS
 from fxlora.passes.insert_lora import INSERT_LORA

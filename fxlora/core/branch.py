@@ -1,0 +1,146 @@
+"""The LoRA computation, written once.
+
+`lora_output` is what an adapted layer returns: its base output plus, for every adapter on it,
+``B(A(dropout(x))) * scaling * gate``. The eager path calls it directly; the graph path traces it
+with torch.fx (`fxlora.passes.insert_lora`) and splices the nodes after the layer's own node, so
+both paths run the very same operations. `saved_output` is the same for `modules_to_save`.
+
+Requires of `module`: adapters attached by `fxlora.core.layers.attach_adapter`.
+
+Rule for this file: no arithmetic on the module's tensors here — hand them to an op in
+`fxlora.core.ops`, so that tracing records them as attribute reads instead of baking in their values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxlora.dtypes import cast_like
+from fxlora.core.gates import EagerKey
+from fxlora.core.layers import TargetMeta, saved_meta, target_meta
+from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, select_gate, select_output, stacked_layer_update, stacked_linear_update
+
+__all__ = ["lora_output", "saved_output", "stackable", "branch_adapters"]
+
+# Keep the ops opaque when this module's functions are traced: one node each.
+for _name in (
+    "adapter_gate",
+    "add_linear_product",
+    "add_update",
+    "cast_like",
+    "eager_factor",
+    "scale_by",
+    "scale_update",
+    "select_gate",
+    "select_output",
+    "stacked_layer_update",
+    "stacked_linear_update",
+):
+    torch.fx.wrap(_name)
+
+
+
+
+def _bare_linear(meta: TargetMeta, adapters: list[str]) -> bool:
+    """A layer of a stackable kind (`fxlora.kinds.LayerKind.stackable`: linear) whose given
+    adapters are additive (`fxlora.variants`) and have neither a B bias nor dropout."""
+    if not meta.kind.stackable:
+        return False
+    specs = [meta.adapters[a] for a in adapters]
+    return all(s.variant.additive_update and not s.lora_bias and not s.dropout > 0 for s in specs)
+
+
+def stackable(meta: TargetMeta, adapters: list[str]) -> bool:
+    """Several adapters of a linear layer without B biases or dropout: their updates can be
+    computed together from stacked weights (`stacked_linear_update`). Decided from the layer's
+    record alone, so tracing this decision adds no node."""
+    return len(adapters) >= 2 and _bare_linear(meta, adapters)
+
+
+def _plain_linear(meta: TargetMeta, adapters: list[str]) -> bool:
+    """One adapter on a linear layer, without B bias or dropout: A product, then one addmm."""
+    return len(adapters) == 1 and _bare_linear(meta, adapters)
+
+
+def _serves_rows(meta: TargetMeta, adapters: list[str], eager: Optional[EagerKey]) -> bool:
+    """Eager code of a mixed batch (row gates) on a linear layer whose adapters have neither a B
+    bias nor dropout: one `stacked_layer_update` node reads the layer's tensors itself."""
+    return eager is not None and eager.rows and bool(adapters) and _bare_linear(meta, adapters)
+
+
+def branch_adapters(meta: TargetMeta, eager: Optional[EagerKey]) -> list[str]:
+    """The layer's adapters whose branch runs: all of them in gated code and in a mixed batch,
+    else the live ones."""
+    if eager is None or eager.rows:
+        return list(meta.adapters)
+    return [a for a in meta.adapters if a in eager.live]
+
+
+def _factors(gates: Any, x: torch.Tensor, adapters: list[str], scalings: dict, eager: Optional[EagerKey]) -> list:
+    """Each adapter's multiplier: for eager code of a known state the Python number ``scaling *
+    gate`` read from the call's `gates`, else ``(scaling, gate tensor)`` (gated code, or a mixed
+    batch's gate with one value per row)."""
+    if eager is not None and not eager.rows:
+        return [eager_factor(gates, a, scalings[a]) for a in adapters]
+    return [(scalings[a], adapter_gate(gates, a, x)) for a in adapters]
+
+
+def lora_output(
+    module: nn.Module,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    gates: Any,
+    eager: Optional[EagerKey] = None,
+    scalings: Optional[dict] = None,
+) -> torch.Tensor:
+    """`base` (the layer's own output for input `x`) plus every adapter's gated, scaled update,
+    with the gates of the call (`gates`: a `fxlora.core.gates.GateState`).
+
+    `eager` None: every adapter's branch, each multiplied by its scaling and gate *tensor* (the
+    code torch.compile sees: adapter state never changes it). `eager` given (eager code for a kind
+    of state, `fxlora.core.gates.EagerKey`): only the live adapters, multiplied by Python numbers read
+    from `gates`, or by their row gate tensors in a mixed batch. `scalings` (adapter -> alpha/r,
+    default: the layer's specs) is given as values when the function is traced into a template.
+    """
+    meta = target_meta(module)
+    adapters = branch_adapters(meta, eager)
+    scalings = {a: meta.adapters[a].scaling for a in adapters} if scalings is None else scalings
+    if _serves_rows(meta, adapters, eager):
+        return stacked_layer_update(x, base, module, tuple(adapters), gates, tuple(scalings[a] for a in adapters))
+    factors = _factors(gates, x, adapters, scalings, eager)
+    known = eager is not None and not eager.rows
+    if known and _plain_linear(meta, adapters):
+        weight = module.lora_A[adapters[0]].weight
+        hidden = F.linear(cast_like(x, weight), weight)
+        return add_linear_product(base, hidden, module.lora_B[adapters[0]].weight, factors[0])
+    if stackable(meta, adapters):
+        return stacked_linear_update(
+            x, [module.lora_A[a].weight for a in adapters], [module.lora_B[a].weight for a in adapters], factors, base
+        )
+    total = None
+    for adapter, factor in zip(adapters, factors):
+        update = meta.kind.update(module, adapter, x, base)
+        update = scale_by(update, factor) if known else scale_update(update, *factor)
+        total = update if total is None else total + update
+    return base if total is None else add_update(base, total)
+
+
+def saved_output(module: nn.Module, original: Callable[..., Any], args: tuple, kwargs: dict, gates: Any, eager: Optional[EagerKey]) -> Any:
+    """The output of a `modules_to_save` module: its trainable copy's wherever that copy's adapter
+    is selected in the call's `gates`, else the original's (`original(*args, **kwargs)`). For eager
+    code of a known state (`eager`) only the module that is used runs."""
+    adapters = saved_meta(module).adapters
+    chosen = None if eager is None else eager.chosen
+    if chosen is not None:
+        picked = [a for a in adapters if a in chosen]
+        return module.modules_to_save[picked[-1]](*args, **kwargs) if picked else original(*args, **kwargs)
+    out = original(*args, **kwargs)
+    for adapter in adapters:
+        copy_out = module.modules_to_save[adapter](*args, **kwargs)
+        out = select_output(select_gate(gates, adapter, copy_out), copy_out, out)
+    return out

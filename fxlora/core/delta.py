@@ -1,0 +1,83 @@
+"""The weight update ("delta") of one adapter on one layer.
+
+An adapted layer computes ``base(x) + B(A(x)) * scaling * scale``. Because every supported layer is
+linear in its weight, the same output comes from the base layer alone with its weight replaced by
+``weight + delta`` (and, with ``lora_bias``, its bias by ``bias + B.bias * scaling * scale``). The
+layer's kind (`fxlora.kinds`) gives the adapter's factors as matrices, ``B @ A`` an (out, in * kernel)
+matrix, and lays that matrix out like the layer's weight (``(out, in)`` for ``nn.Linear``, its
+transpose for transformers ``Conv1D`` and ``nn.Embedding``, ``(out, in, *kernel)`` for ConvNd,
+``(in, out, *kernel)`` for ConvTransposeNd); it also says when a layer cannot take a delta at all
+(grouped convolutions, embeddings with ``max_norm``: `MergeError`).
+
+Every delta is computed in float32 (or wider, when the base or the adapter is wider) from the adapter
+weights as they are, times the adapter's scaling (``AdapterSpec.scaling``) and the run-time `scale`.
+Nothing here writes to a module.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from fxlora.dtypes import compute_dtype
+from fxlora.core.layers import target_meta
+
+__all__ = ["MergeError", "check_mergeable", "delta_weight", "delta_bias"]
+
+
+class MergeError(ValueError):
+    """An adapter cannot be folded into a layer's weights (the message says which and why)."""
+
+
+def _describe(name: str, module: nn.Module) -> str:
+    return f"{name or '<model>'!r} ({type(module).__name__})"
+
+
+def check_mergeable(name: str, module: nn.Module, adapter: str) -> None:
+    """Raise `MergeError` if `adapter` on the layer `module` (called `name`) cannot be folded into
+    its weights; return None if it can. Requires: `module` carries `adapter`."""
+    meta = target_meta(module)
+    where = _describe(name, module)
+    obstacle = meta.kind.merge_obstacle(module)
+    if obstacle is not None:
+        raise MergeError(f"cannot merge adapter {adapter!r} into {where}: {obstacle}")
+    if meta.adapters[adapter].lora_bias and getattr(module, "bias", None) is None:
+        raise MergeError(
+            f"cannot merge adapter {adapter!r} into {where}: the adapter has a bias (lora_bias=True) but "
+            "the layer has none to fold it into; keep this adapter unmerged"
+        )
+
+
+def _factor(module: nn.Module, adapter: str, scale: float) -> float:
+    return target_meta(module).adapters[adapter].scaling * float(scale)
+
+
+def delta_weight(module: nn.Module, adapter: str, scale: float = 1.0, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The update `adapter` adds to ``module.weight`` at run-time scale `scale`, shaped like the
+    weight, in `dtype` (default: `compute_dtype` of the weight and the adapter, at least float32).
+
+    Requires: `check_mergeable` passed for (`module`, `adapter`)."""
+    meta = target_meta(module)
+    weight = module.weight
+    a, b = meta.kind.as_matrices(module, adapter)
+    dtype = dtype or compute_dtype(weight, a, b)
+    product = meta.kind.weight_from_matrix(module, b.to(dtype) @ a.to(dtype), meta.fan_in_fan_out)
+    if product.shape != weight.shape:
+        raise MergeError(
+            f"adapter {adapter!r} gives an update of shape {tuple(product.shape)} for a weight of shape "
+            f"{tuple(weight.shape)} on {type(module).__name__}; its fan_in_fan_out setting does not fit the layer"
+        )
+    return product * _factor(module, adapter, scale)
+
+
+def delta_bias(module: nn.Module, adapter: str, scale: float = 1.0, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """The update `adapter` adds to ``module.bias`` (``B.bias * scaling * scale``), or None when
+    the adapter has no bias (``lora_bias=False``)."""
+    meta = target_meta(module)
+    b_bias = meta.kind.bias(module, adapter)
+    if b_bias is None:
+        return None
+    dtype = dtype or compute_dtype(module.bias, b_bias)
+    return b_bias.to(dtype) * _factor(module, adapter, scale)

@@ -1,0 +1,245 @@
+"""Runtime LoRA state attached to the user's own modules.
+
+fxlora never replaces a target module: it attaches the adapter's modules *under* it, so every
+module of the original model keeps its type, its qualified name and its ``state_dict()`` keys.
+For an adapter named ``default`` on a target ``seq.0`` the naming is::
+
+    seq.0.weight, seq.0.bias                 the base layer, untouched
+    seq.0.lora_A.default.weight              A: (r, in) for Linear; (r, in, *kernel) for ConvNd;
+                                             (in, r, *kernel) for ConvTransposeNd
+    seq.0.lora_B.default.weight              B: (out, r) for Linear; (out, r/groups, 1, ..) for ConvNd
+                                             and ConvTransposeNd (each layer kind's: `fxlora.kinds`)
+    seq.0.lora_B.default.bias                only with lora_bias=True
+    seq.0.lora_dropout.default               nn.Dropout(p), or nn.Identity() when p = 0
+    emb.lora_embedding_A.default             Embedding: A (r, num_embeddings)
+    emb.lora_embedding_B.default             Embedding: B (embedding_dim, r)
+    head.modules_to_save.default.weight      trainable copy of a `modules_to_save` module
+
+These are the names PEFT gives its LoRA tensors, without PEFT's ``base_layer`` indirection.
+Nothing else is attached: an adapter's scaling (alpha/r) is its `AdapterSpec`'s, a Python number,
+and the adapter gates are the call's (`fxlora.core.gates.GateState`), never a tensor stored on a module
+(so nothing derived can hold stale or uninitialised values, e.g. after meta-device init).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch.nn as nn
+
+from fxlora.dtypes import adapter_dtype
+from fxlora.config import scaling_value
+from fxlora.variants import PLAIN, LoraVariant
+
+if TYPE_CHECKING:
+    from fxlora.kinds import LayerKind
+
+__all__ = [
+    "LORA_CHILDREN",
+    "BASE_ONLY",
+    "GUARD_IDLE",
+    "AdapterSpec",
+    "TargetMeta",
+    "SavedMeta",
+        "attach_adapter",
+    "attach_saved_copy",
+    "detach_all",
+    "target_meta",
+    "saved_meta",
+    "saved_copy_choice",
+    "fxlora_internal_names",
+    "check_adapter_name",
+]
+
+#: Children fxlora adds to a module; nothing else of the user's tree is touched.
+LORA_CHILDREN = (
+    "lora_A",
+    "lora_B",
+    "lora_dropout",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "modules_to_save",
+)
+META_ATTR = "_fxlora"
+#: keyword with which graph code calls an adapted module for its base output alone (the graph
+#: computes the branch itself); every other call of the module computes with LoRA
+BASE_ONLY = "_fxlora_base_only"
+#: keyword with which gated evaluation code calls an adapted module for its output with LoRA under
+#: a run-time test of its gates (`fxlora.passes.guard_idle`): idle branches cost nothing compiled
+GUARD_IDLE = "_fxlora_guard_idle"
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter on one layer: its rank, alpha, the options that shape the branch, and its
+    variant of the LoRA update (`fxlora.variants`)."""
+
+    r: int
+    alpha: float
+    use_rslora: bool = False
+    lora_bias: bool = False
+    dropout: float = 0.0
+    variant: LoraVariant = PLAIN
+
+    @property
+    def scaling(self) -> float:
+        return scaling_value(self.alpha, self.r, self.use_rslora)
+
+
+@dataclass
+class TargetMeta:
+    """Plain-Python record on an adapted module (``module._fxlora``)."""
+
+    kind: "LayerKind"  # `fxlora.kinds`: everything that depends on the layer's type
+    fan_in_fan_out: bool
+    adapters: dict[str, AdapterSpec] = field(default_factory=dict)
+    merged: list[str] = field(default_factory=list)
+    stack: Optional[Any] = field(default=None, compare=False, repr=False)  # `fxlora.core.stacks.layer_stack`
+
+
+@dataclass
+class SavedMeta:
+    """Record on a `modules_to_save` module: the adapters that own a trainable copy of it."""
+
+    adapters: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------- lookups
+def target_meta(module: nn.Module) -> Optional[TargetMeta]:
+    meta = module.__dict__.get(META_ATTR)
+    return meta if isinstance(meta, TargetMeta) else None
+
+
+def saved_meta(module: nn.Module) -> Optional[SavedMeta]:
+    meta = module.__dict__.get(META_ATTR)
+    return meta if isinstance(meta, SavedMeta) else None
+
+
+def fxlora_internal_names(model: nn.Module) -> set[str]:
+    """Names of every module fxlora added under `model` (adapter modules, copies, gates)."""
+    internal: set[str] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if META_ATTR not in module.__dict__:
+            continue
+        prefix = f"{name}." if name else ""
+        for child_name in LORA_CHILDREN:
+            child = module._modules.get(child_name)
+            if child is not None:
+                internal.update(n for n, _ in child.named_modules(prefix=prefix + child_name, remove_duplicate=False))
+    return internal
+
+
+def check_adapter_name(name: object) -> str:
+    """Adapter names key ModuleDicts and buffers: a non-empty str without dots, not reserved."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty str, got {name!r}")
+    if "." in name:
+        raise ValueError(f"adapter_name must not contain '.', got {name!r}")
+    if name == "__base__":
+        raise ValueError("adapter_name '__base__' is reserved: it selects the base model in a mixed batch")
+    if any(hasattr(holder, name) for holder in (nn.ModuleDict(), nn.ParameterDict())):
+        raise ValueError(f"adapter_name {name!r} clashes with an nn.Module attribute; choose another name")
+    return name
+
+
+# --------------------------------------------------------------------- creation
+def _child_dict(module: nn.Module, name: str, factory: type) -> nn.Module:
+    child = module._modules.get(name)
+    if child is None:
+        child = factory()
+        module.add_module(name, child)
+    return child
+
+
+def attach_adapter(
+    module: nn.Module,
+    adapter: str,
+    spec: AdapterSpec,
+    init: Union[bool, str],
+    kind: "LayerKind",
+    fan_in_fan_out: Optional[bool] = None,
+) -> TargetMeta:
+    """Create adapter `adapter` on the layer `module`, of the kind `kind` (`fxlora.kinds.kind_of`),
+    and initialise it (`LayerKind.make_factors`: random numbers in PEFT's order, so a seeded run
+    gives PEFT's initial weights). Adapter weights are placed on the base weight's device, in
+    `adapter_dtype`. Returns the module's `TargetMeta`.
+    """
+    if fan_in_fan_out is None:
+        fan_in_fan_out = bool(kind.fan_in_fan_out(module))  # the layer's own layout
+    meta = target_meta(module) or TargetMeta(kind=kind, fan_in_fan_out=fan_in_fan_out)
+    if adapter in meta.adapters:
+        raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
+    weight = module.weight
+    made = kind.make_factors(module, spec, init, device=weight.device, dtype=adapter_dtype(weight))
+    for holder, value in made.items():
+        _child_dict(module, holder, nn.ParameterDict if isinstance(value, nn.Parameter) else nn.ModuleDict)[adapter] = value
+
+    meta.adapters[adapter] = spec
+    module.__dict__[META_ATTR] = meta
+    return meta
+
+
+def attach_saved_copy(module: nn.Module, adapter: str) -> None:
+    """Give `module` (a `modules_to_save` entry) a trainable deep copy for `adapter`."""
+    meta = saved_meta(module) or SavedMeta()
+    if adapter in meta.adapters:
+        raise ValueError(f"adapter {adapter!r} already has a copy of {type(module).__name__}")
+    copy_of = _copy_without_fxlora(module)
+    _child_dict(module, "modules_to_save", nn.ModuleDict)[adapter] = copy_of
+    meta.adapters.append(adapter)
+    module.__dict__[META_ATTR] = meta
+
+
+def _copy_without_fxlora(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` as the user built it (no fxlora children, no installed forward)."""
+    import copy
+
+    saved_children = {k: module._modules.pop(k) for k in LORA_CHILDREN if k in module._modules}
+    saved_attrs = {k: module.__dict__.pop(k) for k in (META_ATTR, "forward") if k in module.__dict__}
+    try:
+        clone = copy.deepcopy(module)
+    finally:
+        module._modules.update(saved_children)
+        module.__dict__.update(saved_attrs)
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    return clone
+
+
+def remove_adapter(module: nn.Module, adapter: str) -> None:
+    """Remove one adapter's modules from `module`; drop fxlora entirely when none is left."""
+    for name in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
+        holder = module._modules.get(name)
+        if holder is not None and adapter in holder:
+            del holder[adapter]
+    meta = module.__dict__.get(META_ATTR)
+    if isinstance(meta, TargetMeta):
+        meta.adapters.pop(adapter, None)
+        meta.stack = None  # it may hold the removed adapter's weights
+        left = bool(meta.adapters)
+    elif isinstance(meta, SavedMeta):
+        if adapter in meta.adapters:
+            meta.adapters.remove(adapter)
+        left = bool(meta.adapters)
+    else:
+        left = False
+    if not left:
+        detach_all(module)
+
+
+def detach_all(module: nn.Module) -> None:
+    """Remove every fxlora child and record from `module` (not its installed forward)."""
+    for name in LORA_CHILDREN:
+        module._modules.pop(name, None)
+    module.__dict__.pop(META_ATTR, None)
+
+
+def saved_copy_choice(module: nn.Module, adapters: list[str]) -> Optional[str]:
+    """For a `modules_to_save` module: the adapter among `adapters` whose trained copy the
+    merged model keeps (the last one in the module's order, as the forward selects), else None."""
+    meta = saved_meta(module)
+    if meta is None:
+        return None
+    owning = [a for a in meta.adapters if a in adapters]
+    return owning[-1] if owning else None

@@ -1,0 +1,292 @@
+"""Adapter directories in PEFT's format: reading, checking against a model, writing.
+
+Files (see `fxlora.io.peft_format` for the names): ``adapter_config.json`` and
+``adapter_model.safetensors`` per adapter; the adapter ``default`` goes into the directory itself,
+any other adapter into a sub-directory named after it (PEFT's layout). PEFT 0.21.2 reads what
+fxlora writes and the other way round.
+
+Safety: only safetensors files are read by default, so nothing in an adapter directory is ever
+unpickled; a legacy ``adapter_model.bin`` is read only when asked (``allow_bin=True``), and only
+with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects. Writes are atomic
+(temporary file, then rename): a failed or interrupted save leaves the previous adapter intact.
+Every tensor of a file is checked against the model (`fit_tensors`) before anything is copied in.
+"""
+
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fxlora.io.atomic import atomic_path, check_writable_dir
+from fxlora.config import LoraConfig
+from fxlora.core.layers import fxlora_internal_names
+from fxlora.planning.matching import matches_name_list
+from fxlora.io.peft_format import (
+    BASE,
+    CONFIG_NAME,
+    EXTRA_BASE,
+    LEGACY_WEIGHTS_NAME,
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
+    CheckpointError,
+    Layout,
+    config_from_json,
+    layout_of_plan,
+)
+from fxlora.planning.plan import make_plan
+
+__all__ = [
+    "AdapterFiles",
+    "read_adapter_dir",
+    "fit_tensors",
+    "plan_layout",
+    "copy_in",
+    "snapshot_base",
+    "restore_base",
+    "emit_notes",
+    "base_model_name",
+    "file_tensors",
+    "config_text",
+    "write_adapter_dir",
+    "adapter_directory",
+    "DEFAULT_ADAPTER",
+]
+
+PathLike = Union[str, os.PathLike]
+#: the adapter saved into the directory itself (others go into sub-directories named after them)
+DEFAULT_ADAPTER = "default"
+_MAX_LISTED = 8  # problems listed in one error message
+
+
+# ====================================================================== reading
+@dataclass
+class AdapterFiles:
+    """An adapter directory, read and parsed (nothing checked against a model yet)."""
+
+    directory: Path
+    config_path: Path
+    weights_path: Path
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]  # file keys with PEFT_PREFIX removed
+    notes: list[str]
+
+
+def read_adapter_dir(directory: PathLike, allow_bin: bool = False) -> AdapterFiles:
+    """Read ``adapter_config.json`` and the adapter's tensors from `directory`.
+
+    Raises `FileNotFoundError` for a missing directory or file and `CheckpointError` for a file
+    that cannot be parsed; each names the file.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"adapter directory {str(path)!r} {what}")
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {str(path)!r}")
+    config, notes = _read_config(config_path)
+    weights_path = _weights_path(path, allow_bin)
+    raw = _read_tensors(weights_path)
+    return AdapterFiles(path, config_path, weights_path, config, _strip_prefix(raw, weights_path), notes)
+
+
+def _read_config(path: Path) -> tuple[LoraConfig, list[str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    return config_from_json(data, str(path))
+
+
+def _weights_path(directory: Path, allow_bin: bool) -> Path:
+    safetensors_path = directory / WEIGHTS_NAME
+    if safetensors_path.is_file():
+        return safetensors_path
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        if allow_bin:
+            return legacy
+        raise FileNotFoundError(
+            f"no {WEIGHTS_NAME} in {str(directory)!r}, only a legacy {LEGACY_WEIGHTS_NAME}; pass allow_bin=True to "
+            "read it with torch.load(weights_only=True), which refuses pickled objects other than tensors"
+        )
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in adapter directory {str(directory)!r}")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only unpickling raises several types
+        raise CheckpointError(
+            f"{path} could not be read with torch.load(weights_only=True) (corrupted, or it holds objects "
+            f"other than tensors): {exc}"
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise CheckpointError(f"{path} must hold a dict of name -> tensor, found {type(data).__name__}")
+    return data
+
+
+def _strip_prefix(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Drop PEFT's ``base_model.model.`` prefix (files written without it are accepted too)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        short = key.removeprefix(PEFT_PREFIX)
+        if short in out:
+            raise CheckpointError(f"{path}: key {key!r} appears both with and without the prefix {PEFT_PREFIX!r}")
+        out[short] = value
+    return out
+
+
+# ====================================================================== checking
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return str(tuple(shape))
+
+
+def fit_tensors(files: AdapterFiles, layout: Layout) -> dict[str, tuple[torch.Tensor, str]]:
+    """Match the file's tensors to the model's slots: ``{fxlora key: (tensor, role)}``.
+
+    Raises `CheckpointError` naming the file and listing missing keys, unexpected keys, and keys
+    whose shape (expected vs found) or kind (floating point or not) differs.
+    """
+    problems: list[str] = []
+    for file_key, slot in layout.slots.items():
+        if slot.required and file_key not in files.tensors:
+            problems.append(f"missing key {PEFT_PREFIX + file_key!r} (expected shape {_shape(slot.shape)})")
+    fitted: dict[str, tuple[torch.Tensor, str]] = {}
+    for file_key, tensor in files.tensors.items():
+        full = PEFT_PREFIX + file_key
+        slot = layout.slots.get(file_key)
+        if slot is None and layout.is_ignored(file_key):
+            continue
+        if slot is None:
+            problems.append(f"unexpected key {full!r} (shape {_shape(tensor.shape)}): this model has no such adapter tensor")
+        elif tuple(tensor.shape) != slot.shape:
+            problems.append(f"key {full!r}: expected shape {_shape(slot.shape)}, found {_shape(tensor.shape)}")
+        elif tensor.is_floating_point() != slot.floating:
+            want = "a floating point" if slot.floating else "an integer"
+            problems.append(f"key {full!r}: expected {want} tensor, found dtype {tensor.dtype}")
+        elif not layout.is_ignored(file_key):
+            fitted[slot.key] = (tensor, slot.role)
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise CheckpointError(
+            f"{files.weights_path} does not fit this model (was the adapter made for another model or config?):"
+            f"\n  {listed}{more}"
+        )
+    return fitted
+
+
+def _drop_unmatched_saved(model: nn.Module, files: AdapterFiles) -> None:
+    """Leave out `modules_to_save` entries that name no module of `model`, as PEFT does: PEFT's
+    task types add e.g. both ``classifier`` and ``score`` and a model has only one of them. (A
+    file that holds a copy of a module the model lacks still fails the tensor check.)"""
+    entries = files.config.modules_to_save
+    if not entries:
+        return
+    internal = fxlora_internal_names(model)
+    names = [n for n, _ in model.named_modules() if n and n not in internal]
+    kept = [e for e in entries if any(matches_name_list([e], n) for n in names)]
+    if len(kept) < len(entries):
+        unused = [e for e in entries if e not in kept]
+        files.notes.append(f"{files.config_path}: modules_to_save entries {unused} match no module of this model; ignored")
+        files.config = files.config.replace(modules_to_save=kept or None)
+
+
+def plan_layout(model: nn.Module, files: AdapterFiles, adapter_name: str) -> Layout:
+    """The layout the config of `files` would give on `model` (nothing changed); may leave out
+    `modules_to_save` entries the model does not have (see `_drop_unmatched_saved`)."""
+    _drop_unmatched_saved(model, files)
+    try:
+        plan = make_plan(model, files.config, adapter_name, trace="eager")
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{files.config_path} does not fit this model: {exc}") from exc
+    return layout_of_plan(model, plan)
+
+
+# ====================================================================== loading into a model
+
+
+def copy_in(model: nn.Module, fitted: dict[str, tuple[torch.Tensor, str]]) -> None:
+    """Copy the fitted tensors into `model` (dtype and device follow the model's tensors)."""
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, (tensor, _) in fitted.items():
+            state[key].copy_(tensor)
+
+
+def snapshot_base(model: nn.Module, fitted: dict[str, tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
+    """Copies of the base-model tensors loading will overwrite (restored if loading fails)."""
+    state = model.state_dict(keep_vars=True)
+    return {k: state[k].detach().clone() for k, (_, role) in fitted.items() if role in (BASE, EXTRA_BASE)}
+
+
+def restore_base(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, value in snapshot.items():
+            state[key].copy_(value)
+
+
+def emit_notes(notes: list[str]) -> None:
+    for note in notes:
+        warnings.warn(f"fxlora: {note}", stacklevel=3)
+
+
+# ====================================================================== writing
+
+
+def base_model_name(model: nn.Module) -> Optional[str]:
+    name = model.__dict__.get("name_or_path") or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def file_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no storage (safetensors refuses aliasing)."""
+    out, seen = {}, set()
+    for key, tensor in tensors.items():
+        t = tensor.detach().to("cpu").contiguous()
+        storage = t.untyped_storage().data_ptr()
+        if t.numel() and storage in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def config_text(config_json: dict) -> str:
+    return json.dumps(config_json, indent=2, sort_keys=True) + "\n"
+
+
+def write_adapter_dir(directory: Path, tensors: dict[str, torch.Tensor], text: str) -> None:
+    """Write both files of one adapter (`text` is the config JSON), each to a temporary file
+    first; both are renamed into place only after both were written completely."""
+    check_writable_dir(directory)
+    with atomic_path(directory / WEIGHTS_NAME) as weights_tmp, atomic_path(directory / CONFIG_NAME) as config_tmp:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+        config_tmp.write_text(text, encoding="utf-8")
+
+
+def adapter_directory(root: Path, adapter: str) -> Path:
+    if adapter == DEFAULT_ADAPTER:
+        return root
+    if any(sep in adapter for sep in ("/", "\\", os.sep)) or adapter in (".", ".."):
+        raise ValueError(f"adapter {adapter!r} cannot be saved: its name is used as a directory name and must not contain path separators")
+    return root / adapter

@@ -1,0 +1,173 @@
+"""Saving and loading adapters of a `LoraModel`: `save_pretrained`, `from_pretrained`,
+`load_adapter` (the files themselves: `fxlora.io.adapter_files`).
+
+Loading is all-or-nothing: the config and every tensor (names, shapes, kinds) are checked against
+the model before it is touched, and if anything fails later the model is rolled back (the adapter
+state's transaction), so a bad adapter never leaves a half-loaded one behind. A loaded adapter
+joins the model by the one path every adapter takes (`fxlora.model.adapters.add_planned`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from fxlora.core.layers import check_adapter_name
+from fxlora.io.atomic import check_writable_dir
+from fxlora.io.adapter_files import (
+    DEFAULT_ADAPTER,
+    PathLike,
+    adapter_directory,
+    base_model_name,
+    config_text,
+    copy_in,
+    emit_notes,
+    file_tensors,
+    fit_tensors,
+    plan_layout,
+    read_adapter_dir,
+    restore_base,
+    snapshot_base,
+    write_adapter_dir,
+)
+from fxlora.io.peft_format import PEFT_PREFIX, config_to_json, layout_of_adapter
+from fxlora.planning.plan import TracePolicy
+from fxlora.runtime.install import fxlora_present, restore_requires_grad, strip
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fxlora.model.lora_model import LoraModel
+
+__all__ = ["save_pretrained", "from_pretrained", "load_adapter"]
+
+
+
+def _adapter_file_tensors(lm: "LoraModel", adapter: str) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter` under their file keys (with PEFT's prefix)."""
+    layout = layout_of_adapter(lm.model, adapter, lm.peft_config[adapter].bias)
+    state = lm.model.state_dict(keep_vars=True)
+    tensors = {}
+    for file_key, slot in layout.slots.items():
+        if not slot.written:
+            continue
+        tensor = state[slot.key]
+        if tuple(tensor.shape) != slot.shape:  # layout and layers disagree: a bug, not bad input
+            raise RuntimeError(f"fxlora internal error: {slot.key} has shape {tuple(tensor.shape)}, layout says {slot.shape}")
+        tensors[PEFT_PREFIX + file_key] = tensor
+    return file_tensors(tensors)
+
+
+def save_pretrained(lm: "LoraModel", save_directory: PathLike, selected_adapters: Optional[Sequence[str]] = None) -> None:
+    """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    The adapter ``default`` is written into `save_directory`, every other one into
+    ``save_directory/<adapter name>/``. Only the adapters' tensors are written (LoRA weights,
+    `modules_to_save` copies, and the base biases the adapter trains with ``bias != "none"``).
+    Each adapter's pair of files is replaced atomically: if the save fails, the files that
+    were there before are left intact.
+
+    Args:
+        save_directory: created if missing.
+        selected_adapters: names of the adapters to save (default: all).
+    """
+    names = list(lm.peft_config) if selected_adapters is None else lm.adapter_state.check_known(selected_adapters)
+    root = Path(save_directory)
+    base_name = base_model_name(lm.model)
+    prepared = []
+    for name in names:  # everything is computed before the first byte is written
+        directory = adapter_directory(root, name)
+        text = config_text(config_to_json(lm.peft_config[name], base_name))
+        prepared.append((directory, _adapter_file_tensors(lm, name), text))
+    check_writable_dir(root)
+    for directory, tensors, text in prepared:
+        write_adapter_dir(directory, tensors, text)
+
+
+def from_pretrained(
+    cls: type,
+    model: nn.Module,
+    directory: PathLike,
+    adapter_name: str = DEFAULT_ADAPTER,
+    is_trainable: bool = False,
+    *,
+    trace: TracePolicy = "auto",
+    allow_bin: bool = False,
+) -> "LoraModel":
+    """Adapt `model` (in place, as `fxlora.transform` does) with the adapter saved in
+    `directory` by fxlora or PEFT, and return the `LoraModel`.
+
+    Args:
+        model: the base model the adapter was trained on (not a LoraModel: use `load_adapter`).
+        directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+        adapter_name: the name the adapter gets in the returned model.
+        is_trainable: False (default) puts the model in eval mode with nothing requiring
+            grad; True leaves the mode alone and lets the adapter's weights train.
+        trace: as in `fxlora.transform`.
+        allow_bin: also read a legacy ``adapter_model.bin`` when there is no safetensors file
+            (with ``torch.load(weights_only=True)``).
+
+    Raises:
+        FileNotFoundError: missing directory or file.
+        CheckpointError: unreadable file, unsupported config, or tensors that do not fit the
+            model (the message names the file, the keys and expected vs found shapes).
+        On any error `model` is left exactly as it was.
+    """
+    if isinstance(model, cls) or (isinstance(model, nn.Module) and fxlora_present(model)):
+        raise TypeError("this model already carries fxlora adapters; add another one with lora_model.load_adapter(directory, name)")
+    check_adapter_name(adapter_name)
+    files = read_adapter_dir(directory, allow_bin)
+    fitted = fit_tensors(files, plan_layout(model, files, adapter_name))
+    emit_notes(files.notes)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    snapshot = snapshot_base(model, fitted)
+    lora_model = cls.adapt(model, files.config, adapter_name, trace)
+    try:
+        copy_in(model, fitted)
+    except BaseException:
+        strip(model)
+        restore_requires_grad(model, flags)
+        restore_base(model, snapshot)
+        raise
+    _finish_load(lora_model, adapter_name, is_trainable)
+    return lora_model
+
+
+def load_adapter(
+    lm: "LoraModel",
+    directory: PathLike,
+    adapter_name: str,
+    is_trainable: bool = False,
+    *,
+    allow_bin: bool = False,
+) -> None:
+    """Add the adapter saved in `directory` (by fxlora or PEFT) as a new, inactive adapter
+    `adapter_name` (activate it with `set_adapter`).
+
+    `is_trainable=False` marks the adapter not trainable and puts the model in eval mode
+    (as PEFT does); errors are those of `from_pretrained`, and on any error the model is left
+    exactly as it was.
+    """
+    check_adapter_name(adapter_name)
+    if adapter_name in lm.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(lm.peft_config)}")
+    files = read_adapter_dir(directory, allow_bin)
+    fitted = fit_tensors(files, plan_layout(lm.model, files, adapter_name))
+    emit_notes(files.notes)
+    snapshot = snapshot_base(lm.model, fitted)
+    with lm.adapter_state.transaction(lm.model) as tx:
+        tx.on_undo(lambda: restore_base(lm.model, snapshot))
+        lm.add_adapter(adapter_name, files.config)
+        tx.on_undo(lambda: lm.delete_adapter(adapter_name))
+        copy_in(lm.model, fitted)
+    _finish_load(lm, adapter_name, is_trainable)
+
+
+def _finish_load(lm: "LoraModel", adapter_name: str, is_trainable: bool) -> None:
+    lm.set_trainable_adapter(adapter_name, is_trainable)
+    lm.adapter_state.sync_trainable(lm.training, force=True)
+    if not is_trainable:
+        lm.eval()
+
+

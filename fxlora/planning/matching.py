@@ -1,0 +1,255 @@
+"""Target selection: which modules of a model a `LoraConfig` adapts, with PEFT's rules.
+
+Names are those of ``model.named_modules()``. The rules, in order:
+
+1. ``exclude_modules`` is checked first (str: ``re.fullmatch``; list: exact or dot-boundary suffix).
+2. Modules in ``modules_to_save`` (and everything under them) are never targets.
+3. ``target_modules`` as a str is a regex that must match the whole name; ``"all-linear"`` selects
+   every ``nn.Linear`` / transformers ``Conv1D`` (leaving out the output embedding of a transformers
+   ``PreTrainedModel``); as a list, an entry matches the exact name or a suffix starting at a dot.
+   ``None`` takes the default list for a transformers model's ``config.model_type``.
+4. ``layers_to_transform`` keeps targets whose layer index (the number after ``layers_pattern``,
+   or the first numbered segment) is listed. Unlike PEFT, this holds for exact names as well.
+
+``modules_to_save`` entries match on a dot boundary (PEFT uses a bare ``endswith``, so ``"head"``
+would also pick ``"subhead"``); when both a module and one inside it match, the outer one is saved.
+
+Errors never leave anything changed (nothing here mutates) and name the closest real modules.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch.nn as nn
+
+from fxlora.config import LoraConfig
+from fxlora.planning.defaults import default_target_modules
+from fxlora.kinds.hf_classes import is_pretrained_model
+from fxlora.kinds import is_all_linear, kind_of, supported_types
+from fxlora.core.layers import fxlora_internal_names
+
+__all__ = [
+    "TargetSelection",
+    "select_modules",
+    "matches_name_list",
+    "NoTargetFoundError",
+    "UnsupportedTargetError",
+    "closest_names",
+]
+
+
+class NoTargetFoundError(ValueError):
+    """`target_modules` (or `modules_to_save`) matched no module of the model."""
+
+
+class UnsupportedTargetError(TypeError):
+    """A module matched `target_modules` but its type cannot carry a LoRA adapter."""
+
+
+@dataclass(frozen=True)
+class TargetSelection:
+    """The outcome of matching a config against a model (names in ``named_modules()`` order)."""
+
+    targets: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+
+
+def matches_name_list(names: Sequence[str], key: str) -> bool:
+    """PEFT's list rule: `key` equals an entry or ends with ``"." + entry``."""
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+def _matches(spec: str | Sequence[str], key: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return matches_name_list(spec, key)
+
+
+def _layer_index(key: str, layers_pattern: Optional[Sequence[str]]) -> Optional[int]:
+    """The layer number in `key`, found with PEFT's regexes (first numbered segment)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _in_layers(config: LoraConfig, key: str) -> bool:
+    layers = config.layers_to_transform
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    pattern = config.layers_pattern
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    index = _layer_index(key, patterns)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _is_under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _match_modules_to_save(config: LoraConfig, names: Sequence[str], model: nn.Module) -> tuple[str, ...]:
+    if not config.modules_to_save:
+        return ()
+    chosen: list[str] = []
+    for entry in config.modules_to_save:
+        hits = [n for n in names if n and (n == entry or n.endswith("." + entry))]
+        if not hits:
+            raise NoTargetFoundError(
+                f"modules_to_save entry {entry!r} matched no module of {type(model).__name__} "
+                f"(entries match a full name or a suffix starting at a dot). "
+                f"Closest module names: {_format_names(closest_names([entry], names))}"
+            )
+        chosen.extend(hits)
+    # keep the outermost of nested matches, in named_modules order
+    outer = [n for n in names if n in chosen and not any(n.startswith(o + ".") for o in chosen if o != n)]
+    return tuple(outer)
+
+
+def _resolve_target_spec(config: LoraConfig, model: nn.Module, names: Sequence[str]) -> str | list[str]:
+    if config.target_modules is None:
+        return default_target_modules(model)
+    if config.is_all_linear:
+        modules = dict(model.named_modules())
+        linear = [n for n in names if n and is_all_linear(modules[n])]
+        excluded = _output_embedding_names(model)
+        return [n for n in linear if n not in excluded]
+    return config.target_modules
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    if not is_pretrained_model(model):
+        return set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is None:
+        return set()
+    return {n for n, m in model.named_modules() if m is out}
+
+
+def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
+    """Apply the config's rules to `model`; raise a clear error if nothing (usable) matched.
+
+    Guarantees: every returned target is a supported layer type; none lies inside a
+    `modules_to_save` module or inside fxlora's own modules; nothing of the model is changed.
+    """
+    internal = fxlora_internal_names(model)
+    names = [n for n, _ in model.named_modules() if n not in internal]
+    modules = dict(model.named_modules())
+    saved = _match_modules_to_save(config, names, model)
+    spec = _resolve_target_spec(config, model, names)
+    exact_list = config.is_all_linear  # resolved to exact names: no suffix matching needed
+
+    targets: list[str] = []
+    for key in names:
+        if not key:
+            continue  # the root itself is never a target
+        if config.exclude_modules and _matches(config.exclude_modules, key):
+            continue
+        if _is_under(key, saved):
+            continue
+        hit = (key in spec) if exact_list else _matches(spec, key)
+        if not hit or not _in_layers(config, key):
+            continue
+        module = modules[key]
+        if kind_of(module) is None:
+            raise UnsupportedTargetError(_unsupported_message(key, module, model, names))
+        _check_weight_read_by_parent(key, model)
+        targets.append(key)
+
+    if not targets:
+        raise NoTargetFoundError(_no_match_message(config, spec, model, names))
+    return TargetSelection(tuple(targets), saved)
+
+
+def _check_weight_read_by_parent(key: str, model: nn.Module) -> None:
+    parent_name, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        raise UnsupportedTargetError(
+            f"module {key!r} is the out_proj of nn.MultiheadAttention {parent_name or '<root>'!r}, whose "
+            "forward reads out_proj.weight directly and never calls the module, so a LoRA branch on it "
+            "would have no effect. Exclude it (exclude_modules=[...]) or adapt the projections of a "
+            "custom attention module instead."
+        )
+
+
+# ---------------------------------------------------------------------- messages
+def closest_names(queries: Iterable[str], names: Sequence[str], n: int = 5) -> list[str]:
+    """Real module names closest to the queries (whole names and last components)."""
+    pool = [x for x in names if x]
+    found: list[str] = []
+    for q in queries:
+        plain = re.sub(r"[\\^$.*+?()\[\]{}|]", "", q) if _looks_like_regex(q) else q
+        candidates = difflib.get_close_matches(q, pool, n=n, cutoff=0.4)
+        last = {x.rsplit(".", 1)[-1]: x for x in pool}
+        for tail in difflib.get_close_matches(plain.rsplit(".", 1)[-1], list(last), n=n, cutoff=0.5):
+            candidates += [x for x in pool if x.rsplit(".", 1)[-1] == tail][:2]
+        for c in candidates:
+            if c not in found:
+                found.append(c)
+    return found[:n]
+
+
+def _looks_like_regex(s: str) -> bool:
+    return any(ch in s for ch in "\\^$*+?()[]{}|")
+
+
+def _format_names(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names) if names else "(none)"
+
+
+def _adaptable_summary(model: nn.Module, names: Sequence[str], limit: int = 8) -> str:
+    modules = dict(model.named_modules())
+    adaptable = [(n, type(modules[n]).__name__) for n in names if n and kind_of(modules[n]) is not None]
+    if not adaptable:
+        return "The model has no module of a supported type."
+    shown = ", ".join(f"{n} ({t})" for n, t in adaptable[:limit])
+    more = f", ... ({len(adaptable)} in all)" if len(adaptable) > limit else ""
+    return f"Adaptable modules: {shown}{more}."
+
+
+def _no_match_message(config: LoraConfig, spec: str | list[str], model: nn.Module, names: Sequence[str]) -> str:
+    queries = [spec] if isinstance(spec, str) else list(spec)
+    how = (
+        "a str is a regex that must match the whole name (re.fullmatch)"
+        if isinstance(spec, str)
+        else "list entries match a full name or a suffix starting at a dot"
+    )
+    msg = (
+        f"target_modules={spec!r} matched no module of {type(model).__name__} ({how}). "
+        f"Closest module names: {_format_names(closest_names(queries, names))}. "
+        f"{_adaptable_summary(model, names)}"
+    )
+    if config.layers_to_transform is not None:
+        msg += (
+            f" layers_to_transform={config.layers_to_transform!r} keeps only names with that layer index"
+            f" (layers_pattern={config.layers_pattern!r}); set layers_pattern to the name of the layer list."
+        )
+    if config.exclude_modules:
+        msg += f" exclude_modules={config.exclude_modules!r} removed some candidates."
+    return msg
+
+
+def _unsupported_message(key: str, module: nn.Module, model: nn.Module, names: Sequence[str]) -> str:
+    inside = [
+        f"{n} ({type(m).__name__})"
+        for n, m in module.named_modules(prefix=key)
+        if n != key and kind_of(m) is not None
+    ][:6]
+    hint = f" Supported layers inside it: {', '.join(inside)}." if inside else ""
+    return (
+        f"module {key!r} of type {type(module).__name__} matched target_modules, but fxlora can only adapt "
+        f"{supported_types()}.{hint} Narrow target_modules (a str regex must match the whole name)."
+    )
+

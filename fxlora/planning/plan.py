@@ -1,0 +1,348 @@
+"""Planning a transform without changing the model: targets, per-target settings, and the path
+(graph or eager) each adapted module will take.
+
+`make_plan` is the dry run behind both `fxlora.explain` and `fxlora.transform`: the latter only
+applies a plan, so what `explain` reports is what `transform` does.
+
+Path choice ("trace the largest traceable sub-modules that contain targets"): starting at the
+model, try to trace a module for the way it is really called (the call patterns seen in one small
+forward pass, `fxlora.tracing.probe`, where the model's integration provides an input; otherwise its
+plainest call), in the module's current train/eval mode; if it traces, it becomes a graph root
+that covers every target inside it. If not, try each child that contains targets. A target
+reached this way with no traceable ancestor takes the eager path; its reason is the failure of
+its nearest ancestor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch.nn as nn
+
+from fxlora.config import LoraConfig
+from fxlora.kinds import LayerKind, kind_of
+from fxlora.core.layers import AdapterSpec, check_adapter_name
+from fxlora.variants import variant_for
+from fxlora.planning.matching import TargetSelection, select_modules
+from fxlora.tracing.probe import observe_calls
+from fxlora.tracing.traced import (
+    CallKey,
+    TraceFailure,
+    TracedVariant,
+    attributes_read,
+    canonical_key,
+    key_is_ranked,
+    modules_called,
+    trace_through_ids,
+    trace_variant,
+    with_training,
+)
+
+__all__ = [
+    "TracePolicy",
+    "TargetPlan",
+    "SavedPlan",
+    "RootPlan",
+    "PathInfo",
+    "Plan",
+    "make_plan",
+    "assign_paths",
+    "lora_param_count",
+]
+
+TracePolicy = Literal["auto", "eager", "graph"]
+
+
+@dataclass
+class TargetPlan:
+    name: str
+    module: nn.Module
+    kind: LayerKind
+    spec: AdapterSpec
+    fan_in_fan_out: bool
+    path: str = "eager"  # "graph" | "eager"
+    root: Optional[str] = None  # graph root covering it
+    reason: str = ""  # why eager
+    calls: int = 0  # call sites in the root's graph
+
+    @property
+    def added_params(self) -> int:
+        return lora_param_count(self.module, self.spec, self.kind)
+
+
+@dataclass
+class SavedPlan:
+    name: str
+    module: nn.Module
+    path: str = "eager"
+    root: Optional[str] = None
+    reason: str = ""
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+@dataclass
+class RootPlan:
+    name: str
+    module: nn.Module
+    variants: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    adapter: str
+    config: LoraConfig
+    model_type: str
+    targets: list[TargetPlan]
+    saved: list[SavedPlan]
+    roots: list[RootPlan]
+    base_params: int
+    trainable_params: int
+    all_params: int
+    warnings: list[str] = field(default_factory=list)
+    order: dict[str, int] = field(default_factory=dict)  # position in named_modules()
+
+    @property
+    def graph_targets(self) -> list[TargetPlan]:
+        return [t for t in self.targets if t.path == "graph"]
+
+    @property
+    def eager_targets(self) -> list[TargetPlan]:
+        return [t for t in self.targets if t.path == "eager"]
+
+
+def lora_param_count(module: nn.Module, spec: AdapterSpec, kind: Optional[LayerKind] = None) -> int:
+    """Numbers an adapter with `spec` adds to `module` (the sizes of its kind's factor shapes)."""
+    kind = kind or kind_of(module)
+    return sum(math.prod(shape) for shape in kind.factor_shapes(module, spec).values())
+
+
+def _fan_in_fan_out_note(config: LoraConfig, targets: list["TargetPlan"]) -> Optional[str]:
+    """One warning naming the linear layers whose layout contradicts ``config.fan_in_fan_out``
+    (PEFT warns and overwrites the config; fxlora leaves the config as the user wrote it)."""
+    wrong = [t for t in targets if t.kind.fan_in_fan_out(t.module) not in (None, config.fan_in_fan_out)]
+    if not wrong:
+        return None
+    kinds = sorted({type(t.module).__name__ for t in wrong})
+    names = ", ".join(t.name for t in wrong[:4]) + (f", ... ({len(wrong)} layers)" if len(wrong) > 4 else "")
+    layout = "(in, out)" if wrong[0].fan_in_fan_out else "(out, in)"
+    return (
+        f"fan_in_fan_out={config.fan_in_fan_out} does not fit {'/'.join(kinds)} (weight stored {layout}); "
+        f"using fan_in_fan_out={wrong[0].fan_in_fan_out} for {names}. The config object is left unchanged."
+    )
+
+
+def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection, notes: list[str]) -> list[TargetPlan]:
+    """One plan per selected target. fxlora always uses the layer's own weight layout
+    (`LayerKind.fan_in_fan_out`); the config's ``fan_in_fan_out`` is only checked."""
+    plans = []
+    for name in selection.targets:
+        module = model.get_submodule(name)
+        kind = kind_of(module)
+        spec = AdapterSpec(
+            r=config.rank_for(name),
+            alpha=config.alpha_for(name),
+            use_rslora=config.use_rslora,
+            lora_bias=config.lora_bias,
+            dropout=float(config.lora_dropout),
+            variant=variant_for(config),
+        )
+        kind.check_spec(repr(name), module, spec)
+        if spec.lora_bias and getattr(module, "bias", None) is None:
+            notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
+        plans.append(TargetPlan(name, module, kind, spec, bool(kind.fan_in_fan_out(module))))
+    return plans
+
+
+# ---------------------------------------------------------------------- paths
+def _root_patterns(module: nn.Module, observed: dict[int, list[CallKey]]) -> list[CallKey]:
+    """The call patterns to plan `module` for: those observed (`fxlora.tracing.probe`), else its plainest
+    call; in the module's current train/eval mode (the other mode is traced when the model
+    switches to it: `LoraModel.train`)."""
+    keys = observed.get(id(module))
+    if keys:
+        return [with_training(k, module.training) for k in keys]
+    return [canonical_key(module, module.training)]
+
+
+def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[int, list[CallKey]]) -> dict:
+    """The graphs of `module`'s call patterns; raises `TraceFailure` unless every one traces.
+    If one pattern needed tensor ranks, all are kept under their ranked keys (the root then
+    dispatches on ranked patterns)."""
+    if "forward" in module.__dict__:
+        raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
+    through = trace_through_ids(module, interesting)
+    traced = [(key, trace_variant(module, through, key)) for key in _root_patterns(module, observed)]
+    ranked = any(key_is_ranked(v.key) for _, v in traced)
+    return {(key if ranked else v.key): v for key, v in traced}
+
+
+def _check_calls(root_name: str, root: nn.Module, variant: TracedVariant, names: list[str]) -> dict[str, int]:
+    """Call sites of each adapted module in the graph; a module whose weights are read but which
+    is never called would silently miss its branch, so that root cannot be a graph."""
+    called = modules_called(variant.graph)
+    read = attributes_read(variant.graph)
+    counts = {}
+    for name in names:
+        rel = name[len(root_name) + 1 :] if root_name else name
+        counts[name] = called.get(rel, 0)
+        if counts[name] == 0 and any(a == rel or a.startswith(rel + ".") for a in read):
+            raise TraceFailure(f"{rel} {_WEIGHT_READ}")
+    return counts
+
+
+_WEIGHT_READ = "is used through its weights, not called as a module"
+
+
+def _weight_read_only(target: "TargetPlan") -> bool:
+    """True when the target's eager reason says its own weight is read instead of it being called."""
+    found = re.search(r": (\S+) " + re.escape(_WEIGHT_READ), target.reason)
+    return bool(found) and (target.name == found.group(1) or target.name.endswith("." + found.group(1)))
+
+
+def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]]) -> None:
+    """Where a forward pass was observed (`fxlora.tracing.probe`), a sub-module that was never called as a
+    module (its parent reaches into it) would never run its graph: it is no root. (Its layers
+    still compute with LoRA: each keeps its eager forward.)"""
+    if not is_model and observed and id(module) not in observed:
+        raise TraceFailure("it is not called as a module in the model's forward (its parent calls into it)")
+
+
+@dataclass
+class PathInfo:
+    """How one adapted (or saved) module computes: in a graph root's code, or eagerly."""
+
+    path: str = "eager"
+    root: Optional[str] = None
+    reason: str = ""
+    calls: int = 0
+
+
+def assign_paths(
+    model: nn.Module, modules: dict[str, nn.Module], policy: TracePolicy
+) -> tuple[list[RootPlan], dict[str, PathInfo]]:
+    """Choose the graph roots covering the named modules (adapted layers and `modules_to_save`),
+    top-down: the largest traceable module containing them wins.
+
+    Requires: no fxlora forward installed on `model` (they are uninstalled before re-planning).
+    """
+    info = {name: PathInfo() for name in modules}
+    if policy == "eager":
+        for p in info.values():
+            p.reason = "trace='eager' was requested"
+        return [], info
+    roots: list[RootPlan] = []
+    observed = observe_calls(model)
+
+    def inside(prefix: str) -> list[str]:
+        return [n for n in modules if not prefix or n.startswith(prefix + ".")]
+
+    def visit(name: str, module: nn.Module, reason: str) -> None:
+        if name in modules:
+            info[name].reason = reason or "no traceable module contains it"
+            return
+        names = inside(name)
+        try:
+            _check_callable_root(module, not name, observed)
+            variants = _trace_root(module, [modules[n] for n in names], observed)
+            counts = _check_calls(name, module, next(iter(variants.values())), names)
+        except TraceFailure as exc:
+            failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
+            for child_name, child in module.named_children():
+                full = f"{name}.{child_name}" if name else child_name
+                if full in modules or inside(full):
+                    visit(full, child, failure)
+            return
+        roots.append(RootPlan(name, module, variants))
+        for n in names:
+            info[n] = PathInfo("graph", name, "", counts[n])
+
+    visit("", model, "")
+    if policy == "graph":
+        eager = [(n, p) for n, p in info.items() if p.path == "eager"]
+        if eager:
+            detail = "; ".join(f"{n}: {p.reason}" for n, p in eager[:5])
+            raise TraceFailure(f"trace='graph' was requested but {len(eager)} module(s) cannot be in a graph: {detail}")
+    return roots, info
+
+
+# ---------------------------------------------------------------------- counts
+def _count_params(model: nn.Module, config: LoraConfig, targets: list[TargetPlan], saved: list[SavedPlan]):
+    base = sum(p.numel() for p in model.parameters())
+    lora = sum(t.added_params for t in targets)
+    copies = sum(s.params for s in saved)
+    saved_ids = {id(p) for s in saved for p in s.module.parameters()}
+    if config.bias == "all":
+        biases = {
+            id(p): p.numel()
+            for n, p in model.named_parameters()
+            if n.rsplit(".", 1)[-1] == "bias" and id(p) not in saved_ids
+        }
+    elif config.bias == "lora_only":
+        biases = {id(t.module.bias): t.module.bias.numel() for t in targets if getattr(t.module, "bias", None) is not None}
+    else:
+        biases = {}
+    trainable = lora + copies + sum(biases.values())
+    return base, trainable, base + lora + copies
+
+
+def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default", trace: TracePolicy = "auto") -> Plan:
+    """Everything `transform` would do, computed without changing `model`.
+
+    Raises the errors of matching (no target, unsupported type), of invalid settings, and of
+    ``trace='graph'`` when some module cannot be in a graph.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a fxlora.LoraConfig, got {type(config).__name__}")
+    if trace not in ("auto", "eager", "graph"):
+        raise ValueError(f"trace must be 'auto', 'eager' or 'graph', got {trace!r}")
+    check_adapter_name(adapter_name)
+    config.validate()
+    notes: list[str] = []
+    selection = select_modules(model, config)
+    targets = _target_plans(model, config, selection, notes)
+    saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
+    roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace)
+    for p in [*targets, *saved]:
+        info = paths[p.name]
+        p.path, p.root, p.reason = info.path, info.root, info.reason
+        if isinstance(p, TargetPlan):
+            p.calls = info.calls
+    layout = _fan_in_fan_out_note(config, targets)
+    if layout:
+        notes.insert(0, layout)
+    for t in targets:
+        if t.path == "graph" and t.calls == 0:
+            notes.append(f"{t.name}: never called in {t.root or '<model>'}'s forward; its adapter will have no effect")
+        elif t.path == "eager" and _weight_read_only(t):
+            notes.append(
+                f"{t.name}: its parent reads its weight directly instead of calling it, so a LoRA adapter on it "
+                "has no effect (PEFT's neither); adapt another layer or change how the parent computes"
+            )
+    base, trainable, total = _count_params(model, config, targets, saved)
+    return Plan(
+        adapter=adapter_name,
+        config=config,
+        model_type=type(model).__name__,
+        targets=targets,
+        saved=saved,
+        roots=roots,
+        base_params=base,
+        trainable_params=trainable,
+        all_params=total,
+        warnings=notes,
+        order={name: i for i, (name, _) in enumerate(model.named_modules())},
+    )
+
+
+def emit_warnings(plan: Plan) -> None:
+    for note in plan.warnings:
+        warnings.warn(f"fxlora: {note}", stacklevel=3)

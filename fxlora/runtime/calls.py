@@ -1,0 +1,144 @@
+"""What keeps concurrent calls apart: per-thread pinned gate states and the process-wide call lock.
+
+Threading contract (stated in the README):
+
+- Every call of a LoRA model reads *one* `fxlora.core.gates.GateState` from start to end: the first
+  fxlora forward a thread enters pins the model's published state (or, for a mixed batch, a state
+  made for that call alone) for this thread, and every adapted layer of the call reads the pin.
+  ``set_adapter``, ``disable_adapter``, ``set_adapter_scale`` publish a new state and never write
+  one a running call reads, so a call racing them computes with the state before or the one after.
+- torch.fx tracing patches ``nn.Module.__call__`` process-wide while it runs, so a trace must never
+  overlap a forward in another thread. `CALL_LOCK` is a shared/exclusive lock: forwards hold it
+  shared (they run concurrently), tracing and changes of the model's structure or weights (adding
+  or deleting adapters, merging, loading) hold it exclusively, after the calls in flight finish. A
+  thread that must trace in the middle of its own call (a new call pattern) gives up its shared
+  hold while it waits, so two such threads never deadlock.
+- Code under ``torch.compile`` takes no lock and pins nothing itself (dynamo cannot trace either);
+  ``LoraModel.forward`` runs outside the compiled region and does both for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Callable, Iterator, Optional, TypeVar
+
+from fxlora.core.gates import GateState
+
+__all__ = ["SharedLock", "CALL_LOCK", "Pin", "exclusive"]
+
+T = TypeVar("T")
+
+
+class SharedLock:
+    """A reentrant shared/exclusive lock that prefers waiting writers.
+
+    A thread holding the lock shared may ask for it exclusively: its shared hold is released while
+    it waits and taken back afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer: Optional[int] = None
+        self._writer_depth = 0
+        self._waiting_writers = 0
+        self._local = threading.local()
+
+    def _depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the lock shared (nested holds in one thread count once)."""
+        me = threading.get_ident()
+        outer = self._depth() == 0 and self._writer != me
+        if outer:
+            with self._cond:
+                while self._writer is not None or self._waiting_writers:
+                    self._cond.wait()
+                self._readers += 1
+        self._local.depth = self._depth() + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+            if outer:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the lock alone: waits until no other thread holds it."""
+        me = threading.get_ident()
+        if self._writer == me:
+            self._writer_depth += 1
+            try:
+                yield
+            finally:
+                self._writer_depth -= 1
+            return
+        holding = self._depth() > 0
+        with self._cond:
+            if holding:
+                self._readers -= 1
+                self._cond.notify_all()
+            self._waiting_writers += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = None
+                if holding:
+                    self._readers += 1
+                self._cond.notify_all()
+
+
+#: the process-wide lock between forwards (shared) and tracing / structural changes (exclusive)
+CALL_LOCK = SharedLock()
+
+
+def exclusive(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: run `fn` holding `CALL_LOCK` exclusively."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with CALL_LOCK.exclusive():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class Pin:
+    """The `GateState` each thread's current call of one model reads (`AdapterState` owns one)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> Optional[GateState]:
+        return getattr(self._local, "state", None)
+
+    @contextlib.contextmanager
+    def hold(self, state: GateState, replace: bool = False) -> Iterator[GateState]:
+        """Pin `state` for this thread for the duration of the block; a pin already held is kept
+        (nested calls read their outermost call's state) unless `replace`."""
+        previous = self.get()
+        if previous is not None and not replace:
+            yield previous
+            return
+        self._local.state = state
+        try:
+            yield state
+        finally:
+            self._local.state = previous
+
+    def __reduce__(self) -> tuple:
+        return (Pin, ())  # a copy (deepcopy, pickle) has no call in flight

@@ -1,0 +1,304 @@
+"""The forwards fxlora installs on the user's modules (as the instance attribute ``forward``).
+
+- `GraphForward` on a *graph root*: runs the LoRA-rewritten graph code with ``self`` bound to the
+  root module itself, so every attribute it reads is the live one (no copy of the model exists).
+- `EagerLoraForward` on every adapted layer: the layer's own forward, then
+  `fxlora.core.branch.lora_output`, the same function the graph path traces. Graph code calls the layer
+  with ``BASE_ONLY`` and inserts the branch as nodes; any other call (a path no graph covers,
+  another method of the model) gets the branch eagerly.
+- `SavedForward` on every `modules_to_save` module, likewise.
+
+The module's class, parameters and ``state_dict()`` keys never change; deleting the instance
+attribute (`uninstall`) gives back the class's own forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.graph_module import _forward_from_src
+
+from fxlora.core.branch import lora_output, saved_output
+from fxlora.runtime.calls import CALL_LOCK
+from fxlora.core.gates import EagerKey, GateState
+from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
+from fxlora.core.ops import any_open
+from fxlora.passes import rewrite
+from fxlora.tracing.traced import (
+    CallKey,
+    TraceFailure,
+    TracedVariant,
+    adopt_constants,
+    call_key,
+    canonical_key,
+    gather_inputs,
+    guards_hold,
+    key_is_ranked,
+    trace_through_ids,
+    trace_variant,
+    with_training,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fxlora.model.state import AdapterState
+
+__all__ = [
+    "BASE_ONLY",
+    "GraphForward",
+    "EagerLoraForward",
+    "SavedForward",
+    "installed_forward",
+    "install",
+    "uninstall",
+    "compile_graph",
+]
+
+
+def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
+    """Python function ``forward(self, *inputs)`` generated from `graph`."""
+    code = graph.python_code(root_module="self")
+    return _forward_from_src(code.src, code.globals)
+
+
+def installed_forward(module: nn.Module) -> Optional[Any]:
+    """The fxlora forward installed on `module`, if any."""
+    fwd = module.__dict__.get("forward")
+    return fwd if isinstance(fwd, (GraphForward, EagerLoraForward, SavedForward)) else None
+
+
+def install(module: nn.Module, forward: Any) -> None:
+    module.__dict__["forward"] = forward
+
+
+def uninstall(module: nn.Module) -> None:
+    """Give `module` back the forward it had before fxlora."""
+    fwd = installed_forward(module)
+    if fwd is None:
+        return
+    if fwd.previous is not None:
+        module.__dict__["forward"] = fwd.previous
+    else:
+        del module.__dict__["forward"]
+
+
+def _call_original(module: nn.Module, previous: Optional[Callable], args: tuple, kwargs: dict) -> Any:
+    if previous is not None:
+        return previous(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
+
+
+class _EagerForward:
+    """The forward installed on every adapted (or saved) module, whichever path its branch takes:
+    called from anywhere (the model's ``forward``, another method such as timm's
+    ``forward_features``, a library reaching into a container), the module computes with LoRA,
+    with the gates of the call in flight (`fxlora.model.state.AdapterState.calling`). Graph code calls
+    it with ``BASE_ONLY=True`` and adds the branch as graph nodes. `previous` is the instance
+    forward it replaced (None: the class's own)."""
+
+    path = "eager"
+
+    def __init__(self, module: nn.Module, owner: AdapterState, previous: Optional[Callable] = None) -> None:
+        self.module = module
+        self.owner = owner
+        self.previous = previous
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        return _call_original(self.module, self.previous, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop(BASE_ONLY, False):
+            return self.original(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self.compute(self.owner.current(), None, args, kwargs)
+        with self.owner.calling() as gates:
+            return self.compute(gates, gates.eager, args, kwargs)
+
+    def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError
+
+
+class EagerLoraForward(_EagerForward):
+    """``forward`` of an adapted layer: base output plus `lora_output`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop(GUARD_IDLE, False) and torch.compiler.is_compiling() and self._guardable(args, kwargs):
+            return self._guarded(args[0], self.owner.current())
+        return super().__call__(*args, **kwargs)
+
+    def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
+        base = self.original(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        return lora_output(self.module, x, base, gates, eager)
+
+    @staticmethod
+    def _guardable(args: tuple, kwargs: dict) -> bool:
+        return len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+
+    def _guarded(self, x: torch.Tensor, gates: GateState) -> torch.Tensor:
+        """Compiled evaluation code (`fxlora.passes.guard_idle`): the branches run only when one of
+        the layer's gates is open, decided at run time, so no state change recompiles."""
+        module = self.module
+        open_gates = [gates.scale_of(a, x) for a in target_meta(module).adapters]
+
+        def with_lora(x: torch.Tensor) -> torch.Tensor:
+            return lora_output(module, x, self.original(x), gates, None)
+
+        return torch.cond(any_open(open_gates), with_lora, self.original, (x,))
+
+
+class SavedForward(_EagerForward):
+    """``forward`` of a `modules_to_save` module: the selected trainable copy's output."""
+
+    def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
+        return saved_output(self.module, self.original, args, kwargs, gates, eager)
+
+
+def _interesting(root: nn.Module) -> list[nn.Module]:
+    return [m for m in root.modules() if target_meta(m) is not None or saved_meta(m) is not None]
+
+
+#: generated code and where its inputs come from (None: the call's positional arguments as they are)
+Code = tuple[Callable[..., Any], Optional[tuple]]
+
+#: eager codes kept per graph root (least recently used dropped first); each is code for one
+#: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
+MAX_EAGER_CODES = 16
+
+
+class GraphForward:
+    """``forward`` of a graph root: one rewritten graph per call pattern (`fxlora.tracing.traced`).
+
+    A call whose pattern has a graph runs that graph's generated code with the call's gates:
+    straight-line tensor code, so ``torch.compile`` captures it whole. A new pattern is traced on
+    first use (holding `fxlora.runtime.calls.CALL_LOCK` exclusively); a pattern that cannot be traced runs
+    the root's original forward with the eager LoRA forwards installed on its layers (same math,
+    no graph). The pass options are the owner's (`AdapterState.options`).
+    """
+
+    path = "graph"
+
+    def __init__(self, root: nn.Module, owner: AdapterState, variants: dict[CallKey, TracedVariant]) -> None:
+        self.root = root
+        self.owner = owner
+        self.previous: Optional[Callable] = None
+        self.variants = dict(variants)
+        self.failures: dict[CallKey, str] = {}
+        # code per call pattern: gated code (what torch.compile sees, which reads only this table)
+        # for every pattern, and per (pattern, eager key) code that runs only the live branches,
+        # least recently used dropped first
+        self._gated: dict[CallKey, Code] = {}
+        self._eager: OrderedDict[tuple[CallKey, EagerKey], Code] = OrderedDict()
+        # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.traced.call_key`)
+        self.ranked = any(key_is_ranked(k) for k in self.variants)
+
+    # ---------------------------------------------------------------- building
+    def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey] = None) -> Code:
+        """Code for `variant` for `eager` (None: gated code), and where its inputs come from (None:
+        the call's positional arguments as they are, the common case)."""
+        adopt_constants(self.root, variant.constants or {})
+        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, eager, training=key[0])
+        _, positional, named = key
+        direct = not named and variant.inputs == tuple(range(len(positional)))
+        return compile_graph(graph), (None if direct else variant.inputs)
+
+    def refresh(self) -> None:
+        """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
+        options changed); code for eager keys is rebuilt on first use."""
+        with CALL_LOCK.exclusive():
+            self._gated = {key: self._build(key, variant) for key, variant in self.variants.items()}
+            self._eager = OrderedDict()
+
+    def _code(self, key: Optional[CallKey], eager: Optional[EagerKey]) -> Optional[Code]:
+        if eager is None:
+            return self._gated.get(key)
+        code = self._eager.get((key, eager))
+        if code is not None:
+            self._eager.move_to_end((key, eager))
+        return code
+
+    def ensure(self, key: CallKey, eager: Optional[EagerKey] = None) -> bool:
+        """Make sure pattern `key` has code for `eager` (tracing it if new); False if it cannot be
+        traced."""
+        with CALL_LOCK.exclusive():
+            if self._code(key, eager) is not None:
+                if guards_hold(self.variants[key].guards):
+                    return True
+                self._forget(key)  # an attribute the graph baked in changed
+            if key in self.failures:
+                return False
+            variant = self.variants.get(key)
+            if variant is None:
+                try:
+                    variant = trace_variant(self.root, trace_through_ids(self.root, _interesting(self.root)), key)
+                except TraceFailure as exc:
+                    self.failures[key] = str(exc)
+                    return False
+                self.variants[key] = variant
+            code = self._build(key, variant, eager)
+            if eager is None:
+                self._gated[key] = code
+            else:
+                self._eager[(key, eager)] = code
+                while len(self._eager) > MAX_EAGER_CODES:
+                    self._eager.popitem(last=False)
+            return True
+
+    def _forget(self, key: CallKey) -> None:
+        self.variants.pop(key, None)
+        self._gated.pop(key, None)
+        for entry in [e for e in self._eager if e[0] == key]:
+            del self._eager[entry]
+
+    def prepare(self, training: bool) -> bool:
+        """Trace and build the plainest call pattern, and the train/eval twin of every known
+        pattern, for that mode ahead of use (so that a compiled model does not meet an untraced
+        pattern)."""
+        keys = [with_training(k, training) for k in list(self.variants)]
+        if not self.ranked:  # a ranked root is never called with the rank-free plainest pattern
+            keys.insert(0, canonical_key(self.root, training))
+        return all([self.ensure(k) for k in keys])
+
+    def graph_code(self, training: Optional[bool] = None) -> str:
+        """The generated code of the plainest call pattern (for inspection)."""
+        key = canonical_key(self.root, self.root.training if training is None else training)
+        variant = self.variants.get(key) or next(iter(self.variants.values()))
+        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, training=key[0])
+        return graph.python_code("self").src
+
+    # ---------------------------------------------------------------- calling
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self._run(self.owner.current(), None, args, kwargs)
+        with self.owner.calling() as gates:
+            return self._run(gates, gates.eager, args, kwargs)
+
+    def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
+        key = call_key(self.root.training, args, kwargs, self.ranked)
+        code = self._code(key, eager)
+        if code is None or not guards_hold(self.variants[key].guards):
+            return self._slow_call(key, gates, eager, args, kwargs)
+        fn, inputs = code
+        if inputs is None:
+            return fn(self.root, gates, *args)
+        return fn(self.root, gates, *gather_inputs(inputs, self.root, args, kwargs))
+
+    @torch.compiler.disable
+    def _slow_call(self, key: Optional[CallKey], gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
+        if key is not None and self.ensure(key, eager):
+            return self._run(gates, eager, args, kwargs)
+        return self._run_eagerly(args, kwargs)
+
+    def _run_eagerly(self, args: tuple, kwargs: dict) -> Any:
+        """The original forward: its adapted layers compute their branches themselves."""
+        return _call_original(self.root, self.previous, args, kwargs)
+
+    # ---------------------------------------------------------------- copying
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_gated"], state["_eager"] = {}, OrderedDict()  # code is rebuilt from the graphs on first use
+        return state

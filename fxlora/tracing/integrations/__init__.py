@@ -1,0 +1,216 @@
+"""What model libraries contribute to tracing: the hooks of one library, found from a model's classes.
+
+fxlora traces any ``nn.Module`` with plain torch.fx rules (`fxlora.tracing.traced`). Some libraries need a
+little more knowledge to be traced *correctly* and *further*; an integration module states it as a
+`TraceHooks` value:
+
+- ``leaf_functions``: functions kept opaque (one ``call_function`` node), e.g. timm's registered
+  "notrace" helpers, which branch on shapes;
+- ``rank_preserving``: leaf module types whose output has the rank of their input (lets
+  ``(*x.shape[:-1], -1, d)`` be traced after such a module, see `fxlora.tracing.proxies`);
+- ``unwrap``: recognises decorators around ``forward`` that are transparent for a given call
+  (transformers' ``deprecate_kwarg``) and names the keyword arguments that make them act;
+- ``patches``: context managers active while tracing (transformers: the attention-function lookup
+  returns an opaque leaf);
+- ``guards``: extra ``(object, attribute)`` pairs whose trace-time values a graph depends on
+  (transformers: ``config._attn_implementation``);
+- ``example_inputs``: small inputs ``(args, kwargs)`` for forward passes, used to observe how each
+  module is really called (`fxlora.tracing.probe`).
+
+Object arguments that are neither tensors nor constants can be declared as *handles*
+(`register_object_type`): such an argument becomes a placeholder whose type is part of the call
+pattern and on which only the declared attributes may be used (transformers' ``Cache``: ``update``).
+
+Integrations are looked up by the top-level package of a model's module classes and imported only
+then, so fxlora never imports timm or transformers for a model that does not use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterable, Optional
+
+import torch.nn as nn
+
+__all__ = [
+    "TraceHooks",
+    "ObjectKind",
+    "hooks_for",
+    "register_object_type",
+    "object_kind",
+    "object_kind_of_type",
+    "opaque",
+    "NO_HOOKS",
+    "INTEGRATIONS",
+]
+
+#: top-level package of a module class -> fxlora integration module
+INTEGRATIONS: dict[str, str] = {
+    "timm": "fxlora.tracing.integrations.timm",
+    "transformers": "fxlora.tracing.integrations.transformers",
+}
+
+Unwrapper = Callable[[Callable], Optional[tuple[Callable, frozenset[str]]]]
+
+
+@dataclass(frozen=True)
+class TraceHooks:
+    """Tracing knowledge of one library (or the merge of several)."""
+
+    leaf_functions: tuple[Callable, ...] = ()
+    rank_preserving: tuple[type, ...] = ()
+    unwrappers: tuple[Unwrapper, ...] = ()
+    patches: tuple[Callable[[], ContextManager], ...] = ()
+    guard_sources: tuple[Callable[[nn.Module], list[tuple[Any, str]]], ...] = ()
+    example_inputs: Optional[Callable[[nn.Module], list[tuple[tuple, dict[str, Any]]]]] = None
+
+    def merged(self, other: "TraceHooks") -> "TraceHooks":
+        return TraceHooks(
+            leaf_functions=self.leaf_functions + other.leaf_functions,
+            rank_preserving=self.rank_preserving + other.rank_preserving,
+            unwrappers=self.unwrappers + other.unwrappers,
+            patches=self.patches + other.patches,
+            guard_sources=self.guard_sources + other.guard_sources,
+            example_inputs=self.example_inputs or other.example_inputs,
+        )
+
+    def unwrap(self, fn: Callable) -> Optional[tuple[Callable, frozenset[str]]]:
+        """``(wrapped function, keyword names that make the wrapper act)`` when some integration
+        knows `fn` to be a transparent wrapper, else None."""
+        for unwrapper in self.unwrappers:
+            step = unwrapper(fn)
+            if step is not None:
+                return step
+        return None
+
+    def guards(self, module: nn.Module) -> list[tuple[Any, str]]:
+        return [g for source in self.guard_sources for g in source(module)]
+
+    @contextlib.contextmanager
+    def active(self):
+        """All `patches` applied (restored on exit, even on error)."""
+        with contextlib.ExitStack() as stack:
+            for patch in self.patches:
+                stack.enter_context(patch())
+            yield
+
+
+NO_HOOKS = TraceHooks()
+_loaded: dict[str, TraceHooks] = {}
+_merged: dict[frozenset[str], TraceHooks] = {}
+
+
+def _library_hooks(package: str) -> TraceHooks:
+    if package not in _loaded:
+        module = importlib.import_module(INTEGRATIONS[package])
+        _loaded[package] = module.trace_hooks()
+    return _loaded[package]
+
+
+def libraries_of(modules: Iterable[nn.Module]) -> frozenset[str]:
+    """Packages with an integration among the classes of `modules`."""
+    found = set()
+    for m in modules:
+        package = type(m).__module__.partition(".")[0]
+        if package in INTEGRATIONS:
+            found.add(package)
+    return frozenset(found)
+
+
+def hooks_for(module: nn.Module) -> TraceHooks:
+    """The merged hooks of every library whose classes appear in `module` (imports those
+    integrations on first use)."""
+    packages = libraries_of(module.modules())
+    if packages not in _merged:
+        hooks = NO_HOOKS
+        for package in sorted(packages):
+            hooks = hooks.merged(_library_hooks(package))
+        _merged[packages] = hooks
+    return _merged[packages]
+
+
+# ---------------------------------------------------------------------- object handles
+@dataclass(frozen=True)
+class ObjectKind:
+    """An object type that may be passed to a traced forward as an opaque handle.
+
+    ``attributes`` may be read or called on a handle in traced code (each use is a node run on the
+    real object); ``members`` are attributes that are handles themselves, whose types join the
+    call pattern (so ``isinstance`` checks on them are exact too).
+    """
+
+    base: type
+    attributes: frozenset[str] = field(default_factory=frozenset)
+    members: frozenset[str] = field(default_factory=frozenset)
+    #: more attributes for particular handle and member types: ``(cls, {member: type}) -> names``
+    extra: Optional[Callable[[type, dict], Iterable[str]]] = None
+
+    def allowed(self, cls: type, members: dict) -> frozenset[str]:
+        """Attributes traced code may use on a handle of type `cls` with these member types."""
+        return self.attributes | frozenset(self.extra(cls, members) if self.extra else ())
+
+    def member_types(self, value: Any) -> tuple[tuple[str, type], ...]:
+        found = []
+        for name in sorted(self.members):
+            member = getattr(value, name, None)
+            if member is not None and object_kind(member) is not None:
+                found.append((name, type(member)))
+        return tuple(found)
+
+
+_object_kinds: list[ObjectKind] = []
+_kind_of_type: dict[type, Optional[ObjectKind]] = {}
+
+
+def register_object_type(
+    base: type,
+    attributes: Iterable[str],
+    members: Iterable[str] = (),
+    extra: Optional[Callable[[type, dict], Iterable[str]]] = None,
+) -> None:
+    """Let instances of `base` (and subclasses) be call arguments of traced forwards; in the
+    traced code only `attributes` and `members` of them may be used, plus what `extra` allows for
+    a handle's exact type (anything else makes the trace fail, so the call runs eagerly).
+    Registering the same type again replaces its entry."""
+    _object_kinds[:] = [k for k in _object_kinds if k.base is not base]
+    _object_kinds.append(ObjectKind(base, frozenset(attributes), frozenset(members), extra))
+    _kind_of_type.clear()
+
+
+def object_kind(value: Any) -> Optional[ObjectKind]:
+    """The registered kind of `value`'s type, or None."""
+    return object_kind_of_type(type(value))
+
+
+def object_kind_of_type(cls: type) -> Optional[ObjectKind]:
+    """The registered kind of instances of `cls`, or None."""
+    try:
+        return _kind_of_type[cls]
+    except KeyError:
+        kind = next((k for k in _object_kinds if issubclass(cls, k.base)), None)
+        _kind_of_type[cls] = kind
+        return kind
+
+
+# ---------------------------------------------------------------------- opaque functions
+def opaque(fn: Callable, info: Any = None) -> Callable:
+    """`fn` as a tracing leaf: called with traced values, it records one ``call_function`` node
+    whose target is `fn` itself (so the graph calls the very same function at run time) and
+    returns a proxy carrying `info` (`fxlora.tracing.proxies`); called with concrete values, it is `fn`."""
+    import functools
+
+    import torch.fx as fx
+    from torch.utils import _pytree as pytree
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        tracer = next((a.tracer for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        if tracer is None:
+            return fn(*args, **kwargs)
+        proxy = tracer.create_proxy("call_function", fn, args, kwargs)
+        proxy.info = info
+        return proxy
+
+    return call

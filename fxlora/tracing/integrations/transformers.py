@@ -1,0 +1,166 @@
+"""transformers: what fxlora needs to trace today's attention modules, and to probe a model.
+
+A transformers attention module defeats plain ``symbolic_trace`` in four ways; each is met here
+without changing what the module computes for any call:
+
+1. ``forward`` is wrapped by ``deprecate_kwarg`` (a ``*args, **kwargs`` wrapper). The wrapper only
+   acts when the call passes the deprecated keyword; for every other call fxlora traces the wrapped
+   function (`unwrap_deprecate_kwarg`), and a call that passes that keyword runs eagerly.
+2. The attention function (``sdpa_attention_forward``, ``eager_attention_forward``, ...) is looked
+   up with ``ALL_ATTENTION_FUNCTIONS.get_interface`` and branches on sequence lengths. While
+   tracing, the lookup returns the same function as an opaque leaf: one node that calls it on the
+   real values (`opaque_attention_functions`). Which function was looked up depends on
+   ``config._attn_implementation``; that value is a guard of the graph (`attention_guards`), so
+   ``set_attn_implementation`` makes the graph be traced again.
+3. A ``Cache`` argument (always present: models create a ``DynamicCache`` even for a plain
+   forward) is a registered handle: its type (and an ``EncoderDecoderCache``'s inner cache types)
+   is part of the call pattern, ``isinstance`` checks on it are exact, and its ``update`` method is
+   recorded as a node called on the real cache, in program order. Any other use of it
+   (`CACHE_ATTRIBUTES`) makes the trace fail (the call then runs eagerly).
+5. ``GradientCheckpointingLayer`` wraps ``forward`` in a checkpointing wrapper. fxlora never traces
+   through it (nor makes such a layer a graph root): the layer's own wrapper keeps running, so
+   ``gradient_checkpointing_enable()`` works as without fxlora. Its attention and MLP modules are
+   the graph roots.
+4. Shapes are unpacked (``(*hidden_states.shape[:-1], -1, head_dim)``): ranked call patterns
+   and `fxlora.tracing.proxies` cover that; ``Conv1D`` and transformers' activations are declared
+   rank-preserving.
+
+`example_inputs` gives `fxlora.tracing.probe` a tiny ``input_ids`` batch (plain, with a padding mask, and
+without the KV cache; plus ``decoder_input_ids`` for encoder-decoders) to observe how each module
+is called, so those patterns are traced ahead (and ``torch.compile`` meets no untraced pattern).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from fxlora.tracing.integrations import TraceHooks, opaque, register_object_type
+from fxlora.kinds.hf_classes import is_pretrained_model
+from fxlora.tracing.proxies import SeqInfo, TensorInfo
+from fxlora.tracing.threads import tracing_here
+
+__all__ = ["trace_hooks", "unwrap_deprecate_kwarg", "opaque_attention_functions", "attention_guards", "example_inputs"]
+
+#: what every attention function returns: (output (batch, seq, heads, head_dim), weights or None)
+ATTENTION_OUTPUT = SeqInfo(items=(TensorInfo(4), None))
+
+
+def _deprecate_kwarg_code():
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    return deprecate_kwarg("fxlora_probe_old", "999.0", new_name="fxlora_probe_new")(lambda fxlora_probe_new=None: None).__code__
+
+
+def unwrap_deprecate_kwarg(fn: Callable) -> Optional[tuple[Callable, frozenset[str]]]:
+    """``(wrapped forward, {deprecated name})`` when `fn` is a ``deprecate_kwarg`` wrapper: it
+    passes every call through unchanged unless the deprecated keyword is given."""
+    if getattr(fn, "__code__", None) is not _DEPRECATE_CODE:
+        return None
+    names = inspect.getclosurevars(fn).nonlocals
+    return fn.__wrapped__, frozenset({names["old_name"]})
+
+
+@contextlib.contextmanager
+def opaque_attention_functions() -> Iterator[None]:
+    """While active, ``AttentionInterface.get_interface`` returns its function as an opaque leaf."""
+    from transformers.modeling_utils import AttentionInterface
+
+    original = AttentionInterface.__dict__["get_interface"]
+
+    def get_interface(self: Any, attn_implementation: str, default: Callable) -> Callable:
+        found = original(self, attn_implementation, default)
+        return opaque(found, ATTENTION_OUTPUT) if tracing_here() else found
+
+    AttentionInterface.get_interface = get_interface
+    try:
+        yield
+    finally:
+        AttentionInterface.get_interface = original
+
+
+def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
+    """The attention implementation a traced module's config names (it selects the function)."""
+    from transformers import PretrainedConfig
+
+    config = module.__dict__.get("config")
+    if not isinstance(config, PretrainedConfig):
+        return []
+    # the property ``_attn_implementation`` reads this field (through the config's slow
+    # ``__getattribute__``); guarding the field itself is the same check, faster
+    stored = "_attn_implementation_internal"
+    return [(config, stored if stored in vars(config) else "_attn_implementation")]
+
+
+def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
+    """Tiny text inputs for a transformers model taking ``input_ids``: four tokens, plain and with
+    the first position padded out, each with and without the KV cache; none for other models."""
+    if not is_pretrained_model(model) or getattr(model, "main_input_name", None) != "input_ids":
+        return []
+    config = model.config
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    if not vocab or vocab < 8:
+        return []
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.tensor([[3, 4, 5, 6]], device=device) % vocab
+    mask = torch.tensor([[0, 1, 1, 1]], device=device)
+    plain: dict[str, Any] = {"input_ids": ids}
+    padded: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    examples = [plain, padded]
+    if getattr(config, "use_cache", None) is not None:  # without the KV cache: checkpointed training, export, ...
+        examples += [{**plain, "use_cache": False}, {**padded, "use_cache": False}]
+    if getattr(config, "is_encoder_decoder", False):
+        for inputs in examples:
+            inputs["decoder_input_ids"] = ids[:, :2]
+    return [((), inputs) for inputs in examples]
+
+
+def _rank_preserving() -> tuple[type, ...]:
+    from transformers import activations
+    from transformers.pytorch_utils import Conv1D
+
+    types = {Conv1D}
+    for entry in activations.ACT2CLS.values():
+        cls = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            types.add(cls)
+    return tuple(types)
+
+
+_DEPRECATE_CODE = None
+#: what traced attention code may use of a ``Cache``: ``update`` (a node called on the real cache, in
+#: program order) and ``is_updated`` (read only: an ``EncoderDecoderCache``'s per-layer flags, whose
+#: truth value would fail the trace). ``get_seq_length`` is not allowed in general: its result is an
+#: int or a tensor depending on the cache class, and code branches on which (T5 clones a tensor);
+#: `dynamic_cache_attributes` allows it for the classes where it is an int.
+CACHE_ATTRIBUTES = ("update", "is_updated")
+#: an ``EncoderDecoderCache``'s two caches are handles too (their types join the call pattern)
+CACHE_MEMBERS = ("self_attention_cache", "cross_attention_cache")
+
+
+def dynamic_cache_attributes(cls: type, members: dict) -> tuple[str, ...]:
+    """``get_seq_length`` where it returns a Python int: on a ``DynamicCache`` (not a subclass) and
+    on an ``EncoderDecoderCache`` whose self-attention cache is one (T5 reads it)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    ints = cls is DynamicCache or (cls is EncoderDecoderCache and members.get("self_attention_cache") is DynamicCache)
+    return ("get_seq_length",) if ints else ()
+
+
+def trace_hooks() -> TraceHooks:
+    global _DEPRECATE_CODE
+    from transformers.cache_utils import Cache
+
+    _DEPRECATE_CODE = _deprecate_kwarg_code()
+    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes)
+    return TraceHooks(
+        rank_preserving=_rank_preserving(),
+        unwrappers=(unwrap_deprecate_kwarg,),
+        patches=(opaque_attention_functions,),
+        guard_sources=(attention_guards,),
+        example_inputs=example_inputs,
+    )

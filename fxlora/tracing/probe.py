@@ -1,0 +1,76 @@
+"""How each module of a model is really called: one small forward pass, observed.
+
+Planning must trace a candidate graph root for a representative call. For a module called only
+with tensors, the plainest call (every required parameter a tensor: `fxlora.tracing.traced.canonical_key`)
+is representative. A transformers attention module, though, is called with keyword arguments its
+signature does not reveal (rotary embeddings as a tuple, a ``Cache`` object, flags, ranks that the
+code relies on), and so is a timm block (``rope=``, ``attn_mask=``). For models whose integration
+can build a small input (`fxlora.tracing.integrations.TraceHooks.example_inputs`), fxlora runs it once and
+records every module's call pattern (ranked, `fxlora.tracing.traced.call_key`): those patterns are traced
+ahead (so ``torch.compile`` meets no untraced one), and a sub-module never called is no root.
+
+The probe changes nothing: it runs in eval mode under ``torch.no_grad()`` with the random number
+generators' state saved and restored, and removes its hooks; an example the model rejects adds no
+observation (with none at all, planning uses each module's plainest call).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fxlora.tracing.integrations import hooks_for
+from fxlora.tracing.traced import CallKey, call_key
+
+__all__ = ["observe_calls"]
+
+
+def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
+    """``{id(module): [call patterns seen, in order]}`` for forward passes of the integration's
+    example inputs (eval mode, training flag False in the patterns); ``{}`` when there is no
+    example input. An example the model rejects (raises on) is ignored entirely."""
+    hooks = hooks_for(model)
+    if hooks.example_inputs is None:
+        return {}
+    try:
+        examples = hooks.example_inputs(model)
+    except Exception:  # no example for this model
+        return {}
+    if not examples:
+        return {}
+    seen: dict[int, list[CallKey]] = {}
+    pending: list[tuple[int, CallKey]] = []  # the calls of the example being run
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        key = call_key(False, args, kwargs, ranked=True)
+        if key is not None:
+            pending.append((id(module), key))
+
+    flags = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
+    devices = _cuda_devices(model)
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            for args, kwargs in examples:
+                pending.clear()
+                try:
+                    model(*args, **kwargs)
+                except Exception:  # this example does not suit the model: it tells nothing
+                    continue
+                for module_id, key in pending:
+                    keys = seen.setdefault(module_id, [])
+                    if key not in keys:
+                        keys.append(key)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    return seen
+
+
+def _cuda_devices(model: nn.Module) -> list[Any]:
+    return sorted({p.device.index for p in model.parameters() if p.device.type == "cuda" and p.device.index is not None})
