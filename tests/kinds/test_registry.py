@@ -15,7 +15,7 @@ import fxlora.kinds.registry as registry
 from fxlora import LoraConfig, UnsupportedTargetError
 from fxlora.core.branch import stackable
 from fxlora.core.delta import MergeError, delta_weight
-from fxlora.kinds import LayerKind, kind_named, kind_of, register_kind, supported_types
+from fxlora.kinds import LayerKind, kind_named, kind_of, register_kind, registered_kinds, supported_types
 from fxlora.kinds.low_rank import ModulePairKind
 from fxlora.core.layers import AdapterSpec, target_meta
 from fxlora.variants import PLAIN, LoraVariant, VariantError, branch_gate, register_variant, variant_named
@@ -80,7 +80,7 @@ def test_unsupported_target_error_lists_every_registered_kind():
         fxlora.transform(nn.Sequential(nn.ReLU()), LoraConfig(target_modules=["0"]))
     message = str(info.value)
     assert supported_types() in message
-    for kind in kinds.registered_kinds():
+    for kind in registered_kinds():
         assert kind.layer_types in message
     assert "nn.ConvTranspose2d" in message
 
