@@ -3,7 +3,8 @@ swapped and branches inserted (and the adapted layers' calls asking for their ba
 `fxlora.passes.rewrite` does)."""
 
 from fxlora.passes import insert_lora, mark_base_calls, swap_saved_modules
-from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.call_keys import canonical_key
+from fxlora.tracing.traced import trace_through_ids, trace_variant
 
 
 def base_graph(lora):

@@ -188,7 +188,7 @@ def test_trainable_flags_equal_a_full_recomputation_after_any_switches(setup):
     """However adapters are switched, made (un)trainable, or have weights replaced in their modules
     (``load_state_dict(assign=True)``), in train mode exactly the active trainable adapters' weights
     and copies, and the biases their ``bias`` settings name, require grad."""
-    from fxlora.runtime.install import set_trainable
+    from fxlora.core.trainable import set_trainable
 
     biases, saved, steps = setup
     torch.manual_seed(0)

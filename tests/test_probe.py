@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fxlora.tracing.probe import observe_calls
-from fxlora.tracing.traced import OBJECT, TENSOR
+from fxlora.tracing.call_keys import OBJECT, TENSOR
 from models import MLP
 from zoo import TRANSFORMERS
 

@@ -3,7 +3,9 @@ import torch.nn as nn
 
 import pytest
 
-from fxlora.tracing.traced import TraceFailure, call_key, canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.tracer import TraceFailure
+from fxlora.tracing.call_keys import call_key, canonical_key
+from fxlora.tracing.traced import trace_through_ids, trace_variant
 from models import Branchy, MLP, OptionalArgs, Stateful
 
 
@@ -96,7 +98,7 @@ import functools
 
 import fxlora
 from fxlora.runtime.forwards import installed_forward
-from fxlora.tracing.traced import SELF, gather_inputs
+from fxlora.tracing.call_keys import SELF, gather_inputs
 
 
 class TupleAndKeywords(nn.Module):

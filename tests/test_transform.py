@@ -283,7 +283,7 @@ def test_errors_leave_model_exactly_as_it_was(config, exc):
 
 
 def test_failure_during_apply_rolls_back(monkeypatch):
-    import fxlora.runtime.install as apply_mod
+    import fxlora.core.trainable as trainable
 
     model = MLP(8)
     before = snapshot(model)
@@ -291,7 +291,7 @@ def test_failure_during_apply_rolls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(apply_mod, "set_trainable", broken)
+    monkeypatch.setattr(trainable, "set_trainable", broken)  # the last step of adding an adapter
     with pytest.raises(RuntimeError, match="disk full"):
         fxlora.transform(model, LoraConfig(target_modules=["seq.0"], modules_to_save=["seq.4"]))
     after = snapshot(model)

@@ -33,7 +33,8 @@ from fxlora.planning.explain import Report
 from fxlora.planning.plan import TracePolicy, emit_warnings, make_plan
 from fxlora.runtime.calls import CALL_LOCK
 from fxlora.runtime.forwards import GraphForward, installed_forward
-from fxlora.runtime.install import fxlora_present, lora_parameters, strip
+from fxlora.runtime.install import fxlora_present, strip
+from fxlora.core.trainable import lora_parameters
 
 __all__ = ["LoraModel"]
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from fxlora.runtime.install import TrainableFlags
+from fxlora.core.trainable import TrainableFlags
 from fxlora.runtime.calls import CALL_LOCK, Pin
 from fxlora.config import LoraConfig
 from fxlora.core.fold import FoldRecord

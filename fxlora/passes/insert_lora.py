@@ -30,7 +30,7 @@ import torch.nn as nn
 from fxlora.core.branch import branch_adapters, lora_output
 from fxlora.core.gates import EagerKey
 from fxlora.core.layers import BASE_ONLY, TargetMeta, target_meta
-from fxlora.tracing.traced import LoraTracer
+from fxlora.tracing.tracer import LoraTracer
 from fxlora.passes.base import Pass, PassContext, PassResult
 from fxlora.passes.branch_parts import PART, BranchPart, label_template
 from fxlora.passes.conditions import (

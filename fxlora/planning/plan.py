@@ -29,18 +29,9 @@ from fxlora.core.layers import AdapterSpec, check_adapter_name
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.tracing.probe import observe_calls
-from fxlora.tracing.traced import (
-    CallKey,
-    TraceFailure,
-    TracedVariant,
-    attributes_read,
-    canonical_key,
-    key_is_ranked,
-    modules_called,
-    trace_through_ids,
-    trace_variant,
-    with_training,
-)
+from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
+from fxlora.tracing.tracer import TraceFailure
+from fxlora.tracing.traced import TracedVariant, attributes_read, modules_called, trace_through_ids, trace_variant
 
 __all__ = [
     "TracePolicy",

@@ -1,12 +1,10 @@
-"""Applying a `Plan` to a model, and taking fxlora off a model again.
-
-`apply_plan` is all-or-nothing: if anything fails half-way, `strip` runs and the model is as it
-was before (modules, forwards, ``requires_grad`` flags).
-"""
+"""Putting a `Plan`'s adapter modules and fxlora's forwards on a model, and taking fxlora off
+again. The all-or-nothing bookkeeping around these steps is the adapter state's transaction
+(`fxlora.model.state.AdapterState.transaction`); `strip` takes every trace of fxlora off."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
@@ -14,13 +12,11 @@ from fxlora.runtime.forwards import EagerLoraForward, GraphForward, SavedForward
 from fxlora.core.layers import attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
 from fxlora.planning.plan import PathInfo, Plan, RootPlan, assign_paths
 from fxlora.tracing.traced import CONSTANT_PREFIX
-from fxlora.core.layers import LORA_CHILDREN
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.state import AdapterState
 
 __all__ = [
-    "apply_plan",
     "attach_plan",
     "install_forwards",
     "uninstall_forwards",
@@ -28,10 +24,7 @@ __all__ = [
     "adapted_modules",
     "strip",
     "restore_requires_grad",
-    "lora_parameters",
     "fxlora_present",
-    "set_trainable",
-    "TrainableFlags",
 ]
 
 
@@ -90,23 +83,6 @@ def reinstall_forwards(model: nn.Module, owner: "AdapterState") -> dict[str, Pat
     return paths
 
 
-def apply_plan(model: nn.Module, plan: Plan, owner: "AdapterState") -> None:
-    """Attach the plan's adapter and copies, install the forwards, set what trains.
-
-    Guarantees on failure: `model` is left exactly as before (the exception propagates).
-    """
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    try:
-        attach_plan(plan)
-        paths = {p.name: PathInfo(p.path, p.root, p.reason) for p in [*plan.targets, *plan.saved]}
-        install_forwards(model, plan.roots, paths, owner)
-        set_trainable(model, {plan.adapter: plan.config.bias})
-    except BaseException:
-        strip(model)
-        restore_requires_grad(model, flags)
-        raise
-
-
 def restore_requires_grad(model: nn.Module, flags: dict[int, bool]) -> None:
     for p in model.parameters():
         if id(p) in flags:
@@ -122,130 +98,21 @@ def strip(model: nn.Module) -> None:
             del module._buffers[name]
 
 
-#: where a parameter lives: its owning module and its name in that module's ``_parameters``
-Slot = tuple[nn.Module, str]
 
 
-def _slots_of(module: nn.Module) -> Iterator[Slot]:
-    for sub in module.modules():
-        for name, p in sub._parameters.items():
-            if p is not None:
-                yield sub, name
 
 
-def lora_slots(model: nn.Module, adapter: str) -> Iterator[Slot]:
-    """Where the LoRA weights (A, B, their biases) and `modules_to_save` copies of one adapter
-    live."""
-    for module in model.modules():
-        if target_meta(module) is not None:
-            for holder in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-                child = module._modules.get(holder)
-                if child is not None and adapter in child:
-                    yield from ([(child, adapter)] if isinstance(child, nn.ParameterDict) else _slots_of(child[adapter]))
-        meta = saved_meta(module)
-        if meta is not None and adapter in meta.adapters:
-            yield from _slots_of(module.modules_to_save[adapter])
 
 
-def lora_parameters(model: nn.Module, adapter: str) -> Iterator[nn.Parameter]:
-    """The LoRA weights (A, B, their biases) and `modules_to_save` copies of one adapter."""
-    return (owner._parameters[name] for owner, name in lora_slots(model, adapter))
 
 
-def _bias_slots(model: nn.Module, bias: str) -> Iterator[Slot]:
-    """Where the base biases a ``bias`` setting trains live: "all" every parameter named ``bias``
-    of the base model (not of fxlora's modules, nor the originals of `modules_to_save` modules),
-    "lora_only" those of the adapted layers, "none" none."""
-    if bias == "none":
-        return
-    if bias == "lora_only":
-        for m in model.modules():
-            if target_meta(m) is not None and m._parameters.get("bias") is not None:
-                yield m, "bias"
-        return
-    saved_originals = {id(p) for m in model.modules() if saved_meta(m) is not None for p in _own_params(m)}
-    internal = {id(p) for m in model.modules() for p in _fxlora_params(m)}
-    for m in model.modules():
-        p = m._parameters.get("bias")
-        if p is not None and id(p) not in saved_originals and id(p) not in internal:
-            yield m, "bias"
 
 
-def _fxlora_params(module: nn.Module) -> Iterator[nn.Parameter]:
-
-    for name in LORA_CHILDREN:
-        child = module._modules.get(name)
-        if child is not None:
-            yield from child.parameters()
 
 
-def _own_params(module: nn.Module) -> Iterator[nn.Parameter]:
-    internal = {id(p) for p in _fxlora_params(module)}
-    return (p for p in module.parameters() if id(p) not in internal)
 
 
-def set_trainable(model: nn.Module, adapters: dict[str, str]) -> None:
-    """Freeze everything, then let the given adapters' weights and copies train, and the base
-    biases their ``bias`` settings ("none", "all", "lora_only") ask for."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for adapter, bias in adapters.items():
-        for owner, name in [*lora_slots(model, adapter), *_bias_slots(model, bias)]:
-            owner._parameters[name].requires_grad_(True)
 
 
-class TrainableFlags:
-    """Keeps ``requires_grad`` following the trainable adapters of a model, touching on each change
-    only the parameters whose flag changes.
-
-    The first `apply` (and the first after `invalidate`, which adding or removing adapters calls)
-    sets every flag as `set_trainable` does: everything frozen, then the given adapters' weights
-    and copies and the base biases their ``bias`` settings ask for. Later calls set the flags of
-    the wanted adapters' parameters and clear those of the ones switched off, found through per-adapter
-    lists of where they live (`Slot`: a parameter replaced in its module, as by
-    ``load_state_dict(assign=True)``, is still found): a switch walks no module tree.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._applied: Optional[dict[str, str]] = None
-        self._slots: dict[tuple[str, str], tuple[Slot, ...]] = {}  # ("adapter" | "bias", name) -> slots
-
-    def invalidate(self) -> None:
-        """Forget the slot lists and the applied state (the model's adapters changed)."""
-        self._applied = None
-        self._slots = {}
-
-    def apply(self, adapters: dict[str, str]) -> None:
-        """Let exactly `adapters` (name -> ``bias`` setting) train."""
-        if self._applied is None:
-            set_trainable(self.model, adapters)
-            self._applied = dict(adapters)
-            return
-        wanted = _keys(adapters)
-        dropped = _keys(self._applied) - wanted
-        on = [slot for key in wanted for slot in self._slots_of(key)]
-        off = [slot for key in dropped for slot in self._slots_of(key)]
-        if any(kind == "bias" for kind, _ in dropped):  # bias settings may share parameters
-            keep = {(id(owner), name) for owner, name in on}
-            off = [(owner, name) for owner, name in off if (id(owner), name) not in keep]
-        for owner, name in off:
-            owner._parameters[name].requires_grad_(False)
-        for owner, name in on:
-            owner._parameters[name].requires_grad_(True)
-        self._applied = dict(adapters)
-
-    def _slots_of(self, key: tuple[str, str]) -> tuple[Slot, ...]:
-        """Where the parameters of an adapter (``("adapter", name)``) or a bias setting
-        (``("bias", setting)``) live; an adapter's never overlap anything else's."""
-        if key not in self._slots:
-            kind, name = key
-            self._slots[key] = tuple(lora_slots(self.model, name) if kind == "adapter" else _bias_slots(self.model, name))
-        return self._slots[key]
-
-    def __getstate__(self) -> dict:
-        return {"model": self.model, "_applied": None, "_slots": {}}  # a copy starts afresh
 
 
-def _keys(adapters: dict[str, str]) -> set[tuple[str, str]]:
-    return {("adapter", a) for a in adapters} | {("bias", b) for b in adapters.values()}

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.tracing.integrations import hooks_for
-from fxlora.tracing.traced import CallKey, call_key
+from fxlora.tracing.call_keys import CallKey, call_key
 
 __all__ = ["observe_calls"]
 

@@ -11,7 +11,8 @@ import fxlora
 from fxlora import LoraConfig
 from fxlora.core.gates import EagerKey
 from fxlora.passes import PIPELINE, PassContext, PassOptions
-from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.call_keys import canonical_key
+from fxlora.tracing.traced import trace_through_ids, trace_variant
 
 
 class Mixed(nn.Module):

@@ -9,7 +9,8 @@ from fxlora.core.layers import BASE_ONLY
 from fxlora.core.ops import scale_update
 from fxlora.passes import PIPELINE, PassContext, PassContractError, Role, tag_of
 from fxlora.passes.tags import tagged
-from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.call_keys import canonical_key
+from fxlora.tracing.traced import trace_through_ids, trace_variant
 
 from .pass_models import MODELS, contexts, fresh_graph, graph_before
 

@@ -6,7 +6,8 @@ import fxlora
 from fxlora import LoraConfig
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE
 from fxlora.passes import PassOptions, guard_idle_branches, rewrite
-from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.call_keys import canonical_key
+from fxlora.tracing.traced import trace_through_ids, trace_variant
 from models import MLP
 
 

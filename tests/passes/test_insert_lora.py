@@ -7,7 +7,8 @@ from fxlora.core.gates import EagerKey
 from fxlora.core.ops import add_update
 from fxlora.passes import insert_lora, mark_base_calls, swap_saved_modules, tag_of
 from fxlora.passes.insert_lora import branch_template
-from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.call_keys import canonical_key
+from fxlora.tracing.traced import trace_through_ids, trace_variant
 
 
 class Reuse(nn.Module):

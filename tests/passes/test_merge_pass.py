@@ -15,7 +15,8 @@ from fxlora.core.delta import MergeError, delta_weight
 from fxlora.core.fold import unfold_layer
 from fxlora.core.gates import make_gate_state
 from fxlora.passes.merge import merge_graph, merge_targets
-from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.call_keys import canonical_key
+from fxlora.tracing.traced import trace_through_ids, trace_variant
 
 
 class Net(nn.Module):

@@ -6,7 +6,8 @@ from fxlora import LoraConfig
 from fxlora.runtime.forwards import compile_graph
 from fxlora.core.ops import select_output
 from fxlora.passes import swap_saved_modules
-from fxlora.tracing.traced import canonical_key, trace_through_ids, trace_variant
+from fxlora.tracing.call_keys import canonical_key
+from fxlora.tracing.traced import trace_through_ids, trace_variant
 from models import MLP
 
 

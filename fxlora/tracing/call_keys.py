@@ -1,0 +1,150 @@
+"""Call patterns: what one traced graph of a root is specialised to.
+
+A *call pattern* (`CallKey`) is the root's ``training`` flag plus, per argument, its *kind*: a
+tensor (a placeholder; optionally of a fixed rank), a concrete Python value (``None``, a bool, an
+int, a float or a str, baked in), a tuple or list of such, or a registered handle object of a
+given type (`fxlora.tracing.integrations.register_object_type`, e.g. a transformers ``Cache``: a
+placeholder too). `call_key` computes the pattern of a call; a call with any other kind of
+argument has none (it runs the original forward eagerly).
+
+*Ranked* patterns also fix each tensor argument's rank, so that code such as
+``x.view(*x.shape[:-1], h, d)`` traces (`fxlora.tracing.proxies` derives what follows from the
+ranks); a root only uses ranked patterns when its plain trace fails.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Hashable, NamedTuple, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from fxlora.tracing.integrations import object_kind
+
+__all__ = ["CallKey", "Source", "SELF", "TENSOR", "OBJECT", "is_ranked_tensor", "call_key", "canonical_key", "key_is_ranked", "erase_ranks", "with_training", "gather_inputs"]
+
+TENSOR = "T"
+
+
+OBJECT = "obj"
+
+
+class CallKey(NamedTuple):
+    """A call pattern: the root's mode, each positional argument's kind, and each keyword
+    argument's ``(name, kind)`` in name order."""
+
+    training: bool
+    positional: tuple
+    named: tuple
+
+
+
+Source = Union[int, str, tuple]
+
+
+#: input source meaning "the root module itself" (passed to opaque functions that take it)
+SELF: tuple = ("<root module>",)
+
+
+_MAX_ITEMS = 16
+
+
+# ------------------------------------------------------------------ call patterns
+def _kind(value: Any, ranked: bool) -> Optional[Hashable]:
+    if isinstance(value, torch.Tensor):
+        return (TENSOR, value.dim()) if ranked else TENSOR
+    if value is None or isinstance(value, (bool, int, str)):
+        return (type(value).__name__, value)
+    if isinstance(value, float):
+        return ("float", value) if value == value else None
+    if type(value) in (tuple, list) and len(value) <= _MAX_ITEMS:
+        items = tuple(_kind(v, ranked) for v in value)
+        return None if None in items else (type(value).__name__, items)
+    kind = object_kind(value)
+    if kind is not None:
+        return (OBJECT, type(value), kind.member_types(value))
+    return None
+
+
+def call_key(training: bool, args: tuple, kwargs: dict, ranked: bool = False) -> Optional[CallKey]:
+    """The call pattern of ``forward(*args, **kwargs)``, or None when an argument is of no
+    supported kind (such calls are not traced). With `ranked`, tensor kinds include the rank."""
+    kinds = []
+    for a in args:
+        k = _kind(a, ranked)
+        if k is None:
+            return None
+        kinds.append(k)
+    named = []
+    for name in sorted(kwargs):
+        k = _kind(kwargs[name], ranked)
+        if k is None:
+            return None
+        named.append((name, k))
+    return CallKey(training, tuple(kinds), tuple(named))
+
+
+def _map_kinds(key: CallKey, fn: Callable[[Any], Any]) -> CallKey:
+    def walk(kind: Any) -> Any:
+        if type(kind) is tuple and kind and kind[0] in ("tuple", "list"):
+            return (kind[0], tuple(walk(k) for k in kind[1]))
+        return fn(kind)
+
+    training, positional, named = key
+    return CallKey(training, tuple(walk(k) for k in positional), tuple((n, walk(k)) for n, k in named))
+
+
+def is_ranked_tensor(kind: Any) -> bool:
+    return type(kind) is tuple and len(kind) == 2 and kind[0] == TENSOR
+
+
+def key_is_ranked(key: CallKey) -> bool:
+    """True when `key` fixes the rank of some tensor argument."""
+    found = []
+    _map_kinds(key, lambda k: found.append(is_ranked_tensor(k)) or k)
+    return any(found)
+
+
+def erase_ranks(key: CallKey) -> CallKey:
+    """`key` with every tensor's rank forgotten."""
+    return _map_kinds(key, lambda k: TENSOR if is_ranked_tensor(k) else k)
+
+
+def with_training(key: CallKey, training: bool) -> CallKey:
+    return CallKey(training, key.positional, key.named)
+
+
+def gather_inputs(sources: tuple[Source, ...], root: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
+    """The values of a variant's placeholders for the call ``(args, kwargs)`` (see `TracedVariant`)."""
+    values = []
+    for src in sources:
+        kind = type(src)
+        if kind is int:
+            values.append(args[src])
+        elif kind is str:
+            values.append(kwargs[src])
+        elif src == SELF:
+            values.append(root)
+        else:
+            head = src[0]
+            value = args[head] if type(head) is int else kwargs[head]
+            for i in src[1:]:
+                value = value[i]
+            values.append(value)
+    return values
+
+
+def _forward_parameters(module: nn.Module) -> list[inspect.Parameter]:
+    return list(inspect.signature(type(module).forward).parameters.values())[1:]
+
+
+def canonical_key(module: nn.Module, training: bool) -> CallKey:
+    """The pattern of the plainest call: every parameter without a default given a tensor, in order."""
+    required = [
+        p
+        for p in _forward_parameters(module)
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return CallKey(training, (TENSOR,) * len(required), ())

@@ -1,0 +1,179 @@
+"""`LoraTracer`: the torch.fx tracer fxlora traces roots and branch templates with.
+
+It traces through exactly the modules it is given (every other module is a leaf), gives proxies
+the information a call pattern fixes (`fxlora.tracing.proxies`), refuses gradient checkpointing
+(a graph would silently drop it), and lets every other thread through the process-wide patches
+torch.fx makes while it traces (`fxlora.tracing.threads`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from fxlora.tracing.integrations import NO_HOOKS, TraceHooks
+from fxlora.tracing.proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length, infer
+from fxlora.tracing.threads import tracing_here, tracing_in_this_thread
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fxlora.tracing.traced import _CallTemplate
+
+__all__ = ["TraceFailure", "CheckpointInTrace", "LoraTracer", "check_transparent"]
+
+class TraceFailure(Exception):
+    """A module (or one call pattern of it) cannot be captured as a graph."""
+
+
+class CheckpointInTrace(NotTraceable):
+    """The traced forward reached ``torch.utils.checkpoint``."""
+
+
+class LoraTracer(fx.Tracer):
+    """Traces through exactly the modules in `trace_through` (by id); every other module is a leaf.
+
+    Proxies carry what the call pattern fixes (`fxlora.tracing.proxies`); `hooks` add a library's leaf
+    functions, rank-preserving module types and patches. `trace_call` traces one call pattern.
+    """
+
+    def __init__(self, trace_through: set[int], hooks: TraceHooks = NO_HOOKS) -> None:
+        super().__init__(autowrap_functions=tuple(f for f in hooks.leaf_functions if callable(f)))
+        self.trace_through = trace_through
+        self.hooks = hooks
+        # Reading a buffer gives a graph node, not its current value baked in as a constant.
+        self.proxy_buffer_attributes = True
+        self._call: Optional[_CallTemplate] = None
+        self._self_node: Optional[fx.Node] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) not in self.trace_through
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InfoProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if isinstance(proxy, InfoProxy) and kind in ("call_function", "call_method", "call_module"):
+            module = self.root.get_submodule(target) if kind == "call_module" else None
+            proxy.info = infer(kind, target, args, kwargs, module, self.hooks.rank_preserving)
+        return proxy
+
+    def iter(self, obj: fx.Proxy):
+        length = _length(getattr(obj, "info", None))
+        if length is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(length)])
+
+    def create_arg(self, a: Any):
+        if isinstance(a, nn.Module) and not isinstance(a, fx.Proxy):
+            if a is self.root and self._self_node is not None:
+                return self._self_node
+            path = self.submodule_paths.get(a) if self.submodule_paths else None
+            if path:  # named by fx after the module path, never plain "self" (a child called `self`)
+                return self.create_node("get_attr", path, (), {}, name="module_" + path.replace(".", "_"))
+        return super().create_arg(a)
+
+    def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
+        with tracing_in_this_thread():
+            return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if not tracing_here():  # another thread's module, read while this one traces
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if not tracing_here():  # another thread's call, made while this one traces
+            return forward(*args, **kwargs)
+        if id(m) in self.trace_through and m is not self.root:
+            check_transparent(type(m).forward, self.hooks, set(kwargs))
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        call = self._call
+        if call is None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        self._self_node = self.create_proxy("placeholder", "fxlora_root", (), {}).node
+        proxies = []
+        for slot in call.slots:
+            proxy = self.create_proxy("placeholder", slot.name, (), {})
+            if slot.object is not None:
+                proxy = ObjectProxy(proxy.node, self, slot.cls, slot.object, slot.members)
+            elif slot.rank is not None:
+                proxy.info = TensorInfo(slot.rank)
+            proxies.append(proxy)
+        fn = call.fn
+
+        def entry(root: nn.Module, *values: Any) -> Any:
+            args, kwargs = call.build(values)
+            return fn(root, *args, **kwargs)
+
+        return entry, [self.root, *proxies]
+
+    def trace_call(self, root: nn.Module, call: "_CallTemplate") -> fx.Graph:
+        """Trace ``call.fn(root, *args, **kwargs)`` for `call`'s pattern; the graph's placeholders
+        are the root (`SELF`, removed when unused) and then ``call.slots`` in order."""
+        self._call = call
+        module = sys.modules.get(getattr(call.fn, "__module__", ""), None)
+        if module is not None and module not in self._autowrap_search:
+            self._autowrap_search = [*self._autowrap_search, module]
+        try:
+            with self.hooks.active(), _refusing_checkpoints():
+                graph = self.trace(root)
+        finally:
+            self._call = None
+        if self._self_node is not None and not self._self_node.users:
+            graph.erase_node(self._self_node)
+            self._self_node = None
+        return graph
+
+
+_CHECKPOINT_ENTRIES = ("_checkpoint_impl", "CheckpointFunction", "_checkpoint_without_reentrant_generator")
+
+
+@contextlib.contextmanager
+def _refusing_checkpoints():
+    """While tracing, ``torch.utils.checkpoint`` raises: fx would record the checkpointed
+    function's operations inline and silently drop the checkpointing (the memory saving the
+    user asked for). The module then runs eagerly, checkpointing intact."""
+    import torch.utils.checkpoint as checkpoint
+
+    saved = {name: checkpoint.__dict__[name] for name in _CHECKPOINT_ENTRIES if name in checkpoint.__dict__}
+
+    def refusing(original: Callable) -> Callable:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            if not tracing_here():  # another thread checkpoints while this one traces
+                return original(*args, **kwargs)
+            raise CheckpointInTrace("the forward uses gradient checkpointing (torch.utils.checkpoint), which a graph would drop")
+
+        return refuse
+
+    def refused_class(original: type) -> type:
+        return type(original.__name__, (), {"apply": staticmethod(refusing(original.apply))})
+
+    try:
+        for name, value in saved.items():
+            setattr(checkpoint, name, refused_class(value) if isinstance(value, type) else refusing(value))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(checkpoint, name, value)
+
+
+def check_transparent(fn: Callable, hooks: TraceHooks, keywords: set[str]) -> Callable:
+    """`fn` seen through decorators an integration declares transparent for a call with these
+    keyword arguments; raises for any other decorator (it could act differently on the real call
+    than on the traced one, e.g. transformers' gradient-checkpointing wrapper)."""
+    while hasattr(fn, "__wrapped__"):
+        step = hooks.unwrap(fn)
+        if step is None:
+            code = getattr(fn, "__code__", None)
+            where = getattr(code, "co_qualname", None) or getattr(fn, "__qualname__", repr(fn))
+            raise NotTraceable(f"forward is wrapped by {where}, which fxlora does not know to be transparent")
+        fn, acting = step
+        if keywords & acting:
+            raise NotTraceable(f"the call passes {sorted(keywords & acting)}, which forward's decorator rewrites")
+    return fn
