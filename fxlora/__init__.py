@@ -8,11 +8,18 @@
 """
 
 from fxlora.config import LoraConfig
-from fxlora.io.peft_format import CheckpointError
-from fxlora.planning.explain import Report, explain
-from fxlora.planning.matching import NoTargetFoundError, UnsupportedTargetError
+from fxlora.errors import (
+    CheckpointError,
+    MergeError,
+    NoTargetFoundError,
+    PassContractError,
+    TraceFailure,
+    UnsupportedTargetError,
+    VariantError,
+)
 from fxlora.model.lora_model import LoraModel
 from fxlora.model.transform import transform
+from fxlora.planning.explain import Report, explain
 
 __all__ = [
     "LoraConfig",
@@ -23,6 +30,10 @@ __all__ = [
     "NoTargetFoundError",
     "UnsupportedTargetError",
     "CheckpointError",
+    "MergeError",
+    "PassContractError",
+    "TraceFailure",
+    "VariantError",
 ]
 
 __version__ = "0.1.0"

@@ -16,11 +16,10 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
-__all__ = ["LoraConfig", "ALL_LINEAR", "SUPPORTED_INIT"]
+__all__ = ["LoraConfig", "ALL_LINEAR"]
 
 ALL_LINEAR = "all-linear"
 SUPPORTED_BIAS = ("none", "all", "lora_only")
-SUPPORTED_INIT = (True, False, "gaussian")
 
 
 @dataclass

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from fxlora.dtypes import compute_dtype
 import fxlora
-from fxlora.core.delta import MergeError, check_mergeable, delta_bias, delta_weight
+from fxlora.errors import MergeError
+from fxlora.core.delta import check_mergeable, delta_bias, delta_weight
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

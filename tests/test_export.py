@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.core.delta import MergeError
+from fxlora.errors import MergeError
 from models import MLP, ConvNet2d, ConvNet3d, EmbeddingModel, Mixed
 
 CASES = [

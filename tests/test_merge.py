@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.core.delta import MergeError
+from fxlora.errors import MergeError
 from models import MLP, ConvNet1d, ConvNet2d, ConvNet3d, EmbeddingModel, Mixed, copy_peft_adapter_weights
 from test_properties import setups
 

@@ -11,7 +11,7 @@ import fxlora
 import fxlora.tracing.integrations as integrations
 from fxlora.runtime.forwards import installed_forward
 from fxlora.tracing.proxies import InfoProxy, SeqInfo, SizesInfo, TensorInfo, infer
-from fxlora.tracing.tracer import TraceFailure
+from fxlora.errors import TraceFailure
 from fxlora.tracing.call_keys import call_key, erase_ranks
 from fxlora.tracing.traced import trace_through_ids, trace_variant
 

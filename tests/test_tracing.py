@@ -3,7 +3,7 @@ import torch.nn as nn
 
 import pytest
 
-from fxlora.tracing.tracer import TraceFailure
+from fxlora.errors import TraceFailure
 from fxlora.tracing.call_keys import call_key, canonical_key
 from fxlora.tracing.traced import trace_through_ids, trace_variant
 from models import Branchy, MLP, OptionalArgs, Stateful

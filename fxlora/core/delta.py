@@ -21,14 +21,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from fxlora.errors import MergeError
 from fxlora.dtypes import compute_dtype
 from fxlora.core.layers import target_meta
 
-__all__ = ["MergeError", "check_mergeable", "delta_weight", "delta_bias"]
-
-
-class MergeError(ValueError):
-    """An adapter cannot be folded into a layer's weights (the message says which and why)."""
+__all__ = ["check_mergeable", "delta_weight", "delta_bias"]
 
 
 def _describe(name: str, module: nn.Module) -> str:

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from fxlora.dtypes import compute_dtype
-from fxlora.core.delta import MergeError, check_mergeable, delta_bias, delta_weight
+from fxlora.errors import MergeError
+from fxlora.core.delta import check_mergeable, delta_bias, delta_weight
 from fxlora.core.layers import target_meta
 
 __all__ = ["Restore", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "check_fold", "check_untied", "layer_scales"]

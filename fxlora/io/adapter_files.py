@@ -38,11 +38,11 @@ from fxlora.io.peft_format import (
     LEGACY_WEIGHTS_NAME,
     PEFT_PREFIX,
     WEIGHTS_NAME,
-    CheckpointError,
     Layout,
     config_from_json,
     layout_of_plan,
 )
+from fxlora.errors import CheckpointError
 from fxlora.planning.plan import make_plan
 
 __all__ = [

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable_dir"]
+__all__ = ["atomic_path", "check_writable_dir"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,12 +50,3 @@ def atomic_path(destination: PathLike, suffix: Optional[str] = None) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
-
-
-def atomic_write_bytes(destination: PathLike, data: bytes) -> None:
-    with atomic_path(destination) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(destination: PathLike, text: str) -> None:
-    atomic_write_bytes(destination, text.encode("utf-8"))

@@ -27,7 +27,6 @@ This module only maps names, shapes and config fields: it reads no file and chan
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -35,6 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from fxlora.errors import CheckpointError
 from fxlora.config import LoraConfig
 from fxlora.kinds import LayerKind
 from fxlora.core.layers import LORA_CHILDREN, AdapterSpec, fxlora_internal_names, saved_meta, target_meta
@@ -44,7 +44,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "LEGACY_WEIGHTS_NAME",
     "PEFT_PREFIX",
-    "CheckpointError",
     "Slot",
     "Layout",
     "config_to_json",
@@ -58,10 +57,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-
-
-class CheckpointError(ValueError):
-    """An adapter directory that cannot be read, or that does not fit the model it is loaded on."""
 
 
 # ====================================================================== config JSON
@@ -219,9 +214,6 @@ class Layout:
             return slot.role == DUPLICATE
         return file_key.startswith(self.ignored_prefixes)
 
-    def numel(self, role: str = ADAPTER) -> int:
-        return sum(math.prod(s.shape) for s in self.slots.values() if s.role == role)
-
 
 def peft_strip_adapter_name(key: str, adapter: str) -> str:
     """PEFT's rule for dropping the adapter name from a model key: at the end
@@ -255,10 +247,6 @@ def _is_bias_key(key: str) -> bool:
 
 def _slot(key: str, tensor: torch.Tensor, role: str) -> Slot:
     return Slot(key, tuple(tensor.shape), role, tensor.is_floating_point())
-
-
-def _join(prefix: str, rest: str) -> str:
-    return f"{prefix}.{rest}" if prefix else rest
 
 
 def _build_layout(

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlora.core.gates import EagerKey
-from fxlora.passes.base import Pass, PassContext, PassContractError, PassResult, checks_enabled
+from fxlora.passes.base import Pass, PassContext, PassResult, checks_enabled
 from fxlora.passes.base_calls import mark_base_calls
 from fxlora.passes.fold_scaling import fold_scaling
 from fxlora.passes.gates_input import gates_input
@@ -37,7 +37,6 @@ __all__ = [
     "PassOptions",
     "Pass",
     "PassContext",
-    "PassContractError",
     "PassResult",
     "PIPELINE",
     "Stage",

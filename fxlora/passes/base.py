@@ -17,10 +17,11 @@ from typing import ClassVar, Optional
 import torch.fx as fx
 import torch.nn as nn
 
+from fxlora.errors import PassContractError
 from fxlora.core.gates import EagerKey
 from fxlora.passes.options import PassOptions
 
-__all__ = ["CHECK_ENV", "PassContractError", "PassContext", "PassResult", "Pass", "checks_enabled"]
+__all__ = ["CHECK_ENV", "PassContext", "PassResult", "Pass", "checks_enabled"]
 
 #: environment variable that turns contract checks on for every pass run (``1``)
 CHECK_ENV = "FXLORA_CHECK_PASSES"
@@ -29,15 +30,6 @@ CHECK_ENV = "FXLORA_CHECK_PASSES"
 def checks_enabled() -> bool:
     """Whether passes check their contracts by default (``FXLORA_CHECK_PASSES=1``)."""
     return os.environ.get(CHECK_ENV, "") not in ("", "0")
-
-
-class PassContractError(AssertionError):
-    """A graph does not meet a pass's requirement, or a pass did not deliver its guarantee."""
-
-    def __init__(self, pass_name: str, clause: str, condition: str, node: Optional[fx.Node] = None) -> None:
-        self.pass_name, self.clause, self.condition, self.node = pass_name, clause, condition, node
-        where = "" if node is None else f" (violated at node {node.name!r}: {node.format_node()})"
-        super().__init__(f"{pass_name} {clause}: {condition}{where}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch.nn as nn
 
+from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.config import LoraConfig
 from fxlora.planning.defaults import default_target_modules
 from fxlora.kinds.hf_classes import is_pretrained_model
@@ -36,18 +37,8 @@ __all__ = [
     "TargetSelection",
     "select_modules",
     "matches_name_list",
-    "NoTargetFoundError",
-    "UnsupportedTargetError",
     "closest_names",
 ]
-
-
-class NoTargetFoundError(ValueError):
-    """`target_modules` (or `modules_to_save`) matched no module of the model."""
-
-
-class UnsupportedTargetError(TypeError):
-    """A module matched `target_modules` but its type cannot carry a LoRA adapter."""
 
 
 @dataclass(frozen=True)

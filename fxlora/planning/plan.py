@@ -30,7 +30,7 @@ from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
-from fxlora.tracing.tracer import TraceFailure
+from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, attributes_read, modules_called, trace_through_ids, trace_variant
 
 __all__ = [
@@ -98,14 +98,6 @@ class Plan:
     all_params: int
     warnings: list[str] = field(default_factory=list)
     order: dict[str, int] = field(default_factory=dict)  # position in named_modules()
-
-    @property
-    def graph_targets(self) -> list[TargetPlan]:
-        return [t for t in self.targets if t.path == "graph"]
-
-    @property
-    def eager_targets(self) -> list[TargetPlan]:
-        return [t for t in self.targets if t.path == "eager"]
 
 
 def lora_param_count(module: nn.Module, spec: AdapterSpec, kind: Optional[LayerKind] = None) -> int:

@@ -30,7 +30,7 @@ from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
 from fxlora.core.ops import any_open
 from fxlora.passes import rewrite
 from fxlora.tracing.call_keys import CallKey, call_key, canonical_key, gather_inputs, key_is_ranked, with_training
-from fxlora.tracing.tracer import TraceFailure
+from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
 from fxlora.tracing.guards import guards_hold
 

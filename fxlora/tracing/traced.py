@@ -32,7 +32,8 @@ from fxlora.tracing.call_keys import OBJECT, SELF, TENSOR, CallKey, Source, eras
 from fxlora.tracing.guards import make_guards
 from fxlora.tracing.integrations import TraceHooks, hooks_for, object_kind_of_type
 from fxlora.tracing.proxies import NotTraceable
-from fxlora.tracing.tracer import CheckpointInTrace, LoraTracer, TraceFailure, check_transparent
+from fxlora.tracing.tracer import CheckpointInTrace, LoraTracer, check_transparent
+from fxlora.errors import TraceFailure
 
 __all__ = [
     "TracedVariant",

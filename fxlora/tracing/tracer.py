@@ -22,11 +22,7 @@ from fxlora.tracing.threads import tracing_here, tracing_in_this_thread
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.tracing.traced import _CallTemplate
 
-__all__ = ["TraceFailure", "CheckpointInTrace", "LoraTracer", "check_transparent"]
-
-class TraceFailure(Exception):
-    """A module (or one call pattern of it) cannot be captured as a graph."""
-
+__all__ = ["CheckpointInTrace", "LoraTracer", "check_transparent"]
 
 class CheckpointInTrace(NotTraceable):
     """The traced forward reached ``torch.utils.checkpoint``."""

@@ -19,11 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["LoraVariant", "PLAIN", "register_variant", "variant_named", "variant_for", "branch_gate", "VariantError"]
+from fxlora.errors import VariantError
 
-
-class VariantError(ValueError):
-    """An operation the adapter's variant does not allow (the message names both)."""
+__all__ = ["LoraVariant", "PLAIN", "register_variant", "variant_named", "variant_for", "branch_gate"]
 
 
 @dataclass(frozen=True)

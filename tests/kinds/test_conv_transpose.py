@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.core.delta import MergeError, delta_weight
+from fxlora.errors import MergeError
+from fxlora.core.delta import delta_weight
 from fxlora.io.peft_format import layout_of_adapter
 
 TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

@@ -14,11 +14,13 @@ import fxlora
 import fxlora.kinds.registry as registry
 from fxlora import LoraConfig, UnsupportedTargetError
 from fxlora.core.branch import stackable
-from fxlora.core.delta import MergeError, delta_weight
+from fxlora.errors import MergeError
+from fxlora.core.delta import delta_weight
 from fxlora.kinds import LayerKind, kind_named, kind_of, register_kind, registered_kinds, supported_types
 from fxlora.kinds.low_rank import ModulePairKind
 from fxlora.core.layers import AdapterSpec, target_meta
-from fxlora.variants import PLAIN, LoraVariant, VariantError, branch_gate, register_variant, variant_named
+from fxlora.variants import PLAIN, LoraVariant, branch_gate, register_variant, variant_named
+from fxlora.errors import VariantError
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

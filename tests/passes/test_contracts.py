@@ -7,7 +7,8 @@ import pytest
 
 from fxlora.core.layers import BASE_ONLY
 from fxlora.core.ops import scale_update
-from fxlora.passes import PIPELINE, PassContext, PassContractError, Role, tag_of
+from fxlora.passes import PIPELINE, PassContext, Role, tag_of
+from fxlora.errors import PassContractError
 from fxlora.passes.tags import tagged
 from fxlora.tracing.call_keys import canonical_key
 from fxlora.tracing.traced import trace_through_ids, trace_variant

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.core.delta import MergeError, delta_weight
+from fxlora.errors import MergeError
+from fxlora.core.delta import delta_weight
 from fxlora.core.fold import unfold_layer
 from fxlora.core.gates import make_gate_state
 from fxlora.passes.merge import merge_graph, merge_targets

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from fxlora.core.gates import EagerKey
-from fxlora.passes import PIPELINE, PassContext, PassContractError, PassOptions, rewrite, run_pipeline
+from fxlora.passes import PIPELINE, PassContext, PassOptions, rewrite, run_pipeline
+from fxlora.errors import PassContractError
 from fxlora.passes.base import CHECK_ENV, Pass
 
 from .pass_models import MODELS, contexts, fresh_graph
