@@ -5,8 +5,6 @@ import json
 import math
 
 import pytest
-import math
-
 import torch
 import torch.nn as nn
 
