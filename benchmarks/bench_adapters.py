@@ -3,7 +3,8 @@
 24 Linear(1024) layers, r=16, batch 64, 3 adapters plus base rows, eager and with every model
 ``torch.compile``d: each ratio is given as the median of the per-round ratios and as the ratio of
 the fastest rounds (this shared machine's interference only ever slows a round down). Switch
-latency on 240 targeted layers, in eval and in train mode; compilation counts over the sequence:
+latency on 240 targeted layers, in eval and in train mode; the cost of a forward after a
+never-seen run-time scale (and what such scales leave behind); compilation counts over the sequence:
 first call, same call, set_adapter to another adapter, back, disable, enable, merge, unmerge, a new
 scale, a first mixed batch, a mixed batch with another row assignment. All measured in one run.
 
@@ -106,6 +107,48 @@ def switch_latency() -> list[dict]:
     ]
 
 
+def distinct_scales(rounds: int) -> list[dict]:
+    """Per-call cost of a forward after `set_adapter_scale` to a value never seen before, against
+    the same value again (eager, a 3-layer MLP where the per-call overhead shows), and what the
+    new values leave behind (eager codes kept, branch templates)."""
+    import importlib
+
+    from fxlora.runtime.forwards import GraphForward, installed_forward
+
+    templates = importlib.import_module("fxlora.passes.insert_lora")._TEMPLATES
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    fx_model, _ = with_adapters(base, 4)
+    x = torch.randn(4, 32)
+    counter = iter(range(10**9))
+
+    def same():
+        fx_model.set_adapter_scale("a", 0.5)
+        with torch.no_grad():
+            fx_model(x)
+
+    def new():
+        fx_model.set_adapter_scale("a", 0.5 + next(counter) * 1e-6)
+        with torch.no_grad():
+            fx_model(x)
+
+    same(), new()
+    codes_before = sum(len(f._eager) for f in map(installed_forward, fx_model.model.modules()) if isinstance(f, GraphForward))
+    templates_before = len(templates)
+    samples = interleaved_samples({"same scale": same, "new scale": new}, rounds * 10)
+    ratio = paired_ratios(samples, "same scale")["new scale"][0]
+    codes = sum(len(f._eager) for f in map(installed_forward, fx_model.model.modules()) if isinstance(f, GraphForward))
+    return [
+        {"measure": f"forward after a never-seen scale / same scale ({next(counter)} new values)", "fxlora": f"{ratio:.3f}x", "peft": "", "goal": "<= 2x"},
+        {
+            "measure": "eager codes / branch templates kept, before -> after those scales",
+            "fxlora": f"{codes_before}/{templates_before} -> {codes}/{len(templates)}",
+            "peft": "",
+            "goal": "flat",
+        },
+    ]
+
+
 def compile_counts() -> list[dict]:
     def sequence(model, merge, unmerge, set_scale):
         torch._dynamo.reset()
@@ -151,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, eager mode unless stated")
-    rows = mixed_batch_ratios(args.rounds) + switch_latency() + compile_counts()
+    rows = mixed_batch_ratios(args.rounds) + switch_latency() + distinct_scales(args.rounds) + compile_counts()
     print(table(rows, ["measure", "fxlora", "peft", "goal"]))
 
 

@@ -150,7 +150,7 @@ def grouped_linear_update(
 
     Requires: `stacks` ``(K, in, R)`` A weights transposed and ``(K, R, out)`` B weights transposed
     times their scalings (`fxlora.core.stacks.AdapterStack`); `index`
-    ``(K * G,)`` and `factors` ``(K, G, 1)`` from `fxlora.model.mixed_batch.GroupPlan`.
+    ``(K * G,)`` and `factors` ``(K, G, 1)`` from `fxlora.core.rows.GroupPlan`.
     """
     stacked_a, stacked_b = stacks
     groups, rank = stacked_a.shape[0], stacked_a.shape[2]

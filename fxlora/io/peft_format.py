@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -249,12 +249,28 @@ def _slot(key: str, tensor: torch.Tensor, role: str) -> Slot:
     return Slot(key, tuple(tensor.shape), role, tensor.is_floating_point())
 
 
+class LayoutTarget(NamedTuple):
+    """One adapted layer, as the file layout sees it."""
+
+    name: str
+    module: nn.Module
+    kind: LayerKind
+    spec: AdapterSpec
+
+
+class LayoutSaved(NamedTuple):
+    """One `modules_to_save` module, as the file layout sees it."""
+
+    name: str
+    module: nn.Module
+
+
 def _build_layout(
     model: nn.Module,
     adapter: str,
     bias: str,
-    targets: Sequence[tuple[str, nn.Module, LayerKind, AdapterSpec]],
-    saved: Sequence[tuple[str, nn.Module]],
+    targets: Sequence[LayoutTarget],
+    saved: Sequence[LayoutSaved],
 ) -> Layout:
     layout = Layout(ignored_prefixes=tuple(p for name, _ in saved for p in (f"{name}.original_module.", f"{name}.modules_to_save.")))
     target_names = {name for name, *_ in targets}
@@ -323,8 +339,8 @@ def _add_embedding_weights(layout: Layout, model: nn.Module, target_names: set[s
 
 def layout_of_plan(model: nn.Module, plan: Any) -> Layout:
     """The file layout of the adapter a `fxlora.planning.plan.Plan` would create (model unchanged)."""
-    targets = [(t.name, t.module, t.kind, t.spec) for t in plan.targets]
-    saved = [(s.name, s.module) for s in plan.saved]
+    targets = [LayoutTarget(t.name, t.module, t.kind, t.spec) for t in plan.targets]
+    saved = [LayoutSaved(s.name, s.module) for s in plan.saved]
     return _build_layout(model, plan.adapter, plan.config.bias, targets, saved)
 
 
@@ -334,8 +350,8 @@ def layout_of_adapter(model: nn.Module, adapter: str, bias: str) -> Layout:
     for name, module in model.named_modules():
         meta = target_meta(module)
         if meta is not None and adapter in meta.adapters:
-            targets.append((name, module, meta.kind, meta.adapters[adapter]))
+            targets.append(LayoutTarget(name, module, meta.kind, meta.adapters[adapter]))
         smeta = saved_meta(module)
         if smeta is not None and adapter in smeta.adapters:
-            saved.append((name, module))
+            saved.append(LayoutSaved(name, module))
     return _build_layout(model, adapter, bias, targets, saved)

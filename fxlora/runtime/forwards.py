@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -152,8 +152,12 @@ def _interesting(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if target_meta(m) is not None or saved_meta(m) is not None]
 
 
-#: generated code and where its inputs come from (None: the call's positional arguments as they are)
-Code = tuple[Callable[..., Any], Optional[tuple]]
+class Code(NamedTuple):
+    """Generated code of one call pattern, and where its inputs come from (None: the call's
+    positional arguments as they are, the common case; else `fxlora.tracing.call_keys.Source`s)."""
+
+    fn: Callable[..., Any]
+    inputs: Optional[tuple]
 
 #: eager codes kept per graph root (least recently used dropped first); each is code for one
 #: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
@@ -183,18 +187,18 @@ class GraphForward:
         # least recently used dropped first
         self._gated: dict[CallKey, Code] = {}
         self._eager: OrderedDict[tuple[CallKey, EagerKey], Code] = OrderedDict()
-        # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.traced.call_key`)
+        # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.call_keys.call_key`)
         self.ranked = any(key_is_ranked(k) for k in self.variants)
 
     # ---------------------------------------------------------------- building
     def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey] = None) -> Code:
         """Code for `variant` for `eager` (None: gated code), and where its inputs come from (None:
         the call's positional arguments as they are, the common case)."""
-        adopt_constants(self.root, variant.constants or {})
+        adopt_constants(self.root, variant.constants)
         graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, eager, training=key[0])
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
-        return compile_graph(graph), (None if direct else variant.inputs)
+        return Code(compile_graph(graph), None if direct else variant.inputs)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass

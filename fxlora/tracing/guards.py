@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from fxlora.tracing.integrations import TraceHooks
 
-__all__ = ["guards_hold", "make_guards"]
+__all__ = ["Guard", "guards_hold", "make_guards"]
 
-def guards_hold(guards: tuple) -> bool:
+class Guard(NamedTuple):
+    """The plain attribute values one object had when a graph was traced: ``read(obj)`` gives
+    them now (one C-level call for modules), ``values`` as they were."""
+
+    obj: Any
+    names: tuple[str, ...]
+    read: Callable[[Any], Any]
+    values: tuple
+
+
+def guards_hold(guards: tuple[Guard, ...]) -> bool:
     """True while every guard ``(object, names, reader, values)`` still reads its values.
 
     Eagerly one C-level ``attrgetter`` call per guarded object; under ``torch.compile`` plain
@@ -42,7 +52,7 @@ _PLAIN = (bool, int, float, str, type(None))
 _NOT_GUARDED = frozenset({"training", "_is_full_backward_hook", "_is_hf_initialized"})
 
 
-def make_guards(traced_modules: list[nn.Module], hooks: TraceHooks) -> tuple:
+def make_guards(traced_modules: list[nn.Module], hooks: TraceHooks) -> tuple[Guard, ...]:
     """Guards ``(object, names, reader, values)``: every plain attribute of the
     traced-through modules (their values are baked into the graph wherever forward reads them),
     and the attributes the integrations name. One guard per object, so checking costs one C call
@@ -64,7 +74,7 @@ def make_guards(traced_modules: list[nn.Module], hooks: TraceHooks) -> tuple:
     for obj, attrs in names.values():
         if attrs:
             read = operator.attrgetter(*attrs) if isinstance(obj, nn.Module) else _RawAttributes(tuple(attrs))
-            guards.append((obj, tuple(attrs), read, tuple(getattr(obj, n) for n in attrs)))
+            guards.append(Guard(obj, tuple(attrs), read, tuple(getattr(obj, n) for n in attrs)))
     return tuple(guards)
 
 

@@ -1,12 +1,12 @@
 """How each module of a model is really called: one small forward pass, observed.
 
 Planning must trace a candidate graph root for a representative call. For a module called only
-with tensors, the plainest call (every required parameter a tensor: `fxlora.tracing.traced.canonical_key`)
+with tensors, the plainest call (every required parameter a tensor: `fxlora.tracing.call_keys.canonical_key`)
 is representative. A transformers attention module, though, is called with keyword arguments its
 signature does not reveal (rotary embeddings as a tuple, a ``Cache`` object, flags, ranks that the
 code relies on), and so is a timm block (``rope=``, ``attn_mask=``). For models whose integration
 can build a small input (`fxlora.tracing.integrations.TraceHooks.example_inputs`), fxlora runs it once and
-records every module's call pattern (ranked, `fxlora.tracing.traced.call_key`): those patterns are traced
+records every module's call pattern (ranked, `fxlora.tracing.call_keys.call_key`): those patterns are traced
 ahead (so ``torch.compile`` meets no untraced one), and a sub-module never called is no root.
 
 The probe changes nothing: it runs in eval mode under ``torch.no_grad()`` with the random number

@@ -2,7 +2,7 @@
 
 Plain torch.fx knows nothing about a `Proxy`, so ``(*x.shape[:-1], -1, d)``, ``len(x.shape)`` or
 ``for t in x.split(n)`` fail: iterating a proxy needs a length. fxlora traces one *call pattern*
-at a time, and a pattern may fix the rank of every tensor argument (`fxlora.tracing.traced.call_key`
+at a time, and a pattern may fix the rank of every tensor argument (`fxlora.tracing.call_keys.call_key`
 with ``ranked=True``). From those ranks, `infer` derives facts about results with rules that hold
 for *every* input of that pattern — never from example sizes:
 
@@ -32,6 +32,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fxlora.tracing.integrations import object_kind_of_type
 
 __all__ = ["TensorInfo", "SizesInfo", "SeqInfo", "Info", "InfoProxy", "ObjectProxy", "info_of", "infer", "NotTraceable"]
 
@@ -113,8 +115,6 @@ class ObjectProxy(InfoProxy):
             raise AttributeError(name)
         cls = self._fxlora_cls
         if name in self._fxlora_members:
-            from fxlora.tracing.integrations import object_kind_of_type
-
             node = self.tracer.create_proxy("call_function", getattr, (self, name), {}).node
             member = self._fxlora_members[name]
             return ObjectProxy(node, self.tracer, member, object_kind_of_type(member), {})

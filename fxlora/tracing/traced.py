@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlora.tracing.call_keys import OBJECT, SELF, TENSOR, CallKey, Source, erase_ranks, is_ranked_tensor, key_is_ranked
-from fxlora.tracing.guards import make_guards
+from fxlora.tracing.guards import Guard, make_guards
 from fxlora.tracing.integrations import TraceHooks, hooks_for, object_kind_of_type
 from fxlora.tracing.proxies import NotTraceable
 from fxlora.tracing.tracer import CheckpointInTrace, LoraTracer, check_transparent
@@ -65,9 +65,9 @@ class TracedVariant:
 
     graph: fx.Graph
     inputs: tuple[Source, ...]
-    constants: dict = None  # trace-time tensor constants the graph reads (see `adopt_constants`)
+    constants: dict = field(default_factory=dict)  # trace-time tensor constants the graph reads (`adopt_constants`)
     key: Optional[CallKey] = None
-    guards: tuple = ()
+    guards: tuple[Guard, ...] = ()
 
 
 
