@@ -16,31 +16,8 @@ matrices, A of shape (r, fan_in) and B of shape (fan_out, r_B), with ``B @ A`` t
 except where a grouped B holds r / groups columns per output.
 """
 
-from fxlora.kinds.registry import (
-    Factors,
-    Init,
-    LayerKind,
-    KindBase,
-    register_kind,
-    kind_of,
-    is_all_linear,
-    kind_named,
-    registered_kinds,
-    supported_types,
-)
+from fxlora.kinds.registry import *  # noqa: F401,F403  (the protocol and the registry are the package's API)
+from fxlora.kinds.registry import __all__
 
 # the built-in kinds register themselves on import, in this order (`kind_of` asks them in turn)
 from fxlora.kinds import linear, conv, embedding, conv_transpose  # noqa: E402,F401  # isort: skip
-
-__all__ = [
-    "Factors",
-    "Init",
-    "LayerKind",
-    "KindBase",
-    "register_kind",
-    "kind_of",
-    "is_all_linear",
-    "kind_named",
-    "registered_kinds",
-    "supported_types",
-]

@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from fxlora.runtime.install import attach_plan, install_forwards, reinstall_forwards
+from fxlora.runtime.install import attach_plan, install_forwards, installed_forwards, reinstall_forwards, restore_forwards
 from fxlora.runtime.calls import CALL_LOCK
 from fxlora.core.combine import COMBINATIONS, combined_weights, layer_rank
 from fxlora.config import LoraConfig
@@ -101,7 +101,9 @@ def add_planned(lm, plan: Plan) -> None:
     it in the adapter state, all or nothing. The adapter is active if it is the only one."""
     state = lm.adapter_state
     with CALL_LOCK.exclusive(), state.transaction(lm.model) as tx:
+        forwards = installed_forwards(lm.model)
         tx.on_undo(lambda: drop_adapter_modules(lm.model, plan.adapter))
+        tx.on_undo(lambda: restore_forwards(lm.model, forwards))
         first = not state.configs
         attach_plan(plan)
         if first:

@@ -281,19 +281,27 @@ class LoraModel(nn.Module):
 
     def set_optimizations(self, **switches: bool) -> None:
         """Turn the graph optimisation passes on or off (see `fxlora.passes.PassOptions`), e.g.
-        ``model.set_optimizations(fold_scaling=False)``; the graph code is rebuilt."""
-
+        ``model.set_optimizations(fold_scaling=False)``; the graph code is rebuilt. The options
+        are the adapter state's: they stay as set when adapters are added or removed. All or
+        nothing: should rebuilding fail, the previous options and code are back."""
         known = set(PassOptions.__dataclass_fields__)
         unknown = set(switches) - known
         if unknown:
             raise ValueError(f"unknown optimisation(s) {sorted(unknown)}; known: {sorted(known)}")
         state = self.adapter_state
-        with CALL_LOCK.exclusive(), state.transaction(self.model):
-            state.options = dataclasses.replace(state.options, **switches)
-            for module in self.model.modules():
-                fwd = installed_forward(module)
-                if isinstance(fwd, GraphForward):
+        forwards = [f for f in map(installed_forward, self.model.modules()) if isinstance(f, GraphForward)]
+        with CALL_LOCK.exclusive(), state.transaction(self.model) as tx:
+            previous = state.options
+
+            def rebuild_previous() -> None:
+                state.options = previous
+                for fwd in forwards:
                     fwd.refresh()
+
+            tx.on_undo(rebuild_previous)
+            state.options = dataclasses.replace(previous, **switches)
+            for fwd in forwards:
+                fwd.refresh()
 
     def graph_code(self, root: str = "", training: Optional[bool] = None) -> str:
         """The generated code of a graph root (for inspection)."""

@@ -4,7 +4,7 @@ again. The all-or-nothing bookkeeping around these steps is the adapter state's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
@@ -21,6 +21,8 @@ __all__ = [
     "install_forwards",
     "uninstall_forwards",
     "reinstall_forwards",
+    "installed_forwards",
+    "restore_forwards",
     "adapted_modules",
     "strip",
     "restore_requires_grad",
@@ -67,18 +69,28 @@ def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if target_meta(m) is not None or saved_meta(m) is not None}
 
 
+def installed_forwards(model: nn.Module) -> dict[nn.Module, Any]:
+    """fxlora's forwards on `model` now, to put back with `restore_forwards`."""
+    return {m: m.__dict__["forward"] for m in model.modules() if installed_forward(m) is not None}
+
+
+def restore_forwards(model: nn.Module, forwards: dict[nn.Module, Any]) -> None:
+    """Make `forwards` (from `installed_forwards`) fxlora's forwards on `model` again."""
+    uninstall_forwards(model)
+    for module, forward in forwards.items():
+        install(module, forward)
+
+
 def reinstall_forwards(model: nn.Module, owner: "AdapterState") -> dict[str, PathInfo]:
     """Re-plan the paths of every adapted module (after adapters were added or removed) and
     install the forwards again. On failure the previous forwards are restored."""
-    previous = {m: m.__dict__["forward"] for m in model.modules() if installed_forward(m) is not None}
+    previous = installed_forwards(model)
     uninstall_forwards(model)
     try:
         roots, paths = assign_paths(model, adapted_modules(model), owner.trace_policy)
         install_forwards(model, roots, paths, owner)
     except BaseException:
-        uninstall_forwards(model)
-        for module, forward in previous.items():
-            install(module, forward)
+        restore_forwards(model, previous)
         raise
     return paths
 

@@ -1,6 +1,7 @@
 """`fxlora.model.state.AdapterState`: one owner of adapter state; gates derived, caches bounded."""
 
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -38,6 +39,30 @@ def test_pass_options_survive_adding_and_deleting_adapters():
     assert "_fxlora_guard_idle" in model.graph_code(training=False)
     model.set_optimizations(fold_scaling=True)
     assert "add_scaled_linear" in model.graph_code(training=True)
+
+
+def test_set_optimizations_failing_half_way_leaves_the_previous_code(monkeypatch):
+    model = two_adapters()
+    before = model.graph_code(training=True)
+    (fwd,) = graph_forwards(model)
+    original, calls = fwd._build, []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the second pattern of the rebuild
+            raise RuntimeError("out of memory")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fwd, "_build", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model.set_optimizations(fold_scaling=False)
+    monkeypatch.undo()
+    assert model.adapter_state.options.fold_scaling is True
+    assert model.graph_code(training=True) == before and "add_scaled_linear" in before
+    x = torch.randn(2, 20)
+    state = model.adapter_state
+    with torch.no_grad(), state.calling(dataclasses.replace(state.published, eager=None)):
+        model(x)  # the gated code of every pattern is there again
 
 
 def test_set_optimizations_refuses_unknown_switches_and_changes_nothing():
@@ -155,9 +180,13 @@ def test_deepcopy_has_its_own_state():
     assert not torch.equal(twin(x), model(x))
 
 
-def test_failed_add_adapter_restores_every_field(monkeypatch):
-    model = two_adapters()
+@pytest.mark.parametrize("policy", ["auto", "eager"])
+def test_failed_add_adapter_restores_every_field(monkeypatch, policy):
+    model = two_adapters(policy)
     model.set_adapter_scale("b", 0.5)
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        out_before = model(x)
     state = model.adapter_state
     before = {k: copy.copy(v) for k, v in vars(state).items() if k in ("configs", "active", "scales", "trainable", "options", "enabled")}
     published = state.published
@@ -174,3 +203,11 @@ def test_failed_add_adapter_restores_every_field(monkeypatch):
     assert after["scales"] == before["scales"] and after["trainable"] == before["trainable"]
     assert "c" not in state.published.index and state.published.index == published.index
     assert not any("lora_A.c." in n for n, _ in model.named_parameters())
+    gated = dataclasses.replace(state.published, eager=None)  # the code torch.compile runs
+    with torch.no_grad():  # the forwards are the ones from before (the new ones knew adapter c)
+        assert torch.equal(model(x), out_before)
+        with state.calling(gated):
+            torch.testing.assert_close(model(x), out_before)
+    monkeypatch.undo()
+    model.add_adapter("c", LoraConfig(target_modules=["seq.2"]))  # and the name is free again
+    assert "c" in model.peft_config
