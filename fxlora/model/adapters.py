@@ -1,14 +1,15 @@
 """Several adapters on one model: add, activate, delete, disable, scale.
 
-Switching is O(number of adapters) in Python: it writes the shared gate tensors in place and never
-touches the per-layer modules or the graph code, so a compiled model does not recompile. Which
+Switching is O(number of adapters) in Python: it publishes a new gate state
+(`fxlora.model.state.AdapterState.publish`) and never touches the per-layer modules or the graph
+code, so a compiled model does not recompile. Which
 parameters train follows the active adapters (PEFT's rule: only active, trainable adapters' weights
 require grad); in eval mode that update is deferred until the model is put back in train mode, so
 serving-time switches stay cheap.
 
-Mixin of `fxlora.LoraModel`: it changes adapter state only through the model's
-`fxlora.model.state.AdapterState` (``adapter_state``), and every all-or-nothing step through its
-``transaction``.
+The functions behind `fxlora.LoraModel`'s adapter methods (``lm`` is the `LoraModel`): they
+change adapter state only through its `fxlora.model.state.AdapterState` (``adapter_state``), and
+every all-or-nothing step in its ``transaction``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, TYPE_CHECKING, Union
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,9 @@ from fxlora.core.combine import COMBINATIONS, combined_weights, layer_rank
 from fxlora.config import LoraConfig
 from fxlora.planning.explain import report_from_plan
 from fxlora.core.layers import check_adapter_name, remove_adapter, saved_meta, target_meta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fxlora.model.lora_model import LoraModel
 
 __all__ = [
     "add_adapter",
@@ -51,11 +55,11 @@ def drop_adapter_modules(model: nn.Module, adapter_name: str) -> None:
 from fxlora.planning.plan import PathInfo, Plan, emit_warnings, make_plan
 
 
-def _check_known(lm, names: Iterable[str]) -> list[str]:
+def _check_known(lm: "LoraModel", names: Iterable[str]) -> list[str]:
     return lm.adapter_state.check_known(names)
 
 
-def _check_no_overlap_with_saved(lm, plan) -> None:
+def _check_no_overlap_with_saved(lm: "LoraModel", plan) -> None:
     """A module cannot both carry LoRA (of any adapter) and be trained in full as a
     `modules_to_save` copy (of any adapter), nor contain one of the two kinds inside the other."""
 
@@ -80,7 +84,7 @@ def _check_no_overlap_with_saved(lm, plan) -> None:
                 )
 
 
-def add_adapter(lm, adapter_name: str, config: LoraConfig) -> None:
+def add_adapter(lm: "LoraModel", adapter_name: str, config: LoraConfig) -> None:
     """Add a new, inactive adapter (its own targets, rank and alpha). Activate it with
     `set_adapter`. An existing name is an error; on any error nothing changes."""
     check_adapter_name(adapter_name)
@@ -94,7 +98,7 @@ def add_adapter(lm, adapter_name: str, config: LoraConfig) -> None:
         add_planned(lm, plan)
 
 
-def add_planned(lm, plan: Plan) -> None:
+def add_planned(lm: "LoraModel", plan: Plan) -> None:
     """The one path by which an adapter joins the model (`fxlora.transform`, `add_adapter`,
     `from_pretrained`, `load_adapter`): attach its modules, install the forwards (for the first
     adapter those the plan traced, `plan.roots`; else re-planned for every adapted module), record
@@ -123,7 +127,7 @@ def add_planned(lm, plan: Plan) -> None:
         state.sync_trainable(lm.training or first)
 
 
-def delete_adapter(lm, adapter_name: str) -> None:
+def delete_adapter(lm: "LoraModel", adapter_name: str) -> None:
     """Remove an adapter and its weights. If it was active, the remaining active adapters (or
     the first remaining adapter) become active. The last adapter cannot be deleted (use
     ``unload()``); nor can a merged one (unmerge it first)."""
@@ -147,7 +151,7 @@ def delete_adapter(lm, adapter_name: str) -> None:
 
 
 def add_weighted_adapter(
-    lm,
+    lm: "LoraModel",
     adapters: list[str],
     weights: list[float],
     adapter_name: str,
@@ -182,7 +186,7 @@ def add_weighted_adapter(
                 module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[owner].state_dict())
 
 
-def _plan_combination(lm, adapters, weights, adapter_name, combination_type, svd_rank):
+def _plan_combination(lm: "LoraModel", adapters, weights, adapter_name, combination_type, svd_rank):
     check_adapter_name(adapter_name)
     if adapter_name in lm.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; choose a new name (existing: {list(lm.peft_config)})")
@@ -242,28 +246,28 @@ def _plan_combination(lm, adapters, weights, adapter_name, combination_type, svd
     return layers, ranks, saved_from, config
 
 
-def set_adapter(lm, adapter_name: Union[str, list[str]]) -> None:
+def set_adapter(lm: "LoraModel", adapter_name: Union[str, list[str]]) -> None:
     """Make these adapters active (several active adapters sum their updates). O(adapters):
-    only the gate tensors change, so a compiled model does not recompile."""
+    a new gate state is published, so a compiled model does not recompile."""
     state = lm.adapter_state
     state.active = state.check_known(adapter_name)
     state.publish()
     state.sync_trainable(lm.training)
 
 
-def enable_adapter_layers(lm) -> None:
+def enable_adapter_layers(lm: "LoraModel") -> None:
     """Turn the active adapters back on after `disable_adapter_layers`."""
     lm.adapter_state.enabled = True
     lm.adapter_state.publish()
 
 
-def disable_adapter_layers(lm) -> None:
+def disable_adapter_layers(lm: "LoraModel") -> None:
     """Compute as the base model until `enable_adapter_layers` (see also `disable_adapter()`)."""
     lm.adapter_state.enabled = False
     lm.adapter_state.publish()
 
 
-def set_adapter_scale(lm, adapter_name: str, scale: float) -> None:
+def set_adapter_scale(lm: "LoraModel", adapter_name: str, scale: float) -> None:
     """Multiply an adapter's update by `scale` (1.0 restores it) — at run time, without
     recompiling."""
     state = lm.adapter_state
@@ -274,16 +278,16 @@ def set_adapter_scale(lm, adapter_name: str, scale: float) -> None:
     state.publish()
 
 
-def get_adapter_scale(lm, adapter_name: str) -> float:
+def get_adapter_scale(lm: "LoraModel", adapter_name: str) -> float:
     lm.adapter_state.check_known(adapter_name)
     return lm.adapter_state.scale_of(adapter_name)
 
 
-def _sync_trainable(lm, force: bool = False) -> None:
+def _sync_trainable(lm: "LoraModel", force: bool = False) -> None:
     lm.adapter_state.sync_trainable(lm.training, force)
 
 
-def set_trainable_adapter(lm, adapter_name: str, trainable: bool = True) -> None:
+def set_trainable_adapter(lm: "LoraModel", adapter_name: str, trainable: bool = True) -> None:
     """Allow (or forbid) an adapter's weights to train when it is active."""
     state = lm.adapter_state
     state.check_known(adapter_name)

@@ -1,12 +1,14 @@
 """Merging adapters into the base weights, unmerging, and unloading fxlora from a model.
 
-Mixin of `fxlora.LoraModel`: which adapters are merged is the merge steps of the model's
-`fxlora.model.state.AdapterState` (``adapter_state.merge_steps``), its one representation. Merging and
-unmerging hold `fxlora.runtime.calls.CALL_LOCK` exclusively: no call is in flight while weights change.
+The functions behind `fxlora.LoraModel`'s merge methods (``lm`` is the `LoraModel`). Which
+adapters are merged is the merge steps of its `fxlora.model.state.AdapterState`
+(``adapter_state.merge_steps``), their one representation. Merging and unmerging hold
+`fxlora.runtime.calls.CALL_LOCK` exclusively: no call is in flight while weights change.
 
 How a merged model computes: each merged adapter's update is in the base weights (folded on the
 graph path by the pass `fxlora.passes.merge`, and with the same code for eager-path layers), and its
-branch is multiplied by (wanted scale - merged scale) through the shared gate tensors. So a merged,
+branch is multiplied by (wanted scale - merged scale) through the adapter's gate (the published
+gate state, `fxlora.model.state.AdapterState.gate_values`). So a merged,
 active adapter's branch adds nothing; disabling it (``disable_adapter()``, ``set_adapter`` to another
 adapter, a new ``set_adapter_scale``) subtracts exactly what was folded in, with the weights left
 merged. None of it changes generated code, so a compiled model does not recompile.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, TYPE_CHECKING, Union
 
 import torch
 import torch.nn as nn
@@ -32,6 +34,9 @@ from fxlora.passes.merge import merge_graph, merge_targets
 from fxlora.model.state import MergeStep
 from fxlora.io import export
 
+if TYPE_CHECKING:  # pragma: no cover
+    from fxlora.model.lora_model import LoraModel
+
 __all__ = [
     "merge_adapter",
     "unmerge_adapter",
@@ -43,13 +48,13 @@ __all__ = [
 ]
 
 
-def _requested(lm, adapter_names: Optional[Union[str, Iterable[str]]]) -> list[str]:
+def _requested(lm: "LoraModel", adapter_names: Optional[Union[str, Iterable[str]]]) -> list[str]:
     if adapter_names is None:
         return list(lm.adapter_state.active)
     return lm.adapter_state.check_known(adapter_names)
 
 
-def merge_adapter(lm, adapter_names: Optional[Union[str, list[str]]] = None, safe_merge: bool = False) -> None:
+def merge_adapter(lm: "LoraModel", adapter_names: Optional[Union[str, list[str]]] = None, safe_merge: bool = False) -> None:
     """Fold adapters (default: the active ones) into the base weights.
 
     Each update ``B @ A * scaling * scale`` (``scale``: the adapter's run-time scale, see
@@ -71,12 +76,12 @@ def merge_adapter(lm, adapter_names: Optional[Union[str, list[str]]] = None, saf
     requested = _requested(lm, adapter_names)
     already = [a for a in requested if a in lm.merged_adapters]
     if already:
-        warnings.warn(f"adapter(s) {already} are already merged; merging them again is a no-op", UserWarning, stacklevel=2)
+        warnings.warn(f"adapter(s) {already} are already merged; merging them again is a no-op", UserWarning, stacklevel=3)
     _merge(lm, [a for a in requested if a not in already], safe_merge)
 
 
 @exclusive
-def _merge(lm, adapters: list[str], safe_merge: bool, exact: bool = True) -> None:
+def _merge(lm: "LoraModel", adapters: list[str], safe_merge: bool, exact: bool = True) -> None:
     if not adapters:
         return
     state = lm.adapter_state
@@ -104,7 +109,7 @@ def _merge(lm, adapters: list[str], safe_merge: bool, exact: bool = True) -> Non
     state.publish()
 
 
-def _graph_units(lm) -> list[tuple[str, nn.Module, list]]:
+def _graph_units(lm: "LoraModel") -> list[tuple[str, nn.Module, list]]:
     """(name prefix, root, traced base graphs) of every graph root."""
     units = []
     for name, module in lm.model.named_modules():
@@ -114,7 +119,7 @@ def _graph_units(lm) -> list[tuple[str, nn.Module, list]]:
     return units
 
 
-def _merge_layers(lm, adapters: list[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+def _merge_layers(lm: "LoraModel", adapters: list[str]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """(every layer carrying any of `adapters`, the *direct* ones among them). The graph roots'
     layers are those their traced graphs call (found by the merge pass); the direct ones are
     the rest (eager-path layers, and graph-root layers no traced call pattern has reached yet),
@@ -133,19 +138,19 @@ def _merge_layers(lm, adapters: list[str]) -> tuple[dict[str, nn.Module], dict[s
     return every, direct
 
 
-def unmerge_adapter(lm) -> None:
+def unmerge_adapter(lm: "LoraModel") -> None:
     """Take every merged adapter out of the base weights again, restoring the exact pre-merge
     weights (bit for bit, where neither the merged weights nor the adapter weights changed
     since the merge; elsewhere the update is subtracted). Unmerging an unmerged model is a
     no-op with a warning."""
     if not lm.adapter_state.merge_steps:
-        warnings.warn("no adapter is merged; unmerge_adapter() is a no-op", UserWarning, stacklevel=2)
+        warnings.warn("no adapter is merged; unmerge_adapter() is a no-op", UserWarning, stacklevel=3)
         return
     _unmerge_all(lm)
 
 
 @exclusive
-def _unmerge_all(lm) -> None:
+def _unmerge_all(lm: "LoraModel") -> None:
     state = lm.adapter_state
     while state.merge_steps:
         step = state.merge_steps[-1]
@@ -155,7 +160,7 @@ def _unmerge_all(lm) -> None:
     state.publish()
 
 
-def merge_and_unload(lm, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
+def merge_and_unload(lm: "LoraModel", safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
     """Merge adapters (default: the active ones, plus any merged before) and return the
     user's own model object with nothing of fxlora left: original module classes and
     ``forward`` code, ``state_dict()`` keys of the untransformed model, the user's original
@@ -176,7 +181,7 @@ def merge_and_unload(lm, safe_merge: bool = False, adapter_names: Optional[list[
     return _strip_and_close(lm, copies)
 
 
-def unload(lm) -> nn.Module:
+def unload(lm: "LoraModel") -> nn.Module:
     """Return the user's own model object as it was before `fxlora.transform` (merged adapters
     are unmerged first, exactly), with nothing of fxlora left. This `LoraModel` cannot be used
     afterwards."""
@@ -185,7 +190,7 @@ def unload(lm) -> nn.Module:
     return _strip_and_close(lm, {})
 
 
-def _strip_and_close(lm, copies: dict[str, dict]) -> nn.Module:
+def _strip_and_close(lm: "LoraModel", copies: dict[str, dict]) -> nn.Module:
     model = lm.model
     strip(model)
     for name, state in copies.items():
@@ -198,14 +203,14 @@ def _strip_and_close(lm, copies: dict[str, dict]) -> nn.Module:
     return model
 
 
-def merged_state_dict(lm, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> dict[str, torch.Tensor]:
+def merged_state_dict(lm: "LoraModel", adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> dict[str, torch.Tensor]:
     """The ``state_dict()`` that `merge_and_unload` would leave on the model, computed into new
     tensors for the adapted layers; this model is not changed. See `fxlora.io.export`."""
 
     return export.merged_state_dict(lm, _requested(lm, adapter_names), safe_merge)
 
 
-def save_merged(lm, path: Union[str, Path], adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> Path:
+def save_merged(lm: "LoraModel", path: Union[str, Path], adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> Path:
     """Write the merged weights (`merged_state_dict`) for the original model class, atomically;
     this model is not changed. A path ending in ``.safetensors`` (or any path, for a model that
     is not a transformers ``PreTrainedModel``) gets one safetensors file, loadable with
