@@ -94,7 +94,6 @@ class TargetMeta:
     kind: "LayerKind"  # `fxlora.kinds`: everything that depends on the layer's type
     fan_in_fan_out: bool
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
-    merged: list[str] = field(default_factory=list)
     stack: Optional[Any] = field(default=None, compare=False, repr=False)  # `fxlora.core.stacks.layer_stack`
 
 

@@ -4,13 +4,13 @@ in its module (``load_state_dict(assign=True)``) is still found."""
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch.nn as nn
 
 from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
 
-__all__ = ["Slot", "lora_slots", "lora_parameters", "set_trainable", "TrainableFlags"]
+__all__ = ["Slot", "lora_slots", "lora_parameters", "bias_slots", "set_trainable", "TrainableFlags"]
 
 #: where a parameter lives: its owning module and its name in that module's ``_parameters``
 Slot = tuple[nn.Module, str]
@@ -42,23 +42,33 @@ def lora_parameters(model: nn.Module, adapter: str) -> Iterator[nn.Parameter]:
     return (owner._parameters[name] for owner, name in lora_slots(model, adapter))
 
 
-def _bias_slots(model: nn.Module, bias: str) -> Iterator[Slot]:
-    """Where the base biases a ``bias`` setting trains live: "all" every parameter named ``bias``
-    of the base model (not of fxlora's modules, nor the originals of `modules_to_save` modules),
-    "lora_only" those of the adapted layers, "none" none."""
+def bias_slots(model: nn.Module, bias: str, targets: Iterable[nn.Module], saved: Iterable[nn.Module]) -> Iterator[Slot]:
+    """The one ``bias=`` rule: where the base biases a ``bias`` setting trains live, for an
+    adapter on the layers `targets` with the `modules_to_save` modules `saved` (attached or only
+    planned): "all" every parameter named ``bias`` of the base model (not of fxlora's modules, nor
+    of the originals of `saved` modules), "lora_only" those of `targets`, "none" none."""
     if bias == "none":
         return
     if bias == "lora_only":
-        for m in model.modules():
-            if target_meta(m) is not None and m._parameters.get("bias") is not None:
+        for m in targets:
+            if m._parameters.get("bias") is not None:
                 yield m, "bias"
         return
-    saved_originals = {id(p) for m in model.modules() if saved_meta(m) is not None for p in _own_params(m)}
+    saved_originals = {id(p) for m in saved for p in _own_params(m)}
     internal = {id(p) for m in model.modules() for p in _fxlora_params(m)}
+    seen = set()
     for m in model.modules():
         p = m._parameters.get("bias")
-        if p is not None and id(p) not in saved_originals and id(p) not in internal:
+        if p is not None and id(p) not in saved_originals and id(p) not in internal and id(p) not in seen:
+            seen.add(id(p))
             yield m, "bias"
+
+
+def _bias_slots(model: nn.Module, bias: str) -> Iterator[Slot]:
+    """`bias_slots` for the adapters attached to `model`."""
+    targets = [m for m in model.modules() if target_meta(m) is not None]
+    saved = [m for m in model.modules() if saved_meta(m) is not None]
+    return bias_slots(model, bias, targets, saved)
 
 
 def _fxlora_params(module: nn.Module) -> Iterator[nn.Parameter]:

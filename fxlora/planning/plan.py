@@ -26,6 +26,7 @@ import torch.nn as nn
 from fxlora.config import LoraConfig
 from fxlora.kinds import LayerKind, kind_of
 from fxlora.core.layers import AdapterSpec, check_adapter_name
+from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.tracing.probe import observe_calls
@@ -260,17 +261,8 @@ def _count_params(model: nn.Module, config: LoraConfig, targets: list[TargetPlan
     base = sum(p.numel() for p in model.parameters())
     lora = sum(t.added_params for t in targets)
     copies = sum(s.params for s in saved)
-    saved_ids = {id(p) for s in saved for p in s.module.parameters()}
-    if config.bias == "all":
-        biases = {
-            id(p): p.numel()
-            for n, p in model.named_parameters()
-            if n.rsplit(".", 1)[-1] == "bias" and id(p) not in saved_ids
-        }
-    elif config.bias == "lora_only":
-        biases = {id(t.module.bias): t.module.bias.numel() for t in targets if getattr(t.module, "bias", None) is not None}
-    else:
-        biases = {}
+    slots = bias_slots(model, config.bias, [t.module for t in targets], [s.module for s in saved])
+    biases = {id(p): p.numel() for p in (owner._parameters[name] for owner, name in slots)}
     trainable = lora + copies + sum(biases.values())
     return base, trainable, base + lora + copies
 
