@@ -145,11 +145,18 @@ def check_adapter_name(name: object) -> str:
 
 # --------------------------------------------------------------------- creation
 def _child_dict(module: nn.Module, name: str, factory: type) -> nn.Module:
+    """`module`'s child `name`, made with `factory` (in `module`'s mode) if it has none yet."""
     child = module._modules.get(name)
     if child is None:
-        child = factory()
+        child = _in_mode_of(module, factory())
         module.add_module(name, child)
     return child
+
+
+def _in_mode_of(layer: nn.Module, new: nn.Module) -> nn.Module:
+    """`new` (and everything under it) in `layer`'s mode, train or eval: a module attached to an
+    eval layer must not run dropout (``nn.Module`` is made in train mode)."""
+    return new.train(layer.training)
 
 
 def attach_adapter(
@@ -163,7 +170,7 @@ def attach_adapter(
     """Create adapter `adapter` on the layer `module`, of the kind `kind` (`fxlora.kinds.kind_of`),
     and initialise it (`LayerKind.make_factors`: random numbers in PEFT's order, so a seeded run
     gives PEFT's initial weights). Adapter weights are placed on the base weight's device, in
-    `adapter_dtype`. Returns the module's `TargetMeta`.
+    `adapter_dtype`, in `module`'s mode (train or eval). Returns the module's `TargetMeta`.
     """
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(kind.fan_in_fan_out(module))  # the layer's own layout
@@ -173,6 +180,8 @@ def attach_adapter(
     weight = module.weight
     made = kind.make_factors(module, spec, init, device=weight.device, dtype=adapter_dtype(weight))
     for holder, value in made.items():
+        if isinstance(value, nn.Module):
+            value = _in_mode_of(module, value)
         _child_dict(module, holder, nn.ParameterDict if isinstance(value, nn.Parameter) else nn.ModuleDict)[adapter] = value
 
     meta.adapters[adapter] = spec
@@ -181,11 +190,12 @@ def attach_adapter(
 
 
 def attach_saved_copy(module: nn.Module, adapter: str) -> None:
-    """Give `module` (a `modules_to_save` entry) a trainable deep copy for `adapter`."""
+    """Give `module` (a `modules_to_save` entry) a trainable deep copy for `adapter`, in
+    `module`'s mode (train or eval)."""
     meta = saved_meta(module) or SavedMeta()
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already has a copy of {type(module).__name__}")
-    copy_of = _copy_without_fxlora(module)
+    copy_of = _in_mode_of(module, _copy_without_fxlora(module))
     _child_dict(module, "modules_to_save", nn.ModuleDict)[adapter] = copy_of
     meta.adapters.append(adapter)
     module.__dict__[META_ATTR] = meta
