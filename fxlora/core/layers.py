@@ -24,7 +24,7 @@ and the adapter gates are the call's (`fxlora.core.gates.GateState`), never a te
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch.nn as nn
 
@@ -95,7 +95,6 @@ class TargetMeta:
     fan_in_fan_out: bool
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
-    stack: Optional[Any] = field(default=None, compare=False, repr=False)  # `fxlora.core.stacks.layer_stack`
 
 
 @dataclass
@@ -226,7 +225,6 @@ def remove_adapter(module: nn.Module, adapter: str) -> None:
     meta = module.__dict__.get(META_ATTR)
     if isinstance(meta, TargetMeta):
         meta.adapters.pop(adapter, None)
-        meta.stack = None  # it may hold the removed adapter's weights
         left = bool(meta.adapters)
     elif isinstance(meta, SavedMeta):
         if adapter in meta.adapters:
