@@ -24,7 +24,7 @@ and the adapter gates are the call's (`fxlora.core.gates.GateState`), never a te
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch.nn as nn
 
@@ -94,7 +94,6 @@ class TargetMeta:
     kind: "LayerKind"  # `fxlora.kinds`: everything that depends on the layer's type
     fan_in_fan_out: bool
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
-    stack: Optional[Any] = field(default=None, compare=False, repr=False)  # `fxlora.core.stacks.layer_stack`
 
 
 @dataclass
@@ -144,11 +143,18 @@ def check_adapter_name(name: object) -> str:
 
 # --------------------------------------------------------------------- creation
 def _child_dict(module: nn.Module, name: str, factory: type) -> nn.Module:
+    """`module`'s child `name`, made with `factory` (in `module`'s mode) if it has none yet."""
     child = module._modules.get(name)
     if child is None:
-        child = factory()
+        child = _in_mode_of(module, factory())
         module.add_module(name, child)
     return child
+
+
+def _in_mode_of(layer: nn.Module, new: nn.Module) -> nn.Module:
+    """`new` (and everything under it) in `layer`'s mode, train or eval: a module attached to an
+    eval layer must not run dropout (``nn.Module`` is made in train mode)."""
+    return new.train(layer.training)
 
 
 def attach_adapter(
@@ -162,7 +168,7 @@ def attach_adapter(
     """Create adapter `adapter` on the layer `module`, of the kind `kind` (`fxlora.kinds.kind_of`),
     and initialise it (`LayerKind.make_factors`: random numbers in PEFT's order, so a seeded run
     gives PEFT's initial weights). Adapter weights are placed on the base weight's device, in
-    `adapter_dtype`. Returns the module's `TargetMeta`.
+    `adapter_dtype`, in `module`'s mode (train or eval). Returns the module's `TargetMeta`.
     """
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(kind.fan_in_fan_out(module))  # the layer's own layout
@@ -172,6 +178,8 @@ def attach_adapter(
     weight = module.weight
     made = kind.make_factors(module, spec, init, device=weight.device, dtype=adapter_dtype(weight))
     for holder, value in made.items():
+        if isinstance(value, nn.Module):
+            value = _in_mode_of(module, value)
         _child_dict(module, holder, nn.ParameterDict if isinstance(value, nn.Parameter) else nn.ModuleDict)[adapter] = value
 
     meta.adapters[adapter] = spec
@@ -180,11 +188,12 @@ def attach_adapter(
 
 
 def attach_saved_copy(module: nn.Module, adapter: str) -> None:
-    """Give `module` (a `modules_to_save` entry) a trainable deep copy for `adapter`."""
+    """Give `module` (a `modules_to_save` entry) a trainable deep copy for `adapter`, in
+    `module`'s mode (train or eval)."""
     meta = saved_meta(module) or SavedMeta()
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already has a copy of {type(module).__name__}")
-    copy_of = _copy_without_fxlora(module)
+    copy_of = _in_mode_of(module, _copy_without_fxlora(module))
     _child_dict(module, "modules_to_save", nn.ModuleDict)[adapter] = copy_of
     meta.adapters.append(adapter)
     module.__dict__[META_ATTR] = meta
@@ -215,7 +224,6 @@ def remove_adapter(module: nn.Module, adapter: str) -> None:
     meta = module.__dict__.get(META_ATTR)
     if isinstance(meta, TargetMeta):
         meta.adapters.pop(adapter, None)
-        meta.stack = None  # it may hold the removed adapter's weights
         left = bool(meta.adapters)
     elif isinstance(meta, SavedMeta):
         if adapter in meta.adapters:

@@ -7,14 +7,13 @@ shape- and dtype-dependent logic of the branch, so the branch itself stays strai
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch.utils import _pytree as pytree
 
 from fxlora.dtypes import cast_like
 from fxlora.core.gates import GateState
-from fxlora.core.stacks import adapter_weights, layer_stack
 
 __all__ = [
     "adapter_gate",
@@ -26,6 +25,7 @@ __all__ = [
     "stacked_linear_update",
     "stacked_layer_update",
     "grouped_linear_update",
+    "adapter_weights",
     "add_scaled_linear",
     "add_linear_product",
     "scale_by",
@@ -120,7 +120,8 @@ def stacked_layer_update(
     one node per layer instead of one attribute read per tensor.
 
     Serving (no autograd, rows grouped by adapter: `fxlora.core.rows.RowGroups`), each adapter computes
-    on its own rows only (`grouped_linear_update`, on the layer's `fxlora.core.stacks.AdapterStack`).
+    on its own rows only (`grouped_linear_update`), on its weights as they are now (nothing is
+    kept between calls, so no write to them can be missed).
     Otherwise (with autograd, or with a merged adapter, which some rows subtract) every adapter
     computes on every row and the row gates keep the right ones (`stacked_linear_update`).
 
@@ -132,34 +133,58 @@ def stacked_layer_update(
         plan = groups.plan(adapters)
         if plan is None:
             return base
-        stack = layer_stack(layer, plan.adapters, tuple(scalings[adapters.index(a)] for a in plan.adapters))
-        return grouped_linear_update(x, base, (stack.a, stack.b), plan.index, plan.factors)
+        factors = [scale * scalings[i] for scale, i in zip(plan.scales, plan.positions)]
+        return grouped_linear_update(x, base, adapter_weights(layer, plan.adapters), plan.index, factors)
     lora_a, lora_b = adapter_weights(layer, adapters)
     factors = [(s, gates.scale_of(a, x)) for s, a in zip(scalings, adapters)]
     return stacked_linear_update(x, lora_a, lora_b, factors, base)
 
 
 def grouped_linear_update(
-    x: torch.Tensor, base: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, factors: torch.Tensor
+    x: torch.Tensor,
+    base: torch.Tensor,
+    weights: tuple[list[torch.Tensor], list[torch.Tensor]],
+    index: tuple[torch.Tensor, ...],
+    factors: list[float],
 ) -> torch.Tensor:
-    """``base`` plus, on the rows listed in `index` (K groups of G rows), group k's adapter update
-    times its factor: two batched matmuls over the K adapters, ``(K, G*, in) @ (K, in, R)`` and
-    ``(K, G*, R) @ (K, R, out)``, then one ``index_add`` into a copy of `base` (padding entries
-    have factor 0 and add nothing), in the adapters' dtype and rounded once to `base`'s (as
-    `add_update` does).
+    """``base`` plus, on each group's rows (``index[k]``), adapter k's update ``x @ A_k.T @ B_k.T``
+    times ``factors[k]``: per adapter two matmuls on its own rows and one ``index_add`` into a
+    copy of `base`, in the first A's dtype and rounded once to `base`'s (as `add_update` does).
 
-    Requires: `stacks` ``(K, in, R)`` A weights transposed and ``(K, R, out)`` B weights transposed
-    times their scalings (`fxlora.core.stacks.AdapterStack`); `index`
-    ``(K * G,)`` and `factors` ``(K, G, 1)`` from `fxlora.core.rows.GroupPlan`.
+    It reads the weights themselves, never a copy kept between calls: a kept copy (say the
+    adapters' weights stacked for batched matmuls) needs a test that sees every write to them,
+    and there is none both cheap and exact: ``Tensor._version`` misses writes through ``p.data``
+    (``p.data.add_``, ``p.data.copy_``: a tensor with a counter of its own) and fused optimizer
+    steps (``torch.optim.AdamW(fused=True)``), storages carry no version, and comparing contents
+    reads as much as copying. Stacking on every call instead copies the K adapters' weights per
+    layer and call, and measures slower than these K pairs of small matmuls, which run as fast
+    as batched matmuls on kept stacks did (``benchmarks/bench_serving_stacks.py``).
+
+    Requires: `weights` ``([A_1..A_K], [B_1..B_K])`` linear weights (`adapter_weights`), `index`
+    K tensors of row numbers (`fxlora.core.rows.GroupPlan`), `factors` K numbers.
     """
-    stacked_a, stacked_b = stacks
-    groups, rank = stacked_a.shape[0], stacked_a.shape[2]
-    rows = cast_like(x, stacked_a).index_select(0, index)
-    hidden = torch.bmm(rows.view(groups, -1, stacked_a.shape[1]), stacked_a)
-    hidden = hidden.view(factors.shape[0], factors.shape[1], -1) * cast_like(factors, hidden)  # over positions and ranks
-    update = torch.bmm(hidden.view(groups, -1, rank), stacked_b)
-    out = cast_like(base, update).index_add(0, index, update.view(index.shape[0], *base.shape[1:]))
+    lora_a, lora_b = weights
+    x = cast_like(x, lora_a[0])
+    out = base.to(x.dtype, copy=True)
+    for rows, wa, wb, factor in zip(index, lora_a, lora_b, factors):
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x.index_select(0, rows), cast_like(wa, x)), cast_like(wb, x))
+        out.index_add_(0, rows, update, alpha=factor)
     return cast_like(out, base)
+
+
+def adapter_weights(layer: torch.nn.Module, adapters: Iterable[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``([A_1, ..., A_K], [B_1, ..., B_K])``: the weights of a layer's ``lora_A`` / ``lora_B``
+    modules for `adapters`."""
+    children = layer._modules
+    found = []
+    for holder in (children["lora_A"]._modules, children["lora_B"]._modules):
+        row = []
+        for adapter in adapters:
+            module = holder[adapter]
+            weight = module._parameters.get("weight")
+            row.append(module.weight if weight is None else weight)
+        found.append(row)
+    return found[0], found[1]
 
 
 def add_scaled_linear(

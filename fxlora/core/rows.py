@@ -15,12 +15,13 @@ __all__ = ["GroupPlan", "RowGroups"]
 
 
 class GroupPlan(NamedTuple):
-    """The rows of a mixed batch that use some of a layer's adapters, grouped by adapter and padded
-    to equal groups, for batched matmuls over the adapters (`fxlora.core.ops.grouped_linear_update`)."""
+    """The rows of a mixed batch that use some of a layer's adapters, one group per adapter
+    (`fxlora.core.ops.grouped_linear_update`)."""
 
     adapters: tuple[str, ...]  # the layer's adapters that some row uses, in the layer's order
-    index: torch.Tensor  # (K * G,) row numbers, group after group, padded with the group's first row
-    factors: torch.Tensor  # (K, G, 1) each entry's run-time adapter scale, 0 for padding
+    positions: tuple[int, ...]  # where each of them is among the layer's adapters
+    index: tuple[torch.Tensor, ...]  # each one's row numbers, (rows using it,)
+    scales: tuple[float, ...]  # each one's run-time scale in this batch (never 0)
 
 
 class RowGroups:
@@ -37,6 +38,7 @@ class RowGroups:
                 self.members.setdefault(name, []).append(row)
         self.scales = scales
         self.device = device
+        self._index: dict[str, torch.Tensor] = {}
         self._plans: dict[tuple[str, ...], Optional[GroupPlan]] = {}
 
     def plan(self, adapters: tuple[str, ...]) -> Optional[GroupPlan]:
@@ -46,17 +48,14 @@ class RowGroups:
         return self._plans[adapters]
 
     def _make_plan(self, adapters: tuple[str, ...]) -> Optional[GroupPlan]:
-        used = tuple(a for a in adapters if a in self.members)
-        if not used:
+        positions = tuple(i for i, a in enumerate(adapters) if a in self.members)
+        if not positions:
             return None
-        size = max(len(self.members[a]) for a in used)
-        index, factors = [], []
-        for a in used:
-            rows = self.members[a]
-            index += rows + [rows[0]] * (size - len(rows))
-            factors += [self.scales[a]] * len(rows) + [0.0] * (size - len(rows))
-        return GroupPlan(
-            used,
-            torch.tensor(index, device=self.device),
-            torch.tensor(factors, device=self.device).view(len(used), size, 1),
-        )
+        used = tuple(adapters[i] for i in positions)
+        return GroupPlan(used, positions, tuple(self._rows_of(a) for a in used), tuple(self.scales[a] for a in used))
+
+    def _rows_of(self, adapter: str) -> torch.Tensor:
+        """The row numbers using `adapter`, one tensor per call shared by every layer."""
+        if adapter not in self._index:
+            self._index[adapter] = torch.tensor(self.members[adapter], device=self.device)
+        return self._index[adapter]

@@ -11,9 +11,9 @@ Python loop over rows, no sub-batch indexing), so a compiled model compiles once
 shape and never again for a new assignment of adapters to rows.
 
 Eager serving (no autograd) does less work: `fxlora.core.rows.RowGroups` records which rows use which adapter, and
-each linear layer computes every adapter on its own rows only, with two batched matmuls over the
-adapters on their weights stacked once and kept between calls (`fxlora.core.ops.stacked_layer_update`,
-`fxlora.core.stacks`). No Python loop over rows or adapters runs per layer.
+each linear layer computes every adapter on its own rows only, on the adapters' weights as they
+are (`fxlora.core.ops.stacked_layer_update`: nothing is kept between calls, so no write to a
+weight can be missed). No Python loop over rows runs per layer; one over the adapters used does.
 """
 
 from __future__ import annotations

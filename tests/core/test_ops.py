@@ -38,20 +38,27 @@ def test_gradients_reach_every_adapter_weight():
 def test_grouped_update_adds_each_groups_adapter_to_its_rows_only():
     from fxlora.core.ops import grouped_linear_update
 
-    lora_a, lora_b = weights(ranks=(2, 4))  # ranks padded with zeros to 4
-    scalings = [torch.tensor(0.5), torch.tensor(3.0)]
-    stacked_a = torch.zeros(2, 6, 4)
-    stacked_b = torch.zeros(2, 4, 5)
-    for i, (a, b, s) in enumerate(zip(lora_a, lora_b, scalings)):
-        stacked_a[i, :, : a.shape[0]] = a.T
-        stacked_b[i, : b.shape[1]] = (b * s).T
+    lora_a, lora_b = weights(ranks=(2, 4))
     x, base = torch.randn(5, 2, 6), torch.randn(5, 2, 5)  # rows, positions, features
-    # adapter 0 on row 3 (padded with row 3 again, factor 0), adapter 1 on rows 0 and 4 (scale 2)
-    index = torch.tensor([3, 3, 0, 4])
-    factors = torch.tensor([[1.0], [0.0], [2.0], [2.0]]).view(2, 2, 1)
-    got = grouped_linear_update(x, base, (stacked_a, stacked_b), index, factors)
+    # adapter 0 on row 3 with factor 0.5, adapter 1 on rows 0 and 4 with factor 6
+    index = (torch.tensor([3]), torch.tensor([0, 4]))
+    kept = base.clone()
+    got = grouped_linear_update(x, base, (lora_a, lora_b), index, [0.5, 6.0])
     expected = base.clone()
     expected[3] += (x[3] @ lora_a[0].T) @ lora_b[0].T * 0.5
     for row in (0, 4):
-        expected[row] += (x[row] @ lora_a[1].T) @ lora_b[1].T * 3.0 * 2.0
+        expected[row] += (x[row] @ lora_a[1].T) @ lora_b[1].T * 6.0
     torch.testing.assert_close(got, expected)
+    assert torch.equal(base, kept)  # base itself is not written
+
+
+def test_grouped_update_computes_in_the_adapters_dtype_and_rounds_once():
+    from fxlora.core.ops import grouped_linear_update
+
+    lora_a, lora_b = weights(ranks=(3,))
+    x, base = torch.randn(4, 6).bfloat16(), torch.randn(4, 5).bfloat16()
+    got = grouped_linear_update(x, base, (lora_a, lora_b), (torch.tensor([1, 2]),), [2.0])
+    expected = base.float()
+    expected[1:3] += (x[1:3].float() @ lora_a[0].T) @ lora_b[0].T * 2.0
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected.bfloat16())

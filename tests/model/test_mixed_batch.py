@@ -213,11 +213,16 @@ def test_mixed_batch_equals_row_by_row(setup, mode, policy):
 
 
 def test_serving_groups_rows_by_adapter(monkeypatch):
-    """Eager serving computes each adapter on its own rows only (batched matmuls over the adapters),
-    not every adapter on every row; with autograd, or with a merged adapter, it computes densely."""
+    """Eager serving computes each adapter on its own rows only, not every adapter on every row;
+    with autograd, or with a merged adapter, it computes densely."""
     grouped = []
     original = fxlora.core.ops.grouped_linear_update
-    monkeypatch.setattr(fxlora.core.ops, "grouped_linear_update", lambda x, base, stacks, index, factors: grouped.append(index.tolist()) or original(x, base, stacks, index, factors))
+
+    def spy(x, base, weights, index, factors):
+        grouped.append([rows.tolist() for rows in index])
+        return original(x, base, weights, index, factors)
+
+    monkeypatch.setattr(fxlora.core.ops, "grouped_linear_update", spy)
     torch.manual_seed(0)
     model = fxlora.transform(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"], r=2, init_lora_weights=False), adapter_name="a")
     model.add_adapter("b", LoraConfig(target_modules=["0"], r=3, init_lora_weights=False))
@@ -226,7 +231,7 @@ def test_serving_groups_rows_by_adapter(monkeypatch):
     x = torch.randn(5, 4)
     with torch.no_grad():
         served = model(x, adapter_names=names)
-    assert grouped == [[2, 2, 2, 0, 3, 4]]  # a: row 2 (padded to 3 entries); b: rows 0, 3, 4
+    assert grouped == [[[2], [0, 3, 4]]]  # a: row 2; b: rows 0, 3, 4
     with torch.enable_grad():
         dense = model(x, adapter_names=names)
     assert len(grouped) == 1
@@ -274,3 +279,109 @@ def test_half_precision_base_with_float32_adapters(mode):
         out = model(x, adapter_names=names).detach().clone()
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, row_by_row(model, x, names).detach())
+
+
+# --------------------------------------------------------------------------- every kind of update
+
+def served_pair():
+    """Two adapters of different ranks on the linear layers of `SequenceStack` (one on an eager
+    path), in eval mode, with a batch and a mixed assignment of its rows."""
+    torch.manual_seed(0)
+    model = fxlora.transform(SequenceStack(5), LoraConfig(target_modules=LAYERS, r=2, init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(target_modules=["inp", "mid.fc"], r=3, lora_alpha=6, init_lora_weights=False))
+    model.eval()
+    return model, torch.randn(5, 5), ["b", "a", "__base__", "a", "b"]
+
+
+def adapter_params(model) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+def optimizer_step(**options):
+    def update(model):
+        params = adapter_params(model)
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = torch.randn_like(p)
+        torch.optim.AdamW(params, lr=0.5, **options).step()
+
+    return update
+
+
+def load_changed(assign: bool):
+    def update(model):
+        state = {k: v + torch.randn_like(v) if ".lora_" in k else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=assign)
+
+    return update
+
+
+def data_add(model):
+    for p in adapter_params(model):
+        p.data.add_(torch.randn_like(p))
+
+
+def data_copy(model):
+    for p in adapter_params(model):
+        p.data.copy_(torch.randn_like(p))
+
+
+def data_set(model):
+    for p in adapter_params(model):
+        p.data = torch.randn_like(p)
+
+
+def in_place(model):
+    with torch.no_grad():
+        for p in adapter_params(model):
+            p.mul_(-2)
+
+
+def replaced(model):
+    for name in ("inp.lora_A.b", "mid.fc.lora_B.a", "out.lora_A.a"):
+        module = model.get_submodule(name)
+        module.weight = nn.Parameter(torch.randn_like(module.weight))
+
+
+UPDATES = {
+    "adamw-fused": optimizer_step(fused=True),
+    "adamw-foreach": optimizer_step(foreach=True),
+    "adamw-for-loop": optimizer_step(foreach=False),
+    "data-add": data_add,
+    "data-copy": data_copy,
+    "data-set": data_set,
+    "in-place": in_place,
+    "load_state_dict": load_changed(assign=False),
+    "load_state_dict-assign": load_changed(assign=True),
+    "replaced": replaced,
+}
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference"])
+@pytest.mark.parametrize("update", list(UPDATES))
+def test_served_mixed_batches_follow_every_kind_of_update(update, mode):
+    """However the adapters' weights are written (optimizer steps of every implementation, writes
+    through ``.data``, ``load_state_dict`` with or without ``assign``, replaced parameters), the
+    next served mixed batch computes with the new weights, as a plain call does."""
+    model, x, names = served_pair()
+    with MODES[mode]():
+        before = model(x, adapter_names=names).clone()
+    UPDATES[update](model)
+    with MODES[mode]():
+        after = model(x, adapter_names=names).clone()
+    with torch.no_grad():
+        expected = row_by_row(model, x, names)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, expected)  # the update changed what the adapters compute
+
+
+@given(steps=st.lists(st.tuples(st.sampled_from(["serve", *UPDATES]), st.permutations(["b", "a", "__base__", "a", "b"])), min_size=1, max_size=6))
+def test_served_mixed_batches_follow_any_sequence_of_updates(steps):
+    """Any sequence of updates of any kind and served mixed batches (any assignment of rows):
+    every served batch equals its rows computed one by one with the weights of that moment."""
+    model, x, _ = served_pair()
+    for step, names in steps:
+        if step != "serve":
+            UPDATES[step](model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, adapter_names=list(names)), row_by_row(model, x, list(names)), rtol=1e-5, atol=1e-5)
