@@ -33,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import IO, Callable, Iterator, Optional
 
 from fxlora.io.atomic import fs_errors, fsync_dir, fsync_file
 from fxlora.io.peft_format import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: saves to one directory are not serialised
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PREFIX", "FoundPair", "DirState", "current_pair", "dir_state", "replace_pair", "clear_leftovers"]
+__all__ = ["PREFIX", "FoundPair", "DirState", "current_pair", "dir_state", "file_identity", "replace_pair", "clear_leftovers"]
 
 #: every file or directory a save creates beside the adapter's files starts with this
 PREFIX = ".fxlora-"
@@ -67,6 +67,10 @@ class DirState:
     touched the directory in between (renames and links change ctime; new files are new inodes)."""
 
     entries: tuple[tuple[str, int, int, int, int], ...]
+
+    def identity(self, name: str) -> Optional[tuple[int, int, int, int]]:
+        """(inode, size, mtime, ctime) of the entry `name`, None if absent."""
+        return next((tuple(rest) for n, *rest in self.entries if n == name), None)
 
     @property
     def in_transaction(self) -> bool:
@@ -103,6 +107,12 @@ def current_pair(directory: Path) -> Optional[FoundPair]:
     return None
 
 
+def file_identity(fh: IO[bytes]) -> tuple[int, int, int, int]:
+    """(inode, size, mtime, ctime) of an open file, as `DirState.identity` gives them."""
+    st = os.fstat(fh.fileno())
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def dir_state(directory: Path) -> DirState:
     """The `DirState` of `directory` now."""
     watched = (*_PAIR, LEGACY_WEIGHTS_NAME)
@@ -133,17 +143,16 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _remove(path: Path) -> None:
-    """Remove a file or directory tree; a tree is first renamed to a ``.fxlora-tmp-`` name, so a
-    half-removed one is never taken for a pair."""
+    """Remove a file or directory tree; a tree is first renamed to a ``.fxlora-tmp-`` name where it
+    can be, so a half-removed one is not taken for a pair (a pair is read only when complete)."""
     if path.is_dir() and not path.name.startswith(_TMP):
         trash = path.with_name(f"{_TMP}{_new_id()}-removed")
-        try:
+        with contextlib.suppress(OSError):
             os.rename(path, trash)
-        except OSError:
-            return
-        path = trash
+            path = trash
     if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
+        for _ in range(2):  # a second pass for what a passing failure left
+            shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(OSError):
             path.unlink()
@@ -169,9 +178,13 @@ def _stage(directory: Path, write: Callable[[Path], None]) -> Path:
         fsync_dir(tmp)
         with fs_errors("rename", tmp):
             os.rename(tmp, txn)
-        fsync_dir(directory)
     except BaseException:
         _remove(tmp)
+        raise
+    try:
+        fsync_dir(directory)
+    except BaseException:
+        _remove(txn)
         raise
     return txn
 

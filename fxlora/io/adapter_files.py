@@ -15,6 +15,7 @@ Every tensor of a file is checked against the model (`fit_tensors`) before anyth
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -23,15 +24,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import BinaryIO, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from fxlora.io.adapter_dir import current_pair, dir_state, replace_pair
+from fxlora.io.adapter_dir import current_pair, dir_state, file_identity, replace_pair
 from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file
 from fxlora.config import LoraConfig
 from fxlora.core.layers import fxlora_internal_names
@@ -107,18 +108,20 @@ def read_adapter_dir(directory: PathLike, allow_bin: bool = False) -> AdapterFil
         raise FileNotFoundError(f"adapter directory {str(path)!r} {what}")
     for attempt in range(_READ_ATTEMPTS):
         before = dir_state(path)
-        try:
-            files, verdict = _read_current_pair(path, allow_bin)
-        except (FileNotFoundError, CheckpointError):
-            if dir_state(path) == before:
-                raise
-        else:
-            quiet = dir_state(path) == before
-            if verdict == _MATCH or (quiet and verdict == _UNSIGNED):
-                return files
-            if quiet and not before.in_transaction:
-                files.notes.append(f"{files.config_path} is not the config {files.weights_path.name} was saved with (edited since?); loaded as it is")
-                return files
+        with contextlib.ExitStack() as pins:  # open files keep their inodes from being reused
+            try:
+                files, verdict, read = _read_current_pair(path, allow_bin, pins)
+            except (FileNotFoundError, CheckpointError):
+                if dir_state(path) == before:
+                    raise
+            else:
+                after = dir_state(path)
+                quiet = after == before and all(after.identity(name) == ident for name, ident in read)
+                if verdict == _MATCH or (quiet and verdict == _UNSIGNED):
+                    return files
+                if quiet and not before.in_transaction:
+                    files.notes.append(f"{files.config_path} is not the config {files.weights_path.name} was saved with (edited since?); loaded as it is")
+                    return files
         time.sleep(min(0.002 * 2**attempt, 0.05))
     raise CheckpointError(
         f"adapter directory {str(path)!r} kept changing while being read ({_READ_ATTEMPTS} attempts): is another process saving to it?"
@@ -129,26 +132,31 @@ _READ_ATTEMPTS = 20
 _MATCH, _MISMATCH, _UNSIGNED = "match", "mismatch", "unsigned"
 
 
-def _read_current_pair(path: Path, allow_bin: bool) -> tuple[AdapterFiles, str]:
-    """The current pair of `path`, and whether its weights were saved with its config."""
+def _read_current_pair(path: Path, allow_bin: bool, pins: contextlib.ExitStack) -> tuple[AdapterFiles, str, list]:
+    """The current pair of `path`, whether its weights were saved with its config, and the
+    identity (`file_identity`) of each file read, by its name in `path` (its files are held open
+    in `pins`; none for a pair in a transaction directory)."""
     found = current_pair(path)
     if found is None:
         raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {str(path)!r}")
     config_path = found.directory / CONFIG_NAME
-    data = _read_config_json(config_path)
-    config, notes = config_from_json(data, str(config_path))
     weights_path = _weights_path(found.directory, allow_bin)
-    raw, metadata = _read_tensors(weights_path)
+    # both files are read through the handles opened here, so the identities name what was read
+    config_fh, weights_fh = (pins.enter_context(open(p, "rb")) for p in (config_path, weights_path))
+    read = [] if found.staged else [(config_path.name, file_identity(config_fh)), (weights_path.name, file_identity(weights_fh))]
+    data = _read_config_json(config_path, config_fh.read())
+    config, notes = config_from_json(data, str(config_path))
+    raw, metadata = _read_tensors(weights_path, weights_fh)
     files = AdapterFiles(path, config_path, weights_path, config, _strip_prefix(raw, weights_path), notes)
     saved_with = metadata.get(CONFIG_DIGEST_KEY)
     if saved_with is None:
-        return files, _UNSIGNED
-    return files, _MATCH if saved_with == config_digest(data) else _MISMATCH
+        return files, _UNSIGNED, read
+    return files, (_MATCH if saved_with == config_digest(data) else _MISMATCH), read
 
 
-def _read_config_json(path: Path) -> dict:
+def _read_config_json(path: Path, content: bytes) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(content.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
 
@@ -168,16 +176,18 @@ def _weights_path(directory: Path, allow_bin: bool) -> Path:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in adapter directory {str(directory)!r}")
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a weights file and its safetensors metadata (none for a legacy file)."""
+def _read_tensors(path: Path, fh: BinaryIO) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of the weights file open as `fh` (named `path` in errors) and its safetensors
+    metadata (none for a legacy file). The whole file is read through `fh`: tensors and metadata
+    come from that one file even if the path is replaced meanwhile."""
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+            content = fh.read()
+            return load_safetensors(content), _safetensors_metadata(content)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only unpickling raises several types
         raise CheckpointError(
             f"{path} could not be read with torch.load(weights_only=True) (corrupted, or it holds objects "
@@ -186,6 +196,14 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise CheckpointError(f"{path} must hold a dict of name -> tensor, found {type(data).__name__}")
     return data, {}
+
+
+def _safetensors_metadata(content: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte little-endian length, JSON)."""
+    size = int.from_bytes(content[:8], "little")
+    header = json.loads(content[8 : 8 + size].decode("utf-8"))
+    metadata = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()}
 
 
 def _strip_prefix(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
