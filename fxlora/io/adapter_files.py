@@ -7,38 +7,46 @@ fxlora writes and the other way round.
 
 Safety: only safetensors files are read by default, so nothing in an adapter directory is ever
 unpickled; a legacy ``adapter_model.bin`` is read only when asked (``allow_bin=True``), and only
-with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects. Writes are atomic
-(temporary file, then rename): a failed or interrupted save leaves the previous adapter intact.
+with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects. A save replaces an
+adapter's pair of files as a whole and a read gets one whole pair (`fxlora.io.adapter_dir`).
 Every tensor of a file is checked against the model (`fit_tensors`) before anything is copied in.
 """
 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import BinaryIO, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
-from fxlora.io.atomic import atomic_path, check_writable_dir
+from fxlora.io.adapter_dir import current_pair, dir_state, file_identity, replace_pair
+from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file
 from fxlora.config import LoraConfig
 from fxlora.core.layers import fxlora_internal_names
 from fxlora.planning.matching import matches_name_list
 from fxlora.io.peft_format import (
     BASE,
+    CONFIG_DIGEST_KEY,
     CONFIG_NAME,
     EXTRA_BASE,
     LEGACY_WEIGHTS_NAME,
     PEFT_PREFIX,
     WEIGHTS_NAME,
     Layout,
+    config_digest,
     config_from_json,
     layout_of_plan,
 )
@@ -82,30 +90,75 @@ class AdapterFiles:
 
 
 def read_adapter_dir(directory: PathLike, allow_bin: bool = False) -> AdapterFiles:
-    """Read ``adapter_config.json`` and the adapter's tensors from `directory`.
+    """Read ``adapter_config.json`` and the adapter's tensors from `directory`: one whole pair.
+
+    The pair read is the one `fxlora.io.adapter_dir.current_pair` names (the directory's own, or,
+    while a save is under way or after one was killed, the complete pair beside it). It is taken
+    when the weights carry the digest of this very config, or when no save touched the directory
+    while it was read; otherwise it is read again, a bounded number of times (a concurrent save).
+    A config that was changed after saving (by hand: not the one the weights were saved with) loads
+    with a note saying so.
 
     Raises `FileNotFoundError` for a missing directory or file and `CheckpointError` for a file
-    that cannot be parsed; each names the file.
+    that cannot be parsed, or for files that kept changing while being read; each names the path.
     """
     path = Path(directory)
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise FileNotFoundError(f"adapter directory {str(path)!r} {what}")
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file():
+    for attempt in range(_READ_ATTEMPTS):
+        before = dir_state(path)
+        with contextlib.ExitStack() as pins:  # open files keep their inodes from being reused
+            try:
+                files, verdict, read = _read_current_pair(path, allow_bin, pins)
+            except (FileNotFoundError, CheckpointError):
+                if dir_state(path) == before:
+                    raise
+            else:
+                after = dir_state(path)
+                quiet = after == before and all(after.identity(name) == ident for name, ident in read)
+                if verdict == _MATCH or (quiet and verdict == _UNSIGNED):
+                    return files
+                if quiet and not before.in_transaction:
+                    files.notes.append(f"{files.config_path} is not the config {files.weights_path.name} was saved with (edited since?); loaded as it is")
+                    return files
+        time.sleep(min(0.002 * 2**attempt, 0.05))
+    raise CheckpointError(
+        f"adapter directory {str(path)!r} kept changing while being read ({_READ_ATTEMPTS} attempts): is another process saving to it?"
+    )
+
+
+_READ_ATTEMPTS = 20
+_MATCH, _MISMATCH, _UNSIGNED = "match", "mismatch", "unsigned"
+
+
+def _read_current_pair(path: Path, allow_bin: bool, pins: contextlib.ExitStack) -> tuple[AdapterFiles, str, list]:
+    """The current pair of `path`, whether its weights were saved with its config, and the
+    identity (`file_identity`) of each file read, by its name in `path` (its files are held open
+    in `pins`; none for a pair in a transaction directory)."""
+    found = current_pair(path)
+    if found is None:
         raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {str(path)!r}")
-    config, notes = _read_config(config_path)
-    weights_path = _weights_path(path, allow_bin)
-    raw = _read_tensors(weights_path)
-    return AdapterFiles(path, config_path, weights_path, config, _strip_prefix(raw, weights_path), notes)
+    config_path = found.directory / CONFIG_NAME
+    weights_path = _weights_path(found.directory, allow_bin)
+    # both files are read through the handles opened here, so the identities name what was read
+    config_fh, weights_fh = (pins.enter_context(open(p, "rb")) for p in (config_path, weights_path))
+    read = [] if found.staged else [(config_path.name, file_identity(config_fh)), (weights_path.name, file_identity(weights_fh))]
+    data = _read_config_json(config_path, config_fh.read())
+    config, notes = config_from_json(data, str(config_path))
+    raw, metadata = _read_tensors(weights_path, weights_fh)
+    files = AdapterFiles(path, config_path, weights_path, config, _strip_prefix(raw, weights_path), notes)
+    saved_with = metadata.get(CONFIG_DIGEST_KEY)
+    if saved_with is None:
+        return files, _UNSIGNED, read
+    return files, (_MATCH if saved_with == config_digest(data) else _MISMATCH), read
 
 
-def _read_config(path: Path) -> tuple[LoraConfig, list[str]]:
+def _read_config_json(path: Path, content: bytes) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(content.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-    return config_from_json(data, str(path))
 
 
 def _weights_path(directory: Path, allow_bin: bool) -> Path:
@@ -123,14 +176,18 @@ def _weights_path(directory: Path, allow_bin: bool) -> Path:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in adapter directory {str(directory)!r}")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, fh: BinaryIO) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of the weights file open as `fh` (named `path` in errors) and its safetensors
+    metadata (none for a legacy file). The whole file is read through `fh`: tensors and metadata
+    come from that one file even if the path is replaced meanwhile."""
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path), device="cpu")
+            content = fh.read()
+            return load_safetensors(content), _safetensors_metadata(content)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only unpickling raises several types
         raise CheckpointError(
             f"{path} could not be read with torch.load(weights_only=True) (corrupted, or it holds objects "
@@ -138,7 +195,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise CheckpointError(f"{path} must hold a dict of name -> tensor, found {type(data).__name__}")
-    return data
+    return data, {}
+
+
+def _safetensors_metadata(content: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte little-endian length, JSON)."""
+    size = int.from_bytes(content[:8], "little")
+    header = json.loads(content[8 : 8 + size].decode("utf-8"))
+    metadata = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()}
 
 
 def _strip_prefix(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -276,12 +341,32 @@ def config_text(config_json: dict) -> str:
 
 
 def write_adapter_dir(directory: Path, tensors: dict[str, torch.Tensor], text: str) -> None:
-    """Write both files of one adapter (`text` is the config JSON), each to a temporary file
-    first; both are renamed into place only after both were written completely."""
+    """Replace the adapter files in `directory` (`text` is the config JSON) as a whole, see
+    `fxlora.io.adapter_dir.replace_pair`: afterwards the new pair is there, after a failure the
+    previous one, after a kill one of the two. The weights carry the config's digest
+    (`CONFIG_DIGEST_KEY`). Errors are `OSError`s naming the path (a full disk: ``ENOSPC``)."""
     check_writable_dir(directory)
-    with atomic_path(directory / WEIGHTS_NAME) as weights_tmp, atomic_path(directory / CONFIG_NAME) as config_tmp:
-        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-        config_tmp.write_text(text, encoding="utf-8")
+    metadata = {"format": "pt", CONFIG_DIGEST_KEY: config_digest(json.loads(text))}
+
+    def write_pair(into: Path) -> None:
+        weights, config = into / WEIGHTS_NAME, into / CONFIG_NAME
+        with fs_errors("write", weights):
+            try:
+                save_file(tensors, str(weights), metadata=metadata)
+            except SafetensorError as exc:
+                raise _as_os_error(exc) from exc
+        fsync_file(weights)
+        with fs_errors("write", config):
+            config.write_text(text, encoding="utf-8")
+        fsync_file(config)
+
+    replace_pair(directory, write_pair)
+
+
+def _as_os_error(exc: SafetensorError) -> OSError:
+    """safetensors reports I/O failures as SafetensorError("... Os { code: 28, ... }")."""
+    found = re.search(r"code: (\d+)", str(exc))
+    return OSError(int(found.group(1)) if found else errno.EIO, str(exc))
 
 
 def adapter_directory(root: Path, adapter: str) -> Path:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-__all__ = ["atomic_path", "check_writable_dir"]
+__all__ = ["atomic_path", "check_writable_dir", "fs_errors", "fsync_file", "fsync_dir"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -29,6 +29,38 @@ def check_writable_dir(directory: PathLike) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f"directory {str(path)!r} is not writable")
     return path
+
+
+@contextlib.contextmanager
+def fs_errors(action: str, path: PathLike) -> Iterator[None]:
+    """Re-raise an `OSError` of the block as one whose message names `path` and the action (same
+    errno, so the same subclass: `PermissionError`, ...)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        message = f"cannot {action} {str(path)!r}: {reason}"
+        if exc.errno is None:
+            raise OSError(message) from exc
+        raise OSError(exc.errno, message) from exc
+
+
+def fsync_file(path: PathLike) -> None:
+    """Flush a written file to the disk."""
+    with fs_errors("flush", path), open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Flush a directory's entries (renames, links) to the disk, where the platform allows it."""
+    if os.name != "posix":  # pragma: no cover
+        return
+    with fs_errors("flush", path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ This module only maps names, shapes and config fields: it reads no file and chan
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
@@ -44,6 +46,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "LEGACY_WEIGHTS_NAME",
     "PEFT_PREFIX",
+    "CONFIG_DIGEST_KEY",
+    "config_digest",
     "Slot",
     "Layout",
     "config_to_json",
@@ -57,6 +61,16 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+#: fxlora's one addition to the format: a key of the weights file's safetensors metadata (PEFT
+#: ignores it) holding `config_digest` of the config saved with them, so that a reader can tell
+#: whether a config and a weights file belong together.
+CONFIG_DIGEST_KEY = "fxlora_config_sha256"
+
+
+def config_digest(config_json: dict) -> str:
+    """SHA-256 of a config's JSON in one canonical form (key order and spacing do not count)."""
+    canonical = json.dumps(config_json, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 # ====================================================================== config JSON

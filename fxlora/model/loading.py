@@ -65,8 +65,11 @@ def save_pretrained(lm: "LoraModel", save_directory: PathLike, selected_adapters
     The adapter ``default`` is written into `save_directory`, every other one into
     ``save_directory/<adapter name>/``. Only the adapters' tensors are written (LoRA weights,
     `modules_to_save` copies, and the base biases the adapter trains with ``bias != "none"``).
-    Each adapter's pair of files is replaced atomically: if the save fails, the files that
-    were there before are left intact.
+    Each adapter's pair of files is replaced as a whole (`fxlora.io.adapter_dir`): after a
+    failure that adapter's previous files are in place, after a kill (at any instant) its previous
+    or its new pair loads, never a mix, and a reader loading meanwhile gets one of the two. No
+    ``.fxlora-*`` temporary entry outlives a failed save; a killed save's are removed by the next
+    save to that directory. Errors are `OSError`s naming the path.
 
     Args:
         save_directory: created if missing.

@@ -19,6 +19,7 @@ import fxlora
 import fxlora.io.adapter_files as adapter_files
 import fxlora.model.loading as loading
 from fxlora import CheckpointError, LoraConfig, LoraModel
+from fxlora.io.peft_format import config_digest
 from fxlora.runtime.install import fxlora_present
 from models import MLP, ConvNet2d, EmbeddingModel
 
@@ -74,7 +75,7 @@ def test_seed_mlp_file_holds_exactly_the_adapter(tmp_path):
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
     with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        metadata = f.metadata()
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert shapes == {
         "base_model.model.seq.0.lora_A.weight": (8, 20),
@@ -91,6 +92,7 @@ def test_seed_mlp_file_holds_exactly_the_adapter(tmp_path):
     assert torch.equal(tensors["base_model.model.seq.0.lora_A.weight"], state["seq.0.lora_A.default.weight"])
 
     data = json.loads((tmp_path / CONFIG).read_text())
+    assert metadata == {"format": "pt", "fxlora_config_sha256": config_digest(data)}  # the config these weights go with
     assert data["peft_type"] == "LORA" and data["task_type"] is None and data["inference_mode"] is True
     assert data["base_model_name_or_path"] is None and data["use_dora"] is False
     assert data["target_modules"] == ["seq.0", "seq.2"] and data["modules_to_save"] == ["seq.4"]
