@@ -105,6 +105,9 @@ class _EagerForward:
             return self.original(*args, **kwargs)
         if torch.compiler.is_compiling():
             return self.compute(self.owner.current(), None, args, kwargs)
+        pinned = self.owner.pin.get()
+        if pinned is not None:  # inside a call of this model: it holds the lock and its gates
+            return self.compute(pinned, pinned.eager, args, kwargs)
         with self.owner.calling() as gates:
             return self.compute(gates, gates.eager, args, kwargs)
 
@@ -268,6 +271,9 @@ class GraphForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             return self._run(self.owner.current(), None, args, kwargs)
+        pinned = self.owner.pin.get()
+        if pinned is not None:  # inside a call of this model: it holds the lock and its gates
+            return self._run(pinned, pinned.eager, args, kwargs)
         with self.owner.calling() as gates:
             return self._run(gates, gates.eager, args, kwargs)
 
