@@ -82,6 +82,20 @@ def _call_original(module: nn.Module, previous: Optional[Callable], args: tuple,
     return type(module).forward(module, *args, **kwargs)
 
 
+def with_call_gates(owner: "AdapterState", fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """``fn(gates, eager, args, kwargs)`` with the gates of the call in flight: under
+    torch.compile the current state and gated code (no lock, no pin: dynamo traces neither);
+    inside a call of this model its pinned state (that call holds the lock); else a new call's
+    context (`AdapterState.calling`)."""
+    if torch.compiler.is_compiling():
+        return fn(owner.current(), None, args, kwargs)
+    pinned = owner.pin.get()
+    if pinned is not None:
+        return fn(pinned, pinned.eager, args, kwargs)
+    with owner.calling() as gates:
+        return fn(gates, gates.eager, args, kwargs)
+
+
 class _EagerForward:
     """The forward installed on every adapted (or saved) module, whichever path its branch takes:
     called from anywhere (the model's ``forward``, another method such as timm's
@@ -103,13 +117,7 @@ class _EagerForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.pop(BASE_ONLY, False):
             return self.original(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            return self.compute(self.owner.current(), None, args, kwargs)
-        pinned = self.owner.pin.get()
-        if pinned is not None:  # inside a call of this model: it holds the lock and its gates
-            return self.compute(pinned, pinned.eager, args, kwargs)
-        with self.owner.calling() as gates:
-            return self.compute(gates, gates.eager, args, kwargs)
+        return with_call_gates(self.owner, self.compute, args, kwargs)
 
     def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError
@@ -269,13 +277,7 @@ class GraphForward:
 
     # ---------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            return self._run(self.owner.current(), None, args, kwargs)
-        pinned = self.owner.pin.get()
-        if pinned is not None:  # inside a call of this model: it holds the lock and its gates
-            return self._run(pinned, pinned.eager, args, kwargs)
-        with self.owner.calling() as gates:
-            return self._run(gates, gates.eager, args, kwargs)
+        return with_call_gates(self.owner, self._run, args, kwargs)
 
     def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
         key = call_key(self.root.training, args, kwargs, self.ranked)
