@@ -15,6 +15,7 @@ attribute (`uninstall`) gives back the class's own forward.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
@@ -25,6 +26,7 @@ from torch.fx.graph_module import _forward_from_src
 
 from fxlora.core.branch import lora_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
+from fxlora.runtime.lowering import lower_base_calls
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
 from fxlora.core.ops import any_open
@@ -49,10 +51,21 @@ __all__ = [
 ]
 
 
+#: generated functions by (source, ids of the objects it names), while some root uses them
+_FUNCTIONS: "weakref.WeakValueDictionary[tuple, Callable[..., Any]]" = weakref.WeakValueDictionary()
+
+
 def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
-    """Python function ``forward(self, *inputs)`` generated from `graph`."""
+    """Python function ``forward(self, *inputs)`` generated from `graph`. Graphs that generate
+    the same source over the same objects share one function (the blocks of a model: under
+    ``torch.compile`` they then share compiled code instead of recompiling per block)."""
     code = graph.python_code(root_module="self")
-    return _forward_from_src(code.src, code.globals)
+    key = (code.src, tuple(sorted((name, id(value)) for name, value in code.globals.items())))
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        fn = _forward_from_src(code.src, code.globals)
+        _FUNCTIONS[key] = fn
+    return fn
 
 
 def installed_forward(module: nn.Module) -> Optional[Any]:
@@ -221,7 +234,8 @@ class GraphForward:
         graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, eager, training=key[0])
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
-        return Code(compile_graph(graph), None if direct else variant.inputs, leaf_hooks(_base_calls(graph, self.root)))
+        hooks = leaf_hooks(_base_calls(graph, self.root))
+        return Code(compile_graph(lower_base_calls(graph, self.root)), None if direct else variant.inputs, hooks)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
