@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.core.layers import check_adapter_name
+from fxlora.io.distributed import writes_files
 from fxlora.io.atomic import check_writable_dir
 from fxlora.io.adapter_files import (
     DEFAULT_ADAPTER,
@@ -59,7 +60,12 @@ def _adapter_file_tensors(lm: "LoraModel", adapter: str) -> dict[str, torch.Tens
     return file_tensors(tensors)
 
 
-def save_pretrained(lm: "LoraModel", save_directory: PathLike, selected_adapters: Optional[Sequence[str]] = None) -> None:
+def save_pretrained(
+    lm: "LoraModel",
+    save_directory: PathLike,
+    selected_adapters: Optional[Sequence[str]] = None,
+    is_main_process: Optional[bool] = None,
+) -> None:
     """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     The adapter ``default`` is written into `save_directory`, every other one into
@@ -71,9 +77,15 @@ def save_pretrained(lm: "LoraModel", save_directory: PathLike, selected_adapters
     ``.fxlora-*`` temporary entry outlives a failed save; a killed save's are removed by the next
     save to that directory. Errors are `OSError`s naming the path.
 
+    A sharded model (FSDP2) is saved by calling this on every process: the tensors are gathered
+    whole and the main process writes the same files an unsharded model gives
+    (`fxlora.io.distributed`).
+
     Args:
         save_directory: created if missing.
         selected_adapters: names of the adapters to save (default: all).
+        is_main_process: whether this process writes (default: rank 0 of the initialised
+            process group, or True without one).
     """
     names = list(lm.peft_config) if selected_adapters is None else lm.adapter_state.check_known(selected_adapters)
     root = Path(save_directory)
@@ -83,6 +95,8 @@ def save_pretrained(lm: "LoraModel", save_directory: PathLike, selected_adapters
         directory = adapter_directory(root, name)
         text = config_text(config_to_json(lm.peft_config[name], base_name))
         prepared.append((directory, _adapter_file_tensors(lm, name), text))
+    if not writes_files(is_main_process):
+        return
     check_writable_dir(root)
     for directory, tensors, text in prepared:
         write_adapter_dir(directory, tensors, text)
