@@ -20,6 +20,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxlora.boundary import calls_plainly
 from fxlora.dtypes import cast_like
 from fxlora.core.gates import EagerKey
 from fxlora.core.layers import TargetMeta, saved_meta, target_meta
@@ -46,31 +47,35 @@ for _name in (
 
 
 
-def _bare_linear(meta: TargetMeta, adapters: list[str]) -> bool:
+def _bare_linear(module: nn.Module, meta: TargetMeta, adapters: list[str]) -> bool:
     """A layer of a stackable kind (`fxlora.kinds.LayerKind.stackable`: linear) whose given
-    adapters are additive (`fxlora.variants`) and have neither a B bias nor dropout."""
+    adapters are additive (`fxlora.variants`), have neither a B bias nor dropout, and whose
+    factor modules compute plainly (`fxlora.boundary.calls_plainly`: no hook, no offloading
+    wrapper), so that their weights can be read instead of calling them."""
     if not meta.kind.stackable:
         return False
     specs = [meta.adapters[a] for a in adapters]
-    return all(s.variant.additive_update and not s.lora_bias and not s.dropout > 0 for s in specs)
+    if not all(s.variant.additive_update and not s.lora_bias and not s.dropout > 0 for s in specs):
+        return False
+    return all(calls_plainly(module.lora_A[a]) and calls_plainly(module.lora_B[a]) for a in adapters)
 
 
-def stackable(meta: TargetMeta, adapters: list[str]) -> bool:
+def stackable(module: nn.Module, meta: TargetMeta, adapters: list[str]) -> bool:
     """Several adapters of a linear layer without B biases or dropout: their updates can be
     computed together from stacked weights (`stacked_linear_update`). Decided from the layer's
     record alone, so tracing this decision adds no node."""
-    return len(adapters) >= 2 and _bare_linear(meta, adapters)
+    return len(adapters) >= 2 and _bare_linear(module, meta, adapters)
 
 
-def _plain_linear(meta: TargetMeta, adapters: list[str]) -> bool:
+def _plain_linear(module: nn.Module, meta: TargetMeta, adapters: list[str]) -> bool:
     """One adapter on a linear layer, without B bias or dropout: A product, then one addmm."""
-    return len(adapters) == 1 and _bare_linear(meta, adapters)
+    return len(adapters) == 1 and _bare_linear(module, meta, adapters)
 
 
-def _serves_rows(meta: TargetMeta, adapters: list[str], eager: Optional[EagerKey]) -> bool:
+def _serves_rows(module: nn.Module, meta: TargetMeta, adapters: list[str], eager: Optional[EagerKey]) -> bool:
     """Eager code of a mixed batch (row gates) on a linear layer whose adapters have neither a B
     bias nor dropout: one `stacked_layer_update` node reads the layer's tensors itself."""
-    return eager is not None and eager.rows and bool(adapters) and _bare_linear(meta, adapters)
+    return eager is not None and eager.rows and bool(adapters) and _bare_linear(module, meta, adapters)
 
 
 def branch_adapters(meta: TargetMeta, eager: Optional[EagerKey]) -> list[str]:
@@ -110,15 +115,15 @@ def lora_output(
     meta = target_meta(module)
     adapters = branch_adapters(meta, eager)
     scalings = {a: meta.adapters[a].scaling for a in adapters} if scalings is None else scalings
-    if _serves_rows(meta, adapters, eager):
+    if _serves_rows(module, meta, adapters, eager):
         return stacked_layer_update(x, base, module, tuple(adapters), gates, tuple(scalings[a] for a in adapters))
     factors = _factors(gates, x, adapters, scalings, eager)
     known = eager is not None and not eager.rows
-    if known and _plain_linear(meta, adapters):
+    if known and _plain_linear(module, meta, adapters):
         weight = module.lora_A[adapters[0]].weight
         hidden = F.linear(cast_like(x, weight), weight)
         return add_linear_product(base, hidden, module.lora_B[adapters[0]].weight, factors[0])
-    if stackable(meta, adapters):
+    if stackable(module, meta, adapters):
         return stacked_linear_update(
             x, [module.lora_A[a].weight for a in adapters], [module.lora_B[a].weight for a in adapters], factors, base
         )

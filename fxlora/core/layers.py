@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Union
 
+import torch
 import torch.nn as nn
 
 from fxlora.dtypes import adapter_dtype
@@ -157,6 +158,21 @@ def _in_mode_of(layer: nn.Module, new: nn.Module) -> nn.Module:
     return new.train(layer.training)
 
 
+def adapter_device(module: nn.Module, weight: torch.Tensor) -> torch.device:
+    """Where a layer's adapter weights live: on its weight's device, except for a layer whose
+    weight accelerate offloads (kept on the meta device, loaded by the hook accelerate put on the
+    layer for each call and dropped after it). accelerate knows nothing of the adapter, which then
+    lives on the hook's execution device."""
+    if weight.device.type == "meta":
+        hook = getattr(module, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+        for h in hooks:
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    return weight.device
+
+
 def attach_adapter(
     module: nn.Module,
     adapter: str,
@@ -176,7 +192,7 @@ def attach_adapter(
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
     weight = module.weight
-    made = kind.make_factors(module, spec, init, device=weight.device, dtype=adapter_dtype(weight))
+    made = kind.make_factors(module, spec, init, device=adapter_device(module, weight), dtype=adapter_dtype(weight))
     for holder, value in made.items():
         if isinstance(value, nn.Module):
             value = _in_mode_of(module, value)

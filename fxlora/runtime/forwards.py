@@ -34,7 +34,7 @@ from fxlora.passes import rewrite
 from fxlora.tracing.call_keys import CallKey, call_key, canonical_key, gather_inputs, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
-from fxlora.tracing.boundaries import LeafHooks, leaf_hooks, nested_roots
+from fxlora.tracing.boundaries import BaseLayers, base_layers, nested_roots
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.state import AdapterState
@@ -188,12 +188,12 @@ def _interesting(root: nn.Module) -> list[nn.Module]:
 class Code(NamedTuple):
     """Generated code of one call pattern, where its inputs come from (None: the call's
     positional arguments as they are, the common case; else `fxlora.tracing.call_keys.Source`s),
-    and the hook tables of the layers it calls for their base output only (while one has hooks,
-    the call runs the root's own forward: `fxlora.tracing.boundaries.LeafHooks`)."""
+    and the layers it calls for their base output only (while one has hooks or a new forward,
+    the call runs the root's own forward: `fxlora.tracing.boundaries.BaseLayers`)."""
 
     fn: Callable[..., Any]
     inputs: Optional[tuple]
-    hooks: LeafHooks
+    base: BaseLayers
 
 #: eager codes kept per graph root (least recently used dropped first); each is code for one
 #: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
@@ -234,8 +234,11 @@ class GraphForward:
         graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, eager, training=key[0])
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
-        hooks = leaf_hooks(_base_calls(graph, self.root))
-        return Code(compile_graph(lower_base_calls(graph, self.root)), None if direct else variant.inputs, hooks)
+        layers = _base_calls(graph, self.root)
+        forwards = [installed_forward(m) for m in layers]
+        lowerable = [m for m, f in zip(layers, forwards) if f is not None and f.previous is None]
+        fn = compile_graph(lower_base_calls(graph, self.root, lowerable))
+        return Code(fn, None if direct else variant.inputs, base_layers(layers, forwards))
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
@@ -320,8 +323,8 @@ class GraphForward:
         code = self._code(key, eager)
         if code is None or not self.variants[key].holds():
             return self._slow_call(key, gates, eager, args, kwargs)
-        fn, inputs, hooks = code
-        if hooks.present():
+        fn, inputs, base = code
+        if not base.bypassable():
             return self._run_eagerly(args, kwargs)
         if inputs is None:
             return fn(self.root, gates, *args)

@@ -11,14 +11,14 @@ installed forward would have called.
 
 Requires: the layer's ``__call__`` would do nothing but call its forward — no hooks on it (a call
 whose layers have hooks runs the root's own forward instead:
-`fxlora.tracing.boundaries.LeafHooks`) — and its installed forward replaced no earlier instance
-forward (such layers keep their ``call_module`` node).
+`fxlora.tracing.boundaries.BaseLayers`) — and its installed forward replaced no earlier instance
+forward and still has it (other layers keep their ``call_module`` node).
 Guarantees: the graph computes the same values; no node passes ``BASE_ONLY``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import torch.fx as fx
 import torch.nn as nn
@@ -34,14 +34,12 @@ def base_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(module).forward(module, *args, **kwargs)
 
 
-def lower_base_calls(graph: fx.Graph, root: nn.Module) -> fx.Graph:
-    """Replace, in place, every base-only ``call_module`` node of a layer without an earlier
-    instance forward by a ``base_forward`` call (see the module docstring). Returns `graph`."""
+def lower_base_calls(graph: fx.Graph, root: nn.Module, lowerable: Collection[nn.Module]) -> fx.Graph:
+    """Replace, in place, every base-only ``call_module`` node of a layer in `lowerable` (those
+    meeting the requirements above) by a ``base_forward`` call. Returns `graph`."""
+    ids = {id(m) for m in lowerable}
     for node in list(graph.find_nodes(op="call_module")):
-        if not node.kwargs.get(BASE_ONLY):
-            continue
-        installed = root.get_submodule(node.target).__dict__.get("forward")
-        if getattr(installed, "previous", None) is not None:
+        if not node.kwargs.get(BASE_ONLY) or id(root.get_submodule(node.target)) not in ids:
             continue
         kwargs = {k: v for k, v in node.kwargs.items() if k != BASE_ONLY}
         with graph.inserting_before(node):

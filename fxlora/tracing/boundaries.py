@@ -1,12 +1,7 @@
-"""Module boundaries: what PyTorch hangs on a module's ``__call__``, which a graph that inlines
-the module's forward would skip.
+"""Module boundaries in graphs: what PyTorch hangs on a module's ``__call__``
+(`fxlora.boundary.boundary_of`), which a graph that inlines the module's forward would skip.
 
-A module *has a boundary* (`boundary_of`) when calling it does more than run its class's
-``forward``: hooks registered on it (forward, pre, backward: FSDP2's unshard and reshard, an
-activation capture, a profiler's), ``module.compile()``, a ``forward`` replaced on the instance
-(accelerate's dispatch, a nested graph root), an activation-checkpoint wrapper, a layer that
-checkpoints its own call (transformers' ``gradient_checkpointing_enable()``). fxlora keeps every
-boundary:
+fxlora keeps every boundary:
 
 - a module with a boundary when a root is traced is never traced through
   (`fxlora.tracing.traced.trace_through_ids`): the root's graph calls it as a module, so its
@@ -14,56 +9,21 @@ boundary:
   (`nested_roots`);
 - a graph holds only while the modules it inlined have no boundary and keep their children
   (`Inlined.hold`); when one gains a boundary the root is traced again;
-- hooks on a layer the graph calls for its base output only, or global module hooks
-  (``register_module_forward_hook``), make that call run the root's own forward, where every
-  module is called through its ``__call__`` (`LeafHooks`).
+- hooks on a layer the graph calls for its base output only, a wrapper replacing its forward,
+  or global module hooks (``register_module_forward_hook``), make that call run the root's own
+  forward, where every module is called through its ``__call__`` (`BaseLayers`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.modules.module as _module_impl
 
-__all__ = ["boundary_of", "Inlined", "NOTHING_INLINED", "inlined", "LeafHooks", "leaf_hooks", "nested_roots"]
+from fxlora.boundary import GLOBAL_HOOK_TABLES, HOOK_TABLES, boundary_of, can_be_root
 
-#: the per-module hook tables ``nn.Module.__call__`` runs
-HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-#: the process-wide hook tables every module call runs (``torch.nn.modules.module.register_module_*``)
-GLOBAL_HOOK_TABLES = tuple(
-    getattr(_module_impl, f"_global{name}") for name in HOOK_TABLES
-)
-
-
-def _activation_wrapper() -> Optional[type]:
-    try:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return ActivationWrapper
-
-
-_ACTIVATION_WRAPPER = _activation_wrapper()
-
-
-def boundary_of(module: nn.Module) -> Optional[str]:
-    """Why calling `module` does more than its class's ``forward`` (None: it does not)."""
-    hooks = [name.strip("_").replace("_", " ") for name in HOOK_TABLES if getattr(module, name)]
-    if hooks:
-        return "it has " + ", ".join(hooks)
-    if module._compiled_call_impl is not None:
-        return "it is compiled on its own (module.compile())"
-    if "forward" in module.__dict__:
-        return "its forward is replaced on the instance"
-    if _ACTIVATION_WRAPPER is not None and isinstance(module, _ACTIVATION_WRAPPER):
-        return "it is an activation-checkpoint wrapper"
-    if getattr(module, "gradient_checkpointing", False) is True and type(module).__call__ is not nn.Module.__call__:
-        return "it checkpoints its own call (gradient checkpointing)"
-    return None
-
+__all__ = ["Inlined", "NOTHING_INLINED", "inlined", "BaseLayers", "base_layers", "nested_roots"]
 
 class Inlined(NamedTuple):
     """The modules a graph traced through, as they were: their hook tables (empty), their
@@ -119,19 +79,33 @@ def inlined(root: nn.Module, traced: Iterable[nn.Module]) -> Inlined:
     )
 
 
-class LeafHooks(NamedTuple):
-    """The hook tables of the layers a graph calls for their base output only (whose branch it
-    adds itself), and the global ones: while any is non-empty the call runs the root's own
-    forward, so that every hook sees what the module really returns."""
+class BaseLayers(NamedTuple):
+    """The layers a graph calls for their base output only (bypassing their ``__call__``: it
+    adds their branches itself), with the forward each had installed, their hook tables and the
+    global ones. `bypassable` is false while any hook table is non-empty or a layer's forward was
+    replaced since (accelerate's ``cpu_offload`` after ``transform``): the call then runs the
+    root's own forward, so that every hook and wrapper sees what the module really does."""
 
+    layers: tuple[nn.Module, ...]
+    forwards: tuple
     tables: tuple[dict, ...]
 
-    def present(self) -> bool:
-        return any(self.tables)
+    def bypassable(self) -> bool:
+        if any(self.tables):
+            return False
+        return all(m.__dict__.get("forward") is f for m, f in zip(self.layers, self.forwards))
 
 
-def leaf_hooks(layers: Iterable[nn.Module]) -> LeafHooks:
-    return LeafHooks(GLOBAL_HOOK_TABLES + tuple(getattr(m, name) for m in layers for name in HOOK_TABLES))
+
+def base_layers(layers: Iterable[nn.Module], forwards: Iterable[Any]) -> BaseLayers:
+    """The `BaseLayers` record of `layers`, each expected to keep the forward in `forwards`
+    (fxlora's own: a layer whose forward is someone else's is never bypassed)."""
+    layers = tuple(layers)
+    return BaseLayers(
+        layers=layers,
+        forwards=tuple(forwards),
+        tables=GLOBAL_HOOK_TABLES + tuple(getattr(m, name) for layer in layers for m in layer.modules() for name in HOOK_TABLES),
+    )
 
 
 def nested_roots(root: nn.Module, interesting: Iterable[nn.Module], is_root: Callable[[nn.Module], bool]) -> list[nn.Module]:
@@ -151,18 +125,10 @@ def nested_roots(root: nn.Module, interesting: Iterable[nn.Module], is_root: Cal
                 continue
             if boundary_of(child) is None and not inside_boundary:
                 visit(child, False)  # traced through
-            elif _can_be_root(child):
+            elif can_be_root(child):
                 found.append(child)
             else:
                 visit(child, True)
 
     visit(root, False)
     return found
-
-
-def _can_be_root(module: nn.Module) -> bool:
-    """A graph of `module`'s class forward would run inside its ``__call__`` exactly as the
-    forward does now (no wrapper replaced it, it is no checkpoint wrapper)."""
-    if "forward" in module.__dict__:
-        return False
-    return not (_ACTIVATION_WRAPPER is not None and isinstance(module, _ACTIVATION_WRAPPER))

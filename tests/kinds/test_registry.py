@@ -266,9 +266,9 @@ def test_fast_paths_and_folding_ask_the_variant():
     layer = model.model[0]
     x = torch.randn(3, 6)
     expected = model(x)
-    assert stackable(target_meta(layer), ["default", "b"])
+    assert stackable(layer, target_meta(layer), ["default", "b"])
     _with_variant(layer, "b", LoraVariant("not-additive", additive_update=False, additive_delta=False))
-    assert not stackable(target_meta(layer), ["default", "b"])
+    assert not stackable(layer, target_meta(layer), ["default", "b"])
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)  # the general path, same math here
     weight = layer.weight.detach().clone()
     with pytest.raises(MergeError, match="variant 'not-additive' does not merge as weight \\+ delta"):
