@@ -25,7 +25,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from fxlora.kinds.registry import register_kind
 from fxlora.kinds.low_rank import ModulePairKind
-from fxlora.kinds.subclasses import has_own_forward, is_declared_linear, own_class_factors, own_forward_merge_obstacle
+from fxlora.kinds.subclasses import check_own_class_factors, has_own_forward, is_declared_linear, own_class_factors, own_forward_merge_obstacle
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -57,8 +57,7 @@ class ConvKind(ModulePairKind):
                 "a multiple of the layer's groups (rank_pattern sets it per layer) or exclude the layer"
             )
         if self.own_forward(module):
-            with torch.device("meta"):  # built to be checked only: no memory, no random numbers drawn
-                self.own_factors(where, module, spec)
+            self.check_own_factors(where, module, spec)
 
     # ---------------------------------------------------------------- A, the part a subclass changes
     def a_shape(self, module: nn.Module, r: int) -> tuple[int, ...]:
@@ -77,6 +76,10 @@ class ConvKind(ModulePairKind):
         """(A, B) of a layer whose class has its own forward: of that class, as PEFT builds them
         (`fxlora.kinds.subclasses.own_class_factors`); `UnsupportedTargetError` where they cannot be."""
         return own_class_factors(where, module, spec.r, module.groups, spec.lora_bias)
+
+    def check_own_factors(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
+        """`UnsupportedTargetError` unless `own_factors` builds factors that run (checked on the meta device)."""
+        check_own_class_factors(where, module, spec.r, module.groups, spec.lora_bias)
 
     # ---------------------------------------------------------------- the rest
     def factor_shapes(self, module: nn.Module, spec: "AdapterSpec") -> dict[str, tuple[int, ...]]:

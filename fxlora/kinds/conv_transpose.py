@@ -75,6 +75,9 @@ class ConvTransposeKind(ConvKind):
     def a_geometry(self, module: nn.Module) -> dict[str, Any]:
         return dict(stride=module.stride, padding=module.padding, output_padding=module.output_padding, dilation=module.dilation)
 
+    def check_own_factors(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
+        self.own_factors(where, module, spec)
+
     def own_factors(self, where: str, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
         cls = type(module).__name__
         raise UnsupportedTargetError(

@@ -16,10 +16,12 @@ scaled embeddings multiply their output. Two rules follow, and the kinds apply t
   computes what the layer computes (a 'same'-padded or standardised convolution), and a class with
   extra parameters gives its factors those parameters (``lora_A.gain`` for ``ScaledStdConv2d``).
   fxlora does the same for a class with its own forward (`own_class_factors`), with the class's
-  defaults for every option besides the channels, kernel, stride, padding, dilation, groups and
-  bias (as PEFT's call does), and refuses the layer (`UnsupportedTargetError`) where the class
-  cannot be built that way or the A it builds would not line up with the layer (a structural
-  setting of A, such as timm's dynamic 'same' padding, differs from the layer's).
+  defaults for every option besides the channels, kernel, stride, padding, groups and bias (as
+  PEFT's call does), and refuses the layer (`UnsupportedTargetError`) where the class cannot be
+  built that way, where the A it builds would not line up with the layer (a structural setting of
+  A, such as timm's dynamic 'same' padding, differs from the layer's: PEFT crashes there), and for
+  a dilated layer (PEFT's A drops the dilation, so its adapters compute an update that does not
+  fold into the weight; fxlora would compute the same file differently).
 
 A parametrized layer (``torch.nn.utils.parametrize``: weight_norm, spectral_norm) counts as the class
 it had before, and its forward is that class's.
@@ -42,6 +44,7 @@ __all__ = [
     "has_own_forward",
     "own_forward_merge_obstacle",
     "own_class_factors",
+    "check_own_class_factors",
 ]
 
 #: classes (``module.qualname``) whose own forward is linear in the weight, see the module docstring
@@ -103,18 +106,22 @@ def own_forward_merge_obstacle(module: nn.Module, known: Iterable[type], op: str
 
 # ---------------------------------------------------------------------- factors of the layer's own class
 _CHANNEL_SETTINGS = frozenset({"in_channels", "out_channels", "groups", "training"})
+#: attributes a class's forward sets from the input it sees (a cache, not a setting), by class
+_RUNTIME_STATE: dict[str, frozenset[str]] = {"timm.layers.conv2d_same.Conv2dSameExport": frozenset({"pad_input_size"})}
 
 
 def _structure(module: nn.Module) -> dict[str, Any]:
     """`module`'s public settings that shape its computation's layout: everything but tensors,
     modules, callables (a forward installed on the layer), floats (numeric options such as eps, whose
     defaults PEFT's factors take) and the channel counts (which differ between a layer and its
-    factors by design)."""
+    factors by design), and what its forward caches from its input (`_RUNTIME_STATE`)."""
+    cached = _RUNTIME_STATE.get(_qualified(type_before_parametrizations(module)), frozenset())
     return {
         k: v
         for k, v in vars(module).items()
         if not k.startswith("_")
         and k not in _CHANNEL_SETTINGS
+        and k not in cached
         and not callable(v)
         and not isinstance(v, (torch.Tensor, nn.Module, float))
     }
@@ -147,19 +154,44 @@ def _check_lined_up(where: str, module: nn.Module, factor: nn.Module, expected: 
 
 def own_class_factors(where: str, module: nn.Module, r: int, b_groups: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
     """A and B of a conv layer with its own forward, built with its own class as PEFT builds
-    them: A ``cls(in, r, kernel, stride, padding, bias=False)`` (with the layer's dilation where it
-    is not 1, which PEFT drops), B ``cls(r, out, 1, 1, groups=b_groups, bias=lora_bias)``.
-    Raises `UnsupportedTargetError` (naming `where`) if either cannot be built, or if A's
-    structural settings differ from the layer's or B's from a 1x..x1 pointwise convolution's."""
+    them: A ``cls(in, r, kernel, stride, padding, bias=False)``, B ``cls(r, out, 1, 1,
+    groups=b_groups, bias=lora_bias)``. Raises `UnsupportedTargetError` (naming `where`) for a
+    dilated layer (PEFT's A drops the dilation), if either cannot be built, or if A's structural
+    settings differ from the layer's or B's from a 1x..x1 pointwise convolution's."""
     cls = type_before_parametrizations(module)
     dims = len(module.kernel_size)
     ones = (1,) * dims
-    a_kwargs: dict[str, Any] = {"bias": False}
     if tuple(module.dilation) != ones:
-        a_kwargs["dilation"] = module.dilation
-    lora_a = _build(where, module, cls, (module.in_channels, r, module.kernel_size, module.stride, module.padding), a_kwargs, "A")
+        raise _refusal(
+            where, module,
+            f"it is dilated (dilation={tuple(module.dilation)}) and PEFT builds such a layer's A without the dilation: "
+            "its adapters hold an update no merge can fold into the dilated weight, and the same file would compute "
+            "differently with a dilated A, so fxlora adapts neither way",
+        )
+    args = (module.in_channels, r, module.kernel_size, module.stride, module.padding)
+    lora_a = _build(where, module, cls, args, {"bias": False}, "A")
     _check_lined_up(where, module, lora_a, _structure(module), "A")
     lora_b = _build(where, module, cls, (r, module.out_channels, ones, ones), {"groups": b_groups, "bias": lora_bias}, "B")
     pointwise = {**_structure(module), "kernel_size": ones, "stride": ones, "padding": (0,) * dims, "dilation": ones}
     _check_lined_up(where, module, lora_b, {k: v for k, v in pointwise.items() if k in _structure(lora_b)}, "B")
     return lora_a, lora_b
+
+
+def _trial(where: str, module: nn.Module, factor: nn.Module, channels: int, sizes: list[int], role: str) -> None:
+    x = torch.empty(1, channels, *sizes, device="meta")
+    try:
+        factor(x)
+    except Exception as exc:  # a factor that cannot run on a valid input: refused, not left to fail later
+        raise _refusal(where, module, f"its {role} factor fails on an input of size {tuple(x.shape)}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_own_class_factors(where: str, module: nn.Module, r: int, b_groups: int, lora_bias: bool) -> None:
+    """`own_class_factors` can build the factors and they run: each is built on the meta device (no
+    memory, no random numbers drawn) and called once on a meta input (a standardised B with one
+    input channel per group, for one, cannot run). Raises `UnsupportedTargetError` as it does."""
+    with torch.device("meta"):
+        lora_a, lora_b = own_class_factors(where, module, r, b_groups, lora_bias)
+    dims = len(module.kernel_size)
+    a_sizes = [k + s for k, s in zip(module.kernel_size, module.stride)]
+    _trial(where, module, lora_a, module.in_channels, a_sizes, "A")
+    _trial(where, module, lora_b, r, [2] * dims, "B")
