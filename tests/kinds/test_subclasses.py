@@ -285,3 +285,39 @@ def test_declare_linear_forward_lets_a_subclass_merge():
     torch.testing.assert_close(fm(x), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="nn.Module subclass"):
         declare_linear_forward(len)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_b0", "nf_resnet26"])
+def test_timm_models_with_subclass_convs_give_peft_outputs(name):
+    """tf_* models (Conv2dSame) and NF-ResNets (ScaledStdConv2d): every ungrouped conv adapted,
+    outputs equal to peft's with identical tensors; merging the standardised convs is refused."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    base = timm.create_model(name, pretrained=False, num_classes=3).eval()
+    targets = [n for n, m in base.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    kwargs = dict(target_modules=targets, r=4, lora_alpha=3, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)).eval()
+    fm = fxlora.transform(copy.deepcopy(base), LoraConfig(**kwargs)).eval()
+    copy_peft_adapter_weights(pm, fm)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), pm(x), rtol=1e-5, atol=1e-5)
+    if name == "nf_resnet26":
+        with pytest.raises(MergeError, match="ScaledStdConv2d computes its output with its own forward"):
+            fm.merge_adapter()
+
+
+def test_dm_nfnet_dynamic_same_padding_is_refused_naming_the_layer():
+    """dm_nfnet's stride-2 ScaledStdConv2dSame layers pad dynamically: refused (peft crashes in
+    forward), the model untouched; excluding them, the rest adapts."""
+    timm = pytest.importorskip("timm")
+    base = timm.create_model("dm_nfnet_f0", pretrained=False, num_classes=3).eval()
+    targets = [n for n, m in base.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    dynamic = [n for n in targets if getattr(base.get_submodule(n), "same_pad", False)]
+    assert dynamic
+    before = _snapshot(base)
+    with pytest.raises(UnsupportedTargetError, match=rf"'{dynamic[0]}' \(ScaledStdConv2dSame\).*same_pad"):
+        fxlora.transform(base, LoraConfig(target_modules=targets))
+    _assert_same_state(base, before)
+    fm = fxlora.transform(base, LoraConfig(target_modules=targets, exclude_modules=dynamic))
+    assert len(fm.targeted_module_names) == len(targets) - len(dynamic)
