@@ -52,6 +52,7 @@ _LINEAR_FORWARDS: set[str] = {
     "timm.layers.linear.Linear",
     "timm.layers.conv2d_same.Conv2dSame",
     "timm.layers.conv2d_same.Conv2dSameExport",
+    "transformers.models.falcon.modeling_falcon.FalconLinear",  # x @ W.T (+ b)
 }
 
 

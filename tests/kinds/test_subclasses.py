@@ -321,3 +321,13 @@ def test_dm_nfnet_dynamic_same_padding_is_refused_naming_the_layer():
     _assert_same_state(base, before)
     fm = fxlora.transform(base, LoraConfig(target_modules=targets, exclude_modules=dynamic))
     assert len(fm.targeted_module_names) == len(targets) - len(dynamic)
+
+
+def test_falcon_linear_merges_exactly():
+    """transformers' FalconLinear (x @ W.T + b, its own forward) is declared linear: merges are exact."""
+    falcon = pytest.importorskip("transformers.models.falcon.modeling_falcon")
+    x = torch.randn(3, 8)
+    fm = fxlora.transform(OneLayer(falcon.FalconLinear(8, 6)), LoraConfig(**_config(lora_bias=True)))
+    expected = fm(x)
+    fm.merge_adapter()
+    torch.testing.assert_close(fm(x), expected, rtol=1e-5, atol=1e-6)
