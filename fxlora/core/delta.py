@@ -7,7 +7,11 @@ layer's kind (`fxlora.kinds`) gives the adapter's factors as matrices, ``B @ A``
 matrix, and lays that matrix out like the layer's weight (``(out, in)`` for ``nn.Linear``, its
 transpose for transformers ``Conv1D`` and ``nn.Embedding``, ``(out, in, *kernel)`` for ConvNd,
 ``(in, out, *kernel)`` for ConvTransposeNd); it also says when a layer cannot take a delta at all
-(grouped convolutions, embeddings with ``max_norm``: `MergeError`).
+(grouped convolutions, embeddings with ``max_norm``, classes whose forward is not linear in the
+weight: `MergeError`). So does a layer whose weight (or bias, for ``lora_bias``) is not a tensor
+of its own but computed from others at each call (``torch.nn.utils.parametrize`` weight_norm /
+spectral_norm, the older hook-based ``weight_norm``): writing into the computed tensor changes
+nothing, and a normalised weight with an update added is no longer the normalisation of anything.
 
 Every delta is computed in float32 (or wider, when the base or the adapter is wider) from the adapter
 weights as they are, times the adapter's scaling (``AdapterSpec.scaling``) and the run-time `scale`.
@@ -32,12 +36,34 @@ def _describe(name: str, module: nn.Module) -> str:
     return f"{name or '<model>'!r} ({type(module).__name__})"
 
 
+def _computed(module: nn.Module, which: str) -> Optional[str]:
+    """Why `module`'s `which` tensor is computed rather than held (a sentence), or None."""
+    if module._parameters.get(which) is not None:
+        return None
+    if which in getattr(module, "parametrizations", {}):
+        names = [type(p).__name__ for p in module.parametrizations[which]]
+        how = f"a parametrization ({', '.join(names)}, torch.nn.utils.parametrize)"
+        fix = f"torch.nn.utils.parametrize.remove_parametrizations(layer, {which!r})"
+    else:
+        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+        how = f"a forward pre-hook ({', '.join(hooks) or 'none found'}: the hook-based weight_norm / spectral_norm of torch.nn.utils)"
+        fix = "torch.nn.utils.remove_weight_norm(layer) / remove_spectral_norm(layer)"
+    return (
+        f"its {which} is not a tensor of its own but is computed at each call by {how}, so there is no {which} "
+        "to fold the update into (a normalised weight with an update added is not the normalisation of any "
+        f"weight); keep this adapter unmerged, or remove the parametrization from the base model before "
+        f"fxlora.transform ({fix}: the weight becomes a plain parameter), then merge"
+    )
+
+
 def check_mergeable(name: str, module: nn.Module, adapter: str) -> None:
     """Raise `MergeError` if `adapter` on the layer `module` (called `name`) cannot be folded into
     its weights; return None if it can. Requires: `module` carries `adapter`."""
     meta = target_meta(module)
     where = _describe(name, module)
-    obstacle = meta.kind.merge_obstacle(module)
+    obstacle = meta.kind.merge_obstacle(module) or _computed(module, "weight")
+    if obstacle is None and meta.adapters[adapter].lora_bias and getattr(module, "bias", None) is not None:
+        obstacle = _computed(module, "bias")
     if obstacle is not None:
         raise MergeError(f"cannot merge adapter {adapter!r} into {where}: {obstacle}")
     if meta.adapters[adapter].lora_bias and getattr(module, "bias", None) is None:

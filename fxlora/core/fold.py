@@ -30,7 +30,7 @@ from fxlora.errors import MergeError
 from fxlora.core.delta import check_mergeable, delta_bias, delta_weight
 from fxlora.core.layers import target_meta
 
-__all__ = ["Restore", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "check_fold", "check_untied", "layer_scales"]
+__all__ = ["Restore", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -194,6 +194,19 @@ def unfold_layer(module: nn.Module, record: FoldRecord) -> None:
         _unfold_tensor(module.weight, _summed(module, record.scales, "weight"), record.weight)
         if record.bias is not None:
             _unfold_tensor(module.bias, _summed(module, record.scales, "bias"), record.bias)
+
+
+def unfolded_tensor(module: nn.Module, which: str, records: list[FoldRecord]) -> torch.Tensor:
+    """A new tensor holding `module`'s `which` ("weight" / "bias") as it would be after unfolding
+    `records` (the layer's fold records, in merge order): what `unfold_layer` would leave, bit for
+    bit; `module` itself is not changed."""
+    tensor = getattr(module, which).detach().clone()
+    with torch.no_grad():
+        for record in reversed(records):
+            restore = record.weight if which == "weight" else record.bias
+            if restore is not None:
+                _unfold_tensor(tensor, _summed(module, record.scales, which), restore)
+    return tensor
 
 
 def layer_scales(module: nn.Module, scales: dict[str, float]) -> dict[str, float]:

@@ -17,21 +17,28 @@ channels within a group only), as for grouped convolutions.
 output padding that gives the spatial size of the base's output (`sized_like`), so it always
 produces the shape the base produced.
 
+A layer whose class has its own forward is refused at transform: no peer library defines what its
+factors would be, and fxlora cannot tell what its forward computes.
+
 Init: A kaiming-uniform with ``a=sqrt(5)`` over its fan-in in * prod(kernel) (PyTorch's own init of
 a transposed convolution would use r * prod(kernel)), so A starts like the ``conv`` kind's A; B zero.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxlora.errors import UnsupportedTargetError
 from fxlora.kinds.registry import register_kind
 from fxlora.kinds.conv import ConvKind
+
+if TYPE_CHECKING:
+    from fxlora.core.layers import AdapterSpec
 
 __all__ = ["CONV_TRANSPOSE"]
 
@@ -60,12 +67,24 @@ class ConvTransposeKind(ConvKind):
     name = "conv_transpose"
     layer_types = "nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d"
     classes = _TRANSPOSED
+    op = "a transposed convolution"
 
     def a_shape(self, module: nn.Module, r: int) -> tuple[int, ...]:
         return (module.in_channels, r, *module.kernel_size)
 
     def a_geometry(self, module: nn.Module) -> dict[str, Any]:
         return dict(stride=module.stride, padding=module.padding, output_padding=module.output_padding, dilation=module.dilation)
+
+    def check_own_factors(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
+        self.own_factors(where, module, spec)
+
+    def own_factors(self, where: str, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
+        cls = type(module).__name__
+        raise UnsupportedTargetError(
+            f"cannot adapt {where} ({cls}): {cls} is a transposed convolution with its own forward, which fxlora "
+            "cannot tell the computation of, and no peer library defines LoRA factors for; exclude the layer "
+            "(exclude_modules), or adapt a layer of a plain nn.ConvTranspose1d/2d/3d"
+        )
 
     def a_view(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.transpose(0, 1)  # (in, r, *kernel) -> (r, in, *kernel)

@@ -5,7 +5,9 @@ A is ``(r, num_embeddings)``, B is ``(embedding_dim, r)``, both plain parameters
 with the base layer's options (padding_idx, max_norm, ...) and multiplies by ``B.T``. No dropout
 and no B bias. Init (PEFT's): A zero, B standard normal. The delta is ``(B @ A).T``, shaped like
 the weight (num_embeddings, embedding_dim); with ``max_norm`` the base renormalises the rows it
-looks up, which does not commute with adding the update, so such a layer takes no merge.
+looks up, which does not commute with adding the update, so such a layer takes no merge. Nor does
+a subclass with its own forward (transformers' scaled and positional embeddings) unless it is
+declared linear in the weight (`fxlora.kinds.subclasses`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlora.kinds.registry import Factors, Init, KindBase, register_kind
+from fxlora.kinds.subclasses import own_forward_merge_obstacle
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -66,6 +69,9 @@ class EmbeddingKind(KindBase):
         return None
 
     def merge_obstacle(self, module: nn.Module) -> Optional[str]:
+        own = own_forward_merge_obstacle(module, [nn.Embedding], "a lookup")
+        if own is not None:
+            return own
         if module.max_norm is None:
             return None
         return (

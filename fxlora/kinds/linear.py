@@ -4,6 +4,10 @@ A is ``nn.Linear(in, r)``, B is ``nn.Linear(r, out)`` (with a bias for ``lora_bi
 ``B @ A`` is an (out, in) matrix. ``Conv1D`` (GPT-2) stores its weight as (in, out)
 (``fan_in_fan_out``), so its delta is ``(B @ A).T``. The only stackable kind: its A and B are
 plain matrices, so several adapters run as two matmuls (`fxlora.core.ops.stacked_linear_update`).
+
+A subclass with its own forward keeps plain ``nn.Linear`` factors (as PEFT's do), and takes a merge
+only where its forward is declared linear in the weight (`fxlora.kinds.subclasses`: timm's
+``Linear`` is).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn as nn
 
-from fxlora.kinds.hf_classes import is_hf_conv1d
+from fxlora.kinds.hf_classes import hf_conv1d_forward_owner, is_hf_conv1d
+from fxlora.kinds.subclasses import own_forward_merge_obstacle
 from fxlora.kinds.registry import register_kind
 from fxlora.kinds.low_rank import ModulePairKind
 
@@ -55,6 +60,11 @@ class LinearKind(ModulePairKind):
 
     def weight_from_matrix(self, module: nn.Module, matrix: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
         return matrix.T if fan_in_fan_out else matrix
+
+    def merge_obstacle(self, module: nn.Module) -> Optional[str]:
+        if is_hf_conv1d(module):
+            return own_forward_merge_obstacle(module, [hf_conv1d_forward_owner(module)], "a matrix product")
+        return own_forward_merge_obstacle(module, [nn.Linear], "F.linear")
 
 
 LINEAR = register_kind(LinearKind())

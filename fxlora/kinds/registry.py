@@ -63,7 +63,9 @@ class LayerKind(Protocol):
         for (in, out), False for (out, in); None where the setting does not apply."""
 
     def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
-        """Raise ValueError, naming `where`, if an adapter with `spec` cannot sit on the layer."""
+        """Raise ValueError, naming `where`, if an adapter with `spec` cannot sit on the layer
+        (`fxlora.errors.UnsupportedTargetError`, a TypeError, where the layer's class cannot
+        take one at all, such as a subclass whose factors cannot be built)."""
 
     def factor_shapes(self, module: nn.Module, spec: "AdapterSpec") -> dict[str, tuple[int, ...]]:
         """``{suffix: shape}`` of an adapter's tensors as stored in fxlora and in the adapter file
@@ -90,7 +92,9 @@ class LayerKind(Protocol):
         """The adapter's B bias (``lora_bias=True``), else None."""
 
     def merge_obstacle(self, module: nn.Module) -> Optional[str]:
-        """Why no update can be folded into this layer's weights (a sentence), or None."""
+        """Why no update can be folded into this layer's weights (a sentence), or None: in
+        particular where the layer's forward is not linear in its weight (a subclass with its own
+        forward, `fxlora.kinds.subclasses`), so the merged output would differ."""
 
     def as_matrices(self, module: nn.Module, adapter: str) -> Factors:
         """The adapter's factors as matrices (see the module docstring), in their own dtype."""

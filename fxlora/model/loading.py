@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from fxlora.core.fold import FoldRecord, unfolded_tensor
+from fxlora.errors import MergeError
 from fxlora.core.layers import check_adapter_name
 from fxlora.io.distributed import writes_files
 from fxlora.io.atomic import check_writable_dir
@@ -34,7 +36,7 @@ from fxlora.io.adapter_files import (
     snapshot_base,
     write_adapter_dir,
 )
-from fxlora.io.peft_format import PEFT_PREFIX, config_to_json, layout_of_adapter
+from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, config_to_json, layout_of_adapter
 from fxlora.planning.plan import TracePolicy
 from fxlora.runtime.install import fxlora_present, restore_requires_grad, strip
 
@@ -45,15 +47,55 @@ __all__ = ["save_pretrained", "from_pretrained", "load_adapter"]
 
 
 
+def _merged_into(lm: "LoraModel", key: str) -> tuple[list[str], list[FoldRecord]]:
+    """(the merged adapters, their fold records, in merge order) that changed the base tensor at
+    state_dict `key` (a layer's weight, or its bias where a ``lora_bias`` was folded in)."""
+    owner, _, which = key.rpartition(".")
+    adapters, records = [], []
+    for step in lm.adapter_state.merge_steps:
+        record = step.records.get(owner)
+        if record is not None and (which == "weight" or (which == "bias" and record.bias is not None)):
+            adapters.extend(step.scales)
+            records.append(record)
+    return adapters, records
+
+
+def _unmerged(lm: "LoraModel", key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The base tensor at state_dict `key` as it is with no adapter merged: a bias the merges
+    folded a ``lora_bias`` into is computed back (exactly, `fxlora.core.fold.unfolded_tensor`), so
+    an adapter file saved while merged holds the trained bias, not bias + B bias."""
+    _, records = _merged_into(lm, key)
+    if not records:
+        return tensor
+    owner, _, which = key.rpartition(".")
+    return unfolded_tensor(lm.model.get_submodule(owner), which, records)
+
+
+def _check_merged_base(lm: "LoraModel", fitted: dict[str, tuple[torch.Tensor, str]], directory: PathLike) -> None:
+    """`MergeError` if the file would overwrite a base tensor a merged adapter is folded into
+    (a trained bias over a merged ``lora_bias``, an embedding weight over a merged update): the
+    merged adapter would be lost from it, and unmerging would then subtract it from the file's value."""
+    for key, (_, role) in fitted.items():
+        if role not in (BASE, EXTRA_BASE):
+            continue
+        adapters, _ = _merged_into(lm, key)
+        if adapters:
+            raise MergeError(
+                f"cannot load the adapter in {str(directory)!r} now: its file sets the base tensor {key!r}, into which "
+                f"the merged adapter(s) {sorted(set(adapters))} are folded; call unmerge_adapter() first, then load "
+                "(and merge again); nothing was loaded"
+            )
+
+
 def _adapter_file_tensors(lm: "LoraModel", adapter: str) -> dict[str, torch.Tensor]:
-    """The tensors of `adapter` under their file keys (with PEFT's prefix)."""
+    """The tensors of `adapter` under their file keys (with PEFT's prefix), as they are unmerged."""
     layout = layout_of_adapter(lm.model, adapter, lm.peft_config[adapter].bias)
     state = lm.model.state_dict(keep_vars=True)
     tensors = {}
     for file_key, slot in layout.slots.items():
         if not slot.written:
             continue
-        tensor = state[slot.key]
+        tensor = state[slot.key] if slot.role != BASE else _unmerged(lm, slot.key, state[slot.key])
         if tuple(tensor.shape) != slot.shape:  # layout and layers disagree: a bug, not bad input
             raise RuntimeError(f"fxlora internal error: {slot.key} has shape {tuple(tensor.shape)}, layout says {slot.shape}")
         tensors[PEFT_PREFIX + file_key] = tensor
@@ -171,6 +213,7 @@ def load_adapter(
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(lm.peft_config)}")
     files = read_adapter_dir(directory, allow_bin)
     fitted = fit_tensors(files, plan_layout(lm.model, files, adapter_name))
+    _check_merged_base(lm, fitted, directory)
     emit_notes(files.notes)
     snapshot = snapshot_base(lm.model, fitted)
     with lm.adapter_state.transaction(lm.model) as tx:
