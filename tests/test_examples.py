@@ -1,5 +1,6 @@
 """The examples run as a user would run them (small sizes to keep CI fast)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -37,3 +38,26 @@ def test_new_transformers_architecture_example_learns():
     before, after = map(float, re.search(r"loss before: ([\d.]+) \| after: ([\d.]+)", out).groups())
     assert after < before - 1.0
     assert re.search(r"sample before: '.+'", out) and re.search(r"sample after: 'The keeper .+'", out)
+
+
+def test_distributed_fsdp2_example_trains_on_two_processes_and_saves(tmp_path):
+    out = tmp_path / "adapter"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "distributed_fsdp2.py"), "--steps", "30", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "2 processes, FSDP2 per decoder layer" in text
+    losses = [float(x) for x in re.findall(r"step \d+/30 \[[#.]{30}\] loss ([\d.]+)", text)]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5
+    assert "step 30/30 [##############################]" in text
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or sorted(
+        p.name for p in out.iterdir()
+    ) == ["adapter_config.json", "adapter_model.safetensors"]
+    import json
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert len(tensors) == 2 * 2 * 7 and all(t.abs().sum() > 0 for t in tensors.values())  # 2 layers x 7 linears x (A, B), trained
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
