@@ -1,0 +1,108 @@
+"""Targets refused at matching although their type is supported: where fxlora knows that a LoRA
+branch on the module could not act, or could not be added to its output.
+
+- The ``out_proj`` of ``nn.MultiheadAttention``: its forward reads ``out_proj.weight`` and never
+  calls the module.
+- The ``out_proj`` and ``conv1d`` of Mamba-style models (``model_type`` ``falcon_h1``, ``mamba``,
+  ``mamba2``, ``falcon_mamba``, ``nemotron_h``): their fused kernels read the weights directly.
+  This is PEFT's own rule (``_check_lora_target_modules_mamba``, by the module's last name
+  component and the model's ``config.model_type``), kept so that both refuse the same targets.
+- A layer whose class has its own forward that does not return one tensor (transformers'
+  ``Llama4Router`` returns ``(scores, logits)``): a LoRA update is added to the layer's output,
+  which needs one tensor. fxlora calls such a forward once on a small zero input (without
+  gradients or hooks) to see what it returns; where no such input can be built, or the call
+  fails, nothing is concluded.
+
+Parents that read a target's weight in code fxlora traces are found while planning paths
+(`fxlora.planning.plan`) and warned about (`fxlora.planning.notes`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from fxlora.errors import UnsupportedTargetError
+
+__all__ = ["check_target", "MAMBA_MODEL_TYPES", "MAMBA_FUSED_MODULES"]
+
+#: model types whose Mamba mixers read these modules' weights in fused kernels (PEFT's list)
+MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+MAMBA_FUSED_MODULES = frozenset({"out_proj", "conv1d"})
+
+
+def check_target(key: str, module: nn.Module, model: nn.Module) -> None:
+    """Raise `UnsupportedTargetError` naming `key` and why, if a LoRA branch on `module` (a
+    supported type, at `key` in `model`) would have no effect or could not be added."""
+    _check_weight_read_by_parent(key, model)
+    _check_fused_mamba(key, model)
+    _check_returns_one_tensor(key, module)
+
+
+def _check_weight_read_by_parent(key: str, model: nn.Module) -> None:
+    parent_name, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        raise UnsupportedTargetError(
+            f"module {key!r} is the out_proj of nn.MultiheadAttention {parent_name or '<root>'!r}, whose "
+            "forward reads out_proj.weight directly and never calls the module, so a LoRA branch on it "
+            "would have no effect. Exclude it (exclude_modules=[...]) or adapt the projections of a "
+            "custom attention module instead."
+        )
+
+
+def _check_fused_mamba(key: str, model: nn.Module) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    child = key.rpartition(".")[2]
+    if model_type in MAMBA_MODEL_TYPES and child in MAMBA_FUSED_MODULES:
+        raise UnsupportedTargetError(
+            f"module {key!r} cannot carry a LoRA adapter in a {model_type!r} model: the Mamba mixer's fused "
+            f"kernel reads its weight directly instead of calling it (PEFT refuses {sorted(MAMBA_FUSED_MODULES)} "
+            "in Mamba-based models too). Exclude it (exclude_modules=[...]) or adapt other layers."
+        )
+
+
+def _check_returns_one_tensor(key: str, module: nn.Module) -> None:
+    forward = type(module).forward
+    if forward.__module__.startswith("torch.nn."):
+        return  # torch's own layers return one tensor
+    sample = _sample_input(module)
+    if sample is None:
+        return
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = forward(module, sample)
+    except Exception:  # the sample does not suit it: nothing is known
+        return
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedTargetError(
+            f"module {key!r} ({type(module).__name__}) returns {_describe(out)} from its own forward, not one "
+            "tensor, so a LoRA update cannot be added to its output. Exclude it (exclude_modules=[...]) or "
+            "adapt the layers it is built from."
+        )
+
+
+def _sample_input(module: nn.Module) -> Optional[torch.Tensor]:
+    """A small zero input the layer's base type accepts, or None."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    floating = dict(dtype=weight.dtype if weight.is_floating_point() else torch.float32, device=weight.device)
+    if isinstance(getattr(module, "in_features", None), int):
+        return torch.zeros(2, module.in_features, **floating)
+    kernel, channels = getattr(module, "kernel_size", None), getattr(module, "in_channels", None)
+    if isinstance(kernel, tuple) and isinstance(channels, int):
+        dilation = getattr(module, "dilation", (1,) * len(kernel))
+        return torch.zeros(1, channels, *(d * (k - 1) + 1 for k, d in zip(kernel, dilation)), **floating)
+    if isinstance(getattr(module, "num_embeddings", None), int):
+        return torch.zeros(1, 2, dtype=torch.long, device=weight.device)
+    return None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(type(v).__name__ for v in value[:4])
+        return f"a {type(value).__name__} ({inner}{', ...' if len(value) > 4 else ''})"
+    return f"a {type(value).__name__}"
