@@ -31,6 +31,7 @@ __all__ = [
     "scale_by",
     "shared_low_rank",
     "any_open",
+    "RowMismatch",
 ]
 
 
@@ -61,12 +62,18 @@ def _per_row(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return gate.view(-1, *([1] * (like.dim() - 1)))
 
 
+class RowMismatch(ValueError, RuntimeError):
+    """A layer of a mixed batch got an input whose dim 0 is not the batch's rows (a ValueError
+    about the call's input; a RuntimeError as it was first raised)."""
+
+
 def _check_rows(rows: int, like: torch.Tensor) -> None:
     """Row gates (a mixed batch) fit a layer's input only if it has one row per gate value."""
     if rows != like.shape[0]:
-        raise RuntimeError(
-            f"the adapter gates hold {rows} rows but a layer received a batch of {like.shape[0]}; "
-            "adapter_names needs one entry per row of the batch"
+        raise RowMismatch(
+            f"the adapter gates hold {rows} row{'s' if rows != 1 else ''} but a layer received a batch of {like.shape[0]} "
+            f"(a tensor of shape {tuple(like.shape)}); a mixed batch takes rows along dim 0 of the model's inputs "
+            "and of every adapted layer's input, so adapter_names needs one entry per row there"
         )
 
 

@@ -14,17 +14,49 @@ Eager serving (no autograd) does less work: `fxlora.core.rows.RowGroups` records
 each linear layer computes every adapter on its own rows only, on the adapters' weights as they
 are (`fxlora.core.ops.stacked_layer_update`: nothing is kept between calls, so no write to a
 weight can be missed). No Python loop over rows runs per layer; one over the adapters used does.
+
+Where the batch is (`check_batch_layout`). Row ``i`` is index ``i`` along dim 0 of the model's
+inputs (``len(adapter_names)`` must be the size of dim 0 of the first tensor argument), and every
+adapted layer applies its row gates along dim 0 of its own input (and every `modules_to_save`
+copy along dim 0 of its output), as PEFT does. A layer whose dim 0 is not that size is refused
+at once (`fxlora.core.ops.RowMismatch`). Sizes alone cannot tell the batch from another dimension
+of the same size, though: a sequence-first layout, (time, batch, ...) with time == batch, would
+take time steps for rows (PEFT's mixed batches do so, silently). So fxlora checks, on the first
+mixed batch of each input layout (the inputs' structure, ranks and dtypes, and which of their
+dimensions have the batch's size) and adapter set, with three small forward passes of the same
+shapes but the batch (in eval mode, without gradients: `fxlora.tracing.probe.quiet_forwards`):
+
+1. one row: every adapted layer must then see one row on dim 0 (a layer seeing (time, batch, ...)
+   sees ``time`` rows there, not one);
+2. rows 0 and 1, then rows 1 and 0 (with their adapter names swapped too): the outputs must swap
+   with them. Rows along a dimension the model mixes (time steps of an RNN or of attention on a
+   sequence-first input) change each other's outputs.
+
+A layout that fails either, or whose outputs hold no tensor with one entry per row to compare,
+is refused with a ValueError saying why; an error of the model itself in these passes is raised
+as it is (with a note saying where it came from). Sequence-first models work
+with batch-first inputs (``batch_first=True``) or one adapter per call (`set_adapter`).
+A batch of one row needs no check. ``generate`` takes rows along dim 0 of its inputs unchecked
+(transformers' layout).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import weakref
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
-__all__ = ["BASE", "batch_size_of", "check_adapter_names"]
+from fxlora.core.ops import RowMismatch
+from fxlora.tracing.probe import quiet_forwards
+
+__all__ = ["BASE", "batch_size_of", "check_adapter_names", "check_batch_layout"]
 
 BASE = "__base__"
+
+#: per adapter state: the (input layout, adapters) pairs whose rows were checked to be batch rows
+_CHECKED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 
 
 def batch_size_of(args: tuple, kwargs: dict) -> int:
@@ -44,5 +76,80 @@ def check_adapter_names(names: Any, known: Sequence[str], rows: int) -> list[str
     if unknown:
         raise ValueError(f"unknown adapter name(s) {unknown} in adapter_names; known: {list(known)} or {BASE!r} for the base model")
     if len(names) != rows:
-        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {rows} rows; give one name per row")
+        raise ValueError(
+            f"adapter_names has {len(names)} entries but the batch has {rows} rows (dim 0 of the first tensor "
+            "argument); give one name per row. A sequence-first input (time, batch, ...) needs batch-first "
+            "inputs for mixed batches"
+        )
     return names
+
+
+Runner = Callable[[tuple, dict, list], Any]
+
+
+def check_batch_layout(state: Any, run: Runner, model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str]) -> None:
+    """Raise ValueError unless rows along dim 0 of the inputs are the batch's rows for every
+    adapted layer (the module docstring says how this is found). `run(args, kwargs, names)`
+    calls the model as a mixed batch of `state` (an `AdapterState`); `names` are checked
+    (`check_adapter_names`). Changes nothing."""
+    rows = len(names)
+    if rows < 2:
+        return
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    layout = tuple((t.dtype, tuple(size == rows for size in t.shape)) for t in leaves)
+    key = (pytree.tree_structure((args, kwargs)), layout, tuple((a, id(c)) for a, c in state.configs.items()))
+    checked = _CHECKED.setdefault(state, set())
+    if key in checked:
+        return
+    shapes = [tuple(t.shape) for t in leaves if t.dim() > 0 and t.shape[0] == rows]
+    refused = f"adapter_names cannot be applied to inputs of shapes {shapes}: "
+    valid = "Mixed batches need the batch on dim 0 of the inputs and of every adapted layer's input (batch-first layouts); otherwise use one adapter per call (set_adapter)"
+    with quiet_forwards(model):
+        try:
+            run(*_rows(args, kwargs, rows, [0]), names[:1])
+        except RowMismatch as exc:
+            raise ValueError(f"{refused}rows along dim 0 are not the batch of every adapted layer: given one row, a layer still saw more ({exc}). {valid}") from None
+        except Exception as exc:  # the model's own error, as the whole batch would raise it
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note("(raised in fxlora's check of a mixed batch's rows, running row 0 alone: fxlora.model.mixed_batch)")
+            raise
+        pair = run(*_rows(args, kwargs, rows, [0, 1]), names[:2])
+        swapped = run(*_rows(args, kwargs, rows, [1, 0]), [names[1], names[0]])
+    why = _not_swapped(pair, swapped)
+    if why:
+        raise ValueError(f"{refused}rows along dim 0 are not independent batch rows ({why}), as in a sequence-first (time, batch, ...) layout. {valid}")
+    checked.add(key)
+
+
+def _rows(args: tuple, kwargs: dict, rows: int, index: list[int]) -> tuple[tuple, dict]:
+    """`args`, `kwargs` with rows `index` (along dim 0) of every tensor of `rows` rows."""
+    def take(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            return value.index_select(0, torch.tensor(index, device=value.device))
+        return value
+
+    return pytree.tree_map(take, (args, kwargs))
+
+
+def _not_swapped(pair: Any, swapped: Any) -> Optional[str]:
+    """None if every output tensor with two rows has them swapped in `swapped`, else why not."""
+    compared = 0
+    for a, b in zip(pytree.tree_leaves(pair), pytree.tree_leaves(swapped)):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() > 0 and a.shape[0] == 2 == b.shape[0]):
+            continue
+        if a.shape != b.shape:
+            return f"outputs of shape {tuple(a.shape)} and {tuple(b.shape)}"
+        compared += 1
+        if not _close(b, a.flip(0)):
+            return "swapping rows 0 and 1 of the inputs changed what each row's output is"
+    return None if compared else "no output holds one entry per row to compare"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    if not a.numel():
+        return True
+    info = torch.finfo(a.dtype)
+    tol = (64 * info.eps if info.eps < 1e-4 else 1e-2) * b.abs().max().item() + info.tiny
+    return bool((a - b).abs().max().item() <= tol)

@@ -9,8 +9,8 @@ branch on the module could not act, or could not be added to its output.
   component and the model's ``config.model_type``), kept so that both refuse the same targets.
 - A layer whose class has its own forward that does not return one tensor (transformers'
   ``Llama4Router`` returns ``(scores, logits)``): a LoRA update is added to the layer's output,
-  which needs one tensor. fxlora calls such a forward once on a small zero input (without
-  gradients or hooks) to see what it returns; where no such input can be built, or the call
+  which needs one tensor. fxlora calls such a forward once on a small zero input (in eval
+  mode, without gradients or hooks) to see what it returns; where no such input can be built, or the call
   fails, nothing is concluded.
 
 Parents that read a target's weight in code fxlora traces are found while planning paths
@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.errors import UnsupportedTargetError
+from fxlora.tracing.probe import quiet_forwards
 
 __all__ = ["check_target", "MAMBA_MODEL_TYPES", "MAMBA_FUSED_MODULES"]
 
@@ -72,7 +73,7 @@ def _check_returns_one_tensor(key: str, module: nn.Module) -> None:
     if sample is None:
         return
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with quiet_forwards(module):
             out = forward(module, sample)
     except Exception:  # the sample does not suit it: nothing is known
         return
