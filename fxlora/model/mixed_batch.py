@@ -24,13 +24,14 @@ of the same size, though: a sequence-first layout, (time, batch, ...) with time 
 take time steps for rows (PEFT's mixed batches do so, silently). So fxlora checks, on the first
 mixed batch of each input layout (the inputs' structure, ranks and dtypes, and which of their
 dimensions have the batch's size) and adapter set, with three small forward passes of the same
-shapes but the batch (in eval mode, without gradients: `fxlora.tracing.probe.quiet_forwards`):
+shapes but the batch (in eval mode, without gradients: `fxlora.tracing.probe.quiet_forwards`),
+rows 0 and 1 each alone (with its adapter name), then both:
 
-1. one row: every adapted layer must then see one row on dim 0 (a layer seeing (time, batch, ...)
-   sees ``time`` rows there, not one);
-2. rows 0 and 1, then rows 1 and 0 (with their adapter names swapped too): the outputs must swap
-   with them. Rows along a dimension the model mixes (time steps of an RNN or of attention on a
-   sequence-first input) change each other's outputs.
+1. alone, every adapted layer must see one row on dim 0 (a layer seeing (time, batch, ...) sees
+   ``time`` rows there, not one);
+2. together, each row's outputs must be what it computed alone. Rows along a dimension the
+   model mixes (time steps of an RNN, or of attention on a sequence-first input, even where
+   attention is indifferent to their order) change each other's outputs.
 
 A layout that fails either, or whose outputs hold no tensor with one entry per row to compare,
 is refused with a ValueError saying why; an error of the model itself in these passes is raised
@@ -106,16 +107,16 @@ def check_batch_layout(state: Any, run: Runner, model: torch.nn.Module, args: tu
     valid = "Mixed batches need the batch on dim 0 of the inputs and of every adapted layer's input (batch-first layouts); otherwise use one adapter per call (set_adapter)"
     with quiet_forwards(model):
         try:
-            run(*_rows(args, kwargs, rows, [0]), names[:1])
+            first = run(*_rows(args, kwargs, rows, [0]), names[:1])
         except RowMismatch as exc:
             raise ValueError(f"{refused}rows along dim 0 are not the batch of every adapted layer: given one row, a layer still saw more ({exc}). {valid}") from None
         except Exception as exc:  # the model's own error, as the whole batch would raise it
             if hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note("(raised in fxlora's check of a mixed batch's rows, running row 0 alone: fxlora.model.mixed_batch)")
             raise
+        second = run(*_rows(args, kwargs, rows, [1]), names[1:2])
         pair = run(*_rows(args, kwargs, rows, [0, 1]), names[:2])
-        swapped = run(*_rows(args, kwargs, rows, [1, 0]), [names[1], names[0]])
-    why = _not_swapped(pair, swapped)
+    why = _not_row_wise(pair, [first, second])
     if why:
         raise ValueError(f"{refused}rows along dim 0 are not independent batch rows ({why}), as in a sequence-first (time, batch, ...) layout. {valid}")
     checked.add(key)
@@ -131,18 +132,24 @@ def _rows(args: tuple, kwargs: dict, rows: int, index: list[int]) -> tuple[tuple
     return pytree.tree_map(take, (args, kwargs))
 
 
-def _not_swapped(pair: Any, swapped: Any) -> Optional[str]:
-    """None if every output tensor with two rows has them swapped in `swapped`, else why not."""
+def _not_row_wise(pair: Any, alone: list[Any]) -> Optional[str]:
+    """None if every output tensor of the two-row call `pair` holds, row for row, what each row
+    computed `alone` holds, else why not."""
     compared = 0
-    for a, b in zip(pytree.tree_leaves(pair), pytree.tree_leaves(swapped)):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() > 0 and a.shape[0] == 2 == b.shape[0]):
+    for a, *singles in zip(*(pytree.tree_leaves(out) for out in (pair, *alone))):
+        if not (isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 2):
             continue
-        if a.shape != b.shape:
-            return f"outputs of shape {tuple(a.shape)} and {tuple(b.shape)}"
-        compared += 1
-        if not _close(b, a.flip(0)):
-            return "swapping rows 0 and 1 of the inputs changed what each row's output is"
+        for row, single in enumerate(singles):
+            if not isinstance(single, torch.Tensor) or single.shape != (1, *a.shape[1:]):
+                return f"an output of shape {tuple(a.shape)} for two rows is {_shape(single)} for one"
+            compared += 1
+            if not _close(a[row : row + 1], single):
+                return f"row {row}'s output changes when row {1 - row} is in the batch"
     return None if compared else "no output holds one entry per row to compare"
+
+
+def _shape(value: Any) -> str:
+    return f"of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
