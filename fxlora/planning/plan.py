@@ -29,6 +29,7 @@ from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.planning.notes import call_notes
+from fxlora.planning.target_checks import fused_parent
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
@@ -103,6 +104,7 @@ class Plan:
     all_params: int
     warnings: list[str] = field(default_factory=list)
     order: dict[str, int] = field(default_factory=dict)  # position in named_modules()
+    unfused: frozenset = frozenset()  # targets and saved modules inside a fused parent (`target_checks`)
 
 
 def lora_param_count(module: nn.Module, spec: AdapterSpec, kind: Optional[LayerKind] = None) -> int:
@@ -328,6 +330,7 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
         all_params=total,
         warnings=notes,
         order={name: i for i, (name, _) in enumerate(model.named_modules())},
+        unfused=frozenset(p.name for p in [*targets, *saved] if fused_parent(model, p.name) is not None),
     )
 
 

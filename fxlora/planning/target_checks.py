@@ -15,6 +15,14 @@ branch on the module could not act, or could not be added to its output.
 
 Parents that read a target's weight in code fxlora traces are found while planning paths
 (`fxlora.planning.plan`) and warned about (`fxlora.planning.notes`).
+
+One parent reads its children's weights only sometimes, and can be told not to:
+``nn.TransformerEncoderLayer`` in eval mode with ``batch_first=True`` runs a fused kernel on
+``linear1.weight``, ``linear2.weight``, ``norm1.weight``, ... (PEFT's adapters on them then have no
+effect in eval, silently), and skips that fast path when any module inside it has a forward hook.
+`fused_parent` names such a parent; `fxlora.runtime.install.attach_plan` gives the adapter's own
+modules (``lora_A``, the `modules_to_save` copy) a no-op forward pre-hook, so the layer computes
+through its modules, and the adapter acts, in eval too (dropped with the adapter).
 """
 
 from __future__ import annotations
@@ -27,11 +35,13 @@ import torch.nn as nn
 from fxlora.errors import UnsupportedTargetError
 from fxlora.tracing.probe import quiet_forwards
 
-__all__ = ["check_target", "MAMBA_MODEL_TYPES", "MAMBA_FUSED_MODULES"]
+__all__ = ["check_target", "fused_parent", "MAMBA_MODEL_TYPES", "MAMBA_FUSED_MODULES", "FUSED_PARENTS"]
 
 #: model types whose Mamba mixers read these modules' weights in fused kernels (PEFT's list)
 MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
 MAMBA_FUSED_MODULES = frozenset({"out_proj", "conv1d"})
+#: parents with a fused fast path over their children's weights, skipped when a child has hooks
+FUSED_PARENTS = (nn.TransformerEncoderLayer,)
 
 
 def check_target(key: str, module: nn.Module, model: nn.Module) -> None:
@@ -40,6 +50,16 @@ def check_target(key: str, module: nn.Module, model: nn.Module) -> None:
     _check_weight_read_by_parent(key, model)
     _check_fused_mamba(key, model)
     _check_returns_one_tensor(key, module)
+
+
+def fused_parent(model: nn.Module, name: str) -> Optional[str]:
+    """The name of the innermost ancestor of module `name` that is one of `FUSED_PARENTS`, or None."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:end])
+        if isinstance(model.get_submodule(prefix), FUSED_PARENTS):
+            return prefix
+    return None
 
 
 def _check_weight_read_by_parent(key: str, model: nn.Module) -> None:

@@ -493,12 +493,9 @@ def test_batch_first_with_as_many_positions_as_rows_is_right(policy, positions, 
 
 
 def test_batch_first_encoder_layer_with_as_many_positions_as_rows_is_right():
-    model = two_adapters(encoder_layer(True), ["linear1", "linear2"])
-    model.model.train()  # (eval-mode batch-first encoder layers take a fused path: see tests/planning/test_warnings.py)
-    for m in model.model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+    model = two_adapters(encoder_layer(True), ["linear1", "linear2"])  # eval: no fused path (tests/planning/test_warnings.py)
     names = ["a", "__base__", "b"]
     x = torch.randn(3, 3, 8)
-    out = model(x, adapter_names=names)
+    with torch.no_grad():
+        out = model(x, adapter_names=names)
     torch.testing.assert_close(out, row_by_row(model, x, names), rtol=1e-5, atol=1e-5)

@@ -245,3 +245,55 @@ def test_mamba_rule_needs_the_mamba_model_type():
     model.add_module("out_proj", nn.Linear(4, 4))
     model.config = Config()
     fxlora.transform(model, LoraConfig(target_modules=["out_proj"]))
+
+
+# ---------------------------------------------------------------- read through the weight only sometimes
+def _encoder(stack: bool):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True) if stack else nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("stack", [False, True], ids=["layer", "encoder-nested"])
+@pytest.mark.parametrize("trace", ["auto", "eager"])
+def test_encoder_layer_fast_path_does_not_bypass_adapters_in_eval(stack, trace):
+    """An eval-mode batch-first nn.TransformerEncoderLayer runs a fused kernel on linear1/linear2/
+    norm weights (PEFT's adapters then do nothing in eval, silently): fxlora's adapters and saved
+    copies act in eval as in training."""
+    config = LoraConfig(target_modules=["linear1", "linear2"], modules_to_save=["norm1"], init_lora_weights=False)
+    lora = fxlora.transform(_encoder(stack), config, trace=trace)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(0.5)
+    x = torch.randn(2, 3, 8)
+    mask = torch.tensor([[False, False, True], [False, False, False]]) if stack else None
+    kwargs = {"src_key_padding_mask": mask} if stack else {}
+    keep = ~mask if stack else torch.ones(2, 3, dtype=torch.bool)
+    lora.train()
+    trained = lora(x, **kwargs)
+    lora.eval()
+    with torch.no_grad():
+        served = lora(x, **kwargs)
+        with lora.disable_adapter():
+            base = lora(x, **kwargs)
+    torch.testing.assert_close(served[keep], trained[keep], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(served[keep], base[keep])
+    lora.add_adapter("other", LoraConfig(target_modules=["linear2"]))
+    hooked = lambda: sum(len(m._forward_pre_hooks) for m in lora.model.modules())  # noqa: E731
+    layers = 2 if stack else 1
+    assert hooked() == 4 * layers  # one per adapted layer and saved copy, per adapter
+    lora.delete_adapter("default")
+    assert hooked() == layers  # "other"'s, on each linear2
+    assert not any(m._forward_pre_hooks for m in lora.unload().modules())
+
+
+def test_peft_adapters_on_an_encoder_layer_do_nothing_in_eval():
+    """The PEFT defect fxlora does not copy (measured on peft 0.21.2)."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_encoder(False), peft.LoraConfig(target_modules=["linear1", "linear2"], init_lora_weights=False)).eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        out = model(x)
+        with model.disable_adapter():
+            assert torch.equal(model(x), out)
