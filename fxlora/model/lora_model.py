@@ -144,30 +144,17 @@ class LoraModel(nn.Module):
         for the base model) every row computes with its own adapter.
 
         Rows are taken along dim 0 of the inputs (``len(adapter_names)`` is the size of dim 0 of
-        the first tensor argument) and of every adapted layer's input, as in PEFT. Where another
-        dimension of an input has the batch's size, the layout is checked once (small forward
-        passes: `fxlora.model.mixed_batch`); a sequence-first (time, batch, ...) layout, or any
-        layer that does not see the batch on dim 0, is refused with a ValueError, never
-        computed along the wrong dimension.
+        the first tensor argument) and of every adapted layer's input, as in PEFT; checked once
+        per input layout (`fxlora.model.mixed_batch`): a sequence-first (time, batch, ...) layout
+        is refused with a ValueError, never computed along the wrong dimension.
 
         This frame is kept out of ``torch.compile`` (the model call inside is compiled), so the
         names never become guards: a new assignment of adapters to rows does not recompile.
         """
         if adapter_names is not None:
-            self._check_batch_layout(adapter_names, args, kwargs)
+            check_batch_layout(self, adapter_names, args, kwargs)
         with self._scope(adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
-
-    @torch.compiler.disable
-    def _check_batch_layout(self, adapter_names: list[str], args: tuple, kwargs: dict) -> None:
-        """Refuse a mixed batch whose rows along dim 0 are not the batch (`fxlora.model.mixed_batch`)."""
-        names = check_adapter_names(adapter_names, list(self.peft_config), batch_size_of(args, kwargs))
-
-        def run(a: tuple, k: dict, rows: list[str]) -> Any:
-            with self._scope(rows, a, k):
-                return self.model(*a, **k)
-
-        check_batch_layout(self.adapter_state, run, self.model, args, kwargs, names)
 
     @torch.compiler.disable
     def _scope(self, adapter_names: Optional[list[str]], args: tuple, kwargs: dict, expand: int = 1) -> CallScope:

@@ -44,7 +44,7 @@ A batch of one row needs no check. ``generate`` takes rows along dim 0 of its in
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -85,14 +85,18 @@ def check_adapter_names(names: Any, known: Sequence[str], rows: int) -> list[str
     return names
 
 
-Runner = Callable[[tuple, dict, list], Any]
+@torch.compiler.disable
+def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -> None:
+    """Raise ValueError unless `adapter_names` fit the call (`check_adapter_names`) and rows along
+    dim 0 of the inputs are the batch's rows for every adapted layer of `lm` (a `LoraModel`; the
+    module docstring says how this is found). Changes nothing."""
+    names = check_adapter_names(adapter_names, list(lm.peft_config), batch_size_of(args, kwargs))
+    state, model = lm.adapter_state, lm.model
 
+    def run(a: tuple, k: dict, rows: list[str]) -> Any:
+        with lm._scope(rows, a, k):
+            return model(*a, **k)
 
-def check_batch_layout(state: Any, run: Runner, model: torch.nn.Module, args: tuple, kwargs: dict, names: list[str]) -> None:
-    """Raise ValueError unless rows along dim 0 of the inputs are the batch's rows for every
-    adapted layer (the module docstring says how this is found). `run(args, kwargs, names)`
-    calls the model as a mixed batch of `state` (an `AdapterState`); `names` are checked
-    (`check_adapter_names`). Changes nothing."""
     rows = len(names)
     if rows < 2:
         return
