@@ -230,7 +230,7 @@ def test_serving_groups_rows_by_adapter(monkeypatch):
     names = ["b", "__base__", "a", "b", "b"]
     x = torch.randn(5, 4)
     with torch.no_grad():
-        model(x, adapter_names=names)  # the first batch of this layout also checks its rows (3 small passes)
+        model(x, adapter_names=names)  # the first batch of this layout also checks its rows (4 small passes)
         grouped.clear()
         served = model(x, adapter_names=names)
     assert grouped == [[[2], [0, 3, 4]]]  # a: row 2; b: rows 0, 3, 4
