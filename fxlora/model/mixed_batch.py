@@ -94,40 +94,47 @@ def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -
     dim 0 of the inputs are the batch's rows for every adapted layer of `lm` (a `LoraModel`; the
     module docstring says how this is found). Changes nothing."""
     names = check_adapter_names(adapter_names, list(lm.peft_config), batch_size_of(args, kwargs))
-    state, model = lm.adapter_state, lm.model
-
-    def run(a: tuple, k: dict, rows: list[str]) -> Any:
-        with lm._scope(rows, a, k):
-            return model(*a, **k)
-
     rows = len(names)
     if rows < 2:
-        return
+        return  # one row: any dimension of size 1 broadcasts alike
     leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     layout = tuple((t.dtype, tuple(size == rows for size in t.shape)) for t in leaves)
-    key = (pytree.tree_structure((args, kwargs)), layout, tuple((a, id(c)) for a, c in state.configs.items()))
-    checked = _CHECKED.setdefault(state, set())
+    key = (pytree.tree_structure((args, kwargs)), layout, tuple((a, id(c)) for a, c in lm.peft_config.items()))
+    checked = _CHECKED.setdefault(lm.adapter_state, set())
     if key in checked:
         return
+
+    def run(index: list[int]) -> Any:
+        a, k = _rows(args, kwargs, rows, index)
+        with lm._scope([names[i] for i in index], a, k):
+            return lm.model(*a, **k)
+
     shapes = [tuple(t.shape) for t in leaves if t.dim() > 0 and t.shape[0] == rows]
     refused = f"adapter_names cannot be applied to inputs of shapes {shapes}: "
-    valid = "Mixed batches need the batch on dim 0 of the inputs and of every adapted layer's input (batch-first layouts); otherwise use one adapter per call (set_adapter)"
-    with quiet_forwards(model):
-        try:
-            first = run(*_rows(args, kwargs, rows, [0]), names[:1])
-        except RowMismatch as exc:
-            raise ValueError(f"{refused}rows along dim 0 are not the batch of every adapted layer: given one row, a layer still saw more ({exc}). {valid}") from None
-        except Exception as exc:  # the model's own error, as the whole batch would raise it
-            if hasattr(exc, "add_note"):  # Python >= 3.11
-                exc.add_note("(raised in fxlora's check of a mixed batch's rows, running row 0 alone: fxlora.model.mixed_batch)")
-            raise
-        pair = run(*_rows(args, kwargs, rows, [0, 1]), names[:2])
-        zeros = run(*_rows(args, kwargs, rows, [0, 0]), [names[0]] * 2)
-        ones = run(*_rows(args, kwargs, rows, [1, 1]), [names[1]] * 2)
-    why = _not_row_wise(pair, [zeros, ones])
+    with quiet_forwards(lm.model):
+        _check_one_row(run, refused)
+        why = _not_row_wise(run([0, 1]), [run([0, 0]), run([1, 1])])
     if why:
-        raise ValueError(f"{refused}rows along dim 0 are not independent batch rows ({why}), as in a sequence-first (time, batch, ...) layout. {valid}")
+        raise ValueError(f"{refused}rows along dim 0 are not independent batch rows ({why}), as in a sequence-first (time, batch, ...) layout. {_VALID}")
     checked.add(key)
+
+
+_VALID = (
+    "Mixed batches need the batch on dim 0 of the inputs and of every adapted layer's input (batch-first "
+    "layouts); otherwise use one adapter per call (set_adapter)"
+)
+
+
+def _check_one_row(run: Any, refused: str) -> None:
+    """Row 0 alone: every adapted layer must see one row on dim 0."""
+    try:
+        run([0])
+    except RowMismatch as exc:
+        raise ValueError(f"{refused}rows along dim 0 are not the batch of every adapted layer: given one row, a layer still saw more ({exc}). {_VALID}") from None
+    except Exception as exc:  # the model's own error, as the whole batch would raise it
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note("(raised in fxlora's check of a mixed batch's rows, running row 0 alone: fxlora.model.mixed_batch)")
+        raise
 
 
 def _rows(args: tuple, kwargs: dict, rows: int, index: list[int]) -> tuple[tuple, dict]:

@@ -33,7 +33,7 @@ from fxlora.planning.target_checks import fused_parent
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
-from fxlora.tracing.traced import TracedVariant, attributes_read, modules_called, trace_through_ids, trace_variant
+from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids, trace_variant
 
 __all__ = [
     "TracePolicy",
@@ -188,7 +188,7 @@ def _check_calls(root_name: str, variants: dict, names: list[str]) -> dict[str, 
     A module whose weights some graph reads while it never calls it would silently miss its
     branch there, so that root cannot be a graph: raises `_WeightRead` naming every such module."""
     counts = dict.fromkeys(names, 0)
-    unread: dict[str, str] = {}
+    read_only: dict[str, str] = {}
     for variant in variants.values():
         called = modules_called(variant.graph)
         read = attributes_read(variant.graph)
@@ -196,9 +196,9 @@ def _check_calls(root_name: str, variants: dict, names: list[str]) -> dict[str, 
             rel = name[len(root_name) + 1 :] if root_name else name
             counts[name] = max(counts[name], called.get(rel, 0))
             if called.get(rel, 0) == 0 and any(a == rel or a.startswith(rel + ".") for a in read):
-                unread[name] = rel
-    if unread:
-        raise _WeightRead(list(unread), list(unread.values()))
+                read_only[name] = rel
+    if read_only:
+        raise _WeightRead(list(read_only), list(read_only.values()))
     return counts
 
 
@@ -260,7 +260,7 @@ def assign_paths(
             variants = _trace_root(module, [modules[n] for n in names], observed)
             counts = _check_calls(name, variants, names)
         except TraceFailure as exc:
-            for read in getattr(exc, "names", ()):
+            for read in exc.names if isinstance(exc, _WeightRead) else ():
                 info[read].weight_read = True
             failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
             for child_name, child in module.named_children():
