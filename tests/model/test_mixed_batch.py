@@ -499,3 +499,21 @@ def test_batch_first_encoder_layer_with_as_many_positions_as_rows_is_right():
     with torch.no_grad():
         out = model(x, adapter_names=names)
     torch.testing.assert_close(out, row_by_row(model, x, names), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_computes_sequence_first_mixed_batches_along_time():
+    """The PEFT defect fxlora does not copy (peft 0.21.2): with time == batch, PEFT's rows are time
+    steps, and its mixed batch differs from running each batch element alone."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TimeFirst(), peft.LoraConfig(target_modules=["fc", "out"], init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", peft.LoraConfig(target_modules=["fc", "out"], init_lora_weights=False))
+    model.eval()
+    x = torch.randn(3, 3, 4)  # (time, batch, features)
+    names = ["a", "b", "a"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        alone = []
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            alone.append(model(x[:, i : i + 1]))
+    assert not torch.allclose(mixed, torch.cat(alone, dim=1), atol=1e-4)
