@@ -29,7 +29,7 @@ from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.planning.notes import call_notes
-from fxlora.planning.target_checks import fused_parent
+from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
@@ -144,6 +144,7 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
             variant=variant_for(config),
         )
         kind.check_spec(repr(name), module, spec)
+        check_returns_one_tensor(name, module, kind, spec)
         if spec.lora_bias and getattr(module, "bias", None) is None:
             notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
         plans.append(TargetPlan(name, module, kind, spec, bool(kind.fan_in_fan_out(module))))

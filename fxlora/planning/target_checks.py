@@ -1,5 +1,6 @@
-"""Targets refused at matching although their type is supported: where fxlora knows that a LoRA
-branch on the module could not act, or could not be added to its output.
+"""Targets refused at transform (and by `explain`) although their type is supported: where fxlora
+knows that a LoRA branch on the module could not act (`check_target`, at matching), or could not
+be added to its output (`check_returns_one_tensor`, when planning the target).
 
 - The ``out_proj`` of ``nn.MultiheadAttention``: its forward reads ``out_proj.weight`` and never
   calls the module.
@@ -10,8 +11,9 @@ branch on the module could not act, or could not be added to its output.
 - A layer whose class has its own forward that does not return one tensor (transformers'
   ``Llama4Router`` returns ``(scores, logits)``): a LoRA update is added to the layer's output,
   which needs one tensor. fxlora calls such a forward once on a small zero input (in eval
-  mode, without gradients or hooks) to see what it returns; where no such input can be built, or the call
-  fails, nothing is concluded.
+  mode, without gradients or hooks; its width from the adapter's A factor, or the conv's channels
+  and kernel) to see what it returns; where no such input can be built, or the call fails,
+  nothing is concluded.
 
 Parents that read a target's weight in code fxlora traces are found while planning paths
 (`fxlora.planning.plan`) and warned about (`fxlora.planning.notes`).
@@ -27,7 +29,7 @@ through its modules, and the adapter acts, in eval too (dropped with the adapter
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
@@ -35,7 +37,11 @@ import torch.nn as nn
 from fxlora.errors import UnsupportedTargetError
 from fxlora.tracing.probe import quiet_forwards
 
-__all__ = ["check_target", "fused_parent", "MAMBA_MODEL_TYPES", "MAMBA_FUSED_MODULES", "FUSED_PARENTS"]
+if TYPE_CHECKING:
+    from fxlora.core.layers import AdapterSpec
+    from fxlora.kinds import LayerKind
+
+__all__ = ["check_target", "check_returns_one_tensor", "fused_parent", "MAMBA_MODEL_TYPES", "MAMBA_FUSED_MODULES", "FUSED_PARENTS"]
 
 #: model types whose Mamba mixers read these modules' weights in fused kernels (PEFT's list)
 MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
@@ -46,10 +52,9 @@ FUSED_PARENTS = (nn.TransformerEncoderLayer,)
 
 def check_target(key: str, module: nn.Module, model: nn.Module) -> None:
     """Raise `UnsupportedTargetError` naming `key` and why, if a LoRA branch on `module` (a
-    supported type, at `key` in `model`) would have no effect or could not be added."""
+    supported type, at `key` in `model`) would have no effect (see also `check_returns_one_tensor`)."""
     _check_weight_read_by_parent(key, model)
     _check_fused_mamba(key, model)
-    _check_returns_one_tensor(key, module)
 
 
 def fused_parent(model: nn.Module, name: str) -> Optional[str]:
@@ -85,11 +90,13 @@ def _check_fused_mamba(key: str, model: nn.Module) -> None:
         )
 
 
-def _check_returns_one_tensor(key: str, module: nn.Module) -> None:
+def check_returns_one_tensor(key: str, module: nn.Module, kind: "LayerKind", spec: "AdapterSpec") -> None:
+    """Raise `UnsupportedTargetError` naming `key` if the layer's class has its own forward and
+    that returns anything but one tensor on a small zero input (the module docstring says how)."""
     forward = type(module).forward
     if forward.__module__.startswith("torch.nn."):
         return  # torch's own layers return one tensor
-    sample = _sample_input(module)
+    sample = _sample_input(module, kind.factor_shapes(module, spec).get("lora_A.weight"))
     if sample is None:
         return
     try:
@@ -105,14 +112,15 @@ def _check_returns_one_tensor(key: str, module: nn.Module) -> None:
         )
 
 
-def _sample_input(module: nn.Module) -> Optional[torch.Tensor]:
-    """A small zero input the layer's base type accepts, or None."""
+def _sample_input(module: nn.Module, factor_a: Optional[tuple[int, ...]]) -> Optional[torch.Tensor]:
+    """A small zero input the layer's base type accepts, or None. `factor_a`: the shape of the
+    adapter's A factor, ``(r, in_features)`` for the linear kinds."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
     floating = dict(dtype=weight.dtype if weight.is_floating_point() else torch.float32, device=weight.device)
-    if isinstance(getattr(module, "in_features", None), int):
-        return torch.zeros(2, module.in_features, **floating)
+    if factor_a is not None and len(factor_a) == 2:
+        return torch.zeros(2, factor_a[1], **floating)
     kernel, channels = getattr(module, "kernel_size", None), getattr(module, "in_channels", None)
     if isinstance(kernel, tuple) and isinstance(channels, int):
         dilation = getattr(module, "dilation", (1,) * len(kernel))

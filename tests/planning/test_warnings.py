@@ -297,3 +297,17 @@ def test_peft_adapters_on_an_encoder_layer_do_nothing_in_eval():
         out = model(x)
         with model.disable_adapter():
             assert torch.equal(model(x), out)
+
+
+def test_a_conv1d_subclass_returning_a_tuple_is_refused():
+    transformers = pytest.importorskip("transformers")
+
+    class Pair(transformers.pytorch_utils.Conv1D):
+        def forward(self, x):
+            out = super().forward(x)
+            return out, out
+
+    model = nn.Sequential()
+    model.add_module("proj", Pair(6, 4))
+    with pytest.raises(UnsupportedTargetError, match=r"'proj' \(Pair\) returns a tuple"):
+        fxlora.transform(model, LoraConfig(target_modules=["proj"]))
