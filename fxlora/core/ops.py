@@ -31,6 +31,7 @@ __all__ = [
     "scale_by",
     "shared_low_rank",
     "any_open",
+    "RowMismatch",
 ]
 
 
@@ -61,12 +62,18 @@ def _per_row(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return gate.view(-1, *([1] * (like.dim() - 1)))
 
 
+class RowMismatch(ValueError, RuntimeError):
+    """A layer of a mixed batch got an input whose dim 0 is not the batch's rows (a ValueError
+    about the call's input; a RuntimeError as it was first raised)."""
+
+
 def _check_rows(rows: int, like: torch.Tensor) -> None:
     """Row gates (a mixed batch) fit a layer's input only if it has one row per gate value."""
     if rows != like.shape[0]:
-        raise RuntimeError(
-            f"the adapter gates hold {rows} rows but a layer received a batch of {like.shape[0]}; "
-            "adapter_names needs one entry per row of the batch"
+        raise RowMismatch(
+            f"the adapter gates hold {rows} row{'s' if rows != 1 else ''} but a layer received a batch of {like.shape[0]} "
+            f"(a tensor of shape {tuple(like.shape)}); a mixed batch takes rows along dim 0 of the model's inputs "
+            "and of every adapted layer's input, so adapter_names needs one entry per row there"
         )
 
 
@@ -214,8 +221,9 @@ _HALF = (torch.float16, torch.bfloat16)
 def add_linear_product(base: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``base + alpha * hidden @ weight.T`` in one ``addmm`` where dtypes allow (`alpha` a Python
     number: 1, or the multiplier of eager code for a known adapter state). Half precision rounds
-    as PEFT does: the product, then the scaled product, then the sum."""
-    if base.dtype != hidden.dtype or weight.dtype != hidden.dtype or hidden.dtype in _HALF:
+    as PEFT does: the product, then the scaled product, then the sum; nested tensors cannot be
+    reshaped."""
+    if base.dtype != hidden.dtype or weight.dtype != hidden.dtype or hidden.dtype in _HALF or base.is_nested:
         update = torch.nn.functional.linear(hidden, weight)
         return add_update(base, update if alpha == 1.0 else update * alpha)
     out = torch.addmm(base.reshape(-1, weight.shape[0]), hidden.reshape(-1, weight.shape[1]), weight.t(), alpha=alpha)

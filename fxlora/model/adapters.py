@@ -52,7 +52,8 @@ def drop_adapter_modules(model: nn.Module, adapter_name: str) -> None:
     for module in list(model.modules()):
         if target_meta(module) is not None or saved_meta(module) is not None:
             remove_adapter(module, adapter_name)
-from fxlora.planning.plan import PathInfo, Plan, emit_warnings, make_plan
+from fxlora.planning.notes import call_notes
+from fxlora.planning.plan import PathInfo, Plan, emit_warnings, make_plan, place
 
 
 def _check_known(lm: "LoraModel", names: Iterable[str]) -> list[str]:
@@ -94,8 +95,8 @@ def add_adapter(lm: "LoraModel", adapter_name: str, config: LoraConfig) -> None:
     with CALL_LOCK.exclusive():
         plan = make_plan(lm.model, config, adapter_name, trace="eager")  # paths come from re-planning
         _check_no_overlap_with_saved(lm, plan)
-        emit_warnings(plan)
         add_planned(lm, plan)
+        emit_warnings(plan)
 
 
 def add_planned(lm: "LoraModel", plan: Plan) -> None:
@@ -113,10 +114,8 @@ def add_planned(lm: "LoraModel", plan: Plan) -> None:
         if first:
             install_forwards(lm.model, plan.roots, {p.name: PathInfo(p.path, p.root, p.reason) for p in [*plan.targets, *plan.saved]}, state)
         else:
-            paths = reinstall_forwards(lm.model, state)
-            for p in [*plan.targets, *plan.saved]:
-                info = paths[p.name]
-                p.path, p.root, p.reason = info.path, info.root, info.reason
+            place(plan.targets, plan.saved, reinstall_forwards(lm.model, state))
+            plan.warnings += call_notes(plan.targets)
         state.configs[plan.adapter] = plan.config
         state.reports[plan.adapter] = report_from_plan(plan)
         state.trainable[plan.adapter] = True

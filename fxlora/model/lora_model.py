@@ -26,7 +26,7 @@ import torch.nn as nn
 from fxlora.config import LoraConfig
 from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
 from fxlora.model import adapters, loading, merging
-from fxlora.model.mixed_batch import batch_size_of, check_adapter_names
+from fxlora.model.mixed_batch import batch_size_of, check_adapter_names, check_batch_layout
 from fxlora.model.state import AdapterState, CallScope
 from fxlora.passes import PassOptions
 from fxlora.planning.explain import Report
@@ -143,9 +143,16 @@ class LoraModel(nn.Module):
         """Call the model. With ``adapter_names`` (one adapter name per batch row, ``"__base__"``
         for the base model) every row computes with its own adapter.
 
+        Rows are taken along dim 0 of the inputs (``len(adapter_names)`` is the size of dim 0 of
+        the first tensor argument) and of every adapted layer's input, as in PEFT; checked once
+        per input layout (`fxlora.model.mixed_batch`): a sequence-first (time, batch, ...) layout
+        is refused with a ValueError, never computed along the wrong dimension.
+
         This frame is kept out of ``torch.compile`` (the model call inside is compiled), so the
         names never become guards: a new assignment of adapters to rows does not recompile.
         """
+        if adapter_names is not None:
+            check_batch_layout(self, adapter_names, args, kwargs)
         with self._scope(adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.config import LoraConfig
 from fxlora.planning.defaults import default_target_modules
+from fxlora.planning.target_checks import check_target
 from fxlora.kinds.hf_classes import is_pretrained_model
 from fxlora.kinds import is_all_linear, kind_of, supported_types
 from fxlora.core.layers import fxlora_internal_names
@@ -155,24 +156,12 @@ def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
         module = modules[key]
         if kind_of(module) is None:
             raise UnsupportedTargetError(_unsupported_message(key, module, model, names))
-        _check_weight_read_by_parent(key, model)
+        check_target(key, module, model)
         targets.append(key)
 
     if not targets:
         raise NoTargetFoundError(_no_match_message(config, spec, model, names))
     return TargetSelection(tuple(targets), saved)
-
-
-def _check_weight_read_by_parent(key: str, model: nn.Module) -> None:
-    parent_name, _, child = key.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
-        raise UnsupportedTargetError(
-            f"module {key!r} is the out_proj of nn.MultiheadAttention {parent_name or '<root>'!r}, whose "
-            "forward reads out_proj.weight directly and never calls the module, so a LoRA branch on it "
-            "would have no effect. Exclude it (exclude_modules=[...]) or adapt the projections of a "
-            "custom attention module instead."
-        )
 
 
 # ---------------------------------------------------------------------- messages

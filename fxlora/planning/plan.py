@@ -16,7 +16,6 @@ its nearest ancestor.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -29,11 +28,13 @@ from fxlora.core.layers import AdapterSpec, check_adapter_name
 from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
+from fxlora.planning.notes import call_notes
+from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.tracing.boundaries import nested_roots
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
-from fxlora.tracing.traced import TracedVariant, attributes_read, modules_called, trace_through_ids, trace_variant
+from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids, trace_variant
 
 __all__ = [
     "TracePolicy",
@@ -44,6 +45,7 @@ __all__ = [
     "Plan",
     "make_plan",
     "assign_paths",
+    "place",
     "lora_param_count",
 ]
 
@@ -61,6 +63,9 @@ class TargetPlan:
     root: Optional[str] = None  # graph root covering it
     reason: str = ""  # why eager
     calls: int = 0  # call sites in the root's graph
+    weight_read: bool = False  # see PathInfo
+    probed: Optional[bool] = None
+    planned_for: str = ""
 
     @property
     def added_params(self) -> int:
@@ -100,6 +105,7 @@ class Plan:
     all_params: int
     warnings: list[str] = field(default_factory=list)
     order: dict[str, int] = field(default_factory=dict)  # position in named_modules()
+    unfused: frozenset = frozenset()  # targets and saved modules inside a fused parent (`target_checks`)
 
 
 def lora_param_count(module: nn.Module, spec: AdapterSpec, kind: Optional[LayerKind] = None) -> int:
@@ -139,6 +145,7 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
             variant=variant_for(config),
         )
         kind.check_spec(repr(name), module, spec)
+        check_returns_one_tensor(name, module, kind, spec)
         if spec.lora_bias and getattr(module, "bias", None) is None:
             notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
         plans.append(TargetPlan(name, module, kind, spec, bool(kind.fan_in_fan_out(module))))
@@ -168,27 +175,33 @@ def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[
     return {(key if ranked else v.key): v for key, v in traced}
 
 
-def _check_calls(root_name: str, root: nn.Module, variant: TracedVariant, names: list[str]) -> dict[str, int]:
-    """Call sites of each adapted module in the graph; a module whose weights are read but which
-    is never called would silently miss its branch, so that root cannot be a graph."""
-    called = modules_called(variant.graph)
-    read = attributes_read(variant.graph)
-    counts = {}
-    for name in names:
-        rel = name[len(root_name) + 1 :] if root_name else name
-        counts[name] = called.get(rel, 0)
-        if counts[name] == 0 and any(a == rel or a.startswith(rel + ".") for a in read):
-            raise TraceFailure(f"{rel} {_WEIGHT_READ}")
+class _WeightRead(TraceFailure):
+    """A graph reads the weights of adapted modules it never calls (their full names: `names`)."""
+
+    def __init__(self, names: list[str], rels: list[str]) -> None:
+        one = len(rels) == 1
+        how = "is used through its weights, not called as a module" if one else "are used through their weights, not called as modules"
+        super().__init__(f"{', '.join(rels)} {how}")
+        self.names = names
+
+
+def _check_calls(root_name: str, variants: dict, names: list[str]) -> dict[str, int]:
+    """Call sites of each adapted module in the root's graphs (the most in any one call pattern).
+    A module whose weights some graph reads while it never calls it would silently miss its
+    branch there, so that root cannot be a graph: raises `_WeightRead` naming every such module."""
+    counts = dict.fromkeys(names, 0)
+    read_only: dict[str, str] = {}
+    for variant in variants.values():
+        called = modules_called(variant.graph)
+        read = attributes_read(variant.graph)
+        for name in names:
+            rel = name[len(root_name) + 1 :] if root_name else name
+            counts[name] = max(counts[name], called.get(rel, 0))
+            if called.get(rel, 0) == 0 and any(a == rel or a.startswith(rel + ".") for a in read):
+                read_only[name] = rel
+    if read_only:
+        raise _WeightRead(list(read_only), list(read_only.values()))
     return counts
-
-
-_WEIGHT_READ = "is used through its weights, not called as a module"
-
-
-def _weight_read_only(target: "TargetPlan") -> bool:
-    """True when the target's eager reason says its own weight is read instead of it being called."""
-    found = re.search(r": (\S+) " + re.escape(_WEIGHT_READ), target.reason)
-    return bool(found) and (target.name == found.group(1) or target.name.endswith("." + found.group(1)))
 
 
 def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]]) -> None:
@@ -201,12 +214,21 @@ def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, 
 
 @dataclass
 class PathInfo:
-    """How one adapted (or saved) module computes: in a graph root's code, or eagerly."""
+    """How one adapted (or saved) module computes: in a graph root's code, or eagerly.
+
+    ``weight_read``: a traced graph of an ancestor read its weights without calling it.
+    ``probed``: whether the forward of `fxlora.tracing.probe` called it (None: no probe ran).
+    ``planned_for``: what the graph root's call patterns came from: ``"probe"`` (observed calls)
+    or ``"plainest"`` (its required arguments only: `fxlora.tracing.call_keys.canonical_key`).
+    """
 
     path: str = "eager"
     root: Optional[str] = None
     reason: str = ""
     calls: int = 0
+    weight_read: bool = False
+    probed: Optional[bool] = None
+    planned_for: str = ""
 
 
 def assign_paths(
@@ -224,6 +246,8 @@ def assign_paths(
         return [], info
     roots: list[RootPlan] = []
     observed = observe_calls(model)
+    for name, module in modules.items():
+        info[name].probed = (id(module) in observed) if observed else None
 
     def inside(prefix: str) -> list[str]:
         return [n for n in modules if not prefix or n.startswith(prefix + ".")]
@@ -237,8 +261,10 @@ def assign_paths(
             _check_callable_root(module, not name, observed)
             variants = _trace_root(module, [modules[n] for n in names], observed)
             covered = _in_graph(module, name, names, [modules[n] for n in names])
-            counts = _check_calls(name, module, next(iter(variants.values())), covered)
+            counts = _check_calls(name, variants, covered)
         except TraceFailure as exc:
+            for read in exc.names if isinstance(exc, _WeightRead) else ():
+                info[read].weight_read = True
             failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
             for child_name, child in module.named_children():
                 full = f"{name}.{child_name}" if name else child_name
@@ -246,8 +272,9 @@ def assign_paths(
                     visit(full, child, failure)
             return
         roots.append(RootPlan(name, module, variants))
+        planned_for = "probe" if id(module) in observed else "plainest"
         for n in covered:
-            info[n] = PathInfo("graph", name, "", counts[n])
+            info[n] = PathInfo("graph", name, "", counts[n], info[n].weight_read, info[n].probed, planned_for)
         for nested in nested_roots(module, [modules[n] for n in names], lambda m: False):
             visit(_name_of(model, nested), nested, "")
 
@@ -302,22 +329,11 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
     targets = _target_plans(model, config, selection, notes)
     saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
     roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace)
-    for p in [*targets, *saved]:
-        info = paths[p.name]
-        p.path, p.root, p.reason = info.path, info.root, info.reason
-        if isinstance(p, TargetPlan):
-            p.calls = info.calls
+    place(targets, saved, paths)
     layout = _fan_in_fan_out_note(config, targets)
     if layout:
         notes.insert(0, layout)
-    for t in targets:
-        if t.path == "graph" and t.calls == 0:
-            notes.append(f"{t.name}: never called in {t.root or '<model>'}'s forward; its adapter will have no effect")
-        elif t.path == "eager" and _weight_read_only(t):
-            notes.append(
-                f"{t.name}: its parent reads its weight directly instead of calling it, so a LoRA adapter on it "
-                "has no effect (PEFT's neither); adapt another layer or change how the parent computes"
-            )
+    notes += call_notes(targets)
     base, trainable, total = _count_params(model, config, targets, saved)
     return Plan(
         adapter=adapter_name,
@@ -331,7 +347,18 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
         all_params=total,
         warnings=notes,
         order={name: i for i, (name, _) in enumerate(model.named_modules())},
+        unfused=frozenset(p.name for p in [*targets, *saved] if fused_parent(model, p.name) is not None),
     )
+
+
+def place(targets: list[TargetPlan], saved: list[SavedPlan], paths: dict[str, PathInfo]) -> None:
+    """Record in the plans the paths `assign_paths` chose for them."""
+    for p in [*targets, *saved]:
+        info = paths[p.name]
+        p.path, p.root, p.reason = info.path, info.root, info.reason
+    for t in targets:
+        info = paths[t.name]
+        t.calls, t.weight_read, t.probed, t.planned_for = info.calls, info.weight_read, info.probed, info.planned_for
 
 
 def emit_warnings(plan: Plan) -> None:

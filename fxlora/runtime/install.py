@@ -38,11 +38,24 @@ def fxlora_present(model: nn.Module) -> bool:
 
 
 def attach_plan(plan: Plan) -> None:
-    """Create the plan's adapter on its targets and its `modules_to_save` copies (no forwards)."""
+    """Create the plan's adapter on its targets and its `modules_to_save` copies (no forwards).
+    Inside a parent with a fused fast path (`fxlora.planning.target_checks.fused_parent`), the
+    adapter's own modules get a no-op forward pre-hook, which turns that fast path off."""
     for t in plan.targets:
         attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, t.kind, t.fan_in_fan_out)
     for s in plan.saved:
         attach_saved_copy(s.module, plan.adapter)
+    for p in [*plan.targets, *plan.saved]:
+        if p.name in plan.unfused:
+            holder = next((h for h in p.module.children() if isinstance(h, nn.ModuleDict) and plan.adapter in h), None)
+            if holder is not None:  # every kind that fits in such a parent has adapter modules
+                holder[plan.adapter].register_forward_pre_hook(keep_unfused)  # one in the parent suffices
+
+
+def keep_unfused(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: its presence makes ``nn.TransformerEncoderLayer``
+    compute through its modules instead of its fused kernel on their weights."""
+    return None
 
 
 def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, PathInfo], owner: "AdapterState") -> None:

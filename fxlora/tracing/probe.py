@@ -16,7 +16,8 @@ observation (with none at all, planning uses each module's plainest call).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ import torch.nn as nn
 from fxlora.tracing.integrations import hooks_for
 from fxlora.tracing.call_keys import CallKey, call_key
 
-__all__ = ["observe_calls"]
+__all__ = ["observe_calls", "quiet_forwards"]
 
 
 def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
@@ -48,12 +49,9 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
         if key is not None:
             pending.append((id(module), key))
 
-    flags = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
-    devices = _cuda_devices(model)
     try:
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with quiet_forwards(model):
             for args, kwargs in examples:
                 pending.clear()
                 try:
@@ -67,9 +65,21 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
     finally:
         for handle in handles:
             handle.remove()
+    return seen
+
+
+@contextlib.contextmanager
+def quiet_forwards(model: nn.Module) -> Iterator[None]:
+    """Forward passes that change nothing: `model` in eval mode under ``torch.no_grad()``, the
+    random number generators' state saved and restored, every module's train/eval flag put back."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
+            yield
+    finally:
         for module, flag in flags:
             module.training = flag
-    return seen
 
 
 def _cuda_devices(model: nn.Module) -> list[Any]:

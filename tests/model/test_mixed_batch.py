@@ -230,6 +230,8 @@ def test_serving_groups_rows_by_adapter(monkeypatch):
     names = ["b", "__base__", "a", "b", "b"]
     x = torch.randn(5, 4)
     with torch.no_grad():
+        model(x, adapter_names=names)  # the first batch of this layout also checks its rows (4 small passes)
+        grouped.clear()
         served = model(x, adapter_names=names)
     assert grouped == [[[2], [0, 3, 4]]]  # a: row 2; b: rows 0, 3, 4
     with torch.enable_grad():
@@ -258,7 +260,7 @@ def test_a_layer_that_sees_other_rows_gets_a_clear_error(grad):
     model = fxlora.transform(Folding(), LoraConfig(target_modules=["proj"], init_lora_weights=False), adapter_name="a")
     model.add_adapter("b", LoraConfig(target_modules=["proj"], init_lora_weights=False))
     model.eval()
-    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="gates hold 2 rows but a layer received a batch of 6"):
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="not the batch of every adapted layer: given one row, a layer still saw more .*gates hold 1 row but a layer received a batch of 3"):
         model(torch.randn(2, 3, 4), adapter_names=["a", "b"])
     assert model.adapter_state.pin.get() is None
     torch.testing.assert_close(model(torch.randn(2, 3, 4)).shape, torch.Size([6, 4]))
@@ -385,3 +387,133 @@ def test_served_mixed_batches_follow_any_sequence_of_updates(steps):
             UPDATES[step](model)
         with torch.no_grad():
             torch.testing.assert_close(model(x, adapter_names=list(names)), row_by_row(model, x, list(names)), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- where the batch is
+
+
+class TimeFirstInside(nn.Module):
+    """Batch-first input, computed time-first (an RNN-style model): the adapted layers see
+    (time, batch, features)."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):
+        h = torch.cumsum(torch.tanh(self.fc(x.transpose(0, 1))), 0)  # a recurrence over time
+        return self.out(h).transpose(0, 1)
+
+
+class TimeFirst(nn.Module):
+    """Sequence-first input (time, batch, features), as nn.RNN / nn.MultiheadAttention /
+    nn.Transformer take by default."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.out(torch.cumsum(torch.tanh(self.fc(x)), 0))
+
+
+class BatchFirst(TimeFirst):
+    def forward(self, x):
+        return self.out(torch.cumsum(torch.tanh(self.fc(x)), 1))
+
+
+def two_adapters(model, targets, policy="auto"):
+    torch.manual_seed(0)
+    lora = fxlora.transform(model, LoraConfig(target_modules=targets, init_lora_weights=False), adapter_name="a", trace=policy)
+    lora.add_adapter("b", LoraConfig(target_modules=targets, r=2, init_lora_weights=False))
+    return lora.eval()
+
+
+def encoder_layer(batch_first):
+    return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+
+
+SEQUENCE_FIRST = [
+    (TimeFirstInside, ["fc", "out"], (3, 3, 4), "not the batch of every adapted layer"),
+    (TimeFirstInside, ["fc", "out"], (3, 5, 4), "not the batch of every adapted layer"),
+    (TimeFirst, ["fc", "out"], (3, 3, 4), "not independent batch rows"),
+    (TimeFirst, ["fc", "out"], (3, 5, 4), "not independent batch rows"),  # 3 names for 3 time steps
+    (lambda: encoder_layer(False), ["linear1", "linear2"], (3, 3, 8), "not independent batch rows"),
+    (lambda: nn.Transformer(8, 2, 1, 1, 16, dropout=0.0), ["linear1", "linear2"], (3, 3, 8), "not independent batch rows"),
+]
+
+
+@pytest.mark.parametrize("policy", ["auto", "eager"])
+@pytest.mark.parametrize("make, targets, shape, why", SEQUENCE_FIRST, ids=["inside-T=B", "inside-T!=B", "input-T=B", "input-T!=B", "encoder-layer", "transformer"])
+def test_sequence_first_layouts_are_refused_not_computed_along_time(make, targets, shape, why, policy):
+    model = two_adapters(make(), targets, policy)
+    x = torch.randn(*shape)
+    inputs = (x, torch.randn(*shape)) if isinstance(model.model, nn.Transformer) else (x,)
+    names = ["a", "b", "__base__"]
+    published = model.adapter_state.published
+    model.model.train()
+    with pytest.raises(ValueError, match=rf"adapter_names cannot be applied to inputs of shapes \[{re_shape(shape)}.*: rows along dim 0 are {why}.*batch-first"):
+        model(*inputs, adapter_names=names)
+    assert model.adapter_state.pin.get() is None and model.adapter_state.published is published
+    assert all(m.training for m in model.model.modules())  # the check changed nothing
+    model.eval()
+    with torch.no_grad():
+        model(*inputs)  # plain calls are unaffected
+
+
+def re_shape(shape):
+    return r"\(" + ", ".join(map(str, shape)) + r"\)"
+
+
+def test_sequence_first_batch_of_the_wrong_length_names_the_rule():
+    model = two_adapters(TimeFirst(), ["fc"])
+    with pytest.raises(ValueError, match=r"3 entries but the batch has 5 rows \(dim 0 of the first tensor argument\).*batch-first"):
+        model(torch.randn(5, 3, 4), adapter_names=["a", "b", "a"])  # 3 batch rows, 5 time steps
+
+
+@pytest.mark.parametrize("policy", ["auto", "eager"])
+@pytest.mark.parametrize("positions", [3, 5])
+def test_batch_first_with_as_many_positions_as_rows_is_right(policy, positions, monkeypatch):
+    """No false refusal: a batch-first model whose sequence length equals the batch size gives
+    each row its adapter's result (as that row alone), and the layout is checked once."""
+    model = two_adapters(BatchFirst(), ["fc", "out"], policy)
+    names = ["b", "a", "__base__"]
+    x = torch.randn(3, positions, 4)
+    calls = []
+    inner = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda *a, **k: calls.append(a[0].shape[0]) or inner(*a, **k))
+    with torch.no_grad():
+        out = model(x, adapter_names=names)
+        again = model(torch.randn(3, positions, 4), adapter_names=["a", "a", "b"])
+    assert calls == [1, 2, 2, 2, 3, 3]  # one check (row 0 alone; rows 0-1, 0-0, 1-1), then two mixed batches
+    assert again.shape == out.shape
+    torch.testing.assert_close(out, row_by_row(model, x, names), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_first_encoder_layer_with_as_many_positions_as_rows_is_right():
+    model = two_adapters(encoder_layer(True), ["linear1", "linear2"])  # eval: no fused path (tests/planning/test_warnings.py)
+    names = ["a", "__base__", "b"]
+    x = torch.randn(3, 3, 8)
+    with torch.no_grad():
+        out = model(x, adapter_names=names)
+    torch.testing.assert_close(out, row_by_row(model, x, names), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_computes_sequence_first_mixed_batches_along_time():
+    """The PEFT defect fxlora does not copy (peft 0.21.2): with time == batch, PEFT's rows are time
+    steps, and its mixed batch differs from running each batch element alone."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TimeFirst(), peft.LoraConfig(target_modules=["fc", "out"], init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", peft.LoraConfig(target_modules=["fc", "out"], init_lora_weights=False))
+    model.eval()
+    x = torch.randn(3, 3, 4)  # (time, batch, features)
+    names = ["a", "b", "a"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        alone = []
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            alone.append(model(x[:, i : i + 1]))
+    assert not torch.allclose(mixed, torch.cat(alone, dim=1), atol=1e-4)
