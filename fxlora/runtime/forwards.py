@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.graph_module import _forward_from_src
 
 from fxlora.core.branch import lora_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
+from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
 from fxlora.core.ops import any_open
@@ -47,12 +47,6 @@ __all__ = [
     "uninstall",
     "compile_graph",
 ]
-
-
-def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
-    """Python function ``forward(self, *inputs)`` generated from `graph`."""
-    code = graph.python_code(root_module="self")
-    return _forward_from_src(code.src, code.globals)
 
 
 def installed_forward(module: nn.Module) -> Optional[Any]:
@@ -273,7 +267,7 @@ class GraphForward:
         key = canonical_key(self.root, self.root.training if training is None else training)
         variant = self.variants.get(key) or next(iter(self.variants.values()))
         graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, training=key[0])
-        return graph.python_code("self").src
+        return python_source(graph).src
 
     # ---------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
