@@ -159,6 +159,11 @@ def _read_config_json(path: Path, content: bytes) -> dict:
         return json.loads(content.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"{path}: its JSON is nested too deeply to read; an adapter config is one object whose "
+            "fields are numbers, strings, lists of names or {name: number} objects"
+        ) from None
 
 
 def _weights_path(directory: Path, allow_bin: bool) -> Path:

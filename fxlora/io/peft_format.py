@@ -132,6 +132,34 @@ def config_to_json(config: LoraConfig, base_model_name_or_path: Optional[str] = 
     return dict(sorted(data.items()))
 
 
+#: deepest nesting of lists/objects in one field PEFT writes (``{"eva_config": {"rho": 2.0}}``: 1),
+#: with room to spare
+_MAX_FIELD_DEPTH = 4
+
+
+def _depth(value: Any) -> int:
+    """How many levels of lists/objects `value` nests (0 for a number or a string), without recursion."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+
+
+def _check_nesting(data: dict, source: str) -> None:
+    """A `CheckpointError` for a field nested deeper than any config field (a config pasted into one)."""
+    for key, value in data.items():
+        depth = _depth(value)
+        if depth > _MAX_FIELD_DEPTH:
+            raise CheckpointError(
+                f"{source}: field {key!r} holds lists/objects nested {depth} levels deep (a config pasted "
+                "inside the config?); a field of an adapter config is a number, a string, a list of names or "
+                f"a {{name: number}} object (at most {_MAX_FIELD_DEPTH} levels)"
+            )
+
+
 def config_from_json(data: Any, source: str) -> tuple[LoraConfig, list[str]]:
     """Read PEFT's config JSON into a `LoraConfig`; returns ``(config, warnings)``.
 
@@ -147,6 +175,7 @@ def config_from_json(data: Any, source: str) -> tuple[LoraConfig, list[str]]:
     if peft_type != "LORA":
         found = "no peft_type" if "peft_type" not in data else f"peft_type={peft_type!r}"
         raise CheckpointError(f"{source}: fxlora reads LoRA adapters only (peft_type 'LORA'), this config has {found}")
+    _check_nesting(data, source)
     known = set(LoraConfig.field_names())
     kwargs: dict[str, Any] = {}
     ignored: list[str] = []
