@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from fxlora.io.adapter_dir import current_pair, dir_state, file_identity, replace_pair
-from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file
+from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file, give_file_mode
 from fxlora.config import LoraConfig
 from fxlora.core.layers import fxlora_internal_names
 from fxlora.planning.matching import matches_name_list
@@ -360,10 +360,11 @@ def write_adapter_dir(directory: Path, tensors: dict[str, torch.Tensor], text: s
                 save_file(tensors, str(weights), metadata=metadata)
             except SafetensorError as exc:
                 raise _as_os_error(exc) from exc
-        fsync_file(weights)
         with fs_errors("write", config):
             config.write_text(text, encoding="utf-8")
-        fsync_file(config)
+        for path in (weights, config):  # as PEFT's files, whatever wrote them: 0644 under umask 022
+            give_file_mode(path)
+            fsync_file(path)
 
     replace_pair(directory, write_pair)
 
