@@ -15,7 +15,7 @@ import fxlora
 from fxlora import LoraConfig
 from fxlora.io.peft_config import PEFT_FORMAT_VERSION, config_from_json
 from models import MLP
-from zoo import TRANSFORMERS, TinyTransformer, _common, main_output, text_inputs
+from zoo import TRANSFORMERS, VOCAB, TinyTransformer, _common, main_output, text_inputs
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -25,6 +25,27 @@ MODELS = {
     "mixtral": TinyTransformer(
         "MixtralConfig", "MixtralForCausalLM", _common(num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1), "decoder"
     ),
+    **{
+        name: TinyTransformer(config, model, kwargs, "")
+        for name, config, model, kwargs in [
+            ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", _common(num_key_value_heads=2, head_dim=8)),
+            ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", _common(num_key_value_heads=2, head_dim=8)),
+            ("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", _common(num_key_value_heads=2, head_dim=8)),
+            ("stablelm", "StableLmConfig", "StableLmForCausalLM", _common(num_key_value_heads=2)),
+            ("gpt_neo", "GPTNeoConfig", "GPTNeoForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]], max_position_embeddings=64, intermediate_size=64, bos_token_id=0, eos_token_id=0)),
+            ("gptj", "GPTJConfig", "GPTJForCausalLM", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, bos_token_id=0, eos_token_id=0)),
+            ("bloom", "BloomConfig", "BloomForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+            ("falcon", "FalconConfig", "FalconForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+            ("electra", "ElectraConfig", "ElectraForSequenceClassification", _common(embedding_size=32)),
+            ("xlm-roberta", "XLMRobertaConfig", "XLMRobertaForSequenceClassification", _common(pad_token_id=1)),
+            ("deberta-v2", "DebertaV2Config", "DebertaV2ForSequenceClassification", _common()),
+            ("deberta", "DebertaConfig", "DebertaForSequenceClassification", _common()),
+            ("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)),
+            ("codegen", "CodeGenConfig", "CodeGenForCausalLM", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, bos_token_id=0, eos_token_id=0)),
+            ("mpt", "MptConfig", "MptForCausalLM", dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)),
+            ("mt5", "MT5Config", "MT5ForConditionalGeneration", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+        ]
+    },
 }
 FILES = ["adapter_config.json", "adapter_model.safetensors"]
 
@@ -34,6 +55,14 @@ def perturb(model) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
+
+
+def test_fxlora_and_peft_know_the_same_defaults():
+    from fxlora.planning.defaults import DEFAULT_TARGET_MODULES
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    as_set = lambda v: v if isinstance(v, str) else sorted(v)
+    assert {k: as_set(v) for k, v in DEFAULT_TARGET_MODULES.items()} == {k: as_set(v) for k, v in PEFT_DEFAULTS.items()}
 
 
 @pytest.fixture
@@ -93,7 +122,10 @@ def test_config_matches_peft_key_by_key_and_peft_loads_it(tmp_path, name, umask_
     assert sorted(from_fx.targeted_module_names) == sorted(fm.targeted_module_names)
     inputs = text_inputs(base)
     with torch.no_grad():
-        torch.testing.assert_close(main_output(from_fx(**inputs)), main_output(fm(**inputs)), rtol=1e-5, atol=1e-5)
+        ours_out = main_output(fm(**inputs))
+        torch.testing.assert_close(main_output(from_fx(**inputs)), ours_out, rtol=1e-5, atol=1e-5)
+        with fm.disable_adapter():
+            assert not torch.allclose(main_output(fm(**inputs)), ours_out)  # the adapter acts
 
 
 def test_gpt2_conv1d_targets_write_fan_in_fan_out_true(tmp_path):
