@@ -13,6 +13,7 @@ writes the name with ``repr``. Graphs whose targets all write safely are left as
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import keyword
@@ -31,9 +32,9 @@ def written_safely(component: str) -> bool:
     """True when torch.fx's attribute chain for the path component `component` reads it back."""
     if component.isidentifier():  # written as ``.component``, which Python reads NFKC-normalised
         return not keyword.iskeyword(component) and unicodedata.normalize("NFKC", component) == component
-    try:
-        return eval(compile(f'"{component}"', "<target>", "eval"), {}) == component
-    except (SyntaxError, ValueError, UnicodeError):
+    try:  # a literal only: a component such as '" + f() + "' is read, never run
+        return ast.literal_eval(f'"{component}"') == component
+    except (SyntaxError, ValueError, UnicodeError, MemoryError, RecursionError):
         return False
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from fxlora.runtime.codegen import compile_graph, safe_targets, written_safely
 
-WRITTEN_WRONG = ['a"b', "if", "None", "a\nb", "\r", "a\\b", "º", "ﬁ", "\\", '"""']
+WRITTEN_WRONG = ['" + str(1/0) + "', 'a" "b', 'a"b', "if", "None", "a\nb", "\r", "a\\b", "º", "ﬁ", "\\", '"""']
 WRITTEN_RIGHT = ["x y", "'", "\x0c", "é", "default", "0"]
 
 
