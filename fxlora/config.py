@@ -3,14 +3,16 @@
 The config is plain data. It knows nothing of models, graphs or layers: matching lives in
 `fxlora.planning.matching`, the runtime layers in `fxlora.core.layers`, the graph passes in `fxlora.passes`.
 
-Every field is checked when the config is built (and again by `validate()`, which `fxlora.transform`
-calls, so a field assigned after construction is checked too). A bad value raises `ValueError` or
+Every field is checked when the config is built and when it is assigned afterwards (an invalid
+assignment raises and leaves the config as it was; `validate()`, which `fxlora.transform` calls,
+checks it all again, e.g. after a ``rank_pattern`` dict was changed in place). A bad value raises `ValueError` or
 `TypeError` with a message that names the field, the value, and what would be valid.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -73,15 +75,27 @@ class LoraConfig:
     lora_bias: bool = False
 
     def __post_init__(self) -> None:
-        self.target_modules = _normalise_names("target_modules", self.target_modules, allow_str=True)
-        self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules, allow_str=True)
-        self.modules_to_save = _normalise_names("modules_to_save", self.modules_to_save, allow_str=False)
-        self.layers_pattern = _normalise_names("layers_pattern", self.layers_pattern, allow_str=True)
-        if isinstance(self.init_lora_weights, str):
-            self.init_lora_weights = self.init_lora_weights.lower()
-        self.rank_pattern = {} if self.rank_pattern is None else self.rank_pattern
-        self.alpha_pattern = {} if self.alpha_pattern is None else self.alpha_pattern
+        for name in _FIELD_NAMES:
+            object.__setattr__(self, name, _normalise(name, getattr(self, name)))
         self.validate()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning a field normalises and checks it as construction does; an invalid value
+        raises and leaves the config as it was. Names that are not fields are refused."""
+        if name not in _FIELD_NAMES:
+            close = difflib.get_close_matches(name, _FIELD_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; its fields: {', '.join(_FIELD_NAMES)}"
+            raise AttributeError(f"LoraConfig has no field {name!r}{hint}")
+        if any(f not in self.__dict__ for f in _FIELD_NAMES):  # being built: __post_init__ checks
+            object.__setattr__(self, name, value)
+            return
+        previous = self.__dict__[name]
+        object.__setattr__(self, name, _normalise(name, value))
+        try:
+            self.validate()
+        except BaseException:
+            object.__setattr__(self, name, previous)
+            raise
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -132,8 +146,6 @@ class LoraConfig:
                 raise TypeError(
                     f"layers_to_transform must be a non-negative int or a list of them, got {layers!r}"
                 )
-            if isinstance(layers, tuple):
-                self.layers_to_transform = list(layers)
             if isinstance(self.target_modules, str):
                 raise ValueError(
                     "layers_to_transform needs target_modules as a list of names; with a regex "
@@ -180,6 +192,9 @@ class LoraConfig:
         return type(self)(**data)
 
 
+_FIELD_NAMES: tuple[str, ...] = LoraConfig.field_names()
+
+
 def scaling_value(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
@@ -193,6 +208,23 @@ def first_pattern_match(patterns: dict[str, Any], name: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------- helpers
+def _normalise(name: str, value: Any) -> Any:
+    """The stored form of field `name` given `value` (names as lists, a tuple of layers as a
+    list, ``None`` patterns as ``{}``, the init method's name in lower case); the type checks
+    of the name lists are made here, every other check by `LoraConfig.validate`."""
+    if name in ("target_modules", "exclude_modules", "layers_pattern"):
+        return _normalise_names(name, value, allow_str=True)
+    if name == "modules_to_save":
+        return _normalise_names(name, value, allow_str=False)
+    if name == "init_lora_weights" and isinstance(value, str):
+        return value.lower()
+    if name in ("rank_pattern", "alpha_pattern") and value is None:
+        return {}
+    if name == "layers_to_transform" and isinstance(value, tuple):
+        return list(value)
+    return value
+
+
 def _normalise_names(name: str, value: Any, *, allow_str: bool) -> Any:
     if value is None:
         return None

@@ -85,9 +85,66 @@ def test_invalid_values_fail_at_construction(kwargs, exc, words):
         assert w in str(info.value)
 
 
-def test_validate_catches_later_assignment():
+@pytest.mark.parametrize(
+    "field, value, exc, words",
+    [
+        ("r", 0, ValueError, ["r must be a positive int"]),
+        ("modules_to_save", 5, TypeError, ["modules_to_save must be a list of names"]),
+        ("target_modules", [], ValueError, ["target_modules is an empty list"]),
+        ("target_modules", "(", ValueError, ["not a valid regular expression"]),
+        ("lora_dropout", 1.5, ValueError, ["lora_dropout must be in [0, 1)"]),
+        ("bias", "some", ValueError, ["bias must be one of"]),
+        ("init_lora_weights", "pissa", ValueError, ["not supported"]),
+        ("rank_pattern", {"x": 0}, ValueError, ["rank_pattern['x']"]),
+        ("layers_to_transform", [-1], TypeError, ["layers_to_transform"]),
+    ],
+)
+def test_an_assignment_is_checked_and_a_bad_one_changes_nothing(field, value, exc, words):
+    c = LoraConfig(target_modules=["q"], modules_to_save=["head"])
+    before = c.to_dict()
+    with pytest.raises(exc) as info:
+        setattr(c, field, value)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert c.to_dict() == before
+
+
+def test_an_assignment_is_normalised_as_construction_is():
+    c = LoraConfig(target_modules=["q"])
+    c.modules_to_save = "seq.4"  # one name, not the characters of one
+    c.target_modules = ("a", "b", "a")
+    c.layers_to_transform = (0, 2)
+    c.init_lora_weights = "Gaussian"
+    c.rank_pattern = None
+    assert c == LoraConfig(target_modules=["a", "b"], modules_to_save=["seq.4"], layers_to_transform=[0, 2], init_lora_weights="gaussian")
+    assert c.modules_to_save == ["seq.4"] and c.rank_pattern == {}
+
+
+def test_assigning_an_unknown_field_is_refused_with_the_closest_one():
     c = LoraConfig()
-    c.r = 0
+    with pytest.raises(AttributeError, match="LoraConfig has no field 'target_module'; did you mean 'target_modules'"):
+        c.target_module = ["q"]
+    with pytest.raises(AttributeError, match="its fields: r, lora_alpha"):
+        c.zzz = 1
+    assert c == LoraConfig()
+
+
+def test_checked_assignment_keeps_copy_pickle_and_equality():
+    import copy
+    import dataclasses
+    import pickle
+
+    c = LoraConfig(target_modules=["q"], rank_pattern={"q": 2}, layers_to_transform=1)
+    for other in (copy.copy(c), copy.deepcopy(c), pickle.loads(pickle.dumps(c)), dataclasses.replace(c)):
+        assert other == c and other is not c
+        other.r = 3  # still checked after copying
+        with pytest.raises(ValueError):
+            other.r = -1
+        assert other.r == 3 and c.r == 8
+
+
+def test_validate_catches_changes_made_in_place():
+    c = LoraConfig()
+    c.rank_pattern["x"] = 0  # a dict changed in place is not an assignment
     with pytest.raises(ValueError, match="positive"):
         c.validate()
 

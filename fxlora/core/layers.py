@@ -51,6 +51,7 @@ __all__ = [
     "saved_copy_choice",
     "fxlora_internal_names",
     "check_adapter_name",
+    "ADAPTER_NAME_RULE",
 ]
 
 #: Children fxlora adds to a module; nothing else of the user's tree is touched.
@@ -129,17 +130,42 @@ def fxlora_internal_names(model: nn.Module) -> set[str]:
     return internal
 
 
+#: what `check_adapter_name` accepts, as its errors say it
+ADAPTER_NAME_RULE = (
+    "an adapter name is a non-empty str that keys nn.ModuleDicts (no '.', not an nn.Module attribute "
+    "such as 'forward' or 'training'), names the adapter's directory when saved (no '/', '\\\\' or NUL, "
+    "at most 255 bytes in UTF-8), and is not '__base__' (the base model in a mixed batch)"
+)
+
+
 def check_adapter_name(name: object) -> str:
-    """Adapter names key ModuleDicts and buffers: a non-empty str without dots, not reserved."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"adapter_name must be a non-empty str, got {name!r}")
-    if "." in name:
-        raise ValueError(f"adapter_name must not contain '.', got {name!r}")
-    if name == "__base__":
-        raise ValueError("adapter_name '__base__' is reserved: it selects the base model in a mixed batch")
-    if any(hasattr(holder, name) for holder in (nn.ModuleDict(), nn.ParameterDict())):
-        raise ValueError(f"adapter_name {name!r} clashes with an nn.Module attribute; choose another name")
+    """`name` if it is a valid adapter name (`ADAPTER_NAME_RULE`), else a `ValueError` naming it and
+    the rule. Any other str works everywhere: graph code writes names safely (`fxlora.runtime.codegen`)."""
+    problem = _name_problem(name)
+    if problem is not None:
+        raise ValueError(f"invalid adapter name {name!r}: {problem}; {ADAPTER_NAME_RULE}")
     return name
+
+
+def _name_problem(name: object) -> Optional[str]:
+    if not isinstance(name, str):
+        return f"it is a {type(name).__name__}, not a str"
+    if not name:
+        return "it is empty"
+    if name == "__base__":
+        return "'__base__' is reserved"
+    bad = [ch for ch in (".", "/", "\\", "\0") if ch in name]
+    if bad:
+        return f"it contains {bad[0]!r}"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it cannot be encoded in UTF-8 (file keys and directory names are UTF-8)"
+    if size > 255:
+        return f"it is {size} bytes long in UTF-8"
+    if any(hasattr(holder, name) for holder in (nn.ModuleDict(), nn.ParameterDict())):
+        return "it clashes with an nn.Module attribute"
+    return None
 
 
 # --------------------------------------------------------------------- creation

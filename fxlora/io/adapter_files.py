@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from fxlora.io.distributed import copy_into, full_tensor
 from fxlora.io.adapter_dir import current_pair, dir_state, file_identity, replace_pair
-from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file
+from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file, give_file_mode
 from fxlora.config import LoraConfig
 from fxlora.core.layers import fxlora_internal_names
 from fxlora.planning.matching import matches_name_list
@@ -160,6 +160,11 @@ def _read_config_json(path: Path, content: bytes) -> dict:
         return json.loads(content.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"{path}: its JSON is nested too deeply to read; an adapter config is one object whose "
+            "fields are numbers, strings, lists of names or {name: number} objects"
+        ) from None
 
 
 def _weights_path(directory: Path, allow_bin: bool) -> Path:
@@ -357,10 +362,11 @@ def write_adapter_dir(directory: Path, tensors: dict[str, torch.Tensor], text: s
                 save_file(tensors, str(weights), metadata=metadata)
             except SafetensorError as exc:
                 raise _as_os_error(exc) from exc
-        fsync_file(weights)
         with fs_errors("write", config):
             config.write_text(text, encoding="utf-8")
-        fsync_file(config)
+        for path in (weights, config):  # as PEFT's files, whatever wrote them: 0644 under umask 022
+            give_file_mode(path)
+            fsync_file(path)
 
     replace_pair(directory, write_pair)
 

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-__all__ = ["atomic_path", "check_writable_dir", "fs_errors", "fsync_file", "fsync_dir"]
+__all__ = ["atomic_path", "check_writable_dir", "fs_errors", "fsync_file", "fsync_dir", "file_mode", "give_file_mode"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -45,6 +45,24 @@ def fs_errors(action: str, path: PathLike) -> Iterator[None]:
         raise OSError(exc.errno, message) from exc
 
 
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the process umask (0644
+    under the usual umask 022). Temporary files (``mkstemp``, safetensors) are made 0600."""
+    try:
+        with open("/proc/self/status") as fh:
+            umask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # no procfs: read it by setting it (and back)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def give_file_mode(path: PathLike) -> None:
+    """Give the written file `path` the mode of an ordinary new file (`file_mode`)."""
+    with fs_errors("chmod", path):
+        os.chmod(path, file_mode())
+
+
 def fsync_file(path: PathLike) -> None:
     """Flush a written file to the disk."""
     with fs_errors("flush", path), open(path, "rb+") as fh:
@@ -74,6 +92,7 @@ def atomic_path(destination: PathLike, suffix: Optional[str] = None) -> Iterator
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        give_file_mode(tmp_path)
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())

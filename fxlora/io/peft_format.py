@@ -21,8 +21,8 @@ files hold exactly PEFT's keys, and ignores them when reading. When an embedding
 PEFT may also save the full input/output embedding weights (``save_embedding_layers``); fxlora
 does not write them but reads them (into the base model) when present.
 
-This module only maps names, shapes and config fields: it reads no file and changes no model
-(`fxlora.model.loading` does both).
+This module only maps names and shapes (the config JSON: `fxlora.io.peft_config`, whose functions
+it re-exports): it reads no file and changes no model (`fxlora.model.loading` does both).
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 
-from fxlora.errors import CheckpointError
-from fxlora.config import LoraConfig
+from fxlora.io.peft_config import config_from_json, config_to_json, file_config
 from fxlora.kinds import LayerKind
 from fxlora.core.layers import LORA_CHILDREN, AdapterSpec, fxlora_internal_names, saved_meta, target_meta
 
@@ -52,6 +51,7 @@ __all__ = [
     "Layout",
     "config_to_json",
     "config_from_json",
+    "file_config",
     "layout_of_adapter",
     "layout_of_plan",
     "peft_strip_adapter_name",
@@ -71,111 +71,6 @@ def config_digest(config_json: dict) -> str:
     """SHA-256 of a config's JSON in one canonical form (key order and spacing do not count)."""
     canonical = json.dumps(config_json, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-# ====================================================================== config JSON
-#: Fields PEFT writes that describe the file, not the adapter's computation.
-_PEFT_METADATA = frozenset(
-    {
-        "peft_type",
-        "task_type",
-        "auto_mapping",
-        "peft_version",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "runtime_config",
-        "megatron_core",  # only read together with megatron_config
-        "qalora_group_size",  # only read together with use_qalora
-    }
-)
-#: Settings of PEFT's data-driven init methods; the init method itself is checked by LoraConfig.
-_INIT_SETTINGS = frozenset({"loftq_config", "eva_config", "corda_config", "lora_ga_config"})
-#: PEFT features fxlora does not implement: accepted only when switched off.
-_UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
-    "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
-    "target_parameters": "LoRA on nn.Parameters (target_parameters)",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "use_qalora": "QA-LoRA",
-    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
-    "arrow_config": "Arrow routing",
-    "kasa_config": "KaSA",
-    "monteclora_config": "MonteCLoRA",
-    "velora_config": "VeLoRA",
-    "megatron_config": "Megatron parallel layers",
-    "ensure_weight_tying": "weight tying of modules_to_save copies",
-}
-
-
-def _is_off(value: Any) -> bool:
-    """The value PEFT writes for a feature that is not used."""
-    return value is None or value is False or (isinstance(value, (dict, list, str)) and len(value) == 0)
-
-
-def config_to_json(config: LoraConfig, base_model_name_or_path: Optional[str] = None) -> dict[str, Any]:
-    """The JSON object PEFT writes for `config` (keys sorted, as PEFT writes them).
-
-    The LoraConfig fields, ``target_modules`` as a list (or the regex string it is), plus
-    ``peft_type``, ``task_type``, ``base_model_name_or_path``, ``inference_mode`` and an explicit
-    ``use_dora: false`` so that no reader has to guess.
-    """
-    data = config.to_dict()
-    data.update(
-        peft_type="LORA",
-        task_type=None,
-        base_model_name_or_path=base_model_name_or_path or None,
-        inference_mode=True,
-        use_dora=False,
-    )
-    return dict(sorted(data.items()))
-
-
-def config_from_json(data: Any, source: str) -> tuple[LoraConfig, list[str]]:
-    """Read PEFT's config JSON into a `LoraConfig`; returns ``(config, warnings)``.
-
-    Raises `CheckpointError` naming `source` for: not a JSON object, a ``peft_type`` other than
-    ``"LORA"``, a PEFT feature fxlora does not support switched on (DoRA, other init methods, ...),
-    an unknown field with a value that is not "off" (it could change the computation), or an
-    invalid LoraConfig value. Unknown fields that are off (``null``, ``false``, empty), as newer
-    PEFT versions write for their new features, are ignored with a warning.
-    """
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{source}: expected a JSON object with the adapter's config, found {type(data).__name__}")
-    peft_type = data.get("peft_type")
-    if peft_type != "LORA":
-        found = "no peft_type" if "peft_type" not in data else f"peft_type={peft_type!r}"
-        raise CheckpointError(f"{source}: fxlora reads LoRA adapters only (peft_type 'LORA'), this config has {found}")
-    known = set(LoraConfig.field_names())
-    kwargs: dict[str, Any] = {}
-    ignored: list[str] = []
-    for key, value in data.items():
-        if key in known:
-            kwargs[key] = value
-        elif key in _PEFT_METADATA or key in _INIT_SETTINGS:
-            continue
-        elif key in _UNSUPPORTED_FEATURES:
-            if not _is_off(value):
-                raise CheckpointError(
-                    f"{source}: {key}={value!r} asks for {_UNSUPPORTED_FEATURES[key]}, which fxlora does not support; "
-                    f"only adapters with {key} unset (null/false) can be loaded"
-                )
-        elif _is_off(value):
-            ignored.append(key)
-        else:
-            raise CheckpointError(
-                f"{source}: unknown config field {key}={value!r}; fxlora cannot tell whether it changes the adapter's "
-                "computation (unknown fields are accepted only when null, false or empty)"
-            )
-    try:
-        config = LoraConfig(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: invalid LoRA config: {exc}") from None
-    notes = []
-    if ignored:
-        notes.append(f"{source}: ignoring config field(s) unknown to fxlora, all unset: {', '.join(sorted(ignored))}")
-    return config, notes
 
 
 # ====================================================================== tensor layout

@@ -36,7 +36,7 @@ from fxlora.io.adapter_files import (
     snapshot_base,
     write_adapter_dir,
 )
-from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, config_to_json, layout_of_adapter
+from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, config_to_json, file_config, layout_of_adapter
 from fxlora.planning.plan import TracePolicy
 from fxlora.runtime.install import fxlora_present, restore_requires_grad, strip
 
@@ -135,7 +135,7 @@ def save_pretrained(
     prepared = []
     for name in names:  # everything is computed before the first byte is written
         directory = adapter_directory(root, name)
-        text = config_text(config_to_json(lm.peft_config[name], base_name))
+        text = config_text(config_to_json(file_config(lm.model, name, lm.peft_config[name]), base_name, type(lm.model)))
         prepared.append((directory, _adapter_file_tensors(lm, name), text))
     if not writes_files(is_main_process):
         return

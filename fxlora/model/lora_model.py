@@ -68,7 +68,9 @@ class LoraModel(nn.Module):
     which change that state through its methods only.
     """
 
-    def __init__(self, model: nn.Module, adapter_state: AdapterState) -> None:
+    def __init__(self, model: nn.Module, adapter_state: AdapterState, *peft_style: Any) -> None:
+        if peft_style or not isinstance(adapter_state, AdapterState):  # PEFT's LoraModel(model, config, name)
+            raise TypeError("fxlora.LoraModel is not built directly: use fxlora.transform(model, config, adapter_name), which adapts the model in place and returns its LoraModel")
         super().__init__()
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "adapter_state", adapter_state)

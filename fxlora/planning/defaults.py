@@ -44,13 +44,23 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
 
 
 def suggest_projection_names(model: nn.Module, limit: int = 10) -> list[str]:
-    """Most frequent last components of linear layers: the likely attention / MLP projections."""
+    """`target_modules` entries for the model's linear layers, most frequent first: the last
+    component of each name (the likely attention / MLP projections), or the full name where the
+    last component is a bare index (``seq.0``: an index alone would match every container's)."""
     counts = Counter(
-        name.rsplit(".", 1)[-1]
+        last if not last.isdigit() else name
         for name, m in model.named_modules()
-        if name and is_all_linear(m) and not name.rsplit(".", 1)[-1].isdigit()
+        if name and is_all_linear(m)
+        for last in [name.rsplit(".", 1)[-1]]
     )
     return [n for n, _ in counts.most_common(limit)]
+
+
+def _candidates(model: nn.Module) -> str:
+    found = suggest_projection_names(model)
+    if not found:
+        return "(none: the model has no nn.Linear or transformers Conv1D; name its layers in target_modules)"
+    return f"{found} (or target_modules='all-linear')"
 
 
 def default_target_modules(model: nn.Module) -> list[str] | str:
@@ -60,13 +70,13 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
         raise ValueError(
             f"target_modules=None only works for transformers models with a known config.model_type; "
             f"{type(model).__name__} needs explicit target_modules (a list of names or a regex). "
-            f"Likely candidates: {suggest_projection_names(model)}. Use fxlora.explain(model, config) "
+            f"Likely candidates: {_candidates(model)}. Use fxlora.explain(model, config) "
             "to see what a config selects."
         )
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(
             f"fxlora has no default target_modules for model_type {model_type!r}; pass target_modules "
-            f"explicitly. Likely attention/MLP projections of this model: {suggest_projection_names(model)}"
+            f"explicitly. Likely attention/MLP projections of this model: {_candidates(model)}"
         )
     value = DEFAULT_TARGET_MODULES[model_type]
     return list(value) if isinstance(value, list) else value

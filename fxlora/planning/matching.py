@@ -29,7 +29,7 @@ import torch.nn as nn
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.config import LoraConfig
 from fxlora.planning.defaults import default_target_modules
-from fxlora.planning.target_checks import check_target
+from fxlora.planning.target_checks import check_target, weight_read_by_parent
 from fxlora.kinds.hf_classes import is_pretrained_model
 from fxlora.kinds import is_all_linear, kind_of, supported_types
 from fxlora.core.layers import fxlora_internal_names
@@ -143,15 +143,18 @@ def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
     exact_list = config.is_all_linear  # resolved to exact names: no suffix matching needed
 
     targets: list[str] = []
+    set_aside: dict[str, list[str]] = {"exclude_modules": [], "modules_to_save": []}
     for key in names:
         if not key:
             continue  # the root itself is never a target
-        if config.exclude_modules and _matches(config.exclude_modules, key):
-            continue
-        if _is_under(key, saved):
-            continue
         hit = (key in spec) if exact_list else _matches(spec, key)
         if not hit or not _in_layers(config, key):
+            continue
+        if config.exclude_modules and _matches(config.exclude_modules, key):
+            set_aside["exclude_modules"].append(key)
+            continue
+        if _is_under(key, saved):
+            set_aside["modules_to_save"].append(key)
             continue
         module = modules[key]
         if kind_of(module) is None:
@@ -160,8 +163,19 @@ def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
         targets.append(key)
 
     if not targets:
-        raise NoTargetFoundError(_no_match_message(config, spec, model, names))
+        raise NoTargetFoundError(_no_match_message(config, spec, model, names, set_aside))
     return TargetSelection(tuple(targets), saved)
+
+
+def _adaptable(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, type name) of the modules fxlora can adapt: a supported type, not read through its
+    weight by its parent."""
+    modules = dict(model.named_modules())
+    return [
+        (n, type(modules[n]).__name__)
+        for n in names
+        if n and kind_of(modules[n]) is not None and weight_read_by_parent(n, model) is None
+    ]
 
 
 # ---------------------------------------------------------------------- messages
@@ -190,8 +204,7 @@ def _format_names(names: Sequence[str]) -> str:
 
 
 def _adaptable_summary(model: nn.Module, names: Sequence[str], limit: int = 8) -> str:
-    modules = dict(model.named_modules())
-    adaptable = [(n, type(modules[n]).__name__) for n in names if n and kind_of(modules[n]) is not None]
+    adaptable = _adaptable(model, names)
     if not adaptable:
         return "The model has no module of a supported type."
     shown = ", ".join(f"{n} ({t})" for n, t in adaptable[:limit])
@@ -199,7 +212,11 @@ def _adaptable_summary(model: nn.Module, names: Sequence[str], limit: int = 8) -
     return f"Adaptable modules: {shown}{more}."
 
 
-def _no_match_message(config: LoraConfig, spec: str | list[str], model: nn.Module, names: Sequence[str]) -> str:
+def _no_match_message(
+    config: LoraConfig, spec: str | list[str], model: nn.Module, names: Sequence[str], set_aside: dict[str, list[str]]
+) -> str:
+    if any(set_aside.values()):
+        return _set_aside_message(spec, model, names, set_aside)
     queries = [spec] if isinstance(spec, str) else list(spec)
     how = (
         "a str is a regex that must match the whole name (re.fullmatch)"
@@ -216,18 +233,32 @@ def _no_match_message(config: LoraConfig, spec: str | list[str], model: nn.Modul
             f" layers_to_transform={config.layers_to_transform!r} keeps only names with that layer index"
             f" (layers_pattern={config.layers_pattern!r}); set layers_pattern to the name of the layer list."
         )
-    if config.exclude_modules:
-        msg += f" exclude_modules={config.exclude_modules!r} removed some candidates."
     return msg
 
 
+def _set_aside_message(spec: str | list[str], model: nn.Module, names: Sequence[str], set_aside: dict[str, list[str]]) -> str:
+    """target_modules matched, but every match is excluded or in modules_to_save."""
+    parts = []
+    if set_aside["modules_to_save"]:
+        parts.append(
+            f"{_format_names(set_aside['modules_to_save'])} also in modules_to_save (a module in modules_to_save is "
+            "trained in full as a copy and never gets LoRA: list it in one of the two)"
+        )
+    if set_aside["exclude_modules"]:
+        parts.append(f"{_format_names(set_aside['exclude_modules'])} in exclude_modules (checked first)")
+    return (
+        f"target_modules={spec!r} matched only modules set aside: {'; '.join(parts)}. Nothing is left to "
+        f"adapt. {_adaptable_summary(model, [n for n in names if n not in set_aside['modules_to_save']])}"
+    )
+
+
 def _unsupported_message(key: str, module: nn.Module, model: nn.Module, names: Sequence[str]) -> str:
-    inside = [
-        f"{n} ({type(m).__name__})"
-        for n, m in module.named_modules(prefix=key)
-        if n != key and kind_of(m) is not None
-    ][:6]
-    hint = f" Supported layers inside it: {', '.join(inside)}." if inside else ""
+    below = [n for n, _ in module.named_modules(prefix=key) if n != key]
+    inside = [f"{n} ({t})" for n, t in _adaptable(model, below)][:6]
+    read = [f"{n} ({reason})" for n in below if (reason := weight_read_by_parent(n, model)) is not None]
+    hint = f" Supported layers inside it: {', '.join(inside)}." if inside else " No layer inside it can carry LoRA."
+    if read:
+        hint += f" Layers inside it that cannot, though of a supported type: {', '.join(read[:3])}."
     return (
         f"module {key!r} of type {type(module).__name__} matched target_modules, but fxlora can only adapt "
         f"{supported_types()}.{hint} Narrow target_modules (a str regex must match the whole name)."

@@ -209,7 +209,15 @@ def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, 
     module (its parent reaches into it) would never run its graph: it is no root. (Its layers
     still compute with LoRA: each keeps its eager forward.)"""
     if not is_model and observed and id(module) not in observed:
-        raise TraceFailure("it is not called as a module in the model's forward (its parent calls into it)")
+        if any(id(m) in observed for m in module.modules()):
+            raise TraceFailure(
+                "it is not called as a module in the model's forward: in fxlora's example forward pass "
+                "modules inside it ran, but it was never called itself (its parent reaches into it)"
+            )
+        raise TraceFailure(
+            "fxlora's example forward pass (run to see how each module is called) never reached it "
+            "nor anything inside it: it may run only for other inputs, or not at all"
+        )
 
 
 @dataclass

@@ -67,15 +67,24 @@ def fused_parent(model: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def _check_weight_read_by_parent(key: str, model: nn.Module) -> None:
+def weight_read_by_parent(key: str, model: nn.Module) -> Optional[str]:
+    """Why the parent of module `key` never calls it (its forward reads the weight), or None."""
     parent_name, _, child = key.rpartition(".")
     parent = model.get_submodule(parent_name)
     if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return (
+            f"it is the out_proj of nn.MultiheadAttention {parent_name or '<root>'!r}, whose forward reads "
+            "out_proj.weight directly and never calls the module"
+        )
+    return None
+
+
+def _check_weight_read_by_parent(key: str, model: nn.Module) -> None:
+    reason = weight_read_by_parent(key, model)
+    if reason is not None:
         raise UnsupportedTargetError(
-            f"module {key!r} is the out_proj of nn.MultiheadAttention {parent_name or '<root>'!r}, whose "
-            "forward reads out_proj.weight directly and never calls the module, so a LoRA branch on it "
-            "would have no effect. Exclude it (exclude_modules=[...]) or adapt the projections of a "
-            "custom attention module instead."
+            f"module {key!r} cannot carry LoRA: {reason}, so a LoRA branch on it would have no effect. "
+            "Exclude it (exclude_modules=[...]) or adapt the projections of a custom attention module instead."
         )
 
 

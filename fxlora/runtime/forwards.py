@@ -15,17 +15,16 @@ attribute (`uninstall`) gives back the class's own forward.
 from __future__ import annotations
 
 import copy
-import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.graph_module import _forward_from_src
 
 from fxlora.core.branch import lora_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
+from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.runtime.lowering import lower_base_calls
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
@@ -49,23 +48,6 @@ __all__ = [
     "uninstall",
     "compile_graph",
 ]
-
-
-#: generated functions by (source, ids of the objects it names), while some root uses them
-_FUNCTIONS: "weakref.WeakValueDictionary[tuple, Callable[..., Any]]" = weakref.WeakValueDictionary()
-
-
-def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
-    """Python function ``forward(self, *inputs)`` generated from `graph`. Graphs that generate
-    the same source over the same objects share one function (the blocks of a model: under
-    ``torch.compile`` they then share compiled code instead of recompiling per block)."""
-    code = graph.python_code(root_module="self")
-    key = (code.src, tuple(sorted((name, id(value)) for name, value in code.globals.items())))
-    fn = _FUNCTIONS.get(key)
-    if fn is None:
-        fn = _forward_from_src(code.src, code.globals)
-        _FUNCTIONS[key] = fn
-    return fn
 
 
 def installed_forward(module: nn.Module) -> Optional[Any]:
@@ -312,7 +294,7 @@ class GraphForward:
         key = canonical_key(self.root, self.root.training if training is None else training)
         variant = self.variants.get(key) or next(iter(self.variants.values()))
         graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, training=key[0])
-        return graph.python_code("self").src
+        return python_source(graph).src
 
     # ---------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -150,7 +150,7 @@ def test_written_matrices_read_back_as_the_same_factors(name, make, make_input, 
 
 def test_adapter_names_that_clash_with_a_kinds_holders_are_refused_up_front():
     model, layer = adapted(nn.Embedding(5, 3))  # its factors live in nn.ParameterDicts
-    with pytest.raises(ValueError, match="adapter_name 'copy' clashes with an nn.Module attribute"):
+    with pytest.raises(ValueError, match="invalid adapter name 'copy': it clashes with an nn.Module attribute"):
         model.add_adapter("copy", LoraConfig(target_modules=["layer"]))
     assert list(model.peft_config) == ["default"] and list(layer.lora_embedding_A) == ["default"]
 

@@ -92,6 +92,10 @@ def test_errors_change_nothing():
         model.set_adapter("nope")
     with pytest.raises(ValueError, match="unknown adapter"):
         model.set_adapter(["default", "nope"])
+    with pytest.raises(ValueError, match=r"give an adapter name or a list of them; existing adapters: \['default'\]"):
+        model.set_adapter(None)  # not "'NoneType' object is not iterable"
+    with pytest.raises(TypeError, match="adapter names must be a str or a list of str, got int"):
+        model.set_adapter(3)
     with pytest.raises(ValueError, match="already exists"):
         model.add_adapter("default", LoraConfig(target_modules=["seq.2"]))
     with pytest.raises(ValueError, match="only adapter"):

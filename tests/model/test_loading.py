@@ -452,3 +452,27 @@ def test_tensors_take_the_models_dtype(tmp_path):
     for key in ("seq.0.lora_A.default.weight", "seq.4.modules_to_save.default.weight"):
         assert state[key].dtype == torch.float32
         assert torch.equal(state[key], original[key].half().float()), key
+
+
+@pytest.mark.parametrize("nesting", ["deep-json", "config-in-field", "deep-unknown-field"])
+def test_a_nested_config_is_a_checkpoint_error_naming_the_file(tmp_path, nesting):
+    base, _, directory = small_adapter(tmp_path)
+    path = directory / CONFIG
+    text = path.read_text()
+    data = json.loads(text)
+    if nesting == "deep-json":  # beyond the JSON parser's recursion limit
+        path.write_text(text.rstrip()[:-1] + ', "nested": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        words = ["nested too deeply to read"]
+    elif nesting == "config-in-field":
+        data["rank_pattern"] = {"seq.0": copy.deepcopy(data) | {"alpha_pattern": {"a": {"b": {"c": {"d": 1}}}}}}
+        path.write_text(json.dumps(data))
+        words = ["field 'rank_pattern'", "levels deep", "a config pasted inside the config?"]
+    else:
+        data["runtime_config"] = json.loads("[" * 500 + "]" * 500)
+        path.write_text(json.dumps(data))
+        words = ["field 'runtime_config'", "500 levels deep"]
+    before = snapshot(base)
+    with pytest.raises(CheckpointError) as info:
+        LoraModel.from_pretrained(base, directory)
+    assert str(path) in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
+    assert_unchanged(base, before)

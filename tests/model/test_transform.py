@@ -325,3 +325,14 @@ def test_config_is_copied_not_mutated():
     model = fxlora.transform(MLP(8), config)
     assert model.peft_config["default"] is not config
     assert model.peft_config["default"] == config
+
+
+@pytest.mark.parametrize("args", [("config", "default"), ("config",)], ids=["peft-style", "two-args"])
+def test_building_lora_model_directly_points_to_transform(args):
+    base = MLP(8)
+    config = LoraConfig(target_modules=["seq.0"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(TypeError, match=r"use fxlora.transform\(model, config, adapter_name\)"):
+        fxlora.LoraModel(base, *[config if a == "config" else a for a in args])
+    assert base.state_dict().keys() == before.keys() and all(p.requires_grad for p in base.parameters())
+    assert fxlora.LoraModel.adapt(base, config).targeted_module_names == ["seq.0"]

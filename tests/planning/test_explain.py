@@ -50,3 +50,30 @@ def test_poolformer_seed_figures():
         out = lora(x)
         with lora.disable_adapter():
             assert torch.equal(lora(x), out)  # identity at init, head copy equal to the original
+
+
+def test_explain_says_whether_the_probe_reached_a_module_or_its_parent_reaches_into_it():
+    pytest.importorskip("transformers")
+    import torch.nn as nn
+    from zoo import TRANSFORMERS
+
+    model = TRANSFORMERS["llama"].build()
+    model.model.extra = nn.Sequential(nn.Linear(4, 4))  # never run by the model's forward
+    report = fxlora.explain(model, LoraConfig(target_modules=["q_proj", "extra.0"]))
+    reason = next(r.reason for r in report.rows if r.name == "model.extra.0")
+    assert "never reached it nor anything inside it" in reason
+    assert "its parent calls into it" not in reason and "parent reaches into it" not in reason
+
+
+def test_a_module_not_called_itself_but_whose_inside_ran_is_said_to_be_reached_into():
+    import torch.nn as nn
+    from fxlora.errors import TraceFailure
+    from fxlora.planning.plan import _check_callable_root
+
+    layers = nn.ModuleList([nn.Linear(2, 2)])
+    observed = {id(layers[0]): []}  # the probe saw the layer called, never the list
+    with pytest.raises(TraceFailure, match="modules inside it ran, but it was never called itself"):
+        _check_callable_root(layers, False, observed)
+    with pytest.raises(TraceFailure, match="never reached it nor anything inside it"):
+        _check_callable_root(nn.ModuleList([nn.Linear(2, 2)]), False, observed)
+    _check_callable_root(layers[0], False, observed)  # called: a possible root

@@ -180,3 +180,41 @@ def test_layers_filter_equals_peft_for_suffix_entries(names, layers):
         if key.endswith(".q"):
             ours = _in_layers(cfg, key)
             assert ours == bool(peft_utils.check_target_module_exists(C, key))
+
+
+def test_a_target_that_is_also_in_modules_to_save_is_named_with_the_rule():
+    with pytest.raises(NoTargetFoundError) as info:
+        select_modules(MLP(8), LoraConfig(target_modules=["seq.4"], modules_to_save=["seq.4"]))
+    msg = str(info.value)
+    assert "matched no module" not in msg
+    assert "'seq.4' also in modules_to_save" in msg and "never gets LoRA" in msg
+    assert "Adaptable modules: seq.0 (Linear), seq.2 (Linear)." in msg  # seq.4 is the saved one
+
+
+def test_targets_all_excluded_are_named():
+    with pytest.raises(NoTargetFoundError, match=r"matched only modules set aside: 'seq.0', 'seq.2' in exclude_modules"):
+        select_modules(MLP(8), LoraConfig(target_modules=["seq.0", "seq.2"], exclude_modules=["seq.0", "seq.2"]))
+
+
+def test_no_default_targets_lists_the_real_linear_layers():
+    with pytest.raises(ValueError) as info:
+        select_modules(MLP(8), LoraConfig())
+    msg = str(info.value)
+    assert "Likely candidates: ['seq.0', 'seq.2', 'seq.4'] (or target_modules='all-linear')" in msg
+    assert "[]" not in msg
+    assert select_modules(MLP(8), LoraConfig(target_modules=["seq.0", "seq.2", "seq.4"])).targets == ("seq.0", "seq.2", "seq.4")
+    with pytest.raises(ValueError, match=r"Likely candidates: \(none: the model has no nn.Linear"):
+        select_modules(nn.Sequential(nn.Conv2d(1, 1, 1)), LoraConfig())
+
+
+def test_mha_hint_and_refusal_agree():
+    with pytest.raises(UnsupportedTargetError) as info:
+        select_modules(WithMHA(), LoraConfig(target_modules=["attn"]))
+    msg = str(info.value)
+    assert "Supported layers inside it" not in msg
+    assert "No layer inside it can carry LoRA" in msg and "attn.out_proj (it is the out_proj of nn.MultiheadAttention 'attn'" in msg
+    with pytest.raises(UnsupportedTargetError, match="module 'attn.out_proj' cannot carry LoRA: it is the out_proj"):
+        select_modules(WithMHA(), LoraConfig(target_modules=["attn.out_proj"]))
+    with pytest.raises(NoTargetFoundError) as info:
+        select_modules(WithMHA(), LoraConfig(target_modules=["nope"]))
+    assert "out_proj" not in str(info.value).split("Adaptable modules:")[1]  # not offered as adaptable

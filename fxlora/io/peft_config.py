@@ -1,0 +1,205 @@
+"""PEFT's ``adapter_config.json``, mapped to `LoraConfig` both ways.
+
+fxlora writes what PEFT 0.21.2 writes for the same adapter (`config_to_json` of `file_config`):
+every key, the resolved ``target_modules`` and ``fan_in_fan_out``, PEFT's bookkeeping fields; and
+reads what any PEFT version writes (`config_from_json`), refusing what would change the
+computation and what it cannot tell.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from fxlora.config import LoraConfig
+from fxlora.core.layers import target_meta
+from fxlora.errors import CheckpointError
+from fxlora.planning.defaults import default_target_modules
+
+__all__ = ["PEFT_FORMAT_VERSION", "config_to_json", "config_from_json", "file_config"]
+
+#: the PEFT version whose adapter_config.json fxlora writes (its ``peft_version`` field)
+PEFT_FORMAT_VERSION = "0.21.2"
+
+#: Fields PEFT writes that describe the file, not the adapter's computation.
+_PEFT_METADATA = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "runtime_config",
+        "megatron_core",  # only read together with megatron_config
+        "qalora_group_size",  # only read together with use_qalora
+    }
+)
+#: Settings of PEFT's data-driven init methods; the init method itself is checked by LoraConfig.
+_INIT_SETTINGS = frozenset({"loftq_config", "eva_config", "corda_config", "lora_ga_config"})
+#: PEFT features fxlora does not implement: accepted only when switched off.
+_UNSUPPORTED_FEATURES = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "LoRA on nn.Parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
+    "megatron_config": "Megatron parallel layers",
+    "ensure_weight_tying": "weight tying of modules_to_save copies",
+}
+
+
+def _is_off(value: Any) -> bool:
+    """The value PEFT writes for a feature that is not used."""
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and len(value) == 0)
+
+
+#: Fields of PEFT features an fxlora adapter does not use, with the value PEFT 0.21.2 writes then.
+_PEFT_UNUSED: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "revision": None,
+    "target_parameters": None,
+    "task_type": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "velora_config": None,
+}
+
+
+def config_to_json(
+    config: LoraConfig, base_model_name_or_path: Optional[str] = None, base_model_class: Optional[type] = None
+) -> dict[str, Any]:
+    """The JSON object PEFT 0.21.2 writes for `config` (keys sorted, as PEFT writes them): the
+    LoraConfig fields (``target_modules`` as a list, or the regex string it is; pass the config
+    `file_config` resolves), every field of a PEFT feature fxlora does not use with the value PEFT
+    writes when it is unused, and PEFT's bookkeeping: ``peft_type``, ``peft_version`` (the PEFT
+    version whose format this is), ``task_type``, ``revision``, ``base_model_name_or_path``,
+    ``inference_mode`` and, given the base model's class, ``auto_mapping``."""
+    data = {**_PEFT_UNUSED, **config.to_dict()}
+    data.update(
+        peft_type="LORA",
+        peft_version=PEFT_FORMAT_VERSION,
+        base_model_name_or_path=base_model_name_or_path or None,
+        inference_mode=True,
+        auto_mapping=None
+        if base_model_class is None
+        else {"base_model_class": base_model_class.__name__, "parent_library": base_model_class.__module__},
+    )
+    return dict(sorted(data.items()))
+
+
+def file_config(model: nn.Module, adapter: str, config: LoraConfig) -> LoraConfig:
+    """`config` of `adapter` on `model` as PEFT leaves it after adapting a model, which is what
+    it saves: ``target_modules=None`` resolved to the model type's default list and
+    ``"all-linear"`` to the adapted modules' names; ``fan_in_fan_out`` set from the layers
+    (PEFT sets it for each linear target it adapts, in ``named_modules()`` order: True for a
+    transformers ``Conv1D``, False for an ``nn.Linear``; the last one stays). `config` is not
+    changed."""
+    adapted = [(m, meta) for _, m in model.named_modules() if (meta := target_meta(m)) is not None and adapter in meta.adapters]
+    changes: dict[str, Any] = {}
+    if config.target_modules is None:
+        changes["target_modules"] = default_target_modules(model)
+    elif config.is_all_linear:
+        names = {id(m): n for n, m in model.named_modules()}
+        changes["target_modules"] = [names[id(m)] for m, _ in adapted]
+    layouts = [layout for m, meta in adapted if (layout := meta.kind.fan_in_fan_out(m)) is not None]
+    if layouts and layouts[-1] != config.fan_in_fan_out:
+        changes["fan_in_fan_out"] = layouts[-1]
+    return config.replace(**changes) if changes else config
+
+
+#: deepest nesting of lists/objects in one field PEFT writes (``{"eva_config": {"rho": 2.0}}``: 1),
+#: with room to spare
+_MAX_FIELD_DEPTH = 4
+
+
+def _depth(value: Any) -> int:
+    """How many levels of lists/objects `value` nests (0 for a number or a string), without recursion."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+
+
+def _check_nesting(data: dict, source: str) -> None:
+    """A `CheckpointError` for a field nested deeper than any config field (a config pasted into one)."""
+    for key, value in data.items():
+        depth = _depth(value)
+        if depth > _MAX_FIELD_DEPTH:
+            raise CheckpointError(
+                f"{source}: field {key!r} holds lists/objects nested {depth} levels deep (a config pasted "
+                "inside the config?); a field of an adapter config is a number, a string, a list of names or "
+                f"a {{name: number}} object (at most {_MAX_FIELD_DEPTH} levels)"
+            )
+
+
+def config_from_json(data: Any, source: str) -> tuple[LoraConfig, list[str]]:
+    """Read PEFT's config JSON into a `LoraConfig`; returns ``(config, warnings)``.
+
+    Raises `CheckpointError` naming `source` for: not a JSON object, a ``peft_type`` other than
+    ``"LORA"``, a PEFT feature fxlora does not support switched on (DoRA, other init methods, ...),
+    an unknown field with a value that is not "off" (it could change the computation), or an
+    invalid LoraConfig value. Unknown fields that are off (``null``, ``false``, empty), as newer
+    PEFT versions write for their new features, are ignored with a warning.
+    """
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: expected a JSON object with the adapter's config, found {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if peft_type != "LORA":
+        found = "no peft_type" if "peft_type" not in data else f"peft_type={peft_type!r}"
+        raise CheckpointError(f"{source}: fxlora reads LoRA adapters only (peft_type 'LORA'), this config has {found}")
+    _check_nesting(data, source)
+    known = set(LoraConfig.field_names())
+    kwargs: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, value in data.items():
+        if key in known:
+            kwargs[key] = value
+        elif key in _PEFT_METADATA or key in _INIT_SETTINGS:
+            continue
+        elif key in _UNSUPPORTED_FEATURES:
+            if not _is_off(value):
+                raise CheckpointError(
+                    f"{source}: {key}={value!r} asks for {_UNSUPPORTED_FEATURES[key]}, which fxlora does not support; "
+                    f"only adapters with {key} unset (null/false) can be loaded"
+                )
+        elif _is_off(value):
+            ignored.append(key)
+        else:
+            raise CheckpointError(
+                f"{source}: unknown config field {key}={value!r}; fxlora cannot tell whether it changes the adapter's "
+                "computation (unknown fields are accepted only when null, false or empty)"
+            )
+    try:
+        config = LoraConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: invalid LoRA config: {exc}") from None
+    notes = []
+    if ignored:
+        notes.append(f"{source}: ignoring config field(s) unknown to fxlora, all unset: {', '.join(sorted(ignored))}")
+    return config, notes
