@@ -105,9 +105,15 @@ def config_to_json(
         inference_mode=True,
         auto_mapping=None
         if base_model_class is None
-        else {"base_model_class": base_model_class.__name__, "parent_library": base_model_class.__module__},
+        else _auto_mapping(base_model_class),
     )
     return dict(sorted(data.items()))
+
+
+def _auto_mapping(cls: type) -> dict[str, str]:
+    """The user's class: classes wrappers make on the fly (FSDP2's ``FSDP<Name>``) are skipped."""
+    user = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)
+    return {"base_model_class": user.__name__, "parent_library": user.__module__}
 
 
 def file_config(model: nn.Module, adapter: str, config: LoraConfig) -> LoraConfig:

@@ -93,7 +93,7 @@ def save_and_load(result):
     sharded model and into an unsharded one: same outputs."""
     model, _ = train("fxlora", "blocks", "block", "after", False)
     gathered = {n: p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    shared = [tempfile.mkdtemp(prefix="fxlora-fsdp2-") if dist.get_rank() == 0 else None]
+    shared = [tempfile.mkdtemp(prefix="fsdp2-", dir=os.path.dirname(os.path.abspath(sys.argv[1]))) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(shared)
     directory = shared[0]
     model.save_pretrained(directory)  # every rank calls: gathering is collective; rank 0 writes
@@ -122,8 +122,13 @@ def save_and_load(result):
     sharded.set_adapter("again")
     result["load"] = {"equal": bool(torch.equal(out, reference(x))), "again_equal": bool(torch.equal(sharded(x), reference(x)))}
     if dist.get_rank() == 0:  # the unsharded model with the same weights writes the same files
-        again = tempfile.mkdtemp(prefix="fxlora-plain-")
-        reference.save_pretrained(again)
+        again = tempfile.mkdtemp(prefix="plain-", dir=os.path.dirname(os.path.abspath(sys.argv[1])))
+        unsharded, _ = adapt("fxlora", *build("blocks"))
+        with torch.no_grad():
+            for n, p in unsharded.named_parameters():
+                if n in gathered:
+                    p.copy_(gathered[n])
+        unsharded.save_pretrained(again)
         result["save"]["same_files_as_unsharded"] = same_files(directory, again)
 
 
