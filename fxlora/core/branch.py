@@ -26,7 +26,7 @@ from fxlora.core.gates import EagerKey
 from fxlora.core.layers import TargetMeta, saved_meta, target_meta
 from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, select_gate, select_output, stacked_layer_update, stacked_linear_update
 
-__all__ = ["lora_output", "saved_output", "stackable", "branch_adapters"]
+__all__ = ["lora_output", "own_output", "saved_output", "stackable", "branch_adapters"]
 
 # Keep the ops opaque when this module's functions are traced: one node each.
 for _name in (
@@ -133,6 +133,23 @@ def lora_output(
         update = scale_by(update, factor) if known else scale_update(update, *factor)
         total = update if total is None else total + update
     return base if total is None else add_update(base, total)
+
+
+def own_output(module: nn.Module, args: tuple, kwargs: dict, gates: Any, eager: Optional[EagerKey]) -> Any:
+    """The output of the call ``module(*args, **kwargs)`` of a layer whose kind computes its adapted
+    call itself (`fxlora.kinds.LayerKind.own_call`), with each adapter whose branch runs at its
+    multiplier as in `lora_output` (a Python number in eager code of a known state, else
+    ``(scaling, gate tensor)``). A mixed batch (row gates) cannot be served: a ValueError."""
+    meta = target_meta(module)
+    if eager is not None and eager.rows:
+        raise ValueError(
+            f"a mixed batch (adapter_names) cannot run through a {meta.kind.layer_types} layer: its adapters change "
+            "the layer's weights, which cannot differ per row; call the model once per adapter instead"
+        )
+    adapters = branch_adapters(meta, eager)
+    like = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+    factors = _factors(gates, like, adapters, {a: meta.adapters[a].scaling for a in adapters}, eager)
+    return meta.kind.adapted_call(module, args, kwargs, dict(zip(adapters, factors)))
 
 
 def saved_output(module: nn.Module, original: Callable[..., Any], args: tuple, kwargs: dict, gates: Any, eager: Optional[EagerKey]) -> Any:

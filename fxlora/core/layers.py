@@ -14,6 +14,8 @@ For an adapter named ``default`` on a target ``seq.0`` the naming is::
     emb.lora_embedding_A.default             Embedding: A (r, num_embeddings)
     emb.lora_embedding_B.default             Embedding: B (embedding_dim, r)
     head.modules_to_save.default.weight      trainable copy of a `modules_to_save` module
+    attn.out_proj.lora_A.default.weight      nn.MultiheadAttention: its out_proj's factors hang under
+                                             its out_proj (the layer's own lora_A / lora_B: in_proj)
 
 These are the names PEFT gives its LoRA tensors, without PEFT's ``base_layer`` indirection.
 Nothing else is attached: an adapter's scaling (alpha/r) is its `AdapterSpec`'s, a Python number,
@@ -50,6 +52,7 @@ __all__ = [
     "saved_meta",
     "saved_copy_choice",
     "fxlora_internal_names",
+    "adapter_holders",
     "check_adapter_name",
     "ADAPTER_NAME_RULE",
 ]
@@ -116,6 +119,18 @@ def saved_meta(module: nn.Module) -> Optional[SavedMeta]:
     return meta if isinstance(meta, SavedMeta) else None
 
 
+def adapter_holders(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path from `module`, holder)`` for every fxlora child (`LORA_CHILDREN`) of an adapted or
+    saved module: under the module itself, or under one of its direct children that is neither
+    (a kind may hang factors there: ``nn.MultiheadAttention``'s ``out_proj.lora_A``)."""
+    found = [(name, child) for name, child in module._modules.items() if name in LORA_CHILDREN and child is not None]
+    for child_name, child in module._modules.items():
+        if child is None or child_name in LORA_CHILDREN or META_ATTR in child.__dict__:
+            continue
+        found += [(f"{child_name}.{name}", sub) for name, sub in child._modules.items() if name in LORA_CHILDREN and sub is not None]
+    return found
+
+
 def fxlora_internal_names(model: nn.Module) -> set[str]:
     """Names of every module fxlora added under `model` (adapter modules, copies, gates)."""
     internal: set[str] = set()
@@ -123,10 +138,8 @@ def fxlora_internal_names(model: nn.Module) -> set[str]:
         if META_ATTR not in module.__dict__:
             continue
         prefix = f"{name}." if name else ""
-        for child_name in LORA_CHILDREN:
-            child = module._modules.get(child_name)
-            if child is not None:
-                internal.update(n for n, _ in child.named_modules(prefix=prefix + child_name, remove_duplicate=False))
+        for path, child in adapter_holders(module):
+            internal.update(n for n, _ in child.named_modules(prefix=prefix + path, remove_duplicate=False))
     return internal
 
 
@@ -217,12 +230,14 @@ def attach_adapter(
     meta = target_meta(module) or TargetMeta(kind=kind, fan_in_fan_out=fan_in_fan_out)
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
-    weight = module.weight
+    weight = kind.reference_weight(module)
     made = kind.make_factors(module, spec, init, device=adapter_device(module, weight), dtype=adapter_dtype(weight))
     for holder, value in made.items():
         if isinstance(value, nn.Module):
             value = _in_mode_of(module, value)
-        _child_dict(module, holder, nn.ParameterDict if isinstance(value, nn.Parameter) else nn.ModuleDict)[adapter] = value
+        owner_path, _, holder_name = holder.rpartition(".")  # "out_proj.lora_A": under the layer's out_proj
+        owner = module.get_submodule(owner_path)
+        _child_dict(owner, holder_name, nn.ParameterDict if isinstance(value, nn.Parameter) else nn.ModuleDict)[adapter] = value
 
     meta.adapters[adapter] = spec
     module.__dict__[META_ATTR] = meta
@@ -259,9 +274,8 @@ def _copy_without_fxlora(module: nn.Module) -> nn.Module:
 
 def remove_adapter(module: nn.Module, adapter: str) -> None:
     """Remove one adapter's modules from `module`; drop fxlora entirely when none is left."""
-    for name in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
-        holder = module._modules.get(name)
-        if holder is not None and adapter in holder:
+    for _, holder in adapter_holders(module):
+        if adapter in holder:
             del holder[adapter]
     meta = module.__dict__.get(META_ATTR)
     if isinstance(meta, TargetMeta):
@@ -279,8 +293,9 @@ def remove_adapter(module: nn.Module, adapter: str) -> None:
 
 def detach_all(module: nn.Module) -> None:
     """Remove every fxlora child and record from `module` (not its installed forward)."""
-    for name in LORA_CHILDREN:
-        module._modules.pop(name, None)
+    for path, _ in adapter_holders(module):
+        owner_path, _, name = path.rpartition(".")
+        module.get_submodule(owner_path)._modules.pop(name, None)
     module.__dict__.pop(META_ATTR, None)
 
 

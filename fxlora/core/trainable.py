@@ -8,12 +8,14 @@ from typing import Iterable, Iterator, Optional
 
 import torch.nn as nn
 
-from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
+from fxlora.core.layers import LORA_CHILDREN, adapter_holders, saved_meta, target_meta
 
 __all__ = ["Slot", "lora_slots", "lora_parameters", "bias_slots", "set_trainable", "TrainableFlags"]
 
 #: where a parameter lives: its owning module and its name in that module's ``_parameters``
 Slot = tuple[nn.Module, str]
+#: the holders of an adapted layer's trainable factors
+_FACTOR_HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 def _slots_of(module: nn.Module) -> Iterator[Slot]:
@@ -28,9 +30,8 @@ def lora_slots(model: nn.Module, adapter: str) -> Iterator[Slot]:
     live."""
     for module in model.modules():
         if target_meta(module) is not None:
-            for holder in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-                child = module._modules.get(holder)
-                if child is not None and adapter in child:
+            for path, child in adapter_holders(module):
+                if path.rpartition(".")[2] in _FACTOR_HOLDERS and adapter in child:
                     yield from ([(child, adapter)] if isinstance(child, nn.ParameterDict) else _slots_of(child[adapter]))
         meta = saved_meta(module)
         if meta is not None and adapter in meta.adapters:

@@ -137,8 +137,12 @@ def peft_strip_adapter_name(key: str, adapter: str) -> str:
 
 
 def _fxlora_lora_key(name: str, suffix: str, adapter: str) -> str:
-    holder, _, leaf = suffix.partition(".")
-    return f"{name}.{holder}.{adapter}" + (f".{leaf}" if leaf else "")
+    """The fxlora key of an adapter tensor of layer `name` whose file key is ``name.suffix``: the
+    adapter name after the holder (`LORA_CHILDREN`), PEFT's ``base_layer`` step left out
+    (``base_layer.out_proj.lora_A.weight`` -> ``out_proj.lora_A.<adapter>.weight``)."""
+    parts = [p for p in suffix.split(".") if p != "base_layer"]
+    at = next(i for i, p in enumerate(parts) if p in LORA_CHILDREN) + 1
+    return ".".join([name, *parts[:at], adapter, *parts[at:]])
 
 
 def _own_state(module: nn.Module) -> dict[str, torch.Tensor]:

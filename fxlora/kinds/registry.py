@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Hashable, NamedTuple, Optional, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Hashable, NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,10 @@ class LayerKind(Protocol):
     #: ``nn.Linear`` modules, so several adapters can be stacked into two matmuls
     #: (`fxlora.core.ops.stacked_linear_update`, mixed batches)
     stackable: bool
+    #: the layer's output with adapters is not its base output plus an update (the update changes
+    #: weights its forward reads directly, as ``nn.MultiheadAttention``'s ``in_proj_weight``): the
+    #: kind computes the whole adapted call (`adapted_call`), and `update` is never asked for
+    own_call: bool
 
     def matches(self, module: nn.Module) -> bool:
         """Whether `module` is of this kind (subclasses count as their base type)."""
@@ -84,6 +88,24 @@ class LayerKind(Protocol):
         whose template is shared by every layer with the same `template_key`: straight-line code,
         reading the layer's tensors as attributes (helpers with logic are ``torch.fx.wrap``-ed,
         like `fxlora.core.ops`), and every Python value it bakes in part of `template_key`."""
+
+    def adapted_call(self, module: nn.Module, args: tuple, kwargs: dict, multipliers: dict) -> Any:
+        """For an `own_call` kind only: the layer's output for the call ``module(*args, **kwargs)``
+        with each adapter in `multipliers` (in order) applied at its multiplier, a Python number or
+        ``(scaling, gate)`` with ``gate`` a 0-d tensor (`fxlora.core.branch.own_output`). Writes
+        nothing to the layer (concurrent calls must not disturb each other), and is straight-line
+        code for torch.compile."""
+
+    def reference_weight(self, module: nn.Module) -> torch.Tensor:
+        """The layer's tensor whose device and dtype its adapters' tensors follow."""
+
+    def merged_weights(self, module: nn.Module) -> tuple[str, ...]:
+        """Paths (from the layer) of the weights a merge folds an update into: ``("weight",)``,
+        or several (``nn.MultiheadAttention``: ``in_proj_weight``, ``out_proj.weight``)."""
+
+    def weight_matrices(self, module: nn.Module, adapter: str) -> dict[str, Factors]:
+        """The adapter's factors as matrices for each path of `merged_weights` (their product,
+        laid out by `weight_from_matrix`, is that weight's update before scaling)."""
 
     def template_key(self, module: nn.Module) -> Hashable:
         """The layer's Python values `update` reads (its traced code depends on nothing else)."""
@@ -119,6 +141,19 @@ class KindBase:
     name: str
     all_linear = False
     stackable = False
+    own_call = False
+
+    def adapted_call(self, module: nn.Module, args: tuple, kwargs: dict, multipliers: dict) -> Any:
+        raise TypeError(f"layer kind {self.name!r} adds an update to the layer's output; it has no adapted_call")
+
+    def reference_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight
+
+    def merged_weights(self, module: nn.Module) -> tuple[str, ...]:
+        return ("weight",)
+
+    def weight_matrices(self, module: nn.Module, adapter: str) -> dict[str, Factors]:
+        return {"weight": self.as_matrices(module, adapter)}
 
     def fan_in_fan_out(self, module: nn.Module) -> Optional[bool]:
         return None

@@ -101,12 +101,14 @@ def untagged_call(graph: fx.Graph, root: nn.Module, kind: Callable[[nn.Module], 
 
 
 #: the condition every pass after `insert_lora` requires, and `insert_lora` ensures
-BRANCHES_INSERTED = "every call of an adapted layer is tagged LAYER by insert_lora (or GUARDED by guard_idle_branches)"
+BRANCHES_INSERTED = (
+    "every call of an adapted layer is tagged LAYER (or OWN) by insert_lora (or GUARDED by guard_idle_branches)"
+)
 
 
 def untagged_adapted_call(graph: fx.Graph, root: nn.Module) -> Optional[fx.Node]:
     """A call of an adapted layer neither `insert_lora` nor `guard_idle_branches` tagged."""
-    return untagged_call(graph, root, is_adapted, Role.LAYER, Role.GUARDED)
+    return untagged_call(graph, root, is_adapted, Role.LAYER, Role.OWN, Role.GUARDED)
 
 
 def keyword_call(graph: fx.Graph, keyword: str) -> Optional[fx.Node]:

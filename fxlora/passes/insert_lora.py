@@ -200,6 +200,9 @@ class InsertLora(Pass):
             meta = target_meta(module)
             if meta is None or is_guarded(node):
                 continue
+            if meta.kind.own_call:  # called plainly: its eager forward computes the adapted call
+                set_tag(node, NodeTag(node.target, node.name, Role.OWN))
+                continue
             site = NodeTag(node.target, node.name, Role.LAYER)
             set_tag(node, site)
             if not meta.adapters:

@@ -10,7 +10,8 @@ Who sets which role:
 - `swap_saved_modules`: ``SAVED`` on a `modules_to_save` module's own call, ``COPY`` on the calls
   of its trainable copies, ``SELECT`` on the nodes picking a copy's output.
 - `guard_idle_branches`: ``GUARDED`` on an adapted layer's call that computes its own branches.
-- `insert_lora`: ``LAYER`` on every other adapted layer's call, and the branch roles on the nodes it
+- `insert_lora`: ``OWN`` on a call of a layer whose kind computes its adapted call itself,
+  ``LAYER`` on every other adapted layer's call, and the branch roles on the nodes it
   splices (from the template's `fxlora.passes.branch_parts.BranchPart`).
 - `share_lora_a`: ``SHARED_A`` on a shared A product, ``LORA_A`` on each layer's slice of it.
 - `fold_scaling`: the roles of the nodes it replaces, on the nodes that replace them.
@@ -34,6 +35,7 @@ class Role(str, Enum):
 
     LAYER = "layer"  # an adapted layer's own call, whose output the branch adds to
     GUARDED = "guarded"  # an adapted layer's call that computes its own branches (torch.cond)
+    OWN = "own"  # a call of an adapted layer whose kind computes the adapted call (`LayerKind.own_call`)
     SAVED = "saved"  # a `modules_to_save` module's own call
     COPY = "copy"  # a call of a `modules_to_save` module's trainable copy
     SELECT = "select"  # picks a copy's output where its adapter is selected

@@ -3,7 +3,9 @@
 - `GraphForward` on a *graph root*: runs the LoRA-rewritten graph code with ``self`` bound to the
   root module itself, so every attribute it reads is the live one (no copy of the model exists).
 - `EagerLoraForward` on every adapted layer: the layer's own forward, then
-  `fxlora.core.branch.lora_output`, the same function the graph path traces. Graph code calls the layer
+  `fxlora.core.branch.lora_output`, the same function the graph path traces (a layer whose kind
+  computes its adapted call itself, `LayerKind.own_call`: `fxlora.core.branch.own_output`, which
+  graph code calls through this forward). Graph code calls the layer
   with ``BASE_ONLY`` and inserts the branch as nodes; any other call (a path no graph covers,
   another method of the model) gets the branch eagerly.
 - `SavedForward` on every `modules_to_save` module, likewise.
@@ -22,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxlora.core.branch import lora_output, saved_output
+from fxlora.core.branch import lora_output, own_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
 from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.runtime.lowering import lower_base_calls
@@ -127,6 +129,8 @@ class EagerLoraForward(_EagerForward):
         return super().__call__(*args, **kwargs)
 
     def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
+        if target_meta(self.module).kind.own_call:
+            return own_output(self.module, args, kwargs, gates, eager)
         base = self.original(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         return lora_output(self.module, x, base, gates, eager)
