@@ -29,7 +29,13 @@ from fxlora.errors import MergeError
 from fxlora.dtypes import compute_dtype
 from fxlora.core.layers import target_meta
 
-__all__ = ["check_mergeable", "delta_weight", "delta_bias"]
+__all__ = ["check_mergeable", "delta_weight", "delta_bias", "layer_tensor", "folded_tensors"]
+
+
+def folded_tensors(module: nn.Module) -> tuple[str, ...]:
+    """Paths of the layer's tensors a merge may change: its kind's `merged_weights`, then ``"bias"``
+    (changed only by a ``lora_bias``)."""
+    return (*target_meta(module).kind.merged_weights(module), "bias")
 
 
 def _describe(name: str, module: nn.Module) -> str:
@@ -61,7 +67,10 @@ def check_mergeable(name: str, module: nn.Module, adapter: str) -> None:
     its weights; return None if it can. Requires: `module` carries `adapter`."""
     meta = target_meta(module)
     where = _describe(name, module)
-    obstacle = meta.kind.merge_obstacle(module) or _computed(module, "weight")
+    obstacle = meta.kind.merge_obstacle(module)
+    for path in meta.kind.merged_weights(module):
+        owner, _, leaf = path.rpartition(".")
+        obstacle = obstacle or _computed(module.get_submodule(owner), leaf)
     if obstacle is None and meta.adapters[adapter].lora_bias and getattr(module, "bias", None) is not None:
         obstacle = _computed(module, "bias")
     if obstacle is not None:
@@ -77,14 +86,24 @@ def _factor(module: nn.Module, adapter: str, scale: float) -> float:
     return target_meta(module).adapters[adapter].scaling * float(scale)
 
 
-def delta_weight(module: nn.Module, adapter: str, scale: float = 1.0, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The update `adapter` adds to ``module.weight`` at run-time scale `scale`, shaped like the
-    weight, in `dtype` (default: `compute_dtype` of the weight and the adapter, at least float32).
+def layer_tensor(module: nn.Module, path: str) -> torch.Tensor:
+    """The layer's tensor at `path` (``"weight"``, ``"out_proj.weight"``, ``"bias"``)."""
+    owner, _, leaf = path.rpartition(".")
+    return getattr(module.get_submodule(owner), leaf)
+
+
+def delta_weight(
+    module: nn.Module, adapter: str, scale: float = 1.0, dtype: Optional[torch.dtype] = None, which: str = "weight"
+) -> torch.Tensor:
+    """The update `adapter` adds to the layer's weight at path `which` (one of its kind's
+    `merged_weights`; ``module.weight`` for all but kinds with several) at run-time scale `scale`,
+    shaped like that weight, in `dtype` (default: `compute_dtype` of the weight and the adapter,
+    at least float32).
 
     Requires: `check_mergeable` passed for (`module`, `adapter`)."""
     meta = target_meta(module)
-    weight = module.weight
-    a, b = meta.kind.as_matrices(module, adapter)
+    weight = layer_tensor(module, which)
+    a, b = meta.kind.weight_matrices(module, adapter)[which]
     dtype = dtype or compute_dtype(weight, a, b)
     product = meta.kind.weight_from_matrix(module, b.to(dtype) @ a.to(dtype), meta.fan_in_fan_out)
     if product.shape != weight.shape:

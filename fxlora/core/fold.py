@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from fxlora.dtypes import compute_dtype
 from fxlora.errors import MergeError
-from fxlora.core.delta import check_mergeable, delta_bias, delta_weight
+from fxlora.core.delta import check_mergeable, delta_bias, delta_weight, folded_tensors, layer_tensor
 from fxlora.core.layers import target_meta
 
 __all__ = ["Restore", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
@@ -58,22 +58,32 @@ class Restore:
 @dataclass
 class FoldRecord:
     """One fold of some adapters into one layer: their run-time scales, and the exact-restore
-    data of the weight (and of the bias, where a ``lora_bias`` was folded into it)."""
+    data of each tensor it changed, by path from the layer (the kind's `merged_weights`, and the
+    bias where a ``lora_bias`` was folded into it)."""
 
     scales: dict[str, float]
-    weight: Restore
-    bias: Optional[Restore] = None
+    restores: dict[str, Restore]
+
+    @property
+    def bias(self) -> Optional[Restore]:
+        return self.restores.get("bias")
 
     @property
     def nbytes(self) -> int:
-        return self.weight.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+        return sum(r.nbytes for r in self.restores.values())
+
+
+def _delta(module: nn.Module, adapter: str, scale: float, which: str) -> Optional[torch.Tensor]:
+    """The adapter's update of the layer's tensor at path `which` (a weight, or ``"bias"``)."""
+    return delta_bias(module, adapter, scale) if which == "bias" else delta_weight(module, adapter, scale, which=which)
 
 
 def _summed(module: nn.Module, scales: dict[str, float], which: str) -> Optional[torch.Tensor]:
-    """Sum of the adapters' weight (or bias) updates in the compute dtype; None if none has one."""
+    """Sum of the adapters' updates of the tensor at path `which` (a weight, or ``"bias"``) in the
+    compute dtype; None if none has one."""
     total = None
     for adapter, scale in scales.items():
-        part = delta_weight(module, adapter, scale) if which == "weight" else delta_bias(module, adapter, scale)
+        part = _delta(module, adapter, scale, which)
         if part is None:
             continue
         total = part if total is None else total + part.to(total.dtype)
@@ -92,14 +102,15 @@ def _subtract(merged: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 
 
 def merged_tensors(module: nn.Module, scales: dict[str, float]) -> dict[str, torch.Tensor]:
-    """New tensors ``{"weight": ..., ["bias": ...]}`` holding `module`'s weights with the adapters
-    in `scales` (name -> run-time scale) folded in; `module` itself is not changed."""
+    """New tensors ``{path: ...}`` (``"weight"``, or the kind's `merged_weights`, and ``"bias"``
+    for a ``lora_bias``) holding `module`'s weights with the adapters in `scales` (name -> run-time
+    scale) folded in; `module` itself is not changed."""
     out = {}
-    for which in ("weight", "bias"):
+    for which in folded_tensors(module):
         update = _summed(module, scales, which)
         if update is None:
             continue
-        out[which] = _add(getattr(module, which).detach(), update)
+        out[which] = _add(layer_tensor(module, which).detach(), update)
     return out
 
 
@@ -124,8 +135,8 @@ def check_fold(name: str, module: nn.Module, scales: dict[str, float], finite: b
     if not finite:
         return
     for adapter, scale in scales.items():
-        for which in ("weight", "bias"):
-            part = delta_weight(module, adapter, scale) if which == "weight" else delta_bias(module, adapter, scale)
+        for which in folded_tensors(module):
+            part = _delta(module, adapter, scale, which)
             if part is not None and not bool(torch.isfinite(part).all()):
                 raise MergeError(
                     f"adapter {adapter!r} has non-finite values in its update of {name!r} "
@@ -158,18 +169,18 @@ def fold_layer(module: nn.Module, scales: dict[str, float], exact: bool = True) 
     variant has an additive delta, which the exact restore relies on)."""
     restores: dict[str, Restore] = {}
     with torch.no_grad():
-        for which in ("weight", "bias"):
+        for which in folded_tensors(module):
             update = _summed(module, scales, which)
             if update is None:
                 continue
-            param = getattr(module, which)
+            param = layer_tensor(module, which)
             merged = _add(param.detach(), update)
             if exact:
                 restores[which] = _restore_data(param.detach(), merged, update)
             else:
                 restores[which] = Restore(param.dtype, param.new_empty(0), param.new_empty(0, dtype=torch.int32))
             param.copy_(merged)
-    return FoldRecord(dict(scales), restores["weight"], restores.get("bias"))
+    return FoldRecord(dict(scales), restores)
 
 
 def _unfold_tensor(param: torch.Tensor, update: torch.Tensor, restore: Restore) -> None:
@@ -191,19 +202,18 @@ def unfold_layer(module: nn.Module, record: FoldRecord) -> None:
     """Take the adapters of `record` out of `module`'s weights again (in place): the exact
     pre-merge values wherever the merged values were left alone."""
     with torch.no_grad():
-        _unfold_tensor(module.weight, _summed(module, record.scales, "weight"), record.weight)
-        if record.bias is not None:
-            _unfold_tensor(module.bias, _summed(module, record.scales, "bias"), record.bias)
+        for which, restore in record.restores.items():
+            _unfold_tensor(layer_tensor(module, which), _summed(module, record.scales, which), restore)
 
 
 def unfolded_tensor(module: nn.Module, which: str, records: list[FoldRecord]) -> torch.Tensor:
-    """A new tensor holding `module`'s `which` ("weight" / "bias") as it would be after unfolding
+    """A new tensor holding `module`'s tensor at path `which` ("weight", "bias", ...) as it would be after unfolding
     `records` (the layer's fold records, in merge order): what `unfold_layer` would leave, bit for
     bit; `module` itself is not changed."""
-    tensor = getattr(module, which).detach().clone()
+    tensor = layer_tensor(module, which).detach().clone()
     with torch.no_grad():
         for record in reversed(records):
-            restore = record.weight if which == "weight" else record.bias
+            restore = record.restores.get(which)
             if restore is not None:
                 _unfold_tensor(tensor, _summed(module, record.scales, which), restore)
     return tensor
@@ -219,7 +229,12 @@ def check_untied(model: nn.Module, layers: dict[str, nn.Module]) -> None:
     """`MergeError` if a layer's weight or bias is also a parameter of another module (tied
     weights, such as an input embedding shared with the output layer): folding an update into it
     would change that module's computation too."""
-    wanted = {id(getattr(m, w)): (name, w) for name, m in layers.items() for w in ("weight", "bias") if getattr(m, w, None) is not None}
+    wanted = {
+        id(layer_tensor(m, w)): (name, w)
+        for name, m in layers.items()
+        for w in folded_tensors(m)
+        if w != "bias" or getattr(m, "bias", None) is not None
+    }
     owners: dict[int, set[int]] = {}
     names: dict[int, list[str]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):

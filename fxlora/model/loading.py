@@ -54,7 +54,7 @@ def _merged_into(lm: "LoraModel", key: str) -> tuple[list[str], list[FoldRecord]
     adapters, records = [], []
     for step in lm.adapter_state.merge_steps:
         record = step.records.get(owner)
-        if record is not None and (which == "weight" or (which == "bias" and record.bias is not None)):
+        if record is not None and which in record.restores:
             adapters.extend(step.scales)
             records.append(record)
     return adapters, records

@@ -50,8 +50,10 @@ import weakref
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from fxlora.core.layers import target_meta
 from fxlora.core.ops import RowMismatch
 from fxlora.tracing.probe import quiet_forwards
 
@@ -94,6 +96,7 @@ def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -
     dim 0 of the inputs are the batch's rows for every adapted layer of `lm` (a `LoraModel`; the
     module docstring says how this is found). Changes nothing."""
     names = check_adapter_names(adapter_names, list(lm.peft_config), batch_size_of(args, kwargs))
+    _check_row_wise_kinds(lm.model)
     rows = len(names)
     if rows < 2:
         return  # one row: any dimension of size 1 broadcasts alike
@@ -117,6 +120,20 @@ def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -
     if why:
         raise ValueError(f"{refused}rows along dim 0 are not independent batch rows ({why}), as in a sequence-first (time, batch, ...) layout. {_VALID}")
     checked.add(key)
+
+
+def _check_row_wise_kinds(model: nn.Module) -> None:
+    """ValueError naming them if adapted layers of `model` have a kind that computes the adapted
+    call itself (`fxlora.kinds.LayerKind.own_call`, nn.MultiheadAttention): their adapters change
+    the layer's weights, which cannot differ per row (PEFT refuses mixed batches there too)."""
+    own = [n for n, m in model.named_modules() if (meta := target_meta(m)) is not None and meta.kind.own_call]
+    if own:
+        kinds = sorted({target_meta(model.get_submodule(n)).kind.layer_types for n in own})
+        raise ValueError(
+            f"adapter_names (a mixed batch) cannot be served by this model: its adapted layer(s) {own[:4]}"
+            f"{' ...' if len(own) > 4 else ''} ({', '.join(kinds)}) apply adapters by changing the layer's weights, "
+            "which cannot differ per row; use one adapter per call (set_adapter), or exclude those layers"
+        )
 
 
 _VALID = (

@@ -2,8 +2,11 @@
 knows that a LoRA branch on the module could not act (`check_target`, at matching), or could not
 be added to its output (`check_returns_one_tensor`, when planning the target).
 
-- The ``out_proj`` of ``nn.MultiheadAttention``: its forward reads ``out_proj.weight`` and never
-  calls the module.
+- The ``out_proj`` of ``nn.MultiheadAttention`` on its own: the attention's forward reads
+  ``out_proj.weight`` and never calls the module. The attention itself is a target (kind
+  ``multihead_attention``: an adapter on it updates ``in_proj_weight`` and ``out_proj.weight``, as
+  PEFT's does); PEFT accepts the ``out_proj`` alone (``"all-linear"`` selects it) and its adapter
+  there has no effect.
 - The ``out_proj`` and ``conv1d`` of Mamba-style models (``model_type`` ``falcon_h1``, ``mamba``,
   ``mamba2``, ``falcon_mamba``, ``nemotron_h``): their fused kernels read the weights directly.
   This is PEFT's own rule (``_check_lora_target_modules_mamba``, by the module's last name
@@ -84,7 +87,8 @@ def _check_weight_read_by_parent(key: str, model: nn.Module) -> None:
     if reason is not None:
         raise UnsupportedTargetError(
             f"module {key!r} cannot carry LoRA: {reason}, so a LoRA branch on it would have no effect. "
-            "Exclude it (exclude_modules=[...]) or adapt the projections of a custom attention module instead."
+            f"Target the attention itself ({key.rpartition('.')[0] or '<root>'!r}: its adapter updates in_proj_weight "
+            "and out_proj.weight, as PEFT's does), or exclude it (exclude_modules=[...])."
         )
 
 

@@ -207,14 +207,12 @@ def test_no_default_targets_lists_the_real_linear_layers():
         select_modules(nn.Sequential(nn.Conv2d(1, 1, 1)), LoraConfig())
 
 
-def test_mha_hint_and_refusal_agree():
-    with pytest.raises(UnsupportedTargetError) as info:
-        select_modules(WithMHA(), LoraConfig(target_modules=["attn"]))
-    msg = str(info.value)
-    assert "Supported layers inside it" not in msg
-    assert "No layer inside it can carry LoRA" in msg and "attn.out_proj (it is the out_proj of nn.MultiheadAttention 'attn'" in msg
-    with pytest.raises(UnsupportedTargetError, match="module 'attn.out_proj' cannot carry LoRA: it is the out_proj"):
+def test_mha_is_a_target_and_its_out_proj_alone_is_refused():
+    assert select_modules(WithMHA(), LoraConfig(target_modules=["attn"])).targets == ("attn",)
+    with pytest.raises(UnsupportedTargetError, match="module 'attn.out_proj' cannot carry LoRA: it is the out_proj") as info:
         select_modules(WithMHA(), LoraConfig(target_modules=["attn.out_proj"]))
+    assert "Target the attention itself ('attn'" in str(info.value)
     with pytest.raises(NoTargetFoundError) as info:
         select_modules(WithMHA(), LoraConfig(target_modules=["nope"]))
-    assert "out_proj" not in str(info.value).split("Adaptable modules:")[1]  # not offered as adaptable
+    adaptable = str(info.value).split("Adaptable modules:")[1]
+    assert "out_proj" not in adaptable and "attn (MultiheadAttention)" in adaptable  # the attention is offered, not its out_proj
