@@ -164,8 +164,12 @@ def test_files_both_ways_with_peft(tmp_path):
     # trainable, as `theirs` is: PEFT's own inference-mode model differs from it by rounding (7e-6)
     in_peft = peft.PeftModel.from_pretrained(vit(), tmp_path / "ours", is_trainable=True)
     assert torch.equal(in_peft(x), ours(x))
-    in_ours = fxlora.LoraModel.from_pretrained(vit(), tmp_path / "theirs").train()
+    in_ours = fxlora.LoraModel.from_pretrained(vit(), tmp_path / "theirs", is_trainable=True)
     assert torch.equal(in_ours(x), theirs(x))
+    for model in (in_peft, in_ours, ours, theirs):
+        model.eval()
+    with torch.no_grad():  # inference: MHA's fused kernel
+        assert torch.equal(in_peft(x), ours(x)) and torch.equal(in_ours(x), theirs(x))
 
 
 def test_peft_file_tensors_load_as_they_are(tmp_path):
