@@ -245,7 +245,7 @@ def test_exact_unmerge_keeps_little_for_small_updates_and_never_more_than_the_we
             layer.lora_B["default"].weight.mul_(size)
         record = fold_layer(layer, {"default": 1.0})
         weight_bytes = layer.weight.numel() * layer.weight.element_size()
-        assert (record.weight.index is not None) == sparse
+        assert (record.restores["weight"].index is not None) == sparse
         assert record.nbytes <= weight_bytes * (0.5 if sparse else 1.0)
 
 
