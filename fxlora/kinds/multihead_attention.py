@@ -35,7 +35,7 @@ the same numbers, so seeded runs start from PEFT's weights.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Hashable, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.fx
@@ -159,9 +159,6 @@ class MultiheadAttentionKind(ModulePairKind):
             out_weight = _updated(out_weight, out_holder_a[adapter], out_holder_b[adapter], multiplier)
         return type(module).forward(with_weights(module, in_weight, out_weight), *args, **kwargs)
 
-    def merge_obstacle(self, module: nn.Module) -> Optional[str]:
-        return None
-
     def merged_weights(self, module: nn.Module) -> tuple[str, ...]:
         return ("in_proj_weight", "out_proj.weight")
 
@@ -180,9 +177,6 @@ class MultiheadAttentionKind(ModulePairKind):
             "an nn.MultiheadAttention adapter is two updates (in_proj and out_proj), which add_weighted_adapter "
             "does not combine; leave the layer out of the combined adapters"
         )
-
-    def template_key(self, module: nn.Module) -> Hashable:
-        return ()
 
 
 MULTIHEAD_ATTENTION = register_kind(MultiheadAttentionKind())

@@ -328,3 +328,25 @@ def test_sequence_first_and_masks_match_peft():
     got = ours.model.attn(x, x, x, attn_mask=mask, need_weights=True)
     want = theirs.base_model.model.attn(x, x, x, attn_mask=mask, need_weights=True)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_bfloat16_base_weights_are_never_written():
+    """PEFT merges and unmerges the weights at every call, which in bfloat16 drifts them (its
+    in_proj_weight differs from the base after one call); fxlora never writes them."""
+    base = vit().to(torch.bfloat16)
+    ours = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules=["self_attention"], r=2, init_lora_weights=False))
+    assert next(p for n, p in ours.named_parameters() if "lora_A" in n).dtype == torch.float32
+    x = images().to(torch.bfloat16)
+    out = ours(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    for key, tensor in base.state_dict().items():
+        assert torch.equal(ours.model.state_dict()[key], tensor), key
+    scaling = 4.0
+    with torch.no_grad():
+        want = copy.deepcopy(base)
+        for name in LAYERS:
+            attn, mine = want.get_submodule(name), ours.model.get_submodule(name)
+            attn.in_proj_weight.copy_(attn.in_proj_weight + (mine.lora_B["default"].weight @ mine.lora_A["default"].weight * scaling).to(torch.bfloat16))
+            attn.out_proj.weight.copy_(attn.out_proj.weight + (mine.out_proj.lora_B["default"].weight @ mine.out_proj.lora_A["default"].weight * scaling).to(torch.bfloat16))
+        assert torch.equal(want(x), ours(x))
