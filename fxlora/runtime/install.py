@@ -4,9 +4,11 @@ again. The all-or-nothing bookkeeping around these steps is the adapter state's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch.nn as nn
+
+from fxlora.errors import UnsupportedTargetError
 
 from fxlora.runtime.forwards import EagerLoraForward, GraphForward, SavedForward, install, installed_forward, uninstall
 from fxlora.core.layers import attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
@@ -58,14 +60,30 @@ def keep_unfused(module: nn.Module, args: tuple) -> None:
     return None
 
 
+def _check_own_call(name: str, module: nn.Module, previous: Optional[Callable]) -> None:
+    """`UnsupportedTargetError` for a layer whose kind computes its adapted call from its class's
+    forward (`fxlora.kinds.LayerKind.own_call`) but whose instance forward was replaced (accelerate's
+    dispatch, a wrapper): that forward would be bypassed."""
+    meta = target_meta(module)
+    if previous is not None and meta is not None and meta.kind.own_call:
+        raise UnsupportedTargetError(
+            f"cannot adapt {name!r} ({type(module).__name__}): its forward was replaced on the instance "
+            f"({type(previous).__name__}, e.g. by accelerate's dispatch or offloading), and its adapters run the "
+            "class's own forward on updated weights, which would bypass it; adapt the model before dispatching "
+            "it, or exclude the layer (exclude_modules)"
+        )
+
+
 def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, PathInfo], owner: "AdapterState") -> None:
     """Install an eager forward on every adapted and saved module (so that any call of it computes
     with LoRA), then a `GraphForward` on each root (whose code calls those modules for their base
     output and adds the branches as graph nodes)."""
     for name in paths:
         module = model.get_submodule(name)
+        previous = module.__dict__.get("forward")
+        _check_own_call(name, module, previous)
         cls = EagerLoraForward if target_meta(module) is not None else SavedForward
-        install(module, cls(module, owner, previous=module.__dict__.get("forward")))
+        install(module, cls(module, owner, previous=previous))
     for r in roots:
         forward = GraphForward(r.module, owner, r.variants)
         forward.refresh()

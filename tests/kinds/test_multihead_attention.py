@@ -350,3 +350,44 @@ def test_bfloat16_base_weights_are_never_written():
             attn.in_proj_weight.copy_(attn.in_proj_weight + (mine.lora_B["default"].weight @ mine.lora_A["default"].weight * scaling).to(torch.bfloat16))
             attn.out_proj.weight.copy_(attn.out_proj.weight + (mine.out_proj.lora_B["default"].weight @ mine.out_proj.lora_A["default"].weight * scaling).to(torch.bfloat16))
         assert torch.equal(want(x), ours(x))
+
+
+def test_replaced_instance_forward_is_refused_and_model_left_as_it_was():
+    model = Attention()
+    wrapper = model.attn.forward  # a bound method put on the instance, as accelerate's dispatch does
+    model.attn.forward = wrapper
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedTargetError, match="forward was replaced on the instance"):
+        fxlora.transform(model, LoraConfig(target_modules=["attn"]))
+    assert model.attn.__dict__["forward"] is wrapper
+    assert list(model.state_dict()) == list(before) and not hasattr(model.attn, "lora_A")
+    assert not hasattr(model.attn.out_proj, "lora_A")
+
+
+def test_calls_never_write_the_layer_so_other_threads_see_its_own_weights():
+    """While one thread runs the adapted model, another runs the attention's class forward on the
+    layer itself: it sees the base weights throughout (PEFT swaps them in and out at each call)."""
+    import threading
+
+    _, ours = pair()
+    attn = ours.model.get_submodule(LAYERS[0])
+    tokens = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        plain = nn.MultiheadAttention.forward(attn, tokens, tokens, tokens)[0]
+    x, stop, errors = images(), threading.Event(), []
+
+    def adapted():
+        while not stop.is_set():
+            ours(x)
+
+    worker = threading.Thread(target=adapted)
+    worker.start()
+    try:
+        for _ in range(50):
+            with torch.no_grad():
+                if not torch.equal(nn.MultiheadAttention.forward(attn, tokens, tokens, tokens)[0], plain):
+                    errors.append("changed")
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
