@@ -201,3 +201,30 @@ def row_by_row(lora_model, x: torch.Tensor, names: list) -> torch.Tensor:
             lora_model.set_adapter(name)
             rows.append(lora_model(x[i : i + 1]))
     return torch.cat(rows)
+
+
+class Block(nn.Module):
+    """A pre-norm residual block: LayerNorm, then two Linears."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class Blocks(nn.Module):
+    """`Block`s in a ModuleList and a head: the shape FSDP2 and checkpoint wrappers are applied to."""
+
+    def __init__(self, d: int = 8, n: int = 2, out: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d) for _ in range(n)])
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)

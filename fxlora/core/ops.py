@@ -208,10 +208,14 @@ def scale_by(update: torch.Tensor, factor: float) -> torch.Tensor:
     return update * factor
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def add_linear_product(base: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``base + alpha * hidden @ weight.T`` in one ``addmm`` where dtypes allow (`alpha` a Python
-    number: 1, or the multiplier of eager code for a known adapter state)."""
-    if base.dtype != hidden.dtype or weight.dtype != hidden.dtype:
+    number: 1, or the multiplier of eager code for a known adapter state). Half precision rounds
+    as PEFT does: the product, then the scaled product, then the sum."""
+    if base.dtype != hidden.dtype or weight.dtype != hidden.dtype or hidden.dtype in _HALF:
         update = torch.nn.functional.linear(hidden, weight)
         return add_update(base, update if alpha == 1.0 else update * alpha)
     out = torch.addmm(base.reshape(-1, weight.shape[0]), hidden.reshape(-1, weight.shape[1]), weight.t(), alpha=alpha)

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from fxlora.io.distributed import copy_into, full_tensor
 from fxlora.io.adapter_dir import current_pair, dir_state, file_identity, replace_pair
 from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file
 from fxlora.io.model_card import CARD_NAME, CardFacts, updated_card
@@ -295,7 +296,7 @@ def copy_in(model: nn.Module, fitted: dict[str, tuple[torch.Tensor, str]]) -> No
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, (tensor, _) in fitted.items():
-            state[key].copy_(tensor)
+            copy_into(state[key], tensor)
 
 
 def snapshot_base(model: nn.Module, fitted: dict[str, tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
@@ -308,7 +309,7 @@ def restore_base(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, value in snapshot.items():
-            state[key].copy_(value)
+            state[key].copy_(value)  # a snapshot is sharded as its tensor is
 
 
 def emit_notes(notes: list[str]) -> None:
@@ -325,10 +326,11 @@ def base_model_name(model: nn.Module) -> Optional[str]:
 
 
 def file_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors that share no storage (safetensors refuses aliasing)."""
+    """Contiguous CPU tensors that share no storage (safetensors refuses aliasing); sharded
+    tensors whole (`fxlora.io.distributed.full_tensor`: every process must call)."""
     out, seen = {}, set()
     for key, tensor in tensors.items():
-        t = tensor.detach().to("cpu").contiguous()
+        t = full_tensor(tensor.detach()).to("cpu").contiguous()
         storage = t.untyped_storage().data_ptr()
         if t.numel() and storage in seen:
             t = t.clone()

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.core.layers import check_adapter_name, target_meta
+from fxlora.io.distributed import writes_files
 from fxlora.io.atomic import check_writable_dir
 from fxlora.io.adapter_files import (
     DEFAULT_ADAPTER,
@@ -60,7 +61,12 @@ def _adapter_file_tensors(lm: "LoraModel", adapter: str) -> dict[str, torch.Tens
     return file_tensors(tensors)
 
 
-def save_pretrained(lm: "LoraModel", save_directory: PathLike, selected_adapters: Optional[Sequence[str]] = None) -> None:
+def save_pretrained(
+    lm: "LoraModel",
+    save_directory: PathLike,
+    selected_adapters: Optional[Sequence[str]] = None,
+    is_main_process: Optional[bool] = None,
+) -> None:
     """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     The adapter ``default`` is written into `save_directory`, every other one into
@@ -77,9 +83,15 @@ def save_pretrained(lm: "LoraModel", save_directory: PathLike, selected_adapters
     fxlora's section kept as it was. It is replaced in the same save as the pair of
     ``default`` (on its own, atomically, after the others when ``default`` is not saved).
 
+    A sharded model (FSDP2) is saved by calling this on every process: the tensors are gathered
+    whole and the main process writes the same files an unsharded model gives
+    (`fxlora.io.distributed`).
+
     Args:
         save_directory: created if missing.
         selected_adapters: names of the adapters to save (default: all).
+        is_main_process: whether this process writes (default: rank 0 of the initialised
+            process group, or True without one).
     """
     names = list(lm.peft_config) if selected_adapters is None else lm.adapter_state.check_known(selected_adapters)
     root = Path(save_directory)
@@ -89,6 +101,8 @@ def save_pretrained(lm: "LoraModel", save_directory: PathLike, selected_adapters
         directory = adapter_directory(root, name)
         config = config_to_json(lm.peft_config[name], base_name)
         prepared.append((name, directory, _adapter_file_tensors(lm, name), config))
+    if not writes_files(is_main_process):
+        return
     card = _card_facts(lm, base_name, [(name, directory.relative_to(root), config) for name, directory, _, config in prepared])
     check_writable_dir(root)
     for name, directory, tensors, config in prepared:
@@ -101,7 +115,8 @@ def _card_facts(lm: "LoraModel", base_name: Optional[str], saved: list[tuple[str
     """What the model card says about `lm`'s base model and the adapters `saved` (name, directory
     relative to the card, config JSON)."""
     model = lm.model
-    cls = type(model)
+    # the model's own class, not the subclass FSDP2's fully_shard gives it
+    cls = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed."))
     tags = set(getattr(model, "model_tags", None) or [])
     if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in cls.__mro__):
         tags.add("transformers")

@@ -29,6 +29,7 @@ from fxlora.core.layers import AdapterSpec, check_adapter_name
 from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
+from fxlora.tracing.boundaries import nested_roots
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
@@ -235,7 +236,8 @@ def assign_paths(
         try:
             _check_callable_root(module, not name, observed)
             variants = _trace_root(module, [modules[n] for n in names], observed)
-            counts = _check_calls(name, module, next(iter(variants.values())), names)
+            covered = _in_graph(module, name, names, [modules[n] for n in names])
+            counts = _check_calls(name, module, next(iter(variants.values())), covered)
         except TraceFailure as exc:
             failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
             for child_name, child in module.named_children():
@@ -244,8 +246,10 @@ def assign_paths(
                     visit(full, child, failure)
             return
         roots.append(RootPlan(name, module, variants))
-        for n in names:
+        for n in covered:
             info[n] = PathInfo("graph", name, "", counts[n])
+        for nested in nested_roots(module, [modules[n] for n in names], lambda m: False):
+            visit(_name_of(model, nested), nested, "")
 
     visit("", model, "")
     if policy == "graph":
@@ -254,6 +258,18 @@ def assign_paths(
             detail = "; ".join(f"{n}: {p.reason}" for n, p in eager[:5])
             raise TraceFailure(f"trace='graph' was requested but {len(eager)} module(s) cannot be in a graph: {detail}")
     return roots, info
+
+
+def _in_graph(root: nn.Module, root_name: str, names: list[str], modules: list[nn.Module]) -> list[str]:
+    """The names among `names` a graph of `root` calls itself: those reached without crossing
+    a module boundary (the others run inside a nested root: `fxlora.tracing.boundaries`)."""
+    through = trace_through_ids(root, modules)
+    prefix = len(root_name) + 1 if root_name else 0
+    return [n for n, m in zip(names, modules) if id(root.get_submodule(n[prefix:].rpartition(".")[0])) in through]
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 # ---------------------------------------------------------------------- counts

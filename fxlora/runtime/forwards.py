@@ -15,6 +15,7 @@ attribute (`uninstall`) gives back the class's own forward.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
@@ -25,6 +26,7 @@ from torch.fx.graph_module import _forward_from_src
 
 from fxlora.core.branch import lora_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
+from fxlora.runtime.lowering import lower_base_calls
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
 from fxlora.core.ops import any_open
@@ -32,7 +34,7 @@ from fxlora.passes import rewrite
 from fxlora.tracing.call_keys import CallKey, call_key, canonical_key, gather_inputs, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
-from fxlora.tracing.guards import guards_hold
+from fxlora.tracing.boundaries import LeafHooks, leaf_hooks, nested_roots
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.state import AdapterState
@@ -49,10 +51,21 @@ __all__ = [
 ]
 
 
+#: generated functions by (source, ids of the objects it names), while some root uses them
+_FUNCTIONS: "weakref.WeakValueDictionary[tuple, Callable[..., Any]]" = weakref.WeakValueDictionary()
+
+
 def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
-    """Python function ``forward(self, *inputs)`` generated from `graph`."""
+    """Python function ``forward(self, *inputs)`` generated from `graph`. Graphs that generate
+    the same source over the same objects share one function (the blocks of a model: under
+    ``torch.compile`` they then share compiled code instead of recompiling per block)."""
     code = graph.python_code(root_module="self")
-    return _forward_from_src(code.src, code.globals)
+    key = (code.src, tuple(sorted((name, id(value)) for name, value in code.globals.items())))
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        fn = _forward_from_src(code.src, code.globals)
+        _FUNCTIONS[key] = fn
+    return fn
 
 
 def installed_forward(module: nn.Module) -> Optional[Any]:
@@ -159,16 +172,28 @@ class SavedForward(_EagerForward):
         return saved_output(self.module, self.original, args, kwargs, gates, eager)
 
 
+def _is_graph_root(module: nn.Module) -> bool:
+    return isinstance(installed_forward(module), GraphForward)
+
+
+def _base_calls(graph: fx.Graph, root: nn.Module) -> list[nn.Module]:
+    """The layers `graph` calls for their base output only (passing ``BASE_ONLY``)."""
+    return [root.get_submodule(n.target) for n in graph.find_nodes(op="call_module") if n.kwargs.get(BASE_ONLY)]
+
+
 def _interesting(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if target_meta(m) is not None or saved_meta(m) is not None]
 
 
 class Code(NamedTuple):
-    """Generated code of one call pattern, and where its inputs come from (None: the call's
-    positional arguments as they are, the common case; else `fxlora.tracing.call_keys.Source`s)."""
+    """Generated code of one call pattern, where its inputs come from (None: the call's
+    positional arguments as they are, the common case; else `fxlora.tracing.call_keys.Source`s),
+    and the hook tables of the layers it calls for their base output only (while one has hooks,
+    the call runs the root's own forward: `fxlora.tracing.boundaries.LeafHooks`)."""
 
     fn: Callable[..., Any]
     inputs: Optional[tuple]
+    hooks: LeafHooks
 
 #: eager codes kept per graph root (least recently used dropped first); each is code for one
 #: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
@@ -209,7 +234,8 @@ class GraphForward:
         graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, eager, training=key[0])
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
-        return Code(compile_graph(graph), None if direct else variant.inputs)
+        hooks = leaf_hooks(_base_calls(graph, self.root))
+        return Code(compile_graph(lower_base_calls(graph, self.root)), None if direct else variant.inputs, hooks)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
@@ -231,9 +257,9 @@ class GraphForward:
         traced."""
         with CALL_LOCK.exclusive():
             if self._code(key, eager) is not None:
-                if guards_hold(self.variants[key].guards):
+                if self.variants[key].holds():
                     return True
-                self._forget(key)  # an attribute the graph baked in changed
+                self._forget(key)  # an attribute the graph baked in changed, or a module boundary appeared
             if key in self.failures:
                 return False
             variant = self.variants.get(key)
@@ -244,6 +270,7 @@ class GraphForward:
                     self.failures[key] = str(exc)
                     return False
                 self.variants[key] = variant
+                self._adopt_nested_roots()
             code = self._build(key, variant, eager)
             if eager is None:
                 self._gated[key] = code
@@ -252,6 +279,15 @@ class GraphForward:
                 while len(self._eager) > MAX_EAGER_CODES:
                     self._eager.popitem(last=False)
             return True
+
+    def _adopt_nested_roots(self) -> None:
+        """Make each module with a boundary below this root that holds adapted layers a graph
+        root of its own (`fxlora.tracing.boundaries.nested_roots`): this root's graphs call it as
+        a module, its own graph runs inside its ``__call__``."""
+        for module in nested_roots(self.root, _interesting(self.root), _is_graph_root):
+            forward = GraphForward(module, self.owner, {})
+            forward.prepare(module.training)
+            install(module, forward)
 
     def _forget(self, key: CallKey) -> None:
         self.variants.pop(key, None)
@@ -282,9 +318,11 @@ class GraphForward:
     def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
         key = call_key(self.root.training, args, kwargs, self.ranked)
         code = self._code(key, eager)
-        if code is None or not guards_hold(self.variants[key].guards):
+        if code is None or not self.variants[key].holds():
             return self._slow_call(key, gates, eager, args, kwargs)
-        fn, inputs = code
+        fn, inputs, hooks = code
+        if hooks.present():
+            return self._run_eagerly(args, kwargs)
         if inputs is None:
             return fn(self.root, gates, *args)
         return fn(self.root, gates, *gather_inputs(inputs, self.root, args, kwargs))

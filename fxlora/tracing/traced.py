@@ -29,7 +29,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlora.tracing.call_keys import OBJECT, SELF, TENSOR, CallKey, Source, erase_ranks, is_ranked_tensor, key_is_ranked
-from fxlora.tracing.guards import Guard, make_guards
+from fxlora.tracing.boundaries import NOTHING_INLINED, Inlined, boundary_of
+from fxlora.tracing.boundaries import inlined as inlined_modules
+from fxlora.tracing.guards import Guard, guards_hold, make_guards
 from fxlora.tracing.integrations import TraceHooks, hooks_for, object_kind_of_type
 from fxlora.tracing.proxies import NotTraceable
 from fxlora.tracing.tracer import CheckpointInTrace, LoraTracer, check_transparent
@@ -68,6 +70,13 @@ class TracedVariant:
     constants: dict = field(default_factory=dict)  # trace-time tensor constants the graph reads (`adopt_constants`)
     key: Optional[CallKey] = None
     guards: tuple[Guard, ...] = ()
+    #: the modules the graph traced through, as they were (`fxlora.tracing.boundaries.Inlined`)
+    inlined: Inlined = NOTHING_INLINED
+
+    def holds(self) -> bool:
+        """The graph still computes what the root's forward would: the plain attributes it read
+        kept their values and the modules it inlined gained no boundary."""
+        return guards_hold(self.guards) and self.inlined.hold()
 
 
 
@@ -100,14 +109,19 @@ class TracedVariant:
 
 # ------------------------------------------------------------------ tracing
 def trace_through_ids(root: nn.Module, interesting: Iterable[nn.Module]) -> set[int]:
-    """Ids of `root` and of every module of its subtree that has an interesting module below it."""
+    """Ids of `root` and of every module of its subtree that has an interesting module below it
+    and no module boundary on the way (`fxlora.tracing.boundaries.boundary_of`): a module whose
+    ``__call__`` does more than its forward is called, never traced through."""
     wanted = {id(m) for m in interesting}
     ids = {id(root)}
     for name, module in root.named_modules():
         if id(module) in wanted and name:
             parts = name.split(".")
-            for i in range(1, len(parts)):
-                ids.add(id(root.get_submodule(".".join(parts[:i]))))
+            chain = [root.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+            for ancestor in chain:
+                if boundary_of(ancestor) is not None:
+                    break
+                ids.add(id(ancestor))
     return ids
 
 
@@ -335,7 +349,14 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey) -> TracedVari
         if node.name == "self":  # a child module called `self` (transformers' BertAttention.self)
             node._rename("self_module")
     graph.lint()
-    return TracedVariant(graph=graph, inputs=inputs, constants=constants, key=key, guards=make_guards(traced_modules, hooks))
+    return TracedVariant(
+        graph=graph,
+        inputs=inputs,
+        constants=constants,
+        key=key,
+        guards=make_guards(traced_modules, hooks),
+        inlined=inlined_modules(root, traced_modules),
+    )
 
 
 def modules_called(graph: fx.Graph) -> dict[str, int]:

@@ -38,13 +38,15 @@ def run_torchrun(
     nproc: int = 2,
     timeout: float = 120,
     env: Optional[dict[str, str]] = None,
+    result: Optional[Union[str, os.PathLike]] = None,
 ) -> Any:
     """Run `script` under torchrun on `nproc` local processes and return the JSON its rank 0 wrote
-    to ``$FXLORA_TEST_RESULT``. fxlora's checkout, tests/ and tests/distributed/ are on the
-    processes' PYTHONPATH; `env` adds variables."""
+    to ``$FXLORA_TEST_RESULT`` (`result`, default a temporary file; a script may also take it as
+    an argument). fxlora's checkout, tests/ and tests/distributed/ are on the processes'
+    PYTHONPATH; `env` adds variables."""
     root = Path(fxlora.__file__).parents[1]
     with tempfile.TemporaryDirectory(prefix="fxlora-torchrun-") as scratch:
-        result = Path(scratch) / "result.json"
+        result = Path(result) if result is not None else Path(scratch) / "result.json"
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "--max-restarts=0", "--monitor-interval=0.1", str(script), *args,
@@ -53,6 +55,7 @@ def run_torchrun(
         path = [str(root), str(_TESTS), str(_TESTS / "distributed"), run_env.get("PYTHONPATH", "")]
         run_env.update(
             PYTHONPATH=os.pathsep.join(p for p in path if p), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
             **{RESULT_ENV: str(result)}, **(env or {}),
         )
         output = _run(command, run_env, timeout, cwd=scratch)
