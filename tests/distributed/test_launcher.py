@@ -33,15 +33,10 @@ def test_a_failing_rank_fails_the_run_with_its_output(tmp_path):
     assert "rank 1 gives up" in str(info.value)
 
 
-def test_a_run_without_a_result_fails(tmp_path):
-    with pytest.raises(AssertionError, match="wrote no result"):
-        run_torchrun(PROBE, "quiet", str(tmp_path))
-
-
 def test_a_hanging_run_is_killed_at_its_timeout_with_its_workers(tmp_path):
     started = time.monotonic()
-    with pytest.raises(AssertionError, match="ran past 8 s"):
-        run_torchrun(PROBE, "hang", str(tmp_path), timeout=8)
+    with pytest.raises(AssertionError, match="ran past 6 s"):
+        run_torchrun(PROBE, "hang", str(tmp_path), timeout=6)
     assert time.monotonic() - started < 30
     pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
     assert len(pids) == 2  # both workers had started ...

@@ -1,22 +1,18 @@
 """transformers' Trainer with its default arguments (``ddp_backend="gloo"``, CPU) on every rank of a
 torchrun, training fxlora's and PEFT's adapters of the same tiny llama from the same weights (the
-setup of tests/trainer_runs.py). Usage: ``trainer_ddp.py OUTPUT_DIR``. Rank 0 reports the losses
-(the Trainer's, averaged over the ranks), the columns the model was given and whether the trained
-weights agree (with PEFT's, and between the ranks)."""
-
-import sys
-import warnings
+setup of tests/trainer_runs.py). Run by training.py."""
 
 import torch
 import torch.distributed as dist
 
-from common import gather, write_result
 from models import peft_key_to_fxlora
 from trainer_runs import TokenRows, lora_pair, lora_weights, train
 
 
-def main(output_dir: str) -> None:
-    warnings.simplefilter("ignore")
+def run(output_dir: str) -> dict:
+    """This rank's view: the losses (the Trainer's, averaged over the ranks), the columns the
+    model was given, the steps, whether the trained weights agree with PEFT's and moved, and the
+    trained weights."""
     ours, theirs = lora_pair()
     start = lora_weights(ours)
     data = TokenRows(rows=16)
@@ -25,7 +21,7 @@ def main(output_dir: str) -> None:
         for name, model in (("fxlora", ours), ("peft", theirs))
     }
     trained, peft_trained = lora_weights(ours), lora_weights(theirs, peft_key_to_fxlora)
-    mine = {
+    return {
         "world": dist.get_world_size(),
         "losses": {name: run.losses for name, run in runs.items()},
         "columns": {name: sorted(run.collator.keys) for name, run in runs.items()},
@@ -34,8 +30,3 @@ def main(output_dir: str) -> None:
         "weights_moved": all(not torch.equal(trained[k], start[k]) for k in start),
         "weights": {k: v.tolist() for k, v in trained.items()},
     }
-    write_result(gather(mine))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
