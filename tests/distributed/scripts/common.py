@@ -16,8 +16,8 @@ from launcher import RESULT_ENV
 
 @contextlib.contextmanager
 def process_group(timeout_s: float = 60) -> Iterator[tuple[int, int]]:
-    """A gloo process group for the `with` block, yielding (rank, world size); a collective that waits longer
-    than `timeout_s` raises instead of hanging."""
+    """A gloo process group for the `with` block, yielding (rank, world size); a collective that
+    waits longer than `timeout_s` raises instead of hanging."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield dist.get_rank(), dist.get_world_size()
