@@ -44,6 +44,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "LEGACY_WEIGHTS_NAME",
+    "CARD_NAME",
     "PEFT_PREFIX",
     "CONFIG_DIGEST_KEY",
     "config_digest",
@@ -60,6 +61,7 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CARD_NAME = "README.md"  # the model card, in the save directory only (`fxlora.io.model_card`)
 PEFT_PREFIX = "base_model.model."
 #: fxlora's one addition to the format: a key of the weights file's safetensors metadata (PEFT
 #: ignores it) holding `config_digest` of the config saved with them, so that a reader can tell

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from fxlora.core.fold import FoldRecord, unfolded_tensor
 from fxlora.errors import MergeError
-from fxlora.core.layers import check_adapter_name
+from fxlora.core.layers import check_adapter_name, target_meta
 from fxlora.io.distributed import writes_files
 from fxlora.io.atomic import check_writable_dir
 from fxlora.io.adapter_files import (
@@ -36,6 +36,7 @@ from fxlora.io.adapter_files import (
     snapshot_base,
     write_adapter_dir,
 )
+from fxlora.io.model_card import CardAdapter, CardFacts, write_card
 from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, config_to_json, file_config, layout_of_adapter
 from fxlora.planning.plan import TracePolicy
 from fxlora.runtime.install import fxlora_present, restore_requires_grad, strip
@@ -119,6 +120,11 @@ def save_pretrained(
     ``.fxlora-*`` temporary entry outlives a failed save; a killed save's are removed by the next
     save to that directory. Errors are `OSError`s naming the path.
 
+    As PEFT does, `save_directory` also gets a model card (``README.md``, `fxlora.io.model_card`):
+    the base model and the adapters saved; a card already there is updated, the text outside
+    fxlora's section kept as it was. It is replaced in the same save as the pair of
+    ``default`` (on its own, atomically, after the others when ``default`` is not saved).
+
     A sharded model (FSDP2) is saved by calling this on every process: the tensors are gathered
     whole and the main process writes the same files an unsharded model gives
     (`fxlora.io.distributed`).
@@ -135,13 +141,37 @@ def save_pretrained(
     prepared = []
     for name in names:  # everything is computed before the first byte is written
         directory = adapter_directory(root, name)
-        text = config_text(config_to_json(file_config(lm.model, name, lm.peft_config[name]), base_name, type(lm.model)))
-        prepared.append((directory, _adapter_file_tensors(lm, name), text))
+        config = config_to_json(file_config(lm.model, name, lm.peft_config[name]), base_name, type(lm.model))
+        prepared.append((name, directory, _adapter_file_tensors(lm, name), config))
     if not writes_files(is_main_process):
         return
+    card = _card_facts(lm, base_name, [(name, directory.relative_to(root), config) for name, directory, _, config in prepared])
     check_writable_dir(root)
-    for directory, tensors, text in prepared:
-        write_adapter_dir(directory, tensors, text)
+    for name, directory, tensors, config in prepared:
+        write_adapter_dir(directory, tensors, config_text(config), card if directory == root else None)
+    if all(directory != root for _, directory, _, _ in prepared):
+        write_card(root, card)
+
+
+def _card_facts(lm: "LoraModel", base_name: Optional[str], saved: list[tuple[str, Path, dict]]) -> CardFacts:
+    """What the model card says about `lm`'s base model and the adapters `saved` (name, directory
+    relative to the card, config JSON)."""
+    model = lm.model
+    # the model's own class, not the subclass FSDP2's fully_shard gives it
+    cls = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed."))
+    tags = set(getattr(model, "model_tags", None) or [])
+    if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in cls.__mro__):
+        tags.add("transformers")
+    adapters = tuple(
+        CardAdapter(name, str(directory), config, tuple(n for n, m in model.named_modules() if _carries(m, name)))
+        for name, directory, config in saved
+    )
+    return CardFacts(f"{cls.__module__}.{cls.__qualname__}", base_name, tuple(sorted(tags)), adapters)
+
+
+def _carries(module: nn.Module, adapter: str) -> bool:
+    meta = target_meta(module)
+    return meta is not None and adapter in meta.adapters
 
 
 def from_pretrained(

@@ -73,7 +73,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 def test_seed_mlp_file_holds_exactly_the_adapter(tmp_path):
     model = fxlora.transform(MLP(), LoraConfig(**SEED_CONFIG))
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", CONFIG, WEIGHTS]  # the model card, as PEFT
     with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
         metadata = f.metadata()
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -134,10 +134,10 @@ def test_other_adapters_go_to_subdirectories_and_load_back(tmp_path):
     model.set_adapter(["default", "other"])
     trained(model)
     model.save_pretrained(tmp_path / "all")
-    assert sorted(os.listdir(tmp_path / "all")) == [CONFIG, WEIGHTS, "other"]
-    assert sorted(os.listdir(tmp_path / "all" / "other")) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path / "all")) == ["README.md", CONFIG, WEIGHTS, "other"]
+    assert sorted(os.listdir(tmp_path / "all" / "other")) == [CONFIG, WEIGHTS]  # one card, at the top (PEFT)
     model.save_pretrained(tmp_path / "sel", selected_adapters=["other"])
-    assert os.listdir(tmp_path / "sel") == ["other"]
+    assert sorted(os.listdir(tmp_path / "sel")) == ["README.md", "other"]
 
     loaded = LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "all")
     loaded.load_adapter(tmp_path / "sel" / "other", "other")
@@ -274,7 +274,7 @@ def test_save_replaces_a_previous_adapter_completely(tmp_path):
     base, model, directory = small_adapter(tmp_path)
     other = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules=["seq.2"], r=3, init_lora_weights=False))
     other.save_pretrained(directory)
-    assert sorted(os.listdir(directory)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(directory)) == ["README.md", CONFIG, WEIGHTS]
     loaded = LoraModel.from_pretrained(copy.deepcopy(base), directory)
     assert loaded.targeted_module_names == ["seq.2"]
     x = torch.randn(2, 20)
