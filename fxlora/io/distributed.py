@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_sharded", "full_tensor", "copy_into", "writes_files"]
+__all__ = ["is_sharded", "full_tensor", "copy_into", "writes_files", "user_class"]
 
 
 def _dtensor_type() -> Optional[type]:
@@ -54,3 +54,9 @@ def writes_files(is_main_process: Optional[bool]) -> bool:
     if is_main_process is not None:
         return bool(is_main_process)
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def user_class(cls: type) -> type:
+    """The model's own class: the first in `cls`'s MRO not made by torch.distributed (FSDP2's
+    ``fully_shard`` gives a module the class ``FSDP<Name>``)."""
+    return next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)

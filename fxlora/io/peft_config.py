@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch.nn as nn
 
+from fxlora.io.distributed import user_class
 from fxlora.config import LoraConfig
 from fxlora.core.layers import target_meta
 from fxlora.errors import CheckpointError
@@ -111,8 +112,8 @@ def config_to_json(
 
 
 def _auto_mapping(cls: type) -> dict[str, str]:
-    """The user's class: classes wrappers make on the fly (FSDP2's ``FSDP<Name>``) are skipped."""
-    user = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)
+    """The user's class (`fxlora.io.distributed.user_class`: not FSDP2's ``FSDP<Name>``)."""
+    user = user_class(cls)
     return {"base_model_class": user.__name__, "parent_library": user.__module__}
 
 

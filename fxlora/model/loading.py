@@ -18,7 +18,7 @@ import torch.nn as nn
 from fxlora.core.fold import FoldRecord, unfolded_tensor
 from fxlora.errors import MergeError
 from fxlora.core.layers import check_adapter_name, target_meta
-from fxlora.io.distributed import writes_files
+from fxlora.io.distributed import user_class, writes_files
 from fxlora.io.atomic import check_writable_dir
 from fxlora.io.adapter_files import (
     DEFAULT_ADAPTER,
@@ -145,7 +145,9 @@ def save_pretrained(
         prepared.append((name, directory, _adapter_file_tensors(lm, name), config))
     if not writes_files(is_main_process):
         return
-    card = _card_facts(lm, base_name, [(name, directory.relative_to(root), config) for name, directory, _, config in prepared])
+    card = _card_facts(  # the configs as given (the files hold resolved targets)
+        lm, base_name, [(name, directory.relative_to(root), config_to_json(lm.peft_config[name], base_name)) for name, directory, _, _ in prepared]
+    )
     check_writable_dir(root)
     for name, directory, tensors, config in prepared:
         write_adapter_dir(directory, tensors, config_text(config), card if directory == root else None)
@@ -157,8 +159,7 @@ def _card_facts(lm: "LoraModel", base_name: Optional[str], saved: list[tuple[str
     """What the model card says about `lm`'s base model and the adapters `saved` (name, directory
     relative to the card, config JSON)."""
     model = lm.model
-    # the model's own class, not the subclass FSDP2's fully_shard gives it
-    cls = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed."))
+    cls = user_class(type(model))
     tags = set(getattr(model, "model_tags", None) or [])
     if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in cls.__mro__):
         tags.add("transformers")
