@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 import torch.nn as nn
 import torch.nn.modules.module as _module_impl
 
-__all__ = ["HOOK_TABLES", "GLOBAL_HOOK_TABLES", "boundary_of", "can_be_root", "calls_plainly"]
+__all__ = ["HOOK_TABLES", "GLOBAL_HOOK_TABLES", "boundary_of", "can_be_root", "calls_plainly", "execution_device"]
 
 #: the per-module hook tables ``nn.Module.__call__`` runs
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
@@ -66,3 +68,14 @@ def can_be_root(module: nn.Module) -> bool:
     if "forward" in module.__dict__:
         return False
     return not (_ACTIVATION_WRAPPER is not None and isinstance(module, _ACTIVATION_WRAPPER))
+
+
+def execution_device(module: nn.Module) -> Optional[torch.device]:
+    """The device accelerate's hook on `module` runs it on (it keeps an offloaded module's weights
+    on the meta device and loads them for each call), or None without such a hook."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 import torch.nn as nn
 
+from fxlora.boundary import execution_device
 from fxlora.dtypes import adapter_dtype
 from fxlora.config import scaling_value
 from fxlora.variants import PLAIN, LoraVariant
@@ -190,12 +191,9 @@ def adapter_device(module: nn.Module, weight: torch.Tensor) -> torch.device:
     layer for each call and dropped after it). accelerate knows nothing of the adapter, which then
     lives on the hook's execution device."""
     if weight.device.type == "meta":
-        hook = getattr(module, "_hf_hook", None)
-        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
-        for h in hooks:
-            device = getattr(h, "execution_device", None)
-            if device is not None:
-                return torch.device(device)
+        device = execution_device(module)
+        if device is not None:
+            return device
     return weight.device
 
 
