@@ -17,6 +17,7 @@ import torch
 
 import torch.nn as nn
 import torch.nn.modules.module as _module_impl
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 
 __all__ = ["HOOK_TABLES", "GLOBAL_HOOK_TABLES", "boundary_of", "can_be_root", "calls_plainly", "execution_device"]
 
@@ -29,17 +30,6 @@ GLOBAL_HOOK_TABLES = tuple(
 )
 
 
-def _activation_wrapper() -> Optional[type]:
-    try:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return ActivationWrapper
-
-
-_ACTIVATION_WRAPPER = _activation_wrapper()
-
-
 def boundary_of(module: nn.Module) -> Optional[str]:
     """Why calling `module` does more than its class's ``forward`` (None: it does not)."""
     hooks = [name.strip("_").replace("_", " ") for name in HOOK_TABLES if getattr(module, name)]
@@ -49,7 +39,7 @@ def boundary_of(module: nn.Module) -> Optional[str]:
         return "it is compiled on its own (module.compile())"
     if "forward" in module.__dict__:
         return "its forward is replaced on the instance"
-    if _ACTIVATION_WRAPPER is not None and isinstance(module, _ACTIVATION_WRAPPER):
+    if isinstance(module, ActivationWrapper):
         return "it is an activation-checkpoint wrapper"
     if getattr(module, "gradient_checkpointing", False) is True and type(module).__call__ is not nn.Module.__call__:
         return "it checkpoints its own call (gradient checkpointing)"
@@ -67,7 +57,7 @@ def can_be_root(module: nn.Module) -> bool:
     forward does now (no wrapper replaced it, it is no checkpoint wrapper)."""
     if "forward" in module.__dict__:
         return False
-    return not (_ACTIVATION_WRAPPER is not None and isinstance(module, _ACTIVATION_WRAPPER))
+    return not isinstance(module, ActivationWrapper)
 
 
 def execution_device(module: nn.Module) -> Optional[torch.device]:

@@ -12,23 +12,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ["is_sharded", "full_tensor", "copy_into", "writes_files", "user_class"]
 
 
-def _dtensor_type() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_type()
-
-
 def is_sharded(tensor: torch.Tensor) -> bool:
-    return _DTENSOR is not None and isinstance(tensor, _DTENSOR)
+    return isinstance(tensor, DTensor)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -40,8 +30,6 @@ def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
     """``target.copy_(value)`` where `value` is the whole tensor and `target` may be sharded
     (then its own shard of `value` is copied, with no communication)."""
     if is_sharded(target):
-        from torch.distributed.tensor import distribute_tensor
-
         value = value.to(dtype=target.dtype, device=target.device)
         target.copy_(distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None))
     else:
