@@ -34,7 +34,8 @@ from fxlora.tracing.boundaries import nested_roots
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
-from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids, trace_variant
+from fxlora.tracing.reuse import TraceCache
+from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids
 
 __all__ = [
     "TracePolicy",
@@ -163,14 +164,14 @@ def _root_patterns(module: nn.Module, observed: dict[int, list[CallKey]]) -> lis
     return [canonical_key(module, module.training)]
 
 
-def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[int, list[CallKey]]) -> dict:
+def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[int, list[CallKey]], cache: TraceCache) -> dict:
     """The graphs of `module`'s call patterns; raises `TraceFailure` unless every one traces.
     If one pattern needed tensor ranks, all are kept under their ranked keys (the root then
     dispatches on ranked patterns)."""
     if "forward" in module.__dict__:
         raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
     through = trace_through_ids(module, interesting)
-    traced = [(key, trace_variant(module, through, key)) for key in _root_patterns(module, observed)]
+    traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
     ranked = any(key_is_ranked(v.key) for _, v in traced)
     return {(key if ranked else v.key): v for key, v in traced}
 
@@ -254,6 +255,7 @@ def assign_paths(
         return [], info
     roots: list[RootPlan] = []
     observed = observe_calls(model)
+    cache = TraceCache()  # identical blocks are traced once
     for name, module in modules.items():
         info[name].probed = (id(module) in observed) if observed else None
 
@@ -267,7 +269,7 @@ def assign_paths(
         names = inside(name)
         try:
             _check_callable_root(module, not name, observed)
-            variants = _trace_root(module, [modules[n] for n in names], observed)
+            variants = _trace_root(module, [modules[n] for n in names], observed, cache)
             covered = _in_graph(module, name, names, [modules[n] for n in names])
             counts = _check_calls(name, variants, covered)
         except TraceFailure as exc:
