@@ -15,7 +15,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2") / "result.json"
-    return run_torchrun(os.path.join(os.path.dirname(__file__), "fsdp2_worker.py"), str(out), result=out, timeout=240)
+    return run_torchrun(os.path.join(os.path.dirname(__file__), "scripts", "fsdp2.py"), str(out), result=out, timeout=240)
 
 
 def test_every_sharding_trains_with_peft_losses(result):
