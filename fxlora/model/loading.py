@@ -36,6 +36,7 @@ from fxlora.io.adapter_files import (
     snapshot_base,
     write_adapter_dir,
 )
+from fxlora.io.weight_conversion import to_plain_lora
 from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, config_to_json, file_config, layout_of_adapter
 from fxlora.planning.plan import TracePolicy
 from fxlora.runtime.install import fxlora_present, restore_requires_grad, strip
@@ -107,6 +108,7 @@ def save_pretrained(
     save_directory: PathLike,
     selected_adapters: Optional[Sequence[str]] = None,
     is_main_process: Optional[bool] = None,
+    path_initial_model_for_weight_conversion: Optional[PathLike] = None,
 ) -> None:
     """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -128,15 +130,30 @@ def save_pretrained(
         selected_adapters: names of the adapters to save (default: all).
         is_main_process: whether this process writes (default: rank 0 of the initialised
             process group, or True without one).
+        path_initial_model_for_weight_conversion: the directory a PiSSA / OLoRA adapter was
+            saved to right after its init: the adapter is then saved as the plain rank-2r LoRA
+            adapter that gives the same model on the *original* base weights
+            (`fxlora.io.weight_conversion`; PEFT's keyword). One adapter at a time; that
+            directory is only read.
     """
     names = list(lm.peft_config) if selected_adapters is None else lm.adapter_state.check_known(selected_adapters)
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        if len(names) != 1:
+            raise ValueError(
+                f"path_initial_model_for_weight_conversion converts one adapter, but {names} would be saved; "
+                "pick it with selected_adapters=[name]"
+            )
+        initial = read_adapter_dir(path_initial_model_for_weight_conversion)
     root = Path(save_directory)
     base_name = base_model_name(lm.model)
     prepared = []
     for name in names:  # everything is computed before the first byte is written
         directory = adapter_directory(root, name)
-        text = config_text(config_to_json(file_config(lm.model, name, lm.peft_config[name]), base_name, type(lm.model)))
-        prepared.append((directory, _adapter_file_tensors(lm, name), text))
+        config, tensors = file_config(lm.model, name, lm.peft_config[name]), _adapter_file_tensors(lm, name)
+        if initial is not None:
+            tensors, config = to_plain_lora(name, tensors, config, initial, PEFT_PREFIX)
+        prepared.append((directory, tensors, config_text(config_to_json(config, base_name, type(lm.model)))))
     if not writes_files(is_main_process):
         return
     check_writable_dir(root)

@@ -179,3 +179,80 @@ def test_orthogonal_pair_starts_at_zero(half, n_in, n_out):
     a, b = orthogonal_pair(2 * half, n_in, n_out)
     assert a.shape == (2 * half, n_in) and b.shape == (n_out, 2 * half)
     torch.testing.assert_close(b @ a, torch.zeros(n_out, n_in), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- save as a plain LoRA adapter
+def _perturb(model):
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(peft_key_to_fxlora(name)))) * 0.05)
+
+
+def _json(path):
+    import json
+
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_conversion_gives_a_plain_lora_of_the_original_model_as_peft_does(tmp_path, init):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    base = MLP(12)
+    pm, fm = both(base, init, MLP_TARGETS)
+    pm.save_pretrained(tmp_path / "peft_init")
+    fm.save_pretrained(tmp_path / "init")
+    _perturb(pm), _perturb(fm)  # "training"
+    pm.save_pretrained(tmp_path / "peft_lora", path_initial_model_for_weight_conversion=str(tmp_path / "peft_init"))
+    fm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=tmp_path / "init")
+    theirs = load_file(tmp_path / "peft_lora" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    ours_cfg, theirs_cfg = _json(tmp_path / "lora"), _json(tmp_path / "peft_lora")
+    assert (ours_cfg["r"], ours_cfg["lora_alpha"], ours_cfg["init_lora_weights"]) == (8, 16, True)
+    assert (theirs_cfg["r"], theirs_cfg["lora_alpha"]) == (8, 16)
+    assert _json(tmp_path / "init")["init_lora_weights"] == init  # the initial files are only read
+    x = torch.randn(3, 20)
+    trained = fm.eval()(x)
+    plain = fxlora.LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    torch.testing.assert_close(plain(x), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(in_peft(x), trained, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain.get_submodule("seq.0").weight, base.seq[0].weight)  # the original weights
+
+
+def test_conversion_keeps_each_layers_scaling_with_patterns(tmp_path):
+    # PEFT refuses rslora with patterns, and leaves alpha_pattern undoubled (halving those layers)
+    torch.manual_seed(0)
+    base = MLP(12)
+    cfg = LoraConfig(target_modules=MLP_TARGETS, r=4, lora_alpha=8, init_lora_weights="pissa", use_rslora=True,
+                     rank_pattern={"seq.2": 2}, alpha_pattern={"seq.0": 3})
+    fm = fxlora.transform(copy.deepcopy(base), cfg)
+    fm.save_pretrained(tmp_path / "init")
+    _perturb(fm)
+    fm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=tmp_path / "init")
+    x = torch.randn(3, 20)
+    plain = fxlora.LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    torch.testing.assert_close(plain(x), fm.eval()(x), rtol=1e-5, atol=1e-5)
+    assert plain.peft_config["default"].rank_pattern == {"seq.2": 4}
+
+
+def test_conversion_refusals_write_nothing(tmp_path):
+    torch.manual_seed(0)
+    plain = fxlora.transform(MLP(12), LoraConfig(target_modules=MLP_TARGETS, r=4))
+    plain.save_pretrained(tmp_path / "init_plain")
+    with pytest.raises(ValueError, match="leaves the base weights as they are"):
+        plain.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init_plain")
+    pissa = fxlora.transform(MLP(12), LoraConfig(target_modules=["seq.0"], r=4, init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="does not have the layers of adapter 'default'"):
+        pissa.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init_plain")
+    other = fxlora.transform(MLP(12), LoraConfig(target_modules=["seq.0"], r=2))
+    other.save_pretrained(tmp_path / "init_r2")
+    with pytest.raises(ValueError, match="not its initial state"):
+        pissa.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init_r2")
+    pissa.add_adapter("b", LoraConfig(target_modules=["seq.2"], r=2))
+    with pytest.raises(ValueError, match="converts one adapter"):
+        pissa.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init_r2")
+    assert not (tmp_path / "out").exists()
