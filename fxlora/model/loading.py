@@ -37,6 +37,7 @@ from fxlora.io.adapter_files import (
     write_adapter_dir,
 )
 from fxlora.io.weight_conversion import to_plain_lora
+from fxlora.kinds.weight_inits import changes_base_weights
 from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, config_to_json, file_config, layout_of_adapter
 from fxlora.planning.plan import TracePolicy
 from fxlora.runtime.install import fxlora_present, restore_requires_grad, strip
@@ -197,7 +198,7 @@ def from_pretrained(
     fitted = fit_tensors(files, plan_layout(model, files, adapter_name))
     emit_notes(files.notes)
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    snapshot = snapshot_base(model, fitted)
+    snapshot = snapshot_base(model, fitted) | _init_changed_weights(model, fitted, files.config)
     lora_model = cls.adapt(model, files.config, adapter_name, trace)
     try:
         copy_in(model, fitted)
@@ -232,13 +233,23 @@ def load_adapter(
     fitted = fit_tensors(files, plan_layout(lm.model, files, adapter_name))
     _check_merged_base(lm, fitted, directory)
     emit_notes(files.notes)
-    snapshot = snapshot_base(lm.model, fitted)
+    snapshot = snapshot_base(lm.model, fitted) | _init_changed_weights(lm.model, fitted, files.config)
     with lm.adapter_state.transaction(lm.model) as tx:
         tx.on_undo(lambda: restore_base(lm.model, snapshot))
         lm.add_adapter(adapter_name, files.config)
         tx.on_undo(lambda: lm.delete_adapter(adapter_name))
         copy_in(lm.model, fitted)
     _finish_load(lm, adapter_name, is_trainable)
+
+
+def _init_changed_weights(model: nn.Module, fitted: dict, config) -> dict[str, torch.Tensor]:
+    """Copies of the base weights the adapter's init will change (PiSSA / OLoRA recompute the
+    residual from the base as PEFT does on load), to put back if loading fails."""
+    if not changes_base_weights(config.init_lora_weights):
+        return {}
+    state = model.state_dict(keep_vars=True)
+    owners = {key.split(".lora_A.")[0] for key in fitted if ".lora_A." in key}
+    return {f"{o}.weight": state[f"{o}.weight"].detach().clone() for o in owners if f"{o}.weight" in state}
 
 
 def _finish_load(lm: "LoraModel", adapter_name: str, is_trainable: bool) -> None:

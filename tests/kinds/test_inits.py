@@ -256,3 +256,28 @@ def test_conversion_refusals_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="converts one adapter"):
         pissa.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init_r2")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "load_adapter"])
+def test_a_failing_load_of_a_pissa_adapter_leaves_the_base_weights(tmp_path, monkeypatch, how):
+    import fxlora.model.loading as loading
+
+    torch.manual_seed(0)
+    base = MLP(12)
+    fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules=MLP_TARGETS, r=4, init_lora_weights="pissa")).save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    if how == "load_adapter":
+        model = fxlora.transform(model, LoraConfig(target_modules=["seq.4"], r=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(loading, "copy_in", broken)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        if how == "load_adapter":
+            model.load_adapter(tmp_path, "p")
+        else:
+            fxlora.LoraModel.from_pretrained(model, tmp_path)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(v, before[k]) for k, v in after.items())
