@@ -92,7 +92,7 @@ class ModulePairKind(KindBase):
                 f"whose output is linear in its weight: {obstacle}"
             )
         weight = module.weight
-        if not weight.dtype.is_floating_point or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"init_lora_weights={init!r} needs a float32, float16 or bfloat16 weight, {where} has {weight.dtype}")
         if spec.r > min(weight.shape):
             raise ValueError(
