@@ -10,7 +10,6 @@ Per adapted layer, given adapters ``a_i`` with weights ``w_i``:
 - ``"svd"``: the best rank-``svd_rank`` approximation of ``sum_i w_i * delta_i``, for every layer kind:
   Linear, transformers Conv1D, Embedding, Conv1d/2d/3d and ConvTranspose1d/2d/3d with any kernel
   (the kernel is flattened into A's columns; PEFT's version only handles 2-d conv kernels).
-
 - ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` (PEFT's, with ``density`` and
   ``majority_sign_method``; `fxlora.core.task_merge`): A and B are each merged as task tensors, A's
   with weights ``sign_i sqrt(|w_i s_i|)``, B's with ``sqrt(|w_i s_i|)``; all ranks equal. Not the

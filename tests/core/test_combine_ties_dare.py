@@ -168,3 +168,18 @@ def test_bad_arguments_are_refused_and_change_nothing():
         fm.add_weighted_adapter(["default", "r2"], [1, 1], "mix", combination_type="ties", density=0.5)
     assert list(fm.peft_config) == ["default", "b", "r2"]
     assert set(keys) <= set(fm.state_dict()) and not any(".mix" in k for k in fm.state_dict())
+
+
+@pytest.mark.parametrize("combination", ["dare_ties", "dare_linear_svd"])
+def test_gpt2_conv1d_layers_draw_as_peft_does(combination):
+    # Conv1D stores its weight as (in, out): the _svd forms prune the update in that layout
+    from zoo import TRANSFORMERS, text_inputs
+
+    pm, fm = pair(lambda: TRANSFORMERS["gpt2"].build(seed=0), ["c_attn", "c_fc"])
+    combine_both(pm, fm, seed=3, combination_type=combination, density=0.5)
+    theirs, ours = tensors_of(pm, "mix", peft_names=True), tensors_of(fm, "mix")
+    assert set(theirs) == set(ours)
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    inputs = text_inputs(fm)
+    torch.testing.assert_close(fm(**inputs).logits, pm(**inputs).logits, rtol=1e-4, atol=1e-4)
