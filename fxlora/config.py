@@ -111,10 +111,12 @@ class LoraConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in SUPPORTED_BIAS:
             raise ValueError(f"bias must be one of {SUPPORTED_BIAS}, got {self.bias!r}")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False or self.init_lora_weights == "gaussian"):
+        init = self.init_lora_weights
+        if not (init is True or init is False or init == "gaussian" or (isinstance(init, str) and WEIGHT_INITS.fullmatch(init))):
             raise ValueError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r} "
-                "(PEFT's data-driven inits such as 'pissa', 'olora', 'loftq' or 'eva' are not supported)"
+                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' (K an int >= 0), "
+                f"'olora' or 'orthogonal', got {init!r} (PEFT's data-driven inits 'loftq', 'eva', 'corda' and "
+                "'lora_ga' are not supported)"
             )
         _check_regex("target_modules", self.target_modules)
         _check_regex("exclude_modules", self.exclude_modules)
@@ -193,6 +195,9 @@ class LoraConfig:
 
 
 _FIELD_NAMES: tuple[str, ...] = LoraConfig.field_names()
+
+#: the ``init_lora_weights`` strings that read the base weight (`fxlora.kinds.weight_inits`)
+WEIGHT_INITS = re.compile(r"pissa|pissa_niter_\d+|olora|orthogonal")
 
 
 def scaling_value(alpha: float, r: int, use_rslora: bool) -> float:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fxlora.kinds.registry import Factors, Init, KindBase, register_kind
 from fxlora.kinds.subclasses import own_forward_merge_obstacle
+from fxlora.kinds.weight_inits import refuse_weight_init
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -44,6 +45,7 @@ class EmbeddingKind(KindBase):
     def make_factors(
         self, module: nn.Module, spec: "AdapterSpec", init: Init, device: torch.device, dtype: torch.dtype
     ) -> dict[str, Union[nn.Module, nn.Parameter]]:
+        refuse_weight_init(type(module).__name__, init)
         a = nn.Parameter(torch.randn(spec.r, module.num_embeddings))
         b = nn.Parameter(torch.randn(module.embedding_dim, spec.r))
         if init is not False:

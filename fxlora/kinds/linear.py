@@ -40,6 +40,7 @@ class LinearKind(ModulePairKind):
     layer_types = "nn.Linear, transformers Conv1D"
     all_linear = True
     stackable = True
+    takes_weight_inits = True
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) or is_hf_conv1d(module)

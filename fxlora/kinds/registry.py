@@ -23,7 +23,8 @@ __all__ = [
     "supported_types",
 ]
 
-#: ``LoraConfig.init_lora_weights``: True (PEFT's default init), "gaussian", or False (random B too)
+#: ``LoraConfig.init_lora_weights``: True (PEFT's default init), "gaussian", False (random B too), or one
+#: of `fxlora.kinds.weight_inits` ("pissa", "pissa_niter_<K>", "olora", "orthogonal")
 Init = Union[bool, str]
 
 

@@ -37,6 +37,8 @@ from fxlora.io.adapter_files import (
     write_adapter_dir,
 )
 from fxlora.io.model_card import CardAdapter, CardFacts, write_card
+from fxlora.io.weight_conversion import to_plain_lora
+from fxlora.kinds.weight_inits import changes_base_weights
 from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, config_to_json, file_config, layout_of_adapter
 from fxlora.planning.plan import TracePolicy
 from fxlora.runtime.install import fxlora_present, restore_requires_grad, strip
@@ -108,6 +110,7 @@ def save_pretrained(
     save_directory: PathLike,
     selected_adapters: Optional[Sequence[str]] = None,
     is_main_process: Optional[bool] = None,
+    path_initial_model_for_weight_conversion: Optional[PathLike] = None,
 ) -> None:
     """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -134,15 +137,30 @@ def save_pretrained(
         selected_adapters: names of the adapters to save (default: all).
         is_main_process: whether this process writes (default: rank 0 of the initialised
             process group, or True without one).
+        path_initial_model_for_weight_conversion: the directory a PiSSA / OLoRA adapter was
+            saved to right after its init: the adapter is then saved as the plain rank-2r LoRA
+            adapter that gives the same model on the *original* base weights
+            (`fxlora.io.weight_conversion`; PEFT's keyword). One adapter at a time; that
+            directory is only read.
     """
     names = list(lm.peft_config) if selected_adapters is None else lm.adapter_state.check_known(selected_adapters)
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        if len(names) != 1:
+            raise ValueError(
+                f"path_initial_model_for_weight_conversion converts one adapter, but {names} would be saved; "
+                "pick it with selected_adapters=[name]"
+            )
+        initial = read_adapter_dir(path_initial_model_for_weight_conversion)
     root = Path(save_directory)
     base_name = base_model_name(lm.model)
     prepared = []
     for name in names:  # everything is computed before the first byte is written
         directory = adapter_directory(root, name)
-        config = config_to_json(file_config(lm.model, name, lm.peft_config[name]), base_name, type(lm.model))
-        prepared.append((name, directory, _adapter_file_tensors(lm, name), config))
+        config, tensors = file_config(lm.model, name, lm.peft_config[name]), _adapter_file_tensors(lm, name)
+        if initial is not None:
+            tensors, config = to_plain_lora(name, tensors, config, initial, PEFT_PREFIX)
+        prepared.append((name, directory, tensors, config_to_json(config, base_name, type(lm.model))))
     if not writes_files(is_main_process):
         return
     card = _card_facts(  # the configs as given (the files hold resolved targets)
@@ -211,7 +229,7 @@ def from_pretrained(
     fitted = fit_tensors(files, plan_layout(model, files, adapter_name))
     emit_notes(files.notes)
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    snapshot = snapshot_base(model, fitted)
+    snapshot = snapshot_base(model, fitted) | _init_changed_weights(model, fitted, files.config)
     lora_model = cls.adapt(model, files.config, adapter_name, trace)
     try:
         copy_in(model, fitted)
@@ -246,13 +264,23 @@ def load_adapter(
     fitted = fit_tensors(files, plan_layout(lm.model, files, adapter_name))
     _check_merged_base(lm, fitted, directory)
     emit_notes(files.notes)
-    snapshot = snapshot_base(lm.model, fitted)
+    snapshot = snapshot_base(lm.model, fitted) | _init_changed_weights(lm.model, fitted, files.config)
     with lm.adapter_state.transaction(lm.model) as tx:
         tx.on_undo(lambda: restore_base(lm.model, snapshot))
         lm.add_adapter(adapter_name, files.config)
         tx.on_undo(lambda: lm.delete_adapter(adapter_name))
         copy_in(lm.model, fitted)
     _finish_load(lm, adapter_name, is_trainable)
+
+
+def _init_changed_weights(model: nn.Module, fitted: dict, config) -> dict[str, torch.Tensor]:
+    """Copies of the base weights the adapter's init will change (PiSSA / OLoRA recompute the
+    residual from the base as PEFT does on load), to put back if loading fails."""
+    if not changes_base_weights(config.init_lora_weights):
+        return {}
+    state = model.state_dict(keep_vars=True)
+    owners = {key.split(".lora_A.")[0] for key in fitted if ".lora_A." in key}
+    return {f"{o}.weight": state[f"{o}.weight"].detach().clone() for o in owners if f"{o}.weight" in state}
 
 
 def _finish_load(lm: "LoraModel", adapter_name: str, is_trainable: bool) -> None:
