@@ -138,6 +138,7 @@ class AdapterState:
         adapter of a non-additive variant switched off or rescaled: `VariantError`) is refused:
         the active adapters, the enabled flag and the scales are put back as last published."""
         try:
+            self._check_order()
             values = {a: self.gate_values(a) for a in self.configs}
         except VariantError:  # a merged DoRA adapter switched: the change is taken back
             self.active, self.enabled, self.scales = self._last_published
@@ -146,6 +147,20 @@ class AdapterState:
         self.published = make_gate_state(
             {a: v[0] for a, v in values.items()}, {a: v[1] for a, v in values.items()}, self._gate_device()
         )
+
+    def _check_order(self) -> None:
+        """`VariantError` for several active adapters, one of them DoRA, listed in another order
+        than they were added: a DoRA adapter rescales the output of those before it
+        (`fxlora.core.branch`), and fxlora's layers apply their adapters in the order they were
+        added, where PEFT follows the active list."""
+        if len(self.active) < 2 or not any(variant_for(self.configs[a]).magnitude for a in self.active):
+            return
+        added = [a for a in self.configs if a in self.active]
+        if added != list(self.active):
+            raise VariantError(
+                f"active adapters {list(self.active)} include a DoRA adapter, which rescales the output of the adapters "
+                f"applied before it, and fxlora applies them in the order they were added: activate them as {added}"
+            )
 
     def row_state(self, names: list[str]) -> GateState:
         """The gate state of one mixed batch (row ``i`` uses adapter ``names[i]``), for that call

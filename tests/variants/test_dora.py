@@ -220,9 +220,19 @@ def test_two_active_adapters_apply_in_turn_as_peft_does():
     ours.set_adapter(["default", "plain"])
     theirs.eval(), ours.eval()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    # another order would give another output (PEFT follows the list): refused, state kept
+    with pytest.raises(VariantError, match=r"activate them as \['default', 'plain'\]"):
+        ours.set_adapter(["plain", "default"])
+    assert ours.active_adapter == ["default", "plain"]
+    ours.set_adapter("plain")  # one adapter alone: any order
+    ours.set_adapter(["default", "plain"])
 
 
 def test_refusals_are_clear():
+    _, ours, _ = pair("linear")
+    with pytest.raises(ValueError, match=r"cannot combine the DoRA adapter\(s\) \['default'\]"):
+        ours.add_weighted_adapter(["default"], [1.0], "combined", combination_type="cat")
+    assert list(ours.peft_config) == ["default"]
     with pytest.raises(ValueError, match="lora_bias=True is not supported with use_dora=True"):
         LoraConfig(use_dora=True, lora_bias=True)
     with pytest.raises(TypeError, match="use_dora"):
@@ -234,3 +244,57 @@ def test_refusals_are_clear():
     with pytest.raises(UnsupportedTargetError, match="grouped convolution"):
         fxlora.transform(grouped, LoraConfig(target_modules=["conv2"], r=2, use_dora=True))
     assert not any("lora" in n for n, _ in grouped.named_parameters())
+
+
+def test_transformers_conv1d_fan_in_fan_out_equals_peft(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Gpt2Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(12, 5), Conv1D(5, 12)
+
+        def forward(self, x):
+            return self.c_proj(torch.tanh(self.c_fc(x)))
+
+    torch.manual_seed(0)
+    base = Gpt2Mlp()
+    settings = dict(target_modules=["c_fc", "c_proj"], r=2, lora_alpha=4, use_dora=True, fan_in_fan_out=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **settings))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.2)
+    ours = fxlora.transform(copy.deepcopy(base), LoraConfig(**settings))
+    copy_peft_adapter_weights(theirs, ours.model)
+    assert ours.model.c_fc.lora_magnitude_vector["default"].weight.shape == (12,)
+    x = torch.randn(2, 3, 5)
+    theirs.eval(), ours.eval()
+    expected = theirs(x)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+    weight = ours.model.c_fc.weight.detach().clone()
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
+    ours.unmerge_adapter()
+    assert torch.equal(ours.model.c_fc.weight, weight)
+
+
+def test_half_precision_base_with_float32_adapter_equals_peft():
+    torch.manual_seed(0)
+    base = mlp().to(torch.bfloat16)
+    settings = dict(target_modules=["0", "2"], r=2, lora_alpha=4, use_dora=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **settings))
+    ours = fxlora.transform(copy.deepcopy(base), LoraConfig(**settings))
+    magnitude = ours.model[0].lora_magnitude_vector["default"].weight
+    assert magnitude.dtype == theirs.base_model.model[0].lora_magnitude_vector["default"].weight.dtype == torch.float32
+    copy_peft_adapter_weights(theirs, ours.model)
+    x = torch.randn(4, 5, dtype=torch.bfloat16)
+    theirs.eval(), ours.eval()
+    out = ours(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, theirs(x), rtol=1e-2, atol=1e-2)
+    weights = {n: p.detach().clone() for n, p in ours.model.named_parameters()}
+    ours.merge_adapter()
+    ours.unmerge_adapter()
+    assert all(torch.equal(p, weights[n]) for n, p in ours.model.named_parameters())
