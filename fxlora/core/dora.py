@@ -29,7 +29,9 @@ def _first_open(gate: torch.Tensor) -> torch.Tensor:
     wanted scale), its first non-zero value (0 if none)."""
     if gate.dim() == 0:
         return gate
-    return gate[gate.ne(0).to(torch.int32).argmax()]
+    open_rows = gate.ne(0)
+    first = open_rows & (open_rows.cumsum(0) == 1)  # no data-dependent index: compiles without a break
+    return torch.where(first, gate, 0).sum()  # one term: exact
 
 
 def _on_rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounter
 
 import fxlora
@@ -103,6 +105,20 @@ def test_merge_equals_unmerged_output_and_unmerge_is_bit_exact(case):
             torch.testing.assert_close(mine, p, rtol=1e-5, atol=1e-6)
     ours.unmerge_adapter()
     assert all(torch.equal(p, weights[n]) for n, p in ours.model.named_parameters())
+
+
+def test_merge_and_unload_and_merged_state_dict_agree():
+    theirs, ours, x = pair("linear")
+    ours.eval()
+    expected = ours(x)
+    exported = ours.merged_state_dict()
+    plain = ours.merge_and_unload()
+    assert not any("lora" in k for k in plain.state_dict())
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    assert exported.keys() == plain.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in plain.state_dict().items())
+    merged_peft = theirs.eval().merge_and_unload()
+    torch.testing.assert_close(plain(x), merged_peft(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unmerge_after_the_merged_weight_changed_recomputes_it():
@@ -208,6 +224,13 @@ def test_mixed_batch_is_per_row_dora():
             ours.set_adapter(name)
             rows.append(ours(x[i : i + 1]))
     torch.testing.assert_close(got, torch.cat(rows), rtol=1e-5, atol=1e-6)
+    # compiled: one graph for every assignment of adapters to rows
+    ours.set_adapter("default")
+    counter = CompileCounter()
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)
+    for names in (["default", "__base__", "other", "default"], ["other", "other", "__base__", "default"]):
+        torch.testing.assert_close(compiled(x, adapter_names=names), ours(x, adapter_names=names), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
 
 
 def test_two_active_adapters_apply_in_turn_as_peft_does():
@@ -298,3 +321,30 @@ def test_half_precision_base_with_float32_adapter_equals_peft():
     ours.merge_adapter()
     ours.unmerge_adapter()
     assert all(torch.equal(p, weights[n]) for n, p in ours.model.named_parameters())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 9),
+    r=st.integers(1, 3),
+    scale=st.floats(-3, 3, allow_nan=False).filter(lambda v: abs(v) > 1e-3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_then_unmerge_restores_every_bit(rows, cols, r, scale, dtype, seed):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(cols, rows)).to(dtype)
+    model = fxlora.transform(net, LoraConfig(target_modules=["0"], r=r, use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        model.model[0].lora_magnitude_vector["default"].weight.mul_(1.5)
+    model.set_adapter_scale("default", scale)
+    weights = {n: p.detach().clone() for n, p in net.named_parameters()}
+    x = torch.randn(3, cols, dtype=dtype)
+    model.eval()
+    expected = model(x).float()
+    model.merge_adapter()
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(model(x).float(), expected, rtol=tolerance, atol=tolerance)
+    model.unmerge_adapter()
+    assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
