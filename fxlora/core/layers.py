@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.dtypes import adapter_dtype, compute_dtype
+from fxlora.errors import UnsupportedTargetError
 from fxlora.config import scaling_value
 from fxlora.variants import PLAIN, LoraVariant
 from fxlora.variants.dora import Magnitude
@@ -222,7 +223,14 @@ def attach_adapter(
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
     weight = module.weight
-    made = kind.make_factors(module, spec, init, device=adapter_device(module, weight), dtype=adapter_dtype(weight))
+    device = adapter_device(module, weight)
+    if spec.variant.magnitude and weight.is_meta and device.type != "meta":
+        raise UnsupportedTargetError(
+            f"use_dora=True cannot adapt this {type(module).__name__}: its weight is offloaded (on the meta device, "
+            "loaded per call by accelerate), and a DoRA magnitude starts from the weight's norm; load the model "
+            "without offloading, or use plain LoRA (use_dora=False)"
+        )
+    made = kind.make_factors(module, spec, init, device=device, dtype=adapter_dtype(weight))
     for holder, value in made.items():
         if isinstance(value, nn.Module):
             value = _in_mode_of(module, value)

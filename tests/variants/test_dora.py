@@ -64,12 +64,15 @@ def test_same_tensors_same_outputs_and_initial_magnitude(case):
     assert names and all(n.endswith(".lora_magnitude_vector.default.weight") for n in names)
 
 
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("trace", ["auto", "eager"])
-def test_training_step_gradients_equal_peft(trace):
-    theirs, ours, x = pair("linear")
+def test_training_step_gradients_equal_peft(case, trace):
+    theirs, ours, x = pair(case)
     if trace == "eager":
-        ours = fxlora.transform(copy.deepcopy(mlp()), LoraConfig(target_modules=["0", "2"], r=2, lora_alpha=4, use_dora=True), trace="eager")
+        make, targets, _ = CASES[case]
+        ours = fxlora.transform(make(), LoraConfig(target_modules=targets, r=2, lora_alpha=4, use_dora=True), trace="eager")
         copy_peft_adapter_weights(theirs, ours.model)
+        assert set(ours.target_paths.values()) == {"eager"}
     theirs.train(), ours.train()
     theirs(x).square().sum().backward()
     ours(x).square().sum().backward()
@@ -80,13 +83,26 @@ def test_training_step_gradients_equal_peft(trace):
         torch.testing.assert_close(mine[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_dropout_in_training_equals_peft_with_the_same_random_numbers():
-    theirs, ours, x = pair("linear", lora_dropout=0.5)
+@pytest.mark.parametrize("case", ["linear", "conv"])
+def test_dropout_in_training_equals_peft_with_the_same_random_numbers(case):
+    theirs, ours, x = pair(case, lora_dropout=0.5)
     theirs.train(), ours.train()
     torch.manual_seed(7)
     expected = theirs(x)
     torch.manual_seed(7)
-    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+    got = ours(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(7)
+    theirs(x).sum().backward()
+    got.sum().backward()
+    for name, p in theirs.named_parameters():
+        if "magnitude" in name:
+            mine = ours.model.get_parameter(name.removeprefix("base_model.model."))
+            torch.testing.assert_close(mine.grad, p.grad, rtol=1e-5, atol=1e-6)
+    counter = CompileCounter()
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)
+    torch.manual_seed(7)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -249,6 +265,21 @@ def test_two_active_adapters_apply_in_turn_as_peft_does():
     assert ours.active_adapter == ["default", "plain"]
     ours.set_adapter("plain")  # one adapter alone: any order
     ours.set_adapter(["default", "plain"])
+
+
+def test_an_offloaded_layer_is_refused_before_anything_is_attached():
+    from types import SimpleNamespace
+
+    from fxlora.core.layers import AdapterSpec, attach_adapter
+    from fxlora.kinds import kind_of
+    from fxlora.variants import DORA
+
+    with torch.device("meta"):
+        layer = nn.Linear(3, 4)
+    layer._hf_hook = SimpleNamespace(execution_device="cpu")  # as accelerate's offloading leaves it
+    with pytest.raises(UnsupportedTargetError, match="offloaded"):
+        attach_adapter(layer, "default", AdapterSpec(r=2, alpha=2, variant=DORA), True, kind_of(layer))
+    assert not layer._modules
 
 
 def test_refusals_are_clear():
