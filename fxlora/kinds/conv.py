@@ -140,6 +140,11 @@ class ConvKind(ModulePairKind):
 
 
     # ---------------------------------------------------------------- DoRA
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        if self.own_forward(module):  # its weight term (with dropout) would need its own forward's padding
+            return f"DoRA is implemented for {self.layer_types} themselves, not for subclasses with a forward of their own ({type(module).__name__})"
+        return self.merge_obstacle(module)
+
     def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
         return (1, module.out_channels, *(1,) * len(module.kernel_size))
 
