@@ -56,6 +56,8 @@ class LoraConfig:
             ``re.match(rf"(.*\\.)?({pattern})$", name)`` gives that module's rank.
         alpha_pattern: ``{pattern: alpha}``, same rule, for ``lora_alpha``.
         lora_bias: give B a (zero-initialised) bias.
+        use_dora: DoRA (weight-decomposed LoRA, `fxlora.variants.dora`): a learned magnitude per
+            output feature rescales the adapted weight. Not with ``lora_bias`` (as in PEFT).
     """
 
     r: int = 8
@@ -73,6 +75,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         for name in _FIELD_NAMES:
@@ -105,6 +108,9 @@ class LoraConfig:
         _check_bool_field("use_rslora", self.use_rslora)
         _check_bool_field("fan_in_fan_out", self.fan_in_fan_out)
         _check_bool_field("lora_bias", self.lora_bias)
+        _check_bool_field("use_dora", self.use_dora)
+        if self.use_dora and self.lora_bias:
+            raise ValueError("lora_bias=True is not supported with use_dora=True (nor in PEFT); set one of them to False")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
             raise TypeError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:

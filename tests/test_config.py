@@ -20,7 +20,7 @@ def test_field_names_are_peft_names():
     assert names == {
         "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "bias",
         "use_rslora", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-        "rank_pattern", "alpha_pattern", "lora_bias",
+        "rank_pattern", "alpha_pattern", "lora_bias", "use_dora",
     }
 
 

@@ -84,9 +84,8 @@ def delta_weight(module: nn.Module, adapter: str, scale: float = 1.0, dtype: Opt
     Requires: `check_mergeable` passed for (`module`, `adapter`)."""
     meta = target_meta(module)
     weight = module.weight
-    a, b = meta.kind.as_matrices(module, adapter)
-    dtype = dtype or compute_dtype(weight, a, b)
-    product = meta.kind.weight_from_matrix(module, b.to(dtype) @ a.to(dtype), meta.fan_in_fan_out)
+    dtype = dtype or compute_dtype(weight, *meta.kind.as_matrices(module, adapter))
+    product = meta.kind.lora_weight(module, adapter, meta.fan_in_fan_out, dtype)
     if product.shape != weight.shape:
         raise MergeError(
             f"adapter {adapter!r} gives an update of shape {tuple(product.shape)} for a weight of shape "

@@ -13,6 +13,8 @@ For an adapter named ``default`` on a target ``seq.0`` the naming is::
     seq.0.lora_dropout.default               nn.Dropout(p), or nn.Identity() when p = 0
     emb.lora_embedding_A.default             Embedding: A (r, num_embeddings)
     emb.lora_embedding_B.default             Embedding: B (embedding_dim, r)
+    seq.0.lora_magnitude_vector.default.weight   DoRA (use_dora): the magnitude, one value per output
+                                             feature (`fxlora.variants.dora`; shape: the kind's)
     head.modules_to_save.default.weight      trainable copy of a `modules_to_save` module
 
 These are the names PEFT gives its LoRA tensors, without PEFT's ``base_layer`` indirection.
@@ -30,9 +32,11 @@ import torch
 import torch.nn as nn
 
 from fxlora.boundary import execution_device
-from fxlora.dtypes import adapter_dtype
+from fxlora.dtypes import adapter_dtype, compute_dtype
+from fxlora.errors import UnsupportedTargetError
 from fxlora.config import scaling_value
 from fxlora.variants import PLAIN, LoraVariant
+from fxlora.variants.dora import Magnitude
 
 if TYPE_CHECKING:
     from fxlora.kinds import LayerKind
@@ -62,6 +66,7 @@ LORA_CHILDREN = (
     "lora_dropout",
     "lora_embedding_A",
     "lora_embedding_B",
+    "lora_magnitude_vector",
     "modules_to_save",
 )
 META_ATTR = "_fxlora"
@@ -216,15 +221,35 @@ def attach_adapter(
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
     weight = module.weight
-    made = kind.make_factors(module, spec, init, device=adapter_device(module, weight), dtype=adapter_dtype(weight))
+    device = adapter_device(module, weight)
+    if spec.variant.magnitude and weight.is_meta and device.type != "meta":
+        raise UnsupportedTargetError(
+            f"use_dora=True cannot adapt this {type(module).__name__}: its weight is offloaded (on the meta device, "
+            "loaded per call by accelerate), and a DoRA magnitude starts from the weight's norm; load the model "
+            "without offloading, or use plain LoRA (use_dora=False)"
+        )
+    made = kind.make_factors(module, spec, init, device=device, dtype=adapter_dtype(weight))
     for holder, value in made.items():
         if isinstance(value, nn.Module):
             value = _in_mode_of(module, value)
         _child_dict(module, holder, nn.ParameterDict if isinstance(value, nn.Parameter) else nn.ModuleDict)[adapter] = value
 
+    if spec.variant.magnitude:
+        magnitude = _in_mode_of(module, Magnitude(_initial_magnitude(module, adapter, spec, kind, fan_in_fan_out)))
+        _child_dict(module, "lora_magnitude_vector", nn.ModuleDict)[adapter] = magnitude
     meta.adapters[adapter] = spec
     module.__dict__[META_ATTR] = meta
     return meta
+
+
+def _initial_magnitude(module: nn.Module, adapter: str, spec: AdapterSpec, kind: "LayerKind", fan_in_fan_out: bool) -> torch.Tensor:
+    """A DoRA magnitude's start (PEFT's): ``||W + scaling * B @ A||`` per output feature, in the
+    compute dtype (`fxlora.dtypes.compute_dtype`), stored in the adapter's dtype."""
+    made = module.lora_A[adapter].weight if "lora_A" in module._modules else module.lora_embedding_A[adapter]
+    with torch.no_grad():
+        dtype = compute_dtype(module.weight, made)
+        summed = module.weight.to(dtype) + spec.scaling * kind.lora_weight(module, adapter, fan_in_fan_out, dtype)
+        return kind.dora_norm(module, summed).to(made.dtype)
 
 
 def attach_saved_copy(module: nn.Module, adapter: str) -> None:
@@ -257,7 +282,7 @@ def _copy_without_fxlora(module: nn.Module) -> nn.Module:
 
 def remove_adapter(module: nn.Module, adapter: str) -> None:
     """Remove one adapter's modules from `module`; drop fxlora entirely when none is left."""
-    for name in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
+    for name in LORA_CHILDREN:
         holder = module._modules.get(name)
         if holder is not None and adapter in holder:
             del holder[adapter]

@@ -24,11 +24,11 @@ def _slots_of(module: nn.Module) -> Iterator[Slot]:
 
 
 def lora_slots(model: nn.Module, adapter: str) -> Iterator[Slot]:
-    """Where the LoRA weights (A, B, their biases) and `modules_to_save` copies of one adapter
+    """Where the LoRA weights (A, B, their biases, DoRA magnitudes) and `modules_to_save` copies of one adapter
     live."""
     for module in model.modules():
         if target_meta(module) is not None:
-            for holder in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            for holder in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
                 child = module._modules.get(holder)
                 if child is not None and adapter in child:
                     yield from ([(child, adapter)] if isinstance(child, nn.ParameterDict) else _slots_of(child[adapter]))

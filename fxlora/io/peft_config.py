@@ -42,7 +42,6 @@ _PEFT_METADATA = frozenset(
 _INIT_SETTINGS = frozenset({"loftq_config", "eva_config", "corda_config", "lora_ga_config"})
 #: PEFT features fxlora does not implement: accepted only when switched off.
 _UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
     "target_parameters": "LoRA on nn.Parameters (target_parameters)",
@@ -83,7 +82,6 @@ _PEFT_UNUSED: dict[str, Any] = {
     "task_type": None,
     "trainable_token_indices": None,
     "use_bdlora": None,
-    "use_dora": False,
     "use_qalora": False,
     "velora_config": None,
 }

@@ -138,8 +138,13 @@ def peft_strip_adapter_name(key: str, adapter: str) -> str:
     return f"{head}.{suffix}"
 
 
+#: holders whose tensor PEFT's file names without the leaf its module gives it
+_FILE_DROPS_LEAF = {"lora_magnitude_vector": "weight"}  # DoRA: ``lin.lora_magnitude_vector``
+
+
 def _fxlora_lora_key(name: str, suffix: str, adapter: str) -> str:
     holder, _, leaf = suffix.partition(".")
+    leaf = leaf or _FILE_DROPS_LEAF.get(holder, "")
     return f"{name}.{holder}.{adapter}" + (f".{leaf}" if leaf else "")
 
 

@@ -120,6 +120,30 @@ class ModulePairKind(KindBase):
         dropped = module.lora_dropout[adapter](cast_like(x, lora_a.weight))
         return module.lora_B[adapter](self.call_a(lora_a, dropped, base))
 
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        """DoRA's output formula needs the layer's output as weight term plus bias: the layers
+        that take a merge (`merge_obstacle`)."""
+        return self.merge_obstacle(module)
+
+    def dora_terms(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lora_a, dropout = module.lora_A[adapter], module.lora_dropout[adapter]
+        x = cast_like(x, lora_a.weight)
+        if isinstance(dropout, nn.Identity) or not module.training:  # PEFT's test
+            dropped, weight_term = x, self.without_bias(module, base)
+        else:
+            dropped = dropout(x)
+            weight_term = self.weight_term(module, dropped, module.weight.to(dropped.dtype))
+        return module.lora_B[adapter](self.call_a(lora_a, dropped, base)), weight_term
+
+    def without_bias(self, module: nn.Module, base: torch.Tensor) -> torch.Tensor:
+        """`base` (the layer's output) less the layer's bias."""
+        bias = getattr(module, "bias", None)
+        return base if bias is None else base - bias
+
+    def weight_term(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's output for `x` computed with `weight` and no bias."""
+        raise NotImplementedError
+
     def call_a(self, lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """A's output for `x` (the layer's base output is `base`)."""
         return lora_a(x)

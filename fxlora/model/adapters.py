@@ -248,6 +248,13 @@ def _plan_combination(lm: "LoraModel", adapters, weights, adapter_name, combinat
     if adapter_name in lm.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; choose a new name (existing: {list(lm.peft_config)})")
     adapters = _check_known(lm, adapters)
+    dora = [a for a in adapters if lm.peft_config[a].use_dora]
+    if dora:
+        raise ValueError(
+            f"add_weighted_adapter cannot combine the DoRA adapter(s) {dora}: a DoRA update rescales the weight by "
+            "its magnitude over a norm that depends on the whole update, so a combination of the factors is no "
+            "combination of the updates; combine plain LoRA adapters only"
+        )
     weights = list(weights)
     if len(weights) != len(adapters) or not all(
         isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights

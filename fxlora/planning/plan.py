@@ -33,7 +33,7 @@ from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.tracing.boundaries import nested_roots
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
-from fxlora.errors import TraceFailure
+from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids
 
@@ -130,6 +130,16 @@ def _fan_in_fan_out_note(config: LoraConfig, targets: list["TargetPlan"]) -> Opt
     )
 
 
+def _check_dora(name: str, module: nn.Module, kind: LayerKind, spec: AdapterSpec) -> None:
+    """`UnsupportedTargetError` where the config asks for DoRA on a layer its kind cannot give it."""
+    why = kind.dora_obstacle(module) if spec.variant.magnitude else None
+    if why is not None:
+        raise UnsupportedTargetError(
+            f"use_dora=True cannot adapt {name!r} ({type(module).__name__}): {why}; exclude it (exclude_modules) "
+            "or use plain LoRA (use_dora=False)"
+        )
+
+
 def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection, notes: list[str]) -> list[TargetPlan]:
     """One plan per selected target. fxlora always uses the layer's own weight layout
     (`LayerKind.fan_in_fan_out`); the config's ``fan_in_fan_out`` is only checked."""
@@ -146,6 +156,7 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
             variant=variant_for(config),
         )
         kind.check_spec(repr(name), module, spec)
+        _check_dora(name, module, kind, spec)
         check_returns_one_tensor(name, module, kind, spec)
         if spec.lora_bias and getattr(module, "bias", None) is None:
             notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")

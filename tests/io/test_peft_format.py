@@ -81,7 +81,6 @@ def test_fxlora_config_json_is_read_by_peft(tmp_path):
 @pytest.mark.parametrize(
     "field, value, what",
     [
-        ("use_dora", True, "DoRA"),
         ("layer_replication", [[0, 2]], "layer replication"),
         ("trainable_token_indices", [1, 2], "trainable tokens"),
         ("target_parameters", ["experts.w"], "target_parameters"),

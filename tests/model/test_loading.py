@@ -341,13 +341,13 @@ def test_corrupted_config(tmp_path):
     [
         ({"peft_type": "IA3"}, r"adapter_config\.json: fxlora reads LoRA adapters only.*'IA3'"),
         ({"peft_type": None}, r"adapter_config\.json: fxlora reads LoRA adapters only.*peft_type=None"),
-        ({"use_dora": True}, r"adapter_config\.json: use_dora=True asks for DoRA"),
+        ({"use_qalora": True}, r"adapter_config\.json: use_qalora=True asks for QA-LoRA"),
         ({"init_lora_weights": "loftq"}, r"adapter_config\.json: invalid LoRA config: init_lora_weights"),
         ({"r": 0}, r"adapter_config\.json: invalid LoRA config: r must be a positive int"),
         ({"lora_flux_capacitor": 2.0}, r"unknown config field lora_flux_capacitor=2\.0"),
         ({"target_modules": ["blocks.9"]}, r"adapter_config\.json does not fit this model.*blocks\.9"),
     ],
-    ids=["other-peft-type", "no-peft-type", "dora", "loftq", "bad-rank", "unknown-field", "other-targets"],
+    ids=["other-peft-type", "no-peft-type", "qalora", "loftq", "bad-rank", "unknown-field", "other-targets"],
 )
 def test_bad_configs(tmp_path, changes, pattern):
     base, _, directory = small_adapter(tmp_path)
