@@ -14,6 +14,7 @@ from torch._dynamo.testing import CompileCounter
 import fxlora
 from fxlora import LoraConfig
 from fxlora.errors import MergeError, UnsupportedTargetError, VariantError
+from models import row_by_row
 
 peft = pytest.importorskip("peft")
 from models import ConvNet2d, EmbeddingModel, copy_peft_adapter_weights  # noqa: E402
@@ -231,15 +232,7 @@ def test_mixed_batch_is_per_row_dora():
     ours.eval()
     names = ["default", "__base__", "other", "default"]
     got = ours(x, adapter_names=names)
-    rows = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with ours.disable_adapter():
-                rows.append(ours(x[i : i + 1]))
-        else:
-            ours.set_adapter(name)
-            rows.append(ours(x[i : i + 1]))
-    torch.testing.assert_close(got, torch.cat(rows), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, row_by_row(ours, x, names), rtol=1e-5, atol=1e-6)
     # compiled: one graph for every assignment of adapters to rows
     ours.set_adapter("default")
     counter = CompileCounter()
@@ -301,7 +294,7 @@ def test_refusals_are_clear():
 
 
 def test_transformers_conv1d_fan_in_fan_out_equals_peft(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     class Gpt2Mlp(nn.Module):
