@@ -181,7 +181,7 @@ def from_pretrained(
     emit_notes(files.notes)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     snapshot = snapshot_base(model, fitted)
-    lora_model = cls.adapt(model, files.config, adapter_name, trace)
+    lora_model = cls.adapt(model, files.config.replace(inference_mode=not is_trainable), adapter_name, trace)
     try:
         copy_in(model, fitted)
     except BaseException:
@@ -218,7 +218,7 @@ def load_adapter(
     snapshot = snapshot_base(lm.model, fitted)
     with lm.adapter_state.transaction(lm.model) as tx:
         tx.on_undo(lambda: restore_base(lm.model, snapshot))
-        lm.add_adapter(adapter_name, files.config)
+        lm.add_adapter(adapter_name, files.config.replace(inference_mode=not is_trainable))
         tx.on_undo(lambda: lm.delete_adapter(adapter_name))
         copy_in(lm.model, fitted)
     _finish_load(lm, adapter_name, is_trainable)
