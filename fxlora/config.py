@@ -40,7 +40,7 @@ BOOKKEEPING_FIELDS: dict[str, str] = {
     "task_type": "PEFT's task type (TASK_TYPES or None); some train more modules in full (TASK_MODULES_TO_SAVE)",
     "peft_type": "always 'LORA'",
     "auto_mapping": "the base model's class; fxlora writes it from the model unless set here",
-    "peft_version": "the PEFT version that wrote a loaded file; fxlora writes the format of 0.21.2",
+    "peft_version": "kept as set; fxlora writes 0.21.2, the format it writes (not read from files)",
     "base_model_name_or_path": "the base model's hub id or path; fxlora writes the model's name_or_path unless set here",
     "revision": "the base model's revision",
     "inference_mode": "True: the adapter's weights do not train (as in PEFT); from_pretrained sets it from is_trainable",
@@ -50,7 +50,7 @@ BOOKKEEPING_FIELDS: dict[str, str] = {
 #: PEFT fields of features fxlora does not implement, and the feature: PEFT's default (or None/False/empty) only.
 UNIMPLEMENTED_FIELDS: dict[str, str] = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
-    "target_parameters": "LoRA on nn.Parameters (fused MoE experts)",
+    "target_parameters": "LoRA on nn.Parameters (target_parameters: fused MoE experts)",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
     "megatron_config": "Megatron-LM parallel layers",
@@ -217,7 +217,7 @@ class LoraConfig:
         for name, feature in UNIMPLEMENTED_FIELDS.items():
             if getattr(self, name) != _DEFAULTS[name]:
                 raise UnsupportedFieldError(
-                    f"{name}={getattr(self, name)!r} asks for {feature}, which fxlora does not implement yet; "
+                    f"{name}={getattr(self, name)!r} asks for {feature}, which fxlora does not support (not implemented yet); "
                     f"leave {name} at its default ({_DEFAULTS[name]!r})"
                 )
 

@@ -22,6 +22,12 @@ __all__ = ["PEFT_FORMAT_VERSION", "config_to_json", "config_from_json", "file_co
 #: the PEFT version whose adapter_config.json fxlora writes (its ``peft_version`` field)
 PEFT_FORMAT_VERSION = "0.21.2"
 
+#: keys that describe a file, not the adapter: runtime options (PEFT drops them on read too), the
+#: writer's version, ``inference_mode`` (PEFT writes true; loading sets it from ``is_trainable``) and
+#: ``auto_mapping`` (the class of the model it was saved from; written again from the model)
+_FILE_ONLY = frozenset({"runtime_config", "peft_version", "inference_mode", "auto_mapping"})
+
+
 def _is_off(value: Any) -> bool:
     """The value PEFT writes for a feature that is not used."""
     return value is None or value is False or (isinstance(value, (dict, list, str)) and len(value) == 0)
@@ -130,11 +136,11 @@ def config_from_json(data: Any, source: str) -> tuple[LoraConfig, list[str]]:
     kwargs: dict[str, Any] = {}
     ignored: list[str] = []
     for key, value in data.items():
-        if key == "runtime_config":
-            continue  # runtime options are not part of a saved adapter (PEFT drops them too)
+        if key in _FILE_ONLY:
+            continue
         if key in UNIMPLEMENTED_FIELDS and not _is_off(value):
             raise CheckpointError(
-                f"{source}: {key}={value!r} asks for {UNIMPLEMENTED_FIELDS[key]}, which fxlora does not implement yet; "
+                f"{source}: {key}={value!r} asks for {UNIMPLEMENTED_FIELDS[key]}, which fxlora does not support (not implemented yet); "
                 f"only adapters with {key} unset (null/false/empty) can be loaded"
             )
         if key in known:
