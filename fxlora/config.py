@@ -39,7 +39,7 @@ TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("class
 BOOKKEEPING_FIELDS: dict[str, str] = {
     "task_type": "PEFT's task type (TASK_TYPES or None); some train more modules in full (TASK_MODULES_TO_SAVE)",
     "peft_type": "always 'LORA'",
-    "auto_mapping": "the base model's class; fxlora writes it from the model unless set here",
+    "auto_mapping": "the base model's class: written from the model without a task_type (as PEFT), else this value",
     "peft_version": "kept as set; fxlora writes 0.21.2, the format it writes (not read from files)",
     "base_model_name_or_path": "the base model's hub id or path; fxlora writes the model's name_or_path unless set here",
     "revision": "the base model's revision",
@@ -48,6 +48,7 @@ BOOKKEEPING_FIELDS: dict[str, str] = {
     "qalora_group_size": "group size of QA-LoRA; PEFT uses it only with use_qalora (not implemented)",
 }
 #: PEFT fields of features fxlora does not implement, and the feature: PEFT's default (or None/False/empty) only.
+#: Implementing one = deleting its line here (and updating its README "Coming from PEFT" row).
 UNIMPLEMENTED_FIELDS: dict[str, str] = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "target_parameters": "LoRA on nn.Parameters (target_parameters: fused MoE experts)",
