@@ -16,12 +16,9 @@ def test_defaults_match_peft():
 
 
 def test_field_names_are_peft_names():
+    peft = pytest.importorskip("peft")
     names = {f.name for f in dataclasses.fields(LoraConfig)}
-    assert names == {
-        "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "bias",
-        "use_rslora", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-        "rank_pattern", "alpha_pattern", "lora_bias", "use_dora",
-    }
+    assert names == {f.name for f in dataclasses.fields(peft.LoraConfig)}
 
 
 def test_scaling_and_patterns():

@@ -122,7 +122,7 @@ def add_planned(lm: "LoraModel", plan: Plan) -> None:
             plan.warnings += call_notes(plan.targets)
         state.configs[plan.adapter] = plan.config
         state.reports[plan.adapter] = report_from_plan(plan)
-        state.trainable[plan.adapter] = True
+        state.trainable[plan.adapter] = not plan.config.inference_mode  # PEFT: inference_mode freezes it
         if first:
             state.active = [plan.adapter]
         state.flags.invalidate()

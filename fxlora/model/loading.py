@@ -19,6 +19,7 @@ from fxlora.core.fold import FoldRecord, unfolded_tensor
 from fxlora.errors import MergeError
 from fxlora.core.layers import check_adapter_name, target_meta
 from fxlora.io.distributed import user_class, writes_files
+from fxlora.io.hub import resolve_adapter_dir
 from fxlora.io.atomic import check_writable_dir
 from fxlora.io.adapter_files import (
     DEFAULT_ADAPTER,
@@ -46,7 +47,7 @@ from fxlora.runtime.install import fxlora_present, restore_requires_grad, strip
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.lora_model import LoraModel
 
-__all__ = ["save_pretrained", "from_pretrained", "load_adapter"]
+__all__ = ["save_pretrained", "from_pretrained", "load_adapter", "adapter_peft_tensors", "check_merged_base"]
 
 
 
@@ -74,7 +75,7 @@ def _unmerged(lm: "LoraModel", key: str, tensor: torch.Tensor) -> torch.Tensor:
     return unfolded_tensor(lm.model.get_submodule(owner), which, records)
 
 
-def _check_merged_base(lm: "LoraModel", fitted: dict[str, tuple[torch.Tensor, str]], directory: PathLike) -> None:
+def check_merged_base(lm: "LoraModel", fitted: dict[str, tuple[torch.Tensor, str]], directory: PathLike) -> None:
     """`MergeError` if the file would overwrite a base tensor a merged adapter is folded into
     (a trained bias over a merged ``lora_bias``, an embedding weight over a merged update): the
     merged adapter would be lost from it, and unmerging would then subtract it from the file's value."""
@@ -90,8 +91,9 @@ def _check_merged_base(lm: "LoraModel", fitted: dict[str, tuple[torch.Tensor, st
             )
 
 
-def _adapter_file_tensors(lm: "LoraModel", adapter: str) -> dict[str, torch.Tensor]:
-    """The tensors of `adapter` under their file keys (with PEFT's prefix), as they are unmerged."""
+def adapter_peft_tensors(lm: "LoraModel", adapter: str) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter` under their file keys (with PEFT's prefix), as they are unmerged
+    (the model's own tensors, except base tensors a merge changed: those computed back)."""
     layout = layout_of_adapter(lm.model, adapter, lm.peft_config[adapter].bias)
     state = lm.model.state_dict(keep_vars=True)
     tensors = {}
@@ -102,7 +104,7 @@ def _adapter_file_tensors(lm: "LoraModel", adapter: str) -> dict[str, torch.Tens
         if tuple(tensor.shape) != slot.shape:  # layout and layers disagree: a bug, not bad input
             raise RuntimeError(f"fxlora internal error: {slot.key} has shape {tuple(tensor.shape)}, layout says {slot.shape}")
         tensors[PEFT_PREFIX + file_key] = tensor
-    return file_tensors(tensors)
+    return tensors
 
 
 def save_pretrained(
@@ -157,7 +159,7 @@ def save_pretrained(
     prepared = []
     for name in names:  # everything is computed before the first byte is written
         directory = adapter_directory(root, name)
-        config, tensors = file_config(lm.model, name, lm.peft_config[name]), _adapter_file_tensors(lm, name)
+        config, tensors = file_config(lm.model, name, lm.peft_config[name]), file_tensors(adapter_peft_tensors(lm, name))
         if initial is not None:
             tensors, config = to_plain_lora(name, tensors, config, initial, PEFT_PREFIX)
         prepared.append((name, directory, tensors, config_to_json(config, base_name, type(lm.model))))
@@ -202,22 +204,29 @@ def from_pretrained(
     *,
     trace: TracePolicy = "auto",
     allow_bin: bool = False,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
 ) -> "LoraModel":
     """Adapt `model` (in place, as `fxlora.transform` does) with the adapter saved in
     `directory` by fxlora or PEFT, and return the `LoraModel`.
 
     Args:
         model: the base model the adapter was trained on (not a LoraModel: use `load_adapter`).
-        directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+        directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``; or a Hugging
+            Face Hub repository id (``"user/name"``) fetched with huggingface_hub, from its cache
+            alone when ``HF_HUB_OFFLINE=1``. A local directory of that name always wins.
         adapter_name: the name the adapter gets in the returned model.
         is_trainable: False (default) puts the model in eval mode with nothing requiring
             grad; True leaves the mode alone and lets the adapter's weights train.
         trace: as in `fxlora.transform`.
         allow_bin: also read a legacy ``adapter_model.bin`` when there is no safetensors file
             (with ``torch.load(weights_only=True)``).
+        revision, subfolder: the Hub revision to fetch; the adapter's folder inside the
+            directory or repository (both as in PEFT).
 
     Raises:
-        FileNotFoundError: missing directory or file.
+        FileNotFoundError: missing directory or file, or a repository id that cannot be fetched
+            (the message names it, and says when it was offline).
         CheckpointError: unreadable file, unsupported config, or tensors that do not fit the
             model (the message names the file, the keys and expected vs found shapes).
         On any error `model` is left exactly as it was.
@@ -225,12 +234,12 @@ def from_pretrained(
     if isinstance(model, cls) or (isinstance(model, nn.Module) and fxlora_present(model)):
         raise TypeError("this model already carries fxlora adapters; add another one with lora_model.load_adapter(directory, name)")
     check_adapter_name(adapter_name)
-    files = read_adapter_dir(directory, allow_bin)
+    files = read_adapter_dir(resolve_adapter_dir(directory, allow_bin, revision=revision, subfolder=subfolder), allow_bin)
     fitted = fit_tensors(files, plan_layout(model, files, adapter_name))
     emit_notes(files.notes)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     snapshot = snapshot_base(model, fitted) | _init_changed_weights(model, fitted, files.config)
-    lora_model = cls.adapt(model, files.config, adapter_name, trace)
+    lora_model = cls.adapt(model, files.config.replace(inference_mode=not is_trainable), adapter_name, trace)
     try:
         copy_in(model, fitted)
     except BaseException:
@@ -249,10 +258,13 @@ def load_adapter(
     is_trainable: bool = False,
     *,
     allow_bin: bool = False,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
 ) -> None:
     """Add the adapter saved in `directory` (by fxlora or PEFT) as a new, inactive adapter
     `adapter_name` (activate it with `set_adapter`).
 
+    `directory` (or Hub repository id), `revision` and `subfolder` are as in `from_pretrained`.
     `is_trainable=False` marks the adapter not trainable and puts the model in eval mode
     (as PEFT does); errors are those of `from_pretrained`, and on any error the model is left
     exactly as it was.
@@ -260,14 +272,14 @@ def load_adapter(
     check_adapter_name(adapter_name)
     if adapter_name in lm.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(lm.peft_config)}")
-    files = read_adapter_dir(directory, allow_bin)
+    files = read_adapter_dir(resolve_adapter_dir(directory, allow_bin, revision=revision, subfolder=subfolder), allow_bin)
     fitted = fit_tensors(files, plan_layout(lm.model, files, adapter_name))
-    _check_merged_base(lm, fitted, directory)
+    check_merged_base(lm, fitted, directory)
     emit_notes(files.notes)
     snapshot = snapshot_base(lm.model, fitted) | _init_changed_weights(lm.model, fitted, files.config)
     with lm.adapter_state.transaction(lm.model) as tx:
         tx.on_undo(lambda: restore_base(lm.model, snapshot))
-        lm.add_adapter(adapter_name, files.config)
+        lm.add_adapter(adapter_name, files.config.replace(inference_mode=not is_trainable))
         tx.on_undo(lambda: lm.delete_adapter(adapter_name))
         copy_in(lm.model, fitted)
     _finish_load(lm, adapter_name, is_trainable)
