@@ -61,8 +61,8 @@ def test_an_unimplemented_feature_switched_on_is_refused_naming_it(name):
 
 def test_off_values_of_unimplemented_features_mean_off():
     runtime = peft.tuners.lora.config.LoraRuntimeConfig()
-    config = LoraConfig(use_dora=None, loftq_config=None, target_parameters=[], runtime_config=runtime)
-    assert (config.use_dora, config.loftq_config, config.target_parameters, config.runtime_config) == (False, {}, None, None)
+    config = LoraConfig(use_qalora=None, loftq_config=None, target_parameters=[], runtime_config=runtime)
+    assert (config.use_qalora, config.loftq_config, config.target_parameters, config.runtime_config) == (False, {}, None, None)
     with pytest.raises(UnsupportedFieldError, match="runtime_config"):
         LoraConfig(runtime_config=peft.tuners.lora.config.LoraRuntimeConfig(ephemeral_gpu_offload=True))
 

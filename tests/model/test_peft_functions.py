@@ -124,8 +124,8 @@ def test_inject_adapter_in_model_returns_the_model_adapted_in_place_as_peft():
     # a peft.LoraConfig is taken too, with the same checks
     other = fxlora.inject_adapter_in_model(peft.LoraConfig(**config, task_type="CAUSAL_LM"), copy.deepcopy(base))
     assert sorted(fxlora.get_peft_model_state_dict(other)) == sorted(peft.get_peft_model_state_dict(theirs))
-    with pytest.raises(fxlora.UnsupportedFieldError, match="use_dora"):
-        fxlora.inject_adapter_in_model(peft.LoraConfig(**config, use_dora=True), copy.deepcopy(base))
+    with pytest.raises(fxlora.UnsupportedFieldError, match="use_qalora"):
+        fxlora.inject_adapter_in_model(peft.LoraConfig(**config, use_qalora=True), copy.deepcopy(base))
     with pytest.raises(ValueError, match="no fxlora adapter"):
         fxlora.get_peft_model_state_dict(copy.deepcopy(base))
 
