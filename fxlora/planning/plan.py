@@ -30,6 +30,7 @@ from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.planning.notes import call_notes
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
+from fxlora.boundary import boundary_of, can_be_root
 from fxlora.tracing.boundaries import nested_roots
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
@@ -179,8 +180,8 @@ def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[
     """The graphs of `module`'s call patterns; raises `TraceFailure` unless every one traces.
     If one pattern needed tensor ranks, all are kept under their ranked keys (the root then
     dispatches on ranked patterns)."""
-    if "forward" in module.__dict__:
-        raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
+    if not can_be_root(module):  # its call would not run a graph of its class forward
+        raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
     through = trace_through_ids(module, interesting)
     traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
     ranked = any(key_is_ranked(v.key) for _, v in traced)
