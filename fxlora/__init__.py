@@ -14,10 +14,12 @@ from fxlora.errors import (
     NoTargetFoundError,
     PassContractError,
     TraceFailure,
+    UnsupportedFieldError,
     UnsupportedTargetError,
     VariantError,
 )
 from fxlora.model.lora_model import LoraModel
+from fxlora.model.peft_functions import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from fxlora.model.transform import transform
 from fxlora.planning.explain import Report, explain
 
@@ -27,12 +29,16 @@ __all__ = [
     "Report",
     "explain",
     "transform",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "inject_adapter_in_model",
     "NoTargetFoundError",
     "UnsupportedTargetError",
     "CheckpointError",
     "MergeError",
     "PassContractError",
     "TraceFailure",
+    "UnsupportedFieldError",
     "VariantError",
 ]
 

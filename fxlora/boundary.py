@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 import torch.nn as nn
 import torch.nn.modules.module as _module_impl
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 
-__all__ = ["HOOK_TABLES", "GLOBAL_HOOK_TABLES", "boundary_of", "can_be_root", "calls_plainly"]
+__all__ = ["HOOK_TABLES", "GLOBAL_HOOK_TABLES", "boundary_of", "can_be_root", "calls_plainly", "execution_device"]
 
 #: the per-module hook tables ``nn.Module.__call__`` runs
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
@@ -25,17 +28,6 @@ HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 GLOBAL_HOOK_TABLES = tuple(
     getattr(_module_impl, f"_global{name}") for name in HOOK_TABLES
 )
-
-
-def _activation_wrapper() -> Optional[type]:
-    try:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return ActivationWrapper
-
-
-_ACTIVATION_WRAPPER = _activation_wrapper()
 
 
 def boundary_of(module: nn.Module) -> Optional[str]:
@@ -47,7 +39,7 @@ def boundary_of(module: nn.Module) -> Optional[str]:
         return "it is compiled on its own (module.compile())"
     if "forward" in module.__dict__:
         return "its forward is replaced on the instance"
-    if _ACTIVATION_WRAPPER is not None and isinstance(module, _ACTIVATION_WRAPPER):
+    if isinstance(module, ActivationWrapper):
         return "it is an activation-checkpoint wrapper"
     if getattr(module, "gradient_checkpointing", False) is True and type(module).__call__ is not nn.Module.__call__:
         return "it checkpoints its own call (gradient checkpointing)"
@@ -65,4 +57,15 @@ def can_be_root(module: nn.Module) -> bool:
     forward does now (no wrapper replaced it, it is no checkpoint wrapper)."""
     if "forward" in module.__dict__:
         return False
-    return not (_ACTIVATION_WRAPPER is not None and isinstance(module, _ACTIVATION_WRAPPER))
+    return not isinstance(module, ActivationWrapper)
+
+
+def execution_device(module: nn.Module) -> Optional[torch.device]:
+    """The device accelerate's hook on `module` runs it on (it keeps an offloaded module's weights
+    on the meta device and loads them for each call), or None without such a hook."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None

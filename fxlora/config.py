@@ -7,6 +7,11 @@ Every field is checked when the config is built and when it is assigned afterwar
 assignment raises and leaves the config as it was; `validate()`, which `fxlora.transform` calls,
 checks it all again, e.g. after a ``rank_pattern`` dict was changed in place). A bad value raises `ValueError` or
 `TypeError` with a message that names the field, the value, and what would be valid.
+
+Every field of PEFT 0.21.2's ``LoraConfig`` is a field here, in one of three kinds: implemented
+(it works as in PEFT), bookkeeping (`BOOKKEEPING_FIELDS`: kept, checked as PEFT checks it, written
+to ``adapter_config.json``) or a feature fxlora does not implement (`UNIMPLEMENTED_FIELDS`:
+accepted at PEFT's default, `UnsupportedFieldError` for any other value).
 """
 
 from __future__ import annotations
@@ -15,13 +20,54 @@ import copy
 import difflib
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
-__all__ = ["LoraConfig", "ALL_LINEAR"]
+from fxlora.config_values import ALL_LINEAR, check_alpha, check_bool_field, check_rank, check_regex, normalise_names
+from fxlora.errors import UnsupportedFieldError
 
-ALL_LINEAR = "all-linear"
+__all__ = ["LoraConfig", "ALL_LINEAR", "BOOKKEEPING_FIELDS", "UNIMPLEMENTED_FIELDS", "TASK_TYPES", "field_status"]
+
 SUPPORTED_BIAS = ("none", "all", "lora_only")
+#: PEFT's ``TaskType`` values
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+#: modules PEFT's task model for a task type trains in full, where the model has them (added to
+#: ``modules_to_save`` as PEFT's ``PeftModelFor<Task>`` does)
+TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+#: PEFT fields that record facts about the adapter (kept, checked, written to adapter_config.json)
+BOOKKEEPING_FIELDS: dict[str, str] = {
+    "task_type": "PEFT's task type (TASK_TYPES or None); some train more modules in full (TASK_MODULES_TO_SAVE)",
+    "peft_type": "always 'LORA'",
+    "auto_mapping": "the base model's class: written from the model without a task_type (as PEFT), else this value",
+    "peft_version": "kept as set; fxlora writes 0.21.2, the format it writes (not read from files)",
+    "base_model_name_or_path": "the base model's hub id or path; fxlora writes the model's name_or_path unless set here",
+    "revision": "the base model's revision",
+    "inference_mode": "True: the adapter's weights do not train (as in PEFT); from_pretrained sets it from is_trainable",
+    "megatron_core": "module of Megatron-LM; PEFT uses it only with megatron_config (not implemented)",
+    "qalora_group_size": "group size of QA-LoRA; PEFT uses it only with use_qalora (not implemented)",
+}
+#: PEFT fields of features fxlora does not implement, and the feature: PEFT's default (or None/False/empty) only.
+#: Implementing one = deleting its line here (and updating its README "Coming from PEFT" row).
+UNIMPLEMENTED_FIELDS: dict[str, str] = {
+    "target_parameters": "LoRA on nn.Parameters (target_parameters: fused MoE experts)",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "megatron_config": "Megatron-LM parallel layers",
+    "loftq_config": "the LoftQ init",
+    "eva_config": "the EVA init",
+    "corda_config": "the CorDA init",
+    "lora_ga_config": "the LoRA-GA init",
+    "velora_config": "VeLoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+    "monteclora_config": "MonteCLoRA",
+    "runtime_config": "PEFT's runtime options (ephemeral GPU offload)",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "ensure_weight_tying": "weight tying of modules_to_save copies",
+}
 
 
 @dataclass
@@ -56,6 +102,11 @@ class LoraConfig:
             ``re.match(rf"(.*\\.)?({pattern})$", name)`` gives that module's rank.
         alpha_pattern: ``{pattern: alpha}``, same rule, for ``lora_alpha``.
         lora_bias: give B a (zero-initialised) bias.
+        use_dora: DoRA (weight-decomposed LoRA, `fxlora.variants.dora`): a learned magnitude per
+            output feature rescales the adapted weight. Not with ``lora_bias`` (as in PEFT).
+
+    The bookkeeping fields (`BOOKKEEPING_FIELDS`) and PEFT's fields of features fxlora does not
+    implement (`UNIMPLEMENTED_FIELDS`, refused unless at their default) follow.
     """
 
     r: int = 8
@@ -73,6 +124,35 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
+    use_dora: bool = False
+    # bookkeeping
+    task_type: Optional[str] = None
+    peft_type: Optional[str] = None
+    auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    megatron_core: Optional[str] = "megatron.core"
+    qalora_group_size: int = 16
+    # not implemented: only PEFT's default is accepted
+    target_parameters: Optional[list[str]] = None
+    layer_replication: Optional[list] = None
+    trainable_token_indices: Optional[Union[list[int], dict]] = None
+    megatron_config: Optional[dict] = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Optional[Any] = None
+    corda_config: Optional[Any] = None
+    lora_ga_config: Optional[Any] = None
+    velora_config: Optional[Any] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    monteclora_config: Optional[Any] = None
+    runtime_config: Optional[Any] = None
+    use_bdlora: Optional[Any] = None
+    arrow_config: Optional[Any] = None
+    kasa_config: Optional[Any] = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         for name in _FIELD_NAMES:
@@ -100,24 +180,29 @@ class LoraConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise `ValueError`/`TypeError` naming the first invalid field and what would be valid."""
-        _check_rank("r", self.r)
-        _check_alpha("lora_alpha", self.lora_alpha)
-        _check_bool_field("use_rslora", self.use_rslora)
-        _check_bool_field("fan_in_fan_out", self.fan_in_fan_out)
-        _check_bool_field("lora_bias", self.lora_bias)
+        check_rank("r", self.r)
+        check_alpha("lora_alpha", self.lora_alpha)
+        check_bool_field("use_rslora", self.use_rslora)
+        check_bool_field("fan_in_fan_out", self.fan_in_fan_out)
+        check_bool_field("lora_bias", self.lora_bias)
+        check_bool_field("use_dora", self.use_dora)
+        if self.use_dora and self.lora_bias:
+            raise ValueError("lora_bias=True is not supported with use_dora=True (nor in PEFT); set one of them to False")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
             raise TypeError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in SUPPORTED_BIAS:
             raise ValueError(f"bias must be one of {SUPPORTED_BIAS}, got {self.bias!r}")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False or self.init_lora_weights == "gaussian"):
+        init = self.init_lora_weights
+        if not (init is True or init is False or init == "gaussian" or (isinstance(init, str) and WEIGHT_INITS.fullmatch(init))):
             raise ValueError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r} "
-                "(PEFT's data-driven inits such as 'pissa', 'olora', 'loftq' or 'eva' are not supported)"
+                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' (K an int >= 0), "
+                f"'olora' or 'orthogonal', got {init!r} (PEFT's data-driven inits 'loftq', 'eva', 'corda' and "
+                "'lora_ga' are not supported)"
             )
-        _check_regex("target_modules", self.target_modules)
-        _check_regex("exclude_modules", self.exclude_modules)
+        check_regex("target_modules", self.target_modules)
+        check_regex("exclude_modules", self.exclude_modules)
         self._validate_layers_filter()
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
@@ -129,12 +214,32 @@ class LoraConfig:
                     re.compile(key)
                 except re.error as exc:
                     raise ValueError(f"{name} key {key!r} is not a valid regular expression: {exc}") from None
-                check = _check_rank if name == "rank_pattern" else _check_alpha
+                check = check_rank if name == "rank_pattern" else check_alpha
                 check(f"{name}[{key!r}]", value)
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ValueError(
                 f"lora_bias=True needs init_lora_weights=True or False, got {self.init_lora_weights!r}"
             )
+        self._validate_bookkeeping()
+        for name, feature in UNIMPLEMENTED_FIELDS.items():
+            if getattr(self, name) != _DEFAULTS[name]:
+                raise UnsupportedFieldError(
+                    f"{name}={getattr(self, name)!r} asks for {feature}, which fxlora does not support (not implemented yet); "
+                    f"leave {name} at its default ({_DEFAULTS[name]!r})"
+                )
+
+    def _validate_bookkeeping(self) -> None:
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES} (PEFT's TaskType) or None, got {self.task_type!r}")
+        if self.peft_type != "LORA":
+            raise ValueError(f"peft_type of a LoraConfig is 'LORA' (or None), got {self.peft_type!r}")
+        for name in ("peft_version", "base_model_name_or_path", "revision", "megatron_core"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str or None, got {getattr(self, name)!r}")
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            raise TypeError(f"auto_mapping must be a dict or None, got {self.auto_mapping!r}")
+        check_bool_field("inference_mode", self.inference_mode)
+        check_rank("qalora_group_size", self.qalora_group_size)
 
     def _validate_layers_filter(self) -> None:
         layers = self.layers_to_transform
@@ -172,6 +277,11 @@ class LoraConfig:
         key = first_pattern_match(self.alpha_pattern, name)
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
+    @property
+    def task_modules_to_save(self) -> tuple[str, ...]:
+        """Modules the task type trains in full where the model has them (as PEFT's task models)."""
+        return TASK_MODULES_TO_SAVE.get(self.task_type or "", ())
+
     def scaling_for(self, name: str) -> float:
         """The factor the update of module `name` is multiplied by."""
         return scaling_value(self.alpha_for(name), self.rank_for(name), self.use_rslora)
@@ -193,6 +303,17 @@ class LoraConfig:
 
 
 _FIELD_NAMES: tuple[str, ...] = LoraConfig.field_names()
+_DEFAULTS: dict[str, Any] = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(LoraConfig)}
+
+
+def field_status(name: str) -> str:
+    """``"implemented"``, ``"bookkeeping"`` or ``"not implemented"`` for a field of `LoraConfig`."""
+    if name not in _FIELD_NAMES:
+        raise KeyError(f"LoraConfig has no field {name!r}")
+    return "bookkeeping" if name in BOOKKEEPING_FIELDS else "not implemented" if name in UNIMPLEMENTED_FIELDS else "implemented"
+
+#: the ``init_lora_weights`` strings that read the base weight (`fxlora.kinds.weight_inits`)
+WEIGHT_INITS = re.compile(r"pissa|pissa_niter_\d+|olora|orthogonal")
 
 
 def scaling_value(alpha: float, r: int, use_rslora: bool) -> float:
@@ -213,68 +334,27 @@ def _normalise(name: str, value: Any) -> Any:
     list, ``None`` patterns as ``{}``, the init method's name in lower case); the type checks
     of the name lists are made here, every other check by `LoraConfig.validate`."""
     if name in ("target_modules", "exclude_modules", "layers_pattern"):
-        return _normalise_names(name, value, allow_str=True)
+        return normalise_names(name, value, allow_str=True)
     if name == "modules_to_save":
-        return _normalise_names(name, value, allow_str=False)
+        return normalise_names(name, value, allow_str=False)
     if name == "init_lora_weights" and isinstance(value, str):
         return value.lower()
     if name in ("rank_pattern", "alpha_pattern") and value is None:
         return {}
     if name == "layers_to_transform" and isinstance(value, tuple):
         return list(value)
+    if name in ("task_type", "peft_type"):  # PEFT's str enums, or None (a LoraConfig's peft_type is LORA)
+        value = getattr(value, "value", value)
+        return "LORA" if name == "peft_type" and value is None else value
+    if name in UNIMPLEMENTED_FIELDS and _is_off(value):
+        return copy.deepcopy(_DEFAULTS[name])
     return value
 
 
-def _normalise_names(name: str, value: Any, *, allow_str: bool) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if allow_str:
-            if not value:
-                raise ValueError(f"{name} must not be an empty string")
-            return value
-        value = [value]  # a single module name, the obvious intent
-    if isinstance(value, (set, frozenset)):
-        value = sorted(value)
-    if not isinstance(value, (list, tuple)):
-        kinds = "a str (regex), a list of names or None" if allow_str else "a list of names or None"
-        raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}: {value!r}")
-    out: list[str] = []
-    for item in value:
-        if not isinstance(item, str) or not item:
-            raise TypeError(f"{name} entries must be non-empty str, got {item!r} in {value!r}")
-        if item not in out:
-            out.append(item)
-    if not out:
-        raise ValueError(f"{name} is an empty list; give at least one module name or use None")
-    return out
-
-
-def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int (r >= 1), got {value!r}")
-
-
-def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-
-
-def _check_bool_field(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_regex(name: str, value: Any) -> None:
-    if isinstance(value, str) and value.lower() != ALL_LINEAR:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(
-                f"{name}={value!r} is not a valid regular expression ({exc}); a str is matched with "
-                "re.fullmatch against each module name, a list holds literal names"
-            ) from None
+def _is_off(value: Any) -> bool:
+    """A value that leaves a PEFT feature off: None, False, empty, or an options object (PEFT's
+    ``LoraRuntimeConfig``) whose every option is off."""
+    if value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and not value):
+        return True
+    options = value if isinstance(value, dict) else getattr(value, "__dict__", None)
+    return type(value).__name__ in ("LoraRuntimeConfig", "dict") and bool(options) and all(v is False or v is None for v in options.values())

@@ -14,6 +14,7 @@ __all__ = [
     "NoTargetFoundError",
     "PassContractError",
     "TraceFailure",
+    "UnsupportedFieldError",
     "UnsupportedTargetError",
     "VariantError",
 ]
@@ -21,6 +22,11 @@ __all__ = [
 
 class NoTargetFoundError(ValueError):
     """`target_modules` (or `modules_to_save`) matched no module of the model."""
+
+
+class UnsupportedFieldError(ValueError, NotImplementedError):
+    """A `LoraConfig` field of a PEFT feature fxlora does not implement was set to a value other
+    than PEFT's default (the message names the field and the feature)."""
 
 
 class UnsupportedTargetError(TypeError):

@@ -174,6 +174,19 @@ class Stateful(nn.Module):
         return self.fc(x)
 
 
+def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every `state_dict` tensor of `module` (to check that a refusal changed nothing)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """`module`'s `state_dict` has exactly the keys and values of `before` (`state_snapshot`)."""
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
 def peft_key_to_fxlora(key: str) -> str:
     """peft's name of a tensor -> fxlora's (peft moves base layers under ``base_layer`` and
     ``original_module``; fxlora leaves them where they were)."""

@@ -85,3 +85,10 @@ def test_adapters_of_offloaded_layers_save_and_reload(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, plain(input_ids=IDS).logits)
+
+
+def test_cpu_offloaded_models_keep_their_targets_in_graphs():
+    """The probe runs on accelerate's execution device (the weights wait on meta), so attention
+    is planned for its real call pattern and every target is on the graph path."""
+    model = adapt(accelerate.cpu_offload(base(), execution_device="cpu"))
+    assert set(model.target_paths.values()) == {"graph"}

@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxlora"
 
 #: each layer may import from the layers listed for it (and from itself)
 ALLOWED = {
-    "config": set(),
+    "config_values": set(),
+    "config": {"errors", "config_values"},
     "errors": set(),
     "dtypes": set(),
     "boundary": set(),

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fxlora.boundary import calls_plainly
 from fxlora.dtypes import cast_like
 from fxlora.core.gates import EagerKey
+from fxlora.core.dora import dora_output
 from fxlora.core.layers import TargetMeta, saved_meta, target_meta
 from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, select_gate, select_output, stacked_layer_update, stacked_linear_update
 
@@ -34,6 +35,7 @@ for _name in (
     "add_linear_product",
     "add_update",
     "cast_like",
+    "dora_output",
     "eager_factor",
     "scale_by",
     "scale_update",
@@ -127,6 +129,8 @@ def lora_output(
         return stacked_linear_update(
             x, [module.lora_A[a].weight for a in adapters], [module.lora_B[a].weight for a in adapters], factors, base
         )
+    if any(meta.adapters[a].variant.magnitude for a in adapters):
+        return _in_turn(module, meta, x, base, adapters, factors, known)
     total = None
     for adapter, factor in zip(adapters, factors):
         update = meta.kind.update(module, adapter, x, base)
@@ -150,6 +154,20 @@ def own_output(module: nn.Module, args: tuple, kwargs: dict, gates: Any, eager: 
     like = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
     factors = _factors(gates, like, adapters, {a: meta.adapters[a].scaling for a in adapters}, eager)
     return meta.kind.adapted_call(module, args, kwargs, dict(zip(adapters, factors)))
+
+
+def _in_turn(module: nn.Module, meta: TargetMeta, x: torch.Tensor, base: torch.Tensor, adapters: list[str], factors: list, known: bool) -> torch.Tensor:
+    """The adapters' updates applied one after the other, in the layer's order, as PEFT applies
+    its active adapters: a DoRA adapter (`fxlora.core.dora.dora_output`) rescales the output so
+    far (less the bias), so with several adapters on a layer the order counts."""
+    out = base
+    for adapter, factor in zip(adapters, factors):
+        if meta.adapters[adapter].variant.magnitude:
+            out = dora_output(module, adapter, x, out, factor) if known else dora_output(module, adapter, x, out, *factor)
+            continue
+        update = meta.kind.update(module, adapter, x, base)
+        out = add_update(out, scale_by(update, factor) if known else scale_update(update, *factor))
+    return out
 
 
 def saved_output(module: nn.Module, original: Callable[..., Any], args: tuple, kwargs: dict, gates: Any, eager: Optional[EagerKey]) -> Any:

@@ -103,9 +103,8 @@ def delta_weight(
     Requires: `check_mergeable` passed for (`module`, `adapter`)."""
     meta = target_meta(module)
     weight = layer_tensor(module, which)
-    a, b = meta.kind.weight_matrices(module, adapter)[which]
-    dtype = dtype or compute_dtype(weight, a, b)
-    product = meta.kind.weight_from_matrix(module, b.to(dtype) @ a.to(dtype), meta.fan_in_fan_out)
+    dtype = dtype or compute_dtype(weight, *meta.kind.weight_matrices(module, adapter)[which])
+    product = meta.kind.lora_weight(module, adapter, meta.fan_in_fan_out, dtype, which)
     if product.shape != weight.shape:
         raise MergeError(
             f"adapter {adapter!r} gives an update of shape {tuple(product.shape)} for a weight of shape "

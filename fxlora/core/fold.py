@@ -20,7 +20,7 @@ element is unmerged by subtraction, as PEFT does, instead of being overwritten w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ import torch.nn as nn
 from fxlora.dtypes import compute_dtype
 from fxlora.errors import MergeError
 from fxlora.core.delta import check_mergeable, delta_bias, delta_weight, folded_tensors, layer_tensor
+from fxlora.core.dora import dora_fold, dora_unfold
 from fxlora.core.layers import target_meta
 
 __all__ = ["Restore", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
@@ -63,6 +64,7 @@ class FoldRecord:
 
     scales: dict[str, float]
     restores: dict[str, Restore]
+    ratio: Optional[torch.Tensor] = None  # a DoRA fold's ``m / ||W + delta||`` (`fxlora.core.dora`)
 
     @property
     def bias(self) -> Optional[Restore]:
@@ -106,6 +108,9 @@ def merged_tensors(module: nn.Module, scales: dict[str, float]) -> dict[str, tor
     for a ``lora_bias``) holding `module`'s weights with the adapters in `scales` (name -> run-time
     scale) folded in; `module` itself is not changed."""
     out = {}
+    dora = _dora_adapter(module, scales)
+    if dora is not None:
+        return {"weight": dora_fold(module, dora, scales[dora], module.weight.detach())[0]}
     for which in folded_tensors(module):
         update = _summed(module, scales, which)
         if update is None:
@@ -114,10 +119,33 @@ def merged_tensors(module: nn.Module, scales: dict[str, float]) -> dict[str, tor
     return out
 
 
-def _check_additive(name: str, module: nn.Module, adapter: str) -> None:
+def _dora_adapter(module: nn.Module, scales: dict[str, float]) -> Optional[str]:
+    """The DoRA adapter among `scales` (`check_fold` lets one fold only alone), or None."""
+    meta = target_meta(module)
+    return next((a for a in scales if meta.adapters[a].variant.magnitude), None)
+
+
+def _check_additive(name: str, module: nn.Module, adapter: str, scales: dict[str, float], merged: Collection[str]) -> None:
     """Folding here is ``weight + delta`` and unfolding ``weight - delta`` plus the restored
-    elements: right only for variants whose delta is additive (`fxlora.variants`)."""
+    elements: right only for variants whose delta is additive (`fxlora.variants`), and for DoRA
+    (`fxlora.core.dora`) folded alone into a layer holding no other merged adapter (its norm is
+    that of the base weight plus its own update, as its unmerged output computes it)."""
     variant = target_meta(module).adapters[adapter].variant
+    others = [a for a in [*scales, *merged] if a != adapter]
+    if variant.magnitude and others:
+        raise MergeError(
+            f"cannot merge the DoRA adapter {adapter!r} into {name!r} ({type(module).__name__}) together with "
+            f"{others} (being merged or merged already into it): a DoRA merge rescales the whole weight by its "
+            "magnitude over the norm of the base weight plus its own update, so it merges alone; merge it on its "
+            "own, into an unmerged layer"
+        )
+    if variant.magnitude:
+        return
+    if any(target_meta(module).adapters[a].variant.magnitude for a in merged):
+        raise MergeError(
+            f"cannot merge adapter {adapter!r} into {name!r} ({type(module).__name__}): a DoRA adapter is merged into "
+            "it, and a DoRA merge takes no other adapter on the same layer; unmerge first"
+        )
     if not variant.additive_delta:
         raise MergeError(
             f"cannot merge adapter {adapter!r} into {name!r} ({type(module).__name__}): its LoRA variant "
@@ -126,11 +154,12 @@ def _check_additive(name: str, module: nn.Module, adapter: str) -> None:
         )
 
 
-def check_fold(name: str, module: nn.Module, scales: dict[str, float], finite: bool) -> None:
+def check_fold(name: str, module: nn.Module, scales: dict[str, float], finite: bool, merged: Collection[str] = ()) -> None:
     """Raise `MergeError` (naming the adapter and the layer) if the adapters cannot be folded into
-    `module`; with `finite`, also if the result would hold a NaN or an infinity. Writes nothing."""
+    `module`, which holds the adapters `merged` folded in already; with `finite`, also if the
+    result would hold a NaN or an infinity. Writes nothing."""
     for adapter in scales:
-        _check_additive(name, module, adapter)
+        _check_additive(name, module, adapter, scales, merged)
         check_mergeable(name, module, adapter)
     if not finite:
         return
@@ -167,6 +196,9 @@ def fold_layer(module: nn.Module, scales: dict[str, float], exact: bool = True) 
     record that undoes it (exactly, with `exact`; without it the record keeps nothing, and
     `unfold_layer` subtracts like PEFT does). Requires: `check_fold` passed (so every adapter's
     variant has an additive delta, which the exact restore relies on)."""
+    dora = _dora_adapter(module, scales)
+    if dora is not None:
+        return _fold_dora(module, dora, scales[dora], exact)
     restores: dict[str, Restore] = {}
     with torch.no_grad():
         for which in folded_tensors(module):
@@ -181,6 +213,32 @@ def fold_layer(module: nn.Module, scales: dict[str, float], exact: bool = True) 
                 restores[which] = Restore(param.dtype, param.new_empty(0), param.new_empty(0, dtype=torch.int32))
             param.copy_(merged)
     return FoldRecord(dict(scales), restores)
+
+
+def _fold_dora(module: nn.Module, adapter: str, scale: float, exact: bool) -> FoldRecord:
+    """`fold_layer` for one DoRA adapter: its merge is no sum, so an exact record keeps the whole
+    pre-merge weight (and every record the fold's ratio, which the merged weight does not tell)."""
+    with torch.no_grad():
+        weight = module.weight
+        merged, ratio = dora_fold(module, adapter, scale, weight.detach())
+        kept = weight.detach().reshape(-1).clone() if exact else weight.new_empty(0)
+        restore = Restore(weight.dtype, kept, None if exact else weight.new_empty(0, dtype=torch.int32))
+        weight.copy_(merged)
+    return FoldRecord({adapter: scale}, {"weight": restore}, ratio)
+
+
+def _unfold_dora(module: nn.Module, tensor: torch.Tensor, record: FoldRecord) -> None:
+    """Undo `_fold_dora` in `tensor` (the layer's weight, or a copy of it): the kept weight
+    wherever the weight still holds what merging it with the adapter as it is now gives, bit for
+    bit, else the weight recomputed (`fxlora.core.dora.dora_unfold`)."""
+    (adapter, scale), = record.scales.items()
+    back = dora_unfold(module, adapter, scale, tensor.detach(), record.ratio)
+    kept = record.restores["weight"]
+    if kept.index is None and kept.dtype == tensor.dtype:
+        before = kept.before.to(tensor.device).view(tensor.shape)
+        untouched = _bits(tensor.detach()) == _bits(dora_fold(module, adapter, scale, before)[0])
+        back = torch.where(untouched, before, back)
+    tensor.copy_(back)
 
 
 def _unfold_tensor(param: torch.Tensor, update: torch.Tensor, restore: Restore) -> None:
@@ -202,6 +260,9 @@ def unfold_layer(module: nn.Module, record: FoldRecord) -> None:
     """Take the adapters of `record` out of `module`'s weights again (in place): the exact
     pre-merge values wherever the merged values were left alone."""
     with torch.no_grad():
+        if record.ratio is not None:
+            _unfold_dora(module, module.weight, record)
+            return
         for which, restore in record.restores.items():
             _unfold_tensor(layer_tensor(module, which), _summed(module, record.scales, which), restore)
 
@@ -213,6 +274,10 @@ def unfolded_tensor(module: nn.Module, which: str, records: list[FoldRecord]) ->
     tensor = layer_tensor(module, which).detach().clone()
     with torch.no_grad():
         for record in reversed(records):
+            if record.ratio is not None:
+                if which == "weight":
+                    _unfold_dora(module, tensor, record)
+                continue
             restore = record.restores.get(which)
             if restore is not None:
                 _unfold_tensor(tensor, _summed(module, record.scales, which), restore)

@@ -13,6 +13,8 @@ For an adapter named ``default`` on a target ``seq.0`` the naming is::
     seq.0.lora_dropout.default               nn.Dropout(p), or nn.Identity() when p = 0
     emb.lora_embedding_A.default             Embedding: A (r, num_embeddings)
     emb.lora_embedding_B.default             Embedding: B (embedding_dim, r)
+    seq.0.lora_magnitude_vector.default.weight   DoRA (use_dora): the magnitude, one value per output
+                                             feature (`fxlora.variants.dora`; shape: the kind's)
     head.modules_to_save.default.weight      trainable copy of a `modules_to_save` module
     attn.out_proj.lora_A.default.weight      nn.MultiheadAttention: its out_proj's factors hang under
                                              its out_proj (the layer's own lora_A / lora_B: in_proj)
@@ -31,9 +33,12 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 import torch.nn as nn
 
-from fxlora.dtypes import adapter_dtype
+from fxlora.boundary import execution_device
+from fxlora.dtypes import adapter_dtype, compute_dtype
+from fxlora.errors import UnsupportedTargetError
 from fxlora.config import scaling_value
 from fxlora.variants import PLAIN, LoraVariant
+from fxlora.variants.dora import Magnitude
 
 if TYPE_CHECKING:
     from fxlora.kinds import LayerKind
@@ -64,6 +69,7 @@ LORA_CHILDREN = (
     "lora_dropout",
     "lora_embedding_A",
     "lora_embedding_B",
+    "lora_magnitude_vector",
     "modules_to_save",
 )
 META_ATTR = "_fxlora"
@@ -203,12 +209,9 @@ def adapter_device(module: nn.Module, weight: torch.Tensor) -> torch.device:
     layer for each call and dropped after it). accelerate knows nothing of the adapter, which then
     lives on the hook's execution device."""
     if weight.device.type == "meta":
-        hook = getattr(module, "_hf_hook", None)
-        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
-        for h in hooks:
-            device = getattr(h, "execution_device", None)
-            if device is not None:
-                return torch.device(device)
+        device = execution_device(module)
+        if device is not None:
+            return device
     return weight.device
 
 
@@ -231,7 +234,14 @@ def attach_adapter(
     if adapter in meta.adapters:
         raise ValueError(f"adapter {adapter!r} already exists on {type(module).__name__}")
     weight = kind.reference_weight(module)
-    made = kind.make_factors(module, spec, init, device=adapter_device(module, weight), dtype=adapter_dtype(weight))
+    device = adapter_device(module, weight)
+    if spec.variant.magnitude and weight.is_meta and device.type != "meta":
+        raise UnsupportedTargetError(
+            f"use_dora=True cannot adapt this {type(module).__name__}: its weight is offloaded (on the meta device, "
+            "loaded per call by accelerate), and a DoRA magnitude starts from the weight's norm; load the model "
+            "without offloading, or use plain LoRA (use_dora=False)"
+        )
+    made = kind.make_factors(module, spec, init, device=device, dtype=adapter_dtype(weight))
     for holder, value in made.items():
         if isinstance(value, nn.Module):
             value = _in_mode_of(module, value)
@@ -239,9 +249,22 @@ def attach_adapter(
         owner = module.get_submodule(owner_path)
         _child_dict(owner, holder_name, nn.ParameterDict if isinstance(value, nn.Parameter) else nn.ModuleDict)[adapter] = value
 
+    if spec.variant.magnitude:
+        magnitude = _in_mode_of(module, Magnitude(_initial_magnitude(module, adapter, spec, kind, fan_in_fan_out)))
+        _child_dict(module, "lora_magnitude_vector", nn.ModuleDict)[adapter] = magnitude
     meta.adapters[adapter] = spec
     module.__dict__[META_ATTR] = meta
     return meta
+
+
+def _initial_magnitude(module: nn.Module, adapter: str, spec: AdapterSpec, kind: "LayerKind", fan_in_fan_out: bool) -> torch.Tensor:
+    """A DoRA magnitude's start (PEFT's): ``||W + scaling * B @ A||`` per output feature, in the
+    compute dtype (`fxlora.dtypes.compute_dtype`), stored in the adapter's dtype."""
+    made = module.lora_A[adapter].weight if "lora_A" in module._modules else module.lora_embedding_A[adapter]
+    with torch.no_grad():
+        dtype = compute_dtype(module.weight, made)
+        summed = module.weight.to(dtype) + spec.scaling * kind.lora_weight(module, adapter, fan_in_fan_out, dtype)
+        return kind.dora_norm(module, summed).to(made.dtype)
 
 
 def attach_saved_copy(module: nn.Module, adapter: str) -> None:

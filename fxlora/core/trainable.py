@@ -15,7 +15,7 @@ __all__ = ["Slot", "lora_slots", "lora_parameters", "bias_slots", "set_trainable
 #: where a parameter lives: its owning module and its name in that module's ``_parameters``
 Slot = tuple[nn.Module, str]
 #: the holders of an adapted layer's trainable factors
-_FACTOR_HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+_FACTOR_HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 def _slots_of(module: nn.Module) -> Iterator[Slot]:
@@ -26,7 +26,7 @@ def _slots_of(module: nn.Module) -> Iterator[Slot]:
 
 
 def lora_slots(model: nn.Module, adapter: str) -> Iterator[Slot]:
-    """Where the LoRA weights (A, B, their biases) and `modules_to_save` copies of one adapter
+    """Where the LoRA weights (A, B, their biases, DoRA magnitudes) and `modules_to_save` copies of one adapter
     live."""
     for module in model.modules():
         if target_meta(module) is not None:

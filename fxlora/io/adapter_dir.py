@@ -15,6 +15,11 @@ A save (`replace_pair`), holding an exclusive lock on the directory (POSIX ``flo
    the directory;
 4. removes every transaction directory.
 
+A save may also write the model card (``README.md``, `fxlora.io.model_card`) into the new pair's
+directory: in step 2 it first replaces the directory's card in one atomic rename, a hard link to
+the previous card kept in ``previous/``; so the directory always holds a whole card, the old or
+the new one, and a failed save puts the old one back.
+
 The config leaves first and comes back last, so the directory itself never holds a config next to
 weights of another save: it holds the old pair, no config, or the new pair. While it holds no
 config, the current pair is the complete pair in the newest transaction directory (`current_pair`):
@@ -27,6 +32,7 @@ some complete pair (the old or the new one) is current, and a failed save leaves
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -36,20 +42,24 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
 
 from fxlora.io.atomic import fs_errors, fsync_dir, fsync_file
-from fxlora.io.peft_format import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from fxlora.io.peft_format import CARD_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: saves to one directory are not serialised
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PREFIX", "FoundPair", "DirState", "current_pair", "dir_state", "file_identity", "replace_pair", "clear_leftovers"]
+__all__ = [
+    "PREFIX", "FoundPair", "DirState", "current_pair", "dir_state", "file_identity", "replace_pair", "replace_file",
+    "clear_leftovers",
+]
 
 #: every file or directory a save creates beside the adapter's files starts with this
 PREFIX = ".fxlora-"
 _TMP, _SAVE, _UNDO = PREFIX + "tmp-", PREFIX + "save-", PREFIX + "undo-"
 _PREVIOUS = "previous"
 _PAIR = (CONFIG_NAME, WEIGHTS_NAME)
+_SIDE = (CARD_NAME,)  # replaced in place by a save that writes them (never absent meanwhile)
 
 
 @dataclass(frozen=True)
@@ -189,16 +199,21 @@ def _stage(directory: Path, write: Callable[[Path], None]) -> Path:
     return txn
 
 
+def _link(source: Path, destination: Path) -> None:
+    """Hard-link (or, where links are refused, copy) `source` to the new name `destination`."""
+    try:
+        os.link(source, destination)
+    except OSError:  # file systems without hard links
+        with fs_errors("write", destination):
+            shutil.copyfile(source, destination)
+            fsync_file(destination)
+
+
 def _place(source: Path, destination: Path) -> None:
     """Put a copy of `source` at `destination` in one atomic rename; `source` stays."""
     tmp = destination.with_name(f"{_TMP}{_new_id()}-{destination.name}")
     try:
-        try:
-            os.link(source, tmp)
-        except OSError:  # file systems without hard links
-            with fs_errors("write", tmp):
-                shutil.copyfile(source, tmp)
-                fsync_file(tmp)
+        _link(source, tmp)
         with fs_errors("replace", destination):
             os.replace(tmp, destination)
     except BaseException:
@@ -215,13 +230,24 @@ class _Swap:
     txn: Path
     moved_aside: list[str]
     placed: list[str]
+    kept: list[str] = dataclasses.field(default_factory=list)  # side files linked into previous/
+    replaced: list[str] = dataclasses.field(default_factory=list)  # side files put in place
 
 
 def _swap_in(swap: _Swap) -> None:
-    """Steps 2-3: the previous files into ``previous/`` (config first), the new ones in (config last)."""
+    """Steps 2-3: the side files replaced (the previous ones linked into ``previous/``), the
+    previous pair into ``previous/`` (config first), the new one in (config last)."""
     previous = swap.txn / _PREVIOUS
     with fs_errors("create", previous):
         os.mkdir(previous)
+    for name in _SIDE:
+        if not (swap.txn / name).exists():
+            continue
+        if (swap.directory / name).exists():
+            _link(swap.directory / name, previous / name)
+            swap.kept.append(name)
+        _place(swap.txn / name, swap.directory / name)
+        swap.replaced.append(name)
     for name in _PAIR:
         if (swap.directory / name).exists():
             with fs_errors("move aside", swap.directory / name):
@@ -252,13 +278,19 @@ def _undo(swap: _Swap) -> None:
         (swap.directory / WEIGHTS_NAME).unlink()
     if CONFIG_NAME in swap.moved_aside:
         os.rename(previous / CONFIG_NAME, swap.directory / CONFIG_NAME)
+    for name in swap.replaced:
+        if name in swap.kept:
+            _place(previous / name, swap.directory / name)
+        else:
+            (swap.directory / name).unlink()
     fsync_dir(swap.directory)
     _remove(txn)
 
 
 def replace_pair(directory: Path, write: Callable[[Path], None]) -> None:
     """Replace the pair of files in `directory` as a whole with what `write(into)` writes into the
-    directory `into` (both files, complete and fsynced). On return the new pair is in `directory`
+    directory `into` (both files, complete and fsynced, and optionally the card, which `write` may
+    read from `directory`: saves are serialised). On return the new pair is in `directory`
     and no ``.fxlora-`` entry is left; on an exception the previous pair is. OSErrors name the path.
     """
     with _locked(directory):
@@ -272,3 +304,21 @@ def replace_pair(directory: Path, write: Callable[[Path], None]) -> None:
             raise
         for txn in _transactions(directory):
             _remove(txn)
+
+
+def replace_file(directory: Path, name: str, write: Callable[[Path], bool]) -> None:
+    """Replace the file `name` in `directory` (a file outside the pair: the card of a save without
+    a pair in `directory`) in one atomic rename with what `write(path)` writes at `path`; when it
+    returns False it wrote nothing and the file stays. Serialised with saves, which `write` may
+    read from; a killed write leaves a ``.fxlora-tmp-`` file, removed by the next save."""
+    with _locked(directory):
+        clear_leftovers(directory)
+        tmp = directory / f"{_TMP}{_new_id()}-{name}"
+        try:
+            if write(tmp):
+                fsync_file(tmp)
+                with fs_errors("replace", directory / name):
+                    os.replace(tmp, directory / name)
+                fsync_dir(directory)
+        finally:
+            _remove(tmp)

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from fxlora.io.distributed import copy_into, full_tensor
 from fxlora.io.adapter_dir import current_pair, dir_state, file_identity, replace_pair
 from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file, give_file_mode
+from fxlora.io.model_card import CARD_NAME, CardFacts, updated_card
 from fxlora.config import LoraConfig
 from fxlora.core.layers import fxlora_internal_names
 from fxlora.planning.matching import matches_name_list
@@ -347,11 +348,13 @@ def config_text(config_json: dict) -> str:
     return json.dumps(config_json, indent=2, sort_keys=True) + "\n"
 
 
-def write_adapter_dir(directory: Path, tensors: dict[str, torch.Tensor], text: str) -> None:
+def write_adapter_dir(directory: Path, tensors: dict[str, torch.Tensor], text: str, card: Optional[CardFacts] = None) -> None:
     """Replace the adapter files in `directory` (`text` is the config JSON) as a whole, see
     `fxlora.io.adapter_dir.replace_pair`: afterwards the new pair is there, after a failure the
-    previous one, after a kill one of the two. The weights carry the config's digest
-    (`CONFIG_DIGEST_KEY`). Errors are `OSError`s naming the path (a full disk: ``ENOSPC``)."""
+    previous one, after a kill one of the two. With `card`, the model card (``README.md``,
+    `fxlora.io.model_card.updated_card`) is replaced in the same save. The weights carry the
+    config's digest (`CONFIG_DIGEST_KEY`). Errors are `OSError`s naming the path (a full disk:
+    ``ENOSPC``)."""
     check_writable_dir(directory)
     metadata = {"format": "pt", CONFIG_DIGEST_KEY: config_digest(json.loads(text))}
 
@@ -364,8 +367,12 @@ def write_adapter_dir(directory: Path, tensors: dict[str, torch.Tensor], text: s
                 raise _as_os_error(exc) from exc
         with fs_errors("write", config):
             config.write_text(text, encoding="utf-8")
-        for path in (weights, config):  # as PEFT's files, whatever wrote them: 0644 under umask 022
-            give_file_mode(path)
+        content = updated_card(directory, card) if card is not None else None
+        if content is not None:
+            with fs_errors("write", into / CARD_NAME):
+                (into / CARD_NAME).write_text(content, encoding="utf-8")
+        for path in (weights, config) + ((into / CARD_NAME,) if content is not None else ()):
+            give_file_mode(path)  # as PEFT's files, whatever wrote them: 0644 under umask 022
             fsync_file(path)
 
     replace_pair(directory, write_pair)

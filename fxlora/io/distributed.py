@@ -12,23 +12,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["is_sharded", "full_tensor", "copy_into", "writes_files"]
-
-
-def _dtensor_type() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_type()
+__all__ = ["is_sharded", "full_tensor", "copy_into", "writes_files", "user_class"]
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    return _DTENSOR is not None and isinstance(tensor, _DTENSOR)
+    return isinstance(tensor, DTensor)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -40,8 +30,6 @@ def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
     """``target.copy_(value)`` where `value` is the whole tensor and `target` may be sharded
     (then its own shard of `value` is copied, with no communication)."""
     if is_sharded(target):
-        from torch.distributed.tensor import distribute_tensor
-
         value = value.to(dtype=target.dtype, device=target.device)
         target.copy_(distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None))
     else:
@@ -54,3 +42,9 @@ def writes_files(is_main_process: Optional[bool]) -> bool:
     if is_main_process is not None:
         return bool(is_main_process)
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def user_class(cls: type) -> type:
+    """The model's own class: the first in `cls`'s MRO not made by torch.distributed (FSDP2's
+    ``fully_shard`` gives a module the class ``FSDP<Name>``)."""
+    return next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)

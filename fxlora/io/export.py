@@ -62,7 +62,7 @@ def merged_state_dict(lora_model: nn.Module, adapters: list[str], safe_merge: bo
     layers = {n: m for n, m in model.named_modules() if layer_scales(m, scales)}
     check_untied(model, layers)
     for name, module in layers.items():
-        check_fold(name, module, layer_scales(module, scales), finite=safe_merge)
+        check_fold(name, module, layer_scales(module, scales), finite=safe_merge, merged=layer_scales(module, lora_model.adapter_state.merged_scale))
 
     state = base_state_dict(model)
     merged = {id(m): merged_tensors(m, layer_scales(m, scales)) for m in layers.values()}

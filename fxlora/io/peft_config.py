@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import torch.nn as nn
 
-from fxlora.config import LoraConfig
+from fxlora.io.distributed import user_class
+from fxlora.config import UNIMPLEMENTED_FIELDS, LoraConfig
 from fxlora.core.layers import target_meta
 from fxlora.errors import CheckpointError
 from fxlora.planning.defaults import default_target_modules
@@ -22,39 +23,10 @@ __all__ = ["PEFT_FORMAT_VERSION", "config_to_json", "config_from_json", "file_co
 #: the PEFT version whose adapter_config.json fxlora writes (its ``peft_version`` field)
 PEFT_FORMAT_VERSION = "0.21.2"
 
-#: Fields PEFT writes that describe the file, not the adapter's computation.
-_PEFT_METADATA = frozenset(
-    {
-        "peft_type",
-        "task_type",
-        "auto_mapping",
-        "peft_version",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "runtime_config",
-        "megatron_core",  # only read together with megatron_config
-        "qalora_group_size",  # only read together with use_qalora
-    }
-)
-#: Settings of PEFT's data-driven init methods; the init method itself is checked by LoraConfig.
-_INIT_SETTINGS = frozenset({"loftq_config", "eva_config", "corda_config", "lora_ga_config"})
-#: PEFT features fxlora does not implement: accepted only when switched off.
-_UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
-    "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
-    "target_parameters": "LoRA on nn.Parameters (target_parameters)",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "use_qalora": "QA-LoRA",
-    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
-    "arrow_config": "Arrow routing",
-    "kasa_config": "KaSA",
-    "monteclora_config": "MonteCLoRA",
-    "velora_config": "VeLoRA",
-    "megatron_config": "Megatron parallel layers",
-    "ensure_weight_tying": "weight tying of modules_to_save copies",
-}
+#: keys that describe a file, not the adapter: runtime options (PEFT drops them on read too), the
+#: writer's version, ``inference_mode`` (PEFT writes true; loading sets it from ``is_trainable``) and
+#: ``auto_mapping`` (the class of the model it was saved from; written again from the model)
+_FILE_ONLY = frozenset({"runtime_config", "peft_version", "inference_mode", "auto_mapping"})
 
 
 def _is_off(value: Any) -> bool:
@@ -62,57 +34,34 @@ def _is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (dict, list, str)) and len(value) == 0)
 
 
-#: Fields of PEFT features an fxlora adapter does not use, with the value PEFT 0.21.2 writes then.
-_PEFT_UNUSED: dict[str, Any] = {
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "corda_config": None,
-    "ensure_weight_tying": False,
-    "eva_config": None,
-    "kasa_config": None,
-    "layer_replication": None,
-    "loftq_config": {},
-    "lora_ga_config": None,
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "monteclora_config": None,
-    "qalora_group_size": 16,
-    "revision": None,
-    "target_parameters": None,
-    "task_type": None,
-    "trainable_token_indices": None,
-    "use_bdlora": None,
-    "use_dora": False,
-    "use_qalora": False,
-    "velora_config": None,
-}
-
-
 def config_to_json(
     config: LoraConfig, base_model_name_or_path: Optional[str] = None, base_model_class: Optional[type] = None
 ) -> dict[str, Any]:
-    """The JSON object PEFT 0.21.2 writes for `config` (keys sorted, as PEFT writes them): the
-    LoraConfig fields (``target_modules`` as a list, or the regex string it is; pass the config
-    `file_config` resolves), every field of a PEFT feature fxlora does not use with the value PEFT
-    writes when it is unused, and PEFT's bookkeeping: ``peft_type``, ``peft_version`` (the PEFT
-    version whose format this is), ``task_type``, ``revision``, ``base_model_name_or_path``,
-    ``inference_mode`` and, given the base model's class, ``auto_mapping``."""
-    data = {**_PEFT_UNUSED, **config.to_dict()}
+    """The JSON object PEFT 0.21.2 writes for `config` (keys sorted, as PEFT writes them): every
+    LoraConfig field but ``runtime_config`` (``target_modules`` as a list, or the regex string it
+    is; pass the config `file_config` resolves), with PEFT's bookkeeping as PEFT's
+    ``save_pretrained`` sets it: ``peft_type`` "LORA", ``peft_version`` (the PEFT version whose
+    format this is), ``inference_mode`` true, ``base_model_name_or_path`` the config's own or else
+    `base_model_name_or_path`, and ``auto_mapping`` from `base_model_class` when there is no
+    ``task_type`` (with one, the config's own, as PEFT)."""
+    data = config.to_dict()
+    del data["runtime_config"]  # PEFT never writes it (runtime options)
+    auto_mapping = config.auto_mapping
+    if config.task_type is None:
+        auto_mapping = None if base_model_class is None else _auto_mapping(base_model_class)
     data.update(
         peft_type="LORA",
         peft_version=PEFT_FORMAT_VERSION,
-        base_model_name_or_path=base_model_name_or_path or None,
+        base_model_name_or_path=config.base_model_name_or_path or base_model_name_or_path or None,
         inference_mode=True,
-        auto_mapping=None
-        if base_model_class is None
-        else _auto_mapping(base_model_class),
+        auto_mapping=auto_mapping,
     )
     return dict(sorted(data.items()))
 
 
 def _auto_mapping(cls: type) -> dict[str, str]:
-    """The user's class: classes wrappers make on the fly (FSDP2's ``FSDP<Name>``) are skipped."""
-    user = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed")), cls)
+    """The user's class (`fxlora.io.distributed.user_class`: not FSDP2's ``FSDP<Name>``)."""
+    user = user_class(cls)
     return {"base_model_class": user.__name__, "parent_library": user.__module__}
 
 
@@ -121,7 +70,8 @@ def file_config(model: nn.Module, adapter: str, config: LoraConfig) -> LoraConfi
     it saves: ``target_modules=None`` resolved to the model type's default list and
     ``"all-linear"`` to the adapted modules' names; ``fan_in_fan_out`` set from the layers
     (PEFT sets it for each linear target it adapts, in ``named_modules()`` order: True for a
-    transformers ``Conv1D``, False for an ``nn.Linear``; the last one stays). `config` is not
+    transformers ``Conv1D``, False for an ``nn.Linear``; the last one stays); the task type's
+    modules (`LoraConfig.task_modules_to_save`) added to ``modules_to_save``. `config` is not
     changed."""
     adapted = [(m, meta) for _, m in model.named_modules() if (meta := target_meta(m)) is not None and adapter in meta.adapters]
     changes: dict[str, Any] = {}
@@ -133,6 +83,9 @@ def file_config(model: nn.Module, adapter: str, config: LoraConfig) -> LoraConfi
     layouts = [layout for m, meta in adapted if (layout := meta.kind.fan_in_fan_out(m)) is not None]
     if layouts and layouts[-1] != config.fan_in_fan_out:
         changes["fan_in_fan_out"] = layouts[-1]
+    task_saved = [n for n in config.task_modules_to_save if n not in (config.modules_to_save or [])]
+    if task_saved:  # PEFT's task model adds them to the config it saves
+        changes["modules_to_save"] = [*(config.modules_to_save or []), *task_saved]
     return config.replace(**changes) if changes else config
 
 
@@ -184,16 +137,15 @@ def config_from_json(data: Any, source: str) -> tuple[LoraConfig, list[str]]:
     kwargs: dict[str, Any] = {}
     ignored: list[str] = []
     for key, value in data.items():
+        if key in _FILE_ONLY:
+            continue
+        if key in UNIMPLEMENTED_FIELDS and not _is_off(value):
+            raise CheckpointError(
+                f"{source}: {key}={value!r} asks for {UNIMPLEMENTED_FIELDS[key]}, which fxlora does not support (not implemented yet); "
+                f"only adapters with {key} unset (null/false/empty) can be loaded"
+            )
         if key in known:
             kwargs[key] = value
-        elif key in _PEFT_METADATA or key in _INIT_SETTINGS:
-            continue
-        elif key in _UNSUPPORTED_FEATURES:
-            if not _is_off(value):
-                raise CheckpointError(
-                    f"{source}: {key}={value!r} asks for {_UNSUPPORTED_FEATURES[key]}, which fxlora does not support; "
-                    f"only adapters with {key} unset (null/false) can be loaded"
-                )
         elif _is_off(value):
             ignored.append(key)
         else:

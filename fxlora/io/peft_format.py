@@ -44,6 +44,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "LEGACY_WEIGHTS_NAME",
+    "CARD_NAME",
     "PEFT_PREFIX",
     "CONFIG_DIGEST_KEY",
     "config_digest",
@@ -60,6 +61,7 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CARD_NAME = "README.md"  # the model card, in the save directory only (`fxlora.io.model_card`)
 PEFT_PREFIX = "base_model.model."
 #: fxlora's one addition to the format: a key of the weights file's safetensors metadata (PEFT
 #: ignores it) holding `config_digest` of the config saved with them, so that a reader can tell
@@ -136,13 +138,19 @@ def peft_strip_adapter_name(key: str, adapter: str) -> str:
     return f"{head}.{suffix}"
 
 
+#: holders whose tensor PEFT's file names without the leaf its module gives it
+_FILE_DROPS_LEAF = {"lora_magnitude_vector": "weight"}  # DoRA: ``lin.lora_magnitude_vector``
+
+
 def _fxlora_lora_key(name: str, suffix: str, adapter: str) -> str:
     """The fxlora key of an adapter tensor of layer `name` whose file key is ``name.suffix``: the
     adapter name after the holder (`LORA_CHILDREN`), PEFT's ``base_layer`` step left out
-    (``base_layer.out_proj.lora_A.weight`` -> ``out_proj.lora_A.<adapter>.weight``)."""
+    (``base_layer.out_proj.lora_A.weight`` -> ``out_proj.lora_A.<adapter>.weight``), and the leaf
+    PEFT's file drops put back (`_FILE_DROPS_LEAF`)."""
     parts = [p for p in suffix.split(".") if p != "base_layer"]
     at = next(i for i, p in enumerate(parts) if p in LORA_CHILDREN) + 1
-    return ".".join([name, *parts[:at], adapter, *parts[at:]])
+    leaf = parts[at:] or [_FILE_DROPS_LEAF[parts[at - 1]]] if parts[at - 1] in _FILE_DROPS_LEAF else parts[at:]
+    return ".".join([name, *parts[:at], adapter, *leaf])
 
 
 def _own_state(module: nn.Module) -> dict[str, torch.Tensor]:

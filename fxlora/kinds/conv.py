@@ -94,7 +94,7 @@ class ConvKind(ModulePairKind):
         }
         if spec.lora_bias:
             shapes["lora_B.bias"] = (module.out_channels,)
-        return shapes
+        return self.shapes_with_magnitude(module, spec, shapes)
 
     def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
         if self.own_forward(module):
@@ -137,6 +137,29 @@ class ConvKind(ModulePairKind):
             f"combination {combination!r} cannot combine adapters of a grouped convolution (groups={module.groups}); "
             "use combination_type='linear' (equal ranks), or combine adapters of ungrouped layers only"
         )
+
+
+    # ---------------------------------------------------------------- DoRA
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        if self.own_forward(module):  # its weight term (with dropout) would need its own forward's padding
+            return f"DoRA is implemented for {self.layer_types} themselves, not for subclasses with a forward of their own ({type(module).__name__})"
+        return self.merge_obstacle(module)
+
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (1, module.out_channels, *(1,) * len(module.kernel_size))
+
+    def dora_norm(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        return weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(1, 0)
+
+    def dora_on_weight(self, module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+        return values.transpose(1, 0)
+
+    def without_bias(self, module: nn.Module, base: torch.Tensor) -> torch.Tensor:
+        bias = module.bias
+        return base if bias is None else base - bias.view(-1, *(1,) * len(module.kernel_size))
+
+    def weight_term(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return module._conv_forward(x, weight, None)
 
 
 CONV = register_kind(ConvKind())

@@ -26,7 +26,7 @@ a transposed convolution would use r * prod(kernel)), so A starts like the ``con
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.fx
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlora.errors import UnsupportedTargetError
-from fxlora.kinds.registry import register_kind
+from fxlora.kinds.registry import KindBase, register_kind
 from fxlora.kinds.conv import ConvKind
 
 if TYPE_CHECKING:
@@ -91,6 +91,9 @@ class ConvTransposeKind(ConvKind):
 
     def call_a(self, lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return sized_like(lora_a, x, base)
+
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        return KindBase.dora_obstacle(self, module)  # PEFT has no DoRA for transposed convolutions either
 
     def weight_from_matrix(self, module: nn.Module, matrix: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
         return super().weight_from_matrix(module, matrix, fan_in_fan_out).transpose(0, 1).contiguous()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fxlora.kinds.registry import Factors, Init, KindBase, register_kind
 from fxlora.kinds.subclasses import own_forward_merge_obstacle
+from fxlora.kinds.weight_inits import refuse_weight_init
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -39,11 +40,13 @@ class EmbeddingKind(KindBase):
             raise ValueError(f"lora_bias=True is not supported for the Embedding {where}; set lora_bias=False")
 
     def factor_shapes(self, module: nn.Module, spec: "AdapterSpec") -> dict[str, tuple[int, ...]]:
-        return {"lora_embedding_A": (spec.r, module.num_embeddings), "lora_embedding_B": (module.embedding_dim, spec.r)}
+        shapes = {"lora_embedding_A": (spec.r, module.num_embeddings), "lora_embedding_B": (module.embedding_dim, spec.r)}
+        return self.shapes_with_magnitude(module, spec, shapes)
 
     def make_factors(
         self, module: nn.Module, spec: "AdapterSpec", init: Init, device: torch.device, dtype: torch.dtype
     ) -> dict[str, Union[nn.Module, nn.Parameter]]:
+        refuse_weight_init(type(module).__name__, init)
         a = nn.Parameter(torch.randn(spec.r, module.num_embeddings))
         b = nn.Parameter(torch.randn(module.embedding_dim, spec.r))
         if init is not False:
@@ -88,6 +91,23 @@ class EmbeddingKind(KindBase):
     def write_matrices(self, module: nn.Module, adapter: str, factors: Factors, bias: Optional[torch.Tensor]) -> None:
         module.lora_embedding_A[adapter].copy_(factors.a)
         module.lora_embedding_B[adapter].copy_(factors.b)
+
+
+    # ---------------------------------------------------------------- DoRA
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        return self.merge_obstacle(module)
+
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (module.embedding_dim,)
+
+    def dora_norm(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(weight.T, dim=1)
+
+    def dora_on_weight(self, module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+        return values.view(1, -1)
+
+    def dora_terms(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.update(module, adapter, x, base), base  # no dropout, no bias
 
 
 EMBEDDING = register_kind(EmbeddingKind())

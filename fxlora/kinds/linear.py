@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxlora.kinds.hf_classes import hf_conv1d_forward_owner, is_hf_conv1d
 from fxlora.kinds.subclasses import own_forward_merge_obstacle
@@ -40,6 +41,7 @@ class LinearKind(ModulePairKind):
     layer_types = "nn.Linear, transformers Conv1D"
     all_linear = True
     stackable = True
+    takes_weight_inits = True
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) or is_hf_conv1d(module)
@@ -52,7 +54,7 @@ class LinearKind(ModulePairKind):
         shapes = {"lora_A.weight": (spec.r, n_in), "lora_B.weight": (n_out, spec.r)}
         if spec.lora_bias:
             shapes["lora_B.bias"] = (n_out,)
-        return shapes
+        return self.shapes_with_magnitude(module, spec, shapes)
 
     def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
         n_in, n_out = _in_out(module)
@@ -65,6 +67,20 @@ class LinearKind(ModulePairKind):
         if is_hf_conv1d(module):
             return own_forward_merge_obstacle(module, [hf_conv1d_forward_owner(module)], "a matrix product")
         return own_forward_merge_obstacle(module, [nn.Linear], "F.linear")
+
+
+    # ---------------------------------------------------------------- DoRA
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (_in_out(module)[1],)
+
+    def dora_norm(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(weight.T if is_hf_conv1d(module) else weight, dim=1)
+
+    def dora_on_weight(self, module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+        return values.view(1, -1) if is_hf_conv1d(module) else values.view(-1, 1)
+
+    def weight_term(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight.T if is_hf_conv1d(module) else weight)
 
 
 LINEAR = register_kind(LinearKind())

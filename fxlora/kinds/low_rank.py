@@ -3,7 +3,9 @@
 Such an adapter computes ``lora_B(lora_A(lora_dropout(x)))``: A maps the layer's input to r
 channels (features), B maps those to the layer's output, with an optional bias (``lora_bias``).
 Init (PEFT's): A kaiming-uniform with ``a=sqrt(5)`` (``"gaussian"``: normal with std 1/r), B and
-its bias zero; ``init_lora_weights=False`` keeps the modules' own random init.
+its bias zero; ``init_lora_weights=False`` keeps the modules' own random init. The kinds whose
+update is a plain matrix product (``takes_weight_inits``: Linear) also take PiSSA, OLoRA and the
+orthogonal init (`fxlora.kinds.weight_inits`); PiSSA and OLoRA change the base layer's weight.
 
 A subclass says how to build the two modules (`ModulePairKind.factor_modules`) and how its weights
 read as matrices; everything else is here.
@@ -20,6 +22,7 @@ import torch.nn as nn
 
 from fxlora.dtypes import cast_like
 from fxlora.kinds.registry import Factors, Init, KindBase
+from fxlora.kinds.weight_inits import is_weight_init, matrix_inits, orthogonal_pair, refuse_weight_init
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -31,6 +34,10 @@ torch.fx.wrap("cast_like")  # one opaque node when `update` is traced
 
 class ModulePairKind(KindBase):
     """Base of the kinds with ``lora_A`` / ``lora_B`` modules behind a ``lora_dropout``."""
+
+    #: whether the kind takes PiSSA / OLoRA / orthogonal inits (its weight is an (out, in) matrix,
+    #: its factors plain matrices)
+    takes_weight_inits = False
 
     # ---------------------------------------------------------------- to define per kind
     def factor_modules(self, module: nn.Module, spec: "AdapterSpec") -> tuple[nn.Module, nn.Module]:
@@ -47,8 +54,13 @@ class ModulePairKind(KindBase):
         self, module: nn.Module, spec: "AdapterSpec", init: Init, device: torch.device, dtype: torch.dtype
     ) -> dict[str, Union[nn.Module, nn.Parameter]]:
         self.check_spec(type(module).__name__, module, spec)
+        if is_weight_init(init):
+            self._check_weight_init(module, spec, init)
         lora_a, lora_b = self.factor_modules(module, spec)
-        self._init(lora_a, lora_b, init, spec.r)
+        if is_weight_init(init):
+            self._weight_init(module, lora_a, lora_b, init, spec)
+        else:
+            self._init(lora_a, lora_b, init, spec.r)
         dropout = nn.Dropout(p=spec.dropout) if spec.dropout > 0 else nn.Identity()
         placed = dict(device=device, dtype=dtype)
         return {"lora_dropout": dropout, "lora_A": lora_a.to(**placed), "lora_B": lora_b.to(**placed)}
@@ -64,10 +76,73 @@ class ModulePairKind(KindBase):
         if lora_b.bias is not None:
             nn.init.zeros_(lora_b.bias)
 
+    def _check_weight_init(self, module: nn.Module, spec: "AdapterSpec", init: str) -> None:
+        """ValueError naming the layer where `init` cannot be done exactly on it (nothing is changed yet)."""
+        where = type(module).__name__
+        if not self.takes_weight_inits:
+            refuse_weight_init(where, init)
+        if init == "orthogonal":
+            if spec.r % 2:
+                raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={spec.r} on {where}")
+            return
+        obstacle = self.merge_obstacle(module)
+        if obstacle is not None:
+            raise ValueError(
+                f"init_lora_weights={init!r} moves part of the weight of {where} into the adapter, which needs a layer "
+                f"whose output is linear in its weight: {obstacle}"
+            )
+        weight = module.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"init_lora_weights={init!r} needs a float32, float16 or bfloat16 weight, {where} has {weight.dtype}")
+        if spec.r > min(weight.shape):
+            raise ValueError(
+                f"init_lora_weights={init!r} needs r <= min(out, in) = {min(weight.shape)} on {where} "
+                f"(weight {tuple(weight.shape)}), got r={spec.r}"
+            )
+
+    def _weight_init(self, module: nn.Module, lora_a: nn.Module, lora_b: nn.Module, init: str, spec: "AdapterSpec") -> None:
+        weight = module.weight
+        with torch.no_grad():
+            if init == "orthogonal":
+                a, b = orthogonal_pair(spec.r, lora_a.weight.shape[1], lora_b.weight.shape[0])
+                a, b = a.to(weight.dtype), b.to(weight.dtype)  # PEFT rounds them through the base dtype
+            else:
+                fan_in_fan_out = bool(self.fan_in_fan_out(module))
+                matrix = weight.detach().to(torch.float32)
+                a, b, residual = matrix_inits(matrix.T if fan_in_fan_out else matrix, spec.r, spec.scaling, init)
+                residual = residual.to(weight.dtype)
+                weight.copy_(residual.T if fan_in_fan_out else residual)
+            lora_a.weight.copy_(a)
+            lora_b.weight.copy_(b)
+
     def update(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         lora_a = module.lora_A[adapter]
         dropped = module.lora_dropout[adapter](cast_like(x, lora_a.weight))
         return module.lora_B[adapter](self.call_a(lora_a, dropped, base))
+
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        """DoRA's output formula needs the layer's output as weight term plus bias: the layers
+        that take a merge (`merge_obstacle`)."""
+        return self.merge_obstacle(module)
+
+    def dora_terms(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lora_a, dropout = module.lora_A[adapter], module.lora_dropout[adapter]
+        x = cast_like(x, lora_a.weight)
+        if isinstance(dropout, nn.Identity) or not module.training:  # PEFT's test
+            dropped, weight_term = x, self.without_bias(module, base)
+        else:
+            dropped = dropout(x)
+            weight_term = self.weight_term(module, dropped, module.weight.to(dropped.dtype))
+        return module.lora_B[adapter](self.call_a(lora_a, dropped, base)), weight_term
+
+    def without_bias(self, module: nn.Module, base: torch.Tensor) -> torch.Tensor:
+        """`base` (the layer's output) less the layer's bias."""
+        bias = getattr(module, "bias", None)
+        return base if bias is None else base - bias
+
+    def weight_term(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's output for `x` computed with `weight` and no bias."""
+        raise NotImplementedError
 
     def call_a(self, lora_a: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """A's output for `x` (the layer's base output is `base`)."""

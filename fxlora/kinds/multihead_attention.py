@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from fxlora.errors import UnsupportedTargetError
 from fxlora.kinds.low_rank import ModulePairKind
-from fxlora.kinds.registry import Factors, Init, register_kind
+from fxlora.kinds.registry import Factors, Init, KindBase, register_kind
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -94,6 +94,9 @@ class MultiheadAttentionKind(ModulePairKind):
 
     def reference_weight(self, module: nn.Module) -> torch.Tensor:
         return module.in_proj_weight
+
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        return KindBase.dora_obstacle(self, module)  # PEFT has no DoRA for nn.MultiheadAttention either
 
     def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
         cls = type(module).__name__

@@ -23,7 +23,8 @@ __all__ = [
     "supported_types",
 ]
 
-#: ``LoraConfig.init_lora_weights``: True (PEFT's default init), "gaussian", or False (random B too)
+#: ``LoraConfig.init_lora_weights``: True (PEFT's default init), "gaussian", False (random B too), or one
+#: of `fxlora.kinds.weight_inits` ("pissa", "pissa_niter_<K>", "olora", "orthogonal")
 Init = Union[bool, str]
 
 
@@ -132,6 +133,27 @@ class LayerKind(Protocol):
         """Copy `factors` (shaped as `as_matrices` gives them) and `bias` (None: zero) into the
         adapter's tensors, in place."""
 
+    # DoRA (`fxlora.variants.dora`); `KindBase` refuses it, kinds that implement it override these
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        """Why a DoRA adapter cannot sit on this layer (a sentence), or None."""
+
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        """The shape of a DoRA magnitude on this layer (PEFT's): one value per output feature,
+        laid out to broadcast over the layer's output."""
+
+    def dora_norm(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of each output feature's weights in `weight` (shaped like the layer's
+        weight), shaped like `magnitude_shape`."""
+
+    def dora_on_weight(self, module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+        """`values` (shaped like `magnitude_shape`) reshaped to broadcast over the layer's weight."""
+
+    def dora_terms(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(update, weight_term)`` for input `x` whose base output is `base`: the adapter's
+        unscaled update ``B(A(dropout(x)))`` (in the adapter's dtype) and the layer's output
+        without its bias for the same input the update saw (``base - bias``, or, with dropout
+        active, the weight term of the dropped input). Runs eagerly (reads ``module.training``)."""
+
 
 class KindBase:
     """Base of the built-in kinds: the answers of a kind that has nothing special to say (not
@@ -169,6 +191,27 @@ class KindBase:
 
     def combine_obstacle(self, module: nn.Module, combination: str) -> Optional[str]:
         return None
+
+    def dora_obstacle(self, module: nn.Module) -> Optional[str]:
+        return f"fxlora implements DoRA for nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding, not for {self.layer_types}"
+
+    def _no_dora(self, module: nn.Module, *args: object) -> Any:
+        raise NotImplementedError(self.dora_obstacle(module))
+
+    magnitude_shape = dora_norm = dora_on_weight = dora_terms = _no_dora
+
+    def lora_weight(self, module: nn.Module, adapter: str, fan_in_fan_out: bool, dtype: torch.dtype, which: str = "weight") -> torch.Tensor:
+        """The adapter's unscaled update ``B @ A`` of the layer's weight at path `which` (one of
+        `merged_weights`), laid out like that weight, in `dtype`."""
+        a, b = self.weight_matrices(module, adapter)[which]
+        return self.weight_from_matrix(module, b.to(dtype) @ a.to(dtype), fan_in_fan_out)
+
+    def shapes_with_magnitude(self, module: nn.Module, spec: "AdapterSpec", shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """`shapes` (`factor_shapes`) plus the DoRA magnitude's (file suffix ``lora_magnitude_vector``,
+        PEFT's) when `spec` has one."""
+        if spec.variant.magnitude:
+            shapes["lora_magnitude_vector"] = self.magnitude_shape(module)
+        return shapes
 
     def __reduce__(self):
         return kind_named, (self.name,)

@@ -24,7 +24,9 @@ import torch.nn as nn
 
 from fxlora.runtime.install import attach_plan, install_forwards, installed_forwards, reinstall_forwards, restore_forwards
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.core.combine import COMBINATIONS, combined_weights, layer_rank
+from fxlora.core.combine import COMBINATIONS, DENSITY_COMBINATIONS, EQUAL_RANK_COMBINATIONS, combined_weights, layer_rank
+from fxlora.core.task_merge import SIGN_METHODS
+from fxlora.kinds.weight_inits import changes_base_weights
 from fxlora.config import LoraConfig
 from fxlora.planning.explain import report_from_plan
 from fxlora.core.layers import check_adapter_name, remove_adapter, saved_meta, target_meta
@@ -109,6 +111,8 @@ def add_planned(lm: "LoraModel", plan: Plan) -> None:
         forwards = installed_forwards(lm.model)
         tx.on_undo(lambda: drop_adapter_modules(lm.model, plan.adapter))
         tx.on_undo(lambda: restore_forwards(lm.model, forwards))
+        if changes_base_weights(plan.config.init_lora_weights):  # PiSSA / OLoRA rewrite the targets' weights
+            tx.on_undo(_weight_restorer([t.module for t in plan.targets]))
         first = not state.configs
         attach_plan(plan)
         if first:
@@ -118,12 +122,24 @@ def add_planned(lm: "LoraModel", plan: Plan) -> None:
             plan.warnings += call_notes(plan.targets)
         state.configs[plan.adapter] = plan.config
         state.reports[plan.adapter] = report_from_plan(plan)
-        state.trainable[plan.adapter] = True
+        state.trainable[plan.adapter] = not plan.config.inference_mode  # PEFT: inference_mode freezes it
         if first:
             state.active = [plan.adapter]
         state.flags.invalidate()
         state.publish()
         state.sync_trainable(lm.training or first)
+
+
+def _weight_restorer(modules: list[nn.Module]):
+    """A function that puts the current values of the modules' weights back (in place)."""
+    saved = [(m.weight, m.weight.detach().clone()) for m in modules]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for weight, value in saved:
+                weight.copy_(value)
+
+    return restore
 
 
 def delete_adapter(lm: "LoraModel", adapter_name: str) -> None:
@@ -159,24 +175,37 @@ def add_weighted_adapter(
     svd_clamp: Optional[float] = None,
     svd_full_matrices: bool = True,
     svd_driver: Optional[str] = None,
+    density: Optional[float] = None,
+    majority_sign_method: str = "total",
 ) -> None:
     """Add a new (inactive) adapter combining `adapters` with `weights` (`fxlora.core.combine`):
-    ``"cat"`` (exact weighted sum of the updates), ``"linear"`` (PEFT's, equal ranks) or
-    ``"svd"`` (best rank-`svd_rank` approximation; every layer kind).
+    ``"cat"`` (exact weighted sum of the updates), ``"linear"`` (PEFT's, equal ranks),
+    ``"svd"`` (best rank-`svd_rank` approximation; every layer kind), or PEFT's pruning merges
+    ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` (equal ranks) and their
+    ``"_svd"`` forms, which need `density` (the fraction of entries kept, in [0, 1]; (0, 1] for
+    DARE) and take `majority_sign_method` (``"total"`` or ``"frequency"``, for the TIES ones).
+    DARE is random: the same torch seed gives PEFT's result bit for bit.
+    Unlike PEFT, a single adapter is combined by the method asked for (PEFT silently switches to
+    ``"linear"`` and ignores `density`).
     An existing `adapter_name` is an error (PEFT silently does nothing); on any error nothing
     changes."""
+    _check_density(combination_type, density, majority_sign_method)
     plan = _plan_combination(lm, adapters, weights, adapter_name, combination_type, svd_rank)
     layers, ranks, saved_from, config = plan
-    factors = {
-        name: combined_weights(
-            module, present, layer_weights, combination_type, ranks[name], svd_clamp, svd_full_matrices, svd_driver
-        )
-        for name, (module, present, layer_weights) in layers.items()
-    }
     biases = {name: _combined_bias(module, present, w) for name, (module, present, w) in layers.items()}
     with lm.adapter_state.transaction(lm.model) as tx:
-        lm.add_adapter(adapter_name, config)
+        # PEFT creates the new adapter (drawing its init) before it prunes: same order here, so
+        # that DARE's random draws match PEFT's under the same seed
+        lm.add_adapter(adapter_name, config.replace(init_lora_weights=_creation_init(lm.peft_config[adapters[0]])))
         tx.on_undo(lambda: lm.delete_adapter(adapter_name))
+        lm.adapter_state.configs[adapter_name] = config
+        factors = {
+            name: combined_weights(
+                module, present, layer_weights, combination_type, ranks[name], svd_clamp, svd_full_matrices,
+                svd_driver, density, majority_sign_method,
+            )
+            for name, (module, present, layer_weights) in layers.items()
+        }
         with torch.no_grad():
             for name, combined in factors.items():
                 module = layers[name][0]
@@ -185,21 +214,57 @@ def add_weighted_adapter(
                 module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[owner].state_dict())
 
 
+def _creation_init(first: LoraConfig):
+    """The init the combined adapter is created with before its weights are written: the first
+    adapter's, as PEFT does (so the random draws match), unless that init reads or changes the
+    base weights (then PEFT's default, which changes nothing)."""
+    return first.init_lora_weights if first.init_lora_weights in (True, False, "gaussian") else True
+
+
+def _check_density(combination_type: str, density: Optional[float], majority_sign_method: str) -> None:
+    if combination_type not in COMBINATIONS:
+        raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}")
+    if combination_type not in DENSITY_COMBINATIONS:
+        if density is not None:
+            raise ValueError(
+                f"density applies only to combination_type in {DENSITY_COMBINATIONS}, not {combination_type!r}; "
+                "leave it None"
+            )
+        return
+    dare = combination_type.startswith("dare")
+    valid = "a float in (0, 1]" if dare else "a float in [0, 1]"
+    if density is None or isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ValueError(f"combination_type={combination_type!r} needs density, {valid} (the fraction of entries kept), got {density!r}")
+    # DARE divides by the density, in float32: one that rounds to 0 there would give NaN
+    if not (torch.finfo(torch.float32).tiny <= density <= 1 if dare else 0 <= density <= 1):
+        reason = " (DARE divides by the density, which must be a normal float32)" if dare else ""
+        raise ValueError(f"density must be {valid} for combination_type={combination_type!r}{reason}, got {density!r}")
+
+
 def _plan_combination(lm: "LoraModel", adapters, weights, adapter_name, combination_type, svd_rank):
     check_adapter_name(adapter_name)
     if adapter_name in lm.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; choose a new name (existing: {list(lm.peft_config)})")
     adapters = _check_known(lm, adapters)
+    dora = [a for a in adapters if lm.peft_config[a].use_dora]
+    if dora:
+        raise ValueError(
+            f"add_weighted_adapter cannot combine the DoRA adapter(s) {dora}: a DoRA update rescales the weight by "
+            "its magnitude over a norm that depends on the whole update, so a combination of the factors is no "
+            "combination of the updates; combine plain LoRA adapters only"
+        )
     weights = list(weights)
     if len(weights) != len(adapters) or not all(
         isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
     ):
         raise ValueError(f"weights must be {len(adapters)} finite numbers, one per adapter, got {weights!r}")
-    if combination_type not in COMBINATIONS:
-        raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
         raise ValueError(f"svd_rank must be a positive int or None, got {svd_rank!r}")
-    combination = "linear" if len(adapters) == 1 else combination_type
+    # one adapter: "cat" and "svd" reduce to "linear" (its rank); the pruning merges still prune
+    single_is_linear = len(adapters) == 1 and combination_type in ("cat", "linear", "svd")
+    combination = "linear" if single_is_linear else combination_type
     layers, ranks = {}, {}
     for name, module in lm.model.named_modules():
         meta = target_meta(module)
@@ -208,13 +273,13 @@ def _plan_combination(lm: "LoraModel", adapters, weights, adapter_name, combinat
         present = [a for a in adapters if a in meta.adapters]
         if not present:
             continue
-        if combination == "linear" and len({meta.adapters[a].r for a in present}) > 1:
+        if combination in EQUAL_RANK_COMBINATIONS and len({meta.adapters[a].r for a in present}) > 1:
             raise ValueError(
-                f"combination_type='linear' needs equal ranks, but {name!r} has ranks "
+                f"combination_type={combination!r} needs equal ranks, but {name!r} has ranks "
                 f"{ {a: meta.adapters[a].r for a in present} }; use 'cat' or 'svd'"
             )
         layers[name] = (module, present, [weights[adapters.index(a)] for a in present])
-        ranks[name] = layer_rank(module, present, combination_type if len(adapters) > 1 else "linear", svd_rank)
+        ranks[name] = layer_rank(module, present, combination, svd_rank)
     saved_from = {}
     for name, module in lm.model.named_modules():
         meta = saved_meta(module)

@@ -27,6 +27,7 @@ from fxlora.config import LoraConfig
 from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
 from fxlora.model import adapters, loading, merging
 from fxlora.model.mixed_batch import batch_size_of, check_adapter_names, check_batch_layout
+from fxlora.model.signature import forward_signature, signed_forward
 from fxlora.model.state import AdapterState, CallScope
 from fxlora.passes import PassOptions
 from fxlora.planning.explain import Report
@@ -77,6 +78,9 @@ class LoraModel(nn.Module):
         for table in _SHARED_TABLES:
             object.__setattr__(self, table, getattr(model, table))
         self.training = model.training
+        signature = forward_signature(model)  # read before fxlora installs forwards on `model`
+        if signature is not None:
+            object.__setattr__(self, "forward", signed_forward(type(self).forward, self, signature))
 
     @classmethod
     def adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str = "default", trace: TracePolicy = "auto") -> "LoraModel":

@@ -89,7 +89,7 @@ def _merge(lm: "LoraModel", adapters: list[str], safe_merge: bool, exact: bool =
     every, direct = _merge_layers(lm, adapters)
     check_untied(lm.model, every)
     for name, module in every.items():
-        check_fold(name, module, layer_scales(module, scales), finite=safe_merge)
+        check_fold(name, module, layer_scales(module, scales), finite=safe_merge, merged=layer_scales(module, state.merged_scale))
     records: dict[str, FoldRecord] = {}
     try:
         done: set[int] = set()

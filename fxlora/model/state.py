@@ -31,6 +31,7 @@ from fxlora.config import LoraConfig
 from fxlora.core.fold import FoldRecord
 from fxlora.core.gates import GateState, make_gate_state, make_row_gate_state
 from fxlora.passes.options import PassOptions
+from fxlora.errors import VariantError
 from fxlora.variants import branch_gate, variant_for
 
 __all__ = ["AdapterState", "CallScope", "MergeStep", "Transaction"]
@@ -90,6 +91,7 @@ class AdapterState:
         self.flags_stale = False
         self.device: Optional[torch.device] = next((p.device for p in model.parameters()), None)
         self.pin = Pin()
+        self._last_published: tuple = ([], True, {})
         self.published: GateState = make_gate_state({}, {}, self._gate_device())
 
     # ---------------------------------------------------------------- derived facts
@@ -132,11 +134,33 @@ class AdapterState:
 
     def publish(self) -> None:
         """Make the gate state of the current adapter state the one new calls read (O(adapters);
-        calls in flight keep the one they pinned)."""
-        values = {a: self.gate_values(a) for a in self.configs}
+        calls in flight keep the one they pinned). A state the gates cannot express (a merged
+        adapter of a non-additive variant switched off or rescaled: `VariantError`) is refused:
+        the active adapters, the enabled flag and the scales are put back as last published."""
+        try:
+            self._check_order()
+            values = {a: self.gate_values(a) for a in self.configs}
+        except VariantError:  # a merged DoRA adapter switched: the change is taken back
+            self.active, self.enabled, self.scales = self._last_published
+            raise
+        self._last_published = (list(self.active), self.enabled, dict(self.scales))
         self.published = make_gate_state(
             {a: v[0] for a, v in values.items()}, {a: v[1] for a, v in values.items()}, self._gate_device()
         )
+
+    def _check_order(self) -> None:
+        """`VariantError` for several active adapters, one of them DoRA, listed in another order
+        than they were added: a DoRA adapter rescales the output of those before it
+        (`fxlora.core.branch`), and fxlora's layers apply their adapters in the order they were
+        added, where PEFT follows the active list."""
+        if len(self.active) < 2 or not any(variant_for(self.configs[a]).magnitude for a in self.active):
+            return
+        added = [a for a in self.configs if a in self.active]
+        if added != list(self.active):
+            raise VariantError(
+                f"active adapters {list(self.active)} include a DoRA adapter, which rescales the output of the adapters "
+                f"applied before it, and fxlora applies them in the order they were added: activate them as {added}"
+            )
 
     def row_state(self, names: list[str]) -> GateState:
         """The gate state of one mixed batch (row ``i`` uses adapter ``names[i]``), for that call
@@ -209,6 +233,7 @@ class AdapterState:
         plain = ("configs", "reports", "active", "scales", "trainable", "merge_steps", "base_requires_grad")
         saved = {name: copy.copy(getattr(self, name)) for name in plain}
         saved.update(enabled=self.enabled, options=self.options, flags_stale=self.flags_stale, published=self.published)
+        saved["_last_published"] = self._last_published
         return saved
 
     # ---------------------------------------------------------------- copying

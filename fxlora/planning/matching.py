@@ -91,12 +91,16 @@ def _is_under(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def _match_modules_to_save(config: LoraConfig, names: Sequence[str], model: nn.Module) -> tuple[str, ...]:
-    if not config.modules_to_save:
+    """Modules trained in full: every `modules_to_save` entry must match; the task type's modules
+    (`LoraConfig.task_modules_to_save`) are added where the model has them, as PEFT's task models do."""
+    entries = list(config.modules_to_save or [])
+    optional = [n for n in config.task_modules_to_save if n not in entries]
+    if not entries and not optional:
         return ()
     chosen: list[str] = []
-    for entry in config.modules_to_save:
+    for entry in entries + optional:
         hits = [n for n in names if n and (n == entry or n.endswith("." + entry))]
-        if not hits:
+        if not hits and entry not in optional:
             raise NoTargetFoundError(
                 f"modules_to_save entry {entry!r} matched no module of {type(model).__name__} "
                 f"(entries match a full name or a suffix starting at a dot). "

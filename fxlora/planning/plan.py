@@ -30,11 +30,13 @@ from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.planning.notes import call_notes
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
+from fxlora.boundary import boundary_of, can_be_root
 from fxlora.tracing.boundaries import nested_roots
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
-from fxlora.errors import TraceFailure
-from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids, trace_variant
+from fxlora.errors import TraceFailure, UnsupportedTargetError
+from fxlora.tracing.reuse import TraceCache
+from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids
 
 __all__ = [
     "TracePolicy",
@@ -129,6 +131,16 @@ def _fan_in_fan_out_note(config: LoraConfig, targets: list["TargetPlan"]) -> Opt
     )
 
 
+def _check_dora(name: str, module: nn.Module, kind: LayerKind, spec: AdapterSpec) -> None:
+    """`UnsupportedTargetError` where the config asks for DoRA on a layer its kind cannot give it."""
+    why = kind.dora_obstacle(module) if spec.variant.magnitude else None
+    if why is not None:
+        raise UnsupportedTargetError(
+            f"use_dora=True cannot adapt {name!r} ({type(module).__name__}): {why}; exclude it (exclude_modules) "
+            "or use plain LoRA (use_dora=False)"
+        )
+
+
 def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection, notes: list[str]) -> list[TargetPlan]:
     """One plan per selected target. fxlora always uses the layer's own weight layout
     (`LayerKind.fan_in_fan_out`); the config's ``fan_in_fan_out`` is only checked."""
@@ -145,6 +157,7 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
             variant=variant_for(config),
         )
         kind.check_spec(repr(name), module, spec)
+        _check_dora(name, module, kind, spec)
         check_returns_one_tensor(name, module, kind, spec)
         if spec.lora_bias and getattr(module, "bias", None) is None:
             notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
@@ -163,14 +176,14 @@ def _root_patterns(module: nn.Module, observed: dict[int, list[CallKey]]) -> lis
     return [canonical_key(module, module.training)]
 
 
-def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[int, list[CallKey]]) -> dict:
+def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[int, list[CallKey]], cache: TraceCache) -> dict:
     """The graphs of `module`'s call patterns; raises `TraceFailure` unless every one traces.
     If one pattern needed tensor ranks, all are kept under their ranked keys (the root then
     dispatches on ranked patterns)."""
-    if "forward" in module.__dict__:
-        raise TraceFailure("its forward was replaced on the instance (hooks or wrappers)")
+    if not can_be_root(module):  # its call would not run a graph of its class forward
+        raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
     through = trace_through_ids(module, interesting)
-    traced = [(key, trace_variant(module, through, key)) for key in _root_patterns(module, observed)]
+    traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
     ranked = any(key_is_ranked(v.key) for _, v in traced)
     return {(key if ranked else v.key): v for key, v in traced}
 
@@ -254,6 +267,7 @@ def assign_paths(
         return [], info
     roots: list[RootPlan] = []
     observed = observe_calls(model)
+    cache = TraceCache()  # identical blocks are traced once
     for name, module in modules.items():
         info[name].probed = (id(module) in observed) if observed else None
 
@@ -267,7 +281,7 @@ def assign_paths(
         names = inside(name)
         try:
             _check_callable_root(module, not name, observed)
-            variants = _trace_root(module, [modules[n] for n in names], observed)
+            variants = _trace_root(module, [modules[n] for n in names], observed, cache)
             covered = _in_graph(module, name, names, [modules[n] for n in names])
             counts = _check_calls(name, variants, covered)
         except TraceFailure as exc:

@@ -16,7 +16,7 @@ fxlora keeps every boundary:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -47,18 +47,6 @@ class Inlined(NamedTuple):
             if type(module) is not cls or module._compiled_call_impl is not None or "forward" in module.__dict__:
                 return False
         return True
-
-    def changed(self) -> Optional[str]:
-        """Which inlined module changed and how (None while `hold`)."""
-        for module, cls, live, old in zip(self.modules, self.classes, self.children, self.snapshot):
-            reason = boundary_of(module)
-            if reason is None and type(module) is not cls:
-                reason = f"its class became {type(module).__name__}"
-            if reason is None and live != old:
-                reason = "its children were replaced"
-            if reason is not None:
-                return f"{type(module).__name__}: {reason}"
-        return None
 
 
 #: the record of a graph that inlined nothing

@@ -109,7 +109,7 @@ def test_errors_change_nothing():
     with pytest.raises(ValueError, match="2 finite numbers"):
         model.add_weighted_adapter(["default", "b"], [1], "mix")
     with pytest.raises(ValueError, match="combination_type"):
-        model.add_weighted_adapter(["default", "b"], [1, 1], "mix", combination_type="ties")
+        model.add_weighted_adapter(["default", "b"], [1, 1], "mix", combination_type="bogus")
     with pytest.raises(ValueError, match="equal ranks"):
         model.add_weighted_adapter(["default", "b"], [1, 1], "mix", combination_type="linear")
     with pytest.raises(ValueError, match="svd_rank"):

@@ -7,14 +7,15 @@ import os
 
 import pytest
 
-from launch import run_distributed
+from launcher import run_torchrun
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    return run_distributed(os.path.join(os.path.dirname(__file__), "fsdp2_worker.py"), tmp_path_factory.mktemp("fsdp2"))
+    out = tmp_path_factory.mktemp("fsdp2") / "result.json"
+    return run_torchrun(os.path.join(os.path.dirname(__file__), "scripts", "fsdp2.py"), str(out), result=out, timeout=240)
 
 
 def test_every_sharding_trains_with_peft_losses(result):
@@ -28,7 +29,7 @@ def test_every_sharding_trains_with_peft_losses(result):
 def test_a_sharded_model_saves_whole_tensors_from_rank_0(result):
     assert "save_error" not in result, result.get("save_error")
     save = result["save"]
-    assert save["entries"] == ["adapter_config.json", "adapter_model.safetensors"]  # no temporary left
+    assert save["entries"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # no temporary left
     assert save["same_weights"] and save["count"] == 8
     assert save["same_files_as_unsharded"]
 

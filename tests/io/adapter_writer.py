@@ -9,10 +9,13 @@ so a SIGKILL ends it exactly as it would end a training run):
     adapter_writer.py kills ROOT N S   in ROOT/kill-<i> (i < N) a child saves B, A, B, ... over A
                                        in a loop and is SIGKILLed at a random moment (seed S)
     adapter_writer.py alternate DIR T  saves A, B, A, ... into DIR for T seconds; prints the count
+    adapter_writer.py card-steps ROOT  as ``steps``, each save with its model card, over a card
+                                       the user wrote (`USER_CARD`)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -26,6 +29,7 @@ import torch
 
 from fxlora import LoraConfig
 from fxlora.io.adapter_files import AdapterFiles, config_text, write_adapter_dir
+from fxlora.io.model_card import CardAdapter, CardFacts
 from fxlora.io.peft_format import PEFT_PREFIX, config_to_json
 
 HIDDEN = 1000
@@ -49,8 +53,14 @@ class Version:
         self.config = LoraConfig(target_modules=["seq.0", "seq.2"], r=rank, lora_alpha=rank * (seed + 1))
         self.text = config_text(config_to_json(self.config, None))
 
-    def save(self, directory: Path) -> None:
-        write_adapter_dir(Path(directory), self.tensors, self.text)
+    def save(self, directory: Path, card: bool = False) -> None:
+        write_adapter_dir(Path(directory), self.tensors, self.text, self.card if card else None)
+
+    @property
+    def card(self) -> CardFacts:
+        """The model card facts of this version (its config differs per version)."""
+        adapter = CardAdapter("default", ".", json.loads(self.text), ("seq.0", "seq.2"))
+        return CardFacts("models.MLP", None, (), (adapter,))
 
     def is_in(self, files: AdapterFiles) -> bool:
         """`files` is exactly this version (config and every tensor)."""
@@ -92,7 +102,10 @@ def _run_child(work: Callable[[], None]) -> int:
     return os.waitpid(pid, 0)[1]
 
 
-def kill_at_each_step(root: Path) -> int:
+USER_CARD = "# My adapter\n\nWords of the user's own.\n"
+
+
+def kill_at_each_step(root: Path, card: bool = False) -> int:
     a, b = Version(0), Version(1)
 
     def kill_at(k: int) -> Callable[[int, str], None]:
@@ -104,8 +117,11 @@ def kill_at_each_step(root: Path) -> int:
 
     for k in range(1, 200):
         directory = root / f"step-{k:03d}"
-        a.save(directory)
-        status = _run_child(lambda: (hook_fs_calls(kill_at(k)), b.save(directory)))
+        if card:
+            directory.mkdir(parents=True)
+            (directory / "README.md").write_text(USER_CARD)
+        a.save(directory, card)
+        status = _run_child(lambda: (hook_fs_calls(kill_at(k)), b.save(directory, card)))
         if not os.WIFSIGNALED(status):  # the save needed fewer than k calls
             shutil.rmtree(directory)
             return k - 1
@@ -142,6 +158,8 @@ if __name__ == "__main__":
         print(kill_at_each_step(where))
     elif mode == "kills":
         kill_at_random(where, int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "card-steps":
+        print(kill_at_each_step(where, card=True))
     elif mode == "alternate":
         print(alternate(where, float(sys.argv[3])))
     else:

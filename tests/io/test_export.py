@@ -22,6 +22,13 @@ CASES = [
 ]
 
 
+def crash_mid_write(tensors, filename, metadata=None):
+    """A safetensors writer that dies half-way through the file (a full disk)."""
+    with open(filename, "wb") as fh:
+        fh.write(b"half a file")
+    raise OSError("disk full")
+
+
 def trained(make, targets, saved, **extra):
     """A transformed model whose adapters and copies are non-trivial (as after training)."""
     torch.manual_seed(0)
@@ -121,11 +128,6 @@ def test_a_failure_mid_write_leaves_the_earlier_file_intact(tmp_path, monkeypatc
     with torch.no_grad():
         model.model.seq[0].lora_B["default"].weight.add_(1.0)  # a new export would differ
 
-    def crash_mid_write(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"half a file")
-        raise OSError("disk full")
-
     monkeypatch.setattr(st, "save_file", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         model.save_merged(path)
@@ -194,11 +196,6 @@ def test_transformers_directory_export_failing_mid_write_keeps_the_earlier_expor
     model = trained(tiny_gpt2, ["c_attn"], None)
     target = model.save_merged(tmp_path / "export")
     earlier = {p.name: p.read_bytes() for p in target.iterdir()}
-
-    def crash_mid_write(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"half a file")
-        raise OSError("disk full")
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):

@@ -45,7 +45,7 @@ def test_config_round_trips_through_json():
     assert data["peft_type"] == "LORA" and data["base_model_name_or_path"] == "org/model"
     assert list(data) == sorted(data)
     config, notes = config_from_json(data, "x.json")
-    assert config == RICH and notes == []
+    assert config == RICH.replace(base_model_name_or_path="org/model") and notes == []  # bookkeeping is kept
 
 
 def test_regex_target_modules_stay_a_string():
@@ -72,6 +72,8 @@ def test_fxlora_config_json_is_read_by_peft(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config_to_json(RICH)))
     loaded = peft.LoraConfig.from_pretrained(str(tmp_path))
     for key, value in RICH.to_dict().items():
+        if key in ("peft_version", "inference_mode", "runtime_config"):  # set by the save, as PEFT's
+            continue
         got = getattr(loaded, key)
         got = sorted(got) if isinstance(got, set) else got
         assert got == (sorted(value) if key == "target_modules" else value), key
@@ -81,7 +83,6 @@ def test_fxlora_config_json_is_read_by_peft(tmp_path):
 @pytest.mark.parametrize(
     "field, value, what",
     [
-        ("use_dora", True, "DoRA"),
         ("layer_replication", [[0, 2]], "layer replication"),
         ("trainable_token_indices", [1, 2], "trainable tokens"),
         ("target_parameters", ["experts.w"], "target_parameters"),

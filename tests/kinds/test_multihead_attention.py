@@ -293,6 +293,7 @@ class OwnForward(nn.MultiheadAttention):
         (Attention(kdim=4, vdim=4), {}, "separate weights"),
         (Attention(), {"lora_dropout": 0.1}, "lora_dropout=0.1"),
         (Attention(), {"lora_bias": True}, "lora_bias=True"),
+        (Attention(), {"use_dora": True}, "use_dora=True cannot adapt 'attn'"),
     ],
 )
 def test_refusals(model, options, message):

@@ -24,7 +24,7 @@ import fxlora
 from fxlora import LoraConfig, LoraModel
 from fxlora.errors import MergeError, UnsupportedTargetError
 from fxlora.kinds.subclasses import declare_linear_forward, has_own_forward, is_declared_linear
-from models import copy_peft_adapter_weights
+from models import assert_same_state, copy_peft_adapter_weights, state_snapshot
 
 peft = pytest.importorskip("peft")
 timm_layers = pytest.importorskip("timm.layers")
@@ -122,17 +122,6 @@ def _peft_output(base: nn.Module, x: torch.Tensor, kwargs: dict):
         return None, None
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
-
-
 def _reference(fm, x: torch.Tensor) -> torch.Tensor:
     """base(x) + B(A(x)) * scaling, from fxlora's own factor modules (for geometries peft cannot run)."""
     layer = fm.model.layer
@@ -153,13 +142,13 @@ def test_subclass_is_peft_or_refused(cls, geometry, lora_bias, tmp_path):
     pm, expected = _peft_output(base, x, kwargs)
 
     model = copy.deepcopy(base)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     try:
         fm = fxlora.transform(model, LoraConfig(**kwargs))
     except UnsupportedTargetError as exc:
         assert cls.__name__ in str(exc) and "exclude" in str(exc)
         assert type(model.layer) is cls and "forward" not in vars(model.layer)
-        _assert_same_state(model, before)
+        assert_same_state(model, before)
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
         # refused where peft fails, or where peft's A drops the layer's dilation (its adapters would
         # mean another update than fxlora's, and no merge could fold them in)
@@ -196,12 +185,12 @@ def _check_merge(fm, cls, geometry, base, x, expected, tmp_path):
     refused = cls.__name__ in STANDARDISED or geometry.get("groups", 1) > 1
     if fm.model.layer.bias is None and fm.peft_config["default"].lora_bias:
         refused = True  # a lora_bias needs a bias to fold into
-    before = _snapshot(fm)
+    before = state_snapshot(fm)
     if refused:
         for merge in (fm.merge_adapter, lambda: fm.save_merged(tmp_path / "m.safetensors"), fm.merged_state_dict, fm.merge_and_unload):
             with pytest.raises(MergeError, match="keep this adapter unmerged"):
                 merge()
-            _assert_same_state(fm, before)
+            assert_same_state(fm, before)
             torch.testing.assert_close(fm(x), expected, rtol=0, atol=0)
         assert not (tmp_path / "m.safetensors").exists()
         return
@@ -214,7 +203,7 @@ def _check_merge(fm, cls, geometry, base, x, expected, tmp_path):
     fm.merge_adapter()
     torch.testing.assert_close(fm(x), expected, rtol=1e-4, atol=1e-5)
     fm.unmerge_adapter()
-    _assert_same_state(fm, before)
+    assert_same_state(fm, before)
 
 
 @pytest.mark.parametrize("cls", [c for c in SUBCLASSES if c.__name__ in {"ScaledStdConv2d", "StdConv2d", "Conv2dSame"}], ids=lambda c: c.__name__)
@@ -245,11 +234,11 @@ def test_refusal_names_what_differs():
 def test_weighted_combination_of_standardised_factors_is_refused():
     fm = fxlora.transform(OneLayer(timm_layers.StdConv2d(4, 6, 3)), LoraConfig(target_modules=["layer"], init_lora_weights=False))
     fm.add_adapter("other", LoraConfig(target_modules=["layer"], init_lora_weights=False))
-    before = _snapshot(fm)
+    before = state_snapshot(fm)
     with pytest.raises(ValueError, match="not linear in their weights"):
         fm.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="linear")
     assert "mix" not in fm.peft_config
-    _assert_same_state(fm, before)
+    assert_same_state(fm, before)
 
 
 def test_combination_of_declared_linear_factors_is_the_combined_update():
@@ -315,10 +304,10 @@ def test_dm_nfnet_dynamic_same_padding_is_refused_naming_the_layer():
     targets = [n for n, m in base.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
     dynamic = [n for n in targets if getattr(base.get_submodule(n), "same_pad", False)]
     assert dynamic
-    before = _snapshot(base)
+    before = state_snapshot(base)
     with pytest.raises(UnsupportedTargetError, match=rf"'{dynamic[0]}' \(ScaledStdConv2dSame\).*same_pad"):
         fxlora.transform(base, LoraConfig(target_modules=targets))
-    _assert_same_state(base, before)
+    assert_same_state(base, before)
     fm = fxlora.transform(base, LoraConfig(target_modules=targets, exclude_modules=dynamic))
     assert len(fm.targeted_module_names) == len(targets) - len(dynamic)
 

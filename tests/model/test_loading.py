@@ -73,7 +73,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 def test_seed_mlp_file_holds_exactly_the_adapter(tmp_path):
     model = fxlora.transform(MLP(), LoraConfig(**SEED_CONFIG))
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", CONFIG, WEIGHTS]  # the model card, as PEFT
     with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
         metadata = f.metadata()
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -96,8 +96,9 @@ def test_seed_mlp_file_holds_exactly_the_adapter(tmp_path):
     assert data["peft_type"] == "LORA" and data["task_type"] is None and data["inference_mode"] is True
     assert data["base_model_name_or_path"] is None and data["use_dora"] is False
     assert data["target_modules"] == ["seq.0", "seq.2"] and data["modules_to_save"] == ["seq.4"]
+    written_by_save = {"peft_version", "auto_mapping", "inference_mode", "runtime_config"}  # as PEFT's save sets them
     for key, value in model.peft_config["default"].to_dict().items():
-        assert data[key] == value, key
+        assert key in written_by_save or data[key] == value, key
 
 
 def test_round_trip_gives_the_same_model_and_an_inference_model(tmp_path):
@@ -110,7 +111,7 @@ def test_round_trip_gives_the_same_model_and_an_inference_model(tmp_path):
     assert loaded.state_dict().keys() == ours.keys()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ours[k]), k  # base biases trained with bias="all" came back too
-    assert loaded.peft_config["default"] == model.peft_config["default"]
+    assert loaded.peft_config["default"] == model.peft_config["default"].replace(inference_mode=True)  # PEFT: not is_trainable
     assert not loaded.training and not any(m.training for m in loaded.modules())
     assert not any(p.requires_grad for p in loaded.parameters())
     loaded.train()  # an inference adapter stays frozen in train mode too
@@ -134,10 +135,10 @@ def test_other_adapters_go_to_subdirectories_and_load_back(tmp_path):
     model.set_adapter(["default", "other"])
     trained(model)
     model.save_pretrained(tmp_path / "all")
-    assert sorted(os.listdir(tmp_path / "all")) == [CONFIG, WEIGHTS, "other"]
-    assert sorted(os.listdir(tmp_path / "all" / "other")) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path / "all")) == ["README.md", CONFIG, WEIGHTS, "other"]
+    assert sorted(os.listdir(tmp_path / "all" / "other")) == [CONFIG, WEIGHTS]  # one card, at the top (PEFT)
     model.save_pretrained(tmp_path / "sel", selected_adapters=["other"])
-    assert os.listdir(tmp_path / "sel") == ["other"]
+    assert sorted(os.listdir(tmp_path / "sel")) == ["README.md", "other"]
 
     loaded = LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "all")
     loaded.load_adapter(tmp_path / "sel" / "other", "other")
@@ -274,7 +275,7 @@ def test_save_replaces_a_previous_adapter_completely(tmp_path):
     base, model, directory = small_adapter(tmp_path)
     other = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules=["seq.2"], r=3, init_lora_weights=False))
     other.save_pretrained(directory)
-    assert sorted(os.listdir(directory)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(directory)) == ["README.md", CONFIG, WEIGHTS]
     loaded = LoraModel.from_pretrained(copy.deepcopy(base), directory)
     assert loaded.targeted_module_names == ["seq.2"]
     x = torch.randn(2, 20)
@@ -341,13 +342,13 @@ def test_corrupted_config(tmp_path):
     [
         ({"peft_type": "IA3"}, r"adapter_config\.json: fxlora reads LoRA adapters only.*'IA3'"),
         ({"peft_type": None}, r"adapter_config\.json: fxlora reads LoRA adapters only.*peft_type=None"),
-        ({"use_dora": True}, r"adapter_config\.json: use_dora=True asks for DoRA"),
-        ({"init_lora_weights": "pissa"}, r"adapter_config\.json: invalid LoRA config: init_lora_weights"),
+        ({"use_qalora": True}, r"adapter_config\.json: use_qalora=True asks for QA-LoRA"),
+        ({"init_lora_weights": "loftq"}, r"adapter_config\.json: invalid LoRA config: init_lora_weights"),
         ({"r": 0}, r"adapter_config\.json: invalid LoRA config: r must be a positive int"),
         ({"lora_flux_capacitor": 2.0}, r"unknown config field lora_flux_capacitor=2\.0"),
         ({"target_modules": ["blocks.9"]}, r"adapter_config\.json does not fit this model.*blocks\.9"),
     ],
-    ids=["other-peft-type", "no-peft-type", "dora", "pissa", "bad-rank", "unknown-field", "other-targets"],
+    ids=["other-peft-type", "no-peft-type", "qalora", "loftq", "bad-rank", "unknown-field", "other-targets"],
 )
 def test_bad_configs(tmp_path, changes, pattern):
     base, _, directory = small_adapter(tmp_path)

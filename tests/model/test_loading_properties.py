@@ -41,7 +41,7 @@ def test_save_then_load_onto_a_fresh_base_is_identical(setup, init, noise):
     lora, copies, biases = expected_counts(net, targets, config)
     duplicates = 2 * net.head.bias.numel() if config.bias == "all" and config.modules_to_save else 0  # peft's
     assert written == lora + copies + biases + duplicates
-    assert loaded.peft_config == model.peft_config
+    assert loaded.peft_config == {k: c.replace(inference_mode=True) for k, c in model.peft_config.items()}  # PEFT: not is_trainable
     assert loaded.targeted_module_names == targets
     assert loaded.target_paths == model.target_paths
     ours, theirs = model.state_dict(), loaded.state_dict()

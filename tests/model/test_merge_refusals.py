@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrizations, spectral_norm, weight_norm
 
 import fxlora
+from models import assert_same_state, state_snapshot
 from fxlora import LoraConfig, LoraModel
 from fxlora.errors import MergeError, UnsupportedTargetError
 
@@ -34,17 +35,6 @@ class Net(nn.Module):
     def forward(self, x):
         h = self.lin(x).unsqueeze(-1).expand(-1, -1, 4)
         return self.out(self.conv(h).mean(-1))
-
-
-def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _assert_same_state(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = module.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
 
 
 def _perturb(lm) -> None:
@@ -83,13 +73,13 @@ def test_computed_weights_refuse_every_merge(norm, target, merge, tmp_path):
     lm = fxlora.transform(net, LoraConfig(target_modules=[target], init_lora_weights=False))
     lm.eval()
     expected = lm(x)
-    before = _snapshot(lm)
+    before = state_snapshot(lm)
     with pytest.raises(MergeError) as info:
         MERGES[merge](lm, tmp_path)
     message = str(info.value)
     assert repr(target) in message and hook_name in message
     assert "keep this adapter unmerged" in message and "remove" in message
-    _assert_same_state(lm, before)
+    assert_same_state(lm, before)
     assert lm.merged_adapters == []
     torch.testing.assert_close(lm(x), expected, rtol=0, atol=0)
     assert not (tmp_path / "merged.safetensors").exists()
@@ -100,10 +90,10 @@ def test_computed_bias_refuses_a_lora_bias_merge():
     net = Net()
     torch.nn.utils.parametrize.register_parametrization(net.lin, "bias", nn.Identity())
     lm = fxlora.transform(net, LoraConfig(target_modules=["lin"], lora_bias=True, init_lora_weights=False))
-    before = _snapshot(lm)
+    before = state_snapshot(lm)
     with pytest.raises(MergeError, match="its bias is not a tensor of its own"):
         lm.merge_adapter()
-    _assert_same_state(lm, before)
+    assert_same_state(lm, before)
 
 
 # ---------------------------------------------------------------------- forwards not linear in the weight
@@ -137,21 +127,21 @@ def test_subclass_forward_refuses_merges(layer, x, tmp_path):
     lm = fxlora.transform(net, LoraConfig(target_modules=["layer"], init_lora_weights=False))
     _perturb(lm)
     expected = lm(x)
-    before = _snapshot(lm)
+    before = state_snapshot(lm)
     for merge in MERGES.values():
         with pytest.raises(MergeError, match=f"{type(layer).__name__} computes its output with its own forward"):
             merge(lm, tmp_path)
-        _assert_same_state(lm, before)
+        assert_same_state(lm, before)
     torch.testing.assert_close(lm(x), expected, rtol=0, atol=0)
 
 
 def test_conv_transpose_subclass_with_its_own_forward_is_refused_at_transform():
     net = nn.Sequential()
     net.add_module("up", CroppedConvTranspose(4, 3, 3))
-    before = _snapshot(net)
+    before = state_snapshot(net)
     with pytest.raises(UnsupportedTargetError, match=r"'up' \(CroppedConvTranspose\).*its own forward"):
         fxlora.transform(net, LoraConfig(target_modules=["up"]))
-    _assert_same_state(net, before)
+    assert_same_state(net, before)
     assert type(net.up) is CroppedConvTranspose and "forward" not in vars(net.up)
 
 
@@ -224,11 +214,11 @@ def test_loading_over_a_merged_bias_is_refused(bias, tmp_path):
     x = torch.randn(3, 6)
     lm.merge_adapter()
     expected = lm(x)
-    before = _snapshot(lm)
+    before = state_snapshot(lm)
     with pytest.raises(MergeError, match=r"sets the base tensor '(lin|conv)\.bias'.*\['default'\].*unmerge_adapter\(\) first"):
         lm.load_adapter(tmp_path / "a", "other")
     assert "other" not in lm.peft_config
-    _assert_same_state(lm, before)
+    assert_same_state(lm, before)
     torch.testing.assert_close(lm(x), expected, rtol=0, atol=0)
     lm.unmerge_adapter()
     lm.load_adapter(tmp_path / "a", "other")  # fine once unmerged

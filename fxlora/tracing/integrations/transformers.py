@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from fxlora.boundary import execution_device
 from fxlora.tracing.integrations import TraceHooks, opaque, register_object_type
 from fxlora.kinds.hf_classes import is_pretrained_model
 from fxlora.tracing.proxies import SeqInfo, TensorInfo
@@ -96,6 +97,16 @@ def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
     return [(config, stored if stored in vars(config) else "_attn_implementation")]
 
 
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: accelerate's execution device when it offloads the model
+    (whose weights then wait on the meta device), else its first parameter's (meta for a model
+    built on the meta device: the probe then runs on meta too)."""
+    offloaded = next((d for d in map(execution_device, model.modules()) if d is not None), None)
+    if offloaded is not None:
+        return offloaded
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
     """Tiny text inputs for a transformers model taking ``input_ids``: four tokens, plain and with
     the first position padded out, each with and without the KV cache; none for other models."""
@@ -105,7 +116,7 @@ def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
     if not vocab or vocab < 8:
         return []
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = _input_device(model)
     ids = torch.tensor([[3, 4, 5, 6]], device=device) % vocab
     mask = torch.tensor([[0, 1, 1, 1]], device=device)
     plain: dict[str, Any] = {"input_ids": ids}

@@ -130,7 +130,6 @@ def test_hf_trainer_trains_a_few_steps(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-3,
         report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
-        remove_unused_columns=False,  # LoraModel.forward takes **kwargs: keep every column
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import fxlora  # noqa: E402
 import peft  # noqa: E402
 from models import Blocks  # noqa: E402
@@ -133,13 +133,14 @@ def save_and_load(result):
 
 
 def same_files(a: str, b: str) -> bool:
-    """Same config text, same tensors (names, dtypes, values) and the same metadata (whose order
+    """Same config text and model card, same tensors (names, dtypes, values) and the same metadata (whose order
     in the file safetensors leaves to a hash map)."""
     from safetensors import safe_open
 
-    with open(os.path.join(a, "adapter_config.json")) as fa, open(os.path.join(b, "adapter_config.json")) as fb:
-        if fa.read() != fb.read():
-            return False
+    for text in ("adapter_config.json", "README.md"):
+        with open(os.path.join(a, text)) as fa, open(os.path.join(b, text)) as fb:
+            if fa.read() != fb.read():
+                return False
     name = "adapter_model.safetensors"
     with safe_open(os.path.join(a, name), "pt") as fa, safe_open(os.path.join(b, name), "pt") as fb:
         if fa.metadata() != fb.metadata() or sorted(fa.keys()) != sorted(fb.keys()):
