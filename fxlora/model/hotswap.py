@@ -100,7 +100,7 @@ def prepare_for_compiled_hotswap(lm: "LoraModel", target_rank: Optional[int] = N
     if target_rank is not None and (isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank <= 0):
         raise ValueError(f"target_rank must be a positive int (the largest rank to be swapped in) or None, got {target_rank!r}")
     state = lm.adapter_state
-    names = list(state.configs) if adapter_names is None else state.check_known(list(adapter_names))
+    names = list(state.configs) if adapter_names is None else state.check_known(adapter_names)
     with CALL_LOCK.exclusive(), state.transaction(lm.model) as tx:
         slots = _checked_slots(lm, names, target_rank)
         tx.on_undo(lambda: _rebuild_code(lm))  # runs last: after the specs are back

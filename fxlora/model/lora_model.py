@@ -66,7 +66,7 @@ class LoraModel(HotswapMethods, nn.Module):
     """A model with LoRA adapters. Create it with `fxlora.transform`, not directly.
 
     A façade: its adapter state is one `AdapterState` (``adapter_state``), and its operations are
-    the functions of `fxlora.model.adapters`, `fxlora.model.merging` and `fxlora.model.loading`,
+    the functions of `fxlora.model.adapters`, `merging`, `loading` and `hotswap` (mixed in),
     which change that state through its methods only.
     """
 
