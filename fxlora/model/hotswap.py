@@ -207,6 +207,8 @@ def _pinned_config(config: LoraConfig, layers: list[_Layer]) -> LoraConfig:
     """`config` with the ranks and alphas of `layers`' specs: ``r`` / ``lora_alpha`` when all
     layers share them, else a ``rank_pattern`` / ``alpha_pattern`` entry for every layer (exact
     names, longest first, so that each layer's own entry is the first that matches it)."""
+    if not layers:  # only `modules_to_save` copies
+        return config
     values = {(layer.spec.r, layer.spec.alpha) for layer in layers}
     first = layers[0].spec
     changes: dict[str, Any] = {"r": first.r, "lora_alpha": first.alpha, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": first.use_rslora}

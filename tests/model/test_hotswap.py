@@ -33,10 +33,15 @@ def base(make=lambda: MLP(16)):
 
 
 def save_adapter(path, seed, make=lambda: MLP(16), **config):
-    """An adapter with random A and B (seeded), saved to `path`; returns `path`."""
+    """An adapter with random tensors (seeded), saved to `path`; returns `path`."""
     config.setdefault("target_modules", TARGETS)
+    model = fxlora.transform(base(make), LoraConfig(init_lora_weights=False, **config))
     torch.manual_seed(seed)
-    fxlora.transform(base(make), LoraConfig(init_lora_weights=False, **config)).save_pretrained(path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name or ".modules_to_save." in name:  # trained: other values per adapter
+                p.copy_(torch.randn_like(p) * p.detach().std().clamp(min=0.1))
+    model.save_pretrained(path)
     return str(path)
 
 
@@ -223,6 +228,25 @@ def test_peft_named_prepare_refuses_a_compiled_model(adapters):
         fxlora.prepare_model_for_compiled_hotswap(torch.compile(model), target_rank=8)
     with pytest.raises(ValueError, match="check_compiled"):
         fxlora.prepare_model_for_compiled_hotswap(model, target_rank=8, check_compiled="maybe")
+    fxlora.prepare_model_for_compiled_hotswap(model, target_rank=8)
+    compiled = torch.compile(model, backend=CompileCounter())
+    fxlora.hotswap_adapter(compiled, adapters["r2"], "default")  # PEFT's call on the compiled wrapper
+    x = torch.randn(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fresh_output(adapters["r2"], x), rtol=1e-5, atol=1e-6)
+
+
+def test_source_subfolder_and_modules_to_save_copies(tmp_path):
+    saved = ["seq.4"]
+    one = save_adapter(tmp_path / "outer" / "one", 1, r=2, modules_to_save=saved)
+    two = save_adapter(tmp_path / "two", 2, r=4, modules_to_save=saved)
+    model = loaded(two)
+    model.prepare_for_compiled_hotswap(target_rank=4)
+    model.hotswap_adapter(str(tmp_path / "outer"), subfolder="one")
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh_output(one, x), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.model.seq[4].modules_to_save["default"].weight, loaded(two).model.seq[4].modules_to_save["default"].weight)
 
 
 # ---------------------------------------------------------------------- refusals
@@ -395,3 +419,25 @@ def test_calls_in_other_threads_see_one_adapter_or_the_other(adapters):
     assert outputs
     for out in outputs:
         assert any(torch.allclose(out, w, rtol=1e-5, atol=1e-6) for w in want)
+
+
+def test_mixed_batches_and_run_time_scale_follow_the_swap(adapters):
+    """Eager code (a known state, a mixed batch) bakes scalings in as numbers: a swap drops it."""
+    model = loaded(adapters["r4"])
+    model.load_adapter(adapters["r2"], "other")
+    model.prepare_for_compiled_hotswap(target_rank=8)
+    assert model.model.seq[0].lora_A["other"].weight.shape == (8, 20)  # every adapter is a slot
+    model.set_adapter_scale("default", 0.5)
+    x = torch.randn(4, 20)
+    names = ["default", "other", "__base__", "default"]
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        model(x)
+        model.hotswap_adapter(adapters["r8_alpha4"])
+        assert model.get_adapter_scale("default") == 0.5 and model.active_adapters == ["default"]
+        got_mixed, got = model(x, adapter_names=names), model(x)
+        want = loaded(adapters["r8_alpha4"])
+        want.load_adapter(adapters["r2"], "other")
+        want.set_adapter_scale("default", 0.5)
+        torch.testing.assert_close(got, want(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_mixed, want(x, adapter_names=names), rtol=1e-5, atol=1e-6)
