@@ -58,11 +58,15 @@ def read_source(
 
 
 def _file_key(key: str, adapter_name: str) -> str:
-    """A state-dict key as a file key (no prefix; a LoRA tensor's adapter name dropped by PEFT's rule)."""
+    """A state-dict key as a file key: no prefix; a LoRA tensor's adapter name dropped by PEFT's
+    rule (a DoRA magnitude's ``.weight`` too, as PEFT's files name it); a PEFT model's
+    `modules_to_save` copy under its module's own name."""
     key = key.removeprefix(PEFT_PREFIX)
     if f".{adapter_name}" in key and ".lora_" in key:
         key = peft_strip_adapter_name(key, adapter_name)
-    return key
+        if key.endswith(".lora_magnitude_vector.weight"):
+            key = key.removesuffix(".weight")
+    return key.replace(f".modules_to_save.{adapter_name}.", ".")
 
 
 def _tensor(key: Any, value: Any) -> torch.Tensor:

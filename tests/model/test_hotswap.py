@@ -441,3 +441,22 @@ def test_mixed_batches_and_run_time_scale_follow_the_swap(adapters):
         want.set_adapter_scale("default", 0.5)
         torch.testing.assert_close(got, want(x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_mixed, want(x, adapter_names=names), rtol=1e-5, atol=1e-6)
+
+
+def test_a_peft_models_own_state_dict_with_dora_and_copies():
+    """Keys as a PEFT model names them (adapter name inside, DoRA's ``...default.weight``,
+    ``modules_to_save.default``): taken, and the output is PEFT's."""
+    peft = pytest.importorskip("peft")
+    config = dict(target_modules=TARGETS, r=4, use_dora=True, modules_to_save=["seq.4"])
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(init_lora_weights=False, **config)).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    state = {k: v for k, v in theirs.state_dict().items() if ".lora_" in k or ".modules_to_save." in k}
+    ours = fxlora.transform(base(), LoraConfig(**config))
+    ours.prepare_for_compiled_hotswap(target_rank=8)
+    fxlora.hotswap_adapter_from_state_dict(ours, state, "default", theirs.peft_config["default"])
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
