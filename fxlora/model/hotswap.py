@@ -31,23 +31,21 @@ target rank but leaves ``lora_alpha``, so a saved padded adapter reloads with an
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from fxlora.config import LoraConfig, scaling_value
-from fxlora.core.layers import AdapterSpec, target_meta
+from fxlora.config import LoraConfig
+from fxlora.core.layers import target_meta
 from fxlora.errors import CheckpointError, MergeError
 from fxlora.io.adapter_files import AdapterFiles, fit_tensors, plan_files
 from fxlora.io.hotswap_source import read_source
 from fxlora.io.peft_format import ADAPTER, layout_of_adapter, layout_of_plan
 from fxlora.kinds.weight_inits import changes_base_weights
+from fxlora.model.hotswap_slots import SlotLayer, alpha_for, graph_forwards, make_slot, pinned_config, rebuild_code, slot_layers
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.runtime.forwards import GraphForward, installed_forward
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.lora_model import LoraModel
@@ -57,30 +55,17 @@ __all__ = ["hotswap_adapter", "prepare_for_compiled_hotswap", "HotswapMethods"]
 _MAX_LISTED = 8
 
 
-@dataclass
-class _Layer:
-    """One adapted layer of a slot: its name, module and spec, and the incoming adapter's spec."""
-
-    name: str
-    module: nn.Module
-    spec: AdapterSpec
-    incoming: Optional[AdapterSpec] = None
-
-
-def _slot_layers(lm: "LoraModel", adapter: str) -> list[_Layer]:
-    found = []
-    for name, module in lm.model.named_modules():
-        meta = target_meta(module)
-        if meta is not None and adapter in meta.adapters:
-            found.append(_Layer(name, module, meta.adapters[adapter]))
-    return found
-
-
 def _refuse(problems: list[str], what: str) -> None:
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise CheckpointError(f"{what}; nothing was changed:\n  {listed}{more}")
+
+
+def _normal_tensors() -> torch.inference_mode:
+    """Called under ``torch.inference_mode()``, the slot's new tensors (padded parameters, scaling
+    tensors) must still be normal ones, which later calls outside it may update."""
+    return torch.inference_mode(False)
 
 
 def _check_not_merged(lm: "LoraModel", adapter: str, doing: str) -> None:
@@ -101,22 +86,22 @@ def prepare_for_compiled_hotswap(lm: "LoraModel", target_rank: Optional[int] = N
         raise ValueError(f"target_rank must be a positive int (the largest rank to be swapped in) or None, got {target_rank!r}")
     state = lm.adapter_state
     names = list(state.configs) if adapter_names is None else state.check_known(adapter_names)
-    with CALL_LOCK.exclusive(), state.transaction(lm.model) as tx:
+    with _normal_tensors(), CALL_LOCK.exclusive(), state.transaction(lm.model) as tx:
         slots = _checked_slots(lm, names, target_rank)
-        tx.on_undo(lambda: _rebuild_code(lm))  # runs last: after the specs are back
+        tx.on_undo(lambda: rebuild_code(lm))  # runs last: after the specs are back
         for adapter, layers in slots.items():
             ranks = {layer.name: layer.spec.r if target_rank is None else target_rank for layer in layers}
-            _make_slot(lm, adapter, layers, ranks, tx)
-        _rebuild_code(lm)
+            make_slot(lm, adapter, layers, ranks, tx)
+        rebuild_code(lm)
 
 
-def _checked_slots(lm: "LoraModel", names: list[str], target_rank: Optional[int]) -> dict[str, list[_Layer]]:
+def _checked_slots(lm: "LoraModel", names: list[str], target_rank: Optional[int]) -> dict[str, list[SlotLayer]]:
     """The layers of the adapters `names`, once every one of them can be padded to `target_rank`."""
     slots = {}
     problems = []
     for adapter in names:
         _check_not_merged(lm, adapter, "prepare")
-        slots[adapter] = _slot_layers(lm, adapter)
+        slots[adapter] = slot_layers(lm, adapter)
         for layer in slots[adapter]:
             rank = layer.spec.r if target_rank is None else target_rank
             if layer.spec.r > rank:
@@ -129,112 +114,13 @@ def _checked_slots(lm: "LoraModel", names: list[str], target_rank: Optional[int]
         raise ValueError(f"adapters {names} have no adapted layer to prepare")
     return slots
 
-
-def _make_slot(lm: "LoraModel", adapter: str, layers: list[_Layer], ranks: dict[str, int], tx: Any) -> None:
-    """Pad `adapter`'s layers to `ranks`, give each layer its own spec with a scaling tensor, and
-    record the config that says so (undo steps registered on `tx`)."""
-    state = lm.adapter_state
-    layout = layout_of_adapter(lm.model, adapter, state.configs[adapter].bias)
-    for layer in layers:
-        meta = target_meta(layer.module)
-        old_spec = layer.spec
-        rank = ranks[layer.name]
-        spec = AdapterSpec(rank, _alpha_for(old_spec.scaling, rank, old_spec.use_rslora, old_spec.alpha),
-                           old_spec.use_rslora, old_spec.lora_bias, old_spec.dropout, old_spec.variant)
-        spec.scaling_cell = torch.tensor(old_spec.scaling, dtype=torch.float32, device=_device_of(layer.module, adapter))
-        if spec.r != old_spec.r:
-            for suffix, shape in meta.kind.factor_shapes(layer.module, spec).items():
-                _pad_parameter(lm.model, layout.slots[f"{layer.name}.{suffix}"].key, shape, tx)
-        meta.adapters[adapter] = spec
-        tx.on_undo(lambda meta=meta, old=old_spec: meta.adapters.__setitem__(adapter, old))
-        layer.spec = spec
-    state.configs[adapter] = _pinned_config(state.configs[adapter], layers)
-    state.flags.invalidate()
-
-
-def _device_of(module: nn.Module, adapter: str) -> torch.device:
-    tensors = [p for n, p in module.named_parameters() if f".{adapter}." in f".{n}."]
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
-def _pad_parameter(model: nn.Module, key: str, shape: tuple[int, ...], tx: Any) -> None:
-    """Replace the parameter at state-dict `key` by one of `shape`, the old values in its leading
-    corner and zeros elsewhere (same dtype, device and ``requires_grad``)."""
-    owner_name, _, leaf = key.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    old = owner._parameters[leaf]
-    if tuple(old.shape) == tuple(shape):
-        return
-    padded = old.detach().new_zeros(shape)
-    padded[tuple(slice(0, n) for n in old.shape)] = old.detach()
-    owner._parameters[leaf] = nn.Parameter(padded, requires_grad=old.requires_grad)
-    _resync_sizes(owner)
-
-    def undo() -> None:
-        owner._parameters[leaf] = old
-        _resync_sizes(owner)
-
-    tx.on_undo(undo)
-
-
-def _resync_sizes(module: nn.Module) -> None:
-    """A factor module's size attributes after its weight changed shape (nn.Linear, ConvNd)."""
-    weight = module._parameters.get("weight")
-    if weight is None:
-        return
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        first, second = weight.shape[0], weight.shape[1] * module.groups
-        module.in_channels, module.out_channels = (first, second) if module.transposed else (second, first)
-
-
-def _alpha_for(scaling: float, rank: int, use_rslora: bool, prefer: float) -> float:
-    """The alpha whose scaling at `rank` is `scaling` (`prefer` if it is one), exactly where a
-    float allows."""
-    if scaling_value(prefer, rank, use_rslora) == scaling:
-        return prefer
-    alpha = scaling * (math.sqrt(rank) if use_rslora else rank)
-    for _ in range(4):
-        got = scaling_value(alpha, rank, use_rslora)
-        if got == scaling:
-            break
-        alpha = math.nextafter(alpha, math.inf if got < scaling else -math.inf)
-    return alpha
-
-
-def _pinned_config(config: LoraConfig, layers: list[_Layer]) -> LoraConfig:
-    """`config` with the ranks and alphas of `layers`' specs: ``r`` / ``lora_alpha`` when all
-    layers share them, else a ``rank_pattern`` / ``alpha_pattern`` entry for every layer (exact
-    names, longest first, so that each layer's own entry is the first that matches it)."""
-    if not layers:  # only `modules_to_save` copies
-        return config
-    values = {(layer.spec.r, layer.spec.alpha) for layer in layers}
-    first = layers[0].spec
-    changes: dict[str, Any] = {"r": first.r, "lora_alpha": first.alpha, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": first.use_rslora}
-    if len(values) > 1:
-        ordered = sorted(layers, key=lambda layer: len(layer.name), reverse=True)
-        changes["rank_pattern"] = {re.escape(layer.name): layer.spec.r for layer in ordered}
-        changes["alpha_pattern"] = {re.escape(layer.name): layer.spec.alpha for layer in ordered}
-    return config.replace(**changes)
-
-
-def _graph_forwards(lm: "LoraModel") -> list[GraphForward]:
-    return [f for f in map(installed_forward, lm.model.modules()) if isinstance(f, GraphForward)]
-
-
-def _rebuild_code(lm: "LoraModel") -> None:
-    for fwd in _graph_forwards(lm):
-        fwd.refresh()
-
-
 # ---------------------------------------------------------------------- swapping
 @dataclass
 class _Swap:
     """A checked swap: the slot's layers (with the incoming specs), the tensors to copy
     (``{state-dict key: incoming tensor}``) and the config to record."""
 
-    layers: list[_Layer]
+    layers: list[SlotLayer]
     tensors: dict[str, torch.Tensor]
     config: LoraConfig
 
@@ -258,19 +144,19 @@ def hotswap_adapter(
     state = lm.adapter_state
     state.check_known(adapter_name)
     files = read_source(source, adapter_name, config, allow_bin=allow_bin, revision=revision, subfolder=subfolder)
-    with CALL_LOCK.exclusive(), state.transaction(lm.model) as tx:  # no call sees a half-swapped adapter
+    with _normal_tensors(), CALL_LOCK.exclusive(), state.transaction(lm.model) as tx:  # no call sees a half-swapped adapter
         swap = _check_swap(lm, adapter_name, files)
         needs_cells = any(layer.spec.scaling_cell is None and layer.incoming.scaling != layer.spec.scaling for layer in swap.layers)
         if needs_cells:  # a slot not prepared: its scalings become tensors (new graph code)
-            tx.on_undo(lambda: _rebuild_code(lm))
-            _make_slot(lm, adapter_name, swap.layers, {layer.name: layer.spec.r for layer in swap.layers}, tx)
+            tx.on_undo(lambda: rebuild_code(lm))
+            make_slot(lm, adapter_name, swap.layers, {layer.name: layer.spec.r for layer in swap.layers}, tx)
         _copy_tensors(lm, swap.tensors, tx)
         for layer in swap.layers:
             _take_scaling(layer, adapter_name, tx)
-        state.configs[adapter_name] = _pinned_config(swap.config.replace(inference_mode=state.configs[adapter_name].inference_mode), swap.layers)
+        state.configs[adapter_name] = pinned_config(swap.config.replace(inference_mode=state.configs[adapter_name].inference_mode), swap.layers)
         if needs_cells:
-            _rebuild_code(lm)
-        for fwd in _graph_forwards(lm):
+            rebuild_code(lm)
+        for fwd in graph_forwards(lm):
             fwd.forget_eager_code()  # eager code bakes scalings in as numbers
 
 
@@ -296,7 +182,7 @@ def _check_swap(lm: "LoraModel", adapter: str, files: AdapterFiles) -> _Swap:
     problems += [f"the slot has {k!r}, the incoming adapter does not" for k in sorted(slot_keys - set(fitted))]
     problems += [f"the incoming adapter has {k!r}, the slot does not" for k in sorted(set(fitted) - slot_keys)]
     _refuse(problems, f"{source} does not have the tensors of adapter {adapter!r} (other targets or features)")
-    layers = _slot_layers(lm, adapter)
+    layers = slot_layers(lm, adapter)
     by_name = {t.name: t.spec for t in plan.targets}
     for layer in layers:
         layer.incoming = by_name[layer.name]
@@ -311,7 +197,7 @@ def _check_swap(lm: "LoraModel", adapter: str, files: AdapterFiles) -> _Swap:
     return _Swap(layers, tensors, incoming)
 
 
-def _layer_problems(layer: _Layer) -> list[str]:
+def _layer_problems(layer: SlotLayer) -> list[str]:
     slot, new = layer.spec, layer.incoming
     problems = []
     if new.variant != slot.variant:
@@ -359,12 +245,12 @@ def _copy_tensors(lm: "LoraModel", tensors: dict[str, torch.Tensor], tx: Any) ->
                 target[tuple(slice(0, n) for n in tensor.shape)].copy_(tensor)
 
 
-def _take_scaling(layer: _Layer, adapter: str, tx: Any) -> None:
+def _take_scaling(layer: SlotLayer, adapter: str, tx: Any) -> None:
     """The slot's spec takes the incoming scaling (its rank stays the slot's) and dropout: a
     slot's own spec changes in place (its scaling tensor filled), a spec without one (its scaling
     unchanged, `hotswap_adapter`) is replaced by a changed copy."""
     spec, new = layer.spec, layer.incoming
-    values = (_alpha_for(new.scaling, spec.r, new.use_rslora, spec.alpha), new.use_rslora, new.dropout)
+    values = (alpha_for(new.scaling, spec.r, new.use_rslora, spec.alpha), new.use_rslora, new.dropout)
     if values == (spec.alpha, spec.use_rslora, spec.dropout):
         return
     meta = target_meta(layer.module)

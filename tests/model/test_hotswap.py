@@ -460,3 +460,16 @@ def test_a_peft_models_own_state_dict_with_dora_and_copies():
     x = torch.randn(3, 20)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_under_inference_mode_the_slot_stays_usable_outside_it(adapters):
+    model = loaded(adapters["r4"])
+    x = torch.randn(2, 20)
+    with torch.inference_mode():
+        model.prepare_for_compiled_hotswap(target_rank=8)
+        model.hotswap_adapter(adapters["r2"])
+        torch.testing.assert_close(model(x), fresh_output(adapters["r2"], x), rtol=1e-5, atol=1e-6)
+    assert not any(p.is_inference() for p in model.parameters())
+    assert not target_meta(model.model.seq[0]).adapters["default"].scaling_cell.is_inference()
+    model.hotswap_adapter(adapters["r8"])  # in place, outside inference mode
+    torch.testing.assert_close(model(x), fresh_output(adapters["r8"], x), rtol=1e-5, atol=1e-6)
