@@ -102,10 +102,15 @@ def test_prepare_refuses_a_rank_above_the_target_and_changes_nothing(adapters):
 
 
 # ---------------------------------------------------------------------- swapping, compiled
-@pytest.mark.parametrize("backend, fullgraph", [("counter", True), ("counter", False), ("aot_eager", True)])
-def test_compiled_model_swaps_ranks_and_alphas_with_zero_recompiles(adapters, backend, fullgraph):
-    """aot_eager: the scaling tensors stay graph inputs through AOT tracing (not constants)."""
+@pytest.mark.parametrize(
+    "backend, fullgraph, options",
+    [("counter", True, {}), ("counter", False, {}), ("aot_eager", True, {}), ("counter", True, {"fold_scaling": False}), ("counter", False, {"guard_idle": True})],
+)
+def test_compiled_model_swaps_ranks_and_alphas_with_zero_recompiles(adapters, backend, fullgraph, options):
+    """aot_eager: the scaling tensors stay graph inputs through AOT tracing (not constants);
+    the pass options: the scaling reaches every form of the branch."""
     model = loaded(adapters["r4"])
+    model.set_optimizations(**options)
     model.prepare_for_compiled_hotswap(target_rank=8)
     counter = CompileCounter() if backend == "counter" else CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=counter, fullgraph=fullgraph)
@@ -424,7 +429,7 @@ def test_calls_in_other_threads_see_one_adapter_or_the_other(adapters):
 def test_mixed_batches_and_run_time_scale_follow_the_swap(adapters):
     """Eager code (a known state, a mixed batch) bakes scalings in as numbers: a swap drops it."""
     model = loaded(adapters["r4"])
-    model.load_adapter(adapters["r2"], "other")
+    model.load_adapter(adapters["r8"], "other")
     model.prepare_for_compiled_hotswap(target_rank=8)
     assert model.model.seq[0].lora_A["other"].weight.shape == (8, 20)  # every adapter is a slot
     model.set_adapter_scale("default", 0.5)
@@ -434,6 +439,7 @@ def test_mixed_batches_and_run_time_scale_follow_the_swap(adapters):
         model(x, adapter_names=names)
         model(x)
         model.hotswap_adapter(adapters["r8_alpha4"])
+        model.hotswap_adapter(adapters["r2"], "other")
         assert model.get_adapter_scale("default") == 0.5 and model.active_adapters == ["default"]
         got_mixed, got = model(x, adapter_names=names), model(x)
         want = loaded(adapters["r8_alpha4"])
