@@ -25,8 +25,8 @@ Deliberately unlike PEFT 0.21.2's ``peft.utils.hotswap``: PEFT checks keys but n
 copying (a wrong shape fails half-way, leaving a mix of two adapters), zeroes a target the incoming
 adapter lacks instead of refusing, matches ``rank_pattern``/``alpha_pattern`` against parameter
 names (so a per-layer rank or alpha is ignored and the scaling is wrong), grows a slot's tensors
-when the incoming rank is larger (breaking a compiled model), and after padding sets ``r`` to the
-target rank but leaves ``lora_alpha``, so a saved padded adapter reloads with another scaling.
+when the incoming rank is larger (breaking a compiled model), and, given ``config=``, sets ``r`` to
+the target rank but leaves ``lora_alpha``, so a padded adapter it saves reloads with another scaling.
 """
 
 from __future__ import annotations

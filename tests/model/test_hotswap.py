@@ -479,3 +479,21 @@ def test_under_inference_mode_the_slot_stays_usable_outside_it(adapters):
     assert not target_meta(model.model.seq[0]).adapters["default"].scaling_cell.is_inference()
     model.hotswap_adapter(adapters["r8"])  # in place, outside inference mode
     torch.testing.assert_close(model(x), fresh_output(adapters["r8"], x), rtol=1e-5, atol=1e-6)
+
+
+def test_peft_saves_a_padded_adapter_with_another_scaling_fxlora_does_not(adapters, tmp_path):
+    """peft 0.21.2's prepare(..., config=peft_config) sets r to the target rank and keeps
+    lora_alpha: the padded adapter it saves reloads with alpha/8 instead of alpha/4."""
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap as peft_prepare
+
+    x = torch.randn(3, 20)
+    theirs = peft_model(adapters["r4"])
+    with torch.no_grad():
+        want = theirs(x)
+        peft_prepare(theirs, target_rank=8, config=theirs.peft_config)
+        theirs.save_pretrained(tmp_path / "peft_padded")
+        assert not torch.allclose(peft_model(tmp_path / "peft_padded")(x), want, atol=1e-4)
+        ours = loaded(adapters["r4"])
+        fxlora.prepare_model_for_compiled_hotswap(ours, target_rank=8, config=ours.peft_config)
+        ours.save_pretrained(tmp_path / "fxlora_padded")
+        torch.testing.assert_close(peft_model(tmp_path / "fxlora_padded")(x), want, rtol=1e-5, atol=1e-6)  # peft reads it right
