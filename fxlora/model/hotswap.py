@@ -79,7 +79,8 @@ def prepare_for_compiled_hotswap(lm: "LoraModel", target_rank: Optional[int] = N
     LoRA weights with zeros to `target_rank` (None: keep each layer's rank; the largest rank of
     the adapters to be swapped in) and give each layer's scaling a tensor, so that swapping in
     adapters of other ranks and alphas (`hotswap_adapter`) never recompiles. The model computes
-    exactly as before. All or nothing: a rank above `target_rank`, a grouped convolution whose rank
+    as before (the padding adds exact zeros; a matmul kernel may sum over the longer rank in
+    another order, so up to float rounding). All or nothing: a rank above `target_rank`, a grouped convolution whose rank
     would change, or a merged adapter is refused (`ValueError` / `MergeError`) before anything
     changes. Parameters are replaced by padded ones: build optimizers afterwards."""
     if target_rank is not None and (isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank <= 0):
@@ -113,6 +114,7 @@ def _checked_slots(lm: "LoraModel", names: list[str], target_rank: Optional[int]
     if not any(slots.values()):
         raise ValueError(f"adapters {names} have no adapted layer to prepare")
     return slots
+
 
 # ---------------------------------------------------------------------- swapping
 @dataclass
