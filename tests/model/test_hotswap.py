@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -497,3 +498,51 @@ def test_peft_saves_a_padded_adapter_with_another_scaling_fxlora_does_not(adapte
         fxlora.prepare_model_for_compiled_hotswap(ours, target_rank=8, config=ours.peft_config)
         ours.save_pretrained(tmp_path / "fxlora_padded")
         torch.testing.assert_close(peft_model(tmp_path / "fxlora_padded")(x), want, rtol=1e-5, atol=1e-6)  # peft reads it right
+
+
+# ---------------------------------------------------------------------- properties
+
+def random_adapter(r, alpha, use_rslora, seed):
+    """(PEFT-format tensors, config) of a random adapter of rank `r` on the MLP's targets."""
+    config = LoraConfig(target_modules=TARGETS, r=r, lora_alpha=alpha, use_rslora=use_rslora)
+    shapes = fxlora.get_peft_model_state_dict(fxlora.transform(base(), config))
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=generator) for k, v in shapes.items()}, config
+
+
+adapter_args = st.tuples(st.integers(1, 6), st.floats(0.5, 32), st.booleans(), st.integers(0, 2**16))
+
+
+@settings(max_examples=15)
+@given(first=adapter_args, second=adapter_args, extra=st.integers(0, 3))
+def test_a_swap_computes_what_a_fresh_load_computes(first, second, extra):
+    tensors, config = random_adapter(*first)
+    model = fxlora.transform(base(), config)
+    fxlora.set_peft_model_state_dict(model, tensors)
+    model.prepare_for_compiled_hotswap(target_rank=max(first[0], second[0]) + extra)
+    new_tensors, new_config = random_adapter(*second)
+    model.hotswap_adapter(new_tensors, config=new_config)
+    want = fxlora.transform(base(), new_config)
+    fxlora.set_peft_model_state_dict(want, new_tensors)
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(first[3]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want(x), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15)
+@given(args=adapter_args, which=st.integers(0, 3), fault=st.sampled_from(["shape", "dtype", "missing", "extra"]))
+def test_any_bad_tensor_is_refused_and_changes_nothing(args, which, fault):
+    tensors, config = random_adapter(*args)
+    model = fxlora.transform(base(), config)
+    model.prepare_for_compiled_hotswap(target_rank=6)
+    bad = dict(tensors)
+    key = sorted(bad)[which]
+    if fault == "shape":
+        bad[key] = torch.randn(*[n + 1 for n in bad[key].shape])
+    elif fault == "dtype":
+        bad[key] = bad[key].double()
+    elif fault == "missing":
+        del bad[key]
+    else:
+        bad["base_model.model.seq.4.lora_A.weight"] = torch.randn(args[0], 16)
+    assert_refused(model, CheckpointError, "nothing was changed|does not fit", bad, config=config)
