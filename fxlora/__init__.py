@@ -19,7 +19,14 @@ from fxlora.errors import (
     VariantError,
 )
 from fxlora.model.lora_model import LoraModel
-from fxlora.model.peft_functions import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from fxlora.model.peft_functions import (
+    get_peft_model_state_dict,
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    inject_adapter_in_model,
+    prepare_model_for_compiled_hotswap,
+    set_peft_model_state_dict,
+)
 from fxlora.model.transform import transform
 from fxlora.planning.explain import Report, explain
 
@@ -32,6 +39,9 @@ __all__ = [
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_compiled_hotswap",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
     "NoTargetFoundError",
     "UnsupportedTargetError",
     "CheckpointError",

@@ -25,7 +25,7 @@ from fxlora.dtypes import cast_like
 from fxlora.core.gates import EagerKey
 from fxlora.core.dora import dora_output
 from fxlora.core.layers import TargetMeta, saved_meta, target_meta
-from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, select_gate, select_output, stacked_layer_update, stacked_linear_update
+from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, select_gate, select_output, slot_scaling, stacked_layer_update, stacked_linear_update
 
 __all__ = ["lora_output", "own_output", "saved_output", "stackable", "branch_adapters"]
 
@@ -41,6 +41,7 @@ for _name in (
     "scale_update",
     "select_gate",
     "select_output",
+    "slot_scaling",
     "stacked_layer_update",
     "stacked_linear_update",
 ):
@@ -97,6 +98,14 @@ def _factors(gates: Any, x: torch.Tensor, adapters: list[str], scalings: dict, e
     return [(scalings[a], adapter_gate(gates, a, x)) for a in adapters]
 
 
+def _scaling(module: nn.Module, meta: TargetMeta, adapter: str, x: torch.Tensor, eager: Optional[EagerKey], given: Optional[dict]) -> Any:
+    """An adapter's scaling: in gated code a hot-swap slot's tensor (`slot_scaling`, on `x`'s
+    device), else the number given (a template's input) or the layer's spec's."""
+    if eager is None and meta.adapters[adapter].scaling_cell is not None:
+        return slot_scaling(module, adapter, x)
+    return meta.adapters[adapter].scaling if given is None else given[adapter]
+
+
 def lora_output(
     module: nn.Module,
     x: torch.Tensor,
@@ -112,11 +121,12 @@ def lora_output(
     code torch.compile sees: adapter state never changes it). `eager` given (eager code for a kind
     of state, `fxlora.core.gates.EagerKey`): only the live adapters, multiplied by Python numbers read
     from `gates`, or by their row gate tensors in a mixed batch. `scalings` (adapter -> alpha/r,
-    default: the layer's specs) is given as values when the function is traced into a template.
+    default: the layer's specs) is given as values when the function is traced into a template;
+    gated code reads a hot-swap slot's scaling tensor instead (`fxlora.model.hotswap`).
     """
     meta = target_meta(module)
     adapters = branch_adapters(meta, eager)
-    scalings = {a: meta.adapters[a].scaling for a in adapters} if scalings is None else scalings
+    scalings = {a: _scaling(module, meta, a, x, eager, scalings) for a in adapters}
     if _serves_rows(module, meta, adapters, eager):
         return stacked_layer_update(x, base, module, tuple(adapters), gates, tuple(scalings[a] for a in adapters))
     factors = _factors(gates, x, adapters, scalings, eager)

@@ -20,9 +20,11 @@ For an adapter named ``default`` on a target ``seq.0`` the naming is::
                                              its out_proj (the layer's own lora_A / lora_B: in_proj)
 
 These are the names PEFT gives its LoRA tensors, without PEFT's ``base_layer`` indirection.
-Nothing else is attached: an adapter's scaling (alpha/r) is its `AdapterSpec`'s, a Python number,
-and the adapter gates are the call's (`fxlora.core.gates.GateState`), never a tensor stored on a module
-(so nothing derived can hold stale or uninitialised values, e.g. after meta-device init).
+Nothing else is attached: an adapter's scaling (alpha/r) is its `AdapterSpec`'s, a Python number
+(a hot-swap slot's spec also holds it as a 0-d tensor, `AdapterSpec.scaling_cell`, kept equal to
+it by `fxlora.model.hotswap`), and the adapter gates are the call's (`fxlora.core.gates.GateState`),
+never a tensor stored on a module (so nothing derived can hold stale or uninitialised values, e.g.
+after meta-device init).
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class AdapterSpec:
     lora_bias: bool = False
     dropout: float = 0.0
     variant: LoraVariant = PLAIN
+    #: a hot-swap slot's scaling as a 0-d float32 tensor (`fxlora.model.hotswap`), always equal to
+    #: `scaling`: gated code (what torch.compile sees) reads it instead of the number, so that a hot
+    #: swap changes it in place without recompiling. None: the number is used everywhere. Owned by
+    #: one layer's spec: set by assignment, and a copy made with ``dataclasses.replace`` has None.
+    scaling_cell: Optional[torch.Tensor] = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def scaling(self) -> float:

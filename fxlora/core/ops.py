@@ -14,11 +14,13 @@ from torch.utils import _pytree as pytree
 
 from fxlora.dtypes import cast_like
 from fxlora.core.gates import GateState
+from fxlora.core.layers import target_meta
 
 __all__ = [
     "adapter_gate",
     "select_gate",
     "eager_factor",
+    "slot_scaling",
         "scale_update",
     "add_update",
     "select_output",
@@ -52,6 +54,14 @@ def eager_factor(gates: GateState, adapter: str, scaling: float) -> float:
     """``scaling * scale gate`` as a Python number (eager code of a known state reads it per call,
     so the code does not depend on the value)."""
     return scaling * gates.scale[adapter]
+
+
+def slot_scaling(layer: torch.nn.Module, adapter: str, like: torch.Tensor) -> torch.Tensor:
+    """The scaling of hot-swap slot `adapter` on `layer`, on `like`'s device: its 0-d tensor
+    (`fxlora.core.layers.AdapterSpec.scaling_cell`), read per call, so that a swap filling it in place
+    reaches compiled code without recompiling."""
+    cell = target_meta(layer).adapters[adapter].scaling_cell
+    return cell if cell.device == like.device else cell.to(like.device)
 
 
 def _per_row(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

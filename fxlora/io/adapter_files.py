@@ -53,12 +53,13 @@ from fxlora.io.peft_format import (
     layout_of_plan,
 )
 from fxlora.errors import CheckpointError
-from fxlora.planning.plan import make_plan
+from fxlora.planning.plan import Plan, make_plan
 
 __all__ = [
     "AdapterFiles",
     "read_adapter_dir",
     "fit_tensors",
+    "plan_files",
     "plan_layout",
     "copy_in",
     "snapshot_base",
@@ -282,15 +283,19 @@ def _drop_unmatched_saved(model: nn.Module, files: AdapterFiles) -> None:
         files.config = files.config.replace(modules_to_save=kept or None)
 
 
-def plan_layout(model: nn.Module, files: AdapterFiles, adapter_name: str) -> Layout:
-    """The layout the config of `files` would give on `model` (nothing changed); may leave out
+def plan_files(model: nn.Module, files: AdapterFiles, adapter_name: str) -> Plan:
+    """The plan the config of `files` would give on `model` (nothing changed); may leave out
     `modules_to_save` entries the model does not have (see `_drop_unmatched_saved`)."""
     _drop_unmatched_saved(model, files)
     try:
-        plan = make_plan(model, files.config, adapter_name, trace="eager")
+        return make_plan(model, files.config, adapter_name, trace="eager")
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{files.config_path} does not fit this model: {exc}") from exc
-    return layout_of_plan(model, plan)
+
+
+def plan_layout(model: nn.Module, files: AdapterFiles, adapter_name: str) -> Layout:
+    """The file layout of `plan_files`' plan."""
+    return layout_of_plan(model, plan_files(model, files, adapter_name))
 
 
 # ====================================================================== loading into a model

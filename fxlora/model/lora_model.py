@@ -26,6 +26,7 @@ import torch.nn as nn
 from fxlora.config import LoraConfig
 from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
 from fxlora.model import adapters, loading, merging
+from fxlora.model.hotswap import HotswapMethods
 from fxlora.model.mixed_batch import batch_size_of, check_adapter_names, check_batch_layout
 from fxlora.model.signature import forward_signature, signed_forward
 from fxlora.model.state import AdapterState, CallScope
@@ -61,11 +62,11 @@ def _delegate(fn: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
-class LoraModel(nn.Module):
+class LoraModel(HotswapMethods, nn.Module):
     """A model with LoRA adapters. Create it with `fxlora.transform`, not directly.
 
     A façade: its adapter state is one `AdapterState` (``adapter_state``), and its operations are
-    the functions of `fxlora.model.adapters`, `fxlora.model.merging` and `fxlora.model.loading`,
+    the functions of `fxlora.model.adapters`, `merging`, `loading` and `hotswap` (mixed in),
     which change that state through its methods only.
     """
 

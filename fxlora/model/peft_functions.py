@@ -1,5 +1,7 @@
 """PEFT's module-level functions, for code written against PEFT: `get_peft_model_state_dict`,
-`set_peft_model_state_dict` and `inject_adapter_in_model`.
+`set_peft_model_state_dict`, `inject_adapter_in_model`, and ``peft.utils.hotswap``'s
+`prepare_model_for_compiled_hotswap`, `hotswap_adapter` and `hotswap_adapter_from_state_dict`
+(`fxlora.model.hotswap`).
 
 The state-dict functions speak PEFT's key format: on a `LoraModel` the keys PEFT's functions use
 on a ``PeftModel`` (``base_model.model.<module>.lora_A.weight``, no adapter name), on a model
@@ -10,6 +12,8 @@ PEFT's, on the model its ``inject_adapter_in_model`` returns).
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -23,7 +27,15 @@ from fxlora.model.state import AdapterState
 from fxlora.model.transform import transform
 from fxlora.runtime.forwards import installed_forward
 
-__all__ = ["get_peft_model_state_dict", "set_peft_model_state_dict", "inject_adapter_in_model", "LoadResult"]
+__all__ = [
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "prepare_model_for_compiled_hotswap",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
+    "LoadResult",
+]
 
 
 class LoadResult(NamedTuple):
@@ -149,3 +161,49 @@ def as_fxlora_config(config: Any) -> LoraConfig:
         data.pop("runtime_config", None)
         return LoraConfig(**data)
     raise TypeError(f"expected a fxlora.LoraConfig (or a peft.LoraConfig), got {type(config).__name__}")
+
+
+def prepare_model_for_compiled_hotswap(
+    model: nn.Module, *, target_rank: Optional[int] = None, config: Any = None, check_compiled: str = "error"
+) -> None:
+    """PEFT's name for `LoraModel.prepare_for_compiled_hotswap` (`fxlora.model.hotswap`), on every
+    adapter of `model`. As in PEFT, a model already compiled is refused (``check_compiled="error"``),
+    warned about (``"warn"``: preparing then rebuilds the code it runs, one recompile) or not
+    (``"ignore"``). `config` is accepted and left alone: fxlora records the padded ranks in the
+    model's own configs, with alphas that keep each layer's scaling (PEFT sets ``r`` and keeps
+    ``lora_alpha``, which changes the scaling of an adapter saved afterwards)."""
+    del config
+    if check_compiled not in ("error", "warn", "ignore"):
+        raise ValueError(f"check_compiled must be 'error', 'warn' or 'ignore', got {check_compiled!r}")
+    if hasattr(model, "_orig_mod"):
+        if check_compiled == "error":
+            raise ValueError("call prepare_model_for_compiled_hotswap before compiling the model")
+        if check_compiled == "warn":
+            warnings.warn("prepare_model_for_compiled_hotswap on a compiled model rebuilds its code: it recompiles once")
+    lm, _ = _facade(model)
+    lm.prepare_for_compiled_hotswap(target_rank=target_rank)
+
+
+def hotswap_adapter(model: nn.Module, model_name_or_path: Any, adapter_name: str, torch_device: Any = None, **kwargs: Any) -> None:
+    """PEFT's ``hotswap_adapter``: `LoraModel.hotswap_adapter` with the adapter saved in
+    `model_name_or_path` (a directory or Hub id; ``revision`` and ``subfolder`` as in PEFT).
+    `torch_device` is accepted and not needed: tensors are copied onto the adapter's own device."""
+    del torch_device
+    unknown = set(kwargs) - {"revision", "subfolder"}
+    if unknown:
+        raise TypeError(f"hotswap_adapter: unsupported keyword(s) {sorted(unknown)}; supported: revision, subfolder")
+    lm, _ = _facade(model)
+    lm.hotswap_adapter(model_name_or_path, adapter_name, **kwargs)
+
+
+def hotswap_adapter_from_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, config: Any, parameter_prefix: str = "lora_"
+) -> None:
+    """PEFT's ``hotswap_adapter_from_state_dict``: `LoraModel.hotswap_adapter` with the tensors of
+    `state_dict` (PEFT's keys, with or without the adapter name: `fxlora.io.hotswap_source`) and
+    their `config` (a `fxlora.LoraConfig` or a ``peft.LoraConfig``). Unlike PEFT's, it checks the
+    adapter fully first (nothing is changed if it does not fit)."""
+    if parameter_prefix != "lora_":
+        raise ValueError(f"only LoRA adapters hot-swap (parameter_prefix 'lora_'), got {parameter_prefix!r}")
+    lm, _ = _facade(model)
+    lm.hotswap_adapter(state_dict, adapter_name, config=as_fxlora_config(config))

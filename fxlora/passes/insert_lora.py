@@ -78,9 +78,9 @@ def _template_key(module: nn.Module, meta: TargetMeta, eager: Optional[EagerKey]
     """Everything `lora_output` reads as Python values (the graph it traces depends on nothing
     else): layer kind, the adapters whose branch runs and their options, the layer options its
     kind's update reads, and which kind of code (gated, a known state, a mixed batch). No
-    numbers: scalings are inputs."""
+    numbers: scalings are inputs (gated code reads a hot-swap slot's from its tensor)."""
     adapters = tuple(
-        (name, spec.variant, spec.lora_bias, spec.dropout > 0)
+        (name, spec.variant, spec.lora_bias, spec.dropout > 0, spec.scaling_cell is not None)
         for name, spec in ((name, meta.adapters[name]) for name in branch_adapters(meta, eager))
     )
     mode = None if eager is None else eager.rows

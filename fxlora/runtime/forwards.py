@@ -233,6 +233,12 @@ class GraphForward:
             self._gated = {key: self._build(key, variant) for key, variant in self.variants.items()}
             self._eager = OrderedDict()
 
+    def forget_eager_code(self) -> None:
+        """Drop the code for eager keys (it bakes the adapters' scalings in as numbers; rebuilt on
+        first use), keeping the gated code torch.compile sees (`fxlora.model.hotswap`)."""
+        with CALL_LOCK.exclusive():
+            self._eager = OrderedDict()
+
     def _code(self, key: Optional[CallKey], eager: Optional[EagerKey]) -> Optional[Code]:
         if eager is None:
             return self._gated.get(key)
