@@ -7,7 +7,7 @@
     model.print_trainable_parameters()
 """
 
-from fxlora.config import LoraConfig
+from fxlora.config import CordaConfig, LoftQConfig, LoraConfig
 from fxlora.errors import (
     CheckpointError,
     MergeError,
@@ -18,6 +18,7 @@ from fxlora.errors import (
     UnsupportedTargetError,
     VariantError,
 )
+from fxlora.model.corda import preprocess_corda
 from fxlora.model.lora_model import LoraModel
 from fxlora.model.peft_functions import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from fxlora.model.transform import transform
@@ -25,6 +26,9 @@ from fxlora.planning.explain import Report, explain
 
 __all__ = [
     "LoraConfig",
+    "LoftQConfig",
+    "CordaConfig",
+    "preprocess_corda",
     "LoraModel",
     "Report",
     "explain",
