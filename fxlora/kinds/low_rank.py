@@ -108,15 +108,16 @@ class ModulePairKind(KindBase):
         with torch.no_grad():
             if init == "orthogonal":
                 a, b = orthogonal_pair(spec.r, lora_a.weight.shape[1], lora_b.weight.shape[0])
-                a, b = a.to(weight.dtype), b.to(weight.dtype)  # PEFT rounds them through the base dtype
             else:
                 fan_in_fan_out = bool(self.fan_in_fan_out(module))
                 matrix = weight.detach().to(torch.float32)
                 a, b, residual = weight_factors(module, matrix.T if fan_in_fan_out else matrix, spec.r, spec.scaling, init)
                 residual = residual.to(weight.dtype)
                 weight.copy_(residual.T if fan_in_fan_out else residual)
-            lora_a.weight.copy_(a)
-            lora_b.weight.copy_(b)
+            # PEFT rounds the factors through the base dtype (its adapters are first put in the
+            # base layer's dtype, then up-cast), the new base weight is computed from them unrounded
+            lora_a.weight.copy_(a.to(weight.dtype))
+            lora_b.weight.copy_(b.to(weight.dtype))
 
     def update(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         lora_a = module.lora_A[adapter]

@@ -51,6 +51,15 @@ def test_linear_equals_peft_bit_for_bit(init):
     torch.testing.assert_close(fm(x), base(x), rtol=1e-5, atol=1e-5)  # starts as the base model
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora", "orthogonal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_equal_peft(init, dtype):
+    # PEFT rounds the factors through the base dtype (and keeps them in float32)
+    torch.manual_seed(0)
+    pm, fm = both(MLP(12).to(dtype), init, MLP_TARGETS)
+    assert_same_state(pm, fm)
+
+
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_3", "orthogonal"])
 def test_gpt2_conv1d_equals_peft(init):
     base = TRANSFORMERS["gpt2"].build(seed=0).eval()

@@ -262,3 +262,16 @@ def test_corda_without_settings_takes_peft_default():
     with pytest.warns(UserWarning, match="using the default CordaConfig"):
         config = LoraConfig(target_modules=["a"], init_lora_weights="corda")
     assert config.corda_config == CordaConfig() and config.to_dict()["corda_config"]["corda_method"] == "ipm"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_equal_peft(dtype):
+    torch.manual_seed(0)
+    base = MLP(12).to(dtype)
+
+    def runner(model):
+        data = [torch.randn(16, 20, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(3)]
+        return lambda: [model(x) for x in data]
+
+    (pb, pc), (fb, fc) = preprocessed(base, MLP_TARGETS, runner)
+    assert_same_state_as_peft(peft.get_peft_model(pb, pc), fxlora.transform(fb, fc))

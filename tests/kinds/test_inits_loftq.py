@@ -229,3 +229,12 @@ def test_loftq_adapters_are_not_converted_to_plain_lora(peft_on_cpu, tmp_path):
     with pytest.raises(ValueError, match="base weights are quantized"):
         fm.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_equal_peft(peft_on_cpu, dtype):
+    # PEFT rounds the factors through the base dtype and keeps them in float32
+    torch.manual_seed(0)
+    pm, fm = both(MLP(12).to(dtype), MLP_TARGETS, 4, 2)
+    assert_same_state_as_peft(pm, fm)
+    assert fm.seq[0].lora_A["default"].weight.dtype == torch.float32 and fm.seq[0].weight.dtype == dtype
