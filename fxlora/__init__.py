@@ -7,7 +7,7 @@
     model.print_trainable_parameters()
 """
 
-from fxlora.config import CordaConfig, LoftQConfig, LoraConfig
+from fxlora.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from fxlora.errors import (
     CheckpointError,
     MergeError,
@@ -19,6 +19,7 @@ from fxlora.errors import (
     VariantError,
 )
 from fxlora.model.corda import preprocess_corda
+from fxlora.model.eva import get_eva_state_dict, initialize_lora_eva_weights
 from fxlora.model.lora_model import LoraModel
 from fxlora.model.peft_functions import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from fxlora.model.transform import transform
@@ -29,6 +30,9 @@ __all__ = [
     "LoftQConfig",
     "CordaConfig",
     "preprocess_corda",
+    "EvaConfig",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
     "LoraModel",
     "Report",
     "explain",

@@ -25,11 +25,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
 from fxlora.config_values import (
-    ALL_LINEAR, CordaConfig, LoftQConfig, check_alpha, check_bool_field, check_rank, check_regex, normalise_names, sub_config,
+    ALL_LINEAR, CordaConfig, EvaConfig, LoftQConfig, check_alpha, check_bool_field, check_rank, check_regex, normalise_names, sub_config,
 )
 from fxlora.errors import UnsupportedFieldError
 
-__all__ = ["LoraConfig", "LoftQConfig", "CordaConfig", "ALL_LINEAR", "BOOKKEEPING_FIELDS", "UNIMPLEMENTED_FIELDS", "TASK_TYPES", "field_status"]
+__all__ = ["LoraConfig", "LoftQConfig", "CordaConfig", "EvaConfig", "ALL_LINEAR", "BOOKKEEPING_FIELDS", "UNIMPLEMENTED_FIELDS", "TASK_TYPES", "field_status"]
 
 SUPPORTED_BIAS = ("none", "all", "lora_only")
 #: PEFT's ``TaskType`` values
@@ -57,7 +57,6 @@ UNIMPLEMENTED_FIELDS: dict[str, str] = {
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
     "megatron_config": "Megatron-LM parallel layers",
-    "eva_config": "the EVA init",
     "lora_ga_config": "the LoRA-GA init",
     "velora_config": "VeLoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -96,7 +95,8 @@ class LoraConfig:
             to the base), ``"gaussian"`` (A ~ N(0, 1/r), B zero) or ``False`` (random A and B,
             for tests); for Linear / Conv1D also PEFT's ``"pissa"``, ``"pissa_niter_<K>"``,
             ``"olora"``, ``"orthogonal"`` (`fxlora.kinds.weight_inits`), ``"loftq"`` (with
-            `loftq_config`) and ``"corda"`` (after `fxlora.preprocess_corda`).
+            `loftq_config`), ``"corda"`` (after `fxlora.preprocess_corda`) and ``"eva"`` (then
+            `fxlora.initialize_lora_eva_weights`).
         fan_in_fan_out: the target stores its weight as (in, out), like transformers ``Conv1D``.
             fxlora decides this per layer from the layer's type and warns where it disagrees.
         layers_to_transform: keep only targets inside these indices of a numbered layer list.
@@ -134,6 +134,8 @@ class LoraConfig:
     #: ``init_lora_weights="corda"``'s settings (`CordaConfig`, PEFT's is taken too); the default
     #: one with that init
     corda_config: Optional[CordaConfig] = None
+    #: ``init_lora_weights="eva"``'s settings (`EvaConfig`, PEFT's is taken too); the default one with that init
+    eva_config: Optional[EvaConfig] = None
     # bookkeeping
     task_type: Optional[str] = None
     peft_type: Optional[str] = None
@@ -149,7 +151,6 @@ class LoraConfig:
     layer_replication: Optional[list] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
     megatron_config: Optional[dict] = None
-    eva_config: Optional[Any] = None
     lora_ga_config: Optional[Any] = None
     velora_config: Optional[Any] = None
     alora_invocation_tokens: Optional[list[int]] = None
@@ -170,6 +171,9 @@ class LoraConfig:
         if self.init_lora_weights == "corda" and self.corda_config is None:  # as PEFT, with its warning
             warnings.warn("init_lora_weights is 'corda' but corda_config is not specified: using the default CordaConfig", stacklevel=3)
             object.__setattr__(self, "corda_config", CordaConfig())
+        if self.init_lora_weights == "eva" and self.eva_config is None:  # as PEFT, with its warning
+            warnings.warn("init_lora_weights is 'eva' but eva_config is not specified: using the default EvaConfig", stacklevel=3)
+            object.__setattr__(self, "eva_config", EvaConfig())
         self.validate()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -208,18 +212,19 @@ class LoraConfig:
         if self.bias not in SUPPORTED_BIAS:
             raise ValueError(f"bias must be one of {SUPPORTED_BIAS}, got {self.bias!r}")
         init = self.init_lora_weights
-        if not (init is True or init is False or init == "gaussian" or (isinstance(init, str) and WEIGHT_INITS.fullmatch(init))):
+        if not (init is True or init is False or init in ("gaussian", "eva") or (isinstance(init, str) and WEIGHT_INITS.fullmatch(init))):
             raise ValueError(
                 f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' (K an int >= 0), "
-                f"'olora', 'orthogonal', 'loftq' or 'corda', got {init!r} (PEFT's inits 'eva' and 'lora_ga' are "
+                f"'olora', 'orthogonal', 'loftq', 'corda' or 'eva', got {init!r} (PEFT's init 'lora_ga' is "
                 "not supported)"
             )
         if init == "loftq" and not self.loftq_config:
             raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. LoftQConfig(loftq_bits=4) (as PEFT)")
         if self.loftq_config:
             sub_config("loftq_config", self.loftq_config, LoftQConfig)
-        if self.corda_config is not None and not isinstance(self.corda_config, CordaConfig):
-            raise TypeError(f"corda_config must be a CordaConfig or None, got {self.corda_config!r}")
+        for name, cls in (("corda_config", CordaConfig), ("eva_config", EvaConfig)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), cls):
+                raise TypeError(f"{name} must be a {cls.__name__} or None, got {getattr(self, name)!r}")
         check_regex("target_modules", self.target_modules)
         check_regex("exclude_modules", self.exclude_modules)
         self._validate_layers_filter()
@@ -361,8 +366,8 @@ def _normalise(name: str, value: Any) -> Any:
         return value.lower()
     if name == "loftq_config":
         return {} if value is None or value == {} else asdict(sub_config(name, value, LoftQConfig))
-    if name == "corda_config":
-        return sub_config(name, value, CordaConfig)
+    if name in ("corda_config", "eva_config"):
+        return sub_config(name, value, CordaConfig if name == "corda_config" else EvaConfig)
     if name in ("rank_pattern", "alpha_pattern") and value is None:
         return {}
     if name == "layers_to_transform" and isinstance(value, tuple):

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 __all__ = [
     "ALL_LINEAR", "normalise_names", "check_rank", "check_alpha", "check_bool_field", "check_regex",
-    "LoftQConfig", "CordaConfig", "sub_config",
+    "LoftQConfig", "CordaConfig", "EvaConfig", "sub_config",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -125,6 +125,38 @@ class CordaConfig:
             raise ValueError(f"corda_config corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
         for name in ("verbose", "use_float16_for_covariance", "prune_temporary_fields"):
             check_bool_field(f"corda_config {name}", getattr(self, name))
+
+
+@dataclass
+class EvaConfig:
+    """PEFT's ``EvaConfig``: settings of ``init_lora_weights="eva"`` (`fxlora.initialize_lora_eva_weights`).
+
+    Args:
+        rho: a layer's rank may grow to ``round(r * rho)`` in the redistribution (>= 1; 1: none).
+        tau: a decomposition has converged when its directions' cosine similarity to the previous
+            batch's reaches tau (in [0, 1]).
+        use_label_mask: leave out the tokens whose ``labels`` are `label_mask_value`.
+        label_mask_value: see `use_label_mask`.
+        whiten: divide each direction by the square root of its singular value.
+        adjust_scaling_factors: scale a layer's alpha by its new rank over r (same scale for all).
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not self.rho >= 1.0:
+            raise ValueError(f"eva_config rho must be a number >= 1.0, got {self.rho!r}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"eva_config tau must be a number in [0, 1], got {self.tau!r}")
+        if isinstance(self.label_mask_value, bool) or not isinstance(self.label_mask_value, int):
+            raise TypeError(f"eva_config label_mask_value must be an int, got {self.label_mask_value!r}")
+        for name in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+            check_bool_field(f"eva_config {name}", getattr(self, name))
 
 
 def sub_config(name: str, value: Any, cls: type) -> Any:

@@ -55,7 +55,7 @@ class ModulePairKind(KindBase):
         self, module: nn.Module, spec: "AdapterSpec", init: Init, device: torch.device, dtype: torch.dtype
     ) -> dict[str, Union[nn.Module, nn.Parameter]]:
         self.check_spec(type(module).__name__, module, spec)
-        if is_weight_init(init):
+        if is_weight_init(init) or init == "eva":
             self._check_weight_init(module, spec, init)
         lora_a, lora_b = self.factor_modules(module, spec)
         if is_weight_init(init):
@@ -71,6 +71,8 @@ class ModulePairKind(KindBase):
             return
         if init is True:
             nn.init.kaiming_uniform_(self.a_view(lora_a.weight), a=math.sqrt(5))
+        elif init == "eva":  # A keeps its module's own init until initialize_lora_eva_weights (as PEFT)
+            pass
         else:  # "gaussian"
             nn.init.normal_(self.a_view(lora_a.weight), std=1 / r)
         nn.init.zeros_(lora_b.weight)
@@ -83,6 +85,8 @@ class ModulePairKind(KindBase):
         if not self.takes_weight_inits:
             refuse_weight_init(where, init)
         init_name = str(init)
+        if init == "eva":
+            return
         if init == "orthogonal":
             if spec.r % 2:
                 raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={spec.r} on {where}")

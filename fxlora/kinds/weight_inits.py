@@ -74,8 +74,8 @@ def converts_to_plain(init: Union[bool, str]) -> bool:
 
 
 def refuse_weight_init(where: str, init: Union[bool, str, LoftQ]) -> None:
-    """ValueError if `init` is one of this module's inits, which the layer `where` cannot take."""
-    if is_weight_init(init):
+    """ValueError if `init` is one of this module's inits (or EVA), which the layer `where` cannot take."""
+    if is_weight_init(init) or init == "eva":
         raise ValueError(
             f"init_lora_weights={str(init)!r} is supported for nn.Linear and transformers Conv1D layers only, not "
             f"{where} (PEFT's version fails or silently falls back there); exclude such layers (exclude_modules) "
