@@ -317,6 +317,7 @@ def _rebuild(lm: LoraModel, adapter: str, config: LoraConfig, state: dict[str, t
     except BaseException:
         back = adapt(old.configs[adapter].replace(init_lora_weights=False))
         back.model.load_state_dict(old_tensors, strict=False)
+        back.adapter_state.configs[adapter] = old.configs[adapter]
         object.__setattr__(lm, "adapter_state", back.adapter_state)
         raise
     object.__setattr__(lm, "adapter_state", new.adapter_state)

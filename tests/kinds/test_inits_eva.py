@@ -240,3 +240,29 @@ def test_the_incremental_svd_keeps_orthonormal_directions_of_the_data(k, batches
         torch.testing.assert_close(svd.singular_values.double(), s[:k], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close((svd.components.double() @ vh[:k].T).diagonal().abs(), torch.ones(k, dtype=torch.float64), rtol=0, atol=1e-4)
         torch.testing.assert_close(svd.explained_variance_ratio.double(), (s**2 / (s**2).sum())[:k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_rebuild_puts_the_adapter_back(monkeypatch):
+    from fxlora.model.lora_model import LoraModel
+
+    torch.manual_seed(0)
+    base = MLP(48)
+    model = fxlora.transform(copy.deepcopy(base), LoraConfig(**cfg(["seq.0", "seq.2", "seq.4"])))
+    before, config = state_snapshot(model), model.peft_config["default"]
+    real, calls = LoraModel.adapt.__func__, []
+
+    def flaky(cls, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "adapt", classmethod(flaky))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fxlora.initialize_lora_eva_weights(model, mlp_data(), **PLAIN)
+    assert_same_state(model, before)
+    assert model.peft_config["default"] == config and model.targeted_module_names == ["seq.0", "seq.2", "seq.4"]
+    x = torch.randn(3, 20)
+    assert torch.equal(model(x), base(x))  # B is still zero: computes as the base
+    fxlora.initialize_lora_eva_weights(model, mlp_data(), **PLAIN)  # and it can be done again
+    assert model.peft_config["default"].rank_pattern
