@@ -84,9 +84,9 @@ class ModulePairKind(KindBase):
         where = type(module).__name__
         if not self.takes_weight_inits:
             refuse_weight_init(where, init)
-        init_name = str(init)
-        if init == "eva":
+        if init == "eva":  # A and B as for the plain init: nothing of the layer is read
             return
+        init_name = str(init)
         if init == "orthogonal":
             if spec.r % 2:
                 raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={spec.r} on {where}")
