@@ -1,5 +1,6 @@
 """Checks of single `LoraConfig` values (`fxlora.config`): each raises `ValueError` / `TypeError`
-naming the field, the value and what would be valid."""
+naming the field, the value and what would be valid; and the settings objects of the inits LoftQ,
+CorDA and EVA (PEFT's ``LoftQConfig``, ``CordaConfig``, ``EvaConfig``, with the same fields)."""
 
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def test_unsupported_layers_are_refused_untouched(make, targets, init, match):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and set(model.state_dict()) == set(before)
 
 
-@pytest.mark.parametrize("init", ["eva", "lora_ga", "pissa_niter_", "pissa_niter_x"])
+@pytest.mark.parametrize("init", ["lora_ga", "pissa_niter_", "pissa_niter_x"])
 def test_other_inits_are_refused_by_the_config(init):
     with pytest.raises(ValueError, match="init_lora_weights must be .*'pissa_niter_<K>'.*not supported"):
         LoraConfig(target_modules=["a"], init_lora_weights=init)
