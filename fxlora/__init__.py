@@ -7,7 +7,7 @@
     model.print_trainable_parameters()
 """
 
-from fxlora.config import LoraConfig
+from fxlora.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from fxlora.errors import (
     CheckpointError,
     MergeError,
@@ -18,6 +18,8 @@ from fxlora.errors import (
     UnsupportedTargetError,
     VariantError,
 )
+from fxlora.model.corda import preprocess_corda
+from fxlora.model.eva import get_eva_state_dict, initialize_lora_eva_weights
 from fxlora.model.lora_model import LoraModel
 from fxlora.model.peft_functions import (
     get_peft_model_state_dict,
@@ -32,6 +34,12 @@ from fxlora.planning.explain import Report, explain
 
 __all__ = [
     "LoraConfig",
+    "LoftQConfig",
+    "CordaConfig",
+    "preprocess_corda",
+    "EvaConfig",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
     "LoraModel",
     "Report",
     "explain",

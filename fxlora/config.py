@@ -20,13 +20,16 @@ import copy
 import difflib
 import math
 import re
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
-from fxlora.config_values import ALL_LINEAR, check_alpha, check_bool_field, check_rank, check_regex, normalise_names
+from fxlora.config_values import (
+    ALL_LINEAR, CordaConfig, EvaConfig, LoftQConfig, check_alpha, check_bool_field, check_rank, check_regex, normalise_names, sub_config,
+)
 from fxlora.errors import UnsupportedFieldError
 
-__all__ = ["LoraConfig", "ALL_LINEAR", "BOOKKEEPING_FIELDS", "UNIMPLEMENTED_FIELDS", "TASK_TYPES", "field_status"]
+__all__ = ["LoraConfig", "LoftQConfig", "CordaConfig", "EvaConfig", "ALL_LINEAR", "BOOKKEEPING_FIELDS", "UNIMPLEMENTED_FIELDS", "TASK_TYPES", "field_status"]
 
 SUPPORTED_BIAS = ("none", "all", "lora_only")
 #: PEFT's ``TaskType`` values
@@ -54,9 +57,6 @@ UNIMPLEMENTED_FIELDS: dict[str, str] = {
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
     "megatron_config": "Megatron-LM parallel layers",
-    "loftq_config": "the LoftQ init",
-    "eva_config": "the EVA init",
-    "corda_config": "the CorDA init",
     "lora_ga_config": "the LoRA-GA init",
     "velora_config": "VeLoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -93,7 +93,10 @@ class LoraConfig:
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         init_lora_weights: ``True`` (A kaiming-uniform, B zero: the adapted model starts equal
             to the base), ``"gaussian"`` (A ~ N(0, 1/r), B zero) or ``False`` (random A and B,
-            for tests).
+            for tests); for Linear / Conv1D also PEFT's ``"pissa"``, ``"pissa_niter_<K>"``,
+            ``"olora"``, ``"orthogonal"`` (`fxlora.kinds.weight_inits`), ``"loftq"`` (with
+            `loftq_config`), ``"corda"`` (after `fxlora.preprocess_corda`) and ``"eva"`` (then
+            `fxlora.initialize_lora_eva_weights`).
         fan_in_fan_out: the target stores its weight as (in, out), like transformers ``Conv1D``.
             fxlora decides this per layer from the layer's type and warns where it disagrees.
         layers_to_transform: keep only targets inside these indices of a numbered layer list.
@@ -125,6 +128,14 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
     use_dora: bool = False
+    #: ``init_lora_weights="loftq"``'s settings: PEFT's dict ``{"loftq_bits": 4|8, "loftq_iter": n}``
+    #: (a `LoftQConfig`, PEFT's or fxlora's, is stored as that dict); used only with that init
+    loftq_config: dict = field(default_factory=dict)
+    #: ``init_lora_weights="corda"``'s settings (`CordaConfig`, PEFT's is taken too); the default
+    #: one with that init
+    corda_config: Optional[CordaConfig] = None
+    #: ``init_lora_weights="eva"``'s settings (`EvaConfig`, PEFT's is taken too); the default one with that init
+    eva_config: Optional[EvaConfig] = None
     # bookkeeping
     task_type: Optional[str] = None
     peft_type: Optional[str] = None
@@ -140,9 +151,6 @@ class LoraConfig:
     layer_replication: Optional[list] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
     megatron_config: Optional[dict] = None
-    loftq_config: dict = field(default_factory=dict)
-    eva_config: Optional[Any] = None
-    corda_config: Optional[Any] = None
     lora_ga_config: Optional[Any] = None
     velora_config: Optional[Any] = None
     alora_invocation_tokens: Optional[list[int]] = None
@@ -157,6 +165,15 @@ class LoraConfig:
     def __post_init__(self) -> None:
         for name in _FIELD_NAMES:
             object.__setattr__(self, name, _normalise(name, getattr(self, name)))
+        if self.loftq_config and self.init_lora_weights != "loftq":  # as PEFT
+            warnings.warn("loftq_config is ignored (cleared) as init_lora_weights is not 'loftq'", stacklevel=3)
+            object.__setattr__(self, "loftq_config", {})
+        if self.init_lora_weights == "corda" and self.corda_config is None:  # as PEFT, with its warning
+            warnings.warn("init_lora_weights is 'corda' but corda_config is not specified: using the default CordaConfig", stacklevel=3)
+            object.__setattr__(self, "corda_config", CordaConfig())
+        if self.init_lora_weights == "eva" and self.eva_config is None:  # as PEFT, with its warning
+            warnings.warn("init_lora_weights is 'eva' but eva_config is not specified: using the default EvaConfig", stacklevel=3)
+            object.__setattr__(self, "eva_config", EvaConfig())
         self.validate()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -195,12 +212,19 @@ class LoraConfig:
         if self.bias not in SUPPORTED_BIAS:
             raise ValueError(f"bias must be one of {SUPPORTED_BIAS}, got {self.bias!r}")
         init = self.init_lora_weights
-        if not (init is True or init is False or init == "gaussian" or (isinstance(init, str) and WEIGHT_INITS.fullmatch(init))):
+        if not (init is True or init is False or init in ("gaussian", "eva") or (isinstance(init, str) and WEIGHT_INITS.fullmatch(init))):
             raise ValueError(
                 f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' (K an int >= 0), "
-                f"'olora' or 'orthogonal', got {init!r} (PEFT's data-driven inits 'loftq', 'eva', 'corda' and "
-                "'lora_ga' are not supported)"
+                f"'olora', 'orthogonal', 'loftq', 'corda' or 'eva', got {init!r} (PEFT's init 'lora_ga' is "
+                "not supported)"
             )
+        if init == "loftq" and not self.loftq_config:
+            raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. LoftQConfig(loftq_bits=4) (as PEFT)")
+        if self.loftq_config:
+            sub_config("loftq_config", self.loftq_config, LoftQConfig)
+        for name, cls in (("corda_config", CordaConfig), ("eva_config", EvaConfig)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), cls):
+                raise TypeError(f"{name} must be a {cls.__name__} or None, got {getattr(self, name)!r}")
         check_regex("target_modules", self.target_modules)
         check_regex("exclude_modules", self.exclude_modules)
         self._validate_layers_filter()
@@ -312,8 +336,9 @@ def field_status(name: str) -> str:
         raise KeyError(f"LoraConfig has no field {name!r}")
     return "bookkeeping" if name in BOOKKEEPING_FIELDS else "not implemented" if name in UNIMPLEMENTED_FIELDS else "implemented"
 
-#: the ``init_lora_weights`` strings that read the base weight (`fxlora.kinds.weight_inits`)
-WEIGHT_INITS = re.compile(r"pissa|pissa_niter_\d+|olora|orthogonal")
+#: the ``init_lora_weights`` strings that read the base weight (`fxlora.kinds.weight_inits`); all
+#: but "orthogonal" change it
+WEIGHT_INITS = re.compile(r"pissa|pissa_niter_\d+|olora|orthogonal|loftq|corda")
 
 
 def scaling_value(alpha: float, r: int, use_rslora: bool) -> float:
@@ -339,6 +364,10 @@ def _normalise(name: str, value: Any) -> Any:
         return normalise_names(name, value, allow_str=False)
     if name == "init_lora_weights" and isinstance(value, str):
         return value.lower()
+    if name == "loftq_config":
+        return {} if value is None or value == {} else asdict(sub_config(name, value, LoftQConfig))
+    if name in ("corda_config", "eva_config"):
+        return sub_config(name, value, CordaConfig if name == "corda_config" else EvaConfig)
     if name in ("rank_pattern", "alpha_pattern") and value is None:
         return {}
     if name == "layers_to_transform" and isinstance(value, tuple):

@@ -1,4 +1,4 @@
-"""Turning a trained PiSSA / OLoRA adapter into a plain LoRA adapter for the original base model
+"""Turning a trained PiSSA / OLoRA / CorDA adapter into a plain LoRA adapter for the original base model
 (PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=...)``).
 
 Such an adapter was trained on the residual base ``W_res = W - s B0 A0`` (``A0``, ``B0``: its
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fxlora.config import LoraConfig
-from fxlora.kinds.weight_inits import changes_base_weights
+from fxlora.kinds.weight_inits import converts_to_plain
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.io.adapter_files import AdapterFiles
@@ -63,11 +63,17 @@ def to_plain_lora(
     adapter `adapter` (`tensors`: its file tensors, keys with `prefix`) on the original base.
     Raises ValueError (nothing written yet) where the adapter's init did not change the base
     weights (no conversion is needed: save it as it is) or `initial` is not its initial state."""
-    if not changes_base_weights(config.init_lora_weights):
+    if config.init_lora_weights == "loftq":
+        raise ValueError(
+            f"adapter {adapter!r} has init_lora_weights='loftq', whose base weights are quantized: no adapter of the "
+            "original model computes what it computes; save it without path_initial_model_for_weight_conversion "
+            "(it converts 'pissa', 'pissa_niter_<K>', 'olora' and 'corda' adapters)"
+        )
+    if not converts_to_plain(config.init_lora_weights):
         raise ValueError(
             f"adapter {adapter!r} has init_lora_weights={config.init_lora_weights!r}, which leaves the base weights "
             "as they are: it already is a plain LoRA adapter of the original model; save it without "
-            "path_initial_model_for_weight_conversion (it converts 'pissa', 'pissa_niter_<K>' and 'olora' adapters)"
+            "path_initial_model_for_weight_conversion (it converts 'pissa', 'pissa_niter_<K>', 'olora' and 'corda' adapters)"
         )
     _check_initial(adapter, tensors, initial, prefix)
     out = dict(tensors)

@@ -4,8 +4,9 @@ Such an adapter computes ``lora_B(lora_A(lora_dropout(x)))``: A maps the layer's
 channels (features), B maps those to the layer's output, with an optional bias (``lora_bias``).
 Init (PEFT's): A kaiming-uniform with ``a=sqrt(5)`` (``"gaussian"``: normal with std 1/r), B and
 its bias zero; ``init_lora_weights=False`` keeps the modules' own random init. The kinds whose
-update is a plain matrix product (``takes_weight_inits``: Linear) also take PiSSA, OLoRA and the
-orthogonal init (`fxlora.kinds.weight_inits`); PiSSA and OLoRA change the base layer's weight.
+update is a plain matrix product (``takes_weight_inits``: Linear) also take PiSSA, OLoRA, the
+orthogonal init, LoftQ and CorDA (`fxlora.kinds.weight_inits`); all but orthogonal change the base
+layer's weight.
 
 A subclass says how to build the two modules (`ModulePairKind.factor_modules`) and how its weights
 read as matrices; everything else is here.
@@ -22,7 +23,7 @@ import torch.nn as nn
 
 from fxlora.dtypes import cast_like
 from fxlora.kinds.registry import Factors, Init, KindBase
-from fxlora.kinds.weight_inits import is_weight_init, matrix_inits, orthogonal_pair, refuse_weight_init
+from fxlora.kinds.weight_inits import check_layer_data, is_weight_init, orthogonal_pair, refuse_weight_init, weight_factors
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -35,7 +36,7 @@ torch.fx.wrap("cast_like")  # one opaque node when `update` is traced
 class ModulePairKind(KindBase):
     """Base of the kinds with ``lora_A`` / ``lora_B`` modules behind a ``lora_dropout``."""
 
-    #: whether the kind takes PiSSA / OLoRA / orthogonal inits (its weight is an (out, in) matrix,
+    #: whether the kind takes PiSSA / OLoRA / orthogonal / LoftQ / CorDA inits (its weight is an (out, in) matrix,
     #: its factors plain matrices)
     takes_weight_inits = False
 
@@ -54,7 +55,7 @@ class ModulePairKind(KindBase):
         self, module: nn.Module, spec: "AdapterSpec", init: Init, device: torch.device, dtype: torch.dtype
     ) -> dict[str, Union[nn.Module, nn.Parameter]]:
         self.check_spec(type(module).__name__, module, spec)
-        if is_weight_init(init):
+        if is_weight_init(init) or init == "eva":
             self._check_weight_init(module, spec, init)
         lora_a, lora_b = self.factor_modules(module, spec)
         if is_weight_init(init):
@@ -70,6 +71,8 @@ class ModulePairKind(KindBase):
             return
         if init is True:
             nn.init.kaiming_uniform_(self.a_view(lora_a.weight), a=math.sqrt(5))
+        elif init == "eva":  # A keeps its module's own init until initialize_lora_eva_weights (as PEFT)
+            pass
         else:  # "gaussian"
             nn.init.normal_(self.a_view(lora_a.weight), std=1 / r)
         nn.init.zeros_(lora_b.weight)
@@ -81,6 +84,9 @@ class ModulePairKind(KindBase):
         where = type(module).__name__
         if not self.takes_weight_inits:
             refuse_weight_init(where, init)
+        if init == "eva":  # A and B as for the plain init: nothing of the layer is read
+            return
+        init_name = str(init)
         if init == "orthogonal":
             if spec.r % 2:
                 raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={spec.r} on {where}")
@@ -88,32 +94,34 @@ class ModulePairKind(KindBase):
         obstacle = self.merge_obstacle(module)
         if obstacle is not None:
             raise ValueError(
-                f"init_lora_weights={init!r} moves part of the weight of {where} into the adapter, which needs a layer "
+                f"init_lora_weights={init_name!r} moves part of the weight of {where} into the adapter, which needs a layer "
                 f"whose output is linear in its weight: {obstacle}"
             )
         weight = module.weight
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"init_lora_weights={init!r} needs a float32, float16 or bfloat16 weight, {where} has {weight.dtype}")
+            raise TypeError(f"init_lora_weights={init_name!r} needs a float32, float16 or bfloat16 weight, {where} has {weight.dtype}")
         if spec.r > min(weight.shape):
             raise ValueError(
-                f"init_lora_weights={init!r} needs r <= min(out, in) = {min(weight.shape)} on {where} "
+                f"init_lora_weights={init_name!r} needs r <= min(out, in) = {min(weight.shape)} on {where} "
                 f"(weight {tuple(weight.shape)}), got r={spec.r}"
             )
+        check_layer_data(module, init, spec.r, bool(self.fan_in_fan_out(module)))
 
     def _weight_init(self, module: nn.Module, lora_a: nn.Module, lora_b: nn.Module, init: str, spec: "AdapterSpec") -> None:
         weight = module.weight
         with torch.no_grad():
             if init == "orthogonal":
                 a, b = orthogonal_pair(spec.r, lora_a.weight.shape[1], lora_b.weight.shape[0])
-                a, b = a.to(weight.dtype), b.to(weight.dtype)  # PEFT rounds them through the base dtype
             else:
                 fan_in_fan_out = bool(self.fan_in_fan_out(module))
                 matrix = weight.detach().to(torch.float32)
-                a, b, residual = matrix_inits(matrix.T if fan_in_fan_out else matrix, spec.r, spec.scaling, init)
+                a, b, residual = weight_factors(module, matrix.T if fan_in_fan_out else matrix, spec.r, spec.scaling, init)
                 residual = residual.to(weight.dtype)
                 weight.copy_(residual.T if fan_in_fan_out else residual)
-            lora_a.weight.copy_(a)
-            lora_b.weight.copy_(b)
+            # PEFT rounds the factors through the base dtype (its adapters are first put in the
+            # base layer's dtype, then up-cast), the new base weight is computed from them unrounded
+            lora_a.weight.copy_(a.to(weight.dtype))
+            lora_b.weight.copy_(b.to(weight.dtype))
 
     def update(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         lora_a = module.lora_A[adapter]

@@ -1,5 +1,6 @@
-"""The inits that read the base weight (PiSSA, OLoRA) or draw an orthogonal pair: PEFT 0.21.2's
-``init_lora_weights="pissa"``, ``"pissa_niter_<K>"``, ``"olora"`` and ``"orthogonal"``, for the
+"""The inits that read the base weight (PiSSA, OLoRA, LoftQ, CorDA) or draw an orthogonal pair:
+PEFT 0.21.2's ``init_lora_weights="pissa"``, ``"pissa_niter_<K>"``, ``"olora"``, ``"orthogonal"``,
+``"loftq"`` (`fxlora.kinds.inits_loftq`) and ``"corda"`` (`fxlora.kinds.inits_corda`), for the
 layers whose update is a plain (out, in) matrix product (``nn.Linear``, transformers ``Conv1D``).
 
 With ``W`` the base weight as an (out, in) matrix in float32 and ``s`` the adapter's scaling:
@@ -16,42 +17,109 @@ With ``W`` the base weight as an (out, in) matrix in float32 and ``s`` the adapt
   ``B = N_out.T Q_even / 10`` (``Q_odd`` / ``Q_even``: rows 0, 2, ... / 1, 3, ...; ``N``: normal
   draws), so ``B A = 0`` up to rounding. Needs an even rank; the base is not changed.
 
-The residual is rounded once into the base weight's dtype. ``r`` may not exceed ``min(out, in)``
-for PiSSA/OLoRA (PEFT silently gives a smaller adapter there).
+- ``"loftq"``: the base becomes its quantized-and-dequantized value, the adapter the rank-r SVD of
+  what that lost (`fxlora.kinds.inits_loftq`; PEFT's, which only runs on a GPU with bitsandbytes).
+- ``"corda"``: from the decomposition `fxlora.preprocess_corda` left on the layer (``eigens``, PEFT's
+  attribute: a model PEFT's ``preprocess_corda`` ran on works too); the base becomes ``W - s B A``.
+
+The new base weight is rounded once into its dtype. ``r`` may not exceed ``min(out, in)``
+for PiSSA/OLoRA/LoftQ (PEFT silently gives a smaller adapter there). All work on the (out, in)
+matrix, also for a ``Conv1D`` (PEFT's OLoRA and LoftQ there give factors of the wrong shape).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Union
+from typing import Callable, Union
 
 import torch
+import torch.nn as nn
 
-from fxlora.config import WEIGHT_INITS
+from fxlora.config import WEIGHT_INITS, LoraConfig
+from fxlora.kinds.inits_corda import EIGENS_ATTR, check_eigens, corda_factors
+from fxlora.kinds.inits_loftq import LoftQ, loftq_factors
 
-__all__ = ["changes_base_weights", "is_weight_init", "matrix_inits", "orthogonal_pair", "refuse_weight_init"]
+__all__ = [
+    "changes_base_weights", "converts_to_plain", "init_of", "init_state_restorer", "is_weight_init", "matrix_inits",
+    "orthogonal_pair", "refuse_weight_init", "check_layer_data", "weight_factors",
+]
 
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
-def is_weight_init(init: Union[bool, str]) -> bool:
-    """Whether `init` is one of this module's inits (PiSSA, OLoRA, orthogonal)."""
-    return isinstance(init, str) and WEIGHT_INITS.fullmatch(init) is not None
+def init_of(config: LoraConfig) -> Union[bool, str, LoftQ]:
+    """What the layer kinds are given for `config`'s init: ``init_lora_weights``, or for
+    ``"loftq"`` a `LoftQ` with the config's `loftq_config`."""
+    init = config.init_lora_weights
+    if init == "loftq":
+        return LoftQ(config.loftq_config["loftq_bits"], config.loftq_config["loftq_iter"])
+    return init
 
 
-def changes_base_weights(init: Union[bool, str]) -> bool:
-    """Whether `init` changes the base layer's weight (PiSSA and OLoRA do)."""
-    return is_weight_init(init) and init != "orthogonal"
+def is_weight_init(init: Union[bool, str, LoftQ]) -> bool:
+    """Whether `init` is one of this module's inits (PiSSA, OLoRA, orthogonal, LoftQ, CorDA)."""
+    return isinstance(init, LoftQ) or (isinstance(init, str) and WEIGHT_INITS.fullmatch(init) is not None)
 
 
-def refuse_weight_init(where: str, init: Union[bool, str]) -> None:
-    """ValueError if `init` is one of this module's inits, which the layer `where` cannot take."""
-    if is_weight_init(init):
+def changes_base_weights(init: Union[bool, str, LoftQ]) -> bool:
+    """Whether `init` changes the base layer's weight (all of this module's but orthogonal)."""
+    return is_weight_init(init) and str(init) != "orthogonal"
+
+
+def converts_to_plain(init: Union[bool, str]) -> bool:
+    """Whether an adapter with `init` can be saved as a plain LoRA adapter of the original base
+    (`fxlora.io.weight_conversion`): its base is ``W - s B0 A0`` (PiSSA, OLoRA, CorDA; PEFT's list).
+    LoftQ's base is a quantized weight, which no adapter of the original base computes."""
+    return changes_base_weights(init) and str(init) != "loftq"
+
+
+def refuse_weight_init(where: str, init: Union[bool, str, LoftQ]) -> None:
+    """ValueError if `init` is one of this module's inits (or EVA), which the layer `where` cannot take."""
+    if is_weight_init(init) or init == "eva":
         raise ValueError(
-            f"init_lora_weights={init!r} is supported for nn.Linear and transformers Conv1D layers only, not "
+            f"init_lora_weights={str(init)!r} is supported for nn.Linear and transformers Conv1D layers only, not "
             f"{where} (PEFT's version fails or silently falls back there); exclude such layers (exclude_modules) "
             "or use init_lora_weights=True"
         )
+
+
+def check_layer_data(module: nn.Module, init: Union[str, LoftQ], r: int, fan_in_fan_out: bool) -> None:
+    """ValueError where the layer lacks what `init` needs (CorDA: `preprocess_corda`'s decomposition
+    for rank `r`); nothing is changed."""
+    if init == "corda":
+        out_dim, in_dim = module.weight.shape[::-1] if fan_in_fan_out else module.weight.shape
+        check_eigens(getattr(module, EIGENS_ATTR, None), type(module).__name__, r, out_dim, in_dim)
+
+
+def weight_factors(
+    module: nn.Module, matrix: torch.Tensor, r: int, scaling: float, init: Union[str, LoftQ]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (r, in), B (out, r), new base (out, in)) of `init` for the layer `module` whose weight is
+    the (out, in) float32 `matrix`. CorDA's decomposition is taken off the layer (as PEFT does).
+
+    Requires: ``changes_base_weights(init)`` and the checks of `check_layer_data` passed."""
+    if isinstance(init, LoftQ):
+        return loftq_factors(matrix, r, init)
+    if init == "corda":
+        eigens = module.__dict__.pop(EIGENS_ATTR)
+        a, b = corda_factors(eigens, scaling)
+        return a, b, matrix - scaling * b @ a
+    return matrix_inits(matrix, r, scaling, init)
+
+
+def init_state_restorer(modules: list[nn.Module]) -> Callable[[], None]:
+    """A function that puts back what the inits change on these layers, as it is now: the weight's
+    values and CorDA's decomposition (for a failed transform or load)."""
+    saved = [(m, m.weight, m.weight.detach().clone(), m.__dict__.get(EIGENS_ATTR)) for m in modules]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for module, weight, value, eigens in saved:
+                weight.copy_(value)
+                if eigens is not None:
+                    module.__dict__[EIGENS_ATTR] = eigens
+
+    return restore
 
 
 def _principal(weight: torch.Tensor, r: int, init: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

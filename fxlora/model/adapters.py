@@ -26,7 +26,7 @@ from fxlora.runtime.install import attach_plan, install_forwards, installed_forw
 from fxlora.runtime.calls import CALL_LOCK
 from fxlora.core.combine import COMBINATIONS, DENSITY_COMBINATIONS, EQUAL_RANK_COMBINATIONS, combined_weights, layer_rank
 from fxlora.core.task_merge import SIGN_METHODS
-from fxlora.kinds.weight_inits import changes_base_weights
+from fxlora.kinds.weight_inits import changes_base_weights, init_state_restorer
 from fxlora.config import LoraConfig
 from fxlora.planning.explain import report_from_plan
 from fxlora.core.layers import check_adapter_name, remove_adapter, saved_meta, target_meta
@@ -111,8 +111,8 @@ def add_planned(lm: "LoraModel", plan: Plan) -> None:
         forwards = installed_forwards(lm.model)
         tx.on_undo(lambda: drop_adapter_modules(lm.model, plan.adapter))
         tx.on_undo(lambda: restore_forwards(lm.model, forwards))
-        if changes_base_weights(plan.config.init_lora_weights):  # PiSSA / OLoRA rewrite the targets' weights
-            tx.on_undo(_weight_restorer([t.module for t in plan.targets]))
+        if changes_base_weights(plan.config.init_lora_weights):  # PiSSA / OLoRA / LoftQ / CorDA rewrite the targets' weights
+            tx.on_undo(init_state_restorer([t.module for t in plan.targets]))
         first = not state.configs
         attach_plan(plan)
         if first:
@@ -128,18 +128,6 @@ def add_planned(lm: "LoraModel", plan: Plan) -> None:
         state.flags.invalidate()
         state.publish()
         state.sync_trainable(lm.training or first)
-
-
-def _weight_restorer(modules: list[nn.Module]):
-    """A function that puts the current values of the modules' weights back (in place)."""
-    saved = [(m.weight, m.weight.detach().clone()) for m in modules]
-
-    def restore() -> None:
-        with torch.no_grad():
-            for weight, value in saved:
-                weight.copy_(value)
-
-    return restore
 
 
 def delete_adapter(lm: "LoraModel", adapter_name: str) -> None:

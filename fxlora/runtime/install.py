@@ -12,6 +12,7 @@ from fxlora.errors import UnsupportedTargetError
 
 from fxlora.runtime.forwards import EagerLoraForward, GraphForward, SavedForward, install, installed_forward, uninstall
 from fxlora.core.layers import attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
+from fxlora.kinds.weight_inits import init_of
 from fxlora.planning.plan import PathInfo, Plan, RootPlan, assign_paths
 from fxlora.tracing.traced import CONSTANT_PREFIX
 
@@ -44,7 +45,7 @@ def attach_plan(plan: Plan) -> None:
     Inside a parent with a fused fast path (`fxlora.planning.target_checks.fused_parent`), the
     adapter's own modules get a no-op forward pre-hook, which turns that fast path off."""
     for t in plan.targets:
-        attach_adapter(t.module, plan.adapter, t.spec, plan.config.init_lora_weights, t.kind, t.fan_in_fan_out)
+        attach_adapter(t.module, plan.adapter, t.spec, init_of(plan.config), t.kind, t.fan_in_fan_out)
     for s in plan.saved:
         attach_saved_copy(s.module, plan.adapter)
     for p in [*plan.targets, *plan.saved]:
