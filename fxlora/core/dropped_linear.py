@@ -15,7 +15,9 @@ the same seed it drops the same entries as PEFT's ``nn.Dropout``.
 
 Replaying sets the device's generator state for the duration of the replay and puts the state
 of that moment back after (as ``torch.utils.checkpoint`` does): a thread drawing random numbers
-on the same device while another runs a backward can see the replayed state.
+on the same device while another runs a backward can see the replayed state. The backward is
+not differentiable itself: a second-order gradient through it raises (``create_graph=True``
+through a dropout branch needs ``lora_dropout=0``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fxlora.boundary import calls_plainly
 
@@ -58,6 +61,7 @@ class _DroppedLinear(torch.autograd.Function):
         return F.linear(F.dropout(x, p, True), weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         x, weight = ctx.saved_tensors
         wants = ctx.needs_input_grad[:2]
