@@ -4,7 +4,7 @@ Gated code (what ``torch.compile`` sees) reads the adapter state from gate tenso
 state change never recompiles; it therefore computes every branch, multiplied by a zero gate when
 the adapter is merged, disabled or inactive. For a graph root whose graph qualifies
 (`skippable`), `GraphForward` builds a second code for the same call pattern: the eager code of
-the state with no live adapter and no selected copy (`IDLE`), i.e. the base model's own layers
+the state with no live adapter (`IDLE`), i.e. the base model's own layers
 and nothing else. Compiled, without autograd (``torch.no_grad()`` / ``torch.inference_mode()``), in
 evaluation mode, a call runs ``torch.cond(any gate open, gated code, base code)`` (`run_gated`):
 one predicate per call (not per layer, as the opt-in ``guard_idle`` pass does), no recompile on a
@@ -13,7 +13,8 @@ state change (the predicate is data), and merged adapters cost the base model's 
 ``torch.cond`` must capture both codes whole (it raises on a graph break inside) and takes
 tensors in and out: a graph qualifies only when every node is a call known to be a pure tensor
 computation (torch functions, ``operator``, tensor methods, no in-place op; modules of the
-standard ``torch.nn`` kinds or adapted layers) and it returns one tensor computed by such a call.
+standard ``torch.nn`` kinds or adapted layers, no `modules_to_save` module) and it returns one
+tensor computed by such a call.
 Any other graph (a transformers model returning a cache object, say) keeps the gated code alone.
 """
 
@@ -48,7 +49,11 @@ _NOT_TENSOR = {"size", "dim", "numel", "stride", "element_size", "is_contiguous"
 
 
 def _pure_module(module: nn.Module) -> bool:
-    if target_meta(module) is not None or saved_meta(module) is not None:
+    """A standard module or an adapted layer; a `modules_to_save` module is not (its copy is
+    selected whenever its adapter is active, merged or not, so no state would skip anything)."""
+    if saved_meta(module) is not None:
+        return False
+    if target_meta(module) is not None:
         return True
     return type(module).__module__ in _PURE_NN and not isinstance(module, _IMPURE_NN)
 
@@ -94,8 +99,8 @@ def skippable(graph: fx.Graph, root: nn.Module) -> bool:
 
 
 def any_gate_open(gates: GateState) -> torch.Tensor:
-    """0-d bool tensor: does any adapter's branch or copy act anywhere in the call (`gates`)."""
-    return torch.logical_or(gates.scale_tensor.ne(0).any(), gates.select_tensor.ne(0).any())
+    """0-d bool tensor: does any adapter's branch act anywhere in the call (`gates`)."""
+    return gates.scale_tensor.ne(0).any()
 
 
 def run_gated(gated: Callable[..., Any], idle: Callable[..., Any], root: nn.Module, gates: GateState, args: tuple) -> Any:
