@@ -10,7 +10,8 @@ machine drift hits all alike:
 - merged forward (after ``merge_adapter()``) against the base forward, eager and compiled, and
   compiled with the opt-in ``guard_idle`` pass (unmerged and merged);
 - transform time (``fxlora.transform`` vs ``peft.get_peft_model``);
-- peak extra memory of an eager training step.
+- peak extra memory of an eager training step;
+- training step time and peak memory with ``lora_dropout=0.1`` (fxlora against peft).
 
 Prints a table of times and ratios and writes JSON.
 
@@ -163,6 +164,7 @@ def measure_case(case: Case, rounds: int, compiled: bool) -> list[dict]:
     rows.append(row(case, "training step", "eager", interleaved(steps, max(5, rounds // 2))))
     memory = {k: float(peak_memory(fn)) for k, fn in steps.items()}
     rows.append(row(case, "peak memory of a training step", "eager", memory, unit="MiB"))
+    rows += dropout_rows(case, x, rounds)
 
     fxm.eval(), pm.eval()
     fxm.merge_adapter(), pm.merge_adapter()
@@ -172,6 +174,23 @@ def measure_case(case: Case, rounds: int, compiled: bool) -> list[dict]:
     if compiled:
         rows += measure_compiled(case, x, base, fxm, pm, full, rounds)
     rows.append(row(case, "transform time", "eager", transform_times(case, base)))
+    return rows
+
+
+def dropout_rows(case: Case, x, rounds: int) -> list[dict]:
+    """Training step time and peak memory with ``lora_dropout=0.1`` (fxlora keeps each branch's
+    input and the generator state, not the dropped copy: `fxlora.core.dropped_linear`), against
+    peft, interleaved."""
+    noisy = Case(case.name, case.make_base, dict(case.lora, lora_dropout=0.1), case.make_input, case.loss)
+    _, fxm, pm = build(noisy)
+    fxm.train(), pm.train()
+    steps = {
+        "fxlora": step_fn(fxm, x, case.loss, [p for p in fxm.parameters() if p.requires_grad]),
+        "peft": step_fn(pm, x, case.loss, [p for p in pm.parameters() if p.requires_grad]),
+    }
+    rows = [row(case, "training step, lora_dropout=0.1", "eager", interleaved(steps, max(5, rounds // 2)))]
+    memory = {k: float(peak_memory(fn)) for k, fn in steps.items()}
+    rows.append(row(case, "peak memory of a training step, lora_dropout=0.1", "eager", memory, unit="MiB"))
     return rows
 
 

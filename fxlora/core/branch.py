@@ -24,6 +24,7 @@ from fxlora.boundary import calls_plainly
 from fxlora.dtypes import cast_like
 from fxlora.core.gates import EagerKey
 from fxlora.core.dora import dora_output
+from fxlora.core.dropped_linear import dropped_linear
 from fxlora.core.layers import TargetMeta, saved_meta, target_meta
 from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, select_gate, select_output, slot_scaling, stacked_layer_update, stacked_linear_update
 
@@ -36,6 +37,7 @@ for _name in (
     "add_update",
     "cast_like",
     "dora_output",
+    "dropped_linear",
     "eager_factor",
     "scale_by",
     "scale_update",
@@ -50,15 +52,15 @@ for _name in (
 
 
 
-def _bare_linear(module: nn.Module, meta: TargetMeta, adapters: list[str]) -> bool:
+def _bare_linear(module: nn.Module, meta: TargetMeta, adapters: list[str], dropout: bool = False) -> bool:
     """A layer of a stackable kind (`fxlora.kinds.LayerKind.stackable`: linear) whose given
-    adapters are additive (`fxlora.variants`), have neither a B bias nor dropout, and whose
-    factor modules compute plainly (`fxlora.boundary.calls_plainly`: no hook, no offloading
-    wrapper), so that their weights can be read instead of calling them."""
+    adapters are additive (`fxlora.variants`), have no B bias and (unless `dropout`) no
+    dropout, and whose factor modules compute plainly (`fxlora.boundary.calls_plainly`: no hook,
+    no offloading wrapper), so that their weights can be read instead of calling them."""
     if not meta.kind.stackable:
         return False
     specs = [meta.adapters[a] for a in adapters]
-    if not all(s.variant.additive_update and not s.lora_bias and not s.dropout > 0 for s in specs):
+    if not all(s.variant.additive_update and not s.lora_bias and (dropout or not s.dropout > 0) for s in specs):
         return False
     return all(calls_plainly(module.lora_A[a]) and calls_plainly(module.lora_B[a]) for a in adapters)
 
@@ -71,8 +73,18 @@ def stackable(module: nn.Module, meta: TargetMeta, adapters: list[str]) -> bool:
 
 
 def _plain_linear(module: nn.Module, meta: TargetMeta, adapters: list[str]) -> bool:
-    """One adapter on a linear layer, without B bias or dropout: A product, then one addmm."""
-    return len(adapters) == 1 and _bare_linear(module, meta, adapters)
+    """One adapter on a linear layer, without B bias: A product (of the dropped input, keeping
+    the input: `fxlora.core.dropped_linear`), then one addmm."""
+    return len(adapters) == 1 and _bare_linear(module, meta, adapters, dropout=True)
+
+
+def _low_rank(module: nn.Module, meta: TargetMeta, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """``A(dropout(x))`` of a linear layer's `adapter`, in A's dtype."""
+    weight = module.lora_A[adapter].weight
+    x = cast_like(x, weight)
+    if meta.adapters[adapter].dropout > 0:
+        return dropped_linear(x, weight, module.lora_dropout[adapter])
+    return F.linear(x, weight)
 
 
 def _serves_rows(module: nn.Module, meta: TargetMeta, adapters: list[str], eager: Optional[EagerKey]) -> bool:
@@ -132,8 +144,7 @@ def lora_output(
     factors = _factors(gates, x, adapters, scalings, eager)
     known = eager is not None and not eager.rows
     if known and _plain_linear(module, meta, adapters):
-        weight = module.lora_A[adapters[0]].weight
-        hidden = F.linear(cast_like(x, weight), weight)
+        hidden = _low_rank(module, meta, adapters[0], x)
         return add_linear_product(base, hidden, module.lora_B[adapters[0]].weight, factors[0])
     if stackable(module, meta, adapters):
         return stacked_linear_update(

@@ -27,6 +27,7 @@ import torch.nn as nn
 from fxlora.core.branch import lora_output, own_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
 from fxlora.runtime.codegen import compile_graph, python_source
+from fxlora.runtime.idle import IDLE, run_gated, skippable
 from fxlora.runtime.lowering import lower_base_calls
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
@@ -180,6 +181,8 @@ class Code(NamedTuple):
     fn: Callable[..., Any]
     inputs: Optional[tuple]
     base: BaseLayers
+    #: gated evaluation code only: the base model's code for `fxlora.runtime.idle.run_gated`
+    idle: Optional[Callable[..., Any]] = None
 
 #: eager codes kept per graph root (least recently used dropped first); each is code for one
 #: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
@@ -224,7 +227,10 @@ class GraphForward:
         forwards = [installed_forward(m) for m in layers]
         lowerable = [m for m, f in zip(layers, forwards) if f is not None and f.previous is None]
         fn = compile_graph(lower_base_calls(graph, self.root, lowerable))
-        return Code(fn, None if direct else variant.inputs, base_layers(layers, forwards))
+        idle = None
+        if eager is None and not key[0] and not self.owner.options.guard_idle and skippable(variant.graph, self.root):
+            idle = self._build(key, variant, IDLE).fn
+        return Code(fn, None if direct else variant.inputs, base_layers(layers, forwards), idle)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
@@ -315,12 +321,13 @@ class GraphForward:
         code = self._code(key, eager)
         if code is None or not self.variants[key].holds():
             return self._slow_call(key, gates, eager, args, kwargs)
-        fn, inputs, base = code
+        fn, inputs, base, idle = code
         if not base.bypassable():
             return self._run_eagerly(args, kwargs)
-        if inputs is None:
-            return fn(self.root, gates, *args)
-        return fn(self.root, gates, *gather_inputs(inputs, self.root, args, kwargs))
+        args = args if inputs is None else gather_inputs(inputs, self.root, args, kwargs)
+        if idle is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled() and all(isinstance(a, torch.Tensor) for a in args):
+            return run_gated(fn, idle, self.root, gates, tuple(args))
+        return fn(self.root, gates, *args)
 
     @torch.compiler.disable
     def _slow_call(self, key: Optional[CallKey], gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:

@@ -1,0 +1,111 @@
+"""Compiled inference code that runs the plain base model while no adapter acts.
+
+Gated code (what ``torch.compile`` sees) reads the adapter state from gate tensors only, so that a
+state change never recompiles; it therefore computes every branch, multiplied by a zero gate when
+the adapter is merged, disabled or inactive. For a graph root whose graph qualifies
+(`skippable`), `GraphForward` builds a second code for the same call pattern: the eager code of
+the state with no live adapter (`IDLE`), i.e. the base model's own layers
+and nothing else. Compiled, without autograd (``torch.no_grad()`` / ``torch.inference_mode()``), in
+evaluation mode, a call runs ``torch.cond(any gate open, gated code, base code)`` (`run_gated`):
+one predicate per call (not per layer, as the opt-in ``guard_idle`` pass does), no recompile on a
+state change (the predicate is data), and merged adapters cost the base model's time.
+
+``torch.cond`` must capture both codes whole (it raises on a graph break inside) and takes
+tensors in and out: a graph qualifies only when every node is a call known to be a pure tensor
+computation (torch functions, ``operator``, tensor methods, no in-place op; modules of the
+standard ``torch.nn`` kinds or adapted layers, no `modules_to_save` module) and it returns one
+tensor computed by such a call.
+Any other graph (a transformers model returning a cache object, say) keeps the gated code alone.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxlora.core.gates import EagerKey, GateState
+from fxlora.core.layers import saved_meta, target_meta
+
+__all__ = ["IDLE", "skippable", "run_gated", "any_gate_open"]
+
+#: the eager key of the state in which no branch runs and no copy is selected
+IDLE = EagerKey((), ())
+
+#: modules of these ``torch.nn`` submodules compute their output from their input and their own
+#: tensors alone in evaluation mode
+_PURE_NN = tuple(
+    f"torch.nn.modules.{name}"
+    for name in ("linear", "conv", "sparse", "normalization", "batchnorm", "dropout", "flatten", "activation", "pooling", "padding", "pixelshuffle", "upsampling", "channelshuffle", "distance")
+)
+_IMPURE_NN = (nn.MultiheadAttention,)
+#: tensor methods that leave the tensor world or have effects
+_IMPURE_METHODS = {"item", "tolist", "numpy", "backward", "register_hook", "retain_grad", "data_ptr", "record_stream", "share_memory_"}
+#: calls whose result is not a tensor
+_NOT_TENSOR = {"size", "dim", "numel", "stride", "element_size", "is_contiguous", "nelement", "ndimension", "get_device"}
+
+
+def _pure_module(module: nn.Module) -> bool:
+    """A standard module or an adapted layer; a `modules_to_save` module is not (its copy is
+    selected whenever its adapter is active, merged or not, so no state would skip anything)."""
+    if saved_meta(module) is not None:
+        return False
+    if target_meta(module) is not None:
+        return True
+    return type(module).__module__ in _PURE_NN and not isinstance(module, _IMPURE_NN)
+
+
+def _in_place(name: str, kwargs: dict) -> bool:
+    return (name.endswith("_") and not name.endswith("__")) or kwargs.get("inplace") is True
+
+
+def _pure_function(target: Any) -> bool:
+    """A function of ``operator``, ``getattr`` (of a tensor's shape, say) or of torch."""
+    if target is getattr:
+        return True
+    module = getattr(target, "__module__", None) or ""
+    return module in ("_operator", "operator") or module.startswith("torch") or getattr(torch, getattr(target, "__name__", ""), None) is target
+
+
+def _pure_node(node: fx.Node, root: nn.Module) -> bool:
+    if node.op in ("placeholder", "get_attr", "output"):
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if _in_place(name, node.kwargs):
+        return False
+    if node.op == "call_module":
+        return _pure_module(root.get_submodule(node.target))
+    if node.op == "call_method":
+        return name not in _IMPURE_METHODS
+    return node.op == "call_function" and _pure_function(node.target)
+
+
+def _returns_tensor(graph: fx.Graph, root: nn.Module) -> bool:
+    """The graph returns one node, a module call or a torch function / tensor method that gives a
+    tensor."""
+    out = graph.output_node().args[0]
+    if not isinstance(out, fx.Node) or out.op not in ("call_module", "call_function", "call_method"):
+        return False
+    name = out.target if isinstance(out.target, str) else getattr(out.target, "__name__", "")
+    return name not in _NOT_TENSOR and out.target not in (operator.getitem, getattr)
+
+
+def skippable(graph: fx.Graph, root: nn.Module) -> bool:
+    """Whether `graph` (a traced base graph of `root`) qualifies for `run_gated` (module docstring)."""
+    return _returns_tensor(graph, root) and all(_pure_node(n, root) for n in graph.nodes)
+
+
+def any_gate_open(gates: GateState) -> torch.Tensor:
+    """0-d bool tensor: does any adapter's branch act anywhere in the call (`gates`)."""
+    return gates.scale_tensor.ne(0).any()
+
+
+def run_gated(gated: Callable[..., Any], idle: Callable[..., Any], root: nn.Module, gates: GateState, args: tuple) -> Any:
+    """``gated(root, gates, *args)`` if any gate is open, else ``idle(root, gates, *args)`` (the base
+    model), decided at run time by ``torch.cond``.
+
+    Requires: compiling, no autograd, `args` all tensors, both codes from a `skippable` graph."""
+    return torch.cond(any_gate_open(gates), lambda *a: gated(root, gates, *a), lambda *a: idle(root, gates, *a), tuple(args))
