@@ -131,11 +131,20 @@ def _record(module: nn.Module) -> Hashable:
 
 
 def build_state(root: nn.Module) -> Optional[Hashable]:
-    """Everything of `root` the passes (`fxlora.passes.rewrite`) can read: for every module of its
-    subtree (adapter modules and copies included) its relative name, class, plain values, tensors'
-    shapes, dtypes and devices, and its fxlora record. None when some value cannot be hashed (then
-    nothing is reused)."""
-    state = tuple((name, type(m), *module_values(m), _record(m)) for name, m in root.named_modules())
+    """Everything of `root` the passes (`fxlora.passes.rewrite`) can read besides its traced graph:
+    for every module of its subtree its relative name, class, tensors' shapes, dtypes and devices
+    and fxlora record, and the plain values of the adapted and saved modules and of every module
+    inside them (dropout probabilities, the adapter modules' and copies' settings; the other
+    modules' plain values are in the traced graph already, as numbers or as the nodes reading
+    them: `fxlora.tracing.reuse`). None when some value cannot be hashed (then nothing is reused)."""
+    inside: set[int] = set()
+    for m in root.modules():
+        if META_ATTR in m.__dict__:
+            inside.update(id(sub) for sub in m.modules())
+    state = tuple(
+        (name, type(m), *(module_values(m) if id(m) in inside else ((), module_values(m)[1])), _record(m))
+        for name, m in root.named_modules()
+    )
     try:
         hash(state)
     except TypeError:

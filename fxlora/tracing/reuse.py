@@ -17,7 +17,8 @@ both) are *lifted*: traced as graph nodes reading the attribute when the code ru
 Python control flow or leave the graph (``bool``, ``hash``, ``int``, ``str``, iteration, indexing
 with it: the trace then fails), and the lifted graph must equal, node for node, the first
 block's own graph once the first block's values are put in its nodes (`same_graph`). Only then
-does the family reuse it, for every block differing from the first in no other attribute;
+does the family reuse it, for every block differing from the first in no other attribute (and
+the blocks with the first one's values switch to it: one graph, so one build, for all);
 otherwise each block is traced on its own, as before.
 
 A cache lives for one planning pass (`fxlora.planning.plan.assign_paths`); a failure to trace is
@@ -219,6 +220,14 @@ class _Family:
     variant: TracedVariant
     lifted: list[tuple[frozenset, TracedVariant]] = field(default_factory=list)
     refused: set[frozenset] = field(default_factory=set)
+    #: the variants handed out for roots with the first one's values (its own and copies)
+    handed: list[TracedVariant] = field(default_factory=list)
+
+    def adopt(self, lifted: TracedVariant) -> None:
+        """Give every root with the first one's values the lifted graph too (exact for them:
+        `same_graph` held for those values), so that all the family builds one code."""
+        for variant in self.handed:
+            variant.graph = lifted.graph
 
 
 class TraceCache:
@@ -241,7 +250,11 @@ class TraceCache:
         if entry is not None:
             if isinstance(entry, TraceFailure):
                 raise TraceFailure(str(entry))
-            return _for_root(entry, root, trace_through)
+            copied = _for_root(entry, root, trace_through)
+            family = self._families.get(family_key)
+            if family is not None and family.variant is entry:
+                family.handed.append(copied)
+            return copied
         family = self._families.get(family_key)
         if family is not None:
             lifted = self._lifted(family, values, root, trace_through, key)
@@ -253,7 +266,8 @@ class TraceCache:
             self._entries[full] = exc
             raise
         self._entries[full] = entry
-        self._families.setdefault(family_key, _Family(values, entry))
+        if family_key not in self._families:
+            self._families[family_key] = _Family(values, entry, handed=[entry])
         return entry
 
     def _lifted(self, family: _Family, values: dict[Place, Any], root: nn.Module, through: set[int], key: CallKey) -> Optional[TracedVariant]:
@@ -274,6 +288,8 @@ class TraceCache:
         if variant is None or not same_graph(variant, family.variant, {t: family.values[p] for p, t in targets.items()}):
             family.refused.add(differing)
             return None
+        if not family.lifted:
+            family.adopt(variant)
         family.lifted.append((differing, variant))
         return variant
 
