@@ -74,8 +74,14 @@ def module_values(module: nn.Module) -> tuple[tuple, tuple]:
 def _describe(root: nn.Module, trace_through: set[int], key: CallKey) -> Optional[tuple[Hashable, dict[Place, Any]]]:
     """``(family, values)``: the fingerprint with every plain value replaced by its type, and the
     plain values by place; None when some value cannot be hashed."""
+    described = _describe_modules(root, trace_through)
+    return None if described is None else ((key, described[0]), described[1])
+
+
+def _describe_modules(root: nn.Module, trace_through: set[int]) -> Optional[tuple[Hashable, dict[Place, Any]]]:
+    """`_describe` but for the call pattern (the same for every pattern of a root)."""
     hooks = hooks_for(root)
-    parts: list[Any] = [type(root), key]
+    parts: list[Any] = [type(root)]
     values: dict[Place, Any] = {}
     for name, module in root.named_modules():
         plain = _plain_attributes(module)
@@ -236,12 +242,19 @@ class TraceCache:
     def __init__(self) -> None:
         self._entries: dict[Hashable, Union[TracedVariant, TraceFailure]] = {}
         self._families: dict[Hashable, _Family] = {}
+        self._described: dict[int, tuple[nn.Module, set[int], Any]] = {}  # per root, for its other patterns
+
+    def _describe(self, root: nn.Module, trace_through: set[int], key: CallKey) -> Optional[tuple[Hashable, dict[Place, Any]]]:
+        known = self._described.get(id(root))
+        if known is None or known[0] is not root or known[1] != trace_through:
+            known = self._described[id(root)] = (root, set(trace_through), _describe_modules(root, trace_through))
+        return None if known[2] is None else ((key, known[2][0]), known[2][1])
 
     def trace(self, root: nn.Module, trace_through: set[int], key: CallKey) -> TracedVariant:
         """`fxlora.tracing.traced.trace_variant`, or a copy of an identical root's trace made
         for `root` (same graph, inputs and constants; `root`'s own guards and inlined modules),
         or a lifted trace of its family (see the module docstring)."""
-        described = _describe(root, trace_through, key)
+        described = self._describe(root, trace_through, key)
         if described is None:
             return trace_variant(root, trace_through, key)
         family_key, values = described
