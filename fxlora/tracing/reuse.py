@@ -4,8 +4,9 @@ The blocks of a model (32 decoder layers of one class, built from one config) gi
 graph for the same call pattern: tracing each again is most of ``transform``'s time. A root's
 *fingerprint* (`fingerprint`) is everything its trace can depend on: its class and the call
 pattern; for every module of its subtree, its relative name, class, whether it is traced
-through, its plain attribute values and its tensors' shapes, dtypes and devices; the values of
-the attributes the library integrations guard. Two roots with one fingerprint trace to the same
+through, its plain attribute values, its tuples of plain values, for a module traced through the
+identity of every other object it holds (a config), and its tensors' shapes, dtypes and devices;
+the values of the attributes the library integrations guard. Two roots with one fingerprint trace to the same
 graph (its nodes name modules by relative path), so the second reuses the first's graph, inputs
 and trace-time constants, with guards and the inlined-modules record made for its own modules.
 
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+import keyword
+from dataclasses import dataclass, field, replace
 from typing import Any, Hashable, Optional, Union
 
 import torch
@@ -66,6 +68,31 @@ def _tensors(module: nn.Module) -> tuple:
     return tuple((n, None if t is None else (tuple(t.shape), t.dtype, t.device.type)) for n, t in own)
 
 
+_TORCH_OWN = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (hooks, children, tensors)
+
+
+def _frozen(value: Any) -> bool:
+    """A value compared by value: plain, or a tuple / frozenset of such values."""
+    if type(value) in (tuple, frozenset):
+        return all(_frozen(v) for v in value)
+    return type(value) in _PLAIN
+
+
+def _other_attributes(module: nn.Module, traced_through: bool) -> tuple:
+    """`module`'s attributes a trace may bake in that are not plain values: tuples of plain values
+    (a kernel size, a shape) by value; for a module traced through, every other object (a config)
+    by identity. nn.Module's own bookkeeping aside."""
+    found = []
+    for name, value in module.__dict__.items():
+        if name in _TORCH_OWN or type(value) in _PLAIN:
+            continue
+        if _frozen(value):
+            found.append((name, value))
+        elif traced_through:
+            found.append((name, id(value)))
+    return tuple(sorted(found))
+
+
 def module_values(module: nn.Module) -> tuple[tuple, tuple]:
     """`module`'s own plain attribute values and its tensors' (shape, dtype, device type)."""
     return _plain_attributes(module), _tensors(module)
@@ -87,7 +114,8 @@ def _describe_modules(root: nn.Module, trace_through: set[int]) -> Optional[tupl
         plain = _plain_attributes(module)
         values.update(((name, attr), value) for attr, value in plain)
         kinds = tuple((attr, type(value)) for attr, value in plain)
-        parts.append((name, type(module), id(module) in trace_through, kinds, _tensors(module)))
+        through = id(module) in trace_through
+        parts.append((name, type(module), through, kinds, _other_attributes(module, through), _tensors(module)))
         for obj, attr in hooks.guards(module):
             parts.append((attr, getattr(obj, attr, None)))
     family = tuple(parts)
@@ -216,6 +244,11 @@ def same_graph(lifted: TracedVariant, other: TracedVariant, values: dict[str, An
     return next(theirs, None) is None
 
 
+def _liftable(place: Place, value: Any) -> bool:
+    """An int, float or str attribute whose name generated code writes as ``.name``."""
+    return type(value) in _LIFTABLE and place[1].isidentifier() and not keyword.iskeyword(place[1])
+
+
 # ------------------------------------------------------------------ the cache
 @dataclass
 class _Family:
@@ -232,6 +265,7 @@ class _Family:
     def adopt(self, lifted: TracedVariant) -> None:
         """Give every root with the first one's values the lifted graph too (exact for them:
         `same_graph` held for those values), so that all the family builds one code."""
+        self.variant = replace(self.variant)  # the first root's own graph stays the reference
         for variant in self.handed:
             variant.graph = lifted.graph
 
@@ -290,7 +324,7 @@ class TraceCache:
         for places, variant in family.lifted:
             if differing <= places:
                 return _for_root(variant, root, through)
-        if not differing or differing in family.refused or any(type(values[p]) not in _LIFTABLE for p in differing):
+        if not differing or differing in family.refused or not all(_liftable(p, values[p]) for p in differing):
             return None
         targets = {p: f"{p[0]}.{p[1]}" if p[0] else p[1] for p in sorted(differing)}
         lift = tuple((root.get_submodule(p[0]), p[1], target) for p, target in targets.items())

@@ -66,6 +66,18 @@ class Windowed(Block):
         return self.fc1(x)[:, -self.window :]
 
 
+class Tabled(Block):
+    """A block reading a number from a dict and a shape from a tuple it holds (both baked in)."""
+
+    def __init__(self, factor: float, shape: tuple):
+        super().__init__()
+        self.table = {"factor": factor}
+        self.shape = shape
+
+    def forward(self, x):
+        return (super().forward(x) * self.table["factor"]).reshape(self.shape)
+
+
 def count_traces(monkeypatch) -> list:
     calls = []
     original = reuse.trace_variant
@@ -100,7 +112,8 @@ def test_a_value_reaching_the_graph_as_a_number_is_lifted_and_read_per_block(mon
     calls = count_traces(monkeypatch)
     model, ref = transformed_and_eager(lambda: Opaque([Scaled(1.0), Scaled(2.0), Scaled(3.0), Scaled(2.0)]), ["fc1"])
     assert calls.count("Scaled") == 1 and calls.count("Scaled lifted") == 1  # the first block, then one lifted trace
-    assert all(model.get_submodule(f"blocks.{i}").forward.variants for i in range(4))
+    graphs = [next(iter(model.get_submodule(f"blocks.{i}").forward.variants.values())).graph for i in range(4)]
+    assert all(g is graphs[0] for g in graphs)  # the first block adopted the lifted graph too: one build for all
     assert "self.scale" in model.get_submodule("blocks.2").forward.graph_code()
     x = torch.randn(3, 8)
     assert torch.equal(model(x), ref(x))
@@ -182,3 +195,13 @@ def test_tiny_llama_blocks_share_lifted_traces_and_equal_peft(monkeypatch):
         a2 = ours(input_ids=step, past_key_values=a.past_key_values, use_cache=True)
         b2 = reference(input_ids=step, past_key_values=b.past_key_values, use_cache=True)
         assert torch.allclose(a2.logits, b2.logits, atol=1e-5)
+
+
+def test_blocks_differing_in_held_objects_or_tuples_are_traced_apart(monkeypatch):
+    calls = count_traces(monkeypatch)
+    blocks = lambda: Opaque([Tabled(1.0, (3, 8)), Tabled(2.0, (3, 8)), Tabled(1.0, (24,))])  # noqa: E731
+    model, ref = transformed_and_eager(blocks, ["fc1"])
+    assert calls.count("Tabled") == 3  # each dict is its own object; the tuples differ
+    x = torch.randn(3, 8)
+    for i in range(3):
+        assert torch.equal(model.get_submodule(f"blocks.{i}")(x), ref.get_submodule(f"blocks.{i}")(x))
