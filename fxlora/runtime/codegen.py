@@ -152,6 +152,8 @@ def build_state(root: nn.Module) -> Optional[Hashable]:
     return state
 
 
+#: rewritten graphs kept per traced graph (the oldest dropped first; each root keeps its own code too)
+MAX_BUILDS_PER_GRAPH = 64
 #: per traced graph (shared by identical roots: `fxlora.tracing.reuse.TraceCache`): rewritten graphs
 #: by (build context, root state), and generated functions by (rewritten graph, lowered calls)
 _REWRITTEN: "weakref.WeakKeyDictionary[fx.Graph, dict[Hashable, fx.Graph]]" = weakref.WeakKeyDictionary()
@@ -168,6 +170,8 @@ def built_once(graph: fx.Graph, root: nn.Module, context: Hashable, build: Calla
     rewritten = known.get((context, state))
     if rewritten is None:
         rewritten = known[(context, state)] = build()
+        while len(known) > MAX_BUILDS_PER_GRAPH:  # adapters added and deleted over time: oldest first
+            del known[next(iter(known))]
     return rewritten
 
 
