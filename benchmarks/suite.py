@@ -9,13 +9,19 @@ machine drift hits all alike:
   full fine-tuning;
 - merged forward (after ``merge_adapter()``) against the base forward, eager and compiled, and
   compiled with the opt-in ``guard_idle`` pass (unmerged and merged);
-- transform time (``fxlora.transform`` vs ``peft.get_peft_model``);
+- transform time (``fxlora.transform`` vs ``peft.get_peft_model``), and the first call after it
+  (fxlora traces ahead at transform but builds the code for the adapter state in use on the first
+  call: that cost is shown, not hidden);
 - peak extra memory of an eager training step;
 - training step time and peak memory with ``lora_dropout=0.1`` (fxlora against peft).
 
+A fifth case, ``llama7b-meta``, builds a llama with 7B shapes (hidden 4096, 32 layers, MLP 11008)
+on the meta device and measures only transform time and the first call (meta tensors: Python
+work only, what the block count scales).
+
 Prints a table of times and ratios and writes JSON.
 
-    python benchmarks/suite.py [--models mlp,linear24,vit,llama] [--no-compile] [--rounds 11] [--json PATH]
+    python benchmarks/suite.py [--models mlp,linear24,vit,llama,llama7b-meta] [--no-compile] [--transform-only] [--rounds 11] [--json PATH]
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Case:
     lora: dict
     make_input: Callable[[], object]
     loss: Callable[[object], torch.Tensor]
+    transform_only: bool = False  # a meta-device model: transform time and first call only
 
 
 class MLP(nn.Module):
@@ -84,6 +91,16 @@ def cases() -> dict[str, Case]:
         )
         return transformers.LlamaForCausalLM(config)
 
+    def llama7b_meta():
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=32, max_position_embeddings=4096,
+        )
+        with torch.device("meta"):
+            return transformers.LlamaForCausalLM(config)
+
     squared = lambda out: _logits(out).float().square().mean()  # noqa: E731
     return {
         "mlp": Case("seed MLP (hidden 2000, batch 64)", MLP, dict(target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]), lambda: torch.randn(64, 20), squared),
@@ -101,6 +118,14 @@ def cases() -> dict[str, Case]:
             dict(r=16, target_modules="all-linear"),
             lambda: {"input_ids": torch.randint(0, 1000, (4, 64))},
             squared,
+        ),
+        "llama7b-meta": Case(
+            "llama 7B shapes on meta, all-linear",
+            llama7b_meta,
+            dict(r=16, target_modules="all-linear"),
+            lambda: {"input_ids": torch.randint(0, 32000, (1, 16), device="meta")},
+            squared,
+            transform_only=True,
         ),
     }
 
@@ -147,8 +172,14 @@ def row(case: Case, measure: str, mode: str, t: dict[str, float], unit: str = "m
     return out
 
 
-def measure_case(case: Case, rounds: int, compiled: bool) -> list[dict]:
+def measure_case(case: Case, rounds: int, compiled: bool, transform_only: bool = False) -> list[dict]:
     x = case.make_input()
+    if transform_only and not case.transform_only:
+        torch.manual_seed(0)
+        return transform_rows(case, case.make_base().eval(), x)
+    if case.transform_only:
+        torch.manual_seed(0)
+        return transform_rows(case, case.make_base().eval(), x, rounds=3)
     base, fxm, pm = build(case)
     rows = []
     fxm.eval(), pm.eval()
@@ -173,8 +204,7 @@ def measure_case(case: Case, rounds: int, compiled: bool) -> list[dict]:
 
     if compiled:
         rows += measure_compiled(case, x, base, fxm, pm, full, rounds)
-    rows.append(row(case, "transform time", "eager", transform_times(case, base)))
-    return rows
+    return rows + transform_rows(case, base, x)
 
 
 def dropout_rows(case: Case, x, rounds: int) -> list[dict]:
@@ -221,21 +251,35 @@ def measure_compiled(case, x, base, fxm, pm, full, rounds) -> list[dict]:
     return rows
 
 
-def transform_times(case: Case, base: nn.Module, rounds: int = 5) -> dict[str, float]:
+def transform_rows(case: Case, base: nn.Module, x: object, rounds: int = 5) -> list[dict]:
+    """Transform time and the first call after it (eval, no grad), fxlora and peft interleaved
+    round by round, each round on a fresh copy of `base`; medians (the first round warms caches
+    and is dropped)."""
     import peft
 
-    samples = {"fxlora": [], "peft": []}
-    for i in range(rounds + 1):  # the first round warms caches and is dropped
-        for name in ("fxlora", "peft"):
+    adapt = {
+        "fxlora": lambda m: fxlora.transform(m, fxlora.LoraConfig(**case.lora)),
+        "peft": lambda m: peft.get_peft_model(m, peft.LoraConfig(**case.lora)),
+    }
+    samples: dict[str, dict[str, list[float]]] = {"transform": {"fxlora": [], "peft": []}, "first call": {"fxlora": [], "peft": []}}
+    for i in range(rounds + 1):
+        for name, fn in adapt.items():
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            if name == "fxlora":
-                fxlora.transform(model, fxlora.LoraConfig(**case.lora))
-            else:
-                peft.get_peft_model(model, peft.LoraConfig(**case.lora))
+            adapted = fn(model).eval()
+            middle = time.perf_counter()
+            with torch.no_grad():
+                _call(adapted, x)
+            end = time.perf_counter()
             if i:
-                samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
+                samples["transform"][name].append(middle - start)
+                samples["first call"][name].append(end - middle)
+            del model, adapted
+    medians = {what: {k: statistics.median(v) for k, v in by.items()} for what, by in samples.items()}
+    return [
+        row(case, "transform time", "eager", medians["transform"]),
+        row(case, "first call after transform", "eager", medians["first call"]),
+    ]
 
 
 COLUMNS = ["model", "measure", "mode", "fxlora/peft", "fxlora/base", "fxlora ms", "peft ms", "base ms"]
@@ -243,9 +287,10 @@ COLUMNS = ["model", "measure", "mode", "fxlora/peft", "fxlora/base", "fxlora ms"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mlp,linear24,vit,llama")
+    parser.add_argument("--models", default="mlp,linear24,vit,llama,llama7b-meta")
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--transform-only", action="store_true", help="only the transform-time and first-call rows")
     parser.add_argument("--json", default="benchmarks/results/suite.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -253,7 +298,7 @@ def main() -> None:
     rows = []
     for key in args.models.split(","):
         print(f"measuring {all_cases[key].name} ...", file=sys.stderr, flush=True)
-        rows += measure_case(all_cases[key], args.rounds, not args.no_compile)
+        rows += measure_case(all_cases[key], args.rounds, not args.no_compile, args.transform_only)
     shown = []
     for r in rows:
         r = dict(r)

@@ -26,9 +26,8 @@ import torch.nn as nn
 
 from fxlora.core.branch import lora_output, own_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.runtime.codegen import compile_graph, python_source
+from fxlora.runtime.codegen import built_once, compile_graph, lowered_once, python_source
 from fxlora.runtime.idle import IDLE, run_gated, skippable
-from fxlora.runtime.lowering import lower_base_calls
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
 from fxlora.core.ops import any_open
@@ -220,13 +219,17 @@ class GraphForward:
         """Code for `variant` for `eager` (None: gated code), and where its inputs come from (None:
         the call's positional arguments as they are, the common case)."""
         adopt_constants(self.root, variant.constants)
-        graph = rewrite(copy.deepcopy(variant.graph), self.root, self.owner.options, eager, training=key[0])
+        options = self.owner.options
+        graph = built_once(  # identical blocks share one rewrite (`fxlora.runtime.codegen.build_state`)
+            variant.graph, self.root, (options, eager, key[0]),
+            lambda: rewrite(copy.deepcopy(variant.graph), self.root, options, eager, training=key[0]),
+        )
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
         layers = _base_calls(graph, self.root)
         forwards = [installed_forward(m) for m in layers]
         lowerable = [m for m, f in zip(layers, forwards) if f is not None and f.previous is None]
-        fn = compile_graph(lower_base_calls(graph, self.root, lowerable))
+        fn = lowered_once(graph, self.root, lowerable)
         idle = None
         if eager is None and not key[0] and not self.owner.options.guard_idle and skippable(variant.graph, self.root):
             idle = self._build(key, variant, IDLE).fn

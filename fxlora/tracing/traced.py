@@ -294,6 +294,7 @@ def trace_variant(
     root: nn.Module,
     trace_through: set[int],
     key: CallKey,
+    tracer: Callable[[set[int], TraceHooks], LoraTracer] = LoraTracer,
 ) -> TracedVariant:
     """Trace `root`'s ``forward`` for the call pattern `key`; raise `TraceFailure` if it cannot be
     captured. A ranked `key` is first traced without ranks (the result then holds for any rank,
@@ -308,16 +309,19 @@ def trace_variant(
     module; afterwards (a root switched checkpointing on after ``transform``, e.g. timm's
     ``set_grad_checkpointing()``) that call pattern runs the original forward, whose adapted layers
     compute their branches eagerly (and take part in checkpoint recomputation).
+
+    `tracer` makes the tracer (`fxlora.tracing.reuse` passes one that reads chosen attributes
+    as graph nodes).
     """
     if key_is_ranked(key):
         try:
-            return _trace(root, trace_through, erase_ranks(key))
+            return _trace(root, trace_through, erase_ranks(key), tracer)
         except TraceFailure:
             pass
-    return _trace(root, trace_through, key)
+    return _trace(root, trace_through, key, tracer)
 
 
-def _trace(root: nn.Module, trace_through: set[int], key: CallKey) -> TracedVariant:
+def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: Callable = LoraTracer) -> TracedVariant:
     training, _, _ = key
     hooks = hooks_for(root)
     call = _CallTemplate(_forward_function(root, hooks, key), key)
@@ -325,7 +329,7 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey) -> TracedVari
     traced_modules = [m for m in root.modules() if id(m) in trace_through]
     snapshot = _snapshot(traced_modules)
     graph: Optional[fx.Graph] = None
-    tracer = LoraTracer(trace_through, hooks)
+    tracer = make_tracer(trace_through, hooks)
     try:
         root.train(training)
         with warnings.catch_warnings():
