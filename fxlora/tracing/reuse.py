@@ -25,7 +25,7 @@ from fxlora.tracing.boundaries import inlined
 from fxlora.tracing.call_keys import CallKey
 from fxlora.tracing.guards import make_guards
 from fxlora.tracing.integrations import hooks_for
-from fxlora.tracing.traced import TracedVariant, trace_variant
+from fxlora.tracing.traced import TracedVariant, trace_variant, traced_modules
 
 __all__ = ["TraceCache", "fingerprint"]
 
@@ -85,7 +85,7 @@ class TraceCache:
             return entry
         if isinstance(entry, TraceFailure):
             raise TraceFailure(str(entry))
-        traced = [m for m in root.modules() if id(m) in trace_through]
+        traced = traced_modules(root, trace_through, entry.leaves)
         return TracedVariant(
             graph=entry.graph,
             inputs=entry.inputs,
@@ -93,4 +93,5 @@ class TraceCache:
             key=entry.key,
             guards=make_guards(traced, hooks_for(root)),
             inlined=inlined(root, traced),
+            leaves=entry.leaves,
         )

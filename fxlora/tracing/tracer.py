@@ -1,6 +1,7 @@
 """`LoraTracer`: the torch.fx tracer fxlora traces roots and branch templates with.
 
-It traces through exactly the modules it is given (every other module is a leaf), gives proxies
+It traces through exactly the modules it is given (every other module is a leaf), remembers which
+of them a failure came from (`LoraTracer.failed_in`), gives proxies
 the information a call pattern fixes (`fxlora.tracing.proxies`), refuses gradient checkpointing
 (a graph would silently drop it), and lets every other thread through the process-wide patches
 torch.fx makes while it traces (`fxlora.tracing.threads`).
@@ -43,6 +44,9 @@ class LoraTracer(fx.Tracer):
         self.proxy_buffer_attributes = True
         self._call: Optional[_CallTemplate] = None
         self._self_node: Optional[fx.Node] = None
+        #: after a failed trace: the innermost module traced through whose code the failure came
+        #: from (None: the root's own code), see `fxlora.tracing.traced.trace_variant`
+        self.failed_in: Optional[nn.Module] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) not in self.trace_through
@@ -84,9 +88,17 @@ class LoraTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         if not tracing_here():  # another thread's call, made while this one traces
             return forward(*args, **kwargs)
-        if id(m) in self.trace_through and m is not self.root:
-            check_transparent(type(m).forward, self.hooks, set(kwargs))
-        return super().call_module(m, forward, args, kwargs)
+        inlined = id(m) in self.trace_through and m is not self.root
+        try:
+            if inlined:
+                check_transparent(type(m).forward, self.hooks, set(kwargs))
+            result = super().call_module(m, forward, args, kwargs)
+        except BaseException:
+            if inlined and self.failed_in is None:  # the innermost module traced through
+                self.failed_in = m
+            raise
+        self.failed_in = None  # a failure inside it that its code caught is none
+        return result
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         call = self._call

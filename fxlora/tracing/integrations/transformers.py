@@ -25,9 +25,10 @@ without changing what the module computes for any call:
    and `fxlora.tracing.proxies` cover that; ``Conv1D`` and transformers' activations are declared
    rank-preserving.
 
-`example_inputs` gives `fxlora.tracing.probe` a tiny ``input_ids`` batch (plain, with a padding mask, and
-without the KV cache; plus ``decoder_input_ids`` for encoder-decoders) to observe how each module
-is called, so those patterns are traced ahead (and ``torch.compile`` meets no untraced pattern).
+`example_inputs` (`fxlora.tracing.integrations.hf_inputs`) gives `fxlora.tracing.probe` tiny inputs
+built from the config (tokens, pixels, audio features, both for multimodal models) to observe
+how each module is called, so those patterns are traced ahead (and ``torch.compile`` meets no
+untraced pattern).
 """
 
 from __future__ import annotations
@@ -36,12 +37,10 @@ import contextlib
 import inspect
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 import torch.nn as nn
 
-from fxlora.boundary import execution_device
 from fxlora.tracing.integrations import TraceHooks, opaque, register_object_type
-from fxlora.kinds.hf_classes import is_pretrained_model
+from fxlora.tracing.integrations.hf_inputs import example_inputs
 from fxlora.tracing.proxies import SeqInfo, TensorInfo
 from fxlora.tracing.threads import tracing_here
 
@@ -95,39 +94,6 @@ def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
     # ``__getattribute__``); guarding the field itself is the same check, faster
     stored = "_attn_implementation_internal"
     return [(config, stored if stored in vars(config) else "_attn_implementation")]
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: accelerate's execution device when it offloads the model
-    (whose weights then wait on the meta device), else its first parameter's (meta for a model
-    built on the meta device: the probe then runs on meta too)."""
-    offloaded = next((d for d in map(execution_device, model.modules()) if d is not None), None)
-    if offloaded is not None:
-        return offloaded
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
-    """Tiny text inputs for a transformers model taking ``input_ids``: four tokens, plain and with
-    the first position padded out, each with and without the KV cache; none for other models."""
-    if not is_pretrained_model(model) or getattr(model, "main_input_name", None) != "input_ids":
-        return []
-    config = model.config
-    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
-    if not vocab or vocab < 8:
-        return []
-    device = _input_device(model)
-    ids = torch.tensor([[3, 4, 5, 6]], device=device) % vocab
-    mask = torch.tensor([[0, 1, 1, 1]], device=device)
-    plain: dict[str, Any] = {"input_ids": ids}
-    padded: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    examples = [plain, padded]
-    if getattr(config, "use_cache", None) is not None:  # without the KV cache: checkpointed training, export, ...
-        examples += [{**plain, "use_cache": False}, {**padded, "use_cache": False}]
-    if getattr(config, "is_encoder_decoder", False):
-        for inputs in examples:
-            inputs["decoder_input_ids"] = ids[:, :2]
-    return [((), inputs) for inputs in examples]
 
 
 def _rank_preserving() -> tuple[type, ...]:
