@@ -177,9 +177,7 @@ def _root_patterns(module: nn.Module, observed: dict[int, list[CallKey]]) -> lis
     return [canonical_key(module, module.training)]
 
 
-def _trace_root(
-    module: nn.Module, interesting: list[nn.Module], observed: dict[int, list[CallKey]], cache: TraceCache
-) -> tuple[dict, set[int], dict[str, str]]:
+def _trace_root(module: nn.Module, interesting: list, observed: dict, cache: TraceCache) -> tuple[dict, set[int], dict[str, str]]:
     """The graphs of `module`'s call patterns (all with the same leaves), the ids of the modules
     they trace through, and the modules they call as leaves since tracing through them failed
     (name -> why: `fxlora.tracing.traced.trace_variant`); raises `TraceFailure` unless every
@@ -292,7 +290,8 @@ def assign_paths(
         try:
             _check_callable_root(module, not name, observed)
             variants, through, leaves = _trace_root(module, [modules[n] for n in names], observed, cache)
-            covered = _in_graph(module, name, names, through)
+            if not (covered := _in_graph(module, name, names, through)) and leaves:
+                raise TraceFailure(f"every adapted module in it is inside a module it calls as a leaf: {next(iter(leaves.values()))}")
             counts = _check_calls(name, variants, covered)
         except TraceFailure as exc:
             for read in exc.names if isinstance(exc, _WeightRead) else ():

@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from fxlora.tracing.integrations import TraceHooks, opaque, register_object_type
 from fxlora.tracing.integrations.hf_inputs import example_inputs
+from fxlora.tracing.integrations.hf_specials import traced_builtins
 from fxlora.tracing.proxies import SeqInfo, TensorInfo
 from fxlora.tracing.threads import tracing_here
 
@@ -137,7 +138,7 @@ def trace_hooks() -> TraceHooks:
     return TraceHooks(
         rank_preserving=_rank_preserving(),
         unwrappers=(unwrap_deprecate_kwarg,),
-        patches=(opaque_attention_functions,),
+        patches=(opaque_attention_functions, traced_builtins),
         guard_sources=(attention_guards,),
         example_inputs=example_inputs,
     )
