@@ -48,6 +48,7 @@ __all__ = [
 
 #: top-level package of a module class -> fxlora integration module
 INTEGRATIONS: dict[str, str] = {
+    "diffusers": "fxlora.tracing.integrations.diffusers",
     "timm": "fxlora.tracing.integrations.timm",
     "transformers": "fxlora.tracing.integrations.transformers",
 }
@@ -198,7 +199,8 @@ def object_kind_of_type(cls: type) -> Optional[ObjectKind]:
 def opaque(fn: Callable, info: Any = None) -> Callable:
     """`fn` as a tracing leaf: called with traced values, it records one ``call_function`` node
     whose target is `fn` itself (so the graph calls the very same function at run time) and
-    returns a proxy carrying `info` (`fxlora.tracing.proxies`); called with concrete values, it is `fn`."""
+    returns a proxy carrying `info` (`fxlora.tracing.proxies`; a callable `info` is given the
+    call's ``args, kwargs`` and returns it); called with concrete values, it is `fn`."""
     import functools
 
     import torch.fx as fx
@@ -210,7 +212,7 @@ def opaque(fn: Callable, info: Any = None) -> Callable:
         if tracer is None:
             return fn(*args, **kwargs)
         proxy = tracer.create_proxy("call_function", fn, args, kwargs)
-        proxy.info = info
+        proxy.info = info(args, kwargs) if callable(info) else info
         return proxy
 
     return call
