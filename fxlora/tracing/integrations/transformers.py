@@ -111,13 +111,18 @@ def _rank_preserving() -> tuple[type, ...]:
 
 _DEPRECATE_CODE = None
 #: what traced attention code may use of a ``Cache``: ``update`` (a node called on the real cache, in
-#: program order) and ``is_updated`` (read only: an ``EncoderDecoderCache``'s per-layer flags, whose
-#: truth value would fail the trace). ``get_seq_length`` is not allowed in general: its result is an
+#: program order), ``is_updated`` (where it is no `CACHE_FLAGS` pattern: read only, its truth value
+#: fails the trace) and ``layers`` (read: cross-attention reuses ``layers[i].keys``, nodes run on the
+#: real cache). ``get_seq_length`` is not allowed in general: its result is an
 #: int or a tensor depending on the cache class, and code branches on which (T5 clones a tensor);
 #: `dynamic_cache_attributes` allows it for the classes where it is an int.
-CACHE_ATTRIBUTES = ("update", "is_updated")
+CACHE_ATTRIBUTES = ("update", "is_updated", "layers")
 #: an ``EncoderDecoderCache``'s two caches are handles too (their types join the call pattern)
 CACHE_MEMBERS = ("self_attention_cache", "cross_attention_cache")
+#: an ``EncoderDecoderCache``'s per-layer "cross-attention keys computed" flags join the call
+#: pattern: cross-attention branches on them (reuse the cached keys or compute them) and sets
+#: its own (`fxlora.tracing.proxies.TracedFlags`)
+CACHE_FLAGS = ("is_updated",)
 
 
 def dynamic_cache_attributes(cls: type, members: dict) -> tuple[str, ...]:
@@ -134,7 +139,7 @@ def trace_hooks() -> TraceHooks:
     from transformers.cache_utils import Cache
 
     _DEPRECATE_CODE = _deprecate_kwarg_code()
-    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes)
+    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes, CACHE_FLAGS, ("get_seq_length",))
     return TraceHooks(
         rank_preserving=_rank_preserving(),
         unwrappers=(unwrap_deprecate_kwarg,),
