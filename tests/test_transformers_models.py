@@ -25,9 +25,9 @@ GENERATORS = [n for n in NAMES if TRANSFORMERS[n].kind != "encoder"]
 
 #: share of LoRA targets on the graph path: default targets, "all-linear". Fewer than all where a
 #: target sits directly in a transformers GradientCheckpointingLayer (OPT/BART fc1, fc2; never
-#: traced through, so that gradient checkpointing keeps working), in a decoder's cross-attention
-#: (it branches on the cache's contents), or is the head of a PreTrainedModel whose top-level
-#: forward is wrapped (BERT's classifier).
+#: traced through, so that gradient checkpointing keeps working), or is the head of a
+#: PreTrainedModel whose top-level forward is wrapped (BERT's classifier). Cross-attention is in a
+#: graph: the cache's ``is_updated`` flags are part of the call pattern.
 GRAPH_SHARE = {
     "llama": (1.0, 1.0),
     "mistral": (1.0, 1.0),
@@ -39,8 +39,8 @@ GRAPH_SHARE = {
     "opt": (1.0, 8 / 12),
     "bert": (1.0, 13 / 14),
     "roberta": (1.0, 1.0),
-    "t5": (8 / 12, 24 / 32),
-    "bart": (8 / 12, 16 / 32),
+    "t5": (1.0, 1.0),
+    "bart": (1.0, 24 / 32),
 }
 
 

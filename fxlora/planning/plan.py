@@ -8,7 +8,8 @@ Path choice ("trace the largest traceable sub-modules that contain targets"): st
 model, try to trace a module for the way it is really called (the call patterns seen in one small
 forward pass, `fxlora.tracing.probe`, where the model's integration provides an input; otherwise its
 plainest call), in the module's current train/eval mode; if it traces, it becomes a graph root
-that covers every target inside it. If not, try each child that contains targets. A target
+that covers every target inside it, except in the sub-modules it calls as leaves because their
+code does not trace (planned the same way, on their own). If not, try each child that contains targets. A target
 reached this way with no traceable ancestor takes the eager path; its reason is the failure of
 its nearest ancestor.
 """
@@ -176,16 +177,23 @@ def _root_patterns(module: nn.Module, observed: dict[int, list[CallKey]]) -> lis
     return [canonical_key(module, module.training)]
 
 
-def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[int, list[CallKey]], cache: TraceCache) -> dict:
-    """The graphs of `module`'s call patterns; raises `TraceFailure` unless every one traces.
-    If one pattern needed tensor ranks, all are kept under their ranked keys (the root then
-    dispatches on ranked patterns)."""
+def _trace_root(module: nn.Module, interesting: list, observed: dict, cache: TraceCache) -> tuple[dict, set[int], dict[str, str]]:
+    """The graphs of `module`'s call patterns (all with the same leaves), the ids of the modules
+    they trace through, and the modules they call as leaves since tracing through them failed
+    (name -> why: `fxlora.tracing.traced.trace_variant`); raises `TraceFailure` unless every
+    pattern traces. If one pattern needed tensor ranks, all are kept under ranked keys."""
     if not can_be_root(module):  # its call would not run a graph of its class forward
         raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
-    through = trace_through_ids(module, interesting)
-    traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
+    through, leaves = trace_through_ids(module, interesting), {}
+    while True:
+        traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
+        found = {name: why for _, v in traced for name, why in v.leaves}
+        leaves.update(found)
+        through = through - {id(m) for name in found for m in module.get_submodule(name).modules()}
+        if all(len(v.leaves) == len(found) for _, v in traced):  # the same leaves in every pattern
+            break
     ranked = any(key_is_ranked(v.key) for _, v in traced)
-    return {(key if ranked else v.key): v for key, v in traced}
+    return {(key if ranked else v.key): v for key, v in traced}, through, leaves
 
 
 class _WeightRead(TraceFailure):
@@ -281,8 +289,9 @@ def assign_paths(
         names = inside(name)
         try:
             _check_callable_root(module, not name, observed)
-            variants = _trace_root(module, [modules[n] for n in names], observed, cache)
-            covered = _in_graph(module, name, names, [modules[n] for n in names])
+            variants, through, leaves = _trace_root(module, [modules[n] for n in names], observed, cache)
+            if not (covered := _in_graph(module, name, names, through)) and leaves:
+                raise TraceFailure(f"every adapted module in it is inside a module it calls as a leaf: {next(iter(leaves.values()))}")
             counts = _check_calls(name, variants, covered)
         except TraceFailure as exc:
             for read in exc.names if isinstance(exc, _WeightRead) else ():
@@ -297,8 +306,12 @@ def assign_paths(
         planned_for = "probe" if id(module) in observed else "plainest"
         for n in covered:
             info[n] = PathInfo("graph", name, "", counts[n], info[n].weight_read, info[n].probed, planned_for)
-        for nested in nested_roots(module, [modules[n] for n in names], lambda m: False):
+        leaf_ids = {id(module.get_submodule(rel)) for rel in leaves}
+        for nested in nested_roots(module, [modules[n] for n in names], lambda m: id(m) in leaf_ids):
             visit(_name_of(model, nested), nested, "")
+        for rel, why in leaves.items():  # planned on their own, as roots or inside
+            if inside(full := f"{name}.{rel}" if name else rel):
+                visit(full, module.get_submodule(rel), f"{name or '<model>'} ({type(module).__name__}) calls it as a leaf: {why}")
 
     visit("", model, "")
     if policy == "graph":
@@ -309,12 +322,11 @@ def assign_paths(
     return roots, info
 
 
-def _in_graph(root: nn.Module, root_name: str, names: list[str], modules: list[nn.Module]) -> list[str]:
-    """The names among `names` a graph of `root` calls itself: those reached without crossing
-    a module boundary (the others run inside a nested root: `fxlora.tracing.boundaries`)."""
-    through = trace_through_ids(root, modules)
+def _in_graph(root: nn.Module, root_name: str, names: list[str], through: set[int]) -> list[str]:
+    """The names among `names` a graph of `root` calls itself: those whose parent it traces
+    through (not those in a nested root, `fxlora.tracing.boundaries`, nor in a leaf)."""
     prefix = len(root_name) + 1 if root_name else 0
-    return [n for n, m in zip(names, modules) if id(root.get_submodule(n[prefix:].rpartition(".")[0])) in through]
+    return [n for n in names if id(root.get_submodule(n[prefix:].rpartition(".")[0])) in through]
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

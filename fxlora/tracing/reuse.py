@@ -44,7 +44,7 @@ from fxlora.tracing.call_keys import CallKey
 from fxlora.tracing.guards import make_guards
 from fxlora.tracing.integrations import TraceHooks, hooks_for
 from fxlora.tracing.proxies import InfoProxy, NotTraceable, _SCALAR
-from fxlora.tracing.traced import TracedVariant, trace_variant
+from fxlora.tracing.traced import TracedVariant, trace_variant, traced_modules
 from fxlora.tracing.tracer import LoraTracer
 
 __all__ = ["TraceCache", "fingerprint", "module_values", "LiftedValue", "same_graph"]
@@ -343,7 +343,7 @@ class TraceCache:
 
 def _for_root(entry: TracedVariant, root: nn.Module, trace_through: set[int]) -> TracedVariant:
     """`entry` (traced on a root alike) with `root`'s own guards and inlined-modules record."""
-    traced = [m for m in root.modules() if id(m) in trace_through]
+    traced = traced_modules(root, trace_through, entry.leaves)
     return TracedVariant(
         graph=entry.graph,
         inputs=entry.inputs,
@@ -351,4 +351,5 @@ def _for_root(entry: TracedVariant, root: nn.Module, trace_through: set[int]) ->
         key=entry.key,
         guards=make_guards(traced, hooks_for(root)),
         inlined=inlined(root, traced),
+        leaves=entry.leaves,
     )

@@ -46,12 +46,8 @@ __all__ = [
     "CONSTANT_PREFIX",
     "modules_called",
     "attributes_read",
+    "traced_modules",
 ]
-
-
-
-
-
 
 
 @dataclass
@@ -72,39 +68,14 @@ class TracedVariant:
     guards: tuple[Guard, ...] = ()
     #: the modules the graph traced through, as they were (`fxlora.tracing.boundaries.Inlined`)
     inlined: Inlined = NOTHING_INLINED
+    #: ``(relative name, why)`` of modules that would be traced through but could not be, and are
+    #: called as leaves instead (`trace_variant`)
+    leaves: tuple[tuple[str, str], ...] = ()
 
     def holds(self) -> bool:
         """The graph still computes what the root's forward would: the plain attributes it read
         kept their values and the modules it inlined gained no boundary."""
         return guards_hold(self.guards) and self.inlined.hold()
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ------------------------------------------------------------------ tracing
@@ -227,8 +198,6 @@ class _CallTemplate:
         return [fill(a) for a in self.args], {n: fill(v) for n, v in self.kwargs.items()}
 
 
-
-
 def _forward_function(root: nn.Module, hooks: TraceHooks, key: CallKey) -> Callable:
     """The class's ``forward`` seen through decorators an integration declares transparent for
     this call; a forward wrapped by anything else is not traced."""
@@ -284,12 +253,6 @@ def adopt_constants(root: nn.Module, constants: dict[str, torch.Tensor]) -> None
             root.register_buffer(name, value, persistent=False)
 
 
-
-
-
-
-
-
 def trace_variant(
     root: nn.Module,
     trace_through: set[int],
@@ -298,7 +261,8 @@ def trace_variant(
 ) -> TracedVariant:
     """Trace `root`'s ``forward`` for the call pattern `key`; raise `TraceFailure` if it cannot be
     captured. A ranked `key` is first traced without ranks (the result then holds for any rank,
-    ``variant.key`` says so).
+    ``variant.key`` says so). A module traced through whose code cannot be traced is called as
+    a leaf instead (``variant.leaves``), so that the rest of the root stays in the graph.
 
     Guarantees: the returned graph's placeholders are the pattern's tensors and handles (and the
     root itself where an opaque function takes it), sourced by ``variant.inputs``; the model is
@@ -318,7 +282,43 @@ def trace_variant(
             return _trace(root, trace_through, erase_ranks(key), tracer)
         except TraceFailure:
             pass
-    return _trace(root, trace_through, key, tracer)
+    return _trace_with_leaves(root, trace_through, key, tracer)
+
+
+class _ChildFailure(TraceFailure):
+    """A failed trace, with the innermost module traced through that it came from (`module`;
+    None: the root's own code)."""
+
+    def __init__(self, message: str, module: Optional[nn.Module]) -> None:
+        super().__init__(message)
+        self.module = module
+
+
+def _trace_with_leaves(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: Callable = LoraTracer) -> TracedVariant:
+    """`_trace`; where the failure comes from a module traced through, again with that module a
+    leaf (one ``call_module`` node: it runs its own ``__call__``, the adapted layers inside it
+    compute eagerly or in a graph of their own), until the trace succeeds or fails in the root's
+    own code. The modules made leaves, and why, are ``variant.leaves``."""
+    names = {id(m): n for n, m in root.named_modules()}
+    leaves: dict[str, str] = {}
+    while True:
+        try:
+            variant = _trace(root, trace_through, key, make_tracer)
+        except _ChildFailure as exc:
+            if exc.module is None or id(exc.module) not in trace_through:
+                raise TraceFailure(str(exc)) from exc
+            leaves[names[id(exc.module)]] = str(exc)
+            trace_through = trace_through - {id(m) for m in exc.module.modules()}
+            continue
+        variant.leaves = tuple(leaves.items())
+        return variant
+
+
+def traced_modules(root: nn.Module, trace_through: set[int], leaves: Iterable[tuple[str, str]] = ()) -> list[nn.Module]:
+    """The modules of `root` a graph traced through: those of `trace_through` not inside one of
+    the graph's `leaves` (`TracedVariant.leaves`)."""
+    inside = {id(m) for name, _ in leaves for m in root.get_submodule(name).modules()}
+    return [m for m in root.modules() if id(m) in trace_through and id(m) not in inside]
 
 
 def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: Callable = LoraTracer) -> TracedVariant:
@@ -335,12 +335,12 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = tracer.trace_call(root, call)
-    except TraceFailure:
-        raise
+    except TraceFailure as exc:
+        raise _ChildFailure(str(exc), tracer.failed_in) from exc
     except CheckpointInTrace as exc:
-        raise TraceFailure(short_error(exc)) from exc
+        raise _ChildFailure(short_error(exc), tracer.failed_in) from exc
     except Exception as exc:  # any failure of symbolic execution means "not traceable"
-        raise TraceFailure(short_error(exc) + _where(exc)) from exc
+        raise _ChildFailure(short_error(exc) + _where(exc), tracer.failed_in) from exc
     finally:
         for module, flag in flags:
             module.training = flag

@@ -1,8 +1,10 @@
 """`LoraTracer`: the torch.fx tracer fxlora traces roots and branch templates with.
 
-It traces through exactly the modules it is given (every other module is a leaf), gives proxies
+It traces through exactly the modules it is given (every other module is a leaf), remembers which
+of them a failure came from (`LoraTracer.failed_in`), gives proxies
 the information a call pattern fixes (`fxlora.tracing.proxies`), refuses gradient checkpointing
-(a graph would silently drop it), and lets every other thread through the process-wide patches
+(a graph would silently drop it), records ``torch.tensor`` / ``torch.finfo`` of traced values as nodes
+(`fxlora.tracing.constructors`), and lets every other thread through the process-wide patches
 torch.fx makes while it traces (`fxlora.tracing.threads`).
 """
 
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch.fx as fx
 import torch.nn as nn
 
+from fxlora.tracing.constructors import proxy_aware_constructors
 from fxlora.tracing.integrations import NO_HOOKS, TraceHooks
 from fxlora.tracing.proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length, infer
 from fxlora.tracing.threads import tracing_here, tracing_in_this_thread
@@ -43,6 +46,9 @@ class LoraTracer(fx.Tracer):
         self.proxy_buffer_attributes = True
         self._call: Optional[_CallTemplate] = None
         self._self_node: Optional[fx.Node] = None
+        #: after a failed trace: the innermost module traced through whose code the failure came
+        #: from (None: the root's own code), see `fxlora.tracing.traced.trace_variant`
+        self.failed_in: Optional[nn.Module] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) not in self.trace_through
@@ -84,9 +90,17 @@ class LoraTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         if not tracing_here():  # another thread's call, made while this one traces
             return forward(*args, **kwargs)
-        if id(m) in self.trace_through and m is not self.root:
-            check_transparent(type(m).forward, self.hooks, set(kwargs))
-        return super().call_module(m, forward, args, kwargs)
+        inlined = id(m) in self.trace_through and m is not self.root
+        try:
+            if inlined:
+                check_transparent(type(m).forward, self.hooks, set(kwargs))
+            result = super().call_module(m, forward, args, kwargs)
+        except BaseException:
+            if inlined and self.failed_in is None:  # the innermost module traced through
+                self.failed_in = m
+            raise
+        self.failed_in = None  # a failure inside it that its code caught is none
+        return result
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         call = self._call
@@ -105,7 +119,7 @@ class LoraTracer(fx.Tracer):
 
         def entry(root: nn.Module, *values: Any) -> Any:
             args, kwargs = call.build(values)
-            return fn(root, *args, **kwargs)
+            return _plain_output(fn(root, *args, **kwargs))
 
         return entry, [self.root, *proxies]
 
@@ -117,7 +131,7 @@ class LoraTracer(fx.Tracer):
         if module is not None and module not in self._autowrap_search:
             self._autowrap_search = [*self._autowrap_search, module]
         try:
-            with self.hooks.active(), _refusing_checkpoints():
+            with self.hooks.active(), _refusing_checkpoints(), proxy_aware_constructors():
                 graph = self.trace(root)
         finally:
             self._call = None
@@ -125,6 +139,22 @@ class LoraTracer(fx.Tracer):
             graph.erase_node(self._self_node)
             self._self_node = None
         return graph
+
+
+def _plain_output(value: Any) -> Any:
+    """`value`, if a graph can return it as it is: fx rebuilds containers as plain ``tuple`` /
+    ``list`` / ``dict`` (named tuples kept), so a forward returning another subclass of them
+    (transformers' ``ModelOutput``, a dict) would silently change type in a graph."""
+    cls = type(value)
+    if cls in (tuple, list) or (issubclass(cls, tuple) and hasattr(cls, "_fields")):
+        for item in value:
+            _plain_output(item)
+    elif cls is dict:
+        for item in value.values():
+            _plain_output(item)
+    elif issubclass(cls, (tuple, list, dict)):
+        raise NotTraceable(f"forward returns a {cls.__name__}, which a graph would return as a plain {cls.__mro__[-2].__name__}")
+    return value
 
 
 _CHECKPOINT_ENTRIES = ("_checkpoint_impl", "CheckpointFunction", "_checkpoint_without_reentrant_generator")

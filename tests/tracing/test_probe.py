@@ -44,5 +44,11 @@ def test_probe_changes_nothing():
 
 def test_no_observation_without_an_example_input():
     assert observe_calls(MLP(4)) == {}
+
+
+def test_vision_models_are_probed_with_pixels_at_their_config_resolution():
     vision = transformers.ViTForImageClassification(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=16))
-    assert observe_calls(vision) == {}  # main input is pixel_values, not input_ids
+    seen = observe_calls(vision)
+    attention = vision.get_submodule("vit.layers.0.attention")
+    [key] = seen[id(attention)]
+    assert (TENSOR, 3) in [*key.positional, *dict(key.named).values()]  # (batch, patches, hidden), ranked

@@ -37,6 +37,7 @@ import torch.nn as nn
 __all__ = [
     "TraceHooks",
     "ObjectKind",
+    "Flags",
     "hooks_for",
     "register_object_type",
     "object_kind",
@@ -48,6 +49,7 @@ __all__ = [
 
 #: top-level package of a module class -> fxlora integration module
 INTEGRATIONS: dict[str, str] = {
+    "diffusers": "fxlora.tracing.integrations.diffusers",
     "timm": "fxlora.tracing.integrations.timm",
     "transformers": "fxlora.tracing.integrations.transformers",
 }
@@ -146,18 +148,40 @@ class ObjectKind:
     members: frozenset[str] = field(default_factory=frozenset)
     #: more attributes for particular handle and member types: ``(cls, {member: type}) -> names``
     extra: Optional[Callable[[type, dict], Iterable[str]]] = None
+    #: attributes holding a dict of plain flags whose contents join the call pattern (`Flags`)
+    flags: frozenset[str] = field(default_factory=frozenset)
+    #: methods that leave those flags as they are (traced code may call them between reads)
+    flag_safe: frozenset[str] = field(default_factory=frozenset)
 
     def allowed(self, cls: type, members: dict) -> frozenset[str]:
         """Attributes traced code may use on a handle of type `cls` with these member types."""
         return self.attributes | frozenset(self.extra(cls, members) if self.extra else ())
 
-    def member_types(self, value: Any) -> tuple[tuple[str, type], ...]:
-        found = []
+    def member_types(self, value: Any) -> tuple[tuple[str, Any], ...]:
+        """``(name, type)`` of each handle member of `value`, and ``(name, Flags)`` of each of
+        its flag dicts (the part of a handle's state that joins the call pattern)."""
+        found: list[tuple[str, Any]] = []
         for name in sorted(self.members):
             member = getattr(value, name, None)
             if member is not None and object_kind(member) is not None:
                 found.append((name, type(member)))
+        for name in sorted(self.flags):
+            table = getattr(value, name, None)
+            if type(table) is dict and all(type(v) in (bool, int, type(None)) for v in table.values()):
+                try:
+                    found.append((name, Flags(tuple(sorted(table.items())))))
+                except TypeError:  # keys that do not sort: not a pattern
+                    pass
         return tuple(found)
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The contents of a handle's flag dict (``EncoderDecoderCache.is_updated``) at a call:
+    part of the call pattern, so traced code reads them as constants
+    (`fxlora.tracing.proxies.TracedFlags`) and a call with other flags is another pattern."""
+
+    items: tuple
 
 
 _object_kinds: list[ObjectKind] = []
@@ -169,13 +193,17 @@ def register_object_type(
     attributes: Iterable[str],
     members: Iterable[str] = (),
     extra: Optional[Callable[[type, dict], Iterable[str]]] = None,
+    flags: Iterable[str] = (),
+    flag_safe: Iterable[str] = (),
 ) -> None:
     """Let instances of `base` (and subclasses) be call arguments of traced forwards; in the
     traced code only `attributes` and `members` of them may be used, plus what `extra` allows for
-    a handle's exact type (anything else makes the trace fail, so the call runs eagerly).
+    a handle's exact type (anything else makes the trace fail, so the call runs eagerly), and
+    the dicts of plain flags named in `flags` (read as constants of the pattern, written as nodes;
+    the methods `flag_safe` names leave them unchanged).
     Registering the same type again replaces its entry."""
     _object_kinds[:] = [k for k in _object_kinds if k.base is not base]
-    _object_kinds.append(ObjectKind(base, frozenset(attributes), frozenset(members), extra))
+    _object_kinds.append(ObjectKind(base, frozenset(attributes), frozenset(members), extra, frozenset(flags), frozenset(flag_safe)))
     _kind_of_type.clear()
 
 
@@ -198,7 +226,8 @@ def object_kind_of_type(cls: type) -> Optional[ObjectKind]:
 def opaque(fn: Callable, info: Any = None) -> Callable:
     """`fn` as a tracing leaf: called with traced values, it records one ``call_function`` node
     whose target is `fn` itself (so the graph calls the very same function at run time) and
-    returns a proxy carrying `info` (`fxlora.tracing.proxies`); called with concrete values, it is `fn`."""
+    returns a proxy carrying `info` (`fxlora.tracing.proxies`; a callable `info` is given the
+    call's ``args, kwargs`` and returns it); called with concrete values, it is `fn`."""
     import functools
 
     import torch.fx as fx
@@ -210,7 +239,7 @@ def opaque(fn: Callable, info: Any = None) -> Callable:
         if tracer is None:
             return fn(*args, **kwargs)
         proxy = tracer.create_proxy("call_function", fn, args, kwargs)
-        proxy.info = info
+        proxy.info = info(args, kwargs) if callable(info) else info
         return proxy
 
     return call

@@ -25,9 +25,10 @@ without changing what the module computes for any call:
    and `fxlora.tracing.proxies` cover that; ``Conv1D`` and transformers' activations are declared
    rank-preserving.
 
-`example_inputs` gives `fxlora.tracing.probe` a tiny ``input_ids`` batch (plain, with a padding mask, and
-without the KV cache; plus ``decoder_input_ids`` for encoder-decoders) to observe how each module
-is called, so those patterns are traced ahead (and ``torch.compile`` meets no untraced pattern).
+`example_inputs` (`fxlora.tracing.integrations.hf_inputs`) gives `fxlora.tracing.probe` tiny inputs
+built from the config (tokens, pixels, audio features, both for multimodal models) to observe
+how each module is called, so those patterns are traced ahead (and ``torch.compile`` meets no
+untraced pattern).
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ import contextlib
 import inspect
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 import torch.nn as nn
 
-from fxlora.boundary import execution_device
 from fxlora.tracing.integrations import TraceHooks, opaque, register_object_type
-from fxlora.kinds.hf_classes import is_pretrained_model
+from fxlora.tracing.integrations.hf_inputs import example_inputs
+from fxlora.tracing.integrations.hf_specials import traced_builtins
 from fxlora.tracing.proxies import SeqInfo, TensorInfo
 from fxlora.tracing.threads import tracing_here
 
@@ -97,39 +97,6 @@ def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
     return [(config, stored if stored in vars(config) else "_attn_implementation")]
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: accelerate's execution device when it offloads the model
-    (whose weights then wait on the meta device), else its first parameter's (meta for a model
-    built on the meta device: the probe then runs on meta too)."""
-    offloaded = next((d for d in map(execution_device, model.modules()) if d is not None), None)
-    if offloaded is not None:
-        return offloaded
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
-    """Tiny text inputs for a transformers model taking ``input_ids``: four tokens, plain and with
-    the first position padded out, each with and without the KV cache; none for other models."""
-    if not is_pretrained_model(model) or getattr(model, "main_input_name", None) != "input_ids":
-        return []
-    config = model.config
-    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
-    if not vocab or vocab < 8:
-        return []
-    device = _input_device(model)
-    ids = torch.tensor([[3, 4, 5, 6]], device=device) % vocab
-    mask = torch.tensor([[0, 1, 1, 1]], device=device)
-    plain: dict[str, Any] = {"input_ids": ids}
-    padded: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    examples = [plain, padded]
-    if getattr(config, "use_cache", None) is not None:  # without the KV cache: checkpointed training, export, ...
-        examples += [{**plain, "use_cache": False}, {**padded, "use_cache": False}]
-    if getattr(config, "is_encoder_decoder", False):
-        for inputs in examples:
-            inputs["decoder_input_ids"] = ids[:, :2]
-    return [((), inputs) for inputs in examples]
-
-
 def _rank_preserving() -> tuple[type, ...]:
     from transformers import activations
     from transformers.pytorch_utils import Conv1D
@@ -144,13 +111,18 @@ def _rank_preserving() -> tuple[type, ...]:
 
 _DEPRECATE_CODE = None
 #: what traced attention code may use of a ``Cache``: ``update`` (a node called on the real cache, in
-#: program order) and ``is_updated`` (read only: an ``EncoderDecoderCache``'s per-layer flags, whose
-#: truth value would fail the trace). ``get_seq_length`` is not allowed in general: its result is an
+#: program order), ``is_updated`` (where it is no `CACHE_FLAGS` pattern: read only, its truth value
+#: fails the trace) and ``layers`` (read: cross-attention reuses ``layers[i].keys``, nodes run on the
+#: real cache). ``get_seq_length`` is not allowed in general: its result is an
 #: int or a tensor depending on the cache class, and code branches on which (T5 clones a tensor);
 #: `dynamic_cache_attributes` allows it for the classes where it is an int.
-CACHE_ATTRIBUTES = ("update", "is_updated")
+CACHE_ATTRIBUTES = ("update", "is_updated", "layers")
 #: an ``EncoderDecoderCache``'s two caches are handles too (their types join the call pattern)
 CACHE_MEMBERS = ("self_attention_cache", "cross_attention_cache")
+#: an ``EncoderDecoderCache``'s per-layer "cross-attention keys computed" flags join the call
+#: pattern: cross-attention branches on them (reuse the cached keys or compute them) and sets
+#: its own (`fxlora.tracing.proxies.TracedFlags`)
+CACHE_FLAGS = ("is_updated",)
 
 
 def dynamic_cache_attributes(cls: type, members: dict) -> tuple[str, ...]:
@@ -167,11 +139,11 @@ def trace_hooks() -> TraceHooks:
     from transformers.cache_utils import Cache
 
     _DEPRECATE_CODE = _deprecate_kwarg_code()
-    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes)
+    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes, CACHE_FLAGS, ("get_seq_length",))
     return TraceHooks(
         rank_preserving=_rank_preserving(),
         unwrappers=(unwrap_deprecate_kwarg,),
-        patches=(opaque_attention_functions,),
+        patches=(opaque_attention_functions, traced_builtins),
         guard_sources=(attention_guards,),
         example_inputs=example_inputs,
     )
