@@ -36,7 +36,8 @@ from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.tracing.reuse import TraceCache
-from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids
+from fxlora.tracing.linear_reads import linear_reads
+from fxlora.tracing.traced import modules_called, trace_through_ids
 
 __all__ = [
     "TracePolicy",
@@ -66,6 +67,7 @@ class TargetPlan:
     reason: str = ""  # why eager
     calls: int = 0  # call sites in the root's graph
     weight_read: bool = False  # see PathInfo
+    linear_reads: int = 0  # see PathInfo
     probed: Optional[bool] = None
     planned_for: str = ""
 
@@ -189,28 +191,32 @@ def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[
 
 
 class _WeightRead(TraceFailure):
-    """A graph reads the weights of adapted modules it never calls (their full names: `names`)."""
+    """A graph uses the weights of adapted modules it never calls in a way no rewrite turns into
+    a call of them (their full names: `names`)."""
 
     def __init__(self, names: list[str], rels: list[str]) -> None:
         one = len(rels) == 1
         how = "is used through its weights, not called as a module" if one else "are used through their weights, not called as modules"
-        super().__init__(f"{', '.join(rels)} {how}")
+        super().__init__(f"{', '.join(rels)} {how}, and not as F.linear(x, weight, bias) that a call equals")
         self.names = names
 
 
-def _check_calls(root_name: str, variants: dict, names: list[str]) -> dict[str, int]:
-    """Call sites of each adapted module in the root's graphs (the most in any one call pattern).
-    A module whose weights some graph reads while it never calls it would silently miss its
-    branch there, so that root cannot be a graph: raises `_WeightRead` naming every such module."""
-    counts = dict.fromkeys(names, 0)
+def _check_calls(root_name: str, root: nn.Module, variants: dict, names: list[str]) -> dict[str, tuple[int, int]]:
+    """``(calls, linear reads)`` of each adapted module in the root's graphs (the most in any one
+    call pattern), its linear reads counted as calls too (`fxlora.tracing.linear_reads`: the graph
+    calls it there, `fxlora.passes.weight_reads`). A module whose weights some graph uses otherwise while it never
+    calls it would silently miss its branch there, so that root cannot be a graph: raises
+    `_WeightRead` naming every such module."""
+    counts = dict.fromkeys(names, (0, 0))
+    rels = {(name[len(root_name) + 1 :] if root_name else name): name for name in names}
     read_only: dict[str, str] = {}
     for variant in variants.values():
         called = modules_called(variant.graph)
-        read = attributes_read(variant.graph)
-        for name in names:
-            rel = name[len(root_name) + 1 :] if root_name else name
-            counts[name] = max(counts[name], called.get(rel, 0))
-            if called.get(rel, 0) == 0 and any(a == rel or a.startswith(rel + ".") for a in read):
+        reads = linear_reads(variant.graph, root, lambda path, module: path in rels)
+        for rel, name in rels.items():
+            linear = reads.get(rel) or []
+            counts[name] = max(counts[name], (called.get(rel, 0) + len(linear), len(linear)))
+            if called.get(rel, 0) == 0 and rel in reads and reads[rel] is None:
                 read_only[name] = rel
     if read_only:
         raise _WeightRead(list(read_only), list(read_only.values()))
@@ -237,7 +243,9 @@ def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, 
 class PathInfo:
     """How one adapted (or saved) module computes: in a graph root's code, or eagerly.
 
-    ``weight_read``: a traced graph of an ancestor read its weights without calling it.
+    ``weight_read``: a traced graph of an ancestor used its weights without calling it, in a way
+    no rewrite turns into a call (`_check_calls`).
+    ``linear_reads``: how many ``F.linear`` uses of its weight the graph calls it at instead.
     ``probed``: whether the forward of `fxlora.tracing.probe` called it (None: no probe ran).
     ``planned_for``: what the graph root's call patterns came from: ``"probe"`` (observed calls)
     or ``"plainest"`` (its required arguments only: `fxlora.tracing.call_keys.canonical_key`).
@@ -248,6 +256,7 @@ class PathInfo:
     reason: str = ""
     calls: int = 0
     weight_read: bool = False
+    linear_reads: int = 0
     probed: Optional[bool] = None
     planned_for: str = ""
 
@@ -283,7 +292,7 @@ def assign_paths(
             _check_callable_root(module, not name, observed)
             variants = _trace_root(module, [modules[n] for n in names], observed, cache)
             covered = _in_graph(module, name, names, [modules[n] for n in names])
-            counts = _check_calls(name, variants, covered)
+            counts = _check_calls(name, module, variants, covered)
         except TraceFailure as exc:
             for read in exc.names if isinstance(exc, _WeightRead) else ():
                 info[read].weight_read = True
@@ -296,7 +305,8 @@ def assign_paths(
         roots.append(RootPlan(name, module, variants))
         planned_for = "probe" if id(module) in observed else "plainest"
         for n in covered:
-            info[n] = PathInfo("graph", name, "", counts[n], info[n].weight_read, info[n].probed, planned_for)
+            calls, reads = counts[n]
+            info[n] = PathInfo("graph", name, "", calls, info[n].weight_read, reads, info[n].probed, planned_for)
         for nested in nested_roots(module, [modules[n] for n in names], lambda m: False):
             visit(_name_of(model, nested), nested, "")
 
@@ -381,6 +391,7 @@ def place(targets: list[TargetPlan], saved: list[SavedPlan], paths: dict[str, Pa
     for t in targets:
         info = paths[t.name]
         t.calls, t.weight_read, t.probed, t.planned_for = info.calls, info.weight_read, info.probed, info.planned_for
+        t.linear_reads = info.linear_reads
 
 
 def emit_warnings(plan: Plan) -> None:
