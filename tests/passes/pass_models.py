@@ -64,9 +64,21 @@ class ReadAttention(nn.Module):
         return F.linear(h, self.proj.weight, self.proj.bias) if self.read else self.proj(h)
 
 
+class ReadNet(nn.Module):
+    """A `ReadAttention`, then a Linear it calls."""
+
+    def __init__(self, read: bool = True) -> None:
+        super().__init__()
+        self.attn = ReadAttention(read=read)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.attn(x))
+
+
 def weight_reads():
-    """Both projections used through their weights; two adapters, one with dropout."""
-    lora = fxlora.transform(ReadAttention(), LoraConfig(target_modules=["qkv", "proj"]))
+    """Both projections used through their weights, fc called; two adapters, one with dropout."""
+    lora = fxlora.transform(ReadNet(), LoraConfig(target_modules=["qkv", "proj", "fc"]))
     lora.add_adapter("d", LoraConfig(target_modules=["qkv"], lora_dropout=0.2))
     return lora, ("default", "d")
 

@@ -24,17 +24,7 @@ from fxlora.passes.weight_reads import CALL_WEIGHT_READS
 from fxlora.tracing.linear_reads import linear_reads
 from models import row_by_row
 
-from .pass_models import ReadAttention, fresh_graph
-
-
-class Net(nn.Module):
-    def __init__(self, read: bool = True) -> None:
-        super().__init__()
-        self.attn = ReadAttention(read=read)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(self.attn(x))
+from .pass_models import ReadNet as Net, fresh_graph
 
 
 def _transform(model, config, **kwargs):
