@@ -35,7 +35,7 @@ from fxlora.passes.conditions import is_adapted, is_saved, keyword_call
 from fxlora.passes.tags import first_tagged, Role
 from fxlora.tracing.linear_reads import LinearRead, linear_reads
 
-__all__ = ["CallWeightReads", "CALL_WEIGHT_READS", "call_weight_reads"]
+__all__ = ["CallWeightReads", "CALL_WEIGHT_READS", "call_weight_reads", "layers_read"]
 
 _KEPT_META = ("stack_trace", "nn_module_stack")
 
@@ -45,6 +45,12 @@ def _adapted_reads(graph: fx.Graph, root: nn.Module) -> list[LinearRead]:
     order."""
     found = linear_reads(graph, root, lambda path, module: is_adapted(module) or is_saved(module))
     return [read for reads in found.values() if reads for read in reads]
+
+
+def layers_read(graph: fx.Graph, root: nn.Module) -> list[str]:
+    """The adapted (or saved) layers a base `graph` of `root` uses by ``F.linear`` on their weight
+    (where this pass calls them): the layers whose adapters the root's own forward skips."""
+    return sorted({read.layer for read in _adapted_reads(graph, root)})
 
 
 def _call_instead(graph: fx.Graph, read: LinearRead) -> None:

@@ -57,7 +57,7 @@ def step(model, x, seed=3):
     torch.manual_seed(seed)
     out = model(x)
     (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora_dropout": 0.5}, {"use_dora": True}, {"lora_bias": True}], ids=["plain", "dropout", "dora", "lora_bias"])
@@ -249,6 +249,21 @@ def _timm(name: str, separate: bool) -> nn.Module:
     return model
 
 
+def _silent_layers(model, x) -> set[str]:
+    """The adapted layers whose LoRA tensors get no gradient from one backward."""
+    out, grads = step(model, x)
+    return {n.rsplit(".lora_", 1)[0] for n, g in grads.items() if "lora_" in n and not g.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("name", ["beit", "eva02"])
+def test_timm_peft_adapters_on_qkv_get_no_gradient(name):
+    """What PEFT does there (so no PEFT output is an oracle for these layers)."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(_timm(name, separate=False), peft.LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    silent = _silent_layers(pm.train(), torch.randn(1, 3, TIMM[name][2], TIMM[name][2]))
+    assert silent == {f"base_model.model.blocks.{i}.attn.qkv" for i in range(2)}
+
+
 @pytest.mark.parametrize("name", list(TIMM))
 def test_timm_every_target_trains_as_with_a_called_qkv(name):
     config = LoraConfig(target_modules="all-linear", init_lora_weights=False)
@@ -273,3 +288,18 @@ def test_timm_every_target_trains_as_with_a_called_qkv(name):
             if p.requires_grad:
                 p.sub_(0.1 * grads[n])
         assert not torch.allclose(lora(x), before)
+
+
+def test_the_roots_own_forward_warns_that_its_weight_reads_skip_their_adapters():
+    lora, _, _ = pair(LoraConfig(target_modules=TARGETS))
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        in_graph = lora(x)
+        handle = lora.model.attn.qkv.register_forward_hook(lambda module, args, out: None)
+        with pytest.warns(UserWarning, match="reads the weight of attn.proj, attn.qkv directly"):
+            own = lora(x)  # a hook on a layer: the root runs its own forward
+        handle.remove()
+        assert not torch.allclose(own, in_graph)  # the warning is true
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(lora(x), in_graph)
