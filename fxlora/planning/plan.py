@@ -28,6 +28,7 @@ from fxlora.core.layers import AdapterSpec, check_adapter_name
 from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
+from fxlora.planning.call_checks import WeightRead, check_calls
 from fxlora.planning.notes import call_notes
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.boundary import boundary_of, can_be_root
@@ -36,8 +37,7 @@ from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.tracing.reuse import TraceCache
-from fxlora.tracing.linear_reads import linear_reads
-from fxlora.tracing.traced import modules_called, trace_through_ids
+from fxlora.tracing.traced import trace_through_ids
 
 __all__ = [
     "TracePolicy",
@@ -190,39 +190,6 @@ def _trace_root(module: nn.Module, interesting: list[nn.Module], observed: dict[
     return {(key if ranked else v.key): v for key, v in traced}
 
 
-class _WeightRead(TraceFailure):
-    """A graph uses the weights of adapted modules it never calls in a way no rewrite turns into
-    a call of them (their full names: `names`)."""
-
-    def __init__(self, names: list[str], rels: list[str]) -> None:
-        one = len(rels) == 1
-        how = "is used through its weights, not called as a module" if one else "are used through their weights, not called as modules"
-        super().__init__(f"{', '.join(rels)} {how}, and not as F.linear(x, weight, bias) that a call equals")
-        self.names = names
-
-
-def _check_calls(root_name: str, root: nn.Module, variants: dict, names: list[str]) -> dict[str, tuple[int, int]]:
-    """``(calls, linear reads)`` of each adapted module in the root's graphs (the most in any one
-    call pattern), its linear reads counted as calls too (`fxlora.tracing.linear_reads`: the graph
-    calls it there, `fxlora.passes.weight_reads`). A module whose weights some graph uses otherwise while it never
-    calls it would silently miss its branch there, so that root cannot be a graph: raises
-    `_WeightRead` naming every such module."""
-    counts = dict.fromkeys(names, (0, 0))
-    rels = {(name[len(root_name) + 1 :] if root_name else name): name for name in names}
-    read_only: dict[str, str] = {}
-    for variant in variants.values():
-        called = modules_called(variant.graph)
-        reads = linear_reads(variant.graph, root, lambda path, module: path in rels)
-        for rel, name in rels.items():
-            linear = reads.get(rel) or []
-            counts[name] = max(counts[name], (called.get(rel, 0) + len(linear), len(linear)))
-            if called.get(rel, 0) == 0 and rel in reads and reads[rel] is None:
-                read_only[name] = rel
-    if read_only:
-        raise _WeightRead(list(read_only), list(read_only.values()))
-    return counts
-
-
 def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]]) -> None:
     """Where a forward pass was observed (`fxlora.tracing.probe`), a sub-module that was never called as a
     module (its parent reaches into it) would never run its graph: it is no root. (Its layers
@@ -244,7 +211,7 @@ class PathInfo:
     """How one adapted (or saved) module computes: in a graph root's code, or eagerly.
 
     ``weight_read``: a traced graph of an ancestor used its weights without calling it, in a way
-    no rewrite turns into a call (`_check_calls`).
+    no rewrite turns into a call (`fxlora.planning.call_checks`).
     ``linear_reads``: how many ``F.linear`` uses of its weight the graph calls it at instead.
     ``probed``: whether the forward of `fxlora.tracing.probe` called it (None: no probe ran).
     ``planned_for``: what the graph root's call patterns came from: ``"probe"`` (observed calls)
@@ -292,9 +259,9 @@ def assign_paths(
             _check_callable_root(module, not name, observed)
             variants = _trace_root(module, [modules[n] for n in names], observed, cache)
             covered = _in_graph(module, name, names, [modules[n] for n in names])
-            counts = _check_calls(name, module, variants, covered)
+            counts = check_calls(name, module, variants, covered)
         except TraceFailure as exc:
-            for read in exc.names if isinstance(exc, _WeightRead) else ():
+            for read in exc.names if isinstance(exc, WeightRead) else ():
                 info[read].weight_read = True
             failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
             for child_name, child in module.named_children():
