@@ -4,8 +4,8 @@ code that runs (`Pass.requires` / `Pass.ensures`, raising `PassContractError`; c
 (`fxlora.passes.tags`).
 
 `rewrite` walks `PIPELINE` (`fxlora.passes.pipeline`), which turns a traced base graph into the
-adapted model's graph: the passes that add LoRA (`swap_saved_modules`, `insert_lora`,
-`mark_base_calls`), then the optimisations switched on in `PassOptions` (`skip_dropout`,
+adapted model's graph: the passes that add LoRA (`call_weight_reads`, `swap_saved_modules`,
+`insert_lora`, `mark_base_calls`), then the optimisations switched on in `PassOptions` (`skip_dropout`,
 `share_lora_a`, `fold_scaling`). The opt-in `guard_idle_branches` runs before `insert_lora` on
 gated evaluation code: it marks the layer calls whose branches the layers then compute
 themselves, under ``torch.cond``.
@@ -30,6 +30,7 @@ from fxlora.passes.pipeline import PIPELINE, Stage, run_pipeline
 from fxlora.passes.share_lora_a import share_lora_a
 from fxlora.passes.skip_dropout import skip_dropout
 from fxlora.passes.swap_saved import swap_saved_modules
+from fxlora.passes.weight_reads import call_weight_reads
 from fxlora.passes.tags import NodeTag, Role, tag_of
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "share_lora_a",
     "fold_scaling",
     "guard_idle_branches",
+    "call_weight_reads",
 ]
 
 

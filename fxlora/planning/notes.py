@@ -3,10 +3,16 @@
 What fxlora can know about how a target is used, and what each warning says (one warning per
 kind, naming every target it concerns):
 
-- A traced graph of one of its ancestors reads the target's weights but never calls it (its
-  parent computes with ``self.proj.weight``, as torchvision's ``shifted_window_attention`` does).
-  The target then takes the eager path, whose forward the parent never runs either: its adapter
-  has no effect, on either path. (Parents fxlora knows to do this without tracing them, such as
+- A traced graph of one of its ancestors uses the target's weight in ``F.linear(x, weight, bias)``
+  instead of calling it (timm's beit / eva / swinv2 attentions: ``F.linear(x, self.qkv.weight,
+  qkv_bias)``). The graph calls the target there instead (`fxlora.passes.weight_reads`), so the
+  adapter acts in that graph's code; where the graph root is not the target's parent, a call of
+  the parent's own forward from elsewhere (another entry point of the model, such as timm's
+  ``forward_features``) still reads the weight, and computes without the adapter.
+- A traced graph of one of its ancestors uses the target's weights otherwise and never calls it
+  (torchvision's Swin hands ``self.qkv.weight`` to its opaque ``shifted_window_attention``). The
+  target then takes the eager path, whose forward the parent never runs either: its adapter has
+  no effect, on either path. (Parents fxlora knows to do this without tracing them, such as
   ``nn.MultiheadAttention`` or Mamba's fused kernels, are refused at matching instead:
   `fxlora.planning.target_checks`.)
 - The forward fxlora ran on an example input (`fxlora.tracing.probe`) never called the target:
@@ -33,6 +39,7 @@ class _Placed(Protocol):
     root: Optional[str]
     calls: int
     weight_read: bool
+    linear_reads: int
     probed: Optional[bool]
     planned_for: str
 
@@ -46,13 +53,22 @@ def call_notes(targets: Iterable[_Placed]) -> list[str]:
     """The warnings for adapted modules whose adapter may not act (see the module docstring)."""
     targets = list(targets)
     read = [t for t in targets if t.path == "eager" and t.weight_read]
-    unprobed = [t for t in targets if t not in read and t.probed is False]
+    called_instead = [t for t in targets if t.path == "graph" and t.linear_reads and t.root != t.name.rpartition(".")[0]]
+    unprobed = [t for t in targets if t not in read and not t.linear_reads and t.probed is False]
     unreached = [t for t in targets if t.path == "graph" and t.calls == 0 and t.planned_for == "plainest" and t not in unprobed]
     notes = []
     if read:
         notes.append(
             f"{_names(read)}: the parent reads the weight directly instead of calling the module, so a LoRA "
             "adapter on it has no effect (PEFT's neither); adapt another layer or change how the parent computes"
+        )
+    if called_instead:
+        roots = sorted({t.root or "<model>" for t in called_instead})
+        notes.append(
+            f"{_names(called_instead)}: the parent computes F.linear with the weight instead of calling the module; "
+            f"fxlora's code for {', '.join(roots)} calls the module there, so the adapter acts when {', '.join(roots)} "
+            "runs, but not where the parent's own forward is called from elsewhere (another entry point, such as "
+            "timm's forward_features)"
         )
     if unprobed:
         notes.append(

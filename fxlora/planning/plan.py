@@ -29,6 +29,7 @@ from fxlora.core.layers import AdapterSpec, check_adapter_name
 from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
+from fxlora.planning.call_checks import WeightRead, check_calls
 from fxlora.planning.notes import call_notes
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.boundary import boundary_of, can_be_root
@@ -37,7 +38,7 @@ from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.tracing.reuse import TraceCache
-from fxlora.tracing.traced import attributes_read, modules_called, trace_through_ids
+from fxlora.tracing.traced import trace_through_ids
 
 __all__ = [
     "TracePolicy",
@@ -67,6 +68,7 @@ class TargetPlan:
     reason: str = ""  # why eager
     calls: int = 0  # call sites in the root's graph
     weight_read: bool = False  # see PathInfo
+    linear_reads: int = 0  # see PathInfo
     probed: Optional[bool] = None
     planned_for: str = ""
 
@@ -196,35 +198,6 @@ def _trace_root(module: nn.Module, interesting: list, observed: dict, cache: Tra
     return {(key if ranked else v.key): v for key, v in traced}, through, leaves
 
 
-class _WeightRead(TraceFailure):
-    """A graph reads the weights of adapted modules it never calls (their full names: `names`)."""
-
-    def __init__(self, names: list[str], rels: list[str]) -> None:
-        one = len(rels) == 1
-        how = "is used through its weights, not called as a module" if one else "are used through their weights, not called as modules"
-        super().__init__(f"{', '.join(rels)} {how}")
-        self.names = names
-
-
-def _check_calls(root_name: str, variants: dict, names: list[str]) -> dict[str, int]:
-    """Call sites of each adapted module in the root's graphs (the most in any one call pattern).
-    A module whose weights some graph reads while it never calls it would silently miss its
-    branch there, so that root cannot be a graph: raises `_WeightRead` naming every such module."""
-    counts = dict.fromkeys(names, 0)
-    read_only: dict[str, str] = {}
-    for variant in variants.values():
-        called = modules_called(variant.graph)
-        read = attributes_read(variant.graph)
-        for name in names:
-            rel = name[len(root_name) + 1 :] if root_name else name
-            counts[name] = max(counts[name], called.get(rel, 0))
-            if called.get(rel, 0) == 0 and any(a == rel or a.startswith(rel + ".") for a in read):
-                read_only[name] = rel
-    if read_only:
-        raise _WeightRead(list(read_only), list(read_only.values()))
-    return counts
-
-
 def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]]) -> None:
     """Where a forward pass was observed (`fxlora.tracing.probe`), a sub-module that was never called as a
     module (its parent reaches into it) would never run its graph: it is no root. (Its layers
@@ -245,7 +218,9 @@ def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, 
 class PathInfo:
     """How one adapted (or saved) module computes: in a graph root's code, or eagerly.
 
-    ``weight_read``: a traced graph of an ancestor read its weights without calling it.
+    ``weight_read``: a traced graph of an ancestor used its weights without calling it, in a way
+    no rewrite turns into a call (`fxlora.planning.call_checks`).
+    ``linear_reads``: how many ``F.linear`` uses of its weight the graph calls it at instead.
     ``probed``: whether the forward of `fxlora.tracing.probe` called it (None: no probe ran).
     ``planned_for``: what the graph root's call patterns came from: ``"probe"`` (observed calls)
     or ``"plainest"`` (its required arguments only: `fxlora.tracing.call_keys.canonical_key`).
@@ -256,6 +231,7 @@ class PathInfo:
     reason: str = ""
     calls: int = 0
     weight_read: bool = False
+    linear_reads: int = 0
     probed: Optional[bool] = None
     planned_for: str = ""
 
@@ -292,9 +268,9 @@ def assign_paths(
             variants, through, leaves = _trace_root(module, [modules[n] for n in names], observed, cache)
             if not (covered := _in_graph(module, name, names, through)) and leaves:
                 raise TraceFailure(f"every adapted module in it is inside a module it calls as a leaf: {next(iter(leaves.values()))}")
-            counts = _check_calls(name, variants, covered)
+            counts = check_calls(name, module, variants, covered)
         except TraceFailure as exc:
-            for read in exc.names if isinstance(exc, _WeightRead) else ():
+            for read in exc.names if isinstance(exc, WeightRead) else ():
                 info[read].weight_read = True
             failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
             for child_name, child in module.named_children():
@@ -305,7 +281,8 @@ def assign_paths(
         roots.append(RootPlan(name, module, variants))
         planned_for = "probe" if id(module) in observed else "plainest"
         for n in covered:
-            info[n] = PathInfo("graph", name, "", counts[n], info[n].weight_read, info[n].probed, planned_for)
+            calls, reads = counts[n]
+            info[n] = PathInfo("graph", name, "", calls, info[n].weight_read, reads, info[n].probed, planned_for)
         leaf_ids = {id(module.get_submodule(rel)) for rel in leaves}
         for nested in nested_roots(module, [modules[n] for n in names], lambda m: id(m) in leaf_ids):
             visit(_name_of(model, nested), nested, "")
@@ -393,6 +370,7 @@ def place(targets: list[TargetPlan], saved: list[SavedPlan], paths: dict[str, Pa
     for t in targets:
         info = paths[t.name]
         t.calls, t.weight_read, t.probed, t.planned_for = info.calls, info.weight_read, info.probed, info.planned_for
+        t.linear_reads = info.linear_reads
 
 
 def emit_warnings(plan: Plan) -> None:

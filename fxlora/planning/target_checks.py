@@ -19,7 +19,8 @@ be added to its output (`check_returns_one_tensor`, when planning the target).
   nothing is concluded.
 
 Parents that read a target's weight in code fxlora traces are found while planning paths
-(`fxlora.planning.plan`) and warned about (`fxlora.planning.notes`).
+(`fxlora.planning.plan`): an ``F.linear`` on it becomes a call of it in the graph
+(`fxlora.passes.weight_reads`), any other use is warned about (`fxlora.planning.notes`).
 
 One parent reads its children's weights only sometimes, and can be told not to:
 ``nn.TransformerEncoderLayer`` in eval mode with ``batch_first=True`` runs a fused kernel on

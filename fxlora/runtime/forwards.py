@@ -17,6 +17,7 @@ attribute (`uninstall`) gives back the class's own forward.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
@@ -32,6 +33,7 @@ from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
 from fxlora.core.ops import any_open
 from fxlora.passes import rewrite
+from fxlora.passes.weight_reads import layers_read
 from fxlora.tracing.call_keys import CallKey, call_key, canonical_key, gather_inputs, key_is_ranked, with_training
 from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
@@ -339,7 +341,16 @@ class GraphForward:
         return self._run_eagerly(args, kwargs)
 
     def _run_eagerly(self, args: tuple, kwargs: dict) -> Any:
-        """The original forward: its adapted layers compute their branches themselves."""
+        """The original forward: its adapted layers compute their branches themselves, except
+        those its code uses by weight (`fxlora.passes.weight_reads`): warned."""
+        read = sorted({layer for v in self.variants.values() for layer in layers_read(v.graph, self.root)})
+        if read:
+            warnings.warn(
+                f"fxlora: {type(self.root).__name__} runs its own forward in this call (a call pattern or hook fxlora's "
+                f"graph does not cover), which reads the weight of {', '.join(read)} directly: their unmerged adapters "
+                "do not act in this call",
+                stacklevel=3,
+            )
         return _call_original(self.root, self.previous, args, kwargs)
 
     # ---------------------------------------------------------------- copying

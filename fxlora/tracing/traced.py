@@ -45,7 +45,6 @@ __all__ = [
     "adopt_constants",
     "CONSTANT_PREFIX",
     "modules_called",
-    "attributes_read",
     "traced_modules",
 ]
 
@@ -368,8 +367,3 @@ def modules_called(graph: fx.Graph) -> dict[str, int]:
     for node in graph.find_nodes(op="call_module"):
         counts[node.target] = counts.get(node.target, 0) + 1
     return counts
-
-
-def attributes_read(graph: fx.Graph) -> set[str]:
-    return {node.target for node in graph.find_nodes(op="get_attr")}
-

@@ -45,6 +45,44 @@ class Attention(nn.Module):
         return self.down(torch.relu(self.gate(h)) * self.up(h))
 
 
+class ReadAttention(nn.Module):
+    """timm's beit / eva attention pattern: ``qkv`` (no bias) used through its weight with a q/k/v
+    bias of the attention's own, ``proj`` through its weight and own bias; ``read=False`` calls
+    them instead (the reference)."""
+
+    def __init__(self, d: int = 8, read: bool = True) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.read = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d), read
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+        self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, weight=self.qkv.weight, bias=bias) if self.read else self.qkv(x) + bias
+        q, k, v = qkv.chunk(3, dim=-1)
+        h = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return F.linear(h, self.proj.weight, self.proj.bias) if self.read else self.proj(h)
+
+
+class ReadNet(nn.Module):
+    """A `ReadAttention`, then a Linear it calls."""
+
+    def __init__(self, read: bool = True) -> None:
+        super().__init__()
+        self.attn = ReadAttention(read=read)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.attn(x))
+
+
+def weight_reads():
+    """Both projections used through their weights, fc called; two adapters, one with dropout."""
+    lora = fxlora.transform(ReadNet(), LoraConfig(target_modules=["qkv", "proj", "fc"]))
+    lora.add_adapter("d", LoraConfig(target_modules=["qkv"], lora_dropout=0.2))
+    return lora, ("default", "d")
+
+
 def mixed():
     """Two adapters (dropout 0 and 0.3) on Embedding / Linear / Conv targets, the head saved."""
     lora = fxlora.transform(Mixed(), LoraConfig(target_modules=["emb", "proj", "conv"], modules_to_save=["head"]))
@@ -59,7 +97,7 @@ def attention():
     return lora, ("default", "d")
 
 
-MODELS = {"mixed": mixed, "attention": attention}
+MODELS = {"mixed": mixed, "attention": attention, "weight_reads": weight_reads}
 
 
 def contexts(adapters: tuple[str, ...]) -> dict[str, PassContext]:

@@ -33,6 +33,8 @@ def traced_through(lora, path):
 
 # ------------------------------------------------------------------ ensures: the work is done
 WORK = [
+    ("call_weight_reads", "weight_reads", "gated-train"),
+    ("call_weight_reads", "weight_reads", "eager-mixed-batch"),
     ("swap_saved_modules", "mixed", "gated-train"),
     ("swap_saved_modules", "mixed", "eager-known"),
     ("guard_idle_branches", "mixed", "gated-eval-guarded"),

@@ -23,7 +23,9 @@ def _transform(model, config, **kwargs):
 
 # ---------------------------------------------------------------- read through the weight
 class WindowAttention(nn.Module):
-    """torchvision's ShiftedWindowAttention pattern: both projections read through their weights."""
+    """Both projections used through their weights, in code no rewrite turns into a call of them
+    (a transposed weight; ``F.linear(x, layer.weight, layer.bias)`` is called instead, see
+    tests/passes/test_weight_reads.py)."""
 
     def __init__(self, d: int = 8) -> None:
         super().__init__()
@@ -31,9 +33,9 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(d, d)
 
     def forward(self, x):
-        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        q, k, v = (x @ self.qkv.weight.t() + self.qkv.bias).chunk(3, dim=-1)
         attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
-        return F.linear(attn @ v, self.proj.weight, self.proj.bias)
+        return (attn @ v) @ self.proj.weight.t() + self.proj.bias
 
 
 class Traced(nn.Module):
@@ -163,14 +165,17 @@ def test_targets_the_probe_never_calls_warn_whichever_path():
 
 def test_call_notes_say_only_what_is_known():
     class T:
-        def __init__(self, name, path="graph", calls=1, weight_read=False, probed=None, planned_for="plainest", root="r"):
+        def __init__(self, name, path="graph", calls=1, weight_read=False, probed=None, planned_for="plainest", root="r", linear_reads=0):
             self.name, self.path, self.calls, self.weight_read = name, path, calls, weight_read
-            self.probed, self.planned_for, self.root = probed, planned_for, root
+            self.probed, self.planned_for, self.root, self.linear_reads = probed, planned_for, root, linear_reads
 
     assert call_notes([T("a"), T("b", path="eager")]) == []  # nothing known: nothing said
     notes = call_notes([T(f"l{i}", path="eager", weight_read=True) for i in range(6)])
     assert notes[0].startswith("l0, l1, l2, l3, ... (6 layers): the parent reads")
     assert call_notes([T("g", calls=0, planned_for="probe", probed=False), T("e", path="eager", probed=False)])[0].startswith("g, e: not called")
+    # a linear read the graph calls instead: said only where the root is not the parent, never "not called"
+    assert call_notes([T("r.attn.qkv", probed=False, linear_reads=1, root="r")])[0].startswith("r.attn.qkv: the parent computes F.linear")
+    assert call_notes([T("r.qkv", probed=False, linear_reads=1, root="r")]) == []
 
 
 # ---------------------------------------------------------------- refused at transform
