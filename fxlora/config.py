@@ -50,7 +50,6 @@ BOOKKEEPING_FIELDS: dict[str, str] = {
 #: PEFT fields of features fxlora does not implement, and the feature: PEFT's default (or None/False/empty) only.
 #: Implementing one = deleting its line here (and updating its README "Coming from PEFT" row).
 UNIMPLEMENTED_FIELDS: dict[str, str] = {
-    "target_parameters": "LoRA on nn.Parameters (target_parameters: fused MoE experts)",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
     "megatron_config": "Megatron-LM parallel layers",
@@ -104,6 +103,9 @@ class LoraConfig:
         lora_bias: give B a (zero-initialised) bias.
         use_dora: DoRA (weight-decomposed LoRA, `fxlora.variants.dora`): a learned magnitude per
             output feature rescales the adapted weight. Not with ``lora_bias`` (as in PEFT).
+        target_parameters: ``nn.Parameter``s to adapt by name (full name or a suffix at a dot,
+            e.g. ``["experts.gate_up_proj", "gate.weight"]``): 2-D weights and 3-D stacked experts
+            that a forward reads directly (`fxlora.kinds.parameter`, PEFT's ``ParamWrapper``).
 
     The bookkeeping fields (`BOOKKEEPING_FIELDS`) and PEFT's fields of features fxlora does not
     implement (`UNIMPLEMENTED_FIELDS`, refused unless at their default) follow.
@@ -135,8 +137,8 @@ class LoraConfig:
     inference_mode: bool = False
     megatron_core: Optional[str] = "megatron.core"
     qalora_group_size: int = 16
-    # not implemented: only PEFT's default is accepted
     target_parameters: Optional[list[str]] = None
+    # not implemented: only PEFT's default is accepted
     layer_replication: Optional[list] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
     megatron_config: Optional[dict] = None
@@ -201,6 +203,7 @@ class LoraConfig:
                 f"'olora' or 'orthogonal', got {init!r} (PEFT's data-driven inits 'loftq', 'eva', 'corda' and "
                 "'lora_ga' are not supported)"
             )
+        _check_target_parameters(self.target_parameters)
         check_regex("target_modules", self.target_modules)
         check_regex("exclude_modules", self.exclude_modules)
         self._validate_layers_filter()
@@ -328,6 +331,17 @@ def first_pattern_match(patterns: dict[str, Any], name: str) -> Optional[str]:
     return None
 
 
+def _check_target_parameters(value: Any) -> None:
+    """``target_parameters``: None or a list of non-empty names (PEFT takes no regex here)."""
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(
+            f"target_parameters must be a list of parameter names (full names or suffixes at a dot, e.g. "
+            f"['experts.gate_up_proj']) or None, got {value!r} (a str regex is not supported, nor in PEFT)"
+        )
+
+
 # ---------------------------------------------------------------------- helpers
 def _normalise(name: str, value: Any) -> Any:
     """The stored form of field `name` given `value` (names as lists, a tuple of layers as a
@@ -343,6 +357,9 @@ def _normalise(name: str, value: Any) -> Any:
         return {}
     if name == "layers_to_transform" and isinstance(value, tuple):
         return list(value)
+    if name == "target_parameters":  # PEFT: a list (a set after its MoE conversion), [] is off
+        value = sorted(value) if isinstance(value, (set, frozenset)) else list(value) if isinstance(value, tuple) else value
+        return None if value == [] else value
     if name in ("task_type", "peft_type"):  # PEFT's str enums, or None (a LoraConfig's peft_type is LORA)
         value = getattr(value, "value", value)
         return "LORA" if name == "peft_type" and value is None else value

@@ -29,6 +29,8 @@ from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.planning.notes import call_notes
+from fxlora.planning.parameters import parameter_specs
+from fxlora.kinds.parameter import PARAMETER
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.boundary import boundary_of, can_be_root
 from fxlora.tracing.boundaries import nested_roots
@@ -162,6 +164,17 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
         if spec.lora_bias and getattr(module, "bias", None) is None:
             notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
         plans.append(TargetPlan(name, module, kind, spec, bool(kind.fan_in_fan_out(module))))
+    return plans
+
+
+def _parameter_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection) -> list[TargetPlan]:
+    """One plan per module with targeted parameters (`fxlora.planning.parameters`), after the
+    module targets (PEFT adds them last)."""
+    plans = []
+    for name, spec in parameter_specs(config, selection.parameters, *selection.patterns).items():
+        module = model.get_submodule(name)
+        PARAMETER.check_spec(repr(name), module, spec)
+        plans.append(TargetPlan(name, module, PARAMETER, spec, False))
     return plans
 
 
@@ -348,7 +361,7 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
     config.validate()
     notes: list[str] = []
     selection = select_modules(model, config)
-    targets = _target_plans(model, config, selection, notes)
+    targets = _target_plans(model, config, selection, notes) + _parameter_plans(model, config, selection)
     saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
     roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace)
     place(targets, saved, paths)
