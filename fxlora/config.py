@@ -204,6 +204,11 @@ class LoraConfig:
                 "'lora_ga' are not supported)"
             )
         _check_target_parameters(self.target_parameters)
+        if self.target_modules == [] and not self.target_parameters:
+            raise ValueError(
+                "target_modules is an empty list; give at least one module name or use None (an empty list "
+                "asks for no module targets, which needs target_parameters)"
+            )
         check_regex("target_modules", self.target_modules)
         check_regex("exclude_modules", self.exclude_modules)
         self._validate_layers_filter()
@@ -347,6 +352,8 @@ def _normalise(name: str, value: Any) -> Any:
     """The stored form of field `name` given `value` (names as lists, a tuple of layers as a
     list, ``None`` patterns as ``{}``, the init method's name in lower case); the type checks
     of the name lists are made here, every other check by `LoraConfig.validate`."""
+    if name == "target_modules" and isinstance(value, (list, tuple, set, frozenset)) and not value:
+        return []  # no module targets: allowed with target_parameters (PEFT's way to ask for parameters only)
     if name in ("target_modules", "exclude_modules", "layers_pattern"):
         return normalise_names(name, value, allow_str=True)
     if name == "modules_to_save":

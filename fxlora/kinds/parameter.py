@@ -50,10 +50,11 @@ _RECORD = "_fxlora"
 
 
 class ParamTarget(NamedTuple):
-    """One targeted parameter of a module: its name there, and its rank and scaling."""
+    """One targeted parameter of a module: its name there, its rank, alpha and scaling."""
 
     name: str
     r: int
+    alpha: float
     scaling: float
 
 

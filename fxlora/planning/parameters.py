@@ -32,7 +32,7 @@ from fxlora.core.layers import AdapterSpec, fxlora_internal_names, target_meta
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.kinds.parameter import PARAMETER, ParamTarget
 
-__all__ = ["ParameterSpec", "MoeResolution", "moe_resolution", "select_parameters", "parameter_specs"]
+__all__ = ["ParameterSpec", "MoeResolution", "moe_resolution", "select_parameters", "parameter_specs", "parameter_fields"]
 
 #: old (transformers 4) module name -> new parameter name, per MoE family (PEFT's table)
 _MOE_NAMES = {
@@ -196,19 +196,24 @@ def parameter_specs(config: LoraConfig, found: dict[str, tuple[str, ...]], ranks
     `ranks` / `alphas` (the config's patterns, plus PEFT's MoE ones) on its full name."""
     from fxlora.variants import variant_for
 
+    if found and config.init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(
+            f"init_lora_weights={config.init_lora_weights!r} cannot initialise target_parameters "
+            f"({', '.join(found)}): it splits a weight matrix, which PEFT does not do for parameters either; "
+            "use True, False or 'gaussian'"
+        )
     specs = {}
     for module_name, params in found.items():
-        targets, first_alpha = [], config.lora_alpha
+        targets = []
         for p in params:
             full = f"{module_name}.{p}"
             rank_key, alpha_key = first_pattern_match(ranks, full), first_pattern_match(alphas, full)
             r = config.r if rank_key is None else ranks[rank_key]
             alpha = config.lora_alpha if alpha_key is None else alphas[alpha_key]
-            targets.append(ParamTarget(p, r, scaling_value(alpha, r, config.use_rslora)))
-            first_alpha = first_alpha if targets[1:] else alpha
+            targets.append(ParamTarget(p, r, alpha, scaling_value(alpha, r, config.use_rslora)))
         specs[module_name] = ParameterSpec(
             r=targets[0].r,
-            alpha=first_alpha,
+            alpha=targets[0].alpha,
             use_rslora=config.use_rslora,
             lora_bias=config.lora_bias,
             dropout=float(config.lora_dropout),
@@ -216,3 +221,31 @@ def parameter_specs(config: LoraConfig, found: dict[str, tuple[str, ...]], ranks
             params=tuple(targets),
         )
     return specs
+
+
+def parameter_fields(model: nn.Module, adapter: str, config: LoraConfig) -> dict:
+    """For an adapter with parameter targets on `model`: the config fields its saved file holds so
+    that PEFT and fxlora adapt exactly what it adapts (``target_modules``: the adapted modules' names,
+    possibly none; ``target_parameters``: the parameters' full names; each parameter's rank and alpha
+    where the config's patterns would not give them, first in the patterns); else ``{}``."""
+    modules, params, ranks, alphas = [], [], {}, {}
+    for name, module in model.named_modules():
+        meta = target_meta(module)
+        if meta is None or adapter not in meta.adapters:
+            continue
+        if meta.kind is not PARAMETER:
+            modules.append(name)
+            continue
+        for target in meta.adapters[adapter].params:
+            full = f"{name}.{target.name}"
+            params.append(full)
+            if config.rank_for(full) != target.r or config.alpha_for(full) != target.alpha:
+                ranks[re.escape(full)], alphas[re.escape(full)] = target.r, target.alpha
+    if not params:
+        return {}
+    return {
+        "target_modules": modules,
+        "target_parameters": params,
+        "rank_pattern": {**ranks, **config.rank_pattern},
+        "alpha_pattern": {**alphas, **config.alpha_pattern},
+    }
