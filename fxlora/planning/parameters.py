@@ -191,9 +191,12 @@ def _check_owner(name: str, module: nn.Module, hits: tuple[str, ...], module_tar
             )
 
 
-def parameter_specs(config: LoraConfig, found: dict[str, tuple[str, ...]], ranks: dict, alphas: dict) -> dict[str, ParameterSpec]:
+def parameter_specs(
+    model: nn.Module, config: LoraConfig, found: dict[str, tuple[str, ...]], ranks: dict, alphas: dict
+) -> dict[str, ParameterSpec]:
     """The `ParameterSpec` of each module of `found`, with each parameter's rank and alpha from
-    `ranks` / `alphas` (the config's patterns, plus PEFT's MoE ones) on its full name."""
+    `ranks` / `alphas` (the config's patterns, plus PEFT's MoE ones) on its full name; raises where
+    the config's options cannot adapt parameters (`LayerKind.check_spec`)."""
     from fxlora.variants import variant_for
 
     if found and config.init_lora_weights not in (True, False, "gaussian"):
@@ -220,6 +223,7 @@ def parameter_specs(config: LoraConfig, found: dict[str, tuple[str, ...]], ranks
             variant=variant_for(config),
             params=tuple(targets),
         )
+        PARAMETER.check_spec(repr(module_name), model.get_submodule(module_name), specs[module_name])
     return specs
 
 

@@ -168,14 +168,9 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
 
 
 def _parameter_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection) -> list[TargetPlan]:
-    """One plan per module with targeted parameters (`fxlora.planning.parameters`), after the
-    module targets (PEFT adds them last)."""
-    plans = []
-    for name, spec in parameter_specs(config, selection.parameters, *selection.patterns).items():
-        module = model.get_submodule(name)
-        PARAMETER.check_spec(repr(name), module, spec)
-        plans.append(TargetPlan(name, module, PARAMETER, spec, False))
-    return plans
+    """One plan per module with targeted parameters, after the module targets (PEFT adds them last)."""
+    specs = parameter_specs(model, config, selection.parameters, *selection.patterns)
+    return [TargetPlan(name, model.get_submodule(name), PARAMETER, spec, False) for name, spec in specs.items()]
 
 
 # ---------------------------------------------------------------------- paths
