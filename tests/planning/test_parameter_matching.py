@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-import fxlora
 from fxlora import LoraConfig
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.planning.parameters import moe_resolution, select_parameters
+from fxlora.planning.plan import make_plan
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -51,7 +51,7 @@ def test_resolution_is_peft_conversion(model, options):
     assert set(got.target_modules) == set(want.target_modules)
     assert set(got.target_parameters) == set(want.target_parameters)
     assert got.rank_pattern == want.rank_pattern and got.alpha_pattern == want.alpha_pattern
-    plan = fxlora.explain(base, LoraConfig(**options))
+    plan = make_plan(base, LoraConfig(**options), trace="eager")
     chosen = {f"{t.name}.{p.name}" for t in plan.targets if hasattr(t.spec, "params") for p in t.spec.params}
     assert chosen == set(wrapped)
 
@@ -61,7 +61,7 @@ def test_old_names_of_a_fused_parameter_only_in_part_are_refused_as_in_peft():
     with pytest.raises(ValueError, match="w3"):
         peft_converted(base, target_modules=["w1"])
     with pytest.raises(ValueError, match=r"but not \['w3'\].*fused into the parameter 'gate_up_proj'"):
-        fxlora.explain(base, LoraConfig(target_modules=["w1"]))
+        make_plan(base, LoraConfig(target_modules=["w1"]), trace="eager")
 
 
 def test_no_resolution_for_other_models_and_regexes():
