@@ -29,7 +29,7 @@ import torch.nn as nn
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.config import LoraConfig
 from fxlora.planning.defaults import default_target_modules
-from fxlora.planning.parameters import moe_resolution, select_parameters
+from fxlora.planning.parameters import check_module_target, moe_resolution, select_parameters
 from fxlora.planning.target_checks import check_target, weight_read_by_parent
 from fxlora.kinds.hf_classes import is_pretrained_model
 from fxlora.kinds import is_all_linear, kind_of, supported_types
@@ -180,6 +180,7 @@ def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
         if kind_of(module) is None:
             raise UnsupportedTargetError(_unsupported_message(key, module, model, names))
         check_target(key, module, model)
+        check_module_target(key, module)
         targets.append(key)
 
     entries = resolution.target_parameters if resolution is not None else (config.target_parameters or [])

@@ -32,7 +32,15 @@ from fxlora.core.layers import AdapterSpec, fxlora_internal_names, target_meta
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.kinds.parameter import PARAMETER, ParamTarget
 
-__all__ = ["ParameterSpec", "MoeResolution", "moe_resolution", "select_parameters", "parameter_specs", "parameter_fields"]
+__all__ = [
+    "ParameterSpec",
+    "MoeResolution",
+    "moe_resolution",
+    "select_parameters",
+    "check_module_target",
+    "parameter_specs",
+    "parameter_fields",
+]
 
 #: old (transformers 4) module name -> new parameter name, per MoE family (PEFT's table)
 _MOE_NAMES = {
@@ -146,6 +154,18 @@ def select_parameters(
             f"'experts.gate_up_proj'). Its 2-D and 3-D parameters: {listed or '(none)'}"
         )
     return found
+
+
+def check_module_target(key: str, module: nn.Module) -> None:
+    """`UnsupportedTargetError` if `module`, a match of ``target_modules``, carries adapters on its
+    parameters (a module takes LoRA either on its output or on its parameters)."""
+    meta = target_meta(module)
+    if meta is not None and meta.kind is PARAMETER:
+        raise UnsupportedTargetError(
+            f"module {key!r} matched target_modules, but it carries adapters on its parameters "
+            f"({', '.join(meta.adapters)}: target_parameters); a module takes LoRA either on its output or on its "
+            "parameters; leave it out of target_modules (exclude_modules)"
+        )
 
 
 def _matches(entries: Sequence[str], key: str) -> bool:

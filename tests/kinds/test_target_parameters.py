@@ -296,3 +296,12 @@ def test_weighted_combination_is_refused():
     ours.add_adapter("other", LoraConfig(target_modules=[], target_parameters=EXPERTS))
     with pytest.raises(Exception, match=r"target_parameters"):
         ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="cat")
+
+
+def test_a_module_with_parameter_adapters_is_refused_as_a_module_target():
+    model = fxlora.transform(mixtral(), LoraConfig(target_modules=[], target_parameters=["q_proj.weight"]))
+    before = state_snapshot(model.model)
+    with pytest.raises(UnsupportedTargetError, match=r"carries adapters on its parameters"):
+        model.add_adapter("other", LoraConfig(target_modules=["q_proj"]))
+    assert_same_state(model.model, before)
+    assert list(model.peft_config) == ["default"]
