@@ -11,6 +11,10 @@ Names are those of ``model.named_modules()``. The rules, in order:
 4. ``layers_to_transform`` keeps targets whose layer index (the number after ``layers_pattern``,
    or the first numbered segment) is listed. Unlike PEFT, this holds for exact names as well.
 
+5. ``target_parameters`` selects parameters (`fxlora.planning.parameters`); with them,
+   ``target_modules=[]`` asks for no module, and on a transformers 5 MoE model ``"all-linear"`` and
+   the old expert / router names resolve as PEFT resolves them (experts and router by parameter).
+
 ``modules_to_save`` entries match on a dot boundary (PEFT uses a bare ``endswith``, so ``"head"``
 would also pick ``"subhead"``); when both a module and one inside it match, the outer one is saved.
 
