@@ -182,8 +182,9 @@ class ParameterKind(KindBase):
                     nn.init.normal_(lora_a.weight, std=1 / target.r)
                 nn.init.zeros_(lora_b.weight)
             holders_a[target.name], holders_b[target.name] = lora_a, lora_b
-        placed = dict(device=device, dtype=dtype)
-        return {"lora_A": holders_a.to(**placed), "lora_B": holders_b.to(**placed)}
+        own = self.reference_weight(module).dtype  # PEFT rounds new factors through the parameter's dtype
+        rounded = [h.to(dtype=own) if own.is_floating_point else h for h in (holders_a, holders_b)]
+        return {"lora_A": rounded[0].to(device=device, dtype=dtype), "lora_B": rounded[1].to(device=device, dtype=dtype)}
 
     def update(self, module: nn.Module, adapter: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         raise TypeError("a target parameter has no additive update: its kind computes the adapted call (adapted_call)")

@@ -305,3 +305,12 @@ def test_a_module_with_parameter_adapters_is_refused_as_a_module_target():
         model.add_adapter("other", LoraConfig(target_modules=["q_proj"]))
     assert_same_state(model.model, before)
     assert list(model.peft_config) == ["default"]
+
+
+def test_bfloat16_model_tensors_and_outputs_as_peft():
+    """PEFT keeps float32 factors on a bfloat16 model, their random start rounded through bfloat16."""
+    theirs, ours = pair(lambda: mixtral().to(torch.bfloat16), target_modules=[], target_parameters=[*EXPERTS, "gate.weight"])
+    mine, peft_ones = lora_tensors(ours), lora_tensors(theirs)
+    assert all(t.dtype == torch.float32 for t in mine.values())
+    assert all(torch.equal(mine[k], peft_ones[k]) for k in mine)
+    assert torch.equal(logits(ours), logits(theirs))
