@@ -24,9 +24,8 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
-from fxlora.config_values import (
-    ALL_LINEAR, CordaConfig, EvaConfig, LoftQConfig, check_alpha, check_bool_field, check_rank, check_regex, normalise_names, sub_config,
-)
+from fxlora.config_values import (ALL_LINEAR, CordaConfig, EvaConfig, LoftQConfig, check_alpha, check_bool_field, check_rank,
+                                  check_regex, check_target_parameters, normalise_names, sub_config)
 from fxlora.errors import UnsupportedFieldError
 
 __all__ = ["LoraConfig", "LoftQConfig", "CordaConfig", "EvaConfig", "ALL_LINEAR", "BOOKKEEPING_FIELDS", "UNIMPLEMENTED_FIELDS", "TASK_TYPES", "field_status"]
@@ -53,7 +52,6 @@ BOOKKEEPING_FIELDS: dict[str, str] = {
 #: PEFT fields of features fxlora does not implement, and the feature: PEFT's default (or None/False/empty) only.
 #: Implementing one = deleting its line here (and updating its README "Coming from PEFT" row).
 UNIMPLEMENTED_FIELDS: dict[str, str] = {
-    "target_parameters": "LoRA on nn.Parameters (target_parameters: fused MoE experts)",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
     "megatron_config": "Megatron-LM parallel layers",
@@ -107,6 +105,9 @@ class LoraConfig:
         lora_bias: give B a (zero-initialised) bias.
         use_dora: DoRA (weight-decomposed LoRA, `fxlora.variants.dora`): a learned magnitude per
             output feature rescales the adapted weight. Not with ``lora_bias`` (as in PEFT).
+        target_parameters: ``nn.Parameter``s to adapt by name (full name or a suffix at a dot,
+            e.g. ``["experts.gate_up_proj", "gate.weight"]``): 2-D weights and 3-D stacked experts
+            that a forward reads directly (`fxlora.kinds.parameter`, PEFT's ``ParamWrapper``).
 
     The bookkeeping fields (`BOOKKEEPING_FIELDS`) and PEFT's fields of features fxlora does not
     implement (`UNIMPLEMENTED_FIELDS`, refused unless at their default) follow.
@@ -146,8 +147,8 @@ class LoraConfig:
     inference_mode: bool = False
     megatron_core: Optional[str] = "megatron.core"
     qalora_group_size: int = 16
-    # not implemented: only PEFT's default is accepted
     target_parameters: Optional[list[str]] = None
+    # not implemented: only PEFT's default is accepted
     layer_replication: Optional[list] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
     megatron_config: Optional[dict] = None
@@ -225,6 +226,7 @@ class LoraConfig:
         for name, cls in (("corda_config", CordaConfig), ("eva_config", EvaConfig)):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__} or None, got {getattr(self, name)!r}")
+        check_target_parameters(self.target_parameters, self.target_modules)
         check_regex("target_modules", self.target_modules)
         check_regex("exclude_modules", self.exclude_modules)
         self._validate_layers_filter()
@@ -358,6 +360,8 @@ def _normalise(name: str, value: Any) -> Any:
     """The stored form of field `name` given `value` (names as lists, a tuple of layers as a
     list, ``None`` patterns as ``{}``, the init method's name in lower case); the type checks
     of the name lists are made here, every other check by `LoraConfig.validate`."""
+    if name == "target_modules" and isinstance(value, (list, tuple, set, frozenset)) and not value:
+        return []  # no module targets: allowed with target_parameters (PEFT's way to ask for parameters only)
     if name in ("target_modules", "exclude_modules", "layers_pattern"):
         return normalise_names(name, value, allow_str=True)
     if name == "modules_to_save":
@@ -372,6 +376,9 @@ def _normalise(name: str, value: Any) -> Any:
         return {}
     if name == "layers_to_transform" and isinstance(value, tuple):
         return list(value)
+    if name == "target_parameters":  # PEFT: a list (a set after its MoE conversion), [] is off
+        value = sorted(value) if isinstance(value, (set, frozenset)) else list(value) if isinstance(value, tuple) else value
+        return None if value == [] else value
     if name in ("task_type", "peft_type"):  # PEFT's str enums, or None (a LoraConfig's peft_type is LORA)
         value = getattr(value, "value", value)
         return "LORA" if name == "peft_type" and value is None else value

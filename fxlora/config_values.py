@@ -62,6 +62,23 @@ def check_bool_field(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def check_target_parameters(value: Any, target_modules: Any) -> None:
+    """``target_parameters``: None or a list of non-empty names (PEFT takes no regex here); an
+    empty ``target_modules`` list only beside some."""
+    if target_modules == [] and not value:
+        raise ValueError(
+            "target_modules is an empty list; give at least one module name or use None (an empty list "
+            "asks for no module targets, which needs target_parameters)"
+        )
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(
+            f"target_parameters must be a list of parameter names (full names or suffixes at a dot, e.g. "
+            f"['experts.gate_up_proj']) or None, got {value!r} (a str regex is not supported, nor in PEFT)"
+        )
+
+
 def check_regex(name: str, value: Any) -> None:
     if isinstance(value, str) and value.lower() != ALL_LINEAR:
         try:

@@ -17,6 +17,7 @@ from fxlora.config import UNIMPLEMENTED_FIELDS, LoraConfig
 from fxlora.core.layers import target_meta
 from fxlora.errors import CheckpointError
 from fxlora.planning.defaults import default_target_modules
+from fxlora.planning.parameters import parameter_fields
 
 __all__ = ["PEFT_FORMAT_VERSION", "config_to_json", "config_from_json", "file_config"]
 
@@ -74,10 +75,10 @@ def file_config(model: nn.Module, adapter: str, config: LoraConfig) -> LoraConfi
     modules (`LoraConfig.task_modules_to_save`) added to ``modules_to_save``. `config` is not
     changed."""
     adapted = [(m, meta) for _, m in model.named_modules() if (meta := target_meta(m)) is not None and adapter in meta.adapters]
-    changes: dict[str, Any] = {}
-    if config.target_modules is None:
+    changes: dict[str, Any] = parameter_fields(model, adapter, config)  # with target_parameters: all by name
+    if not changes and config.target_modules is None:
         changes["target_modules"] = default_target_modules(model)
-    elif config.is_all_linear:
+    elif not changes and config.is_all_linear:
         names = {id(m): n for n, m in model.named_modules()}
         changes["target_modules"] = [names[id(m)] for m, _ in adapted]
     layouts = [layout for m, meta in adapted if (layout := meta.kind.fan_in_fan_out(m)) is not None]

@@ -25,4 +25,4 @@ from fxlora.kinds.subclasses import declare_linear_forward
 __all__ = [*_registry_all, "declare_linear_forward"]
 
 # the built-in kinds register themselves on import, in this order (`kind_of` asks them in turn)
-from fxlora.kinds import linear, conv, embedding, conv_transpose, multihead_attention  # noqa: E402,F401  # isort: skip
+from fxlora.kinds import linear, conv, embedding, conv_transpose, multihead_attention, parameter  # noqa: E402,F401  # isort: skip

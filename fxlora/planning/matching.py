@@ -11,6 +11,10 @@ Names are those of ``model.named_modules()``. The rules, in order:
 4. ``layers_to_transform`` keeps targets whose layer index (the number after ``layers_pattern``,
    or the first numbered segment) is listed. Unlike PEFT, this holds for exact names as well.
 
+5. ``target_parameters`` selects parameters (`fxlora.planning.parameters`); with them,
+   ``target_modules=[]`` asks for no module, and on a transformers 5 MoE model ``"all-linear"`` and
+   the old expert / router names resolve as PEFT resolves them (experts and router by parameter).
+
 ``modules_to_save`` entries match on a dot boundary (PEFT uses a bare ``endswith``, so ``"head"``
 would also pick ``"subhead"``); when both a module and one inside it match, the outer one is saved.
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch.nn as nn
@@ -29,6 +33,7 @@ import torch.nn as nn
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.config import LoraConfig
 from fxlora.planning.defaults import default_target_modules
+from fxlora.planning.parameters import check_module_target, moe_resolution, select_parameters
 from fxlora.planning.target_checks import check_target, weight_read_by_parent
 from fxlora.kinds.hf_classes import is_pretrained_model
 from fxlora.kinds import is_all_linear, kind_of, supported_types
@@ -48,6 +53,10 @@ class TargetSelection:
 
     targets: tuple[str, ...]
     modules_to_save: tuple[str, ...]
+    #: ``target_parameters``: module name -> its targeted parameters (`fxlora.planning.parameters`)
+    parameters: dict = field(default_factory=dict)
+    #: the rank / alpha patterns to use (the config's, plus PEFT's for a converted MoE model)
+    patterns: tuple = ({}, {})
 
 
 def matches_name_list(names: Sequence[str], key: str) -> bool:
@@ -112,15 +121,27 @@ def _match_modules_to_save(config: LoraConfig, names: Sequence[str], model: nn.M
     return tuple(outer)
 
 
-def _resolve_target_spec(config: LoraConfig, model: nn.Module, names: Sequence[str]) -> str | list[str]:
-    if config.target_modules is None:
-        return default_target_modules(model)
+def _resolve_target_spec(config: LoraConfig, model: nn.Module, names: Sequence[str]):
+    """``(spec, exact, resolution)``: what `target_modules` matches (exact names or PEFT's rules),
+    and PEFT's MoE resolution of the config (`fxlora.planning.parameters.moe_resolution`) or None."""
+    linear: list[str] = []
     if config.is_all_linear:
         modules = dict(model.named_modules())
-        linear = [n for n in names if n and is_all_linear(modules[n])]
         excluded = _output_embedding_names(model)
-        return [n for n in linear if n not in excluded]
-    return config.target_modules
+        linear = [n for n in names if n and is_all_linear(modules[n]) and n not in excluded]
+    resolution = moe_resolution(model, config, linear)
+    if resolution is not None:
+        return resolution.target_modules, False, resolution
+    if config.target_modules is None:
+        if config.target_parameters:  # PEFT: the model type's defaults if any, else parameters alone
+            try:
+                return default_target_modules(model), False, None
+            except ValueError:
+                return [], False, None
+        return default_target_modules(model), False, None
+    if config.is_all_linear:
+        return linear, True, None
+    return config.target_modules, False, None
 
 
 def _output_embedding_names(model: nn.Module) -> set[str]:
@@ -143,8 +164,7 @@ def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
     names = [n for n, _ in model.named_modules() if n not in internal]
     modules = dict(model.named_modules())
     saved = _match_modules_to_save(config, names, model)
-    spec = _resolve_target_spec(config, model, names)
-    exact_list = config.is_all_linear  # resolved to exact names: no suffix matching needed
+    spec, exact_list, resolution = _resolve_target_spec(config, model, names)
 
     targets: list[str] = []
     set_aside: dict[str, list[str]] = {"exclude_modules": [], "modules_to_save": []}
@@ -164,11 +184,15 @@ def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
         if kind_of(module) is None:
             raise UnsupportedTargetError(_unsupported_message(key, module, model, names))
         check_target(key, module, model)
+        check_module_target(key, module)
         targets.append(key)
 
-    if not targets:
+    entries = resolution.target_parameters if resolution is not None else (config.target_parameters or [])
+    if not targets and (spec or not entries):  # modules were asked for and none matched
         raise NoTargetFoundError(_no_match_message(config, spec, model, names, set_aside))
-    return TargetSelection(tuple(targets), saved)
+    parameters = select_parameters(model, entries, targets, saved) if entries else {}
+    patterns = (resolution.rank_pattern, resolution.alpha_pattern) if resolution else (config.rank_pattern, config.alpha_pattern)
+    return TargetSelection(tuple(targets), saved, parameters, patterns)
 
 
 def _adaptable(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:

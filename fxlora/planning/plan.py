@@ -31,6 +31,8 @@ from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
 from fxlora.planning.call_checks import WeightRead, check_calls
 from fxlora.planning.notes import call_notes
+from fxlora.planning.parameters import parameter_specs
+from fxlora.kinds.parameter import PARAMETER
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.boundary import boundary_of, can_be_root
 from fxlora.tracing.boundaries import nested_roots
@@ -166,6 +168,12 @@ def _target_plans(model: nn.Module, config: LoraConfig, selection: TargetSelecti
             notes.append(f"{name}: lora_bias=True on a layer without bias: merging it will not be possible")
         plans.append(TargetPlan(name, module, kind, spec, bool(kind.fan_in_fan_out(module))))
     return plans
+
+
+def _parameter_plans(model: nn.Module, config: LoraConfig, selection: TargetSelection) -> list[TargetPlan]:
+    """One plan per module with targeted parameters, after the module targets (PEFT adds them last)."""
+    specs = parameter_specs(model, config, selection.parameters, *selection.patterns)
+    return [TargetPlan(name, model.get_submodule(name), PARAMETER, spec, False) for name, spec in specs.items()]
 
 
 # ---------------------------------------------------------------------- paths
@@ -337,7 +345,7 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
     config.validate()
     notes: list[str] = []
     selection = select_modules(model, config)
-    targets = _target_plans(model, config, selection, notes)
+    targets = _target_plans(model, config, selection, notes) + _parameter_plans(model, config, selection)
     saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
     roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace)
     place(targets, saved, paths)
