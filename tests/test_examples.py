@@ -59,3 +59,14 @@ def test_distributed_fsdp2_example_trains_on_two_processes_and_saves(tmp_path):
     tensors = load_file(out / "adapter_model.safetensors")
     assert len(tensors) == 2 * 2 * 7 and all(t.abs().sum() > 0 for t in tensors.values())  # 2 layers x 7 linears x (A, B), trained
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_qlora_cpu_example_trains_on_an_int8_base_with_less_memory():
+    out = run("qlora_cpu.py", "--steps", "3", "--hidden", "64", "--layers", "2")
+    w32, w8 = map(float, re.search(r"base weights: fp32 ([\d.]+) MiB \| int8 ([\d.]+) MiB", out).groups())
+    assert w8 < 0.5 * w32
+    p32, p8 = map(float, re.search(r"peak of a training step: fp32 ([\d.]+) MiB \| int8 ([\d.]+) MiB", out).groups())
+    assert p8 < p32
+    before, after = map(float, re.search(r"int8: ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before
+    assert "original int8 weights back bit for bit: True" in out

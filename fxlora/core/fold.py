@@ -30,8 +30,9 @@ from fxlora.errors import MergeError
 from fxlora.core.delta import check_mergeable, delta_bias, delta_weight, folded_tensors, layer_tensor
 from fxlora.core.dora import dora_fold, dora_unfold
 from fxlora.core.layers import target_meta
+from fxlora.kinds.quantized import Quantization, QuantizedWeight, quantization_of
 
-__all__ = ["Restore", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
+__all__ = ["Restore", "Requantized", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -57,6 +58,16 @@ class Restore:
 
 
 @dataclass
+class Requantized:
+    """A fold into a quantized weight (`fxlora.kinds.quantized`): the weight as the merge found it
+    (None for a fold that keeps nothing, ``exact=False``) and the requantized weight it wrote."""
+
+    quantization: Quantization
+    before: Optional[QuantizedWeight]
+    written: QuantizedWeight
+
+
+@dataclass
 class FoldRecord:
     """One fold of some adapters into one layer: their run-time scales, and the exact-restore
     data of each tensor it changed, by path from the layer (the kind's `merged_weights`, and the
@@ -65,6 +76,7 @@ class FoldRecord:
     scales: dict[str, float]
     restores: dict[str, Restore]
     ratio: Optional[torch.Tensor] = None  # a DoRA fold's ``m / ||W + delta||`` (`fxlora.core.dora`)
+    requantized: Optional[Requantized] = None  # the fold into a quantized weight (kept out of `restores`)
 
     @property
     def bias(self) -> Optional[Restore]:
@@ -115,8 +127,44 @@ def merged_tensors(module: nn.Module, scales: dict[str, float]) -> dict[str, tor
         update = _summed(module, scales, which)
         if update is None:
             continue
-        out[which] = _add(layer_tensor(module, which).detach(), update)
+        out[which] = _add(_dense(module, which), update)
     return out
+
+
+def _dense(module: nn.Module, which: str) -> torch.Tensor:
+    """The layer's tensor at path `which`, dequantized where it is a quantized weight."""
+    quantization = quantization_of(module) if which == "weight" else None
+    return layer_tensor(module, which).detach() if quantization is None else quantization.dense(module)
+
+
+def _check_requantizable(module: nn.Module, scales: dict[str, float]) -> Optional[Quantization]:
+    """The layer's `Quantization` (None for a plain weight); `MergeError` where its merged weight
+    cannot be requantized (nothing is written)."""
+    quantization = quantization_of(module)
+    obstacle = None if quantization is None else quantization.requantize_obstacle(module)
+    if obstacle is not None:
+        raise MergeError(f"cannot merge adapter(s) {list(scales)} into {type(module).__name__}: {obstacle}")
+    return quantization
+
+
+def _fold_quantized(module: nn.Module, quantization: Quantization, update: torch.Tensor, exact: bool) -> Requantized:
+    """``quantize(round(dequantize(W) + update))`` written as the layer's weight (PEFT's merge;
+    the rounding makes it inexact), the weight before kept with `exact` for a bit-exact unfold."""
+    written = quantization.quantized(module, _add(quantization.dense(module), update))
+    before = quantization.keep(module) if exact else None
+    quantization.put(module, written)
+    return Requantized(quantization, before, written)
+
+
+def _unfold_quantized(module: nn.Module, record: FoldRecord) -> None:
+    """Undo `_fold_quantized`: the kept weight if the layer still holds the one the fold wrote,
+    else (the weight was replaced since, or nothing was kept) ``quantize(dequantize(W) - update)``."""
+    done = record.requantized
+    if done.before is not None and done.quantization.holds(module, done.written):
+        done.quantization.put(module, done.before)
+        return
+    back = _subtract(done.quantization.dense(module), _summed(module, record.scales, "weight"))
+    done.quantization.put(module, done.quantization.quantized(module, back))
 
 
 def _dora_adapter(module: nn.Module, scales: dict[str, float]) -> Optional[str]:
@@ -199,11 +247,16 @@ def fold_layer(module: nn.Module, scales: dict[str, float], exact: bool = True) 
     dora = _dora_adapter(module, scales)
     if dora is not None:
         return _fold_dora(module, dora, scales[dora], exact)
+    quantization = _check_requantizable(module, scales)
     restores: dict[str, Restore] = {}
+    requantized = None
     with torch.no_grad():
         for which in folded_tensors(module):
             update = _summed(module, scales, which)
             if update is None:
+                continue
+            if which == "weight" and quantization is not None:
+                requantized = _fold_quantized(module, quantization, update, exact)
                 continue
             param = layer_tensor(module, which)
             merged = _add(param.detach(), update)
@@ -212,7 +265,7 @@ def fold_layer(module: nn.Module, scales: dict[str, float], exact: bool = True) 
             else:
                 restores[which] = Restore(param.dtype, param.new_empty(0), param.new_empty(0, dtype=torch.int32))
             param.copy_(merged)
-    return FoldRecord(dict(scales), restores)
+    return FoldRecord(dict(scales), restores, requantized=requantized)
 
 
 def _fold_dora(module: nn.Module, adapter: str, scale: float, exact: bool) -> FoldRecord:
@@ -263,6 +316,8 @@ def unfold_layer(module: nn.Module, record: FoldRecord) -> None:
         if record.ratio is not None:
             _unfold_dora(module, module.weight, record)
             return
+        if record.requantized is not None:
+            _unfold_quantized(module, record)
         for which, restore in record.restores.items():
             _unfold_tensor(layer_tensor(module, which), _summed(module, record.scales, which), restore)
 

@@ -6,7 +6,8 @@ computes, the weight delta a merge folds in, the matrix view `add_weighted_adapt
 what each of these cannot do (a grouped convolution cannot take a merge, ...). The rest of fxlora
 asks the kind of a layer (`kind_of`), never its type.
 
-Built in: ``linear`` (``nn.Linear``, transformers ``Conv1D``), ``conv`` (``nn.Conv1d/2d/3d``),
+Built in: ``linear`` (``nn.Linear``, transformers ``Conv1D``), ``quantized_linear`` (torchao- or
+bitsandbytes-quantized linear layers, `fxlora.kinds.quantized`), ``conv`` (``nn.Conv1d/2d/3d``),
 ``embedding`` (``nn.Embedding``), ``conv_transpose`` (``nn.ConvTranspose1d/2d/3d``),
 ``multihead_attention`` (``nn.MultiheadAttention``, whose kind computes the adapted call itself). A new kind is
 one class that satisfies `LayerKind`, registered with `register_kind`. A subclass with its own
@@ -25,4 +26,4 @@ from fxlora.kinds.subclasses import declare_linear_forward
 __all__ = [*_registry_all, "declare_linear_forward"]
 
 # the built-in kinds register themselves on import, in this order (`kind_of` asks them in turn)
-from fxlora.kinds import linear, conv, embedding, conv_transpose, multihead_attention, parameter  # noqa: E402,F401  # isort: skip
+from fxlora.kinds import linear, quantized_linear, conv, embedding, conv_transpose, multihead_attention, parameter  # noqa: E402,F401  # isort: skip

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlora.kinds.hf_classes import hf_conv1d_forward_owner, is_hf_conv1d
+from fxlora.kinds.quantized import quantization_of
 from fxlora.kinds.subclasses import own_forward_merge_obstacle
 from fxlora.kinds.registry import register_kind
 from fxlora.kinds.low_rank import ModulePairKind
@@ -44,7 +45,7 @@ class LinearKind(ModulePairKind):
     takes_weight_inits = True
 
     def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+        return (isinstance(module, nn.Linear) or is_hf_conv1d(module)) and quantization_of(module) is None
 
     def fan_in_fan_out(self, module: nn.Module) -> Optional[bool]:
         return is_hf_conv1d(module)
