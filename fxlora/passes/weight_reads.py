@@ -33,7 +33,7 @@ from fxlora.core.layers import BASE_ONLY
 from fxlora.passes.base import Pass, PassContext, PassResult
 from fxlora.passes.conditions import is_adapted, is_saved, keyword_call
 from fxlora.passes.tags import first_tagged, Role
-from fxlora.tracing.linear_reads import LinearRead, linear_reads
+from fxlora.tracing.linear_reads import LinearRead, linear_arguments, linear_reads
 
 __all__ = ["CallWeightReads", "CALL_WEIGHT_READS", "call_weight_reads", "layers_read"]
 
@@ -44,7 +44,8 @@ def _adapted_reads(graph: fx.Graph, root: nn.Module) -> list[LinearRead]:
     """The linear reads of adapted (or saved) layers whose every use in `graph` is one, in graph
     order."""
     found = linear_reads(graph, root, lambda path, module: is_adapted(module) or is_saved(module))
-    return [read for reads in found.values() if reads for read in reads]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return sorted((read for reads in found.values() if reads for read in reads), key=lambda read: order[read.node])
 
 
 def layers_read(graph: fx.Graph, root: nn.Module) -> list[str]:
@@ -54,12 +55,14 @@ def layers_read(graph: fx.Graph, root: nn.Module) -> list[str]:
 
 
 def _call_instead(graph: fx.Graph, read: LinearRead) -> None:
-    """Replace the ``F.linear`` node of `read` by the layer's call (plus the read's own bias)."""
+    """Replace the ``F.linear`` node of `read` by the layer's call (plus the read's own bias).
+    Its arguments are read off the node now: an earlier rewrite may have replaced one."""
+    x, _, bias = linear_arguments(read.node)
     with graph.inserting_before(read.node):
-        out = graph.call_module(read.layer, (read.input,))
+        out = graph.call_module(read.layer, (x,))
         new = [out]
         if read.extra_bias is not None:
-            out = graph.call_function(operator.add, (out, read.extra_bias))
+            out = graph.call_function(operator.add, (out, bias))
             new.append(out)
     for node in new:
         node.meta.update({k: read.node.meta[k] for k in _KEPT_META if k in read.node.meta})

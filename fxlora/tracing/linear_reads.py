@@ -108,17 +108,12 @@ def _linear_read(user: fx.Node, weight: fx.Node, layer: str, module: nn.Module, 
 
 def linear_reads(graph: fx.Graph, root: nn.Module, accept: Callable[[str, nn.Module], bool]) -> dict[str, Optional[list[LinearRead]]]:
     """For each module `accept` takes (given its path from `root`, the module `graph` was traced
-    from, and the module) whose tensors `graph` reads: its linear reads, in graph order, or None
+    from, and the module) whose tensors `graph` reads: its linear reads, or None
     when the graph uses them otherwise too (see the module docstring). Modules the graph does not
     read are absent."""
     attrs: dict[str, list[fx.Node]] = defaultdict(list)
     for node in graph.find_nodes(op="get_attr"):
         for path in _owner_paths(root, node.target, accept):
             attrs[path].append(node)
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    result: dict[str, Optional[list[LinearRead]]] = {}
-    for path, nodes in attrs.items():
-        reads = _reads_of(path, root.get_submodule(path), nodes)
-        result[path] = None if reads is None else sorted(reads, key=lambda r: order[r.node])
-    return result
+    return {path: _reads_of(path, root.get_submodule(path), nodes) for path, nodes in attrs.items()}
 

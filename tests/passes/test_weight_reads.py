@@ -303,3 +303,62 @@ def test_the_roots_own_forward_warns_that_its_weight_reads_skip_their_adapters()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert torch.equal(lora(x), in_graph)
+
+
+class Uses(nn.Module):
+    """One use of ``layer``'s tensors per case."""
+
+    def __init__(self, case: str, bias: bool = True) -> None:
+        super().__init__()
+        self.layer, self.case = nn.Linear(8, 8, bias=bias), case
+        self.other = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        w, b = self.layer.weight, self.layer.bias
+        return {
+            "own": lambda: F.linear(x, w, b),
+            "keywords": lambda: F.linear(input=x, weight=w, bias=b),
+            "twice": lambda: F.linear(F.linear(x, w, b), w, b),
+            "other bias, layer without": lambda: F.linear(x, w, self.other),
+            "no bias, layer without": lambda: F.linear(x, w),
+            "transposed": lambda: x @ w.t(),
+            "sliced": lambda: F.linear(x[..., :4], w[:, :4], b),
+            "weight as input": lambda: F.linear(w, w, b),
+            "no bias, layer with": lambda: F.linear(x, w),
+            "other bias, layer with": lambda: F.linear(x, w, self.other),
+            "bias used elsewhere": lambda: F.linear(x, w, b) + b,
+            "weight used elsewhere": lambda: F.linear(x, w, b) * w.sum(),
+        }[self.case]()
+
+
+@pytest.mark.parametrize(
+    "case, bias, reads",
+    [
+        ("own", True, 1),
+        ("keywords", True, 1),
+        ("twice", True, 2),
+        ("other bias, layer without", False, 1),
+        ("no bias, layer without", False, 1),
+        ("transposed", True, None),
+        ("sliced", True, None),
+        ("weight as input", True, None),
+        ("no bias, layer with", True, None),
+        ("other bias, layer with", True, None),
+        ("bias used elsewhere", True, None),
+        ("weight used elsewhere", True, None),
+    ],
+)
+def test_only_an_f_linear_that_a_call_equals_is_a_linear_read(case, bias, reads):
+    model = Uses(case, bias)
+    graph = torch.fx.Tracer().trace(model)
+    found = linear_reads(graph, model, lambda path, module: path == "layer")["layer"]
+    assert (None if found is None else len(found)) == reads
+    x = torch.randn(3, 8)
+    base = model(x)
+    lora, notes = _transform(model, LoraConfig(target_modules=["layer"]))  # B = 0: the adapter adds nothing yet
+    assert lora.target_paths == {"layer": "eager" if reads is None else "graph"}
+    assert any("the parent reads the weight directly" in n for n in notes) == (reads is None)
+    with torch.no_grad():
+        assert torch.equal(lora(x), base)  # the call put in the read's place computes what it did
+        lora.model.layer.lora_B["default"].weight.fill_(0.1)
+        assert torch.equal(lora(x), base) == (reads is None)  # the adapter acts where the weight is used
