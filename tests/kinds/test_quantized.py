@@ -178,8 +178,8 @@ def test_adapter_files_load_both_ways(quant, tmp_path):
         warnings.simplefilter("ignore")
         in_peft = peft.PeftModel.from_pretrained(base(quant, "mlp")[0], tmp_path / "ours")
         in_ours = fxlora.LoraModel.from_pretrained(base(quant, "mlp")[0], tmp_path / "theirs")
-    for model in (theirs, ours, in_peft, in_ours):  # bitsandbytes int8 computes differently in eval mode
-        model.eval()
+    for model in (theirs, ours, in_peft, in_ours):  # one mode for all: bitsandbytes computes differently in eval
+        model.train()  # (and its 4-bit CPU eval path fails on these shapes); no dropout, so train is deterministic
     assert torch.equal(in_peft(x), ours(x))
     assert torch.equal(in_ours(x), theirs(x))
 
