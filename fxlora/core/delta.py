@@ -28,6 +28,7 @@ import torch.nn as nn
 from fxlora.errors import MergeError
 from fxlora.dtypes import compute_dtype
 from fxlora.core.layers import target_meta
+from fxlora.kinds.quantized import weight_shape
 
 __all__ = ["check_mergeable", "delta_weight", "delta_bias", "layer_tensor", "folded_tensors"]
 
@@ -105,10 +106,10 @@ def delta_weight(
     weight = layer_tensor(module, which)
     dtype = dtype or compute_dtype(weight, *meta.kind.weight_matrices(module, adapter)[which])
     product = meta.kind.lora_weight(module, adapter, meta.fan_in_fan_out, dtype, which)
-    if product.shape != weight.shape:
+    if product.shape != weight_shape(module, which):
         raise MergeError(
             f"adapter {adapter!r} gives an update of shape {tuple(product.shape)} for a weight of shape "
-            f"{tuple(weight.shape)} on {type(module).__name__}; its fan_in_fan_out setting does not fit the layer"
+            f"{tuple(weight_shape(module, which))} on {type(module).__name__}; its fan_in_fan_out setting does not fit the layer"
         )
     return product * _factor(module, adapter, scale)
 

@@ -15,6 +15,13 @@ weights bit for bit. A kept value is put back only where the weight still holds 
 update)``, the value the merge wrote, with the update recomputed from the adapter as it is now
 (compared bit for bit): where the merged weights or the adapter changed after the merge, the
 element is unmerged by subtraction, as PEFT does, instead of being overwritten with a stale value.
+
+A quantized weight (`fxlora.kinds.quantized`) cannot be added to in place: its fold dequantizes,
+adds, requantizes and assigns the new weight (the one change that replaces a parameter object: it
+is frozen, so no optimizer holds it), which rounds again, so the merge is not exact. Its record
+(`Requantized`) keeps the original weight object, and the unfold puts it back, bit for bit, while
+the layer still holds the weight the fold wrote. `merged_tensors` gives the dequantized merged
+weights (what an export writes).
 """
 
 from __future__ import annotations

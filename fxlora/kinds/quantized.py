@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["Quantization", "QuantizedWeight", "quantization_of", "requantize_with"]
+__all__ = ["Quantization", "QuantizedWeight", "quantization_of", "requantize_with", "counted_elements", "eval_forward_changes_layer", "weight_shape"]
 
 #: module attribute holding the torchao config `requantize_with` declared
 _CONFIG_ATTR = "fxlora_requantize_config"
@@ -59,6 +59,10 @@ class Quantization:
     def dense(self, module: nn.Module) -> torch.Tensor:
         """The layer's weight dequantized: a new plain tensor shaped (out, in)."""
         raise NotImplementedError
+
+    def shape(self, module: nn.Module) -> torch.Size:
+        """The shape of the weight the layer computes with, (out, in) (not its packed storage's)."""
+        return module.weight.shape
 
     def requantize_obstacle(self, module: nn.Module) -> Optional[str]:
         """Why the layer's weight cannot be requantized after a merge (a sentence), or None."""
@@ -196,6 +200,9 @@ class _Bnb4bit(Quantization):
     def describe(self, module: nn.Module) -> str:
         return f"bitsandbytes Linear4bit ({module.weight.quant_type})"
 
+    def shape(self, module: nn.Module) -> torch.Size:
+        return torch.Size(module.weight.quant_state.shape)
+
     def dense(self, module: nn.Module) -> torch.Tensor:
         import bitsandbytes as bnb
 
@@ -260,3 +267,28 @@ def requantize_with(model: nn.Module, config: Any, where: Optional[Callable[[str
     for _, module in named:
         setattr(module, _CONFIG_ATTR, config)
     return [name for name, _ in named]
+
+
+def counted_elements(param: torch.Tensor) -> int:
+    """How many parameters `param` counts for in a parameter report: its elements, except for a
+    bitsandbytes 4-bit weight, whose storage packs two values per byte (PEFT's count: elements x 2
+    x the storage element size)."""
+    if type(param).__name__ == "Params4bit" and type(param).__module__.startswith("bitsandbytes."):
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
+def eval_forward_changes_layer(module: nn.Module) -> bool:
+    """Whether an eval-mode forward without gradients changes `module` (a bitsandbytes layer: on
+    CPU, ``Linear4bit`` repacks its weight for its inference kernel, which computes differently)."""
+    return _bnb_class(module) is not None
+
+
+def weight_shape(module: nn.Module, which: str = "weight") -> torch.Size:
+    """The shape of the layer's tensor at path `which` as the layer computes with it: a quantized
+    weight's (out, in), not its packed storage's."""
+    quantization = quantization_of(module) if which == "weight" else None
+    if quantization is None:
+        owner, _, leaf = which.rpartition(".")
+        return getattr(module.get_submodule(owner), leaf).shape
+    return quantization.shape(module)

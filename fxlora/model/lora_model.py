@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from fxlora.config import LoraConfig
 from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
+from fxlora.kinds.quantized import counted_elements
 from fxlora.model import adapters, loading, merging
 from fxlora.model.hotswap import HotswapMethods
 from fxlora.model.mixed_batch import batch_size_of, check_adapter_names, check_batch_layout
@@ -332,7 +333,7 @@ class LoraModel(HotswapMethods, nn.Module):
             state.sync_trainable(self.training, force=True)
         trainable = total = 0
         for p in self.parameters():
-            total += p.numel()
+            total += counted_elements(p)
             if p.requires_grad:
                 trainable += p.numel()
         return trainable, total

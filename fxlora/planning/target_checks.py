@@ -108,8 +108,8 @@ def check_returns_one_tensor(key: str, module: nn.Module, kind: "LayerKind", spe
     """Raise `UnsupportedTargetError` naming `key` if the layer's class has its own forward and
     that returns anything but one tensor on a small zero input (the module docstring says how)."""
     forward = type(module).forward
-    if forward.__module__.startswith("torch.nn."):
-        return  # torch's own layers return one tensor
+    if forward.__module__.startswith(("torch.nn.", "bitsandbytes.")):
+        return  # torch's and bitsandbytes' layers return one tensor (and a bitsandbytes call changes the layer's state)
     sample = _sample_input(module, kind.factor_shapes(module, spec).get("lora_A.weight"))
     if sample is None:
         return

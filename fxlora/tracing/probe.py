@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from fxlora.kinds.quantized import eval_forward_changes_layer
 from fxlora.tracing.integrations import hooks_for
 from fxlora.tracing.call_keys import CallKey, call_key
 
@@ -70,11 +71,15 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
 
 @contextlib.contextmanager
 def quiet_forwards(model: nn.Module) -> Iterator[None]:
-    """Forward passes that change nothing: `model` in eval mode under ``torch.no_grad()``, the
+    """Forward passes that change nothing: `model` in eval mode (but for layers an eval forward
+    changes, `fxlora.kinds.quantized.eval_forward_changes_layer`) under ``torch.no_grad()``, the
     random number generators' state saved and restored, every module's train/eval flag put back."""
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
+        for module, flag in flags:  # left in their mode: an eval forward would change them
+            if eval_forward_changes_layer(module):
+                module.training = flag
         with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
             yield
     finally:
