@@ -44,6 +44,8 @@ _PURE_NN = tuple(
 _IMPURE_NN = (nn.MultiheadAttention,)
 #: tensor methods that leave the tensor world or have effects
 _IMPURE_METHODS = {"item", "tolist", "numpy", "backward", "register_hook", "retain_grad", "data_ptr", "record_stream", "share_memory_"}
+#: functions drawing random numbers (``torch.cond`` branches must not)
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli", "multinomial", "normal", "poisson", "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "rrelu"}
 #: calls whose result is not a tensor
 _NOT_TENSOR = {"size", "dim", "numel", "stride", "element_size", "is_contiguous", "nelement", "ndimension", "get_device"}
 
@@ -55,6 +57,8 @@ def _pure_module(module: nn.Module) -> bool:
         return False
     if target_meta(module) is not None:
         return True
+    if module.training and isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU)):
+        return False  # a submodule left in train mode inside evaluation code draws random numbers
     return type(module).__module__ in _PURE_NN and not isinstance(module, _IMPURE_NN)
 
 
@@ -74,7 +78,7 @@ def _pure_node(node: fx.Node, root: nn.Module) -> bool:
     if node.op in ("placeholder", "get_attr", "output"):
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if _in_place(name, node.kwargs):
+    if _in_place(name, node.kwargs) or name in _RANDOM:
         return False
     if node.op == "call_module":
         return _pure_module(root.get_submodule(node.target))

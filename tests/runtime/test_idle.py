@@ -39,6 +39,15 @@ class InPlace(nn.Module):
         return self.a(x).add_(1)
 
 
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.a(x) + torch.randn_like(x)
+
+
 class Shape(nn.Module):
     def __init__(self):
         super().__init__()
@@ -50,8 +59,8 @@ class Shape(nn.Module):
 
 @pytest.mark.parametrize(
     "make, expected",
-    [(MLP, True), (lambda: fxlora.transform(MLP(), LoraConfig(target_modules=["seq.0"], modules_to_save=["seq.4"])).get_base_model(), False), (lambda: nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.LayerNorm(6)), True), (Pair, False), (InPlace, False), (Shape, False)],
-    ids=["mlp", "with-saved-module", "sequential", "tuple-out", "in-place", "size-out"],
+    [(MLP, True), (lambda: fxlora.transform(MLP(), LoraConfig(target_modules=["seq.0"], modules_to_save=["seq.4"])).get_base_model(), False), (lambda: nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.LayerNorm(6)), True), (Pair, False), (InPlace, False), (Noisy, False), (Shape, False), (lambda: nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5)).train(), False)],
+    ids=["mlp", "with-saved-module", "sequential", "tuple-out", "in-place", "random", "size-out", "dropout-training"],
 )
 def test_which_graphs_qualify(make, expected):
     model = make()
