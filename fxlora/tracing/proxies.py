@@ -77,6 +77,12 @@ class InfoProxy(fx.Proxy):
 
     info: Optional[Info] = None
 
+    @property
+    def keys(self) -> fx.Proxy:
+        """``x.keys`` read as a value (a cache layer's key tensor) is an attribute node; calling
+        it (``**x``, ``x.keys()``) records the same call as torch.fx's own ``keys``."""
+        return fx.proxy.Attribute(self, "keys")
+
     def __len__(self) -> int:
         length = _length(self.info)
         if length is None:
@@ -123,13 +129,19 @@ class ObjectProxy(InfoProxy):
         if name in self._fxlora_members:
             node = self.tracer.create_proxy("call_function", getattr, (self, name), {}).node
             member = self._fxlora_members[name]
-            return ObjectProxy(node, self.tracer, member, object_kind_of_type(member), {})
+            truth = {"__bool__": v for k, v in self._fxlora_members.items() if k == f"{name}.__bool__"}
+            return ObjectProxy(node, self.tracer, member, object_kind_of_type(member), truth)
         if self._fxlora_kind is None or name not in self._fxlora_kind.allowed(cls, self._fxlora_members):
             raise NotTraceable(f"{cls.__name__}.{name} is used; fxlora traces only declared attributes of it")
         return fx.proxy.Attribute(self, name)
 
     def __bool__(self) -> bool:
-        raise NotTraceable(f"truth value of a {self._fxlora_cls.__name__} argument")
+        truth = self._fxlora_members.get("__bool__")
+        if truth is None:
+            raise NotTraceable(f"truth value of a {self._fxlora_cls.__name__} argument")
+        if self.node.users:  # used already: it may have changed since the call began
+            raise NotTraceable(f"truth value of a {self._fxlora_cls.__name__} read after it was used")
+        return truth.items
 
 
 class TracedFlags:

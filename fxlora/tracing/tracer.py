@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch.fx as fx
 import torch.nn as nn
 
+from fxlora.boundary import boundary_of
 from fxlora.tracing.constructors import proxy_aware_constructors
 from fxlora.tracing.integrations import NO_HOOKS, TraceHooks
 from fxlora.tracing.proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length, infer
@@ -90,6 +91,8 @@ class LoraTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         if not tracing_here():  # another thread's call, made while this one traces
             return forward(*args, **kwargs)
+        if _detached(self, m):  # built during the call (``ACT2FN[name](x)``): no node could name it
+            return forward(*args, **kwargs)
         inlined = id(m) in self.trace_through and m is not self.root
         try:
             if inlined:
@@ -139,6 +142,17 @@ class LoraTracer(fx.Tracer):
             graph.erase_node(self._self_node)
             self._self_node = None
         return graph
+
+
+def _detached(tracer: LoraTracer, m: nn.Module) -> bool:
+    """`m` is no submodule of the root (so a ``call_module`` node cannot name it), holds no
+    tensors (nothing a graph would have to read from it) and adds nothing to its ``__call__``: its
+    forward is traced inline, computing exactly what calling it computes."""
+    if m is tracer.root or tracer.submodule_paths is None or m in tracer.submodule_paths:
+        return False
+    if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+        return False
+    return boundary_of(m) is None and all(mod is not tracer.root for mod in m.modules())
 
 
 def _plain_output(value: Any) -> Any:

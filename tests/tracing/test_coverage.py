@@ -121,7 +121,7 @@ def _logits(out):
 
 @pytest.mark.parametrize(
     "name, share",
-    [("gpt_neo", 1.0), ("mpt", 1.0), ("deberta-v2", 1.0), ("vit", 1.0), ("clip", 1.0), ("llava", 1.0), ("whisper", 8 / 12)],
+    [("gpt_neo", 1.0), ("mpt", 1.0), ("deberta-v2", 1.0), ("vit", 1.0), ("clip", 1.0), ("llava", 1.0), ("whisper", 1.0)],
 )
 def test_sweep_models_in_a_graph_compute_as_peft(name, share):
     base = build(name)
@@ -132,6 +132,40 @@ def test_sweep_models_in_a_graph_compute_as_peft(name, share):
         out = _logits(ours(**inputs))
         torch.testing.assert_close(out, _logits(reference(**inputs)), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(out, _logits(base(**inputs)), atol=1e-4)
+
+
+def test_whisper_generates_as_peft_with_cross_attention_in_a_graph(eager_fallbacks):
+    base = build("whisper")
+    reference, ours = paired(base, SWEEP["whisper"].targets)
+    paths = ours.target_paths
+    assert paths["model.decoder.layers.1.encoder_attn.q_proj"] == "graph"  # `if cache` and is_updated: in the pattern
+    features = sweep_inputs(base)["input_features"]
+    start = torch.full((2, 1), base.config.decoder_start_token_id)
+    with torch.no_grad():
+        out = ours.generate(input_features=features, decoder_input_ids=start, max_new_tokens=4, do_sample=False)
+        expected = reference.generate(input_features=features, decoder_input_ids=start, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(out, expected)
+    assert eager_fallbacks == []  # every flag state of the cache got its graph
+
+
+class Detached(nn.Module):
+    """Builds an activation module during the call (as transformers' ``ACT2FN[name](x)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return nn.GELU(approximate="tanh")(self.lin(x))
+
+
+def test_a_module_built_during_the_call_is_traced_inline():
+    torch.manual_seed(3)
+    reference, ours = paired(Detached(), ["lin"])
+    assert ours.reports["default"].graph_share == 1.0
+    x = torch.rand(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-6)
 
 
 def test_probe_inputs_come_from_the_config():

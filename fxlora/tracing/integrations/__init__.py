@@ -152,6 +152,8 @@ class ObjectKind:
     flags: frozenset[str] = field(default_factory=frozenset)
     #: methods that leave those flags as they are (traced code may call them between reads)
     flag_safe: frozenset[str] = field(default_factory=frozenset)
+    #: members whose truth value joins the call pattern (``if cache:`` on them is exact)
+    truth_members: frozenset[str] = field(default_factory=frozenset)
 
     def allowed(self, cls: type, members: dict) -> frozenset[str]:
         """Attributes traced code may use on a handle of type `cls` with these member types."""
@@ -165,6 +167,10 @@ class ObjectKind:
             member = getattr(value, name, None)
             if member is not None and object_kind(member) is not None:
                 found.append((name, type(member)))
+        for name in sorted(self.truth_members):
+            member = getattr(value, name, None)
+            if member is not None and object_kind(member) is not None:
+                found.append((f"{name}.__bool__", Flags(bool(member))))
         for name in sorted(self.flags):
             table = getattr(value, name, None)
             if type(table) is dict and all(type(v) in (bool, int, type(None)) for v in table.values()):
@@ -177,11 +183,11 @@ class ObjectKind:
 
 @dataclass(frozen=True)
 class Flags:
-    """The contents of a handle's flag dict (``EncoderDecoderCache.is_updated``) at a call:
-    part of the call pattern, so traced code reads them as constants
-    (`fxlora.tracing.proxies.TracedFlags`) and a call with other flags is another pattern."""
+    """The contents of a handle's flag dict (``EncoderDecoderCache.is_updated``: sorted items), or
+    the truth value of a member, at a call: part of the call pattern, so traced code reads them as
+    constants (`fxlora.tracing.proxies.TracedFlags`) and a call with others is another pattern."""
 
-    items: tuple
+    items: Any
 
 
 _object_kinds: list[ObjectKind] = []
@@ -195,15 +201,17 @@ def register_object_type(
     extra: Optional[Callable[[type, dict], Iterable[str]]] = None,
     flags: Iterable[str] = (),
     flag_safe: Iterable[str] = (),
+    truth_members: Iterable[str] = (),
 ) -> None:
     """Let instances of `base` (and subclasses) be call arguments of traced forwards; in the
     traced code only `attributes` and `members` of them may be used, plus what `extra` allows for
     a handle's exact type (anything else makes the trace fail, so the call runs eagerly), and
     the dicts of plain flags named in `flags` (read as constants of the pattern, written as nodes;
-    the methods `flag_safe` names leave them unchanged).
+    the methods `flag_safe` names leave them unchanged), and the truth values of the members named
+    in `truth_members`.
     Registering the same type again replaces its entry."""
     _object_kinds[:] = [k for k in _object_kinds if k.base is not base]
-    _object_kinds.append(ObjectKind(base, frozenset(attributes), frozenset(members), extra, frozenset(flags), frozenset(flag_safe)))
+    _object_kinds.append(ObjectKind(base, frozenset(attributes), frozenset(members), extra, frozenset(flags), frozenset(flag_safe), frozenset(truth_members)))
     _kind_of_type.clear()
 
 

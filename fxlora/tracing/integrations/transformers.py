@@ -123,6 +123,9 @@ CACHE_MEMBERS = ("self_attention_cache", "cross_attention_cache")
 #: pattern: cross-attention branches on them (reuse the cached keys or compute them) and sets
 #: its own (`fxlora.tracing.proxies.TracedFlags`)
 CACHE_FLAGS = ("is_updated",)
+#: Whisper tests ``if cache`` on the cross-attention cache (layers are created lazily, so it is
+#: false until its first layer exists): its truth value joins the call pattern too
+CACHE_TRUTH = ("cross_attention_cache",)
 
 
 def dynamic_cache_attributes(cls: type, members: dict) -> tuple[str, ...]:
@@ -139,7 +142,7 @@ def trace_hooks() -> TraceHooks:
     from transformers.cache_utils import Cache
 
     _DEPRECATE_CODE = _deprecate_kwarg_code()
-    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes, CACHE_FLAGS, ("get_seq_length",))
+    register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes, CACHE_FLAGS, ("get_seq_length",), CACHE_TRUTH)
     return TraceHooks(
         rank_preserving=_rank_preserving(),
         unwrappers=(unwrap_deprecate_kwarg,),
