@@ -256,3 +256,40 @@ class Blocks(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+
+def save_both_trained(tmp_path, peft_model: nn.Module, lora_model: nn.Module) -> None:
+    """Both models' ``lora_B`` moved off its zero init (so the files hold an adapter that acts),
+    then saved: PEFT's under ``tmp_path / "peft"``, fxlora's under ``tmp_path / "ours"``."""
+    with torch.no_grad():
+        for m in (peft_model, lora_model):
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    lora_model.save_pretrained(tmp_path / "ours")
+
+
+def load_crosswise(tmp_path, ours_base: nn.Module, peft_base: nn.Module):
+    """``(fxlora loading PEFT's file, PEFT loading fxlora's)`` after `save_both_trained`, in eval mode."""
+    import fxlora
+    import peft
+
+    ours = fxlora.LoraModel.from_pretrained(ours_base, tmp_path / "peft").eval()
+    theirs = peft.PeftModel.from_pretrained(peft_base, tmp_path / "ours").eval()
+    return ours, theirs
+
+
+def paired(base: nn.Module, targets):
+    """peft and fxlora models of copies of `base` with the same (non-identity) adapter weights, in
+    eval mode: ``(peft's, fxlora's)``."""
+    import copy
+
+    import fxlora
+    import peft
+
+    kwargs = dict(target_modules=targets, init_lora_weights=False)
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)).eval()
+    ours = fxlora.transform(copy.deepcopy(base), fxlora.LoraConfig(**kwargs)).eval()
+    copy_peft_adapter_weights(reference, ours)
+    return reference, ours

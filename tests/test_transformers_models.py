@@ -14,7 +14,7 @@ import torch
 
 import fxlora
 from fxlora.planning.defaults import DEFAULT_TARGET_MODULES
-from models import copy_peft_adapter_weights
+from models import paired
 from zoo import TRANSFORMERS, main_output, text_inputs
 
 transformers = pytest.importorskip("transformers")
@@ -55,14 +55,6 @@ def bases():
 
     return get
 
-
-def paired(base, targets):
-    """peft and fxlora models with the same (non-identity) adapter weights, in eval mode."""
-    kwargs = dict(target_modules=targets, init_lora_weights=False)
-    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)).eval()
-    ours = fxlora.transform(copy.deepcopy(base), fxlora.LoraConfig(**kwargs)).eval()
-    copy_peft_adapter_weights(reference, ours)
-    return reference, ours
 
 
 @pytest.mark.parametrize("name", NAMES)

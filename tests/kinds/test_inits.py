@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import fxlora
 from fxlora import LoraConfig
 from fxlora.kinds.weight_inits import matrix_inits, orthogonal_pair
-from models import ConvNet2d, EmbeddingModel, MLP, peft_key_to_fxlora
+from models import ConvNet2d, EmbeddingModel, MLP, load_crosswise, peft_key_to_fxlora, save_both_trained
 from zoo import TRANSFORMERS, text_inputs
 
 peft = pytest.importorskip("peft")
@@ -100,16 +100,9 @@ def test_peft_files_load_both_ways_on_the_original_base(tmp_path):
     torch.manual_seed(0)
     base = MLP(12)
     pm, fm = both(base, "pissa", MLP_TARGETS)
-    with torch.no_grad():
-        for m in (pm, fm):
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.add_(0.1)
-    pm.save_pretrained(tmp_path / "peft")
-    fm.save_pretrained(tmp_path / "ours")
+    save_both_trained(tmp_path, pm, fm)
     x = torch.randn(3, 20)
-    ours = fxlora.LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    ours, theirs = load_crosswise(tmp_path, copy.deepcopy(base), copy.deepcopy(base))
     assert torch.equal(ours(x), pm(x)) and torch.equal(theirs(x), fm(x))
 
 

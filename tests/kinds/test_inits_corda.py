@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import fxlora
 from fxlora import CordaConfig, LoraConfig
 from fxlora.kinds.inits_corda import corda_factors, eigens_from_covariance
-from models import ConvNet2d, MLP, assert_same_state, peft_key_to_fxlora, state_snapshot
+from models import ConvNet2d, MLP, assert_same_state, load_crosswise, peft_key_to_fxlora, save_both_trained, state_snapshot
 from zoo import TRANSFORMERS, text_inputs
 
 peft = pytest.importorskip("peft")
@@ -137,16 +137,9 @@ def test_files_load_both_ways_on_a_preprocessed_base(tmp_path):
     base = MLP(12)
     (pb, pc), (fb, fc) = preprocessed(base, MLP_TARGETS, mlp_runner)
     pm, fm = peft.get_peft_model(pb, pc), fxlora.transform(fb, fc)
-    with torch.no_grad():
-        for m in (pm, fm):
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.add_(0.1)
-    pm.save_pretrained(tmp_path / "peft")
-    fm.save_pretrained(tmp_path / "ours")
+    save_both_trained(tmp_path, pm, fm)
     (p_base, _), (f_base, _) = preprocessed(base, MLP_TARGETS, mlp_runner)
-    ours = fxlora.LoraModel.from_pretrained(f_base, tmp_path / "peft").eval()
-    theirs = peft.PeftModel.from_pretrained(p_base, tmp_path / "ours").eval()
+    ours, theirs = load_crosswise(tmp_path, f_base, p_base)
     x = torch.randn(3, 20)
     assert torch.equal(ours(x), pm(x)) and torch.equal(theirs(x), fm(x))
     assert ours.peft_config["default"].corda_config == fc.corda_config

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import fxlora
 from fxlora import EvaConfig, LoraConfig
 from fxlora.kinds.inits_eva import IncrementalSVD
-from models import ConvNet2d, MLP, assert_same_state, peft_key_to_fxlora, state_snapshot
+from models import ConvNet2d, MLP, assert_same_state, load_crosswise, peft_key_to_fxlora, save_both_trained, state_snapshot
 from zoo import TRANSFORMERS, text_inputs
 
 peft = pytest.importorskip("peft")
@@ -138,16 +138,9 @@ def test_files_load_both_ways(tmp_path):
     torch.manual_seed(0)
     base = MLP(48)
     pm, fm = both(base, cfg(["seq.0", "seq.2", "seq.4"]), mlp_data(), **PLAIN)
-    with torch.no_grad():
-        for m in (pm, fm):
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.add_(0.1)
-    pm.save_pretrained(tmp_path / "peft")
-    fm.save_pretrained(tmp_path / "ours")
+    save_both_trained(tmp_path, pm, fm)
     x = torch.randn(3, 20)
-    ours = fxlora.LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    ours, theirs = load_crosswise(tmp_path, copy.deepcopy(base), copy.deepcopy(base))
     assert torch.equal(ours(x), pm.eval()(x)) and torch.equal(theirs(x), fm.eval()(x))
 
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 import fxlora
 from fxlora import LoftQConfig, LoraConfig
 from fxlora.kinds.inits_loftq import LoftQ, int8_round_trip, loftq_factors, nf4_round_trip
-from models import ConvNet2d, MLP, assert_same_state, peft_key_to_fxlora, state_snapshot
+from models import ConvNet2d, MLP, assert_same_state, load_crosswise, peft_key_to_fxlora, save_both_trained, state_snapshot
 from zoo import TRANSFORMERS, text_inputs
 
 peft = pytest.importorskip("peft")
@@ -109,16 +109,9 @@ def test_files_load_both_ways(peft_on_cpu, tmp_path):
     torch.manual_seed(0)
     base = MLP(12)
     pm, fm = both(base, MLP_TARGETS, 4, 1)
-    with torch.no_grad():
-        for m in (pm, fm):
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.add_(0.1)
-    pm.save_pretrained(tmp_path / "peft")
-    fm.save_pretrained(tmp_path / "ours")
+    save_both_trained(tmp_path, pm, fm)
     x = torch.randn(3, 20)
-    ours = fxlora.LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    ours, theirs = load_crosswise(tmp_path, copy.deepcopy(base), copy.deepcopy(base))
     assert torch.equal(ours(x), pm(x)) and torch.equal(theirs(x), fm(x))
     assert ours.peft_config["default"].loftq_config == {"loftq_bits": 4, "loftq_iter": 1}
 

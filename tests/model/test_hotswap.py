@@ -50,6 +50,20 @@ def fresh_output(path, x, make=lambda: MLP(16)):
     """What a model freshly loaded with the adapter at `path` computes."""
     with torch.no_grad():
         return fxlora.LoraModel.from_pretrained(base(make), path)(x)
+def assert_swaps_without_recompiling(model, paths, x, make) -> None:
+    """`model` compiled, then each adapter of `paths` hot-swapped in turn: every compiled output
+    equals a fresh load of that adapter, and nothing compiles after the first call."""
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        compiled(x)
+        frames = counter.frame_count
+        for path in paths:
+            model.hotswap_adapter(path)
+            torch.testing.assert_close(compiled(x), fresh_output(path, x, make), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == frames
+
+
 
 
 @pytest.fixture
@@ -161,16 +175,7 @@ def test_eager_path_targets_also_swap_without_recompiling(tmp_path):
     model = loaded(small, Mixed)
     assert "eager" in model.target_paths.values() and "graph" in model.target_paths.values()
     model.prepare_for_compiled_hotswap(target_rank=6)
-    counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter)
-    x = torch.randn(4, 6)
-    with torch.no_grad():
-        compiled(x)
-        frames = counter.frame_count
-        for path in [large, small, large]:
-            model.hotswap_adapter(path)
-            torch.testing.assert_close(compiled(x), fresh_output(path, x, Mixed), rtol=1e-5, atol=1e-6)
-    assert counter.frame_count == frames
+    assert_swaps_without_recompiling(model, [large, small, large], torch.randn(4, 6), Mixed)
 
 
 # ---------------------------------------------------------------------- against peft
@@ -362,16 +367,7 @@ def test_conv_and_embedding_slots(tmp_path, make, targets, x):
     large = save_adapter(tmp_path / "large", 2, make, target_modules=targets, r=4, lora_alpha=8)
     model = loaded(large, make)
     model.prepare_for_compiled_hotswap(target_rank=4)
-    counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter)
-    x = x()
-    with torch.no_grad():
-        compiled(x)
-        frames = counter.frame_count
-        for path in [small, large, small]:
-            model.hotswap_adapter(path)
-            torch.testing.assert_close(compiled(x), fresh_output(path, x, make), rtol=1e-5, atol=1e-6)
-    assert counter.frame_count == frames
+    assert_swaps_without_recompiling(model, [small, large, small], x(), make)
 
 
 def test_dora_slot_takes_dora_adapters(tmp_path):

@@ -3,14 +3,13 @@ an untraceable child called as a leaf (its siblings stay in the graph), ``torch.
 ``torch.finfo`` of traced values as nodes, probe inputs built from a config (pixels, audio,
 multimodal), and the transformers specialisations (GPT-Neo, DeBERTa, MPT)."""
 
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
 import fxlora
-from models import copy_peft_adapter_weights
+from models import paired
 
 peft = pytest.importorskip("peft")
 
@@ -53,13 +52,6 @@ class Sizes(nn.Module):
         scores = torch.where(torch.ones_like(scores, dtype=torch.bool).tril(), scores, torch.tensor(low, dtype=scores.dtype))
         return scores.softmax(-1) @ self.v(x)
 
-
-def paired(base, targets):
-    kwargs = dict(target_modules=targets, init_lora_weights=False)
-    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)).eval()
-    ours = fxlora.transform(copy.deepcopy(base), fxlora.LoraConfig(**kwargs)).eval()
-    copy_peft_adapter_weights(reference, ours)
-    return reference, ours
 
 
 def test_untraceable_child_is_a_leaf_and_its_siblings_stay_in_the_graph():
