@@ -293,3 +293,12 @@ def paired(base: nn.Module, targets):
     ours = fxlora.transform(copy.deepcopy(base), fxlora.LoraConfig(**kwargs)).eval()
     copy_peft_adapter_weights(reference, ours)
     return reference, ours
+
+
+def assert_same_state_as_peft(peft_model: nn.Module, lora_model: nn.Module) -> None:
+    """The fxlora model's state dict holds PEFT's tensors, bit for bit, under fxlora's names."""
+    theirs = {peft_key_to_fxlora(k): v for k, v in peft_model.state_dict().items()}
+    ours = lora_model.state_dict()
+    assert set(theirs) == set(ours)
+    unequal = [k for k, v in theirs.items() if not torch.equal(v, ours[k])]
+    assert not unequal, unequal

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import fxlora
 from fxlora import CordaConfig, LoraConfig
 from fxlora.kinds.inits_corda import corda_factors, eigens_from_covariance
-from models import ConvNet2d, MLP, assert_same_state, load_crosswise, peft_key_to_fxlora, save_both_trained, state_snapshot
+from models import ConvNet2d, MLP, assert_same_state, assert_same_state_as_peft, load_crosswise, peft_key_to_fxlora, save_both_trained, state_snapshot
 from zoo import TRANSFORMERS, text_inputs
 
 peft = pytest.importorskip("peft")
@@ -49,13 +49,6 @@ def preprocessed(base, targets, runner, method="ipm", peft_targets=None, **kw):
     fxlora.preprocess_corda(fb, ours, run_model=runner(fb))
     return (pb, theirs), (fb, ours)
 
-
-def assert_same_state_as_peft(pm, fm):
-    theirs = {peft_key_to_fxlora(k): v for k, v in pm.state_dict().items()}
-    ours = fm.state_dict()
-    assert set(theirs) == set(ours)
-    unequal = [k for k, v in theirs.items() if not torch.equal(v, ours[k])]
-    assert not unequal, unequal
 
 
 def assert_same_eigens(a, b, names):

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import fxlora
 from fxlora import EvaConfig, LoraConfig
 from fxlora.kinds.inits_eva import IncrementalSVD
-from models import ConvNet2d, MLP, assert_same_state, load_crosswise, peft_key_to_fxlora, save_both_trained, state_snapshot
+from models import ConvNet2d, MLP, assert_same_state, assert_same_state_as_peft, load_crosswise, save_both_trained, state_snapshot
 from zoo import TRANSFORMERS, text_inputs
 
 peft = pytest.importorskip("peft")
@@ -72,11 +72,7 @@ def both(base, config, data, **kw):
 
 
 def assert_equal_to_peft(pm, fm):
-    theirs = {peft_key_to_fxlora(k): v for k, v in pm.state_dict().items()}
-    ours = fm.state_dict()
-    assert set(theirs) == set(ours)
-    unequal = [k for k, v in theirs.items() if not torch.equal(v, ours[k])]
-    assert not unequal, unequal
+    assert_same_state_as_peft(pm, fm)
     pc, fc = pm.peft_config["default"], fm.peft_config["default"]
     assert (sorted(pc.target_modules), pc.rank_pattern, pc.alpha_pattern) == (sorted(fc.target_modules), fc.rank_pattern, fc.alpha_pattern)
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fxlora
 from models import paired
 
 peft = pytest.importorskip("peft")
