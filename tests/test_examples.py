@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -40,11 +41,24 @@ def test_new_transformers_architecture_example_learns():
     assert re.search(r"sample before: '.+'", out) and re.search(r"sample after: 'The keeper .+'", out)
 
 
+def _run_fsdp2_example(cmd: list) -> subprocess.CompletedProcess:
+    """The torchrun run of the example; run again once where a worker aborted (SIGABRT,
+    "terminate called without an active exception") before the first training step: a rare
+    crash of a worker starting up on a loaded 2-core machine (seen once in several CI runs, never
+    reproduced), not a result of the example. Any other failure, or a second one, fails the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if result.returncode != 0 and "step 1/" not in result.stdout and "SIGABRT" in result.stderr:
+        warnings.warn(f"the FSDP2 example aborted while starting up; running it again:\n{result.stderr[-1500:]}")
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return result
+
+
 def test_distributed_fsdp2_example_trains_on_two_processes_and_saves(tmp_path):
     out = tmp_path / "adapter"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "examples" / "distributed_fsdp2.py"), "--steps", "30", "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = _run_fsdp2_example(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
     assert "2 processes, FSDP2 per decoder layer" in text
