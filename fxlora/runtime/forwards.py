@@ -208,6 +208,7 @@ class GraphForward:
         self.previous: Optional[Callable] = None
         self.variants = dict(variants)
         self.failures: dict[CallKey, str] = {}
+        self._read: Optional[list[str]] = None  # `layers_read` of the variants and adapters as they are
         # code per call pattern: gated code (what torch.compile sees, which reads only this table)
         # for every pattern, and per (pattern, eager key) code that runs only the live branches,
         # least recently used dropped first
@@ -243,6 +244,7 @@ class GraphForward:
         with CALL_LOCK.exclusive():
             self._gated = {key: self._build(key, variant) for key, variant in self.variants.items()}
             self._eager = OrderedDict()
+            self._read = None
 
     def forget_eager_code(self) -> None:
         """Drop the code for eager keys (it bakes the adapters' scalings in as numbers; rebuilt on
@@ -276,6 +278,7 @@ class GraphForward:
                     self.failures[key] = str(exc)
                     return False
                 self.variants[key] = variant
+                self._read = None
                 self._adopt_nested_roots()
             code = self._build(key, variant, eager)
             if eager is None:
@@ -343,7 +346,9 @@ class GraphForward:
     def _run_eagerly(self, args: tuple, kwargs: dict) -> Any:
         """The original forward: its adapted layers compute their branches themselves, except
         those its code uses by weight (`fxlora.passes.weight_reads`): warned."""
-        read = sorted({layer for v in self.variants.values() for layer in layers_read(v.graph, self.root)})
+        if self._read is None:  # scanned once per set of graphs and adapters, not on every eager call
+            self._read = sorted({layer for v in self.variants.values() for layer in layers_read(v.graph, self.root)})
+        read = self._read
         if read:
             warnings.warn(
                 f"fxlora: {type(self.root).__name__} runs its own forward in this call (a call pattern or hook fxlora's "
