@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlora.core.layers import saved_meta, target_meta
+from fxlora.core.weight_use import adapted_weight
 from fxlora.passes.tags import Role, has_role, tag_of
 
 __all__ = [
@@ -69,7 +70,8 @@ def _call_inside(graph: fx.Graph, root: nn.Module, owner: Callable[[nn.Module], 
 
 
 def _read_uncalled(graph: fx.Graph, root: nn.Module, owner: Callable[[nn.Module], bool]) -> Optional[fx.Node]:
-    """A read of the own tensors of a module `owner` accepts that the graph never calls."""
+    """A read of the own tensors of a module `owner` accepts that the graph never calls (nor hands
+    its adapted weight to other code, `fxlora.passes.weight_uses`)."""
     own = {
         id(tensor): module
         for module in root.modules()
@@ -78,6 +80,7 @@ def _read_uncalled(graph: fx.Graph, root: nn.Module, owner: Callable[[nn.Module]
         if tensor is not None
     }
     called = {id(called_module(n, root)) for n in graph.find_nodes(op="call_module")}
+    called |= {id(resolve(root, n.args[0].target)) for n in graph.find_nodes(op="call_function", target=adapted_weight)}
     for node in graph.find_nodes(op="get_attr"):
         module = own.get(id(resolve(root, node.target)))
         if module is not None and id(module) not in called:

@@ -4,7 +4,7 @@
 `PassOptions` switch that turns it on (None: always runs) and the condition on the code being
 built under which it applies. The passes that add LoRA come first (`call_weight_reads`, which
 turns a parent's ``F.linear`` on an adapted layer's weight into a call of the layer,
-`swap_saved_modules`, `insert_lora`, `mark_base_calls`), the optimisations after; the opt-in `guard_idle_branches` runs
+`adapt_weight_uses`, which hands other code using such a weight the adapted weight, `swap_saved_modules`, `insert_lora`, `mark_base_calls`), the optimisations after; the opt-in `guard_idle_branches` runs
 before `insert_lora`, on gated evaluation code only. Each pass's `requires` holds on the output
 of the stages before it (`tests/passes/test_pipeline.py` checks it on real models).
 """
@@ -23,6 +23,7 @@ from fxlora.passes.fold_scaling import FOLD_SCALING
 from fxlora.passes.guard_idle import GUARD_IDLE_BRANCHES, gated_evaluation
 from fxlora.passes.insert_lora import INSERT_LORA
 from fxlora.passes.share_lora_a import SHARE_LORA_A
+from fxlora.passes.weight_uses import ADAPT_WEIGHT_USES
 from fxlora.passes.skip_dropout import SKIP_DROPOUT
 from fxlora.passes.swap_saved import SWAP_SAVED
 from fxlora.passes.weight_reads import CALL_WEIGHT_READS
@@ -50,6 +51,7 @@ class Stage:
 
 PIPELINE: tuple[Stage, ...] = (
     Stage(CALL_WEIGHT_READS),
+    Stage(ADAPT_WEIGHT_USES),
     Stage(SWAP_SAVED),
     Stage(GUARD_IDLE_BRANCHES, option="guard_idle", when=gated_evaluation),
     Stage(INSERT_LORA),

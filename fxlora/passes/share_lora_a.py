@@ -10,7 +10,8 @@ and a dtype: when two or more branches called their A (a bias-free ``nn.Linear``
 ``LORA_A`` of that adapter) on ``cast_like(x, ...)``, those calls became one
 ``shared_low_rank(x, [A_1.weight, A_2.weight, ...])`` node (``SHARED_A``: one matmul on the
 concatenated weights) and ``getitem`` nodes (``LORA_A`` of each call's layer) that hand each
-branch its slice. Branches with dropout (p > 0) keep their own A call: their inputs differ.
+branch its slice; calls with an in-place write (``x[i] = v``, ``x.add_(y)``) between them are
+in different groups. Branches with dropout (p > 0) keep their own A call: their inputs differ.
 Values are equal up to float rounding.
 """
 
@@ -45,13 +46,25 @@ def _group_key(node: fx.Node, root: nn.Module) -> Optional[Hashable]:
     return source.args[0], tag_of(node).adapter, module.weight.dtype
 
 
+def _writes_in_place(node: fx.Node) -> bool:
+    """An item assignment or an in-place tensor method (``x[i] = v``, ``x.add_(y)``)."""
+    if node.op == "call_function":
+        return node.target is operator.setitem
+    return node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")
+
+
 def _groups(graph: fx.Graph, root: nn.Module) -> dict[Hashable, list[fx.Node]]:
-    """The A calls of each group."""
+    """The A calls of each group. A call after an in-place write (to any tensor: it may be a
+    view of the input) is never grouped with one before it, so no call reads a stale product."""
     groups: dict[Hashable, list[fx.Node]] = defaultdict(list)
-    for node in graph.find_nodes(op="call_module"):
-        key = _group_key(node, root)
-        if key is not None:
-            groups[key].append(node)
+    writes = 0
+    for node in graph.nodes:
+        if _writes_in_place(node):
+            writes += 1
+        elif node.op == "call_module":
+            key = _group_key(node, root)
+            if key is not None:
+                groups[(*key, writes)].append(node)
     return groups
 
 
@@ -109,7 +122,7 @@ class ShareLoraA(Pass):
         """Share the A products; the result lists the layers whose A call joined a shared one."""
         shared = []
         order = {node: i for i, node in enumerate(graph.nodes)}
-        for (x, _, _), calls in _groups(graph, root).items():
+        for (x, *_), calls in _groups(graph, root).items():
             if len(calls) < 2:
                 continue
             calls.sort(key=order.__getitem__)

@@ -65,8 +65,9 @@ def call_notes(targets: Iterable[_Placed]) -> list[str]:
     if called_instead:
         roots = sorted({t.root or "<model>" for t in called_instead})
         notes.append(
-            f"{_names(called_instead)}: the parent computes F.linear with the weight instead of calling the module; "
-            f"fxlora's code for {', '.join(roots)} calls the module there, so the adapter acts when {', '.join(roots)} "
+            f"{_names(called_instead)}: the parent uses the weight instead of calling the module (F.linear, or passing "
+            f"it to other code); fxlora's code for {', '.join(roots)} calls the module there, or hands that code the "
+            f"adapted weight, so the adapter acts when {', '.join(roots)} "
             "runs, but not where the parent's own forward is called from elsewhere (another entry point, such as "
             "timm's forward_features)"
         )

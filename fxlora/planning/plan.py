@@ -29,7 +29,7 @@ from fxlora.core.layers import AdapterSpec, check_adapter_name
 from fxlora.core.trainable import bias_slots
 from fxlora.variants import variant_for
 from fxlora.planning.matching import TargetSelection, select_modules
-from fxlora.planning.call_checks import WeightRead, check_calls
+from fxlora.planning.call_checks import WeightRead, check_calls, weight_use_targets
 from fxlora.planning.notes import call_notes
 from fxlora.planning.parameters import parameter_specs
 from fxlora.kinds.parameter import PARAMETER
@@ -37,10 +37,10 @@ from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.boundary import boundary_of, can_be_root
 from fxlora.tracing.boundaries import nested_roots
 from fxlora.tracing.probe import observe_calls
-from fxlora.tracing.call_keys import CallKey, canonical_key, key_is_ranked, with_training
+from fxlora.tracing.call_keys import CallKey, canonical_key, erase_sizes, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.tracing.reuse import TraceCache
-from fxlora.tracing.traced import trace_through_ids
+from fxlora.tracing.traced import TracedVariant, trace_through_ids
 
 __all__ = [
     "TracePolicy",
@@ -182,8 +182,11 @@ def _root_patterns(module: nn.Module, observed: dict[int, list[CallKey]]) -> lis
     call; in the module's current train/eval mode (the other mode is traced when the model
     switches to it: `LoraModel.train`)."""
     keys = observed.get(id(module))
-    if keys:
-        return [with_training(k, module.training) for k in keys]
+    if keys:  # one per pattern with ranks: others of size classes only are traced when met
+        unique: dict[CallKey, CallKey] = {}
+        for k in keys:
+            unique.setdefault(erase_sizes(k), k)
+        return [with_training(k, module.training) for k in unique.values()]
     return [canonical_key(module, module.training)]
 
 
@@ -202,8 +205,17 @@ def _trace_root(module: nn.Module, interesting: list, observed: dict, cache: Tra
         through = through - {id(m) for name in found for m in module.get_submodule(name).modules()}
         if all(len(v.leaves) == len(found) for _, v in traced):  # the same leaves in every pattern
             break
-    ranked = any(key_is_ranked(v.key) for _, v in traced)
-    return {(key if ranked else v.key): v for key, v in traced}, through, leaves
+    return {_planned_key(key, v, traced): v for key, v in traced}, through, leaves
+
+
+def _planned_key(observed: CallKey, variant: TracedVariant, traced: list) -> CallKey:
+    """The key a root's variant is kept under: as traced where no pattern needed ranks, else
+    the observed pattern with ranks, and with size classes where a pattern needed them."""
+    if any(key_is_sized(v.key) for _, v in traced):
+        return observed
+    if any(key_is_ranked(v.key) for _, v in traced):
+        return erase_sizes(observed)
+    return variant.key
 
 
 def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]]) -> None:
@@ -245,10 +257,11 @@ class PathInfo:
 
 
 def assign_paths(
-    model: nn.Module, modules: dict[str, nn.Module], policy: TracePolicy
+    model: nn.Module, modules: dict[str, nn.Module], policy: TracePolicy, weight_uses: frozenset[str] = frozenset()
 ) -> tuple[list[RootPlan], dict[str, PathInfo]]:
     """Choose the graph roots covering the named modules (adapted layers and `modules_to_save`),
-    top-down: the largest traceable module containing them wins.
+    top-down: the largest traceable module containing them wins. `weight_uses`: the targets
+    whose adapters may act on their weight where a parent uses it (`check_calls`).
 
     Requires: no fxlora forward installed on `model` (they are uninstalled before re-planning).
     """
@@ -276,7 +289,7 @@ def assign_paths(
             variants, through, leaves = _trace_root(module, [modules[n] for n in names], observed, cache)
             if not (covered := _in_graph(module, name, names, through)) and leaves:
                 raise TraceFailure(f"every adapted module in it is inside a module it calls as a leaf: {next(iter(leaves.values()))}")
-            counts = check_calls(name, module, variants, covered)
+            counts = check_calls(name, module, variants, covered, weight_uses)
         except TraceFailure as exc:
             for read in exc.names if isinstance(exc, WeightRead) else ():
                 info[read].weight_read = True
@@ -347,7 +360,7 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
     selection = select_modules(model, config)
     targets = _target_plans(model, config, selection, notes) + _parameter_plans(model, config, selection)
     saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
-    roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace)
+    roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace, weight_use_targets(model, config, targets))
     place(targets, saved, paths)
     layout = _fan_in_fan_out_note(config, targets)
     if layout:

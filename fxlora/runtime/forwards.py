@@ -34,7 +34,8 @@ from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
 from fxlora.core.ops import any_open
 from fxlora.passes import rewrite
 from fxlora.passes.weight_reads import layers_read
-from fxlora.tracing.call_keys import CallKey, call_key, canonical_key, gather_inputs, key_is_ranked, with_training
+from fxlora.passes.weight_uses import layers_used_by_weight
+from fxlora.tracing.call_keys import CallKey, call_key, canonical_key, gather_inputs, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
 from fxlora.tracing.boundaries import BaseLayers, base_layers, nested_roots
@@ -216,6 +217,7 @@ class GraphForward:
         self._eager: OrderedDict[tuple[CallKey, EagerKey], Code] = OrderedDict()
         # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.call_keys.call_key`)
         self.ranked = any(key_is_ranked(k) for k in self.variants)
+        self.sized = any(key_is_sized(k) for k in self.variants)  # and size classes (`call_key`)
 
     # ---------------------------------------------------------------- building
     def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey] = None) -> Code:
@@ -325,7 +327,7 @@ class GraphForward:
         return with_call_gates(self.owner, self._run, args, kwargs)
 
     def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
-        key = call_key(self.root.training, args, kwargs, self.ranked)
+        key = call_key(self.root.training, args, kwargs, self.ranked, self.sized)
         code = self._code(key, eager)
         if code is None or not self.variants[key].holds():
             return self._slow_call(key, gates, eager, args, kwargs)
@@ -347,7 +349,9 @@ class GraphForward:
         """The original forward: its adapted layers compute their branches themselves, except
         those its code uses by weight (`fxlora.passes.weight_reads`): warned."""
         if self._read is None:  # scanned once per set of graphs and adapters, not on every eager call
-            self._read = sorted({layer for v in self.variants.values() for layer in layers_read(v.graph, self.root)})
+            self._read = sorted(
+                {layer for v in self.variants.values() for layer in (*layers_read(v.graph, self.root), *layers_used_by_weight(v.graph, self.root))}
+            )
         read = self._read
         if read:
             warnings.warn(

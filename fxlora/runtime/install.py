@@ -13,6 +13,7 @@ from fxlora.errors import UnsupportedTargetError
 from fxlora.runtime.forwards import EagerLoraForward, GraphForward, SavedForward, install, installed_forward, uninstall
 from fxlora.core.layers import attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
 from fxlora.kinds.weight_inits import init_of
+from fxlora.core.weight_use import acts_through_weight
 from fxlora.planning.plan import PathInfo, Plan, RootPlan, assign_paths
 from fxlora.tracing.traced import CONSTANT_PREFIX
 
@@ -119,7 +120,9 @@ def reinstall_forwards(model: nn.Module, owner: "AdapterState") -> dict[str, Pat
     previous = installed_forwards(model)
     uninstall_forwards(model)
     try:
-        roots, paths = assign_paths(model, adapted_modules(model), owner.trace_policy)
+        adapted = adapted_modules(model)
+        by_weight = frozenset(name for name, module in adapted.items() if acts_through_weight(module))
+        roots, paths = assign_paths(model, adapted, owner.trace_policy, by_weight)
         install_forwards(model, roots, paths, owner)
     except BaseException:
         restore_forwards(model, previous)

@@ -10,6 +10,13 @@ argument has none (it runs the original forward eagerly).
 *Ranked* patterns also fix each tensor argument's rank, so that code such as
 ``x.view(*x.shape[:-1], h, d)`` traces (`fxlora.tracing.proxies` derives what follows from the
 ranks); a root only uses ranked patterns when its plain trace fails.
+
+*Sized* patterns (``sized=True``, implying ranked) also fix the *size class* of each dimension of
+each tensor argument: 0, 1 or "2 or more" (`size_class`), so that code branching on
+``x.size(1) == 1`` (RWKV's one-token step) traces: the comparison is decided by the pattern, and
+holds for every call of that pattern (the graph is then traced again for a call with other
+classes, as torch.compile specialises sizes 0 and 1). A root only uses sized patterns when its
+ranked trace fails.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import torch.nn as nn
 
 from fxlora.tracing.integrations import object_kind
 
-__all__ = ["CallKey", "Source", "SELF", "TENSOR", "OBJECT", "is_ranked_tensor", "call_key", "canonical_key", "key_is_ranked", "erase_ranks", "with_training", "gather_inputs"]
+__all__ = [
+    "CallKey", "Source", "SELF", "TENSOR", "OBJECT", "MANY", "size_class", "is_ranked_tensor", "call_key", "canonical_key",
+    "key_is_ranked", "key_is_sized", "erase_ranks", "erase_sizes", "with_training", "gather_inputs",
+]
 
 TENSOR = "T"
 
@@ -49,17 +59,27 @@ SELF: tuple = ("<root module>",)
 
 _MAX_ITEMS = 16
 
+#: the size class of every dimension of size 2 or more (`size_class`)
+MANY = 2
+
+
+def size_class(size: int) -> int:
+    """A dimension's size class in a sized pattern: 0, 1, or `MANY` (2 or more)."""
+    return size if size < MANY else MANY
+
 
 # ------------------------------------------------------------------ call patterns
-def _kind(value: Any, ranked: bool) -> Optional[Hashable]:
+def _kind(value: Any, ranked: bool, sized: bool = False) -> Optional[Hashable]:
     if isinstance(value, torch.Tensor):
+        if sized:
+            return (TENSOR, value.dim(), tuple(size_class(s) for s in value.shape))
         return (TENSOR, value.dim()) if ranked else TENSOR
     if value is None or isinstance(value, (bool, int, str)):
         return (type(value).__name__, value)
     if isinstance(value, float):
         return ("float", value) if value == value else None
     if type(value) in (tuple, list) and len(value) <= _MAX_ITEMS:
-        items = tuple(_kind(v, ranked) for v in value)
+        items = tuple(_kind(v, ranked, sized) for v in value)
         return None if None in items else (type(value).__name__, items)
     kind = object_kind(value)
     if kind is not None:
@@ -67,18 +87,19 @@ def _kind(value: Any, ranked: bool) -> Optional[Hashable]:
     return None
 
 
-def call_key(training: bool, args: tuple, kwargs: dict, ranked: bool = False) -> Optional[CallKey]:
+def call_key(training: bool, args: tuple, kwargs: dict, ranked: bool = False, sized: bool = False) -> Optional[CallKey]:
     """The call pattern of ``forward(*args, **kwargs)``, or None when an argument is of no
-    supported kind (such calls are not traced). With `ranked`, tensor kinds include the rank."""
+    supported kind (such calls are not traced). With `ranked`, tensor kinds include the rank;
+    with `sized`, the rank and each dimension's `size_class`."""
     kinds = []
     for a in args:
-        k = _kind(a, ranked)
+        k = _kind(a, ranked, sized)
         if k is None:
             return None
         kinds.append(k)
     named = []
     for name in sorted(kwargs):
-        k = _kind(kwargs[name], ranked)
+        k = _kind(kwargs[name], ranked, sized)
         if k is None:
             return None
         named.append((name, k))
@@ -96,19 +117,38 @@ def _map_kinds(key: CallKey, fn: Callable[[Any], Any]) -> CallKey:
 
 
 def is_ranked_tensor(kind: Any) -> bool:
-    return type(kind) is tuple and len(kind) == 2 and kind[0] == TENSOR
+    """A tensor kind fixing the rank (and perhaps the size classes)."""
+    return type(kind) is tuple and len(kind) in (2, 3) and kind[0] == TENSOR
+
+
+def _is_sized_tensor(kind: Any) -> bool:
+    return type(kind) is tuple and len(kind) == 3 and kind[0] == TENSOR
+
+
+def _any_kind(key: CallKey, test: Callable[[Any], bool]) -> bool:
+    found = []
+    _map_kinds(key, lambda k: found.append(test(k)) or k)
+    return any(found)
 
 
 def key_is_ranked(key: CallKey) -> bool:
     """True when `key` fixes the rank of some tensor argument."""
-    found = []
-    _map_kinds(key, lambda k: found.append(is_ranked_tensor(k)) or k)
-    return any(found)
+    return _any_kind(key, is_ranked_tensor)
+
+
+def key_is_sized(key: CallKey) -> bool:
+    """True when `key` fixes the size classes of some tensor argument."""
+    return _any_kind(key, _is_sized_tensor)
 
 
 def erase_ranks(key: CallKey) -> CallKey:
-    """`key` with every tensor's rank forgotten."""
+    """`key` with every tensor's rank (and size classes) forgotten."""
     return _map_kinds(key, lambda k: TENSOR if is_ranked_tensor(k) else k)
+
+
+def erase_sizes(key: CallKey) -> CallKey:
+    """`key` with every tensor's size classes forgotten (ranks kept)."""
+    return _map_kinds(key, lambda k: k[:2] if _is_sized_tensor(k) else k)
 
 
 def with_training(key: CallKey, training: bool) -> CallKey:

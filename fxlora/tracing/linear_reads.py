@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearRead", "linear_reads", "linear_arguments"]
+__all__ = ["LinearRead", "linear_reads", "linear_arguments", "weight_only_layers"]
 
 
 class LinearRead(NamedTuple):
@@ -117,3 +117,23 @@ def linear_reads(graph: fx.Graph, root: nn.Module, accept: Callable[[str, nn.Mod
             attrs[path].append(node)
     return {path: _reads_of(path, root.get_submodule(path), nodes) for path, nodes in attrs.items()}
 
+
+
+def weight_only_layers(graph: fx.Graph, root: nn.Module, accept: Callable[[str, nn.Module], bool]) -> list[str]:
+    """The `nn.Linear` layers `accept` takes that `graph` never calls and uses only through their
+    ``weight`` (and ``bias``) attribute reads, some of them not linear reads: their parent hands
+    the tensors to code no call equals (torchvision's ``shifted_window_attention(x,
+    self.qkv.weight, ..., qkv_bias=self.qkv.bias)``). `fxlora.passes.weight_uses` gives such
+    code the adapted weight."""
+    called = {node.target for node in graph.find_nodes(op="call_module")}
+    attrs: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in graph.find_nodes(op="get_attr"):
+        for path in _owner_paths(root, node.target, accept):
+            attrs[path].append(node)
+    found = []
+    for path, nodes in attrs.items():
+        module = root.get_submodule(path)
+        only_tensors = all(n.target in (path + ".weight", path + ".bias") for n in nodes)
+        if path not in called and _calls_as_linear(module) and only_tensors and _reads_of(path, module, nodes) is None:
+            found.append(path)
+    return sorted(found)

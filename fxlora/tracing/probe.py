@@ -46,7 +46,7 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
     pending: list[tuple[int, CallKey]] = []  # the calls of the example being run
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        key = call_key(False, args, kwargs, ranked=True)
+        key = call_key(False, args, kwargs, ranked=True, sized=True)
         if key is not None:
             pending.append((id(module), key))
 

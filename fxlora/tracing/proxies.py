@@ -9,7 +9,10 @@ for *every* input of that pattern — never from example sizes:
 - `TensorInfo(rank)`: a tensor of known rank (its sizes stay symbolic);
 - `SizesInfo(length)`: ``x.shape`` / ``x.size()`` of such a tensor, or a slice of one;
 - `SeqInfo`: a tuple of known items, or of unknown length with items all alike (``x.split(n)``);
-- ``"scalar"``: a Python number, or a symbolic size such as ``x.shape[0]``.
+- ``"scalar"``: a Python number, or a symbolic size such as ``x.shape[0]``;
+- `DimInfo(size_class)`: a symbolic size of a tensor argument of a *sized* pattern
+  (`fxlora.tracing.call_keys`), which fixes whether it is 0, 1 or 2-or-more: comparing it with
+  a number is then decided at trace time where the class decides it (`decide_comparison`).
 
 With a length known, a proxy can be unpacked, iterated and measured: each item is a
 ``getitem`` node, evaluated on the real value when the code runs. A rule is only given where the
@@ -17,9 +20,7 @@ result's rank or length follows from the ranks alone; ``squeeze()`` (which depen
 any op without a rule gives "unknown", and code that needs the length of an unknown then fails
 to trace (the module runs eagerly) instead of guessing.
 
-`ObjectProxy` stands for a registered handle object (`fxlora.tracing.integrations.register_object_type`):
-``isinstance`` sees the real type (it is part of the call pattern), and only the declared
-attributes may be used.
+Registered handle objects have their own proxies (`fxlora.tracing.handles`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxlora.tracing.integrations import Flags, object_kind_of_type
 
-__all__ = ["TensorInfo", "SizesInfo", "SeqInfo", "Info", "InfoProxy", "ObjectProxy", "info_of", "infer", "NotTraceable"]
+__all__ = [
+    "TensorInfo", "SizesInfo", "SeqInfo", "DimInfo", "Info", "InfoProxy", "info_of", "infer",
+    "decide_comparison", "NotTraceable",
+]
 
 
 class NotTraceable(Exception):
@@ -46,11 +49,21 @@ class NotTraceable(Exception):
 @dataclass(frozen=True)
 class TensorInfo:
     rank: int
+    #: each dimension's size class (0, 1, 2 = two or more), for a tensor argument of a sized pattern
+    classes: Optional[tuple[int, ...]] = None
 
 
 @dataclass(frozen=True)
 class SizesInfo:
     length: int
+    classes: Optional[tuple[int, ...]] = None  # as `TensorInfo.classes`
+
+
+@dataclass(frozen=True)
+class DimInfo:
+    """A symbolic size whose class the pattern fixes: 0, 1, or 2 (two or more)."""
+
+    size_class: int
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,11 @@ class InfoProxy(fx.Proxy):
         it (``**x``, ``x.keys()``) records the same call as torch.fx's own ``keys``."""
         return fx.proxy.Attribute(self, "keys")
 
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """``x[index] = value`` on a traced tensor: one ``operator.setitem`` node, run in program
+        order on the real tensor (fx keeps such nodes: they have side effects)."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
     def __len__(self) -> int:
         length = _length(self.info)
         if length is None:
@@ -98,85 +116,9 @@ class InfoProxy(fx.Proxy):
                 return lambda: rank
             if name == "shape":
                 proxy = self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
-                proxy.info = SizesInfo(self.info.rank)
+                proxy.info = SizesInfo(self.info.rank, self.info.classes)
                 return proxy
         return super().__getattr__(name)
-
-
-class ObjectProxy(InfoProxy):
-    """Placeholder for a registered handle object of a known type (and known member types)."""
-
-    def __init__(self, node: fx.Node, tracer: fx.Tracer, cls: type, kind: Any, members: dict[str, type]) -> None:
-        super().__init__(node, tracer)
-        object.__setattr__(self, "_fxlora_cls", cls)
-        object.__setattr__(self, "_fxlora_kind", kind)
-        object.__setattr__(self, "_fxlora_members", members)
-        object.__setattr__(self, "_fxlora_tables", {})
-
-    @property
-    def __class__(self):  # isinstance(proxy, cls) answers for the real type
-        return object.__getattribute__(self, "_fxlora_cls")
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_fxlora_") or name in ("node", "tracer", "info"):
-            raise AttributeError(name)
-        cls = self._fxlora_cls
-        if isinstance(self._fxlora_members.get(name), Flags):  # one table per handle: writes stay seen
-            tables = self._fxlora_tables
-            if name not in tables:
-                tables[name] = TracedFlags(self, name, self._fxlora_members[name])
-            return tables[name]
-        if name in self._fxlora_members:
-            node = self.tracer.create_proxy("call_function", getattr, (self, name), {}).node
-            member = self._fxlora_members[name]
-            truth = {"__bool__": v for k, v in self._fxlora_members.items() if k == f"{name}.__bool__"}
-            return ObjectProxy(node, self.tracer, member, object_kind_of_type(member), truth)
-        if self._fxlora_kind is None or name not in self._fxlora_kind.allowed(cls, self._fxlora_members):
-            raise NotTraceable(f"{cls.__name__}.{name} is used; fxlora traces only declared attributes of it")
-        return fx.proxy.Attribute(self, name)
-
-    def __bool__(self) -> bool:
-        truth = self._fxlora_members.get("__bool__")
-        if truth is None:
-            raise NotTraceable(f"truth value of a {self._fxlora_cls.__name__} argument")
-        if self.node.users:  # used already: it may have changed since the call began
-            raise NotTraceable(f"truth value of a {self._fxlora_cls.__name__} read after it was used")
-        return truth.items
-
-
-class TracedFlags:
-    """A handle's flag dict whose contents the call pattern fixes (`Flags`): reads give those
-    values; ``flags[k] = v`` records the write as a node on the real dict (run in program order)
-    and later reads see it. Once the handle has been passed to anything but an attribute read or
-    a method its kind declares flag-safe, its flags may have changed unseen: reading them then
-    fails the trace."""
-
-    def __init__(self, owner: "ObjectProxy", name: str, flags: Flags) -> None:
-        self._owner, self._name = owner, name
-        self._values = dict(flags.items)
-        self._node = owner.tracer.create_proxy("call_function", getattr, (owner, name), {})
-
-    def _current(self) -> dict:
-        safe = self._owner._fxlora_kind.flag_safe
-        for user in self._owner.node.users:
-            if not ((user.op == "call_function" and user.target is getattr) or (user.op == "call_method" and user.target in safe)):
-                raise NotTraceable(f"{self._name} of a {self._owner._fxlora_cls.__name__} read after it was passed to {user.format_node()}")
-        return self._values
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._current().get(key, default)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._current()[key]
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._current()
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        if isinstance(key, fx.Proxy) or isinstance(value, fx.Proxy):
-            raise NotTraceable(f"{self._name} of a handle set from a traced value")
-        self._owner.tracer.create_proxy("call_function", operator.setitem, (self._node, key, value), {})
-        self._current()[key] = value
 
 
 def _length(info: Optional[Info]) -> Optional[int]:
@@ -235,6 +177,39 @@ RANK_PRESERVING_MODULES: tuple[type, ...] = (
 )
 
 
+def _is_scalar(info: Any) -> bool:
+    return info == _SCALAR or isinstance(info, DimInfo)
+
+
+def _dim(classes: Optional[tuple[int, ...]], index: Any) -> Any:
+    """The info of size `index` of a shape whose size classes are `classes` (None: unknown)."""
+    if classes is not None and isinstance(index, int) and -len(classes) <= index < len(classes):
+        return DimInfo(classes[index])
+    return _SCALAR
+
+
+_COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
+_MIRRORED = {operator.lt: operator.gt, operator.le: operator.ge, operator.gt: operator.lt, operator.ge: operator.le}
+
+
+def decide_comparison(target: Any, args: tuple) -> Optional[bool]:
+    """The value of ``target(*args)`` (a comparison of a `DimInfo` size with a Python int) where the
+    size class decides it for every size of that class; None otherwise (a node is recorded)."""
+    if target not in _COMPARISONS or len(args) != 2:
+        return None
+    left, right = args
+    if not isinstance(info_of(left), DimInfo):
+        left, right, target = right, left, _MIRRORED.get(target, target)
+    info = info_of(left)
+    if not isinstance(info, DimInfo) or type(right) is not int:
+        return None
+    if info.size_class < 2:  # the size itself is known
+        return bool(target(info.size_class, right))
+    # two or more: decided when every size >= 2 compares alike with `right`
+    low, high = target(2, right), target(max(right, 2) + 1, right)
+    return bool(low) if low == high and (right <= 2) else None
+
+
 def _tensor_rank(info: Any) -> Optional[int]:
     return info.rank if isinstance(info, TensorInfo) else None
 
@@ -244,7 +219,7 @@ def _broadcast(values: list[Any]) -> Optional[Info]:
     ranks = []
     for v in values:
         info = info_of(v)
-        if info == _SCALAR or v is None:
+        if _is_scalar(info) or v is None:
             continue
         if not isinstance(info, TensorInfo):
             return None
@@ -258,7 +233,7 @@ def _sizes_count(sizes: tuple) -> Optional[int]:
     if len(sizes) != 1:
         return len(sizes)
     info = info_of(sizes[0])
-    if info == _SCALAR:
+    if _is_scalar(info):
         return 1
     return _length(info)
 
@@ -280,8 +255,8 @@ def _getitem(container: Any, index: Any) -> Optional[Info]:
         return info.at(index)
     if isinstance(info, SizesInfo):
         if isinstance(index, slice) and not any(isinstance(v, fx.Proxy) for v in (index.start, index.stop, index.step)):
-            return SizesInfo(len(range(info.length)[index]))
-        return _SCALAR if isinstance(index, int) else None
+            return SizesInfo(len(range(info.length)[index]), None if info.classes is None else info.classes[index])
+        return _dim(info.classes, index) if isinstance(index, int) else None
     if isinstance(info, TensorInfo):
         rank = _index_rank(info.rank, index)
         return None if rank is None else TensorInfo(rank)
@@ -304,7 +279,9 @@ def _method(name: str, args: tuple, kwargs: dict) -> Optional[Info]:
     if name in _BROADCAST_METHODS:
         return _broadcast(list(args) + list(kwargs.values()))
     if name == "size":
-        return SizesInfo(rank) if not rest and "dim" not in kwargs else _SCALAR
+        if not rest and "dim" not in kwargs:
+            return SizesInfo(rank, info_of(args[0]).classes)
+        return _dim(info_of(args[0]).classes, rest[0] if rest else kwargs["dim"])
     if name == "numel":
         return _SCALAR
     if name in ("view", "reshape", "expand", "repeat", "new_zeros", "new_ones", "new_empty"):
@@ -343,12 +320,12 @@ def _function(target: Any, args: tuple, kwargs: dict) -> Optional[Info]:
     if target is operator.getitem:
         return _getitem(args[0], args[1])
     if target is getattr and len(args) == 2 and args[1] == "shape":
-        rank = _tensor_rank(info_of(args[0]))
-        return None if rank is None else SizesInfo(rank)
+        info = info_of(args[0])
+        return SizesInfo(info.rank, info.classes) if isinstance(info, TensorInfo) else None
     if target is operator.add and all(isinstance(info_of(a), (SizesInfo, SeqInfo)) for a in args):
         lengths = [_length(info_of(a)) for a in args]
         return None if None in lengths else SizesInfo(sum(lengths))
-    if target in _SCALAR_FUNCTIONS and all(info_of(a) == _SCALAR for a in args):
+    if target in _SCALAR_FUNCTIONS and all(_is_scalar(info_of(a)) for a in args):
         return _SCALAR
     if target in _BROADCAST_FUNCTIONS:
         return _broadcast(list(args) + [v for k, v in kwargs.items() if k in ("other", "input", "condition")])

@@ -28,7 +28,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxlora.tracing.call_keys import OBJECT, SELF, TENSOR, CallKey, Source, erase_ranks, is_ranked_tensor, key_is_ranked
+from fxlora.tracing.call_keys import (
+    OBJECT, SELF, TENSOR, CallKey, Source, erase_ranks, erase_sizes, is_ranked_tensor, key_is_ranked, key_is_sized,
+)
 from fxlora.tracing.boundaries import NOTHING_INLINED, Inlined, boundary_of
 from fxlora.tracing.boundaries import inlined as inlined_modules
 from fxlora.tracing.guards import Guard, guards_hold, make_guards
@@ -127,6 +129,7 @@ class _Slot:
     source: Source
     name: str
     rank: Optional[int] = None
+    classes: Optional[tuple[int, ...]] = None  # each dimension's size class (a sized pattern)
     cls: Optional[type] = None
     object: Any = None  # the registered ObjectKind of `cls`
     members: dict = field(default_factory=dict)  # member name -> type, for handles
@@ -169,7 +172,8 @@ class _CallTemplate:
 
     def _template(self, kind: Any, source: Source, name: str) -> Any:
         if kind == TENSOR or is_ranked_tensor(kind):
-            slot = _Slot(source, self._name(name), rank=kind[1] if kind != TENSOR else None)
+            ranked = kind != TENSOR
+            slot = _Slot(source, self._name(name), rank=kind[1] if ranked else None, classes=kind[2] if ranked and len(kind) == 3 else None)
         elif type(kind) is tuple and kind[0] == OBJECT:
             slot = _Slot(source, self._name(name), cls=kind[1], object=object_kind_of_type(kind[1]), members=dict(kind[2]))
             if slot.object is None:
@@ -273,15 +277,39 @@ def trace_variant(
     ``set_grad_checkpointing()``) that call pattern runs the original forward, whose adapted layers
     compute their branches eagerly (and take part in checkpoint recomputation).
 
+    A sized `key` (`fxlora.tracing.call_keys`) is first traced as the ranked pattern; only where
+    that fails or needs leaves is the sized pattern traced, and kept if it needs fewer leaves.
+
     `tracer` makes the tracer (`fxlora.tracing.reuse` passes one that reads chosen attributes
     as graph nodes).
     """
+    if key_is_sized(key):
+        return _trace_sized(root, trace_through, key, tracer)
     if key_is_ranked(key):
         try:
             return _trace(root, trace_through, erase_ranks(key), tracer)
         except TraceFailure:
             pass
     return _trace_with_leaves(root, trace_through, key, tracer)
+
+
+def _trace_sized(root: nn.Module, trace_through: set[int], key: CallKey, tracer: Callable) -> TracedVariant:
+    """`trace_variant` for a sized `key`: the ranked pattern's graph unless the sized one needs
+    fewer leaves (code deciding on sizes 0 or 1 of its arguments, RWKV's ``x.size(1) == 1``)."""
+    ranked: Optional[TracedVariant] = None
+    try:
+        ranked = trace_variant(root, trace_through, erase_sizes(key), tracer)
+    except TraceFailure:
+        pass
+    if ranked is not None and not ranked.leaves:
+        return ranked
+    try:
+        sized = _trace_with_leaves(root, trace_through, key, tracer)
+    except TraceFailure:
+        if ranked is None:
+            raise
+        return ranked
+    return sized if ranked is None or len(sized.leaves) < len(ranked.leaves) else ranked
 
 
 class _ChildFailure(TraceFailure):

@@ -20,7 +20,8 @@ import torch.nn as nn
 from fxlora.boundary import boundary_of
 from fxlora.tracing.constructors import proxy_aware_constructors
 from fxlora.tracing.integrations import NO_HOOKS, TraceHooks
-from fxlora.tracing.proxies import InfoProxy, NotTraceable, ObjectProxy, TensorInfo, _length, infer
+from fxlora.tracing.handles import ObjectProxy
+from fxlora.tracing.proxies import InfoProxy, NotTraceable, TensorInfo, _length, decide_comparison, infer
 from fxlora.tracing.threads import tracing_here, tracing_in_this_thread
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,6 +59,10 @@ class LoraTracer(fx.Tracer):
         return InfoProxy(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "call_function" and not kwargs:
+            decided = decide_comparison(target, args)
+            if decided is not None:  # a size compared where the sized pattern decides it: a Python bool
+                return decided
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if isinstance(proxy, InfoProxy) and kind in ("call_function", "call_method", "call_module"):
             module = self.root.get_submodule(target) if kind == "call_module" else None
@@ -116,7 +121,7 @@ class LoraTracer(fx.Tracer):
             if slot.object is not None:
                 proxy = ObjectProxy(proxy.node, self, slot.cls, slot.object, slot.members)
             elif slot.rank is not None:
-                proxy.info = TensorInfo(slot.rank)
+                proxy.info = TensorInfo(slot.rank, slot.classes)
             proxies.append(proxy)
         fn = call.fn
 

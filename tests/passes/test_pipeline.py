@@ -20,6 +20,7 @@ NAMES = [stage.pass_.name for stage in PIPELINE]
 def test_order_and_switches_are_data():
     assert NAMES == [
         "call_weight_reads",
+        "adapt_weight_uses",
         "swap_saved_modules",
         "guard_idle_branches",
         "insert_lora",

@@ -185,8 +185,8 @@ def test_a_read_no_call_equals_stays_eager_and_warned():
     model = OtherBias()
     x = torch.randn(2, 8)
     base = model(x)
-    lora, notes = _transform(model, LoraConfig(target_modules=["proj"], init_lora_weights=False))
-    assert lora.target_paths == {"proj": "eager"}
+    lora, notes = _transform(model, LoraConfig(target_modules=["proj"], init_lora_weights=False, lora_dropout=0.1))
+    assert lora.target_paths == {"proj": "eager"}  # with dropout: no weight update (a pure one gets `weight_uses`)
     assert len(notes) == 1 and "proj: the parent reads the weight directly" in notes[0]
     with torch.no_grad():
         assert torch.equal(lora(x), base)  # the warning is true
@@ -194,7 +194,7 @@ def test_a_read_no_call_equals_stays_eager_and_warned():
 
 def test_the_parents_own_forward_elsewhere_is_warned_and_indeed_without_the_adapter():
     lora, _, notes = pair(LoraConfig(target_modules=["attn.qkv"]))
-    assert len(notes) == 1 and "attn.qkv: the parent computes F.linear with the weight" in notes[0]
+    assert len(notes) == 1 and "attn.qkv: the parent uses the weight instead of calling the module" in notes[0]
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         direct = lora.model.attn(x)  # the parent's eager forward reads qkv.weight itself
@@ -355,10 +355,17 @@ def test_only_an_f_linear_that_a_call_equals_is_a_linear_read(case, bias, reads)
     assert (None if found is None else len(found)) == reads
     x = torch.randn(3, 8)
     base = model(x)
-    lora, notes = _transform(model, LoraConfig(target_modules=["layer"]))  # B = 0: the adapter adds nothing yet
-    assert lora.target_paths == {"layer": "eager" if reads is None else "graph"}
-    assert any("the parent reads the weight directly" in n for n in notes) == (reads is None)
-    with torch.no_grad():
-        assert torch.equal(lora(x), base)  # the call put in the read's place computes what it did
-        lora.model.layer.lora_B["default"].weight.fill_(0.1)
-        assert torch.equal(lora(x), base) == (reads is None)  # the adapter acts where the weight is used
+    for dropout in (0.0, 0.1):  # other uses get the adapted weight (`weight_uses`) only as a pure weight update
+        lora, notes = _transform(Uses(case, bias).eval(), LoraConfig(target_modules=["layer"], lora_dropout=dropout))
+        lora.model.load_state_dict(model.state_dict(), strict=False)
+        acts = reads is not None or dropout == 0
+        assert lora.target_paths == {"layer": "graph" if acts else "eager"}
+        assert any("the parent reads the weight directly" in n for n in notes) == (not acts)
+        with torch.no_grad():
+            assert torch.equal(lora(x), base)  # B = 0: what the graph computes in the read's place is what it did
+            lora.model.layer.lora_B["default"].weight.fill_(0.1)
+            assert torch.equal(lora(x), base) != acts  # the adapter acts where the weight is used
+            if acts:
+                adapted = lora(x)
+                lora.merge_adapter()
+                assert torch.equal(lora(x), adapted) or reads is not None  # weight uses: the merged weight, bit for bit

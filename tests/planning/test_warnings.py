@@ -56,17 +56,36 @@ class Untraced(Traced):
 
 
 @pytest.mark.parametrize("model_type", [Traced, Untraced])
+def test_a_target_used_through_its_weight_gets_the_adapted_weight(model_type):
+    """A pure weight update (no dropout, DoRA or B bias) acts where the parent uses the weight
+    (`fxlora.passes.weight_uses`), in the graph, and merges exactly."""
+    model = model_type().eval()
+    x = torch.randn(2, 5, 8)
+    lora, notes = _transform(model, LoraConfig(target_modules=["attn.qkv", "attn.proj"], init_lora_weights=False))
+    assert lora.target_paths == {"attn.qkv": "graph", "attn.proj": "graph"}
+    assert notes == ([] if model_type is Untraced else [notes[0]])
+    with torch.no_grad():
+        adapted = lora(x)
+        with lora.disable_adapter():
+            assert not torch.allclose(lora(x), adapted)
+        lora.merge_adapter()
+        assert torch.equal(lora(x), adapted)  # the merged weight is the one the parent computed with
+
+
+@pytest.mark.parametrize("model_type", [Traced, Untraced])
 def test_every_target_read_through_its_weight_warns_and_indeed_does_nothing(model_type):
+    """With dropout on the branch input the adapter is no weight update: warned, and it does nothing."""
     model = model_type().eval()
     x = torch.randn(2, 5, 8)
     base = model(x)
-    lora, notes = _transform(model, LoraConfig(target_modules=["attn.qkv", "attn.proj", "fc"], init_lora_weights=False))
+    dropped = dict(init_lora_weights=False, lora_dropout=0.1)
+    lora, notes = _transform(model, LoraConfig(target_modules=["attn.qkv", "attn.proj", "fc"], **dropped))
     assert len(notes) == 1 and notes[0].startswith("fxlora: attn.qkv, attn.proj: the parent reads the weight directly")
     report = lora.reports["default"]
     assert set(report.eager_targets) >= {"attn.qkv", "attn.proj"}
     assert "qkv, proj are used through their weights" in {r.name: r for r in report.rows}["attn.proj"].reason
     # the warning is true: adapters on the weight-read layers alone change nothing
-    only_read, _ = _transform(model_type().eval(), LoraConfig(target_modules=["attn.qkv", "attn.proj"], init_lora_weights=False))
+    only_read, _ = _transform(model_type().eval(), LoraConfig(target_modules=["attn.qkv", "attn.proj"], **dropped))
     y = torch.randn(2, 5, 8)
     with torch.no_grad(), only_read.disable_adapter():
         plain = only_read(y)
@@ -79,15 +98,17 @@ def test_a_second_adapter_on_a_weight_read_target_warns_too():
     lora, _ = _transform(Traced(), LoraConfig(target_modules=["fc"]))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        lora.add_adapter("other", LoraConfig(target_modules=["attn.proj"]))
+        lora.add_adapter("other", LoraConfig(target_modules=["attn.proj"], lora_dropout=0.1))
     assert any("attn.proj: the parent reads the weight directly" in str(w.message) for w in seen)
     assert any("attn.proj: the parent reads" in w for w in lora.reports["other"].warnings)
 
 
-def test_torchvision_swin_t_both_projections_warn_and_do_nothing():
+def test_torchvision_swin_t_projections_with_dropout_warn_and_do_nothing():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.swin_t(weights=None).eval()
-    config = LoraConfig(target_modules=["features.1.0.attn.qkv", "features.1.0.attn.proj"], init_lora_weights=False)
+    config = LoraConfig(
+        target_modules=["features.1.0.attn.qkv", "features.1.0.attn.proj"], init_lora_weights=False, lora_dropout=0.1
+    )
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         base = model(x)
@@ -174,7 +195,7 @@ def test_call_notes_say_only_what_is_known():
     assert notes[0].startswith("l0, l1, l2, l3, ... (6 layers): the parent reads")
     assert call_notes([T("g", calls=0, planned_for="probe", probed=False), T("e", path="eager", probed=False)])[0].startswith("g, e: not called")
     # a linear read the graph calls instead: said only where the root is not the parent, never "not called"
-    assert call_notes([T("r.attn.qkv", probed=False, linear_reads=1, root="r")])[0].startswith("r.attn.qkv: the parent computes F.linear")
+    assert call_notes([T("r.attn.qkv", probed=False, linear_reads=1, root="r")])[0].startswith("r.attn.qkv: the parent uses the weight")
     assert call_notes([T("r.qkv", probed=False, linear_reads=1, root="r")]) == []
 
 

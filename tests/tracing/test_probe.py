@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fxlora.tracing.probe import observe_calls
-from fxlora.tracing.call_keys import OBJECT, TENSOR
+from fxlora.tracing.call_keys import MANY, OBJECT, TENSOR, erase_sizes, size_class
 from models import MLP
 from zoo import TRANSFORMERS
 
@@ -21,8 +21,11 @@ def test_observes_attention_calls_with_cache_handles_tuples_and_ranks():
     training, positional, named = keys[0]
     kinds = dict(named)
     assert training is False and positional == ()
-    assert kinds["hidden_states"] == (TENSOR, 3)
-    assert kinds["position_embeddings"] == ("tuple", ((TENSOR, 3), (TENSOR, 3)))
+    hidden = model.config.hidden_size
+    assert kinds["hidden_states"][:2] == (TENSOR, 3)  # rank, then each dimension's size class (0, 1, 2 = more)
+    assert kinds["hidden_states"][2][2] == size_class(hidden) == MANY
+    assert all(kind[:2] == (TENSOR, 3) and len(kind[2]) == 3 for kind in kinds["position_embeddings"][1])
+    assert erase_sizes(keys[0]) != keys[0] and dict(erase_sizes(keys[0])[2])["hidden_states"] == (TENSOR, 3)
     assert kinds["cache"][:2] == (OBJECT, transformers.DynamicCache)
     assert dict(keys[1][2])["attention_mask"] != kinds["attention_mask"]
     assert dict(keys[2][2])["cache"] == ("NoneType", None)
@@ -51,4 +54,5 @@ def test_vision_models_are_probed_with_pixels_at_their_config_resolution():
     seen = observe_calls(vision)
     attention = vision.get_submodule("vit.layers.0.attention")
     [key] = seen[id(attention)]
+    key = erase_sizes(key)
     assert (TENSOR, 3) in [*key.positional, *dict(key.named).values()]  # (batch, patches, hidden), ranked

@@ -1,11 +1,17 @@
-"""transformers model code that branches on sizes through Python builtins, kept exact.
+"""transformers model code that branches on sizes or loops over them, kept exact.
 
-MPT's attention computes ``max(0, position_bias.size(1) - query_length)``: with a traced size
-Python's ``max`` has to compare a proxy, which fails. While fxlora traces, the builtins named in
-`TRACED_BUILTINS` are shadowed in those model modules by versions that record one
-``call_function`` node of the builtin itself when an argument is traced (so the graph computes
-the same ``max`` of the same real ints) and call it directly otherwise. Nothing else changes:
-the shadowing names are removed again when tracing ends.
+While fxlora traces, names in model modules are shadowed by versions that record one
+``call_function`` node of the original when an argument is traced (so the graph computes the same
+thing from the same real values) and call the original directly otherwise; the shadowing ends
+when tracing ends.
+
+- `TRACED_BUILTINS`: MPT's attention computes ``max(0, position_bias.size(1) - query_length)``:
+  Python's ``max`` would compare a proxy. The builtin becomes one node.
+- `OPAQUE_FUNCTIONS`: RWKV's ``rwkv_linear_attention`` loops over the sequence
+  (``for t in range(seq_length)``), which no graph of symbolic sizes can hold. The function
+  becomes one node; what it returns is known from its arguments (`_rwkv_attention`): the
+  output, and the new state only when one was given or asked for (else None, as the function
+  returns it), so code testing ``layer_state is not None`` takes the branch the real call takes.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ from __future__ import annotations
 import builtins
 import contextlib
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
+
+import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from fxlora.tracing.integrations import opaque
+from fxlora.tracing.proxies import NotTraceable, SeqInfo, TensorInfo
 
-__all__ = ["TRACED_BUILTINS", "traced_builtins"]
+__all__ = ["TRACED_BUILTINS", "OPAQUE_FUNCTIONS", "traced_builtins"]
 
 #: model module -> builtins whose calls on traced sizes become nodes
 TRACED_BUILTINS: dict[str, tuple[str, ...]] = {
@@ -33,10 +43,46 @@ def _opaque_builtin(name: str) -> Callable[..., Any]:
     return _OPAQUE[name]
 
 
+def _tracer_of(values: Any) -> Optional[fx.Tracer]:
+    return next((a.tracer for a in pytree.tree_leaves(values) if isinstance(a, fx.Proxy)), None)
+
+
+def _rwkv_attention(fn: Callable) -> Callable:
+    """``rwkv_linear_attention(time_decay, time_first, key, value, state=None, return_state=False)``
+    as one node: returns ``(output (batch, seq, hidden), state)``, the state a list of three
+    (batch, hidden) tensors when `state` is given or `return_state` is true, else None."""
+
+    def call(time_decay: Any, time_first: Any, key: Any, value: Any, state: Any = None, return_state: Any = False) -> Any:
+        tracer = _tracer_of((time_decay, time_first, key, value, state, return_state))
+        if tracer is None:
+            return fn(time_decay, time_first, key, value, state=state, return_state=return_state)
+        if isinstance(return_state, fx.Proxy) or isinstance(state, fx.Proxy):
+            raise NotTraceable("rwkv_linear_attention with a traced state or return_state flag")
+        result = tracer.create_proxy(
+            "call_function", fn, (time_decay, time_first, key, value), {"state": state, "return_state": return_state}
+        )
+        output = result[0]
+        output.info = TensorInfo(3)
+        if state is None and not return_state:
+            return output, None
+        new_state = result[1]
+        new_state.info = SeqInfo(items=(TensorInfo(2),) * 3)
+        return output, new_state
+
+    return call
+
+
+#: model module -> {function name: makes its tracing stand-in from the original}
+OPAQUE_FUNCTIONS: dict[str, dict[str, Callable[[Callable], Callable]]] = {
+    "transformers.models.rwkv.modeling_rwkv": {"rwkv_linear_attention": _rwkv_attention},
+}
+
+
 @contextlib.contextmanager
 def traced_builtins() -> Iterator[None]:
-    """While active, `TRACED_BUILTINS` are shadowed in their (already imported) modules."""
-    shadowed: list[tuple[dict, str]] = []
+    """While active, `TRACED_BUILTINS` and `OPAQUE_FUNCTIONS` are shadowed in their (already
+    imported) modules; each original is put back afterwards."""
+    shadowed: list[tuple[dict, str, Any]] = []  # (namespace, name, original or _ABSENT)
     try:
         for module_name, names in TRACED_BUILTINS.items():
             module = sys.modules.get(module_name)
@@ -45,8 +91,23 @@ def traced_builtins() -> Iterator[None]:
             for name in names:
                 if name not in module.__dict__:
                     module.__dict__[name] = _opaque_builtin(name)
-                    shadowed.append((module.__dict__, name))
+                    shadowed.append((module.__dict__, name, _ABSENT))
+        for module_name, functions in OPAQUE_FUNCTIONS.items():
+            module = sys.modules.get(module_name)
+            if module is None:
+                continue
+            for name, make in functions.items():
+                original = module.__dict__.get(name)
+                if callable(original):
+                    module.__dict__[name] = make(original)
+                    shadowed.append((module.__dict__, name, original))
         yield
     finally:
-        for namespace, name in shadowed:
-            namespace.pop(name, None)
+        for namespace, name, original in reversed(shadowed):
+            if original is _ABSENT:
+                namespace.pop(name, None)
+            else:
+                namespace[name] = original
+
+
+_ABSENT = object()
