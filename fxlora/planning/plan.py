@@ -40,7 +40,7 @@ from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, erase_sizes, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.tracing.reuse import TraceCache
-from fxlora.tracing.traced import TracedVariant, trace_through_ids
+from fxlora.tracing.traced import TracedVariant, trace_through_ids, traceable_parents
 
 __all__ = [
     "TracePolicy",
@@ -194,10 +194,12 @@ def _trace_root(module: nn.Module, interesting: list, observed: dict, cache: Tra
     """The graphs of `module`'s call patterns (all with the same leaves), the ids of the modules
     they trace through, and the modules they call as leaves since tracing through them failed
     (name -> why: `fxlora.tracing.traced.trace_variant`); raises `TraceFailure` unless every
-    pattern traces. If one pattern needed tensor ranks, all are kept under ranked keys."""
+    pattern traces, or where its graph could call none of `interesting` itself."""
     if not can_be_root(module):  # its call would not run a graph of its class forward
         raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
     through, leaves = trace_through_ids(module, interesting), {}
+    if not (through & traceable_parents(module, interesting)):
+        raise TraceFailure("each module to adapt in it sits inside a module its graph would call whole")
     while True:
         traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
         found = {name: why for _, v in traced for name, why in v.leaves}
@@ -209,8 +211,7 @@ def _trace_root(module: nn.Module, interesting: list, observed: dict, cache: Tra
 
 
 def _planned_key(observed: CallKey, variant: TracedVariant, traced: list) -> CallKey:
-    """The key a root's variant is kept under: as traced where no pattern needed ranks, else
-    the observed pattern with ranks, and with size classes where a pattern needed them."""
+    """The key a root's variant is kept under: as traced, or as observed with ranks (and size classes) if one needed them."""
     if any(key_is_sized(v.key) for _, v in traced):
         return observed
     if any(key_is_ranked(v.key) for _, v in traced):

@@ -185,6 +185,8 @@ class Code(NamedTuple):
     base: BaseLayers
     #: gated evaluation code only: the base model's code for `fxlora.runtime.idle.run_gated`
     idle: Optional[Callable[..., Any]] = None
+    #: the type the call rebuilds from the graph's dict output (`TracedVariant.output_type`)
+    output: Optional[type] = None
 
 #: eager codes kept per graph root (least recently used dropped first); each is code for one
 #: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
@@ -238,7 +240,7 @@ class GraphForward:
         idle = None
         if eager is None and not key[0] and not self.owner.options.guard_idle and skippable(variant.graph, self.root):
             idle = self._build(key, variant, IDLE).fn
-        return Code(fn, None if direct else variant.inputs, base_layers(layers, forwards), idle)
+        return Code(fn, None if direct else variant.inputs, base_layers(layers, forwards), idle, variant.output_type)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
@@ -331,13 +333,14 @@ class GraphForward:
         code = self._code(key, eager)
         if code is None or not self.variants[key].holds():
             return self._slow_call(key, gates, eager, args, kwargs)
-        fn, inputs, base, idle = code
+        fn, inputs, base, idle, output = code
         if not base.bypassable():
             return self._run_eagerly(args, kwargs)
         args = args if inputs is None else gather_inputs(inputs, self.root, args, kwargs)
         if idle is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled() and all(isinstance(a, torch.Tensor) for a in args):
             return run_gated(fn, idle, self.root, gates, tuple(args))
-        return fn(self.root, gates, *args)
+        out = fn(self.root, gates, *args)
+        return out if output is None else output(**out)
 
     @torch.compiler.disable
     def _slow_call(self, key: Optional[CallKey], gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:

@@ -25,9 +25,14 @@ Registered handle objects have their own proxies (`fxlora.tracing.handles`).
 
 from __future__ import annotations
 
+import dis
+import functools
+import inspect
 import operator
+import sys
+import types
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -96,6 +101,19 @@ class InfoProxy(fx.Proxy):
         it (``**x``, ``x.keys()``) records the same call as torch.fx's own ``keys``."""
         return fx.proxy.Attribute(self, "keys")
 
+    def __iter__(self) -> Iterator[Any]:
+        """Items of a traced value: by its known length, else by the unpacking the calling code
+        does (``a, b = proxy``), else the tracer's ``iter``. Unlike ``fx.Proxy.__iter__`` this
+        reads each code object's bytecode once (`_unpack_sizes`), not at every unpacking."""
+        length = _length(self.info)
+        if length is None:
+            caller = inspect.currentframe().f_back
+            offset = caller.f_lasti if sys.version_info >= (3, 11) else 2 * caller.f_lasti
+            length = _unpack_sizes(caller.f_code).get(offset)
+            if length is None:
+                return self.tracer.iter(self)
+        return iter([self[i] for i in range(length)])
+
     def __setitem__(self, index: Any, value: Any) -> None:
         """``x[index] = value`` on a traced tensor: one ``operator.setitem`` node, run in program
         order on the real tensor (fx keeps such nodes: they have side effects)."""
@@ -119,6 +137,12 @@ class InfoProxy(fx.Proxy):
                 proxy.info = SizesInfo(self.info.rank, self.info.classes)
                 return proxy
         return super().__getattr__(name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _unpack_sizes(code: types.CodeType) -> dict[int, int]:
+    """Offset -> item count of every ``UNPACK_SEQUENCE`` instruction of `code`."""
+    return {i.offset: i.argval for i in dis.get_instructions(code) if i.opname == "UNPACK_SEQUENCE"}
 
 
 def _length(info: Optional[Info]) -> Optional[int]:

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from fxlora.errors import TraceFailure
 from fxlora.tracing.boundaries import inlined
-from fxlora.tracing.call_keys import CallKey
+from fxlora.tracing.call_keys import CallKey, key_is_ranked
 from fxlora.tracing.guards import make_guards
 from fxlora.tracing.integrations import TraceHooks, hooks_for
 from fxlora.tracing.proxies import InfoProxy, NotTraceable, _SCALAR
@@ -277,6 +277,16 @@ class TraceCache:
         self._entries: dict[Hashable, Union[TracedVariant, TraceFailure]] = {}
         self._families: dict[Hashable, _Family] = {}
         self._described: dict[int, tuple[nn.Module, set[int], Any]] = {}  # per root, for its other patterns
+        #: module classes whose code needed ranks once: their rank-free trace is not tried again
+        self._ranked_types: set[type] = set()
+
+    def _trace_variant(self, root: nn.Module, trace_through: set[int], key: CallKey, **kwargs: Any) -> TracedVariant:
+        """`trace_variant`, skipping the rank-free attempt for a class that needed ranks before
+        (it would fail again: a graph for the ranked pattern is what it gives)."""
+        variant = trace_variant(root, trace_through, key, rank_free_first=type(root) not in self._ranked_types, **kwargs)
+        if key_is_ranked(variant.key):
+            self._ranked_types.add(type(root))
+        return variant
 
     def _describe(self, root: nn.Module, trace_through: set[int], key: CallKey) -> Optional[tuple[Hashable, dict[Place, Any]]]:
         known = self._described.get(id(root))
@@ -290,7 +300,7 @@ class TraceCache:
         or a lifted trace of its family (see the module docstring)."""
         described = self._describe(root, trace_through, key)
         if described is None:
-            return trace_variant(root, trace_through, key)
+            return self._trace_variant(root, trace_through, key)
         family_key, values = described
         full = (family_key, tuple(values.items()))
         entry = self._entries.get(full)
@@ -308,7 +318,7 @@ class TraceCache:
             if lifted is not None:
                 return lifted
         try:
-            entry = trace_variant(root, trace_through, key)
+            entry = self._trace_variant(root, trace_through, key)
         except TraceFailure as exc:
             self._entries[full] = exc
             raise
@@ -329,7 +339,7 @@ class TraceCache:
         targets = {p: f"{p[0]}.{p[1]}" if p[0] else p[1] for p in sorted(differing)}
         lift = tuple((root.get_submodule(p[0]), p[1], target) for p, target in targets.items())
         try:
-            variant = trace_variant(root, through, key, tracer=functools.partial(_LiftingTracer, lifted=lift))
+            variant = self._trace_variant(root, through, key, tracer=functools.partial(_LiftingTracer, lifted=lift))
         except TraceFailure:
             variant = None
         if variant is None or not same_graph(variant, family.variant, {t: family.values[p] for p, t in targets.items()}):
@@ -352,4 +362,5 @@ def _for_root(entry: TracedVariant, root: nn.Module, trace_through: set[int]) ->
         guards=make_guards(traced, hooks_for(root)),
         inlined=inlined(root, traced),
         leaves=entry.leaves,
+        output_type=entry.output_type,
     )

@@ -29,17 +29,19 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlora.tracing.call_keys import (
-    OBJECT, SELF, TENSOR, CallKey, Source, erase_ranks, erase_sizes, is_ranked_tensor, key_is_ranked, key_is_sized,
+    SELF, CallKey, Source, erase_ranks, erase_sizes, key_is_ranked, key_is_sized,
 )
 from fxlora.tracing.boundaries import NOTHING_INLINED, Inlined, boundary_of
 from fxlora.tracing.boundaries import inlined as inlined_modules
 from fxlora.tracing.guards import Guard, guards_hold, make_guards
-from fxlora.tracing.integrations import TraceHooks, hooks_for, object_kind_of_type
+from fxlora.tracing.call_template import CallTemplate
+from fxlora.tracing.integrations import TraceHooks, hooks_for
 from fxlora.tracing.proxies import NotTraceable
 from fxlora.tracing.tracer import CheckpointInTrace, LoraTracer, check_transparent
 from fxlora.errors import TraceFailure
 
 __all__ = [
+    "traceable_parents",
     "TracedVariant",
     "trace_variant",
     "trace_through_ids",
@@ -72,6 +74,9 @@ class TracedVariant:
     #: ``(relative name, why)`` of modules that would be traced through but could not be, and are
     #: called as leaves instead (`trace_variant`)
     leaves: tuple[tuple[str, str], ...] = ()
+    #: the output type the call rebuilds from the graph's dict output (``output_type(**out)``:
+    #: transformers' ``ModelOutput``), or None: the graph returns the output itself
+    output_type: Optional[type] = None
 
     def holds(self) -> bool:
         """The graph still computes what the root's forward would: the plain attributes it read
@@ -95,6 +100,35 @@ def trace_through_ids(root: nn.Module, interesting: Iterable[nn.Module]) -> set[
                     break
                 ids.add(id(ancestor))
     return ids
+
+
+def traceable_parents(root: nn.Module, interesting: Iterable[nn.Module]) -> set[int]:
+    """Ids of the parents of `interesting` modules that a graph of `root` could trace through: no
+    module boundary and no forward wrapper no integration declares transparent
+    (`fxlora.tracing.tracer.check_transparent`) on the way from `root`. A graph of `root` calls
+    none of the interesting modules itself when this is empty (planning then skips tracing it)."""
+    hooks = hooks_for(root)
+    wanted = {id(m) for m in interesting}
+    found: set[int] = set()
+    for name, module in root.named_modules():
+        if id(module) not in wanted or not name:
+            continue
+        parts, owner = name.split("."), root
+        for part in parts[:-1]:
+            owner = getattr(owner, part)
+            if boundary_of(owner) is not None or not _transparent(owner, hooks):
+                break
+        else:
+            found.add(id(owner))
+    return found
+
+
+def _transparent(module: nn.Module, hooks: TraceHooks) -> bool:
+    try:
+        check_transparent(type(module).forward, hooks, set(), module)
+    except NotTraceable:
+        return False
+    return True
 
 
 def _where(exc: BaseException) -> str:
@@ -122,90 +156,11 @@ def short_error(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@dataclass
-class _Slot:
-    """One placeholder of a call template: a tensor or a handle object inside the call."""
-
-    source: Source
-    name: str
-    rank: Optional[int] = None
-    classes: Optional[tuple[int, ...]] = None  # each dimension's size class (a sized pattern)
-    cls: Optional[type] = None
-    object: Any = None  # the registered ObjectKind of `cls`
-    members: dict = field(default_factory=dict)  # member name -> type, for handles
-
-
-class _CallTemplate:
-    """A call pattern made concrete for tracing: constants are values, tensors and handles are
-    `_Slot`s that become placeholders (`build` puts the proxies in)."""
-
-    def __init__(self, fn: Callable, key: CallKey) -> None:
-        self.fn = fn
-        self.slots: list[_Slot] = []
-        _, pos_kinds, named_kinds = key
-        sig = inspect.signature(fn)
-        params = list(sig.parameters.values())[1:]
-        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        by_name = {p.name: p for p in params}
-        takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
-        for name, _ in named_kinds:
-            p = by_name.get(name)
-            if (p is None and not takes_any_keyword) or (p is not None and p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD)):
-                raise TraceFailure(f"keyword argument {name!r} is not a named parameter of forward")
-        self._taken: set[str] = {"fxlora_root"}
-        self.args = [
-            self._template(k, i, positional[i] if i < len(positional) else f"arg{i}") for i, k in enumerate(pos_kinds)
-        ]
-        self.kwargs = {n: self._template(k, n, n) for n, k in named_kinds}
-        try:
-            sig.bind(None, *self.args, **self.kwargs)
-        except TypeError as exc:
-            raise TraceFailure(f"forward() cannot take this call: {exc}") from None
-
-    def _name(self, wanted: str) -> str:
-        name = wanted if wanted.isidentifier() else "input"
-        base, i = name, 1
-        while name in self._taken:
-            name, i = f"{base}_{i}", i + 1
-        self._taken.add(name)
-        return name
-
-    def _template(self, kind: Any, source: Source, name: str) -> Any:
-        if kind == TENSOR or is_ranked_tensor(kind):
-            ranked = kind != TENSOR
-            slot = _Slot(source, self._name(name), rank=kind[1] if ranked else None, classes=kind[2] if ranked and len(kind) == 3 else None)
-        elif type(kind) is tuple and kind[0] == OBJECT:
-            slot = _Slot(source, self._name(name), cls=kind[1], object=object_kind_of_type(kind[1]), members=dict(kind[2]))
-            if slot.object is None:
-                raise TraceFailure(f"{kind[1].__name__} arguments are not traced (no integration declares them)")
-        elif type(kind) is tuple and kind[0] in ("tuple", "list"):
-            head = source if type(source) is tuple else (source,)
-            items = [self._template(k, (*head, i), f"{name}_{i}") for i, k in enumerate(kind[1])]
-            return tuple(items) if kind[0] == "tuple" else items
-        else:
-            return kind[1]  # a constant
-        self.slots.append(slot)
-        return slot
-
-    def build(self, values: tuple) -> tuple[list, dict]:
-        """The call's ``(args, kwargs)`` with the slots' values (proxies while tracing) in place."""
-        by_slot = {id(slot): v for slot, v in zip(self.slots, values)}
-
-        def fill(t: Any) -> Any:
-            if isinstance(t, _Slot):
-                return by_slot[id(t)]
-            if type(t) in (tuple, list):
-                return type(t)(fill(x) for x in t)
-            return t
-
-        return [fill(a) for a in self.args], {n: fill(v) for n, v in self.kwargs.items()}
-
-
 def _forward_function(root: nn.Module, hooks: TraceHooks, key: CallKey) -> Callable:
     """The class's ``forward`` seen through decorators an integration declares transparent for
     this call; a forward wrapped by anything else is not traced."""
     try:
-        fn = check_transparent(type(root).forward, hooks, {name for name, _ in key[2]})
+        fn = check_transparent(type(root).forward, hooks, {name for name, _ in key[2]}, root)
     except NotTraceable as exc:
         raise TraceFailure(str(exc)) from None
     if not inspect.isfunction(fn):
@@ -261,10 +216,12 @@ def trace_variant(
     trace_through: set[int],
     key: CallKey,
     tracer: Callable[[set[int], TraceHooks], LoraTracer] = LoraTracer,
+    rank_free_first: bool = True,
 ) -> TracedVariant:
     """Trace `root`'s ``forward`` for the call pattern `key`; raise `TraceFailure` if it cannot be
     captured. A ranked `key` is first traced without ranks (the result then holds for any rank,
-    ``variant.key`` says so). A module traced through whose code cannot be traced is called as
+    ``variant.key`` says so), unless `rank_free_first` is False (the caller knows the module's
+    code needs ranks: `fxlora.tracing.reuse.TraceCache`). A module traced through whose code cannot be traced is called as
     a leaf instead (``variant.leaves``), so that the rest of the root stays in the graph.
 
     Guarantees: the returned graph's placeholders are the pattern's tensors and handles (and the
@@ -284,8 +241,8 @@ def trace_variant(
     as graph nodes).
     """
     if key_is_sized(key):
-        return _trace_sized(root, trace_through, key, tracer)
-    if key_is_ranked(key):
+        return _trace_sized(root, trace_through, key, tracer, rank_free_first)
+    if key_is_ranked(key) and rank_free_first:
         try:
             return _trace(root, trace_through, erase_ranks(key), tracer)
         except TraceFailure:
@@ -293,12 +250,12 @@ def trace_variant(
     return _trace_with_leaves(root, trace_through, key, tracer)
 
 
-def _trace_sized(root: nn.Module, trace_through: set[int], key: CallKey, tracer: Callable) -> TracedVariant:
+def _trace_sized(root: nn.Module, trace_through: set[int], key: CallKey, tracer: Callable, rank_free_first: bool) -> TracedVariant:
     """`trace_variant` for a sized `key`: the ranked pattern's graph unless the sized one needs
     fewer leaves (code deciding on sizes 0 or 1 of its arguments, RWKV's ``x.size(1) == 1``)."""
     ranked: Optional[TracedVariant] = None
     try:
-        ranked = trace_variant(root, trace_through, erase_sizes(key), tracer)
+        ranked = trace_variant(root, trace_through, erase_sizes(key), tracer, rank_free_first)
     except TraceFailure:
         pass
     if ranked is not None and not ranked.leaves:
@@ -351,7 +308,7 @@ def traced_modules(root: nn.Module, trace_through: set[int], leaves: Iterable[tu
 def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: Callable = LoraTracer) -> TracedVariant:
     training, _, _ = key
     hooks = hooks_for(root)
-    call = _CallTemplate(_forward_function(root, hooks, key), key)
+    call = CallTemplate(_forward_function(root, hooks, key), key)
     flags = [(m, m.training) for m in root.modules()]
     traced_modules = [m for m in root.modules() if id(m) in trace_through]
     snapshot = _snapshot(traced_modules)
@@ -387,6 +344,7 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: 
         key=key,
         guards=make_guards(traced_modules, hooks),
         inlined=inlined_modules(root, traced_modules),
+        output_type=tracer.output_type,
     )
 
 

@@ -25,7 +25,7 @@ from fxlora.tracing.proxies import InfoProxy, NotTraceable, TensorInfo, _length,
 from fxlora.tracing.threads import tracing_here, tracing_in_this_thread
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fxlora.tracing.traced import _CallTemplate
+    from fxlora.tracing.call_template import CallTemplate
 
 __all__ = ["CheckpointInTrace", "LoraTracer", "check_transparent"]
 
@@ -46,11 +46,14 @@ class LoraTracer(fx.Tracer):
         self.hooks = hooks
         # Reading a buffer gives a graph node, not its current value baked in as a constant.
         self.proxy_buffer_attributes = True
-        self._call: Optional[_CallTemplate] = None
+        self._call: Optional[CallTemplate] = None
         self._self_node: Optional[fx.Node] = None
         #: after a failed trace: the innermost module traced through whose code the failure came
         #: from (None: the root's own code), see `fxlora.tracing.traced.trace_variant`
         self.failed_in: Optional[nn.Module] = None
+        #: after a trace: the type (of `TraceHooks.output_types`) the call rebuilds from the graph's
+        #: dict output, or None (the graph returns the output itself)
+        self.output_type: Optional[type] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) not in self.trace_through
@@ -101,7 +104,7 @@ class LoraTracer(fx.Tracer):
         inlined = id(m) in self.trace_through and m is not self.root
         try:
             if inlined:
-                check_transparent(type(m).forward, self.hooks, set(kwargs))
+                check_transparent(type(m).forward, self.hooks, set(kwargs), m)
             result = super().call_module(m, forward, args, kwargs)
         except BaseException:
             if inlined and self.failed_in is None:  # the innermost module traced through
@@ -127,11 +130,15 @@ class LoraTracer(fx.Tracer):
 
         def entry(root: nn.Module, *values: Any) -> Any:
             args, kwargs = call.build(values)
-            return _plain_output(fn(root, *args, **kwargs))
+            out = fn(root, *args, **kwargs)
+            if isinstance(out, self.hooks.output_types) and type(out) is not dict:  # rebuilt by the call
+                self.output_type = type(out)
+                out = dict(out.items())
+            return _plain_output(out)
 
         return entry, [self.root, *proxies]
 
-    def trace_call(self, root: nn.Module, call: "_CallTemplate") -> fx.Graph:
+    def trace_call(self, root: nn.Module, call: "CallTemplate") -> fx.Graph:
         """Trace ``call.fn(root, *args, **kwargs)`` for `call`'s pattern; the graph's placeholders
         are the root (`SELF`, removed when unused) and then ``call.slots`` in order."""
         self._call = call
@@ -208,12 +215,13 @@ def _refusing_checkpoints():
             setattr(checkpoint, name, value)
 
 
-def check_transparent(fn: Callable, hooks: TraceHooks, keywords: set[str]) -> Callable:
-    """`fn` seen through decorators an integration declares transparent for a call with these
-    keyword arguments; raises for any other decorator (it could act differently on the real call
-    than on the traced one, e.g. transformers' gradient-checkpointing wrapper)."""
+def check_transparent(fn: Callable, hooks: TraceHooks, keywords: set[str], module: Optional[nn.Module] = None) -> Callable:
+    """`fn` (the forward of `module`) seen through decorators an integration declares transparent
+    for a call with these keyword arguments; raises for any other decorator (it could act
+    differently on the real call than on the traced one, e.g. transformers'
+    gradient-checkpointing wrapper)."""
     while hasattr(fn, "__wrapped__"):
-        step = hooks.unwrap(fn)
+        step = hooks.unwrap(fn, module)
         if step is None:
             code = getattr(fn, "__code__", None)
             where = getattr(code, "co_qualname", None) or getattr(fn, "__qualname__", repr(fn))

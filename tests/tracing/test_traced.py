@@ -161,7 +161,7 @@ def test_only_known_transparent_decorators_are_seen_through(monkeypatch):
         trace_variant(model, through, canonical_key(model, True))
     import fxlora.tracing.integrations as integrations
 
-    known = integrations.TraceHooks(unwrappers=(lambda fn: (fn.__wrapped__, frozenset({"legacy"})) if fn.__code__ is Decorated.forward.__code__ else None,))
+    known = integrations.TraceHooks(unwrappers=(lambda fn, module: (fn.__wrapped__, frozenset({"legacy"})) if fn.__code__ is Decorated.forward.__code__ else None,))
     monkeypatch.setattr(integrations, "hooks_for", lambda module: known)
     monkeypatch.setattr("fxlora.tracing.traced.hooks_for", lambda module: known)
     variant = trace_variant(model, through, canonical_key(model, True))

@@ -54,7 +54,8 @@ INTEGRATIONS: dict[str, str] = {
     "transformers": "fxlora.tracing.integrations.transformers",
 }
 
-Unwrapper = Callable[[Callable], Optional[tuple[Callable, frozenset[str]]]]
+#: ``(forward, its module) -> (wrapped function, keyword names that make the wrapper act)`` or None
+Unwrapper = Callable[[Callable, Optional[nn.Module]], Optional[tuple[Callable, frozenset[str]]]]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class TraceHooks:
     patches: tuple[Callable[[], ContextManager], ...] = ()
     guard_sources: tuple[Callable[[nn.Module], list[tuple[Any, str]]], ...] = ()
     example_inputs: Optional[Callable[[nn.Module], list[tuple[tuple, dict[str, Any]]]]] = None
+    #: output container types a graph returns as a dict of their items and the call rebuilds
+    #: (transformers' ``ModelOutput``): ``type(**items)`` must equal the original
+    output_types: tuple[type, ...] = ()
 
     def merged(self, other: "TraceHooks") -> "TraceHooks":
         return TraceHooks(
@@ -76,13 +80,14 @@ class TraceHooks:
             patches=self.patches + other.patches,
             guard_sources=self.guard_sources + other.guard_sources,
             example_inputs=self.example_inputs or other.example_inputs,
+            output_types=self.output_types + other.output_types,
         )
 
-    def unwrap(self, fn: Callable) -> Optional[tuple[Callable, frozenset[str]]]:
+    def unwrap(self, fn: Callable, module: Optional[nn.Module] = None) -> Optional[tuple[Callable, frozenset[str]]]:
         """``(wrapped function, keyword names that make the wrapper act)`` when some integration
-        knows `fn` to be a transparent wrapper, else None."""
+        knows `fn` (the forward of `module`) to be a transparent wrapper, else None."""
         for unwrapper in self.unwrappers:
-            step = unwrapper(fn)
+            step = unwrapper(fn, module)
             if step is not None:
                 return step
         return None

@@ -10,7 +10,7 @@ without changing what the module computes for any call:
    up with ``ALL_ATTENTION_FUNCTIONS.get_interface`` and branches on sequence lengths. While
    tracing, the lookup returns the same function as an opaque leaf: one node that calls it on the
    real values (`opaque_attention_functions`). Which function was looked up depends on
-   ``config._attn_implementation``; that value is a guard of the graph (`attention_guards`), so
+   ``config._attn_implementation``; that value is a guard of the graph (`config_guards`), so
    ``set_attn_implementation`` makes the graph be traced again.
 3. A ``Cache`` argument (always present: models create a ``DynamicCache`` even for a plain
    forward) is a registered handle: its type (and an ``EncoderDecoderCache``'s inner cache types)
@@ -24,6 +24,11 @@ without changing what the module computes for any call:
 4. Shapes are unpacked (``(*hidden_states.shape[:-1], -1, head_dim)``): ranked call patterns
    and `fxlora.tracing.proxies` cover that; ``Conv1D`` and transformers' activations are declared
    rank-preserving.
+6. A model's ``forward`` is wrapped by ``can_return_tuple`` and returns a ``ModelOutput``. The
+   wrapper changes nothing while ``config.return_dict`` is True (a guard of the graph) and the
+   call passes no ``return_dict`` (`unwrap_can_return_tuple`); the graph returns the output's
+   items as a dict, and the call rebuilds the same ``ModelOutput`` type from them
+   (`TraceHooks.output_types`), so heads such as BERT's ``classifier`` are in the graph.
 
 `example_inputs` (`fxlora.tracing.integrations.hf_inputs`) gives `fxlora.tracing.probe` tiny inputs
 built from the config (tokens, pixels, audio features, both for multimodal models) to observe
@@ -45,7 +50,9 @@ from fxlora.tracing.integrations.hf_specials import traced_builtins
 from fxlora.tracing.proxies import SeqInfo, TensorInfo
 from fxlora.tracing.threads import tracing_here
 
-__all__ = ["trace_hooks", "unwrap_deprecate_kwarg", "opaque_attention_functions", "attention_guards", "example_inputs"]
+__all__ = [
+    "trace_hooks", "unwrap_deprecate_kwarg", "unwrap_can_return_tuple", "opaque_attention_functions", "config_guards", "example_inputs",
+]
 
 #: what every attention function returns: (output (batch, seq, heads, head_dim), weights or None)
 ATTENTION_OUTPUT = SeqInfo(items=(TensorInfo(4), None))
@@ -57,13 +64,31 @@ def _deprecate_kwarg_code():
     return deprecate_kwarg("fxlora_probe_old", "999.0", new_name="fxlora_probe_new")(lambda fxlora_probe_new=None: None).__code__
 
 
-def unwrap_deprecate_kwarg(fn: Callable) -> Optional[tuple[Callable, frozenset[str]]]:
+def unwrap_deprecate_kwarg(fn: Callable, module: Optional[nn.Module] = None) -> Optional[tuple[Callable, frozenset[str]]]:
     """``(wrapped forward, {deprecated name})`` when `fn` is a ``deprecate_kwarg`` wrapper: it
     passes every call through unchanged unless the deprecated keyword is given."""
     if getattr(fn, "__code__", None) is not _DEPRECATE_CODE:
         return None
     names = inspect.getclosurevars(fn).nonlocals
     return fn.__wrapped__, frozenset({names["old_name"]})
+
+
+def _can_return_tuple_code():
+    from transformers.utils.generic import can_return_tuple
+
+    return can_return_tuple(lambda self: None).__code__
+
+
+def unwrap_can_return_tuple(fn: Callable, module: Optional[nn.Module] = None) -> Optional[tuple[Callable, frozenset[str]]]:
+    """``(wrapped forward, {"return_dict"})`` when `fn` is a ``can_return_tuple`` wrapper whose
+    module's ``config.return_dict`` is True (a guard of the graph, `config_guards`): it then
+    returns the forward's output unchanged unless the call passes ``return_dict``."""
+    if getattr(fn, "__code__", None) is not _CAN_RETURN_TUPLE_CODE or module is None:
+        return None
+    config = getattr(module, "config", None)
+    if config is not None and getattr(config, "return_dict", True) is not True:
+        return None  # it converts the output to a tuple (None too: `not None`)
+    return fn.__wrapped__, frozenset({"return_dict"})
 
 
 @contextlib.contextmanager
@@ -84,8 +109,9 @@ def opaque_attention_functions() -> Iterator[None]:
         AttentionInterface.get_interface = original
 
 
-def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
-    """The attention implementation a traced module's config names (it selects the function)."""
+def config_guards(module: nn.Module) -> list[tuple[Any, str]]:
+    """The fields of a traced module's config its graph depends on: the attention implementation
+    (it selects the function) and ``return_dict`` (`unwrap_can_return_tuple`)."""
     from transformers import PretrainedConfig
 
     config = module.__dict__.get("config")
@@ -94,7 +120,7 @@ def attention_guards(module: nn.Module) -> list[tuple[Any, str]]:
     # the property ``_attn_implementation`` reads this field (through the config's slow
     # ``__getattribute__``); guarding the field itself is the same check, faster
     stored = "_attn_implementation_internal"
-    return [(config, stored if stored in vars(config) else "_attn_implementation")]
+    return [(config, stored if stored in vars(config) else "_attn_implementation"), (config, "return_dict")]
 
 
 def _rank_preserving() -> tuple[type, ...]:
@@ -110,6 +136,7 @@ def _rank_preserving() -> tuple[type, ...]:
 
 
 _DEPRECATE_CODE = None
+_CAN_RETURN_TUPLE_CODE = None
 #: what traced attention code may use of a ``Cache``: ``update`` (a node called on the real cache, in
 #: program order), ``is_updated`` (where it is no `CACHE_FLAGS` pattern: read only, its truth value
 #: fails the trace) and ``layers`` (read: cross-attention reuses ``layers[i].keys``, nodes run on the
@@ -141,12 +168,17 @@ def trace_hooks() -> TraceHooks:
     global _DEPRECATE_CODE
     from transformers.cache_utils import Cache
 
+    global _CAN_RETURN_TUPLE_CODE
+    from transformers.utils.generic import ModelOutput
+
     _DEPRECATE_CODE = _deprecate_kwarg_code()
+    _CAN_RETURN_TUPLE_CODE = _can_return_tuple_code()
     register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes, CACHE_FLAGS, ("get_seq_length",), CACHE_TRUTH)
     return TraceHooks(
         rank_preserving=_rank_preserving(),
-        unwrappers=(unwrap_deprecate_kwarg,),
+        unwrappers=(unwrap_deprecate_kwarg, unwrap_can_return_tuple),
         patches=(opaque_attention_functions, traced_builtins),
-        guard_sources=(attention_guards,),
+        guard_sources=(config_guards,),
         example_inputs=example_inputs,
+        output_types=(ModelOutput,),
     )
