@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from fxlora.config import LoraConfig
 from fxlora.errors import CheckpointError, MergeError
+from fxlora.io.moe_files import adapter_parameter_owners, convert_expert_tensors
 from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, layout_of_adapter
 from fxlora.model.loading import adapter_peft_tensors
 from fxlora.model.lora_model import LoraModel
@@ -105,6 +106,7 @@ def set_peft_model_state_dict(
     state = lm.adapter_state
     state.check_known(adapter_name)
     layout = layout_of_adapter(lm.model, adapter_name, lm.peft_config[adapter_name].bias)
+    peft_model_state_dict = _with_fused_experts(lm, adapter_name, peft_model_state_dict, prefix)
     own = lm.model.state_dict(keep_vars=True)
     chosen, unexpected = {}, []
     for key, tensor in peft_model_state_dict.items():
@@ -130,6 +132,18 @@ def set_peft_model_state_dict(
             own[key].copy_(tensor)
     missing = [prefix + k for k, s in layout.slots.items() if s.written and s.key not in chosen]
     return LoadResult(missing, unexpected)
+
+
+def _with_fused_experts(lm: LoraModel, adapter: str, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """`tensors` with transformers 4 per-expert MoE keys converted for the adapter's fused experts
+    (`fxlora.io.moe_files`, as PEFT's function does); new keys get `prefix`, the others stay as given."""
+    short = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): k for k in tensors}
+    given = {s: tensors[k] for s, k in short.items()}
+    owners = adapter_parameter_owners(lm.model, adapter)
+    converted = convert_expert_tensors(lm.model, given, owners, lm.peft_config[adapter], "the state dict")
+    if converted is given:
+        return tensors
+    return {short.get(s, prefix + s): t for s, t in converted.items()}
 
 
 def inject_adapter_in_model(

@@ -1,0 +1,225 @@
+"""Adapter files trained on transformers 4's per-expert MoE modules, loaded into tiny transformers 5
+Mixtral and Qwen3-MoE models (`fxlora.io.moe_files`), with peft 0.21.2's conversion on load as the
+oracle: same fused tensors, same logits, saved files PEFT reads back; each expert's fused update is
+its old updates stacked; files that cannot be converted exactly are refused, the model unchanged."""
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import fxlora
+from fxlora import LoraConfig
+from fxlora.errors import CheckpointError
+from fxlora.kinds.parameter import PARAMETER
+from models import assert_same_state, state_snapshot
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kinds"))
+from test_target_parameters import ids, mixtral, qwen3_moe  # noqa: E402
+
+PREFIX = "base_model.model."
+#: per family: the builder, transformers 4's MoE block name, its expert projections (w1, w3, w2 roles)
+FAMILIES = {
+    "mixtral": (mixtral, "block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen3_moe": (qwen3_moe, "mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def v4_tensors(family: str, r: int = 2, seed: int = 0, attention=("q_proj", "v_proj")) -> dict[str, torch.Tensor]:
+    """Random non-zero tensors of a transformers 4 adapter on attention, every expert's projections
+    and the router, under PEFT's file keys, for the shapes of `family`'s tiny model."""
+    build, block, (gate, up, down) = FAMILIES[family]
+    model, g = build(), torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def factors(key: str, fan_in: int, fan_out: int) -> None:
+        tensors[f"{PREFIX}{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=g)
+        tensors[f"{PREFIX}{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=g)
+
+    for i, layer in enumerate(model.model.layers):
+        for proj in attention:
+            linear = getattr(layer.self_attn, proj)
+            factors(f"model.layers.{i}.self_attn.{proj}", linear.in_features, linear.out_features)
+        experts, hidden, ffn = layer.mlp.experts.gate_up_proj.shape[0], layer.mlp.experts.down_proj.shape[1], layer.mlp.experts.down_proj.shape[2]
+        for e in range(experts):
+            for proj, fan_in, fan_out in ((gate, hidden, ffn), (up, hidden, ffn), (down, ffn, hidden)):
+                factors(f"model.layers.{i}.{block}.experts.{e}.{proj}", fan_in, fan_out)
+        factors(f"model.layers.{i}.{block}.gate", hidden, experts)
+    return tensors
+
+
+def write_v4(directory: Path, family: str, tensors: dict[str, torch.Tensor], **config) -> Path:
+    """A transformers 4 adapter directory: `tensors` and a config naming the old modules."""
+    _, _, projections = FAMILIES[family]
+    fields = dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", *projections, "gate"])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps({**fields, **config}))
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def peft_load(family: str, directory: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(FAMILIES[family][0](), directory).eval()
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids()).logits
+
+
+def assert_same_tensors(mine: dict, theirs: dict) -> None:
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_per_expert_file_loads_as_in_peft(tmp_path, family):
+    directory = write_v4(tmp_path / "v4", family, v4_tensors(family))
+    theirs = peft_load(family, directory)
+    ours = fxlora.LoraModel.from_pretrained(FAMILIES[family][0](), directory)
+    mine = fxlora.get_peft_model_state_dict(ours)
+    assert_same_tensors(mine, peft.get_peft_model_state_dict(theirs))
+    assert f"{PREFIX}model.layers.1.mlp.experts.base_layer.lora_B.weight" in mine  # gate_up_proj, fused
+    want = logits(theirs)
+    assert not torch.allclose(want, logits(FAMILIES[family][0]()), atol=1e-3)
+    assert torch.equal(logits(ours), want)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_expert_update_is_its_old_updates_stacked(tmp_path, family):
+    """Independent of PEFT: the fused gate_up_proj update of expert e is [s B1 A1; s B3 A3] and
+    down_proj's is s B2 A2, with the old scaling s = alpha / r."""
+    _, block, (gate, up, down) = FAMILIES[family]
+    tensors = v4_tensors(family, seed=5)
+    ours = fxlora.LoraModel.from_pretrained(FAMILIES[family][0](), write_v4(tmp_path / "v4", family, tensors))
+    experts = ours.model.get_submodule("model.layers.0.mlp.experts")
+    fused = {p: PARAMETER.lora_weight(experts, "default", False, torch.float32, p) for p in ("gate_up_proj", "down_proj")}
+
+    def old(e: int, proj: str) -> torch.Tensor:
+        key = f"{PREFIX}model.layers.0.{block}.experts.{e}.{proj}"
+        return tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"] * (4 / 2)
+
+    for e in range(experts.gate_up_proj.shape[0]):
+        torch.testing.assert_close(fused["gate_up_proj"][e], torch.cat([old(e, gate), old(e, up)]), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused["down_proj"][e], old(e, down), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_saved_file_is_fused_and_peft_reads_it_back(tmp_path, family):
+    ours = fxlora.LoraModel.from_pretrained(FAMILIES[family][0](), write_v4(tmp_path / "v4", family, v4_tensors(family)))
+    ours.save_pretrained(tmp_path / "saved")
+    saved = load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))
+    assert not any(".experts.0." in k or "block_sparse_moe" in k for k in saved)
+    assert_same_tensors(saved, {k: v.contiguous() for k, v in fxlora.get_peft_model_state_dict(ours).items()})
+    back = peft_load(family, tmp_path / "saved")
+    assert_same_tensors(peft.get_peft_model_state_dict(back), saved)
+    assert torch.equal(logits(back), logits(ours))
+
+
+def test_load_adapter_and_set_peft_model_state_dict_convert_too(tmp_path):
+    family = "mixtral"
+    tensors = v4_tensors(family, seed=2)
+    directory = write_v4(tmp_path / "v4", family, tensors)
+    theirs = peft.get_peft_model_state_dict(peft_load(family, directory))
+    ours = fxlora.LoraModel.from_pretrained(mixtral(), write_v4(tmp_path / "first", family, v4_tensors(family, seed=7)))
+    ours.load_adapter(directory, "second")
+    assert_same_tensors(fxlora.get_peft_model_state_dict(ours, adapter_name="second"), theirs)
+    result = fxlora.set_peft_model_state_dict(ours, tensors, adapter_name="default")  # per-expert keys, in memory
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert_same_tensors(fxlora.get_peft_model_state_dict(ours, adapter_name="default"), theirs)
+
+
+def test_router_only_file_is_renamed(tmp_path):
+    tensors = {k: v for k, v in v4_tensors("mixtral").items() if ".block_sparse_moe.gate." in k}
+    directory = write_v4(tmp_path / "v4", "mixtral", tensors, target_modules=["gate"])
+    theirs = peft_load("mixtral", directory)
+    ours = fxlora.LoraModel.from_pretrained(mixtral(), directory)
+    assert_same_tensors(fxlora.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs))
+    assert torch.equal(logits(ours), logits(theirs))
+
+
+def _drop_expert(t):
+    del t[f"{PREFIX}model.layers.1.block_sparse_moe.experts.3.w3.lora_B.weight"]
+
+
+def _rank_of_one_expert(t):
+    key = f"{PREFIX}model.layers.0.block_sparse_moe.experts.2.w1"
+    t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"] = torch.randn(3, 32), torch.randn(64, 3)
+
+
+def _both_layouts(t):
+    t[f"{PREFIX}model.layers.0.mlp.experts.lora_A.weight"] = torch.randn(8, 64)
+
+
+def _renamed_twice(t):
+    t[f"{PREFIX}model.layers.0.mlp.gate.lora_A.weight"] = torch.randn(2, 32)
+
+
+def _expert_beyond(t):
+    t[f"{PREFIX}model.layers.0.block_sparse_moe.experts.4.w2.lora_A.weight"] = torch.randn(2, 64)
+
+
+def _wrong_shape(t):
+    t[f"{PREFIX}model.layers.0.block_sparse_moe.experts.1.w2.lora_B.weight"] = torch.randn(31, 2)
+
+
+REFUSALS = {
+    "missing expert": (_drop_expert, {}, ["incomplete", "layers.1.block_sparse_moe.experts.3.w3.lora_B.weight"]),
+    "ranks differ": (_rank_of_one_expert, {}, ["different ranks", "rank 3: 2.w1)"]),
+    "rank of the config": (lambda t: None, {"r": 4}, ["rank 2", "rank 8", "r=2"]),
+    "both layouts": (_both_layouts, {}, ["both layouts", "mlp.experts.lora_A.weight"]),
+    "renamed beside new name": (_renamed_twice, {}, ["both layouts", "block_sparse_moe.gate.lora_A.weight"]),
+    "expert beyond": (_expert_beyond, {}, ["no place for", "experts.4.w2", "block_sparse_moe.experts.<e>.w2.lora_<A|B>.weight' for experts e = 0..3"]),
+    "shape": (_wrong_shape, {}, ["(31, 2)", "valid is (32, 2)", "block_sparse_moe.experts.1.w2.lora_B.weight"]),
+    "rslora scaling": (lambda t: None, {"use_rslora": True}, ["sqrt(2)", "alpha_pattern {'gate_up_proj': 5.65685"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_files_that_cannot_be_converted_exactly_are_refused(tmp_path, case):
+    edit, config, phrases = REFUSALS[case]
+    tensors = v4_tensors("mixtral")
+    edit(tensors)
+    directory = write_v4(tmp_path / "v4", "mixtral", tensors, **config)
+    model = mixtral()
+    before = state_snapshot(model)
+    with pytest.raises(CheckpointError) as caught:
+        fxlora.LoraModel.from_pretrained(model, directory)
+    for phrase in phrases:
+        assert phrase in str(caught.value)
+    assert_same_state(model, before)
+    assert not any("lora" in name for name, _ in model.named_modules())
+    lm = fxlora.LoraModel.from_pretrained(model, write_v4(tmp_path / "good", "mixtral", v4_tensors("mixtral", seed=1)))
+    kept = {k: v.clone() for k, v in fxlora.get_peft_model_state_dict(lm).items()}
+    with pytest.raises(CheckpointError):
+        lm.load_adapter(directory, "other")
+    assert list(lm.peft_config) == ["default"]
+    if not config:  # the same refusal for a state dict, which leaves the adapter as it was
+        with pytest.raises(CheckpointError):
+            fxlora.set_peft_model_state_dict(lm, tensors)
+    assert_same_tensors(fxlora.get_peft_model_state_dict(lm), kept)
+
+
+def test_rslora_file_loads_exactly_with_the_alpha_the_refusal_names(tmp_path):
+    """With use_rslora PEFT's fused scaling 2 alpha / sqrt(2 r) is sqrt(2) times the trained one; the
+    alpha_pattern the refusal names restores alpha / sqrt(r) exactly (the updates PEFT cannot give)."""
+    tensors = v4_tensors("mixtral", seed=3)
+    alpha = 4 * math.sqrt(2)
+    directory = write_v4(tmp_path / "v4", "mixtral", tensors, use_rslora=True, alpha_pattern={"gate_up_proj": alpha})
+    ours = fxlora.LoraModel.from_pretrained(mixtral(), directory)
+    experts = ours.model.get_submodule("model.layers.1.mlp.experts")
+    fused = PARAMETER.lora_weight(experts, "default", False, torch.float32, "gate_up_proj")
+    key = f"{PREFIX}model.layers.1.block_sparse_moe.experts.2"
+    old = [tensors[f"{key}.{p}.lora_B.weight"] @ tensors[f"{key}.{p}.lora_A.weight"] * (4 / math.sqrt(2)) for p in ("w1", "w3")]
+    torch.testing.assert_close(fused[2], torch.cat(old), rtol=1e-6, atol=1e-6)
