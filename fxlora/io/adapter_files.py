@@ -36,7 +36,7 @@ from fxlora.io.distributed import copy_into, full_tensor
 from fxlora.io.adapter_dir import current_pair, dir_state, file_identity, replace_pair
 from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file, give_file_mode
 from fxlora.io.model_card import CARD_NAME, CardFacts, updated_card
-from fxlora.io.moe_files import convert_expert_tensors, parameter_owners
+from fxlora.io.moe_files import convert_expert_tensors
 from fxlora.config import LoraConfig
 from fxlora.core.layers import fxlora_internal_names
 from fxlora.planning.matching import matches_name_list
@@ -292,7 +292,7 @@ def plan_files(model: nn.Module, files: AdapterFiles, adapter_name: str) -> Plan
         plan = make_plan(model, files.config, adapter_name, trace="eager")
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{files.config_path} does not fit this model: {exc}") from exc
-    files.tensors = convert_expert_tensors(model, files.tensors, parameter_owners(plan.targets), files.config, str(files.weights_path))
+    files.tensors = convert_expert_tensors(model, files.tensors, plan.targets, files.config, str(files.weights_path))
     return plan
 
 

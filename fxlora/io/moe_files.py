@@ -3,7 +3,8 @@ fused experts: PEFT 0.21.2's conversion on load (``convert_peft_adapter_state_di
 done by fxlora itself.
 
 transformers 5 stacks the experts of some MoE families (`fxlora.planning.parameters.moe_family`:
-Mixtral, Qwen2/3-MoE, OLMoE, ...) into 3-D parameters, and `moe_resolution` turns a config naming
+Mixtral, Qwen3-MoE, OLMoE, ...; as in PEFT not ``qwen2_moe`` itself) into 3-D parameters, and
+`fxlora.planning.parameters.moe_resolution` turns a config naming
 the old modules into ``target_parameters`` (the fused ``gate_up_proj`` at rank ``n r``, alpha ``n α``).
 This module turns the old *tensors* into the factors of the ``parameter`` kind
 (`fxlora.kinds.parameter`: A ``(r E, in)``, B ``(out, r E)``, expert ``e``'s update
@@ -33,7 +34,11 @@ key beside its new name), missing experts or projections, keys of experts beyond
 factor names, ranks that differ between experts or projections or from the config's rank of ``p``
 (``n r``), shapes that are not the expert's, and a per-expert scaling the fused parameter does not
 keep (``use_rslora``: ``n α / sqrt(n r)`` is ``sqrt(n)`` times ``α / sqrt(r)``, which PEFT loads
-as it is; or an ``alpha_pattern`` on old names).
+as it is; or an ``alpha_pattern`` on old names); for a file load also the factors of a module named
+like an old projection that the converted config no longer adapts (a shared expert's ``nn.Linear``
+``gate_proj``, whose tensors PEFT drops). Where the file is not in the old layout nothing changes.
+The conversion follows the adapter's plan (which parameters it targets, at which rank), so it applies
+to any config that targets the fused parameters, converted or written for transformers 5.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from fxlora.io.peft_format import PEFT_PREFIX
 from fxlora.kinds.parameter import PARAMETER, ParamTarget, geometry, parameter_file_suffix
 from fxlora.planning.parameters import moe_expert_sources, moe_family
 
-__all__ = ["ParamOwner", "parameter_owners", "adapter_parameter_owners", "convert_expert_tensors"]
+__all__ = ["Target", "adapter_targets", "convert_expert_tensors"]
 
 #: module renames transformers 5 applies to the checkpoints of a family (old segment, new segment)
 _RENAMED_SEGMENTS = {"mixtral": (("block_sparse_moe", "mlp"),)}
@@ -60,44 +65,43 @@ _HOLDERS = ("lora_A", "lora_B")
 _LISTED = 6  # keys named in one message
 
 
-class ParamOwner(NamedTuple):
-    """A module whose parameters an adapter targets: its name, the module, the adapter's spec
-    (a `fxlora.planning.parameters.ParameterSpec`)."""
+class Target(NamedTuple):
+    """An adapted module as the conversion sees it (`fxlora.planning.plan.TargetPlan` is one too)."""
 
     name: str
     module: nn.Module
-    spec: AdapterSpec
+    kind: object  # a `fxlora.kinds.LayerKind`
+    spec: AdapterSpec  # for the ``parameter`` kind a `fxlora.planning.parameters.ParameterSpec`
 
 
-def parameter_owners(targets: Iterable) -> list[ParamOwner]:
-    """The `ParamOwner`s among planned targets (anything with ``name``, ``module``, ``kind``, ``spec``)."""
-    return [ParamOwner(t.name, t.module, t.spec) for t in targets if t.kind is PARAMETER]
-
-
-def adapter_parameter_owners(model: nn.Module, adapter: str) -> list[ParamOwner]:
-    """The `ParamOwner`s of the adapter `adapter` attached to `model`."""
-    owners = []
+def adapter_targets(model: nn.Module, adapter: str) -> list[Target]:
+    """The modules the adapter `adapter` attached to `model` adapts."""
+    found = []
     for name, module in model.named_modules():
         meta = target_meta(module)
-        if meta is not None and meta.kind is PARAMETER and adapter in meta.adapters:
-            owners.append(ParamOwner(name, module, meta.adapters[adapter]))
-    return owners
+        if meta is not None and adapter in meta.adapters:
+            found.append(Target(name, module, meta.kind, meta.adapters[adapter]))
+    return found
 
 
 def convert_expert_tensors(
-    model: nn.Module, tensors: dict[str, torch.Tensor], owners: list[ParamOwner], config: LoraConfig, where: str
+    model: nn.Module, tensors: dict[str, torch.Tensor], targets: Iterable, config: LoraConfig, where: str, strict: bool = True
 ) -> dict[str, torch.Tensor]:
     """`tensors` (file keys without ``base_model.model.``) with transformers 4 per-expert keys
-    converted for the adapter whose parameter targets are `owners` (module docstring); `tensors`
-    itself where `model` is no converted MoE family or nothing is to convert. `config` is the
-    adapter's, `where` names the file in errors. Raises `CheckpointError`; changes nothing."""
+    converted for the adapter that adapts `targets` (`Target`s; module docstring); `tensors` itself
+    where `model` is no converted MoE family or nothing is to convert. `config` is the adapter's,
+    `where` names the file in errors. `strict` also refuses the factors of a module named like an
+    old expert projection that the adapter does not adapt (a shared expert's ``gate_proj``: the old
+    names now mean the fused parameters; PEFT drops these tensors); else they are left in.
+    Raises `CheckpointError`; changes nothing."""
     family = moe_family(model)
     if family is None:
         return tensors
+    targets = list(targets)
     renames = tuple((old, new) for old, new in _RENAMED_SEGMENTS.get(family, ()) if not _has_segment(model, old))
     out, names = _renamed(tensors, renames, where)
     sources = moe_expert_sources(family)
-    for owner in owners:
+    for owner in (t for t in targets if t.kind is PARAMETER):
         params = owner.spec.params
         for position, target in enumerate(params):
             olds = sources.get(target.name)
@@ -108,7 +112,30 @@ def convert_expert_tensors(
                 out = out if out is not tensors else dict(tensors)
                 fused = {h: f"{owner.name}.{parameter_file_suffix(position, len(params), h)}" for h in _HOLDERS}
                 _Conversion(owner, target, olds, names).apply(out, found, fused, config)
+    if strict:
+        _refuse_unadapted(model, out, {t.name for t in targets}, sources, names)
     return out
+
+
+def _refuse_unadapted(model: nn.Module, tensors: dict, adapted: set[str], sources: dict, names: "_Names") -> None:
+    """`CheckpointError` for factors of modules named like an old expert projection that are not adapted."""
+    olds = {old for group in sources.values() for old in group}
+    modules = dict(model.named_modules())
+    left = {}
+    for key in tensors:
+        owner, _, rest = key.rpartition(".lora_")
+        if rest in ("A.weight", "B.weight") and owner in modules and owner not in adapted and owner.rpartition(".")[2] in olds:
+            left[key] = owner
+    if left:
+        owners = sorted(set(left.values()))
+        raise CheckpointError(
+            f"{names.where}: the file holds factors of {owners[:_LISTED]} ({names.listed(left)}), which this config "
+            f"does not adapt on this transformers 5 model: there its entries {sorted(olds)} name the fused experts' "
+            "parameters (as in PEFT, which drops these tensors); fxlora refuses rather than drop them. To load the adapter "
+            "as trained, name these modules by a regex target_modules (matched as written, e.g. "
+            r"'.*\.shared_experts?\.(gate_proj|up_proj|down_proj)') and the experts by target_parameters=['experts."
+            "gate_up_proj', 'experts.down_proj'] with rank_pattern / alpha_pattern {'gate_up_proj': 2 r / 2 lora_alpha}"
+        )
 
 
 class _Names(NamedTuple):
@@ -166,7 +193,7 @@ def _per_expert_keys(tensors: dict[str, torch.Tensor], owner: str, olds: tuple[s
 class _Conversion(NamedTuple):
     """The conversion of the per-expert tensors of one fused parameter `target` of `owner`."""
 
-    owner: ParamOwner
+    owner: Target
     target: ParamTarget
     olds: tuple[str, ...]
     names: _Names

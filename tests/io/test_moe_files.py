@@ -15,13 +15,12 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import fxlora
-from fxlora import LoraConfig
 from fxlora.errors import CheckpointError
 from fxlora.kinds.parameter import PARAMETER
 from models import assert_same_state, state_snapshot
 
 peft = pytest.importorskip("peft")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kinds"))
 from test_target_parameters import ids, mixtral, qwen3_moe  # noqa: E402
 
@@ -223,3 +222,56 @@ def test_rslora_file_loads_exactly_with_the_alpha_the_refusal_names(tmp_path):
     key = f"{PREFIX}model.layers.1.block_sparse_moe.experts.2"
     old = [tensors[f"{key}.{p}.lora_B.weight"] @ tensors[f"{key}.{p}.lora_A.weight"] * (4 / math.sqrt(2)) for p in ("w1", "w3")]
     torch.testing.assert_close(fused[2], torch.cat(old), rtol=1e-6, atol=1e-6)
+
+
+def glm4_moe() -> nn.Module:
+    """A tiny transformers 5 GLM-4-MoE (family qwen2_moe): fused routed experts beside a shared
+    expert whose projections are still ``nn.Linear`` ``gate_proj`` / ``up_proj`` / ``down_proj``."""
+    torch.manual_seed(0)
+    config = transformers.Glm4MoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, first_k_dense_replace=0,
+        num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        vocab_size=100, head_dim=8, n_group=1, topk_group=1,
+    )
+    return transformers.Glm4MoeForCausalLM(config).eval()
+
+
+def _with_shared_experts(seed: int = 4) -> dict[str, torch.Tensor]:
+    g, tensors = torch.Generator().manual_seed(seed), {}
+    shapes = {"gate_proj": (32, 16), "up_proj": (32, 16), "down_proj": (16, 32)}
+    for i in range(2):
+        for owner in [f"experts.{e}" for e in range(4)] + ["shared_experts"]:
+            for proj, (fan_in, fan_out) in shapes.items():
+                key = f"{PREFIX}model.layers.{i}.mlp.{owner}.{proj}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(2, fan_in, generator=g)
+                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, 2, generator=g)
+    return tensors
+
+
+def test_a_shared_experts_file_is_refused_and_loads_as_trained_with_the_config_the_error_names(tmp_path):
+    """PEFT's conversion of ``gate_proj`` etc. leaves a shared expert's ``nn.Linear`` unadapted and
+    drops its tensors; fxlora refuses, and the regex + target_parameters config it names loads all."""
+    tensors = _with_shared_experts()
+    directory = write_v4(tmp_path / "v4", "qwen3_moe", tensors, target_modules=["gate_proj", "up_proj", "down_proj"])
+    model = glm4_moe()
+    before = state_snapshot(model)
+    with pytest.raises(CheckpointError, match=r"shared_experts.*drops these tensors.*regex target_modules"):
+        fxlora.LoraModel.from_pretrained(model, directory)
+    assert_same_state(model, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(glm4_moe(), directory)
+    assert not any(".shared_experts." in k for k in peft.get_peft_model_state_dict(theirs))  # PEFT drops them
+    config = dict(
+        target_modules=r".*\.shared_experts?\.(gate_proj|up_proj|down_proj)", target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        rank_pattern={"gate_up_proj": 4}, alpha_pattern={"gate_up_proj": 8},
+    )
+    ours = fxlora.LoraModel.from_pretrained(model, write_v4(tmp_path / "as_trained", "qwen3_moe", tensors, **config))
+    mine = fxlora.get_peft_model_state_dict(ours)
+    shared = {k: v for k, v in tensors.items() if ".shared_experts." in k}
+    assert_same_tensors({k: v for k, v in mine.items() if ".shared_experts." in k}, shared)
+    experts = ours.model.get_submodule("model.layers.1.mlp.experts")
+    fused = PARAMETER.lora_weight(experts, "default", False, torch.float32, "gate_up_proj")
+    key = f"{PREFIX}model.layers.1.mlp.experts.3"
+    old = [tensors[f"{key}.{p}.lora_B.weight"] @ tensors[f"{key}.{p}.lora_A.weight"] * 2 for p in ("gate_proj", "up_proj")]
+    torch.testing.assert_close(fused[3], torch.cat(old), rtol=1e-6, atol=1e-6)
