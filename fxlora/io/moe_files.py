@@ -43,9 +43,10 @@ to any config that targets the fused parameters, converted or written for transf
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -55,7 +56,7 @@ from fxlora.core.layers import AdapterSpec, target_meta
 from fxlora.errors import CheckpointError
 from fxlora.io.peft_format import PEFT_PREFIX
 from fxlora.kinds.parameter import PARAMETER, ParamTarget, geometry, parameter_file_suffix
-from fxlora.planning.parameters import moe_expert_sources, moe_family
+from fxlora.planning.parameters import moe_expert_sources, moe_family, moe_resolution
 
 __all__ = ["Target", "adapter_targets", "convert_expert_tensors"]
 
@@ -113,29 +114,65 @@ def convert_expert_tensors(
                 fused = {h: f"{owner.name}.{parameter_file_suffix(position, len(params), h)}" for h in _HOLDERS}
                 _Conversion(owner, target, olds, names).apply(out, found, fused, config)
     if strict:
-        _refuse_unadapted(model, out, {t.name for t in targets}, sources, names)
+        _refuse_unadapted(model, out, targets, config, sources, names)
     return out
 
 
-def _refuse_unadapted(model: nn.Module, tensors: dict, adapted: set[str], sources: dict, names: "_Names") -> None:
+def _refuse_unadapted(model: nn.Module, tensors: dict, targets: list, config: LoraConfig, sources: dict, names: "_Names") -> None:
     """`CheckpointError` for factors of modules named like an old expert projection that are not adapted."""
     olds = {old for group in sources.values() for old in group}
-    modules = dict(model.named_modules())
+    modules, adapted = dict(model.named_modules()), {t.name for t in targets}
     left = {}
     for key in tensors:
         owner, _, rest = key.rpartition(".lora_")
         if rest in ("A.weight", "B.weight") and owner in modules and owner not in adapted and owner.rpartition(".")[2] in olds:
             left[key] = owner
-    if left:
-        owners = sorted(set(left.values()))
-        raise CheckpointError(
-            f"{names.where}: the file holds factors of {owners[:_LISTED]} ({names.listed(left)}), which this config "
-            f"does not adapt on this transformers 5 model: there its entries {sorted(olds)} name the fused experts' "
-            "parameters (as in PEFT, which drops these tensors); fxlora refuses rather than drop them. To load the adapter "
-            "as trained, name these modules by a regex target_modules (matched as written, e.g. "
-            r"'.*\.shared_experts?\.(gate_proj|up_proj|down_proj)') and the experts by target_parameters=['experts."
-            "gate_up_proj', 'experts.down_proj'] with rank_pattern / alpha_pattern {'gate_up_proj': 2 r / 2 lora_alpha}"
-        )
+    if not left:
+        return
+    owners = sorted(set(left.values()))
+    suggested = _config_as_trained(model, config, owners)
+    how = (
+        f"with the config fields {json.dumps(suggested)} (a regex target_modules is matched as written)"
+        if suggested is not None
+        else "with a regex target_modules naming them (matched as written) and target_parameters for the experts"
+    )
+    raise CheckpointError(
+        f"{names.where}: the file holds factors of {len(owners)} modules ({', '.join(owners[:_LISTED])}"
+        f"{', ...' if len(owners) > _LISTED else ''}) that this config does not adapt on this transformers 5 model: there its entries {sorted(olds)} name the fused experts' parameters (as in "
+        f"PEFT, which drops these tensors); fxlora refuses rather than drop them. To load the adapter as trained, load it {how}"
+    )
+
+
+def _config_as_trained(model: nn.Module, config: LoraConfig, owners: list[str]) -> Optional[dict]:
+    """The config fields that adapt what `config` adapts on `model` (PEFT's conversion) plus the
+    modules `owners`: a regex ``target_modules`` (never converted) and the conversion's parameter
+    targets, ranks and alphas; None for a config that is not a list of names."""
+    if not isinstance(config.target_modules, (list, tuple, set, frozenset)) or config.is_all_linear:
+        return None
+    resolution = moe_resolution(model, config, ())
+    if resolution is None:
+        return None
+    listed = [rf"(.*\.)?{re.escape(entry)}" for entry in sorted(resolution.target_modules)]
+    return {
+        "target_modules": "|".join(listed + _patterns(model, owners)),
+        "target_parameters": resolution.target_parameters,
+        "rank_pattern": resolution.rank_pattern,
+        "alpha_pattern": resolution.alpha_pattern,
+    }
+
+
+def _patterns(model: nn.Module, owners: list[str]) -> list[str]:
+    """Regexes that match the modules `owners` and no other module of `model`: one per name with
+    its numbers generalised where that matches only `owners`, else the names themselves."""
+    general: dict[str, list[str]] = {}
+    for name in owners:
+        general.setdefault(r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in name.split(".")), []).append(name)
+    names = [n for n, _ in model.named_modules()]
+    patterns = []
+    for pattern, group in sorted(general.items()):
+        exact = all(n in group for n in names if re.fullmatch(pattern, n))
+        patterns.extend([pattern] if exact else [re.escape(n) for n in group])
+    return patterns
 
 
 class _Names(NamedTuple):

@@ -5,6 +5,7 @@ its old updates stacked; files that cannot be converted exactly are refused, the
 
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -240,6 +241,8 @@ def _with_shared_experts(seed: int = 4) -> dict[str, torch.Tensor]:
     g, tensors = torch.Generator().manual_seed(seed), {}
     shapes = {"gate_proj": (32, 16), "up_proj": (32, 16), "down_proj": (16, 32)}
     for i in range(2):
+        tensors[f"{PREFIX}model.layers.{i}.self_attn.q_proj.lora_A.weight"] = torch.randn(2, 32, generator=g)
+        tensors[f"{PREFIX}model.layers.{i}.self_attn.q_proj.lora_B.weight"] = torch.randn(32, 2, generator=g)
         for owner in [f"experts.{e}" for e in range(4)] + ["shared_experts"]:
             for proj, (fan_in, fan_out) in shapes.items():
                 key = f"{PREFIX}model.layers.{i}.mlp.{owner}.{proj}"
@@ -248,28 +251,28 @@ def _with_shared_experts(seed: int = 4) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_a_shared_experts_file_is_refused_and_loads_as_trained_with_the_config_the_error_names(tmp_path):
+@pytest.mark.parametrize("shared_in", [(0, 1), (1,)])
+def test_a_shared_experts_file_is_refused_and_loads_as_trained_with_the_config_the_error_names(tmp_path, shared_in):
     """PEFT's conversion of ``gate_proj`` etc. leaves a shared expert's ``nn.Linear`` unadapted and
-    drops its tensors; fxlora refuses, and the regex + target_parameters config it names loads all."""
-    tensors = _with_shared_experts()
-    directory = write_v4(tmp_path / "v4", "qwen3_moe", tensors, target_modules=["gate_proj", "up_proj", "down_proj"])
+    drops its tensors; fxlora refuses, and the regex + target_parameters config it names loads all
+    (the shared experts of every layer, or of the one layer the file adapts)."""
+    tensors = {k: v for k, v in _with_shared_experts().items() if ".shared_experts." not in k or int(k.split(".")[4]) in shared_in}
+    directory = write_v4(tmp_path / "v4", "qwen3_moe", tensors, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
     model = glm4_moe()
     before = state_snapshot(model)
-    with pytest.raises(CheckpointError, match=r"shared_experts.*drops these tensors.*regex target_modules"):
+    with pytest.raises(CheckpointError, match=r"shared_experts.*drops these tensors") as caught:
         fxlora.LoraModel.from_pretrained(model, directory)
     assert_same_state(model, before)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(glm4_moe(), directory)
     assert not any(".shared_experts." in k for k in peft.get_peft_model_state_dict(theirs))  # PEFT drops them
-    config = dict(
-        target_modules=r".*\.shared_experts?\.(gate_proj|up_proj|down_proj)", target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-        rank_pattern={"gate_up_proj": 4}, alpha_pattern={"gate_up_proj": 8},
-    )
+    config = json.loads(re.search(r"with the config fields (\{.*\}) \(a regex", str(caught.value)).group(1))
+    assert config["rank_pattern"] == {r".*\.gate_up_proj": 4} and config["alpha_pattern"] == {r".*\.gate_up_proj": 8}
     ours = fxlora.LoraModel.from_pretrained(model, write_v4(tmp_path / "as_trained", "qwen3_moe", tensors, **config))
     mine = fxlora.get_peft_model_state_dict(ours)
-    shared = {k: v for k, v in tensors.items() if ".shared_experts." in k}
-    assert_same_tensors({k: v for k, v in mine.items() if ".shared_experts." in k}, shared)
+    unfused = {k: v for k, v in tensors.items() if ".experts." not in k}  # attention, shared experts
+    assert_same_tensors({k: v for k, v in mine.items() if ".experts." not in k}, unfused)
     experts = ours.model.get_submodule("model.layers.1.mlp.experts")
     fused = PARAMETER.lora_weight(experts, "default", False, torch.float32, "gate_up_proj")
     key = f"{PREFIX}model.layers.1.mlp.experts.3"
