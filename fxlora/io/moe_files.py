@@ -119,17 +119,21 @@ def convert_expert_tensors(
 
 
 def _refuse_unadapted(model: nn.Module, tensors: dict, targets: list, config: LoraConfig, sources: dict, names: "_Names") -> None:
-    """`CheckpointError` for factors of modules named like an old expert projection that are not adapted."""
+    """`CheckpointError` for factors of modules named like an old expert projection that are not
+    adapted because the config's entries naming them now name the experts' parameters."""
     olds = {old for group in sources.values() for old in group}
+    entries = () if isinstance(config.target_modules, str) else config.target_modules or ()
+    if not config.is_all_linear and not any(e == o or e.endswith("." + o) for e in entries for o in olds):
+        return  # nothing was moved away from these modules: the layout check reports their keys
     modules, adapted = dict(model.named_modules()), {t.name for t in targets}
-    left = {}
+    owners = set()
     for key in tensors:
         owner, _, rest = key.rpartition(".lora_")
         if rest in ("A.weight", "B.weight") and owner in modules and owner not in adapted and owner.rpartition(".")[2] in olds:
-            left[key] = owner
-    if not left:
+            owners.add(owner)
+    if not owners:
         return
-    owners = sorted(set(left.values()))
+    owners = sorted(owners)
     suggested = _config_as_trained(model, config, owners)
     how = (
         f"with the config fields {json.dumps(suggested)} (a regex target_modules is matched as written)"
@@ -138,8 +142,9 @@ def _refuse_unadapted(model: nn.Module, tensors: dict, targets: list, config: Lo
     )
     raise CheckpointError(
         f"{names.where}: the file holds factors of {len(owners)} modules ({', '.join(owners[:_LISTED])}"
-        f"{', ...' if len(owners) > _LISTED else ''}) that this config does not adapt on this transformers 5 model: there its entries {sorted(olds)} name the fused experts' parameters (as in "
-        f"PEFT, which drops these tensors); fxlora refuses rather than drop them. To load the adapter as trained, load it {how}"
+        f"{', ...' if len(owners) > _LISTED else ''}) that this config does not adapt on this transformers 5 model: "
+        f"there its entries {sorted(olds)} name the fused experts' parameters (as in PEFT, which drops these "
+        f"tensors); fxlora refuses rather than drop them. To load the adapter as trained, load it {how}"
     )
 
 
@@ -307,14 +312,14 @@ class _Conversion(NamedTuple):
                 f"{n * rank} is needed (rank_pattern on the old module names is not converted); give the adapter the "
                 f"rank it was trained with (r={rank}, or rank_pattern {{{target.name!r}: {n * rank}}})"
             )
-        for old in self.olds:
-            alpha = config.alpha_for(f"{self.owner.name}.0.{old}")
+        for old, e in ((o, e) for o in self.olds for e in range(geometry(self.owner.module, target.name).experts)):
+            alpha = config.alpha_for(f"{self.owner.name}.{e}.{old}")
             trained = scaling_value(alpha, rank, rslora)
             if not math.isclose(trained, target.scaling, rel_tol=1e-9):
                 formula = f"{alpha:g} / sqrt({rank})" if rslora else f"{alpha:g} / {rank}"
                 needed = trained * (math.sqrt(target.r) if rslora else target.r)
                 raise self.fail(
-                    f"were trained with scaling {formula} = {trained:g} for {old!r}, but the fused parameter's rank "
+                    f"were trained with scaling {formula} = {trained:g} for {e}.{old}, but the fused parameter's rank "
                     f"{target.r} and alpha {target.alpha:g} give {target.scaling:g} (PEFT loads it so); to load it "
-                    f"exactly, add alpha_pattern {{{target.name!r}: {needed:g}}} to the config"
+                    f"exactly, add alpha_pattern {{{target.name!r}: {needed!r}}} to the config"
                 )

@@ -213,9 +213,12 @@ def test_files_that_cannot_be_converted_exactly_are_refused(tmp_path, case):
 
 def test_rslora_file_loads_exactly_with_the_alpha_the_refusal_names(tmp_path):
     """With use_rslora PEFT's fused scaling 2 alpha / sqrt(2 r) is sqrt(2) times the trained one; the
-    alpha_pattern the refusal names restores alpha / sqrt(r) exactly (the updates PEFT cannot give)."""
+    alpha_pattern the refusal names restores alpha / sqrt(r) (the updates PEFT cannot give)."""
     tensors = v4_tensors("mixtral", seed=3)
-    alpha = 4 * math.sqrt(2)
+    with pytest.raises(CheckpointError) as caught:
+        fxlora.LoraModel.from_pretrained(mixtral(), write_v4(tmp_path / "as_is", "mixtral", tensors, use_rslora=True))
+    alpha = float(re.search(r"alpha_pattern \{'gate_up_proj': ([0-9.e+-]+)\}", str(caught.value)).group(1))
+    assert math.isclose(alpha, 4 * math.sqrt(2), rel_tol=1e-15)
     directory = write_v4(tmp_path / "v4", "mixtral", tensors, use_rslora=True, alpha_pattern={"gate_up_proj": alpha})
     ours = fxlora.LoraModel.from_pretrained(mixtral(), directory)
     experts = ours.model.get_submodule("model.layers.1.mlp.experts")
