@@ -127,7 +127,7 @@ def test_saved_file_is_fused_and_peft_reads_it_back(tmp_path, family):
     assert torch.equal(logits(back), logits(ours))
 
 
-def test_load_adapter_and_set_peft_model_state_dict_convert_too(tmp_path):
+def test_load_adapter_hotswap_and_set_peft_model_state_dict_convert_too(tmp_path):
     family = "mixtral"
     tensors = v4_tensors(family, seed=2)
     directory = write_v4(tmp_path / "v4", family, tensors)
@@ -138,6 +138,9 @@ def test_load_adapter_and_set_peft_model_state_dict_convert_too(tmp_path):
     result = fxlora.set_peft_model_state_dict(ours, tensors, adapter_name="default")  # per-expert keys, in memory
     assert result.missing_keys == [] and result.unexpected_keys == []
     assert_same_tensors(fxlora.get_peft_model_state_dict(ours, adapter_name="default"), theirs)
+    swapped = write_v4(tmp_path / "swapped", family, v4_tensors(family, seed=3))
+    ours.hotswap_adapter(swapped, "second")
+    assert_same_tensors(fxlora.get_peft_model_state_dict(ours, adapter_name="second"), peft.get_peft_model_state_dict(peft_load(family, swapped)))
 
 
 def test_router_only_file_is_renamed(tmp_path):
