@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import fxlora
+from fxlora import LoraConfig
 from fxlora.errors import CheckpointError
 from fxlora.kinds.parameter import PARAMETER
 from models import assert_same_state, state_snapshot
@@ -24,6 +27,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kinds"))
 from test_target_parameters import ids, mixtral, qwen3_moe  # noqa: E402
+from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers  # noqa: E402
 
 PREFIX = "base_model.model."
 #: per family: the builder, transformers 4's MoE block name, its expert projections (w1, w3, w2 roles)
@@ -91,6 +95,8 @@ def test_per_expert_file_loads_as_in_peft(tmp_path, family):
     mine = fxlora.get_peft_model_state_dict(ours)
     assert_same_tensors(mine, peft.get_peft_model_state_dict(theirs))
     assert f"{PREFIX}model.layers.1.mlp.experts.base_layer.lora_B.weight" in mine  # gate_up_proj, fused
+    file = load_file(str(directory / "adapter_model.safetensors"))  # and PEFT's conversion function itself
+    assert_same_tensors(mine, convert_peft_adapter_state_dict_for_transformers(theirs, theirs.peft_config["default"], file))
     want = logits(theirs)
     assert not torch.allclose(want, logits(FAMILIES[family][0]()), atol=1e-3)
     assert torch.equal(logits(ours), want)
@@ -284,3 +290,49 @@ def test_a_shared_experts_file_is_refused_and_loads_as_trained_with_the_config_t
     key = f"{PREFIX}model.layers.1.mlp.experts.3"
     old = [tensors[f"{key}.{p}.lora_B.weight"] @ tensors[f"{key}.{p}.lora_A.weight"] * 2 for p in ("gate_proj", "up_proj")]
     torch.testing.assert_close(fused[3], torch.cat(old), rtol=1e-6, atol=1e-6)
+
+
+class _Experts(nn.Module):
+    """Fused experts as transformers 5 stores them (E, out, in), in a model of a converted family."""
+
+    def __init__(self, experts: int, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(experts, 2 * ffn, hidden))
+        self.down_proj = nn.Parameter(torch.zeros(experts, hidden, ffn))
+
+
+@given(
+    experts=st.integers(1, 5), hidden=st.integers(1, 6), ffn=st.integers(1, 6), r=st.integers(1, 4),
+    alpha=st.sampled_from([1.0, 3.0, 16.0]), seed=st.integers(0, 2**16),
+)
+def test_property_each_fused_update_is_the_old_updates_stacked(experts, hidden, ffn, r, alpha, seed):
+    """For any expert count, sizes, rank and alpha: expert e's update of the fused factors
+    (``B[:, e::E] @ A[e n r:(e+1) n r]``, times the fused scaling) is its old updates stacked."""
+    from types import SimpleNamespace
+
+    from fxlora.config import scaling_value
+    from fxlora.io.moe_files import Target, convert_expert_tensors
+    from fxlora.kinds.parameter import ParamTarget
+    from fxlora.planning.parameters import ParameterSpec
+
+    model = nn.Module()
+    model.config = SimpleNamespace(model_type="qwen3_moe")
+    model.experts = _Experts(experts, hidden, ffn)
+    params = tuple(ParamTarget(p, n * r, n * alpha, scaling_value(n * alpha, n * r, False)) for p, n in (("gate_up_proj", 2), ("down_proj", 1)))
+    target = Target("experts", model.experts, PARAMETER, ParameterSpec(r=2 * r, alpha=2 * alpha, params=params))
+    g, tensors = torch.Generator().manual_seed(seed), {}
+    for e in range(experts):
+        for proj, fan_in, fan_out in (("gate_proj", hidden, ffn), ("up_proj", hidden, ffn), ("down_proj", ffn, hidden)):
+            tensors[f"experts.{e}.{proj}.lora_A.weight"] = torch.randn(r, fan_in, generator=g, dtype=torch.float64)
+            tensors[f"experts.{e}.{proj}.lora_B.weight"] = torch.randn(fan_out, r, generator=g, dtype=torch.float64)
+    out = convert_expert_tensors(model, tensors, [target], LoraConfig(r=r, lora_alpha=alpha, target_modules=["x"]), "here")
+    assert set(out) == {"experts.base_layer.lora_A.weight", "experts.base_layer.lora_B.weight", "experts.lora_A.weight", "experts.lora_B.weight"}
+
+    def old(e: int, proj: str) -> torch.Tensor:
+        return tensors[f"experts.{e}.{proj}.lora_B.weight"] @ tensors[f"experts.{e}.{proj}.lora_A.weight"] * (alpha / r)
+
+    for key, target_param, projs in (("experts.base_layer", params[0], ("gate_proj", "up_proj")), ("experts", params[1], ("down_proj",))):
+        a, b, rank = out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"], target_param.r
+        for e in range(experts):
+            fused = b[:, e::experts] @ a[e * rank:(e + 1) * rank] * target_param.scaling
+            torch.testing.assert_close(fused, torch.cat([old(e, p) for p in projs]), rtol=1e-12, atol=1e-12)
