@@ -9,6 +9,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +20,11 @@ from safetensors.torch import load_file, save_file
 
 import fxlora
 from fxlora import LoraConfig
+from fxlora.config import scaling_value
 from fxlora.errors import CheckpointError
-from fxlora.kinds.parameter import PARAMETER
+from fxlora.io.moe_files import Target, convert_expert_tensors
+from fxlora.kinds.parameter import PARAMETER, ParamTarget
+from fxlora.planning.parameters import ParameterSpec
 from models import assert_same_state, state_snapshot
 
 peft = pytest.importorskip("peft")
@@ -308,13 +312,6 @@ class _Experts(nn.Module):
 def test_property_each_fused_update_is_the_old_updates_stacked(experts, hidden, ffn, r, alpha, seed):
     """For any expert count, sizes, rank and alpha: expert e's update of the fused factors
     (``B[:, e::E] @ A[e n r:(e+1) n r]``, times the fused scaling) is its old updates stacked."""
-    from types import SimpleNamespace
-
-    from fxlora.config import scaling_value
-    from fxlora.io.moe_files import Target, convert_expert_tensors
-    from fxlora.kinds.parameter import ParamTarget
-    from fxlora.planning.parameters import ParameterSpec
-
     model = nn.Module()
     model.config = SimpleNamespace(model_type="qwen3_moe")
     model.experts = _Experts(experts, hidden, ffn)
