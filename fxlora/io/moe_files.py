@@ -4,8 +4,8 @@ done by fxlora itself.
 
 transformers 5 stacks the experts of some MoE families (`fxlora.planning.parameters.moe_family`:
 Mixtral, Qwen3-MoE, OLMoE, ...; as in PEFT not ``qwen2_moe`` itself) into 3-D parameters, and
-`fxlora.planning.parameters.moe_resolution` turns a config naming
-the old modules into ``target_parameters`` (the fused ``gate_up_proj`` at rank ``n r``, alpha ``n α``).
+`fxlora.planning.parameters.moe_resolution` turns a config naming the old modules into
+``target_parameters`` (the fused ``gate_up_proj`` at rank ``n r``, alpha ``n α``).
 This module turns the old *tensors* into the factors of the ``parameter`` kind
 (`fxlora.kinds.parameter`: A ``(r E, in)``, B ``(out, r E)``, expert ``e``'s update
 ``B[:, e::E] @ A[e r:(e+1) r]``). File keys are without ``base_model.model.``:
