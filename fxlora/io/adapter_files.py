@@ -36,6 +36,7 @@ from fxlora.io.distributed import copy_into, full_tensor
 from fxlora.io.adapter_dir import current_pair, dir_state, file_identity, replace_pair
 from fxlora.io.atomic import check_writable_dir, fs_errors, fsync_file, give_file_mode
 from fxlora.io.model_card import CARD_NAME, CardFacts, updated_card
+from fxlora.io.moe_files import convert_expert_tensors
 from fxlora.config import LoraConfig
 from fxlora.core.layers import fxlora_internal_names
 from fxlora.planning.matching import matches_name_list
@@ -284,13 +285,15 @@ def _drop_unmatched_saved(model: nn.Module, files: AdapterFiles) -> None:
 
 
 def plan_files(model: nn.Module, files: AdapterFiles, adapter_name: str) -> Plan:
-    """The plan the config of `files` would give on `model` (nothing changed); may leave out
-    `modules_to_save` entries the model does not have (see `_drop_unmatched_saved`)."""
+    """The plan the config of `files` gives on `model` (nothing changed); may leave out `modules_to_save`
+    entries the model lacks (`_drop_unmatched_saved`), converts transformers 4 MoE tensors (`fxlora.io.moe_files`)."""
     _drop_unmatched_saved(model, files)
     try:
-        return make_plan(model, files.config, adapter_name, trace="eager")
+        plan = make_plan(model, files.config, adapter_name, trace="eager")
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{files.config_path} does not fit this model: {exc}") from exc
+    files.tensors = convert_expert_tensors(model, files.tensors, plan.targets, files.config, str(files.weights_path))
+    return plan
 
 
 def plan_layout(model: nn.Module, files: AdapterFiles, adapter_name: str) -> Layout:

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from fxlora.config import LoraConfig
 from fxlora.errors import CheckpointError, MergeError
+from fxlora.io.moe_files import adapter_targets, convert_expert_tensors
 from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, layout_of_adapter
 from fxlora.model.loading import adapter_peft_tensors
 from fxlora.model.lora_model import LoraModel
@@ -96,7 +97,9 @@ def set_peft_model_state_dict(
     is not supported) and changes nothing. Keys that are not the adapter's are returned in
     ``unexpected_keys``, the adapter's tensors the dict lacks in ``missing_keys``. A merged
     adapter's weights, or base tensors while an adapter is merged, cannot be set (`MergeError`:
-    unmerge first).
+    unmerge first). Tensors of transformers 4's per-expert MoE modules are converted to the
+    adapter's fused experts first, as PEFT's function does (`fxlora.io.moe_files`; a dict that
+    cannot be converted exactly raises `CheckpointError`).
     """
     if ignore_mismatched_sizes:
         raise ValueError("ignore_mismatched_sizes=True is not supported: fxlora loads only tensors of the adapter's shapes")
@@ -105,6 +108,7 @@ def set_peft_model_state_dict(
     state = lm.adapter_state
     state.check_known(adapter_name)
     layout = layout_of_adapter(lm.model, adapter_name, lm.peft_config[adapter_name].bias)
+    peft_model_state_dict = _with_fused_experts(lm, adapter_name, peft_model_state_dict, prefix)
     own = lm.model.state_dict(keep_vars=True)
     chosen, unexpected = {}, []
     for key, tensor in peft_model_state_dict.items():
@@ -130,6 +134,18 @@ def set_peft_model_state_dict(
             own[key].copy_(tensor)
     missing = [prefix + k for k, s in layout.slots.items() if s.written and s.key not in chosen]
     return LoadResult(missing, unexpected)
+
+
+def _with_fused_experts(lm: LoraModel, adapter: str, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """`tensors` with transformers 4 per-expert MoE keys converted for the adapter's fused experts
+    (`fxlora.io.moe_files`, as PEFT's function does); new keys get `prefix`, the others stay as given."""
+    short = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): k for k in tensors}
+    given = {s: tensors[k] for s, k in short.items()}
+    targets = adapter_targets(lm.model, adapter)
+    converted = convert_expert_tensors(lm.model, given, targets, lm.peft_config[adapter], "the state dict", strict=False)
+    if converted is given:
+        return tensors
+    return {short.get(s, prefix + s): t for s, t in converted.items()}
 
 
 def inject_adapter_in_model(

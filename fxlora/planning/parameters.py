@@ -36,6 +36,8 @@ __all__ = [
     "ParameterSpec",
     "MoeResolution",
     "moe_resolution",
+    "moe_family",
+    "moe_expert_sources",
     "select_parameters",
     "check_module_target",
     "parameter_specs",
@@ -74,7 +76,7 @@ class MoeResolution(NamedTuple):
     alpha_pattern: dict[str, float]
 
 
-def _moe_family(model: nn.Module) -> Optional[str]:
+def moe_family(model: nn.Module) -> Optional[str]:
     """The MoE family (`_MOE_NAMES`) of a transformers model whose ``model_type`` transformers
     converts, as PEFT finds it; None for any other model."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -90,11 +92,21 @@ def _moe_family(model: nn.Module) -> Optional[str]:
     return family if family in _MOE_NAMES else None
 
 
+def moe_expert_sources(family: str) -> dict[str, tuple[str, ...]]:
+    """``{fused expert parameter: the transformers 4 per-expert modules it replaces, in the order
+    they are stacked on its output dimension}`` for a `moe_family` (``gate_up_proj``: ``w1``, ``w3``
+    or ``gate_proj``, ``up_proj``; ``down_proj``: ``w2`` or ``down_proj``). The router is left out:
+    it stays one matrix (``gate`` -> ``gate.weight``)."""
+    fused = _MOE_FUSED[family]
+    singles = {new: (old,) for old, new in _MOE_NAMES[family].items() if "." not in new and new not in fused}
+    return {**fused, **singles}
+
+
 def moe_resolution(model: nn.Module, config: LoraConfig, all_linear_names: Sequence[str]) -> Optional[MoeResolution]:
     """PEFT's conversion of `config` for `model` (None where it converts nothing): `all_linear_names`
     are the modules ``"all-linear"`` selects. Raises ValueError where a fused parameter's old
     modules are named only in part (PEFT's error)."""
-    family = _moe_family(model)
+    family = moe_family(model)
     if family is None or config.target_modules is None:
         return None
     names = _MOE_NAMES[family]
