@@ -10,8 +10,7 @@ forward pass, `fxlora.tracing.probe`, where the model's integration provides an 
 plainest call), in the module's current train/eval mode; if it traces, it becomes a graph root
 that covers every target inside it, except in the sub-modules it calls as leaves because their
 code does not trace (planned the same way, on their own). If not, try each child that contains targets. A target
-reached this way with no traceable ancestor takes the eager path; its reason is the failure of
-its nearest ancestor.
+reached this way with no traceable ancestor takes the eager path; its reason is the failure of its nearest ancestor.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from fxlora.planning.parameters import parameter_specs
 from fxlora.kinds.parameter import PARAMETER
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.boundary import boundary_of, can_be_root
-from fxlora.tracing.boundaries import nested_roots
+from fxlora.tracing.boundaries import kept_children, nested_roots
 from fxlora.tracing.probe import observe_calls
 from fxlora.tracing.call_keys import CallKey, canonical_key, erase_sizes, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure, UnsupportedTargetError
@@ -197,7 +196,8 @@ def _trace_root(module: nn.Module, interesting: list, observed: dict, cache: Tra
     pattern traces, or where its graph could call none of `interesting` itself."""
     if not can_be_root(module):  # its call would not run a graph of its class forward
         raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
-    through, leaves = trace_through_ids(module, interesting), {}
+    leaves = kept_children(module, interesting)  # called by the graph, planned as roots of their own
+    through = trace_through_ids(module, interesting) - {id(m) for name in leaves for m in module.get_submodule(name).modules()}
     if not (through & traceable_parents(module, interesting)):
         raise TraceFailure("each module to adapt in it sits inside a module its graph would call whole")
     while True:

@@ -22,8 +22,10 @@ import torch
 import torch.nn as nn
 
 from fxlora.boundary import GLOBAL_HOOK_TABLES, HOOK_TABLES, boundary_of, can_be_root
+from fxlora.tracing.integrations import hooks_for
 
-__all__ = ["Inlined", "NOTHING_INLINED", "inlined", "BaseLayers", "base_layers", "nested_roots"]
+__all__ = [
+    "kept_children","Inlined", "NOTHING_INLINED", "inlined", "BaseLayers", "base_layers", "nested_roots"]
 
 class Inlined(NamedTuple):
     """The modules a graph traced through, as they were: their hook tables (empty), their
@@ -98,11 +100,13 @@ def base_layers(layers: Iterable[nn.Module], forwards: Iterable[Any]) -> BaseLay
 
 def nested_roots(root: nn.Module, interesting: Iterable[nn.Module], is_root: Callable[[nn.Module], bool]) -> list[nn.Module]:
     """The modules below `root` that must run as graph roots of their own: for each outermost
-    module with a boundary that holds interesting modules, that module, or (when its own forward
+    module with a boundary (or kept whole by an integration, `TraceHooks.kept_whole`) that holds
+    interesting modules, that module, or (when its own forward
     cannot be a graph: a wrapper, a replaced forward) the outermost modules inside it that can.
     Modules `is_root` accepts (roots already) are neither returned nor looked into."""
     wanted = {id(m) for m in interesting}
     found: list[nn.Module] = []
+    hooks = hooks_for(root)
 
     def holds_wanted(module: nn.Module) -> bool:
         return any(id(m) in wanted for m in module.modules() if m is not module)
@@ -111,7 +115,7 @@ def nested_roots(root: nn.Module, interesting: Iterable[nn.Module], is_root: Cal
         for child in module.children():
             if id(child) in wanted or is_root(child) or not holds_wanted(child):
                 continue
-            if boundary_of(child) is None and not inside_boundary:
+            if boundary_of(child) is None and not hooks.keeps_whole(child) and not inside_boundary:
                 visit(child, False)  # traced through
             elif can_be_root(child):
                 found.append(child)
@@ -120,3 +124,19 @@ def nested_roots(root: nn.Module, interesting: Iterable[nn.Module], is_root: Cal
 
     visit(root, False)
     return found
+
+
+def kept_children(root: nn.Module, interesting: Iterable[nn.Module]) -> dict[str, str]:
+    """For a root an integration keeps whole (`TraceHooks.kept_whole`): its children that hold
+    interesting modules (not being one), name -> why. Its graph calls them as modules, and they
+    are planned as roots of their own, so that the root's own forward (which checkpoints when
+    asked) keeps calling their graphs. Empty for any other root."""
+    if not hooks_for(root).keeps_whole(root):
+        return {}
+    wanted = {id(m) for m in interesting}
+    why = f"{type(root).__name__} is kept whole (it checkpoints its forward when asked): its children run graphs of their own"
+    return {
+        name: why
+        for name, child in root.named_children()
+        if id(child) not in wanted and any(id(m) in wanted for m in child.modules())
+    }

@@ -88,7 +88,9 @@ class TracedVariant:
 def trace_through_ids(root: nn.Module, interesting: Iterable[nn.Module]) -> set[int]:
     """Ids of `root` and of every module of its subtree that has an interesting module below it
     and no module boundary on the way (`fxlora.tracing.boundaries.boundary_of`): a module whose
-    ``__call__`` does more than its forward is called, never traced through."""
+    ``__call__`` does more than its forward is called, never traced through, as is a module an
+    integration keeps whole (`TraceHooks.kept_whole`)."""
+    hooks = hooks_for(root)
     wanted = {id(m) for m in interesting}
     ids = {id(root)}
     for name, module in root.named_modules():
@@ -96,7 +98,7 @@ def trace_through_ids(root: nn.Module, interesting: Iterable[nn.Module]) -> set[
             parts = name.split(".")
             chain = [root.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
             for ancestor in chain:
-                if boundary_of(ancestor) is not None:
+                if boundary_of(ancestor) is not None or hooks.keeps_whole(ancestor):
                     break
                 ids.add(id(ancestor))
     return ids
@@ -116,7 +118,7 @@ def traceable_parents(root: nn.Module, interesting: Iterable[nn.Module]) -> set[
         parts, owner = name.split("."), root
         for part in parts[:-1]:
             owner = getattr(owner, part)
-            if boundary_of(owner) is not None or not _transparent(owner, hooks):
+            if boundary_of(owner) is not None or hooks.keeps_whole(owner) or not _transparent(owner, hooks):
                 break
         else:
             found.add(id(owner))

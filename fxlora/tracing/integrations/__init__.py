@@ -71,6 +71,10 @@ class TraceHooks:
     #: output container types a graph returns as a dict of their items and the call rebuilds
     #: (transformers' ``ModelOutput``): ``type(**items)`` must equal the original
     output_types: tuple[type, ...] = ()
+    #: modules no graph traces through, each a graph root of its own whose graph calls its
+    #: children holding adapted layers as modules, roots themselves (transformers'
+    #: ``GradientCheckpointingLayer``: checkpointing it must keep wrapping those children's graphs)
+    kept_whole: tuple[Callable[[nn.Module], bool], ...] = ()
 
     def merged(self, other: "TraceHooks") -> "TraceHooks":
         return TraceHooks(
@@ -81,7 +85,12 @@ class TraceHooks:
             guard_sources=self.guard_sources + other.guard_sources,
             example_inputs=self.example_inputs or other.example_inputs,
             output_types=self.output_types + other.output_types,
+            kept_whole=self.kept_whole + other.kept_whole,
         )
+
+    def keeps_whole(self, module: nn.Module) -> bool:
+        """`module` is one of `kept_whole`."""
+        return any(test(module) for test in self.kept_whole)
 
     def unwrap(self, fn: Callable, module: Optional[nn.Module] = None) -> Optional[tuple[Callable, frozenset[str]]]:
         """``(wrapped function, keyword names that make the wrapper act)`` when some integration

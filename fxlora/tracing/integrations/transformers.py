@@ -17,10 +17,14 @@ without changing what the module computes for any call:
    is part of the call pattern, ``isinstance`` checks on it are exact, and its ``update`` method is
    recorded as a node called on the real cache, in program order. Any other use of it
    (`CACHE_ATTRIBUTES`) makes the trace fail (the call then runs eagerly).
-5. ``GradientCheckpointingLayer`` wraps ``forward`` in a checkpointing wrapper. fxlora never traces
-   through it (nor makes such a layer a graph root): the layer's own wrapper keeps running, so
-   ``gradient_checkpointing_enable()`` works as without fxlora. Its attention and MLP modules are
-   the graph roots.
+5. ``GradientCheckpointingLayer`` wraps ``forward`` in a checkpointing wrapper, which passes every
+   call through while the layer's ``gradient_checkpointing`` is False (a guard of the graph:
+   `unwrap_checkpointing_layer`). fxlora never traces through such a layer (`kept_whole`): it is
+   a graph root of its own for the adapted layers sitting directly in it (OPT's, BART's and
+   Whisper's ``fc1`` / ``fc2``), and its graph calls its attention and MLP modules, graph roots of
+   their own. After ``gradient_checkpointing_enable()`` the layer runs its own forward (the
+   wrapper checkpoints it, as without fxlora): its direct layers then add their branches eagerly,
+   and the attention and MLP keep their graphs inside the checkpoint.
 4. Shapes are unpacked (``(*hidden_states.shape[:-1], -1, head_dim)``): ranked call patterns
    and `fxlora.tracing.proxies` cover that; ``Conv1D`` and transformers' activations are declared
    rank-preserving.
@@ -91,6 +95,33 @@ def unwrap_can_return_tuple(fn: Callable, module: Optional[nn.Module] = None) ->
     return fn.__wrapped__, frozenset({"return_dict"})
 
 
+def _checkpointing_forward_code():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class _Layer(GradientCheckpointingLayer):
+        def forward(self, x):
+            return x
+
+    return _Layer.forward.__code__
+
+
+def is_checkpointing_layer(module: nn.Module) -> bool:
+    """`module`'s forward is wrapped by ``GradientCheckpointingLayer``'s checkpointing wrapper."""
+    code = getattr(type(module).forward, "__code__", None)
+    return code is not None and code is _CHECKPOINTING_CODE
+
+
+def unwrap_checkpointing_layer(fn: Callable, module: Optional[nn.Module] = None) -> Optional[tuple[Callable, frozenset[str]]]:
+    """``(wrapped forward, {})`` when `fn` is ``GradientCheckpointingLayer``'s wrapper and `module`
+    does not checkpoint (``gradient_checkpointing`` False, a guard: `config_guards`): the wrapper
+    then calls the forward with the call's arguments unchanged."""
+    if getattr(fn, "__code__", None) is not _CHECKPOINTING_CODE or module is None:
+        return None
+    if getattr(module, "gradient_checkpointing", False) is not False:
+        return None
+    return fn.__wrapped__, frozenset()
+
+
 @contextlib.contextmanager
 def opaque_attention_functions() -> Iterator[None]:
     """While active, ``AttentionInterface.get_interface`` returns its function as an opaque leaf."""
@@ -110,17 +141,19 @@ def opaque_attention_functions() -> Iterator[None]:
 
 
 def config_guards(module: nn.Module) -> list[tuple[Any, str]]:
-    """The fields of a traced module's config its graph depends on: the attention implementation
-    (it selects the function) and ``return_dict`` (`unwrap_can_return_tuple`)."""
+    """The values a traced module's graph depends on: a checkpointing layer's
+    ``gradient_checkpointing`` (`unwrap_checkpointing_layer`), and its config's attention
+    implementation (it selects the function) and ``return_dict`` (`unwrap_can_return_tuple`)."""
     from transformers import PretrainedConfig
 
+    flags = [(module, "gradient_checkpointing")] if is_checkpointing_layer(module) else []
     config = module.__dict__.get("config")
     if not isinstance(config, PretrainedConfig):
-        return []
+        return flags
     # the property ``_attn_implementation`` reads this field (through the config's slow
     # ``__getattribute__``); guarding the field itself is the same check, faster
     stored = "_attn_implementation_internal"
-    return [(config, stored if stored in vars(config) else "_attn_implementation"), (config, "return_dict")]
+    return [*flags, (config, stored if stored in vars(config) else "_attn_implementation"), (config, "return_dict")]
 
 
 def _rank_preserving() -> tuple[type, ...]:
@@ -137,6 +170,7 @@ def _rank_preserving() -> tuple[type, ...]:
 
 _DEPRECATE_CODE = None
 _CAN_RETURN_TUPLE_CODE = None
+_CHECKPOINTING_CODE = None
 #: what traced attention code may use of a ``Cache``: ``update`` (a node called on the real cache, in
 #: program order), ``is_updated`` (where it is no `CACHE_FLAGS` pattern: read only, its truth value
 #: fails the trace) and ``layers`` (read: cross-attention reuses ``layers[i].keys``, nodes run on the
@@ -168,17 +202,19 @@ def trace_hooks() -> TraceHooks:
     global _DEPRECATE_CODE
     from transformers.cache_utils import Cache
 
-    global _CAN_RETURN_TUPLE_CODE
+    global _CAN_RETURN_TUPLE_CODE, _CHECKPOINTING_CODE
     from transformers.utils.generic import ModelOutput
 
     _DEPRECATE_CODE = _deprecate_kwarg_code()
     _CAN_RETURN_TUPLE_CODE = _can_return_tuple_code()
+    _CHECKPOINTING_CODE = _checkpointing_forward_code()
     register_object_type(Cache, CACHE_ATTRIBUTES, CACHE_MEMBERS, dynamic_cache_attributes, CACHE_FLAGS, ("get_seq_length",), CACHE_TRUTH)
     return TraceHooks(
         rank_preserving=_rank_preserving(),
-        unwrappers=(unwrap_deprecate_kwarg, unwrap_can_return_tuple),
+        unwrappers=(unwrap_deprecate_kwarg, unwrap_can_return_tuple, unwrap_checkpointing_layer),
         patches=(opaque_attention_functions, traced_builtins),
         guard_sources=(config_guards,),
         example_inputs=example_inputs,
         output_types=(ModelOutput,),
+        kept_whole=(is_checkpointing_layer,),
     )

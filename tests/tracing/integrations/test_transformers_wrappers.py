@@ -1,7 +1,9 @@
-"""Models whose ``forward`` is wrapped by ``can_return_tuple`` and returns a ``ModelOutput``: heads on
-them (BERT's ``classifier``, ViT's, CLIP's projections) are in the graph, which returns the output's
-items and the call rebuilds the same type; ``return_dict=False`` in the call or the config keeps
-the wrapper's tuple, exactly as peft."""
+"""transformers forward wrappers fxlora sees through. Models whose ``forward`` is wrapped by
+``can_return_tuple`` and returns a ``ModelOutput``: heads on them (BERT's ``classifier``, ViT's,
+CLIP's projections) are in the graph, which returns the output's items and the call rebuilds the
+same type; ``return_dict=False`` in the call or the config keeps the wrapper's tuple, exactly as
+peft. Layers sitting directly in a ``GradientCheckpointingLayer`` (OPT's ``fc1`` / ``fc2``) are in
+its graph while it does not checkpoint."""
 
 import pytest
 import torch
@@ -67,3 +69,46 @@ def test_training_through_the_graph_matches_peft():
     reference(**inputs, labels=labels).loss.backward()
     grad = ours.model.classifier.lora_B["default"].weight.grad
     assert grad is not None and torch.equal(grad, reference.base_model.model.classifier.lora_B["default"].weight.grad)
+
+
+# ------------------------------------------------------------------ layers sitting in a GradientCheckpointingLayer
+def test_layers_directly_in_a_checkpointing_layer_are_in_its_graph_and_checkpointing_still_works(eager_fallbacks):
+    """OPT's ``fc1`` / ``fc2`` sit in the decoder layer itself: the layer is a graph root of its own,
+    whose graph calls the attention (a root too). After ``gradient_checkpointing_enable()`` the
+    layer's own wrapper checkpoints it (the layer is recomputed in backward) and gradients stay
+    those of the plain run."""
+    base = build("opt")
+    reference, ours = paired(base, "all-linear")
+    assert ours.target_paths["model.decoder.layers.0.fc1"] == "graph"
+    assert "model.decoder.layers.0" in ours.graph_roots and "model.decoder.layers.0.self_attn" in ours.graph_roots
+    inputs = sweep_inputs(base)
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, reference(**inputs).logits)
+    ours.train(), reference.train()
+    attention = ours.model.get_submodule("model.decoder.layers.0.self_attn")
+    runs = []
+    attention.register_forward_pre_hook(lambda *_: runs.append(1))
+
+    def gradients(model):
+        runs.clear()
+        model.zero_grad()
+        torch.manual_seed(0)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return {n.replace("base_model.model.", ""): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients(ours)
+    assert runs == [1]
+    expected = gradients(reference)
+    assert plain.keys() == expected.keys() and all(torch.equal(plain[n], expected[n]) for n in plain)
+    assert eager_fallbacks == []
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = gradients(ours)
+    assert runs == [1, 1]  # recomputed in backward: the layer's wrapper checkpointed it
+    layers = len(ours.model.model.decoder.layers)
+    assert eager_fallbacks == ["OPTDecoderLayer"] * layers  # each layer ran its own (checkpointing) forward
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+    ours.gradient_checkpointing_disable()
+    again = gradients(ours)
+    assert runs == [1] and all(torch.equal(again[n], plain[n]) for n in plain)
+    assert len(eager_fallbacks) == layers  # and their graphs serve again
