@@ -96,7 +96,7 @@ def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -
     dim 0 of the inputs are the batch's rows for every adapted layer of `lm` (a `LoraModel`; the
     module docstring says how this is found). Changes nothing."""
     names = check_adapter_names(adapter_names, list(lm.peft_config), batch_size_of(args, kwargs))
-    _check_row_wise_kinds(lm.model)
+    _check_row_wise_kinds(lm)
     rows = len(names)
     if rows < 2:
         return  # one row: any dimension of size 1 broadcasts alike
@@ -115,24 +115,35 @@ def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -
     shapes = [tuple(t.shape) for t in leaves if t.dim() > 0 and t.shape[0] == rows]
     refused = f"adapter_names cannot be applied to inputs of shapes {shapes}: "
     with quiet_forwards(lm.model):
-        _check_one_row(run, refused)
+        _check_one_row(lm.model, run, refused)
         why = _not_row_wise(run([0, 1]), [run([0, 0]), run([1, 1])])
     if why:
         raise ValueError(f"{refused}rows along dim 0 are not independent batch rows ({why}), as in a sequence-first (time, batch, ...) layout. {_VALID}")
     checked.add(key)
 
 
-def _check_row_wise_kinds(model: nn.Module) -> None:
-    """ValueError naming them if adapted layers of `model` have a kind that computes the adapted
-    call itself (`fxlora.kinds.LayerKind.own_call`, nn.MultiheadAttention): their adapters change
-    the layer's weights, which cannot differ per row (PEFT refuses mixed batches there too)."""
-    own = [n for n, m in model.named_modules() if (meta := target_meta(m)) is not None and meta.kind.own_call]
-    if own:
-        kinds = sorted({target_meta(model.get_submodule(n)).kind.layer_types for n in own})
+def _check_row_wise_kinds(lm: Any) -> None:
+    """ValueError naming them if adapted layers of `lm`'s model whose kind computes the adapted call
+    itself (`fxlora.kinds.LayerKind.own_call`) cannot serve a mixed batch: their kind says why
+    (`LayerKind.mixed_batch_obstacle`: a sequence-first nn.MultiheadAttention), or an adapter is
+    merged (such a layer serves rows by calls with one adapter each, `fxlora.core.own_rows`, and a
+    merged update sits in the weights of every row)."""
+    own = [(n, m) for n, m in lm.model.named_modules() if (meta := target_meta(m)) is not None and meta.kind.own_call and meta.adapters]
+    blocked = [(n, why) for n, m in own if (why := target_meta(m).kind.mixed_batch_obstacle(m)) is not None]
+    if blocked:
+        names = [n for n, _ in blocked]
         raise ValueError(
-            f"adapter_names (a mixed batch) cannot be served by this model: its adapted layer(s) {own[:4]}"
-            f"{' ...' if len(own) > 4 else ''} ({', '.join(kinds)}) apply adapters by changing the layer's weights, "
-            "which cannot differ per row; use one adapter per call (set_adapter), or exclude those layers"
+            f"adapter_names (a mixed batch) cannot be served by this model: its adapted layer(s) {names[:4]}"
+            f"{' ...' if len(names) > 4 else ''} cannot: {blocked[0][1]}; use one adapter per call (set_adapter), "
+            "or exclude those layers"
+        )
+    merged = lm.adapter_state.merged_adapters
+    if own and merged:
+        names = [n for n, _ in own]
+        raise ValueError(
+            f"adapter_names (a mixed batch) cannot be served while adapter(s) {merged} are merged: the adapted layer(s) "
+            f"{names[:4]}{' ...' if len(names) > 4 else ''} apply adapters through their weights, which hold the merged "
+            "update for every row; unmerge first (unmerge_adapter), or use one adapter per call (set_adapter)"
         )
 
 
@@ -142,12 +153,15 @@ _VALID = (
 )
 
 
-def _check_one_row(run: Any, refused: str) -> None:
-    """Row 0 alone: every adapted layer must see one row on dim 0."""
+def _check_one_row(model: nn.Module, run: Any, refused: str) -> None:
+    """Row 0 alone: every adapted layer must see one row on dim 0 (or, where graph code says its
+    input is a reshape of a batch-first tensor, that tensor must: `fxlora.core.own_rows`)."""
     try:
         run([0])
     except RowMismatch as exc:
-        raise ValueError(f"{refused}rows along dim 0 are not the batch of every adapted layer: given one row, a layer still saw more ({exc}). {_VALID}") from None
+        layer = getattr(exc, "layer", None)
+        where = next((f"layer {n!r}" for n, m in model.named_modules() if m is layer), "a layer")
+        raise ValueError(f"{refused}rows along dim 0 are not the batch of every adapted layer: given one row, {where} still saw more ({exc}). {_VALID}") from None
     except Exception as exc:  # the model's own error, as the whole batch would raise it
         if hasattr(exc, "add_note"):  # Python >= 3.11
             exc.add_note("(raised in fxlora's check of a mixed batch's rows, running row 0 alone: fxlora.model.mixed_batch)")
