@@ -10,6 +10,12 @@ computes each adapter's update for the whole batch and the row gates keep the ri
 Python loop over rows, no sub-batch indexing), so a compiled model compiles once for the row-gate
 shape and never again for a new assignment of adapters to rows.
 
+Layers whose kind computes the adapted call itself (`fxlora.kinds.LayerKind.own_call`:
+target_parameters, batch-first nn.MultiheadAttention) cannot take a gate per row (their adapters
+change weights): they are called once per adapter and each row's entries taken from its adapter's
+call (`fxlora.core.own_rows`). Refused up front (`_check_row_wise_kinds`): such a layer whose kind
+names an obstacle (sequence-first attention), and any of them while an adapter is merged.
+
 Eager serving (no autograd) does less work: `fxlora.core.rows.RowGroups` records which rows use which adapter, and
 each linear layer computes every adapter on its own rows only, on the adapters' weights as they
 are (`fxlora.core.ops.stacked_layer_update`: nothing is kept between calls, so no write to a
@@ -28,7 +34,9 @@ shapes but the batch (in eval mode, without gradients: `fxlora.tracing.probe.qui
 each row with its adapter name:
 
 1. row 0 alone: every adapted layer must see one row on dim 0 (a layer seeing (time, batch, ...)
-   sees ``time`` rows there, not one);
+   sees ``time`` rows there, not one); a layer whose kind computes its call itself and whose
+   input graph code shows to be a row-major reshape of another tensor (a sparse-MoE block's
+   tokens, `fxlora.core.own_rows`) must see one row on dim 0 of that tensor;
 2. rows (0, 1), (0, 0) and (1, 1): in each output, row 0 of the first must be row 0 of the
    second and row 1 of the first row 1 of the third, i.e. a row's outputs must not depend on
    the other row. Rows along a dimension the model mixes (time steps of an RNN, or of
