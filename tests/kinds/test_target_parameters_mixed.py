@@ -9,8 +9,8 @@ adapters, so each expert's matmul takes a different number of tokens than in the
 adapter, and CPU matmuls round a row differently with the number of rows: there the comparison is
 ``rtol=1e-5, atol=1e-6``."""
 
-import copy
-import warnings
+import contextlib
+import functools
 
 import pytest
 import torch
@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxlora
 from fxlora import LoraConfig
@@ -40,10 +42,10 @@ def mixtral(layers: int = 2) -> nn.Module:
     return transformers.MixtralForCausalLM(config).eval()
 
 
-def qwen3_moe() -> nn.Module:
+def qwen3_moe(layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(
-        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=100, head_dim=8, use_cache=False,
     )
     model = transformers.Qwen3MoeForCausalLM(config).eval()
@@ -70,17 +72,26 @@ def ids(rows: int = len(NAMES)) -> torch.Tensor:
     return torch.randint(0, 100, (rows, 7), generator=torch.Generator().manual_seed(1))
 
 
-def alone(model: fxlora.LoraModel, call, names: list[str]) -> list[torch.Tensor]:
+@contextlib.contextmanager
+def using(model: fxlora.LoraModel, name: str):
+    """Adapter `name` alone active inside the block (``"__base__"``: adapters disabled); "default" after."""
+    if name == "__base__":
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
+
+
+def alone(model: fxlora.LoraModel, call, names: list[str]) -> list:
     """Row i of ``call()`` with adapter ``names[i]`` alone on the whole batch."""
     out = {}
     for name in dict.fromkeys(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                out[name] = call()
-        else:
-            model.set_adapter(name)
+        with using(model, name):
             out[name] = call()
-    model.set_adapter("default")
     return [out[name][i] for i, name in enumerate(names)]
 
 
@@ -94,8 +105,11 @@ def test_each_row_computes_as_its_adapter_alone(build, grad):
         want = alone(model, lambda: model(x).logits, NAMES)
     for row, name in enumerate(NAMES):
         torch.testing.assert_close(mixed[row], want[row], **TOL, msg=name)
-    assert not torch.allclose(want[0], alone(model, lambda: model(x).logits, ["default"] * 4)[0], atol=1e-3)  # adapters differ
-    assert not torch.allclose(mixed[1], mixed[2], atol=1e-3)
+    with torch.no_grad():
+        by_default = alone(model, lambda: model(x).logits, ["default"] * 4)
+        by_base = alone(model, lambda: model(x).logits, ["__base__"] * 4)
+    assert not torch.allclose(want[0], by_default[0], atol=1e-3)  # the two adapters differ on row 0
+    assert not torch.allclose(want[2], by_base[2], atol=1e-3)  # and act
 
 
 def test_rows_bit_for_bit_where_every_layer_sees_the_same_shapes():
@@ -120,24 +134,13 @@ def test_the_router_of_a_mixed_batch_routes_each_token_as_its_adapter_alone():
         mixed = seen[-1]  # (logits, weights, experts) of every token
         calls = {}
         for name in dict.fromkeys(NAMES):
-            with model.disable_adapter() if name == "__base__" else _active(model, name):
+            with using(model, name):
                 model(x)
             calls[name] = seen[-1]
     for row, name in enumerate(NAMES):
         tokens = slice(7 * row, 7 * row + 7)
         assert all(torch.equal(m[tokens], w[tokens]) for m, w in zip(mixed, calls[name])), name
     assert not torch.equal(calls["default"][2], calls["other"][2])  # the adapters route differently
-
-
-class _active:
-    def __init__(self, model, name):
-        self.model, self.name = model, name
-
-    def __enter__(self):
-        self.model.set_adapter(self.name)
-
-    def __exit__(self, *exc):
-        self.model.set_adapter("default")
 
 
 def test_gradients_reach_only_the_adapters_each_row_uses():
@@ -160,9 +163,9 @@ def test_gradients_reach_only_the_adapters_each_row_uses():
             torch.testing.assert_close(mixed[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("guard_idle", [False, True])
-def test_compiled_fullgraph_without_graph_breaks_or_recompiles(guard_idle):
-    model = two_adapters(mixtral(layers=1))
+@pytest.mark.parametrize(("build", "guard_idle"), [("mixtral", False), ("qwen3_moe", True)])
+def test_compiled_fullgraph_without_graph_breaks_or_recompiles(build, guard_idle):
+    model = two_adapters(MODELS[build](layers=1))
     model.set_optimizations(guard_idle=guard_idle)  # routers and experts compute their call themselves: never guarded
     x = ids()
     torch._dynamo.reset()
@@ -219,6 +222,48 @@ def test_a_block_of_our_own_bit_for_bit(flatten):
     mixed = model(x, adapter_names=NAMES)
     want = alone(model, lambda: model(x), NAMES)
     assert all(torch.equal(mixed[row], want[row]) for row in range(len(NAMES)))
+
+
+class Experts(nn.Module):
+    """Tokens through a stack of 3 experts (E, out, in), summed: each token on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = nn.Parameter(torch.randn(3, 4, 6))
+
+    def forward(self, tokens):
+        return torch.einsum("ti,eoi->to", tokens, self.stack)
+
+
+class TwoStep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = Router()
+        self.experts = Experts()
+
+    def forward(self, x):
+        tokens = x.reshape(-1, 6)
+        out = self.experts(tokens) * self.router(tokens).sigmoid()
+        return out.view(x.shape[0], x.shape[1], 4)
+
+
+@functools.lru_cache(maxsize=1)
+def two_step() -> fxlora.LoraModel:
+    """One model for every example of the property test."""
+    return two_adapters(TwoStep(), target_modules=[], target_parameters=["router.weight", "experts.stack"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(names=st.lists(st.sampled_from(["default", "other", "__base__"]), min_size=1, max_size=5), seq=st.integers(1, 4))
+def test_any_assignment_of_adapters_to_rows_bit_for_bit(names, seq):
+    model = two_step()
+    x = torch.randn(len(names), seq, 6, generator=torch.Generator().manual_seed(seq))
+    mixed = model(x, adapter_names=names)
+    want = alone(model, lambda: model(x), names)
+    assert all(torch.equal(mixed[row], want[row]) for row in range(len(names)))
+
+
 
 
 def refused(model, call, message):
