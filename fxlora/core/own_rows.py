@@ -71,7 +71,7 @@ def own_rows_output(
             f"a mixed batch (adapter_names) cannot run through this {type(module).__name__} while an adapter is merged "
             "(its weights hold the merged update for every row); unmerge first (unmerge_adapter)"
         )
-    calls = []  # (mask over rows, multiplier) per adapter call
+    calls = []  # (adapter, the rows using it, its multiplier): one call each
     for adapter in adapters:
         scaling = meta.adapters[adapter].scaling
         gate = gates.scale_of(adapter, like)

@@ -163,6 +163,16 @@ def test_gradients_reach_only_the_adapters_each_row_uses():
             torch.testing.assert_close(mixed[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_generate_gives_each_row_its_adapter():
+    model = two_adapters(mixtral(layers=1))
+    x = ids()
+    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=True)
+    out = model.generate(x, adapter_names=NAMES, **options)
+    want = alone(model, lambda: model.generate(x, **options), NAMES)
+    assert all(torch.equal(out[row], want[row]) for row in range(len(NAMES)))
+    assert not torch.equal(want[0], alone(model, lambda: model.generate(x, **options), ["__base__"])[0])
+
+
 @pytest.mark.parametrize(("build", "guard_idle"), [("mixtral", False), ("qwen3_moe", True)])
 def test_compiled_fullgraph_without_graph_breaks_or_recompiles(build, guard_idle):
     model = two_adapters(MODELS[build](layers=1))
