@@ -106,8 +106,8 @@ class MultiheadAttentionKind(ModulePairKind):
         if module.batch_first:
             return None  # (batch, seq, embed): each row's outputs, along dim 0, depend on that row alone
         return (
-            "an nn.MultiheadAttention with batch_first=False (nn.MultiheadAttention) takes (seq, batch, embed), so its "
-            "rows are not on dim 0, and its adapters change its weights, which cannot differ per row"
+            "an nn.MultiheadAttention with batch_first=False takes (seq, batch, embed), so its rows are not on dim 0, "
+            "and its adapters change its weights, which cannot differ per row"
         )
 
     def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
