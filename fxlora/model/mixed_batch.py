@@ -13,7 +13,7 @@ shape and never again for a new assignment of adapters to rows.
 Layers whose kind computes the adapted call itself (`fxlora.kinds.LayerKind.own_call`:
 target_parameters, batch-first nn.MultiheadAttention) cannot take a gate per row (their adapters
 change weights): they are called once per adapter and each row's entries taken from its adapter's
-call (`fxlora.core.own_rows`). Refused up front (`_check_row_wise_kinds`): such a layer whose kind
+call (`fxlora.core.own_rows`). Refused up front (`check_row_wise_layers`): such a layer whose kind
 names an obstacle (sequence-first attention), and any of them while an adapter is merged.
 
 Eager serving (no autograd) does less work: `fxlora.core.rows.RowGroups` records which rows use which adapter, and
@@ -65,7 +65,7 @@ from fxlora.core.layers import target_meta
 from fxlora.core.ops import RowMismatch
 from fxlora.tracing.probe import quiet_forwards
 
-__all__ = ["BASE", "batch_size_of", "check_adapter_names", "check_batch_layout"]
+__all__ = ["BASE", "batch_size_of", "check_adapter_names", "check_batch_layout", "check_row_wise_layers", "servable_names"]
 
 BASE = "__base__"
 
@@ -98,13 +98,21 @@ def check_adapter_names(names: Any, known: Sequence[str], rows: int) -> list[str
     return names
 
 
+def servable_names(lm: Any, names: Any, args: tuple, kwargs: dict) -> list[str]:
+    """`names` as a list if `lm` (a `LoraModel`) can serve them as a mixed batch for the call with
+    `args`, `kwargs`: `check_adapter_names` and `check_row_wise_layers` (asked of every mixed
+    call's scope, ``generate``'s included, whose rows are not otherwise checked), else a clear error."""
+    checked = check_adapter_names(names, list(lm.peft_config), batch_size_of(args, kwargs))
+    check_row_wise_layers(lm)
+    return checked
+
+
 @torch.compiler.disable
 def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -> None:
     """Raise ValueError unless `adapter_names` fit the call (`check_adapter_names`) and rows along
     dim 0 of the inputs are the batch's rows for every adapted layer of `lm` (a `LoraModel`; the
     module docstring says how this is found). Changes nothing."""
-    names = check_adapter_names(adapter_names, list(lm.peft_config), batch_size_of(args, kwargs))
-    _check_row_wise_kinds(lm)
+    names = servable_names(lm, adapter_names, args, kwargs)
     rows = len(names)
     if rows < 2:
         return  # one row: any dimension of size 1 broadcasts alike
@@ -130,7 +138,7 @@ def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -
     checked.add(key)
 
 
-def _check_row_wise_kinds(lm: Any) -> None:
+def check_row_wise_layers(lm: Any) -> None:
     """ValueError naming them if adapted layers of `lm`'s model whose kind computes the adapted call
     itself (`fxlora.kinds.LayerKind.own_call`) cannot serve a mixed batch: their kind says why
     (`LayerKind.mixed_batch_obstacle`: a sequence-first nn.MultiheadAttention), or an adapter is
