@@ -26,6 +26,7 @@ from fxlora.core.gates import EagerKey
 from fxlora.core.dora import dora_output
 from fxlora.core.dropped_linear import dropped_linear
 from fxlora.core.layers import TargetMeta, saved_meta, target_meta
+from fxlora.core.own_rows import is_row_gated, own_rows_output
 from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, select_gate, select_output, slot_scaling, stacked_layer_update, stacked_linear_update
 
 __all__ = ["lora_output", "own_output", "saved_output", "stackable", "branch_adapters"]
@@ -160,18 +161,17 @@ def lora_output(
     return base if total is None else add_update(base, total)
 
 
-def own_output(module: nn.Module, args: tuple, kwargs: dict, gates: Any, eager: Optional[EagerKey]) -> Any:
+def own_output(module: nn.Module, args: tuple, kwargs: dict, gates: Any, eager: Optional[EagerKey], rows_of: Optional[torch.Tensor] = None) -> Any:
     """The output of the call ``module(*args, **kwargs)`` of a layer whose kind computes its adapted
     call itself (`fxlora.kinds.LayerKind.own_call`), with each adapter whose branch runs at its
     multiplier as in `lora_output` (a Python number in eager code of a known state, else
-    ``(scaling, gate tensor)``). A mixed batch (row gates) cannot be served: a ValueError."""
+    ``(scaling, gate tensor)``). A mixed batch (row gates) combines calls with one adapter each,
+    entry by entry (`fxlora.core.own_rows`; `rows_of`: the batch-first tensor the layer's first
+    input was reshaped from, passed by graph code, or None)."""
     meta = target_meta(module)
-    if eager is not None and eager.rows:
-        raise ValueError(
-            f"a mixed batch (adapter_names) cannot run through a {meta.kind.layer_types} layer: its adapters change "
-            "the layer's weights, which cannot differ per row; call the model once per adapter instead"
-        )
     adapters = branch_adapters(meta, eager)
+    if adapters and is_row_gated(gates):  # no adapter to run (base code): no row to tell apart
+        return own_rows_output(module, meta, adapters, args, kwargs, gates, eager, rows_of)
     like = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
     factors = _factors(gates, like, adapters, {a: meta.adapters[a].scaling for a in adapters}, eager)
     return meta.kind.adapted_call(module, args, kwargs, dict(zip(adapters, factors)))

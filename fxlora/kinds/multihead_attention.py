@@ -25,8 +25,12 @@ whose ``out_proj`` factors are non-zero computes differently in PEFT.
 Refused at transform (`UnsupportedTargetError`): separate q/k/v weights (``kdim`` / ``vdim`` other
 than ``embed_dim``: PEFT refuses them too), an ``out_proj`` that is not an ``nn.Linear``, a subclass
 with its own forward, ``lora_bias`` and ``lora_dropout`` (PEFT ignores both on this layer, silently:
-its merged-weight forward has no place for them). Mixed batches (``adapter_names``) are refused for
-models with such a layer, as PEFT refuses them: a weight cannot differ per row.
+its merged-weight forward has no place for them).
+
+Mixed batches (``adapter_names``, which PEFT refuses on this layer): a weight cannot differ per row,
+so a ``batch_first=True`` layer is called once per adapter some row uses and once without adapters,
+and each row's outputs are taken from its adapter's call (`fxlora.core.own_rows`); a
+``batch_first=False`` layer (rows on dim 1) is refused.
 
 Init, in PEFT's random order: A kaiming-uniform with ``a=sqrt(5)``, B zero. PEFT builds the
 ``out_proj`` factors of a layer's first adapter twice (the second ones are kept), and fxlora draws
@@ -97,6 +101,14 @@ class MultiheadAttentionKind(ModulePairKind):
 
     def dora_obstacle(self, module: nn.Module) -> Optional[str]:
         return KindBase.dora_obstacle(self, module)  # PEFT has no DoRA for nn.MultiheadAttention either
+
+    def mixed_batch_obstacle(self, module: nn.Module) -> Optional[str]:
+        if module.batch_first:
+            return None  # (batch, seq, embed): each row's outputs, along dim 0, depend on that row alone
+        return (
+            "an nn.MultiheadAttention with batch_first=False takes (seq, batch, embed), so its rows are not on dim 0, "
+            "and its adapters change its weights, which cannot differ per row"
+        )
 
     def check_spec(self, where: str, module: nn.Module, spec: "AdapterSpec") -> None:
         cls = type(module).__name__

@@ -21,9 +21,17 @@ File keys (PEFT's nesting: one ``ParamWrapper`` per parameter, the later-registe
 for a module with targeted parameters p1..pk, ``p_i``'s factors are
 ``<name>.{"base_layer." * (k - i)}lora_A.weight`` / ``lora_B.weight``.
 
+Mixed batches (``adapter_names``; PEFT refuses them on target_parameters): a weight cannot differ
+per row, so the module is called once per adapter some row uses and once without adapters, and each
+output entry along dim 0 is taken from its row's call (`fxlora.core.own_rows`). A sparse-MoE block
+hands its router and experts tokens, ``hidden_states.view(-1, hidden)``: graph code tells the module
+the batch-first tensor its input was reshaped from, which fixes the row of every token exactly
+(`fxlora.passes.rows_source`); without that (an eager call, a permute on the way) a module whose
+dim 0 is not the batch is refused, as are mixed batches while an adapter is merged.
+
 Refused (`UnsupportedTargetError` / ValueError, as PEFT refuses them): ``lora_dropout`` (the input of
-the update cannot be factored out), ``lora_bias``, DoRA, mixed batches (one weight per call), parameters
-that are not 2-D or 3-D, and ``add_weighted_adapter``. All adapters on one module target the same
+the update cannot be factored out), ``lora_bias``, DoRA, parameters that are not 2-D or 3-D, and
+``add_weighted_adapter``. All adapters on one module target the same
 parameters (PEFT's rule). The per-parameter scalings are applied here, so the adapter's
 `AdapterSpec.scaling` is 1.0 (`ParameterSpec`).
 """

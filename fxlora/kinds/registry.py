@@ -97,6 +97,14 @@ class LayerKind(Protocol):
         nothing to the layer (concurrent calls must not disturb each other), and is straight-line
         code for torch.compile."""
 
+    def mixed_batch_obstacle(self, module: nn.Module) -> Optional[str]:
+        """For an `own_call` kind: why a mixed batch (``adapter_names``) cannot run through this
+        layer (a sentence), or None. None promises that the layer's outputs for the entries along
+        dim 0 of its first tensor input that belong to one batch row depend only on that row's
+        inputs, and that every output tensor has one entry per such entry along its dim 0, so that
+        the outputs of calls with one adapter each can be combined entry by entry
+        (`fxlora.core.own_rows`)."""
+
     def reference_weight(self, module: nn.Module) -> torch.Tensor:
         """The layer's tensor whose device and dtype its adapters' tensors follow."""
 
@@ -167,6 +175,9 @@ class KindBase:
 
     def adapted_call(self, module: nn.Module, args: tuple, kwargs: dict, multipliers: dict) -> Any:
         raise TypeError(f"layer kind {self.name!r} adds an update to the layer's output; it has no adapted_call")
+
+    def mixed_batch_obstacle(self, module: nn.Module) -> Optional[str]:
+        return None
 
     def reference_weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight

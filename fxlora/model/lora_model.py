@@ -28,7 +28,7 @@ from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
 from fxlora.kinds.quantized import counted_elements
 from fxlora.model import adapters, loading, merging
 from fxlora.model.hotswap import HotswapMethods
-from fxlora.model.mixed_batch import batch_size_of, check_adapter_names, check_batch_layout
+from fxlora.model.mixed_batch import check_batch_layout, servable_names
 from fxlora.model.signature import forward_signature, signed_forward
 from fxlora.model.state import AdapterState, CallScope
 from fxlora.passes import PassOptions
@@ -171,7 +171,7 @@ class LoraModel(HotswapMethods, nn.Module):
         state = self.adapter_state
         if adapter_names is None:
             return state.scope()
-        names = check_adapter_names(adapter_names, list(self.peft_config), batch_size_of(args, kwargs))
+        names = servable_names(self, adapter_names, args, kwargs)
         return state.scope(state.row_state([n for n in names for _ in range(expand)]))
 
     def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:

@@ -10,6 +10,12 @@ computes each adapter's update for the whole batch and the row gates keep the ri
 Python loop over rows, no sub-batch indexing), so a compiled model compiles once for the row-gate
 shape and never again for a new assignment of adapters to rows.
 
+Layers whose kind computes the adapted call itself (`fxlora.kinds.LayerKind.own_call`:
+target_parameters, batch-first nn.MultiheadAttention) cannot take a gate per row (their adapters
+change weights): they are called once per adapter and each row's entries taken from its adapter's
+call (`fxlora.core.own_rows`). Refused up front (`check_row_wise_layers`): such a layer whose kind
+names an obstacle (sequence-first attention), and any of them while an adapter is merged.
+
 Eager serving (no autograd) does less work: `fxlora.core.rows.RowGroups` records which rows use which adapter, and
 each linear layer computes every adapter on its own rows only, on the adapters' weights as they
 are (`fxlora.core.ops.stacked_layer_update`: nothing is kept between calls, so no write to a
@@ -28,7 +34,9 @@ shapes but the batch (in eval mode, without gradients: `fxlora.tracing.probe.qui
 each row with its adapter name:
 
 1. row 0 alone: every adapted layer must see one row on dim 0 (a layer seeing (time, batch, ...)
-   sees ``time`` rows there, not one);
+   sees ``time`` rows there, not one); a layer whose kind computes its call itself and whose
+   input graph code shows to be a row-major reshape of another tensor (a sparse-MoE block's
+   tokens, `fxlora.core.own_rows`) must see one row on dim 0 of that tensor;
 2. rows (0, 1), (0, 0) and (1, 1): in each output, row 0 of the first must be row 0 of the
    second and row 1 of the first row 1 of the third, i.e. a row's outputs must not depend on
    the other row. Rows along a dimension the model mixes (time steps of an RNN, or of
@@ -57,7 +65,7 @@ from fxlora.core.layers import target_meta
 from fxlora.core.ops import RowMismatch
 from fxlora.tracing.probe import quiet_forwards
 
-__all__ = ["BASE", "batch_size_of", "check_adapter_names", "check_batch_layout"]
+__all__ = ["BASE", "batch_size_of", "check_adapter_names", "check_batch_layout", "check_row_wise_layers", "servable_names"]
 
 BASE = "__base__"
 
@@ -90,13 +98,21 @@ def check_adapter_names(names: Any, known: Sequence[str], rows: int) -> list[str
     return names
 
 
+def servable_names(lm: Any, names: Any, args: tuple, kwargs: dict) -> list[str]:
+    """`names` as a list if `lm` (a `LoraModel`) can serve them as a mixed batch for the call with
+    `args`, `kwargs`: `check_adapter_names` and `check_row_wise_layers` (asked of every mixed
+    call's scope, ``generate``'s included, whose rows are not otherwise checked), else a clear error."""
+    checked = check_adapter_names(names, list(lm.peft_config), batch_size_of(args, kwargs))
+    check_row_wise_layers(lm)
+    return checked
+
+
 @torch.compiler.disable
 def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -> None:
     """Raise ValueError unless `adapter_names` fit the call (`check_adapter_names`) and rows along
     dim 0 of the inputs are the batch's rows for every adapted layer of `lm` (a `LoraModel`; the
     module docstring says how this is found). Changes nothing."""
-    names = check_adapter_names(adapter_names, list(lm.peft_config), batch_size_of(args, kwargs))
-    _check_row_wise_kinds(lm.model)
+    names = servable_names(lm, adapter_names, args, kwargs)
     rows = len(names)
     if rows < 2:
         return  # one row: any dimension of size 1 broadcasts alike
@@ -115,24 +131,35 @@ def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -
     shapes = [tuple(t.shape) for t in leaves if t.dim() > 0 and t.shape[0] == rows]
     refused = f"adapter_names cannot be applied to inputs of shapes {shapes}: "
     with quiet_forwards(lm.model):
-        _check_one_row(run, refused)
+        _check_one_row(lm.model, run, refused)
         why = _not_row_wise(run([0, 1]), [run([0, 0]), run([1, 1])])
     if why:
         raise ValueError(f"{refused}rows along dim 0 are not independent batch rows ({why}), as in a sequence-first (time, batch, ...) layout. {_VALID}")
     checked.add(key)
 
 
-def _check_row_wise_kinds(model: nn.Module) -> None:
-    """ValueError naming them if adapted layers of `model` have a kind that computes the adapted
-    call itself (`fxlora.kinds.LayerKind.own_call`, nn.MultiheadAttention): their adapters change
-    the layer's weights, which cannot differ per row (PEFT refuses mixed batches there too)."""
-    own = [n for n, m in model.named_modules() if (meta := target_meta(m)) is not None and meta.kind.own_call]
-    if own:
-        kinds = sorted({target_meta(model.get_submodule(n)).kind.layer_types for n in own})
+def check_row_wise_layers(lm: Any) -> None:
+    """ValueError naming them if adapted layers of `lm`'s model whose kind computes the adapted call
+    itself (`fxlora.kinds.LayerKind.own_call`) cannot serve a mixed batch: their kind says why
+    (`LayerKind.mixed_batch_obstacle`: a sequence-first nn.MultiheadAttention), or an adapter is
+    merged (such a layer serves rows by calls with one adapter each, `fxlora.core.own_rows`, and a
+    merged update sits in the weights of every row)."""
+    own = [(n, m) for n, m in lm.model.named_modules() if (meta := target_meta(m)) is not None and meta.kind.own_call and meta.adapters]
+    blocked = [(n, why) for n, m in own if (why := target_meta(m).kind.mixed_batch_obstacle(m)) is not None]
+    if blocked:
+        names = [n for n, _ in blocked]
         raise ValueError(
-            f"adapter_names (a mixed batch) cannot be served by this model: its adapted layer(s) {own[:4]}"
-            f"{' ...' if len(own) > 4 else ''} ({', '.join(kinds)}) apply adapters by changing the layer's weights, "
-            "which cannot differ per row; use one adapter per call (set_adapter), or exclude those layers"
+            f"adapter_names (a mixed batch) cannot be served by this model: its adapted layer(s) {names[:4]}"
+            f"{' ...' if len(names) > 4 else ''} cannot: {blocked[0][1]}; use one adapter per call (set_adapter), "
+            "or exclude those layers"
+        )
+    merged = lm.adapter_state.merged_adapters
+    if own and merged:
+        names = [n for n, _ in own]
+        raise ValueError(
+            f"adapter_names (a mixed batch) cannot be served while adapter(s) {merged} are merged: the adapted layer(s) "
+            f"{names[:4]}{' ...' if len(names) > 4 else ''} apply adapters through their weights, which hold the merged "
+            "update for every row; unmerge first (unmerge_adapter), or use one adapter per call (set_adapter)"
         )
 
 
@@ -142,12 +169,15 @@ _VALID = (
 )
 
 
-def _check_one_row(run: Any, refused: str) -> None:
-    """Row 0 alone: every adapted layer must see one row on dim 0."""
+def _check_one_row(model: nn.Module, run: Any, refused: str) -> None:
+    """Row 0 alone: every adapted layer must see one row on dim 0 (or, where graph code says its
+    input is a reshape of a batch-first tensor, that tensor must: `fxlora.core.own_rows`)."""
     try:
         run([0])
     except RowMismatch as exc:
-        raise ValueError(f"{refused}rows along dim 0 are not the batch of every adapted layer: given one row, a layer still saw more ({exc}). {_VALID}") from None
+        layer = getattr(exc, "layer", None)
+        where = next((f"layer {n!r}" for n, m in model.named_modules() if m is layer), "a layer")
+        raise ValueError(f"{refused}rows along dim 0 are not the batch of every adapted layer: given one row, {where} still saw more ({exc}). {_VALID}") from None
     except Exception as exc:  # the model's own error, as the whole batch would raise it
         if hasattr(exc, "add_note"):  # Python >= 3.11
             exc.add_note("(raised in fxlora's check of a mixed batch's rows, running row 0 alone: fxlora.model.mixed_batch)")

@@ -13,7 +13,8 @@ passing ``BASE_ONLY`` or ``GUARD_IDLE``), traced from `root` with every adapted 
 meant for evaluation code (``torch.cond`` is a forward-only construct here: training code keeps
 plain branches, whose dropout and autograd it would only get in the way of).
 
-Guarantees: every call of an adapted layer with one tensor argument and no keywords gets the
+Guarantees: every call of an adapted layer with one tensor argument and no keywords (whose kind adds
+an update to the layer's output: not `fxlora.kinds.LayerKind.own_call`) gets the
 keyword ``GUARD_IDLE=True`` and the tag ``GUARDED`` (`fxlora.passes.tags`); `insert_lora` and
 `mark_base_calls` leave such calls alone (the layer computes its own branches). Other calls, and
 everything else in the graph, are unchanged.
@@ -45,11 +46,12 @@ def gated_evaluation(ctx: PassContext) -> bool:
 
 
 def _guardable(node: fx.Node, root: nn.Module) -> bool:
-    """A call of a layer with adapters, on one tensor argument, passing no other keyword."""
+    """A call of a layer with adapters whose kind adds an update to its output (not `own_call`: such a
+    layer computes its whole call itself), on one tensor argument, passing no other keyword."""
     if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
         return False
     meta = target_meta(root.get_submodule(node.target))
-    return meta is not None and bool(meta.adapters) and set(node.kwargs) <= {GUARD_IDLE}
+    return meta is not None and bool(meta.adapters) and not meta.kind.own_call and set(node.kwargs) <= {GUARD_IDLE}
 
 
 def _unguarded_call(graph: fx.Graph, root: nn.Module) -> Optional[fx.Node]:

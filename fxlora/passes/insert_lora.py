@@ -15,7 +15,11 @@ linear layer's branch is one ``stacked_layer_update`` node, handed the layer its
 ``get_attr`` of its path), and N's only users are its branch's nodes. Every inserted node is
 tagged with the layer's path, N's name as its site, its role (`fxlora.passes.branch_parts`, one
 ``ADD`` node: the branch output) and its adapter. Calls marked by `guard_idle_branches` are left
-alone (the layer computes its own branches). Nothing else in the graph changes.
+alone (the layer computes its own branches). A call of a layer whose kind computes its adapted call
+itself (`fxlora.kinds.LayerKind.own_call`) is tagged ``OWN`` and still calls the layer, passing the
+keyword `fxlora.core.own_rows.ROWS_OF` where its first input is a row-major reshape of another
+tensor (`fxlora.passes.rows_source`; under torch.compile any code, the base code of
+`fxlora.runtime.idle` included, may meet a mixed batch's row gates). Nothing else in the graph changes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from fxlora.passes.conditions import (
 )
 from fxlora.passes.gates_input import gates_input
 from fxlora.passes.guard_idle import is_guarded
+from fxlora.passes.rows_source import pass_rows_source
 from fxlora.passes.tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag, tag_of, tagged
 
 __all__ = ["InsertLora", "INSERT_LORA", "insert_lora", "branch_template", "splice", "first_input", "nodes_between"]
@@ -202,6 +207,7 @@ class InsertLora(Pass):
                 continue
             if meta.kind.own_call:  # called plainly: its eager forward computes the adapted call
                 set_tag(node, NodeTag(node.target, node.name, Role.OWN))
+                pass_rows_source(node, first_input(node))  # under compile any code may meet row gates
                 continue
             site = NodeTag(node.target, node.name, Role.LAYER)
             set_tag(node, site)

@@ -30,6 +30,7 @@ from fxlora.runtime.calls import CALL_LOCK
 from fxlora.runtime.codegen import built_once, compile_graph, lowered_once, python_source
 from fxlora.runtime.idle import IDLE, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
+from fxlora.core.own_rows import ROWS_OF
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
 from fxlora.core.ops import any_open
 from fxlora.passes import rewrite
@@ -133,7 +134,8 @@ class EagerLoraForward(_EagerForward):
 
     def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
         if target_meta(self.module).kind.own_call:
-            return own_output(self.module, args, kwargs, gates, eager)
+            rows_of = kwargs.pop(ROWS_OF, None)  # graph code: the batch-first tensor its input was reshaped from
+            return own_output(self.module, args, kwargs, gates, eager, rows_of)
         base = self.original(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         return lora_output(self.module, x, base, gates, eager)

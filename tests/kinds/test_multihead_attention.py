@@ -255,11 +255,27 @@ def test_all_layers_of_the_vit_as_peft():
     assert torch.equal(ours(x), theirs(x))
 
 
-def test_mixed_batches_are_refused():
+def test_mixed_batches_each_row_as_its_adapter_alone():
+    """PEFT refuses mixed batches here; fxlora serves batch-first layers (the ViT's) with one call per
+    adapter, each row from its own (`fxlora.core.own_rows`; sequence-first layers are refused:
+    tests/kinds/test_target_parameters_mixed.py)."""
     _, ours = pair()
-    ours.add_adapter("other", LoraConfig(target_modules=["self_attention"], r=2))
-    with pytest.raises(ValueError, match=r"mixed batch\) cannot be served.*MultiheadAttention.*set_adapter"):
-        ours(images(), adapter_names=["default", "other", "__base__"])
+    torch.manual_seed(4)
+    ours.add_adapter("other", LoraConfig(target_modules=["self_attention"], r=2, init_lora_weights=False))
+    x = images()
+    names = ["default", "other", "__base__"]
+    mixed = ours(x, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with ours.disable_adapter():
+                want = ours(x)
+        else:
+            ours.set_adapter(name)
+            want = ours(x)
+        torch.testing.assert_close(mixed[row], want[row], rtol=1e-5, atol=1e-6)
+        if name != "__base__":
+            with ours.disable_adapter():
+                assert not torch.allclose(mixed[row], ours(x)[row], atol=1e-4)  # the adapter acts on its row
 
 
 def test_compiles_without_graph_breaks():

@@ -197,13 +197,6 @@ def test_disable_scale_and_two_adapters():
     assert not torch.allclose(logits(ours), both, atol=1e-3)
 
 
-def test_mixed_batches_are_refused():
-    _, ours = pair(target_modules=[], target_parameters=EXPERTS)
-    ours.add_adapter("other", LoraConfig(target_modules=[], target_parameters=EXPERTS))
-    with pytest.raises(ValueError, match=r"mixed batch"):
-        ours(ids(), adapter_names=["default", "other"])
-
-
 def test_compiles_fullgraph_without_graph_breaks():
     _, ours = pair(target_modules="all-linear")
     want = logits(ours)
