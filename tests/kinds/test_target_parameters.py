@@ -17,6 +17,7 @@ import fxlora
 from fxlora import LoraConfig
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from models import assert_same_state, state_snapshot
+from moe_models import MODELS, mixtral, qwen3_moe  # noqa: F401
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -24,30 +25,6 @@ transformers = pytest.importorskip("transformers")
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
-def mixtral() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=4, num_experts_per_tok=2, vocab_size=100,
-    )
-    return transformers.MixtralForCausalLM(config).eval()
-
-
-def qwen3_moe() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(
-        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=100, head_dim=8,
-    )
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    with torch.no_grad():  # transformers starts Qwen3-MoE's router at zero: every expert would tie
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.normal_(std=0.5)
-    return model
-
-
-MODELS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
 CONFIGS = {
     "experts": dict(target_modules=["q_proj"], target_parameters=EXPERTS),
     "all-linear": dict(target_modules="all-linear"),

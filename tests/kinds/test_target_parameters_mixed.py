@@ -25,37 +25,15 @@ from hypothesis import strategies as st
 import fxlora
 from fxlora import LoraConfig
 from models import assert_same_state, state_snapshot
+import moe_models
 
 transformers = pytest.importorskip("transformers")
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 NAMES = ["other", "__base__", "default", "other"]
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def mixtral(layers: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=4, num_experts_per_tok=2, vocab_size=100, use_cache=False,
-    )
-    return transformers.MixtralForCausalLM(config).eval()
-
-
-def qwen3_moe(layers: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(
-        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=100, head_dim=8, use_cache=False,
-    )
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    with torch.no_grad():  # transformers starts Qwen3-MoE's router at zero: every expert would tie
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.normal_(std=0.5)
-    return model
-
-
+mixtral = functools.partial(moe_models.mixtral, use_cache=False)
+qwen3_moe = functools.partial(moe_models.qwen3_moe, use_cache=False)
 MODELS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
 
 
@@ -272,8 +250,6 @@ def test_any_assignment_of_adapters_to_rows_bit_for_bit(names, seq):
     mixed = model(x, adapter_names=names)
     want = alone(model, lambda: model(x), names)
     assert all(torch.equal(mixed[row], want[row]) for row in range(len(names)))
-
-
 
 
 def refused(model, call, message):

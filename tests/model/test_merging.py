@@ -84,6 +84,7 @@ def test_property_merged_equals_unmerged_on_random_architectures(setup, scale):
     net, shape, targets, config = setup
     model = fxlora.transform(net, config.replace(init_lora_weights=False)).eval()
     model.set_adapter_scale("default", scale)
+    torch.manual_seed(0)  # the same input each time hypothesis replays an example
     x = torch.randn(*shape)
     before = base_weights(model)
     unmerged = model(x)
@@ -103,7 +104,9 @@ def test_property_merged_equals_unmerged_on_random_architectures(setup, scale):
     model.unmerge_adapter()
     assert_same_bits(base_weights(model), before)
     with model.disable_adapter():
-        rel_close(base_out, model(x))
+        # the merged weight less the update: rounding of the weights' size, which a small output
+        # (cancelling terms) sees relatively larger
+        rel_close(base_out, model(x), rtol=1e-4)
 
 
 def test_disable_adapter_on_a_merged_model_gives_base_outputs_and_stays_merged():
