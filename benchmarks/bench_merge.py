@@ -136,7 +136,7 @@ def measure(dtype: torch.dtype, ratio: float | None, rounds: int) -> list[dict]:
             extra = ""
             if lib == "fxlora":
                 weight_bytes = sum(t.numel() * t.element_size() for t in before.values())
-                record_bytes = sum(r.nbytes for step in fm._merge_steps for r in step.records.values())
+                record_bytes = sum(r.nbytes for step in fm.adapter_state.merge_steps for r in step.records.values())
                 extra = f"{100 * record_bytes / weight_bytes:.1f}%"
             model.unmerge_adapter()
             one, _ = changed_share(tensors, before)
