@@ -39,7 +39,7 @@ from fxlora.core.dora import dora_fold, dora_unfold
 from fxlora.core.layers import target_meta
 from fxlora.kinds.quantized import Quantization, QuantizedWeight, quantization_of
 
-__all__ = ["Restore", "Requantized", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
+__all__ = ["add_rounded", "Restore", "Requantized", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -111,7 +111,7 @@ def _summed(module: nn.Module, scales: dict[str, float], which: str) -> Optional
     return total
 
 
-def _add(original: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+def add_rounded(original: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """``round(original + update)``: the sum in the compute dtype, rounded once into original's."""
     dtype = compute_dtype(original, update)
     return (original.to(dtype) + update.to(dtype)).to(original.dtype)
@@ -134,7 +134,7 @@ def merged_tensors(module: nn.Module, scales: dict[str, float]) -> dict[str, tor
         update = _summed(module, scales, which)
         if update is None:
             continue
-        out[which] = _add(_dense(module, which), update)
+        out[which] = add_rounded(_dense(module, which), update)
     return out
 
 
@@ -157,7 +157,7 @@ def _check_requantizable(module: nn.Module, scales: dict[str, float]) -> Optiona
 def _fold_quantized(module: nn.Module, quantization: Quantization, update: torch.Tensor, exact: bool) -> Requantized:
     """``quantize(round(dequantize(W) + update))`` written as the layer's weight (PEFT's merge;
     the rounding makes it inexact), the weight before kept with `exact` for a bit-exact unfold."""
-    written = quantization.quantized(module, _add(quantization.dense(module), update))
+    written = quantization.quantized(module, add_rounded(quantization.dense(module), update))
     before = quantization.keep(module) if exact else None
     quantization.put(module, written)
     return Requantized(quantization, before, written)
@@ -266,7 +266,7 @@ def fold_layer(module: nn.Module, scales: dict[str, float], exact: bool = True) 
                 requantized = _fold_quantized(module, quantization, update, exact)
                 continue
             param = layer_tensor(module, which)
-            merged = _add(param.detach(), update)
+            merged = add_rounded(param.detach(), update)
             if exact:
                 restores[which] = _restore_data(param.detach(), merged, update)
             else:
@@ -307,11 +307,11 @@ def _unfold_tensor(param: torch.Tensor, update: torch.Tensor, restore: Restore) 
         flat_back, flat_now, flat_update = back.view(-1), param.detach().reshape(-1), update.reshape(-1)
         before = restore.before.to(param.device)
         if restore.index is None:
-            untouched = _bits(flat_now) == _bits(_add(before, flat_update))
+            untouched = _bits(flat_now) == _bits(add_rounded(before, flat_update))
             flat_back.copy_(torch.where(untouched, before, flat_back))
         else:
             index = restore.index.to(device=param.device, dtype=torch.int64)
-            untouched = _bits(flat_now[index]) == _bits(_add(before, flat_update[index]))
+            untouched = _bits(flat_now[index]) == _bits(add_rounded(before, flat_update[index]))
             flat_back[index[untouched]] = before[untouched]
     param.copy_(back)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.dtypes import compute_dtype
-from fxlora.core.fold import merged_tensors
+from fxlora.core.fold import add_rounded, merged_tensors
 from fxlora.core.layers import target_meta
 from fxlora.core.ops import slot_scaling
 
@@ -35,16 +35,21 @@ def _obstacles(spec: Any) -> list[tuple[str, Any]]:
     return [(option, value) for option, value in options if value]
 
 
+def _pure(layer: nn.Module) -> list[bool]:
+    """For each adapter on `layer` (none if it is not adapted): is it a pure update of its weight."""
+    meta = target_meta(layer)
+    return [] if meta is None else [not _obstacles(s) for s in meta.adapters.values()]
+
+
 def acts_through_weight(layer: nn.Module) -> bool:
     """`layer` carries adapters, each a pure update of its weight (what `adapted_weight` serves)."""
-    meta = target_meta(layer)
-    return meta is not None and bool(meta.adapters) and not any(_obstacles(s) for s in meta.adapters.values())
+    pure = _pure(layer)
+    return bool(pure) and all(pure)
 
 
 def some_act_through_weight(layer: nn.Module) -> bool:
     """`layer` carries an adapter that is a pure update of its weight."""
-    meta = target_meta(layer)
-    return meta is not None and any(not _obstacles(s) for s in meta.adapters.values())
+    return any(_pure(layer))
 
 
 def check_weight_use(layer: nn.Module, adapters: tuple[str, ...], where: str = "") -> None:
@@ -63,8 +68,10 @@ def adapted_weight(layer: nn.Module, gates: Any, adapters: tuple[str, ...], know
     """``layer.weight`` plus each adapter of `adapters` at its scale in the call's `gates`
     (`fxlora.core.gates.GateState`): Python numbers where `known` (eager code of a known state,
     which then lists only the live adapters), else the 0-d gate tensors (gated code, what
-    torch.compile sees: a change of state changes no code)."""
-    check_weight_use(layer, adapters)
+    torch.compile sees: a change of state changes no code).
+
+    Requires: `check_weight_use` passed for `adapters` (`fxlora.passes.weight_uses` checks it
+    when it builds the code)."""
     if known:
         merged = merged_tensors(layer, {a: gates.scale[a] for a in adapters})
         return merged.get("weight", layer.weight)
@@ -87,7 +94,4 @@ def _gated(layer: nn.Module, gates: Any, adapters: tuple[str, ...]) -> torch.Ten
         dtype = compute_dtype(weight, *meta.kind.weight_matrices(layer, adapter)["weight"])
         part = meta.kind.lora_weight(layer, adapter, meta.fan_in_fan_out, dtype) * (scaling * gate)
         total = part if total is None else total + part.to(total.dtype)
-    if total is None:
-        return weight
-    dtype = compute_dtype(weight, total)
-    return (weight.to(dtype) + total.to(dtype)).to(weight.dtype)
+    return weight if total is None else add_rounded(weight, total)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from typing import Any, Callable, Optional
 
 import torch.fx as fx
@@ -23,6 +24,7 @@ __all__ = [
     "called_module",
     "resolve",
     "not_a_leaf",
+    "writes_in_place",
     "untagged_call",
     "untagged_adapted_call",
     "BRANCHES_INSERTED",
@@ -122,3 +124,17 @@ def keyword_call(graph: fx.Graph, keyword: str) -> Optional[fx.Node]:
 def branch_of(node: fx.Node, site: str, *roles: Role) -> bool:
     """`node` is tagged as one of `roles` of the call named `site`."""
     return has_role(node, *roles) and tag_of(node).site == site
+
+
+def writes_in_place(node: fx.Node, root: nn.Module) -> bool:
+    """`node` may write a tensor in place: an item assignment (``x[i] = v``), a tensor method or
+    torch function named with a trailing underscore (``x.add_(y)``, ``torch.relu_(x)``), a call
+    passing ``inplace=True``, or a call of a module built with ``inplace=True`` (``nn.ReLU``)."""
+    if node.op == "call_module":
+        return getattr(root.get_submodule(node.target), "inplace", False) is True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.target is operator.setitem or node.kwargs.get("inplace") is True:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")

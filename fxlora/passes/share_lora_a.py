@@ -10,8 +10,8 @@ and a dtype: when two or more branches called their A (a bias-free ``nn.Linear``
 ``LORA_A`` of that adapter) on ``cast_like(x, ...)``, those calls became one
 ``shared_low_rank(x, [A_1.weight, A_2.weight, ...])`` node (``SHARED_A``: one matmul on the
 concatenated weights) and ``getitem`` nodes (``LORA_A`` of each call's layer) that hand each
-branch its slice; calls with an in-place write (``x[i] = v``, ``x.add_(y)``) between them are
-in different groups. Branches with dropout (p > 0) keep their own A call: their inputs differ.
+branch its slice; calls with an in-place write between them (``x[i] = v``, ``x.add_(y)``,
+``inplace=True``: `fxlora.passes.conditions.writes_in_place`) are in different groups. Branches with dropout (p > 0) keep their own A call: their inputs differ.
 Values are equal up to float rounding.
 """
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 from fxlora.dtypes import cast_like
 from fxlora.core.ops import shared_low_rank
 from fxlora.passes.base import Pass, PassContext, PassResult
-from fxlora.passes.conditions import BRANCHES_INSERTED, untagged_adapted_call
+from fxlora.passes.conditions import BRANCHES_INSERTED, untagged_adapted_call, writes_in_place
 from fxlora.passes.tags import Role, has_role, set_tag, tag_of, tagged
 
 __all__ = ["ShareLoraA", "SHARE_LORA_A", "share_lora_a"]
@@ -46,20 +46,13 @@ def _group_key(node: fx.Node, root: nn.Module) -> Optional[Hashable]:
     return source.args[0], tag_of(node).adapter, module.weight.dtype
 
 
-def _writes_in_place(node: fx.Node) -> bool:
-    """An item assignment or an in-place tensor method (``x[i] = v``, ``x.add_(y)``)."""
-    if node.op == "call_function":
-        return node.target is operator.setitem
-    return node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")
-
-
 def _groups(graph: fx.Graph, root: nn.Module) -> dict[Hashable, list[fx.Node]]:
     """The A calls of each group. A call after an in-place write (to any tensor: it may be a
     view of the input) is never grouped with one before it, so no call reads a stale product."""
     groups: dict[Hashable, list[fx.Node]] = defaultdict(list)
     writes = 0
     for node in graph.nodes:
-        if _writes_in_place(node):
+        if writes_in_place(node, root):
             writes += 1
         elif node.op == "call_module":
             key = _group_key(node, root)

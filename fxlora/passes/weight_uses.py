@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from fxlora.core.branch import branch_adapters
 from fxlora.core.layers import target_meta
-from fxlora.core.weight_use import adapted_weight
+from fxlora.core.weight_use import adapted_weight, check_weight_use
 from fxlora.passes.base import Pass, PassContext, PassResult
 from fxlora.passes.conditions import is_adapted
 from fxlora.passes.gates_input import gates_input
@@ -55,6 +55,7 @@ def _adapt(graph: fx.Graph, root: nn.Module, layer: str, ctx: PassContext) -> bo
     weight = _weight_node(graph, layer)
     if weight is None:
         return False
+    check_weight_use(module, adapters, layer)  # once per build, not per call
     users = list(weight.users)
     with graph.inserting_after(weight):
         holder = graph.get_attr(layer)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from fxlora.config import LoraConfig
 from fxlora.core.weight_use import acts_through_weight, some_act_through_weight
 from fxlora.errors import TraceFailure, UnsupportedTargetError
-from fxlora.tracing.linear_reads import linear_reads, weight_only_layers
+from fxlora.tracing.linear_reads import attribute_uses
 from fxlora.tracing.traced import modules_called
 
 __all__ = ["WeightRead", "check_calls", "weight_use_targets"]
@@ -50,8 +50,7 @@ def check_calls(
     read_only: dict[str, str] = {}
     for variant in variants.values():
         called = modules_called(variant.graph)
-        reads = linear_reads(variant.graph, root, lambda path, module: path in rels)
-        weight_only = weight_only_layers(variant.graph, root, lambda path, module: path in rels)
+        reads, weight_only = attribute_uses(variant.graph, root, lambda path, module: path in rels)
         by_weight = {rel for rel in weight_only if rels[rel] in weight_uses}
         _check_kept_weight_uses(root, [rel for rel in weight_only if rel not in by_weight], by_weight, rels)
         for rel, name in rels.items():

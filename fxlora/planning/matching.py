@@ -133,12 +133,12 @@ def _resolve_target_spec(config: LoraConfig, model: nn.Module, names: Sequence[s
     if resolution is not None:
         return resolution.target_modules, False, resolution
     if config.target_modules is None:
-        if config.target_parameters:  # PEFT: the model type's defaults if any, else parameters alone
-            try:
-                return default_target_modules(model), False, None
-            except ValueError:
-                return [], False, None
-        return default_target_modules(model), False, None
+        try:
+            return default_target_modules(model), False, None
+        except ValueError:
+            if not config.target_parameters:
+                raise
+            return [], False, None  # PEFT: the model type's defaults if any, else parameters alone
     if config.is_all_linear:
         return linear, True, None
     return config.target_modules, False, None

@@ -207,16 +207,15 @@ def _trace_root(module: nn.Module, interesting: list, observed: dict, cache: Tra
         through = through - {id(m) for name in found for m in module.get_submodule(name).modules()}
         if all(len(v.leaves) == len(found) for _, v in traced):  # the same leaves in every pattern
             break
-    return {_planned_key(key, v, traced): v for key, v in traced}, through, leaves
+    sized, ranked = (any(test(v.key) for _, v in traced) for test in (key_is_sized, key_is_ranked))
+    return {_planned_key(key, v, sized, ranked): v for key, v in traced}, through, leaves
 
 
-def _planned_key(observed: CallKey, variant: TracedVariant, traced: list) -> CallKey:
+def _planned_key(observed: CallKey, variant: TracedVariant, sized: bool, ranked: bool) -> CallKey:
     """The key a root's variant is kept under: as traced, or as observed with ranks (and size classes) if one needed them."""
-    if any(key_is_sized(v.key) for _, v in traced):
+    if sized:
         return observed
-    if any(key_is_ranked(v.key) for _, v in traced):
-        return erase_sizes(observed)
-    return variant.key
+    return erase_sizes(observed) if ranked else variant.key
 
 
 def _check_callable_root(module: nn.Module, is_model: bool, observed: dict[int, list[CallKey]]) -> None:

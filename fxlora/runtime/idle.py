@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import saved_meta, target_meta
+from fxlora.passes.conditions import writes_in_place
 
 __all__ = ["IDLE", "skippable", "run_gated", "any_gate_open"]
 
@@ -62,10 +63,6 @@ def _pure_module(module: nn.Module) -> bool:
     return type(module).__module__ in _PURE_NN and not isinstance(module, _IMPURE_NN)
 
 
-def _in_place(name: str, kwargs: dict) -> bool:
-    return (name.endswith("_") and not name.endswith("__")) or kwargs.get("inplace") is True
-
-
 def _pure_function(target: Any) -> bool:
     """A function of ``operator``, ``getattr`` (of a tensor's shape, say) or of torch."""
     if target is getattr:
@@ -78,7 +75,7 @@ def _pure_node(node: fx.Node, root: nn.Module) -> bool:
     if node.op in ("placeholder", "get_attr", "output"):
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if _in_place(name, node.kwargs) or name in _RANDOM:
+    if writes_in_place(node, root) or name in _RANDOM:
         return False
     if node.op == "call_module":
         return _pure_module(root.get_submodule(node.target))

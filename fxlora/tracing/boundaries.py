@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 
 from fxlora.boundary import GLOBAL_HOOK_TABLES, HOOK_TABLES, boundary_of, can_be_root
-from fxlora.tracing.integrations import hooks_for
+from fxlora.tracing.integrations import TraceHooks, hooks_for
 
 __all__ = [
-    "kept_children","Inlined", "NOTHING_INLINED", "inlined", "BaseLayers", "base_layers", "nested_roots"]
+    "kept_children",
+    "traced_into","Inlined", "NOTHING_INLINED", "inlined", "BaseLayers", "base_layers", "nested_roots"]
 
 class Inlined(NamedTuple):
     """The modules a graph traced through, as they were: their hook tables (empty), their
@@ -98,6 +99,12 @@ def base_layers(layers: Iterable[nn.Module], forwards: Iterable[Any]) -> BaseLay
     )
 
 
+def traced_into(module: nn.Module, hooks: TraceHooks) -> bool:
+    """A graph may trace through `module`: no module boundary, not kept whole by an integration
+    (`TraceHooks.kept_whole`)."""
+    return boundary_of(module) is None and not hooks.keeps_whole(module)
+
+
 def nested_roots(root: nn.Module, interesting: Iterable[nn.Module], is_root: Callable[[nn.Module], bool]) -> list[nn.Module]:
     """The modules below `root` that must run as graph roots of their own: for each outermost
     module with a boundary (or kept whole by an integration, `TraceHooks.kept_whole`) that holds
@@ -115,7 +122,7 @@ def nested_roots(root: nn.Module, interesting: Iterable[nn.Module], is_root: Cal
         for child in module.children():
             if id(child) in wanted or is_root(child) or not holds_wanted(child):
                 continue
-            if boundary_of(child) is None and not hooks.keeps_whole(child) and not inside_boundary:
+            if traced_into(child, hooks) and not inside_boundary:
                 visit(child, False)  # traced through
             elif can_be_root(child):
                 found.append(child)

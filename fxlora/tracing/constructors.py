@@ -16,7 +16,8 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
+
+from fxlora.tracing.integrations import opaque
 
 __all__ = ["proxy_aware_constructors", "finfo_value", "FINFO_FIELDS"]
 
@@ -40,27 +41,17 @@ class _TracedFinfo:
         return self._dtype.tracer.create_proxy("call_function", finfo_value, (self._dtype, field), {})
 
 
-def _tracer_of(args: Any) -> Any:
-    return next((a.tracer for a in pytree.tree_leaves(args) if isinstance(a, fx.Proxy)), None)
-
-
 @contextlib.contextmanager
 def proxy_aware_constructors() -> Iterator[None]:
     """While active, ``torch.tensor`` and ``torch.finfo`` given traced values record nodes."""
     tensor, finfo = torch.tensor, torch.finfo
-
-    def traced_tensor(*args: Any, **kwargs: Any) -> Any:
-        tracer = _tracer_of((args, kwargs))
-        if tracer is None:
-            return tensor(*args, **kwargs)
-        return tracer.create_proxy("call_function", tensor, args, kwargs)
 
     def traced_finfo(*args: Any, **kwargs: Any) -> Any:
         if args and isinstance(args[0], fx.Proxy) and not kwargs:
             return _TracedFinfo(args[0])
         return finfo(*args, **kwargs)
 
-    torch.tensor, torch.finfo = traced_tensor, traced_finfo
+    torch.tensor, torch.finfo = opaque(tensor), traced_finfo
     try:
         yield
     finally:

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearRead", "linear_reads", "linear_arguments", "weight_only_layers"]
+__all__ = ["LinearRead", "AttributeUses", "attribute_uses", "linear_reads", "linear_arguments", "weight_only_layers"]
 
 
 class LinearRead(NamedTuple):
@@ -106,17 +106,44 @@ def _linear_read(user: fx.Node, weight: fx.Node, layer: str, module: nn.Module, 
     return LinearRead(user, layer, x, bias)
 
 
+class AttributeUses(NamedTuple):
+    """How a graph uses the tensors of the modules it reads (`attribute_uses`)."""
+
+    #: per module read: its linear reads, or None when it is used otherwise too
+    reads: dict[str, Optional[list[LinearRead]]]
+    #: the `nn.Linear` modules the graph never calls and uses only through their ``weight`` (and
+    #: ``bias``) attribute reads, some of them not linear reads (`weight_only_layers`)
+    weight_only: list[str]
+
+
+def attribute_uses(graph: fx.Graph, root: nn.Module, accept: Callable[[str, nn.Module], bool]) -> AttributeUses:
+    """`linear_reads` and `weight_only_layers` of `graph`, from one walk of its attribute reads."""
+    called = {node.target for node in graph.find_nodes(op="call_module")}
+    reads, weight_only = {}, []
+    for path, nodes in _attribute_reads(graph, root, accept).items():
+        module = root.get_submodule(path)
+        reads[path] = _reads_of(path, module, nodes)
+        only_tensors = all(n.target in (path + ".weight", path + ".bias") for n in nodes)
+        if reads[path] is None and path not in called and _calls_as_linear(module) and only_tensors:
+            weight_only.append(path)
+    return AttributeUses(reads, sorted(weight_only))
+
+
 def linear_reads(graph: fx.Graph, root: nn.Module, accept: Callable[[str, nn.Module], bool]) -> dict[str, Optional[list[LinearRead]]]:
     """For each module `accept` takes (given its path from `root`, the module `graph` was traced
     from, and the module) whose tensors `graph` reads: its linear reads, or None
     when the graph uses them otherwise too (see the module docstring). Modules the graph does not
     read are absent."""
+    return attribute_uses(graph, root, accept).reads
+
+
+def _attribute_reads(graph: fx.Graph, root: nn.Module, accept: Callable[[str, nn.Module], bool]) -> dict[str, list[fx.Node]]:
+    """The ``get_attr`` nodes of `graph` reading each accepted module (or one of its tensors), by path."""
     attrs: dict[str, list[fx.Node]] = defaultdict(list)
     for node in graph.find_nodes(op="get_attr"):
         for path in _owner_paths(root, node.target, accept):
             attrs[path].append(node)
-    return {path: _reads_of(path, root.get_submodule(path), nodes) for path, nodes in attrs.items()}
-
+    return attrs
 
 
 def weight_only_layers(graph: fx.Graph, root: nn.Module, accept: Callable[[str, nn.Module], bool]) -> list[str]:
@@ -125,15 +152,4 @@ def weight_only_layers(graph: fx.Graph, root: nn.Module, accept: Callable[[str, 
     the tensors to code no call equals (torchvision's ``shifted_window_attention(x,
     self.qkv.weight, ..., qkv_bias=self.qkv.bias)``). `fxlora.passes.weight_uses` gives such
     code the adapted weight."""
-    called = {node.target for node in graph.find_nodes(op="call_module")}
-    attrs: dict[str, list[fx.Node]] = defaultdict(list)
-    for node in graph.find_nodes(op="get_attr"):
-        for path in _owner_paths(root, node.target, accept):
-            attrs[path].append(node)
-    found = []
-    for path, nodes in attrs.items():
-        module = root.get_submodule(path)
-        only_tensors = all(n.target in (path + ".weight", path + ".bias") for n in nodes)
-        if path not in called and _calls_as_linear(module) and only_tensors and _reads_of(path, module, nodes) is None:
-            found.append(path)
-    return sorted(found)
+    return attribute_uses(graph, root, accept).weight_only

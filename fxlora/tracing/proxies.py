@@ -229,9 +229,11 @@ def decide_comparison(target: Any, args: tuple) -> Optional[bool]:
         return None
     if info.size_class < 2:  # the size itself is known
         return bool(target(info.size_class, right))
-    # two or more: decided when every size >= 2 compares alike with `right`
-    low, high = target(2, right), target(max(right, 2) + 1, right)
-    return bool(low) if low == high and (right <= 2) else None
+    # two or more: decided when every size >= 2 compares alike with `right` (then 2 and 3 do)
+    if right > 2:
+        return None
+    low, high = target(2, right), target(3, right)
+    return bool(low) if low == high else None
 
 
 def _tensor_rank(info: Any) -> Optional[int]:

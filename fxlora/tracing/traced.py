@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -31,7 +31,7 @@ import torch.nn as nn
 from fxlora.tracing.call_keys import (
     SELF, CallKey, Source, erase_ranks, erase_sizes, key_is_ranked, key_is_sized,
 )
-from fxlora.tracing.boundaries import NOTHING_INLINED, Inlined, boundary_of
+from fxlora.tracing.boundaries import NOTHING_INLINED, Inlined, traced_into
 from fxlora.tracing.boundaries import inlined as inlined_modules
 from fxlora.tracing.guards import Guard, guards_hold, make_guards
 from fxlora.tracing.call_template import CallTemplate
@@ -91,16 +91,12 @@ def trace_through_ids(root: nn.Module, interesting: Iterable[nn.Module]) -> set[
     ``__call__`` does more than its forward is called, never traced through, as is a module an
     integration keeps whole (`TraceHooks.kept_whole`)."""
     hooks = hooks_for(root)
-    wanted = {id(m) for m in interesting}
     ids = {id(root)}
-    for name, module in root.named_modules():
-        if id(module) in wanted and name:
-            parts = name.split(".")
-            chain = [root.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
-            for ancestor in chain:
-                if boundary_of(ancestor) is not None or hooks.keeps_whole(ancestor):
-                    break
-                ids.add(id(ancestor))
+    for chain in _ancestor_chains(root, interesting):
+        for ancestor in chain:
+            if not traced_into(ancestor, hooks):
+                break
+            ids.add(id(ancestor))
     return ids
 
 
@@ -110,19 +106,26 @@ def traceable_parents(root: nn.Module, interesting: Iterable[nn.Module]) -> set[
     (`fxlora.tracing.tracer.check_transparent`) on the way from `root`. A graph of `root` calls
     none of the interesting modules itself when this is empty (planning then skips tracing it)."""
     hooks = hooks_for(root)
+    transparent: dict[int, bool] = {}
+
+    def open_(module: nn.Module) -> bool:
+        if id(module) not in transparent:
+            transparent[id(module)] = traced_into(module, hooks) and _transparent(module, hooks)
+        return transparent[id(module)]
+
+    return {id(chain[-1] if chain else root) for chain in _ancestor_chains(root, interesting) if all(map(open_, chain))}
+
+
+def _ancestor_chains(root: nn.Module, interesting: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
+    """For each interesting module below `root`, its ancestors below `root`, outermost first."""
     wanted = {id(m) for m in interesting}
-    found: set[int] = set()
     for name, module in root.named_modules():
-        if id(module) not in wanted or not name:
-            continue
-        parts, owner = name.split("."), root
-        for part in parts[:-1]:
-            owner = getattr(owner, part)
-            if boundary_of(owner) is not None or hooks.keeps_whole(owner) or not _transparent(owner, hooks):
-                break
-        else:
-            found.add(id(owner))
-    return found
+        if id(module) in wanted and name:
+            chain, owner = [], root
+            for part in name.split(".")[:-1]:
+                owner = getattr(owner, part)
+                chain.append(owner)
+            yield chain
 
 
 def _transparent(module: nn.Module, hooks: TraceHooks) -> bool:
@@ -285,7 +288,6 @@ def _trace_with_leaves(root: nn.Module, trace_through: set[int], key: CallKey, m
     leaf (one ``call_module`` node: it runs its own ``__call__``, the adapted layers inside it
     compute eagerly or in a graph of their own), until the trace succeeds or fails in the root's
     own code. The modules made leaves, and why, are ``variant.leaves``."""
-    names = {id(m): n for n, m in root.named_modules()}
     leaves: dict[str, str] = {}
     while True:
         try:
@@ -293,7 +295,7 @@ def _trace_with_leaves(root: nn.Module, trace_through: set[int], key: CallKey, m
         except _ChildFailure as exc:
             if exc.module is None or id(exc.module) not in trace_through:
                 raise TraceFailure(str(exc)) from exc
-            leaves[names[id(exc.module)]] = str(exc)
+            leaves[next(n for n, m in root.named_modules() if m is exc.module)] = str(exc)
             trace_through = trace_through - {id(m) for m in exc.module.modules()}
             continue
         variant.leaves = tuple(leaves.items())
@@ -312,8 +314,8 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: 
     hooks = hooks_for(root)
     call = CallTemplate(_forward_function(root, hooks, key), key)
     flags = [(m, m.training) for m in root.modules()]
-    traced_modules = [m for m in root.modules() if id(m) in trace_through]
-    snapshot = _snapshot(traced_modules)
+    through = traced_modules(root, trace_through)
+    snapshot = _snapshot(through)
     graph: Optional[fx.Graph] = None
     tracer = make_tracer(trace_through, hooks)
     try:
@@ -344,8 +346,8 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: 
         inputs=inputs,
         constants=constants,
         key=key,
-        guards=make_guards(traced_modules, hooks),
-        inlined=inlined_modules(root, traced_modules),
+        guards=make_guards(through, hooks),
+        inlined=inlined_modules(root, through),
         output_type=tracer.output_type,
     )
 

@@ -21,7 +21,7 @@ from fxlora.boundary import boundary_of
 from fxlora.tracing.constructors import proxy_aware_constructors
 from fxlora.tracing.integrations import NO_HOOKS, TraceHooks
 from fxlora.tracing.handles import ObjectProxy
-from fxlora.tracing.proxies import InfoProxy, NotTraceable, TensorInfo, _length, decide_comparison, infer
+from fxlora.tracing.proxies import InfoProxy, NotTraceable, TensorInfo, decide_comparison, infer
 from fxlora.tracing.threads import tracing_here, tracing_in_this_thread
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,12 +71,6 @@ class LoraTracer(fx.Tracer):
             module = self.root.get_submodule(target) if kind == "call_module" else None
             proxy.info = infer(kind, target, args, kwargs, module, self.hooks.rank_preserving)
         return proxy
-
-    def iter(self, obj: fx.Proxy):
-        length = _length(getattr(obj, "info", None))
-        if length is None:
-            return super().iter(obj)
-        return iter([obj[i] for i in range(length)])
 
     def create_arg(self, a: Any):
         if isinstance(a, nn.Module) and not isinstance(a, fx.Proxy):

@@ -125,12 +125,23 @@ class Mutating(nn.Module):
         return q + self.k(x)
 
 
-def test_a_products_are_not_shared_across_an_in_place_write():
+class ReluInPlace(Mutating):
+    """The same with ``F.relu(x, inplace=True)`` as the write."""
+
+    def forward(self, x):
+        x = x * 1.0
+        q = self.q(x)
+        torch.nn.functional.relu(x, inplace=True)
+        return q + self.k(x)
+
+
+@pytest.mark.parametrize("model", [Mutating, ReluInPlace])
+def test_a_products_are_not_shared_across_an_in_place_write(model):
     pytest.importorskip("peft")
     from models import paired
 
     torch.manual_seed(0)
-    reference, ours = paired(Mutating(), ["q", "k"])
+    reference, ours = paired(model(), ["q", "k"])
     assert ours.target_paths == {"q": "graph", "k": "graph"}
     x = torch.randn(3, 4)
     compiled = torch.compile(ours, backend="eager", fullgraph=True)  # the gated code, where A products are shared

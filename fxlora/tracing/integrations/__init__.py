@@ -252,12 +252,9 @@ def opaque(fn: Callable, info: Any = None) -> Callable:
     call's ``args, kwargs`` and returns it); called with concrete values, it is `fn`."""
     import functools
 
-    import torch.fx as fx
-    from torch.utils import _pytree as pytree
-
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        tracer = next((a.tracer for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        tracer = tracer_of((args, kwargs))
         if tracer is None:
             return fn(*args, **kwargs)
         proxy = tracer.create_proxy("call_function", fn, args, kwargs)
@@ -265,3 +262,11 @@ def opaque(fn: Callable, info: Any = None) -> Callable:
         return proxy
 
     return call
+
+
+def tracer_of(values: Any) -> Any:
+    """The tracer of the first traced value (`torch.fx.Proxy`) in `values` (any nesting), or None."""
+    import torch.fx as fx
+    from torch.utils import _pytree as pytree
+
+    return next((a.tracer for a in pytree.tree_leaves(values) if isinstance(a, fx.Proxy)), None)

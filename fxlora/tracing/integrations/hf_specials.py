@@ -5,9 +5,11 @@ While fxlora traces, names in model modules are shadowed by versions that record
 thing from the same real values) and call the original directly otherwise; the shadowing ends
 when tracing ends.
 
-- `TRACED_BUILTINS`: MPT's attention computes ``max(0, position_bias.size(1) - query_length)``:
-  Python's ``max`` would compare a proxy. The builtin becomes one node.
-- `OPAQUE_FUNCTIONS`: RWKV's ``rwkv_linear_attention`` loops over the sequence
+All of them are listed in `OPAQUE_FUNCTIONS`:
+
+- MPT's attention computes ``max(0, position_bias.size(1) - query_length)``: Python's ``max``
+  would compare a proxy. The builtin becomes one node.
+- RWKV's ``rwkv_linear_attention`` loops over the sequence
   (``for t in range(seq_length)``), which no graph of symbolic sizes can hold. The function
   becomes one node; what it returns is known from its arguments (`_rwkv_attention`): the
   output, and the new state only when one was given or asked for (else None, as the function
@@ -19,32 +21,14 @@ from __future__ import annotations
 import builtins
 import contextlib
 import sys
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch.fx as fx
-from torch.utils import _pytree as pytree
 
-from fxlora.tracing.integrations import opaque
+from fxlora.tracing.integrations import opaque, tracer_of
 from fxlora.tracing.proxies import NotTraceable, SeqInfo, TensorInfo
 
-__all__ = ["TRACED_BUILTINS", "OPAQUE_FUNCTIONS", "traced_builtins"]
-
-#: model module -> builtins whose calls on traced sizes become nodes
-TRACED_BUILTINS: dict[str, tuple[str, ...]] = {
-    "transformers.models.mpt.modeling_mpt": ("max",),
-}
-
-_OPAQUE: dict[str, Callable] = {}
-
-
-def _opaque_builtin(name: str) -> Callable[..., Any]:
-    if name not in _OPAQUE:
-        _OPAQUE[name] = opaque(getattr(builtins, name))
-    return _OPAQUE[name]
-
-
-def _tracer_of(values: Any) -> Optional[fx.Tracer]:
-    return next((a.tracer for a in pytree.tree_leaves(values) if isinstance(a, fx.Proxy)), None)
+__all__ = ["OPAQUE_FUNCTIONS", "traced_builtins"]
 
 
 def _rwkv_attention(fn: Callable) -> Callable:
@@ -53,7 +37,7 @@ def _rwkv_attention(fn: Callable) -> Callable:
     (batch, hidden) tensors when `state` is given or `return_state` is true, else None."""
 
     def call(time_decay: Any, time_first: Any, key: Any, value: Any, state: Any = None, return_state: Any = False) -> Any:
-        tracer = _tracer_of((time_decay, time_first, key, value, state, return_state))
+        tracer = tracer_of((time_decay, time_first, key, value, state, return_state))
         if tracer is None:
             return fn(time_decay, time_first, key, value, state=state, return_state=return_state)
         if isinstance(return_state, fx.Proxy) or isinstance(state, fx.Proxy):
@@ -72,34 +56,28 @@ def _rwkv_attention(fn: Callable) -> Callable:
     return call
 
 
-#: model module -> {function name: makes its tracing stand-in from the original}
+#: model module -> {name: makes its tracing stand-in from the original (the module's own, or the builtin)}
 OPAQUE_FUNCTIONS: dict[str, dict[str, Callable[[Callable], Callable]]] = {
+    "transformers.models.mpt.modeling_mpt": {"max": opaque},
     "transformers.models.rwkv.modeling_rwkv": {"rwkv_linear_attention": _rwkv_attention},
 }
 
 
 @contextlib.contextmanager
 def traced_builtins() -> Iterator[None]:
-    """While active, `TRACED_BUILTINS` and `OPAQUE_FUNCTIONS` are shadowed in their (already
-    imported) modules; each original is put back afterwards."""
+    """While active, the names of `OPAQUE_FUNCTIONS` are shadowed in their (already imported)
+    modules; each original is put back afterwards (a builtin's shadow is removed)."""
     shadowed: list[tuple[dict, str, Any]] = []  # (namespace, name, original or _ABSENT)
     try:
-        for module_name, names in TRACED_BUILTINS.items():
-            module = sys.modules.get(module_name)
-            if module is None:
-                continue
-            for name in names:
-                if name not in module.__dict__:
-                    module.__dict__[name] = _opaque_builtin(name)
-                    shadowed.append((module.__dict__, name, _ABSENT))
         for module_name, functions in OPAQUE_FUNCTIONS.items():
             module = sys.modules.get(module_name)
             if module is None:
                 continue
             for name, make in functions.items():
-                original = module.__dict__.get(name)
-                if callable(original):
-                    module.__dict__[name] = make(original)
+                original = module.__dict__.get(name, _ABSENT)
+                current = getattr(builtins, name, None) if original is _ABSENT else original
+                if callable(current):
+                    module.__dict__[name] = make(current)
                     shadowed.append((module.__dict__, name, original))
         yield
     finally:
