@@ -39,7 +39,7 @@ from fxlora.core.dora import dora_fold, dora_unfold
 from fxlora.core.layers import target_meta
 from fxlora.kinds.quantized import Quantization, QuantizedWeight, quantization_of
 
-__all__ = ["add_rounded", "Restore", "Requantized", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
+__all__ = ["add_rounded", "summed_update", "Restore", "Requantized", "FoldRecord", "merged_tensors", "fold_layer", "unfold_layer", "unfolded_tensor", "check_fold", "check_untied", "layer_scales"]
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -86,10 +86,6 @@ class FoldRecord:
     requantized: Optional[Requantized] = None  # the fold into a quantized weight (kept out of `restores`)
 
     @property
-    def bias(self) -> Optional[Restore]:
-        return self.restores.get("bias")
-
-    @property
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.restores.values())
 
@@ -99,7 +95,7 @@ def _delta(module: nn.Module, adapter: str, scale: float, which: str) -> Optiona
     return delta_bias(module, adapter, scale) if which == "bias" else delta_weight(module, adapter, scale, which=which)
 
 
-def _summed(module: nn.Module, scales: dict[str, float], which: str) -> Optional[torch.Tensor]:
+def summed_update(module: nn.Module, scales: dict[str, float], which: str) -> Optional[torch.Tensor]:
     """Sum of the adapters' updates of the tensor at path `which` (a weight, or ``"bias"``) in the
     compute dtype; None if none has one."""
     total = None
@@ -131,7 +127,7 @@ def merged_tensors(module: nn.Module, scales: dict[str, float]) -> dict[str, tor
     if dora is not None:
         return {"weight": dora_fold(module, dora, scales[dora], module.weight.detach())[0]}
     for which in folded_tensors(module):
-        update = _summed(module, scales, which)
+        update = summed_update(module, scales, which)
         if update is None:
             continue
         out[which] = add_rounded(_dense(module, which), update)
@@ -170,7 +166,7 @@ def _unfold_quantized(module: nn.Module, record: FoldRecord) -> None:
     if done.before is not None and done.quantization.holds(module, done.written):
         done.quantization.put(module, done.before)
         return
-    back = _subtract(done.quantization.dense(module), _summed(module, record.scales, "weight"))
+    back = _subtract(done.quantization.dense(module), summed_update(module, record.scales, "weight"))
     done.quantization.put(module, done.quantization.quantized(module, back))
 
 
@@ -259,7 +255,7 @@ def fold_layer(module: nn.Module, scales: dict[str, float], exact: bool = True) 
     requantized = None
     with torch.no_grad():
         for which in folded_tensors(module):
-            update = _summed(module, scales, which)
+            update = summed_update(module, scales, which)
             if update is None:
                 continue
             if which == "weight" and quantization is not None:
@@ -326,7 +322,7 @@ def unfold_layer(module: nn.Module, record: FoldRecord) -> None:
         if record.requantized is not None:
             _unfold_quantized(module, record)
         for which, restore in record.restores.items():
-            _unfold_tensor(layer_tensor(module, which), _summed(module, record.scales, which), restore)
+            _unfold_tensor(layer_tensor(module, which), summed_update(module, record.scales, which), restore)
 
 
 def unfolded_tensor(module: nn.Module, which: str, records: list[FoldRecord]) -> torch.Tensor:
@@ -342,7 +338,7 @@ def unfolded_tensor(module: nn.Module, which: str, records: list[FoldRecord]) ->
                 continue
             restore = record.restores.get(which)
             if restore is not None:
-                _unfold_tensor(tensor, _summed(module, record.scales, which), restore)
+                _unfold_tensor(tensor, summed_update(module, record.scales, which), restore)
     return tensor
 
 

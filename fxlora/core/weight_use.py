@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.dtypes import compute_dtype
-from fxlora.core.fold import add_rounded, merged_tensors
+from fxlora.core.fold import add_rounded, summed_update
 from fxlora.core.layers import target_meta
 from fxlora.core.ops import slot_scaling
 
@@ -73,8 +73,8 @@ def adapted_weight(layer: nn.Module, gates: Any, adapters: tuple[str, ...], know
     Requires: `check_weight_use` passed for `adapters` (`fxlora.passes.weight_uses` checks it
     when it builds the code)."""
     if known:
-        merged = merged_tensors(layer, {a: gates.scale[a] for a in adapters})
-        return merged.get("weight", layer.weight)
+        update = summed_update(layer, {a: gates.scale[a] for a in adapters}, "weight")
+        return layer.weight if update is None else add_rounded(layer.weight, update)
     return _gated(layer, gates, adapters)
 
 
@@ -92,6 +92,8 @@ def _gated(layer: nn.Module, gates: Any, adapters: tuple[str, ...]) -> torch.Ten
         spec = meta.adapters[adapter]
         scaling = slot_scaling(layer, adapter, weight) if spec.scaling_cell is not None else spec.scaling
         dtype = compute_dtype(weight, *meta.kind.weight_matrices(layer, adapter)["weight"])
+        # the kind's product, as `fxlora.core.delta.delta_weight` takes it (without its merge-time
+        # shape check, which torch.compile cannot trace), at the gate tensor's scale
         part = meta.kind.lora_weight(layer, adapter, meta.fan_in_fan_out, dtype) * (scaling * gate)
         total = part if total is None else total + part.to(total.dtype)
     return weight if total is None else add_rounded(weight, total)

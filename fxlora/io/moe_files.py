@@ -57,6 +57,7 @@ from fxlora.errors import CheckpointError
 from fxlora.io.peft_format import PEFT_PREFIX
 from fxlora.kinds.parameter import PARAMETER, ParamTarget, geometry, parameter_file_suffix
 from fxlora.planning.parameters import moe_expert_sources, moe_family, moe_resolution
+from fxlora.planning.names import matches_name_list
 
 __all__ = ["Target", "adapter_targets", "convert_expert_tensors"]
 
@@ -123,7 +124,7 @@ def _refuse_unadapted(model: nn.Module, tensors: dict, targets: list, config: Lo
     adapted because the config's entries naming them now name the experts' parameters."""
     olds = {old for group in sources.values() for old in group}
     entries = () if isinstance(config.target_modules, str) else config.target_modules or ()
-    if not config.is_all_linear and not any(e == o or e.endswith("." + o) for e in entries for o in olds):
+    if not config.is_all_linear and not any(matches_name_list(olds, e) for e in entries):
         return  # nothing was moved away from these modules: the layout check reports their keys
     modules, adapted = dict(model.named_modules()), {t.name for t in targets}
     owners = set()

@@ -196,9 +196,8 @@ def _build_layout(
     layout = Layout(ignored_prefixes=tuple(p for name, _ in saved for p in (f"{name}.original_module.", f"{name}.modules_to_save.")))
     target_names = {name for name, *_ in targets}
     for name, module, kind, spec in targets:
-        own_key = getattr(kind, "lora_key", None)  # a kind whose keys PEFT's rule cannot give (target_parameters)
         for suffix, shape in kind.factor_shapes(module, spec).items():
-            key = own_key(module, spec, name, suffix, adapter) if own_key else _fxlora_lora_key(name, suffix, adapter)
+            key = kind.lora_key(module, spec, name, suffix, adapter) or _fxlora_lora_key(name, suffix, adapter)
             layout.add(f"{name}.{suffix}", Slot(key, shape, ADAPTER))
         own_bias = getattr(module, "bias", None)
         if bias == "lora_only" and isinstance(own_bias, torch.Tensor):

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from fxlora.errors import UnsupportedTargetError
 from fxlora.kinds.low_rank import ModulePairKind
-from fxlora.kinds.registry import Factors, Init, KindBase, register_kind
+from fxlora.kinds.registry import Factors, Init, KindBase, WeightView, register_kind
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -58,22 +58,11 @@ __all__ = ["MULTIHEAD_ATTENTION", "with_weights"]
 OUT_A, OUT_B = "out_proj.lora_A", "out_proj.lora_B"
 
 
-class _WithWeights:
-    """A read-only stand-in for a module: the attributes in `overrides`, else the module's."""
-
-    def __init__(self, module: nn.Module, overrides: dict[str, Any]) -> None:
-        self.__dict__.update(overrides)
-        self._module = module
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_module"], name)
-
-
 def with_weights(module: nn.MultiheadAttention, in_proj_weight: torch.Tensor, out_weight: torch.Tensor) -> Any:
     """`module` as its forward sees it, with ``in_proj_weight`` and ``out_proj.weight`` replaced
     (nothing of `module` changes)."""
-    out_proj = _WithWeights(module.out_proj, {"weight": out_weight})
-    return _WithWeights(module, {"in_proj_weight": in_proj_weight, "out_proj": out_proj})
+    out_proj = WeightView(module.out_proj, {"weight": out_weight})
+    return WeightView(module, {"in_proj_weight": in_proj_weight, "out_proj": out_proj})
 
 
 def _updated(weight: torch.Tensor, lora_a: nn.Module, lora_b: nn.Module, multiplier: Any) -> torch.Tensor:

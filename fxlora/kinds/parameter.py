@@ -45,8 +45,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.errors import UnsupportedTargetError
-from fxlora.kinds.multihead_attention import _WithWeights
-from fxlora.kinds.registry import Factors, Init, KindBase, register_kind
+from fxlora.kinds.registry import Factors, Init, KindBase, WeightView, register_kind
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -219,7 +218,7 @@ class ParameterKind(KindBase):
                 delta = delta.to(weight.dtype)
                 total = delta if total is None else total + delta
             overrides[name] = weight if total is None else weight + total
-        return type(module).forward(_WithWeights(module, overrides), *args, **kwargs)
+        return type(module).forward(WeightView(module, overrides), *args, **kwargs)
 
     def merged_weights(self, module: nn.Module) -> tuple[str, ...]:
         specs = _specs(module)

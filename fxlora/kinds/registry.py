@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
 
 __all__ = [
+    "WeightView",
     "Factors",
     "Init",
     "LayerKind",
@@ -97,6 +98,10 @@ class LayerKind(Protocol):
         nothing to the layer (concurrent calls must not disturb each other), and is straight-line
         code for torch.compile."""
 
+    def lora_key(self, module: nn.Module, spec: "AdapterSpec", name: str, suffix: str, adapter: str) -> Optional[str]:
+        """The fxlora state_dict key of the tensor whose PEFT file key is ``name.suffix``, where
+        PEFT's rule (adapter name before the last part) cannot give it; None: that rule."""
+
     def mixed_batch_obstacle(self, module: nn.Module) -> Optional[str]:
         """For an `own_call` kind: why a mixed batch (``adapter_names``) cannot run through this
         layer (a sentence), or None. None promises that the layer's outputs for the entries along
@@ -175,6 +180,9 @@ class KindBase:
 
     def adapted_call(self, module: nn.Module, args: tuple, kwargs: dict, multipliers: dict) -> Any:
         raise TypeError(f"layer kind {self.name!r} adds an update to the layer's output; it has no adapted_call")
+
+    def lora_key(self, module: nn.Module, spec: "AdapterSpec", name: str, suffix: str, adapter: str) -> Optional[str]:
+        return None
 
     def mixed_batch_obstacle(self, module: nn.Module) -> Optional[str]:
         return None
@@ -281,3 +289,15 @@ def supported_types() -> str:
     """The layer types fxlora adapts, for messages."""
     return ", ".join(kind.layer_types for kind in _REGISTRY.values())
 
+
+class WeightView:
+    """A read-only stand-in for a module: the attributes in `overrides`, else the module's. A kind
+    that computes the adapted call itself (`LayerKind.own_call`) runs the module's class forward
+    on one, so the adapted weights reach that code and nothing of the module changes."""
+
+    def __init__(self, module: nn.Module, overrides: dict[str, Any]) -> None:
+        self.__dict__.update(overrides)
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_module"], name)

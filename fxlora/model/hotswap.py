@@ -50,7 +50,7 @@ from fxlora.runtime.calls import CALL_LOCK
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.lora_model import LoraModel
 
-__all__ = ["hotswap_adapter", "prepare_for_compiled_hotswap", "HotswapMethods"]
+__all__ = ["hotswap_adapter", "prepare_for_compiled_hotswap"]
 
 _MAX_LISTED = 8
 
@@ -275,10 +275,3 @@ def _take_scaling(layer: SlotLayer, adapter: str, tx: Any) -> None:
         previous = dropout[adapter].p
         tx.on_undo(lambda: setattr(dropout[adapter], "p", previous))
         dropout[adapter].p = new.dropout
-
-
-class HotswapMethods:
-    """`fxlora.LoraModel`'s hot-swap methods (this module's functions, mixed into the class)."""
-
-    hotswap_adapter = hotswap_adapter
-    prepare_for_compiled_hotswap = prepare_for_compiled_hotswap

@@ -26,8 +26,7 @@ import torch.nn as nn
 from fxlora.config import LoraConfig
 from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
 from fxlora.kinds.quantized import counted_elements
-from fxlora.model import adapters, loading, merging
-from fxlora.model.hotswap import HotswapMethods
+from fxlora.model import adapters, hotswap, loading, merging
 from fxlora.model.mixed_batch import check_batch_layout, servable_names
 from fxlora.model.signature import forward_signature, signed_forward
 from fxlora.model.state import AdapterState, CallScope
@@ -63,7 +62,7 @@ def _delegate(fn: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
-class LoraModel(HotswapMethods, nn.Module):
+class LoraModel(nn.Module):
     """A model with LoRA adapters. Create it with `fxlora.transform`, not directly.
 
     A façade: its adapter state is one `AdapterState` (``adapter_state``), and its operations are
@@ -125,6 +124,7 @@ class LoraModel(HotswapMethods, nn.Module):
     save_pretrained = _delegate(loading.save_pretrained)
     load_adapter = _delegate(loading.load_adapter)
     from_pretrained = classmethod(_delegate(loading.from_pretrained))
+    hotswap_adapter, prepare_for_compiled_hotswap = _delegate(hotswap.hotswap_adapter), _delegate(hotswap.prepare_for_compiled_hotswap)
 
     @property
     def merged_adapters(self) -> list[str]:

@@ -111,8 +111,9 @@ def servable_names(lm: Any, names: Any, args: tuple, kwargs: dict) -> list[str]:
 def check_batch_layout(lm: Any, adapter_names: Any, args: tuple, kwargs: dict) -> None:
     """Raise ValueError unless `adapter_names` fit the call (`check_adapter_names`) and rows along
     dim 0 of the inputs are the batch's rows for every adapted layer of `lm` (a `LoraModel`; the
-    module docstring says how this is found). Changes nothing."""
-    names = servable_names(lm, adapter_names, args, kwargs)
+    module docstring says how this is found). Changes nothing. (The call's scope refuses layers
+    that cannot serve rows, `servable_names`, once per call.)"""
+    names = check_adapter_names(adapter_names, list(lm.peft_config), batch_size_of(args, kwargs))
     rows = len(names)
     if rows < 2:
         return  # one row: any dimension of size 1 broadcasts alike
@@ -144,8 +145,8 @@ def check_row_wise_layers(lm: Any) -> None:
     (`LayerKind.mixed_batch_obstacle`: a sequence-first nn.MultiheadAttention), or an adapter is
     merged (such a layer serves rows by calls with one adapter each, `fxlora.core.own_rows`, and a
     merged update sits in the weights of every row)."""
-    own = [(n, m) for n, m in lm.model.named_modules() if (meta := target_meta(m)) is not None and meta.kind.own_call and meta.adapters]
-    blocked = [(n, why) for n, m in own if (why := target_meta(m).kind.mixed_batch_obstacle(m)) is not None]
+    own = [(n, m, meta) for n, m in lm.model.named_modules() if (meta := target_meta(m)) is not None and meta.kind.own_call and meta.adapters]
+    blocked = [(n, why) for n, m, meta in own if (why := meta.kind.mixed_batch_obstacle(m)) is not None]
     if blocked:
         names = [n for n, _ in blocked]
         raise ValueError(
@@ -155,7 +156,7 @@ def check_row_wise_layers(lm: Any) -> None:
         )
     merged = lm.adapter_state.merged_adapters
     if own and merged:
-        names = [n for n, _ in own]
+        names = [n for n, _, _ in own]
         raise ValueError(
             f"adapter_names (a mixed batch) cannot be served while adapter(s) {merged} are merged: the adapted layer(s) "
             f"{names[:4]}{' ...' if len(names) > 4 else ''} apply adapters through their weights, which hold the merged "

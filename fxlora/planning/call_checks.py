@@ -17,6 +17,7 @@ import torch.nn as nn
 from fxlora.config import LoraConfig
 from fxlora.core.weight_use import acts_through_weight, some_act_through_weight
 from fxlora.errors import TraceFailure, UnsupportedTargetError
+from fxlora.kinds.quantized import quantization_of
 from fxlora.tracing.linear_reads import attribute_uses
 from fxlora.tracing.traced import modules_called
 
@@ -82,10 +83,10 @@ def _check_kept_weight_uses(root: nn.Module, refused: list[str], served: set[str
 def weight_use_targets(model: nn.Module, config: LoraConfig, targets: list) -> frozenset[str]:
     """The names of the layers whose adapters may act through their weight where a parent uses it
     (`fxlora.passes.weight_uses`): `targets` (`fxlora.planning.plan.TargetPlan`s of `config`) that
-    are `nn.Linear` when `config` is a pure weight update (no dropout on the input, DoRA or a B
+    are plain (not quantized) `nn.Linear` when `config` is a pure weight update (no dropout on the input, DoRA or a B
     bias), and the layers of `model` not among them whose adapters all are."""
     new = {t.name for t in targets}
     kept = {name for name, module in model.named_modules() if name not in new and acts_through_weight(module)}
     if config.lora_dropout or config.use_dora or config.lora_bias:
         return frozenset(kept)
-    return frozenset(kept | {t.name for t in targets if isinstance(t.module, nn.Linear)})
+    return frozenset(kept | {t.name for t in targets if isinstance(t.module, nn.Linear) and quantization_of(t.module) is None})

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.config import LoraConfig
+from fxlora.planning.names import is_under, matches_name_list
 from fxlora.planning.defaults import default_target_modules
 from fxlora.planning.parameters import check_module_target, moe_resolution, select_parameters
 from fxlora.planning.target_checks import check_target, weight_read_by_parent
@@ -57,11 +58,6 @@ class TargetSelection:
     parameters: dict = field(default_factory=dict)
     #: the rank / alpha patterns to use (the config's, plus PEFT's for a converted MoE model)
     patterns: tuple = ({}, {})
-
-
-def matches_name_list(names: Sequence[str], key: str) -> bool:
-    """PEFT's list rule: `key` equals an entry or ends with ``"." + entry``."""
-    return any(key == n or key.endswith("." + n) for n in names)
 
 
 def _matches(spec: str | Sequence[str], key: str) -> bool:
@@ -93,10 +89,6 @@ def _in_layers(config: LoraConfig, key: str) -> bool:
     if index is None:
         return False
     return index == layers if isinstance(layers, int) else index in layers
-
-
-def _is_under(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _match_modules_to_save(config: LoraConfig, names: Sequence[str], model: nn.Module) -> tuple[str, ...]:
@@ -177,7 +169,7 @@ def select_modules(model: nn.Module, config: LoraConfig) -> TargetSelection:
         if config.exclude_modules and _matches(config.exclude_modules, key):
             set_aside["exclude_modules"].append(key)
             continue
-        if _is_under(key, saved):
+        if is_under(key, saved):
             set_aside["modules_to_save"].append(key)
             continue
         module = modules[key]

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch.nn as nn
 
 from fxlora.config import LoraConfig, first_pattern_match, scaling_value
+from fxlora.planning.names import is_under, matches_name_list
 from fxlora.core.layers import AdapterSpec, fxlora_internal_names, target_meta
 from fxlora.errors import NoTargetFoundError, UnsupportedTargetError
 from fxlora.kinds.parameter import PARAMETER, ParamTarget
@@ -118,7 +119,7 @@ def moe_resolution(model: nn.Module, config: LoraConfig, all_linear_names: Seque
         wanted = set(config.target_modules)
     modules, params, found = [], set(config.target_parameters or ()), {}
     for entry in sorted(wanted):
-        old = next((o for o in names if entry == o or entry.endswith("." + o)), None)
+        old = next((o for o in names if matches_name_list([o], entry)), None)
         if old is None:
             modules.append(entry)
             continue
@@ -149,7 +150,7 @@ def select_parameters(
     for module_name, module in model.named_modules():
         if module_name in internal:
             continue
-        hits = tuple(p for p, _ in module.named_parameters(recurse=False) if _matches(entries, f"{module_name}.{p}"))
+        hits = tuple(p for p, _ in module.named_parameters(recurse=False) if matches_name_list(entries, f"{module_name}.{p}"))
         if not hits:
             continue
         _check_owner(module_name, module, hits, module_targets, saved)
@@ -180,10 +181,6 @@ def check_module_target(key: str, module: nn.Module) -> None:
         )
 
 
-def _matches(entries: Sequence[str], key: str) -> bool:
-    return any(key == e or key.endswith("." + e) for e in entries)
-
-
 def _check_owner(name: str, module: nn.Module, hits: tuple[str, ...], module_targets: Sequence[str], saved: Sequence[str]) -> None:
     where = f"{name}.{hits[0]}" if name else hits[0]
     if not name:
@@ -196,7 +193,7 @@ def _check_owner(name: str, module: nn.Module, hits: tuple[str, ...], module_tar
             f"target_parameters matched {where!r}, but its module {name!r} is also a target of target_modules; a "
             "module takes LoRA either on its output or on its parameters (PEFT refuses this too); narrow one of them"
         )
-    if any(name == s or name.startswith(s + ".") for s in saved):
+    if is_under(name, saved):
         raise UnsupportedTargetError(
             f"target_parameters matched {where!r}, inside the modules_to_save module it belongs to; a module trained "
             "in full takes no LoRA; list it in one of the two"

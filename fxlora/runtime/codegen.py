@@ -123,11 +123,17 @@ def _record(module: nn.Module) -> Hashable:
     """What the passes read from `module`'s fxlora record (`fxlora.core.layers`)."""
     meta = module.__dict__.get(META_ATTR)
     if isinstance(meta, TargetMeta):
-        specs = tuple((name, type(spec), tuple((f.name, getattr(spec, f.name)) for f in fields(spec))) for name, spec in meta.adapters.items())
+        specs = tuple((name, type(spec), _spec_values(spec)) for name, spec in meta.adapters.items())
         return ("target", meta.kind, meta.fan_in_fan_out, specs, meta.kind.template_key(module))
     if isinstance(meta, SavedMeta):
         return ("saved", tuple(meta.adapters))
     return None if meta is None else ("other", id(meta))  # an unknown record: never equal to another root's
+
+
+def _spec_values(spec: Any) -> tuple:
+    """An adapter spec's compared fields, and whether it has a hot-swap scaling tensor (read at
+    run time, so identical blocks with their own tensors still share one build)."""
+    return tuple((f.name, getattr(spec, f.name)) for f in fields(spec) if f.compare) + (getattr(spec, "scaling_cell", None) is not None,)
 
 
 def build_state(root: nn.Module) -> Optional[Hashable]:

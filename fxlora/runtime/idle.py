@@ -84,7 +84,7 @@ def _pure_node(node: fx.Node, root: nn.Module) -> bool:
     return node.op == "call_function" and _pure_function(node.target)
 
 
-def _returns_tensor(graph: fx.Graph, root: nn.Module) -> bool:
+def _returns_tensor(graph: fx.Graph) -> bool:
     """The graph returns one node, a module call or a torch function / tensor method that gives a
     tensor."""
     out = graph.output_node().args[0]
@@ -96,7 +96,7 @@ def _returns_tensor(graph: fx.Graph, root: nn.Module) -> bool:
 
 def skippable(graph: fx.Graph, root: nn.Module) -> bool:
     """Whether `graph` (a traced base graph of `root`) qualifies for `run_gated` (module docstring)."""
-    return _returns_tensor(graph, root) and all(_pure_node(n, root) for n in graph.nodes)
+    return _returns_tensor(graph) and all(_pure_node(n, root) for n in graph.nodes)
 
 
 def any_gate_open(gates: GateState) -> torch.Tensor:
