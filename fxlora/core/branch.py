@@ -27,7 +27,7 @@ from fxlora.core.dora import dora_output
 from fxlora.core.dropped_linear import dropped_linear
 from fxlora.core.layers import TargetMeta, saved_meta, target_meta
 from fxlora.core.own_rows import is_row_gated, own_rows_output
-from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, select_gate, select_output, slot_scaling, stacked_layer_update, stacked_linear_update
+from fxlora.core.ops import adapter_gate, add_linear_product, add_update, eager_factor, scale_by, scale_update, layer_scaling, select_gate, select_output, stacked_layer_update, stacked_linear_update
 
 __all__ = ["lora_output", "own_output", "saved_output", "stackable", "branch_adapters"]
 
@@ -40,11 +40,11 @@ for _name in (
     "dora_output",
     "dropped_linear",
     "eager_factor",
+    "layer_scaling",
     "scale_by",
     "scale_update",
     "select_gate",
     "select_output",
-    "slot_scaling",
     "stacked_layer_update",
     "stacked_linear_update",
 ):
@@ -114,9 +114,9 @@ def _factors(gates: Any, x: torch.Tensor, adapters: list[str], scalings: dict, e
 def _scaling(module: nn.Module, meta: TargetMeta, adapter: str, x: torch.Tensor, eager: Optional[EagerKey], given: Optional[dict]) -> Any:
     """An adapter's scaling: in gated code a hot-swap slot's tensor (`slot_scaling`, on `x`'s
     device), else the number given (a template's input) or the layer's spec's."""
-    if eager is None and meta.adapters[adapter].scaling_cell is not None:
-        return slot_scaling(module, adapter, x)
-    return meta.adapters[adapter].scaling if given is None else given[adapter]
+    if given is not None and (eager is not None or meta.adapters[adapter].scaling_cell is None):
+        return given[adapter]
+    return layer_scaling(module, adapter, x, gated=eager is None)
 
 
 def lora_output(
@@ -173,7 +173,7 @@ def own_output(module: nn.Module, args: tuple, kwargs: dict, gates: Any, eager: 
     if adapters and is_row_gated(gates):  # no adapter to run (base code): no row to tell apart
         return own_rows_output(module, meta, adapters, args, kwargs, gates, eager, rows_of)
     like = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
-    factors = _factors(gates, like, adapters, {a: meta.adapters[a].scaling for a in adapters}, eager)
+    factors = _factors(gates, like, adapters, {a: layer_scaling(module, a, like, eager is None) for a in adapters}, eager)
     return meta.kind.adapted_call(module, args, kwargs, dict(zip(adapters, factors)))
 
 

@@ -64,6 +64,14 @@ def slot_scaling(layer: torch.nn.Module, adapter: str, like: torch.Tensor) -> to
     return cell if cell.device == like.device else cell.to(like.device)
 
 
+def layer_scaling(layer: torch.nn.Module, adapter: str, like: torch.Tensor, gated: bool) -> Any:
+    """`adapter`'s scaling on `layer`: in gated code (what torch.compile sees) a hot-swap slot's
+    0-d tensor (`slot_scaling`), so that a swap reaches compiled code without recompiling; else,
+    and for an adapter that is no slot, the spec's number."""
+    spec = target_meta(layer).adapters[adapter]
+    return slot_scaling(layer, adapter, like) if gated and spec.scaling_cell is not None else spec.scaling
+
+
 def _per_row(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A 0-d gate as is; a gate with one value per batch row shaped to broadcast over `like`."""
     if gate.dim() == 0:

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from fxlora.core.gates import EagerKey, GateState
-from fxlora.core.ops import RowMismatch
+from fxlora.core.ops import RowMismatch, layer_scaling
 
 if TYPE_CHECKING:
     from fxlora.core.layers import TargetMeta
@@ -73,7 +73,7 @@ def own_rows_output(
         )
     calls = []  # (adapter, the rows using it, its multiplier): one call each
     for adapter in adapters:
-        scaling = meta.adapters[adapter].scaling
+        scaling = layer_scaling(module, adapter, like, gated=eager is None)
         gate = gates.scale_of(adapter, like)
         if groups is None:
             used = gate != 0

@@ -24,7 +24,7 @@ import torch.nn as nn
 from fxlora.dtypes import compute_dtype
 from fxlora.core.fold import add_rounded, summed_update
 from fxlora.core.layers import target_meta
-from fxlora.core.ops import slot_scaling
+from fxlora.core.ops import layer_scaling
 
 __all__ = ["adapted_weight", "check_weight_use", "acts_through_weight", "some_act_through_weight"]
 
@@ -89,8 +89,7 @@ def _gated(layer: nn.Module, gates: Any, adapters: tuple[str, ...]) -> torch.Ten
                 f"a mixed batch (adapter_names) cannot run through {type(layer).__name__} layers whose parent passes "
                 "their weight to other code: one weight serves every row; call the model once per adapter instead"
             )
-        spec = meta.adapters[adapter]
-        scaling = slot_scaling(layer, adapter, weight) if spec.scaling_cell is not None else spec.scaling
+        scaling = layer_scaling(layer, adapter, weight, gated=True)
         dtype = compute_dtype(weight, *meta.kind.weight_matrices(layer, adapter)["weight"])
         # the kind's product, as `fxlora.core.delta.delta_weight` takes it (without its merge-time
         # shape check, which torch.compile cannot trace), at the gate tensor's scale

@@ -4,6 +4,7 @@ Oracles: a model freshly loaded with the incoming adapter (same outputs), peft 0
 ``peft.utils.hotswap`` (same outputs from the same files), and a recompile-counting backend
 (`torch._dynamo.testing.CompileCounter`: zero new compilations across swaps)."""
 
+import copy
 import threading
 
 import pytest
@@ -542,3 +543,40 @@ def test_any_bad_tensor_is_refused_and_changes_nothing(args, which, fault):
     else:
         bad["base_model.model.seq.4.lora_A.weight"] = torch.randn(args[0], 16)
     assert_refused(model, CheckpointError, "nothing was changed|does not fit", bad, config=config)
+
+
+class _Attention(torch.nn.Module):
+    """nn.MultiheadAttention (a kind that computes its adapted call itself) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_layers_computing_their_own_call_read_the_swapped_scaling_too(tmp_path):
+    """nn.MultiheadAttention's compiled code reads the slot's scaling tensor, as linear branches do:
+    a swap to another alpha neither recompiles nor leaves a stale scaling."""
+    torch.manual_seed(0)
+    base_model = _Attention().eval()
+    directories = {}
+    for name, alpha, seed in (("a", 8, 1), ("b", 32, 2)):
+        torch.manual_seed(seed)
+        trained = fxlora.transform(copy.deepcopy(base_model), LoraConfig(target_modules=["attn", "fc"], r=4, lora_alpha=alpha, init_lora_weights=False))
+        directories[name] = tmp_path / name
+        trained.save_pretrained(directories[name])
+    x = torch.randn(2, 5, 16)
+    model = fxlora.LoraModel.from_pretrained(copy.deepcopy(base_model), directories["a"]).eval()
+    model.prepare_for_compiled_hotswap(target_rank=4)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        compiled(x)
+        model.hotswap_adapter(directories["b"])
+        got = compiled(x)
+        want = fxlora.LoraModel.from_pretrained(copy.deepcopy(base_model), directories["b"]).eval()(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
