@@ -102,10 +102,9 @@ def _specs(module: nn.Module) -> dict:
     return vars(module)[_RECORD].adapters
 
 
-def _product(module: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The unscaled update of parameter `name` from factor weights `a` (r E, in), `b` (out, r E),
-    laid out like the parameter (PEFT's einsum)."""
-    geo = geometry(module, name)
+def _product(geo: Geometry, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The unscaled update of a parameter read as `geo` from factor weights `a` (r E, in), `b`
+    (out, r E), laid out like the parameter (PEFT's einsum)."""
     if geo.experts == 1:
         return b @ a
     a3 = a.reshape(geo.experts, -1, a.shape[-1])
@@ -113,10 +112,9 @@ def _product(module: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor) -> 
     return torch.einsum("ore,eri->eoi" if geo.out_first else "ore,eri->eio", b3, a3)
 
 
-def _fold_one(weight: torch.Tensor, module: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``weight + alpha * delta`` for one adapter on a 3-D parameter in one ``baddbmm`` in the
-    weight's dtype (PEFT's ``_LoraFactorsProxy``)."""
-    geo = geometry(module, name)
+def _fold_one(weight: torch.Tensor, geo: Geometry, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``weight + alpha * delta`` for one adapter on a 3-D parameter (read as `geo`) in one
+    ``baddbmm`` in the weight's dtype (PEFT's ``_LoraFactorsProxy``)."""
     a3 = a.reshape(geo.experts, -1, a.shape[-1])
     b3 = b.reshape(b.shape[0], -1, geo.experts).permute(2, 0, 1)
     lhs, rhs = (b3, a3) if geo.out_first else (a3.transpose(-2, -1), b3.transpose(-2, -1))
@@ -200,16 +198,16 @@ class ParameterKind(KindBase):
         specs = _specs(module)
         overrides = {}
         for name in self.merged_weights(module):
-            weight = getattr(module, name)
+            weight, geo = getattr(module, name), geometry(module, name)
             present = [(a, m, t) for a, m in multipliers.items() for t in _params(specs[a]) if t.name == name]
-            if len(present) == 1 and not isinstance(present[0][1], tuple) and geometry(module, name).experts > 1:
+            if len(present) == 1 and not isinstance(present[0][1], tuple) and geo.experts > 1:
                 adapter, multiplier, target = present[0]
                 holder_a, holder_b = module.lora_A[adapter][name], module.lora_B[adapter][name]
-                overrides[name] = _fold_one(weight, module, name, holder_a.weight, holder_b.weight, target.scaling * multiplier)
+                overrides[name] = _fold_one(weight, geo, holder_a.weight, holder_b.weight, target.scaling * multiplier)
                 continue
             total = None
             for adapter, multiplier, target in present:
-                delta = _product(module, name, module.lora_A[adapter][name].weight, module.lora_B[adapter][name].weight)
+                delta = _product(geo, module.lora_A[adapter][name].weight, module.lora_B[adapter][name].weight)
                 if isinstance(multiplier, tuple):
                     scaling, gate = multiplier
                     delta = delta * (target.scaling * scaling) * gate.to(delta.dtype)
@@ -235,7 +233,7 @@ class ParameterKind(KindBase):
         (the adapter's `AdapterSpec.scaling` is 1.0), computed in `dtype`."""
         target = next(t for t in _params(_specs(module)[adapter]) if t.name == which)
         a, b = self.weight_matrices(module, adapter)[which]
-        return _product(module, which, a.to(dtype), b.to(dtype)) * target.scaling
+        return _product(geometry(module, which), a.to(dtype), b.to(dtype)) * target.scaling
 
     def as_matrices(self, module: nn.Module, adapter: str) -> Factors:
         raise TypeError("an adapter on target_parameters is one factor pair per parameter: use weight_matrices")

@@ -36,7 +36,7 @@ from fxlora.core.ops import any_open
 from fxlora.passes import rewrite
 from fxlora.passes.weight_reads import layers_read
 from fxlora.passes.weight_uses import layers_used_by_weight
-from fxlora.tracing.call_keys import CallKey, call_key, canonical_key, gather_inputs, key_is_ranked, key_is_sized, with_training
+from fxlora.tracing.call_keys import SELF, CallKey, call_key, canonical_key, gather_inputs, key_has_handles, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
 from fxlora.tracing.boundaries import BaseLayers, base_layers, nested_roots
@@ -240,7 +240,8 @@ class GraphForward:
         lowerable = [m for m, f in zip(layers, forwards) if f is not None and f.previous is None]
         fn = lowered_once(graph, self.root, lowerable)
         idle = None
-        if eager is None and not key[0] and not self.owner.options.guard_idle and skippable(variant.graph, self.root):
+        tensors_only = SELF not in variant.inputs and not key_has_handles(key)  # `run_gated` takes tensors
+        if eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root):
             idle = self._build(key, variant, IDLE).fn
         return Code(fn, None if direct else variant.inputs, base_layers(layers, forwards), idle, variant.output_type)
 
@@ -339,7 +340,7 @@ class GraphForward:
         if not base.bypassable():
             return self._run_eagerly(args, kwargs)
         args = args if inputs is None else gather_inputs(inputs, self.root, args, kwargs)
-        if idle is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled() and all(isinstance(a, torch.Tensor) for a in args):
+        if idle is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return run_gated(fn, idle, self.root, gates, tuple(args))
         out = fn(self.root, gates, *args)
         return out if output is None else output(**out)

@@ -31,7 +31,7 @@ from fxlora.tracing.integrations import object_kind
 
 __all__ = [
     "CallKey", "Source", "SELF", "TENSOR", "OBJECT", "MANY", "size_class", "is_ranked_tensor", "call_key", "canonical_key",
-    "key_is_ranked", "key_is_sized", "erase_ranks", "erase_sizes", "with_training", "gather_inputs",
+    "key_is_ranked", "key_is_sized", "key_has_handles", "erase_ranks", "erase_sizes", "with_training", "gather_inputs",
 ]
 
 TENSOR = "T"
@@ -139,6 +139,11 @@ def key_is_ranked(key: CallKey) -> bool:
 def key_is_sized(key: CallKey) -> bool:
     """True when `key` fixes the size classes of some tensor argument."""
     return _any_kind(key, _is_sized_tensor)
+
+
+def key_has_handles(key: CallKey) -> bool:
+    """True when some argument of `key` is a registered handle object (a placeholder that is no tensor)."""
+    return _any_kind(key, lambda k: type(k) is tuple and len(k) == 3 and k[0] == OBJECT)
 
 
 def erase_ranks(key: CallKey) -> CallKey:
