@@ -44,8 +44,9 @@ from fxlora.io.adapter_files import AdapterFiles, fit_tensors, plan_files
 from fxlora.io.hotswap_source import read_source
 from fxlora.io.peft_format import ADAPTER, layout_of_adapter, layout_of_plan
 from fxlora.kinds.weight_inits import changes_base_weights
-from fxlora.model.hotswap_slots import SlotLayer, alpha_for, graph_forwards, make_slot, pinned_config, rebuild_code, slot_layers
+from fxlora.model.hotswap_slots import SlotLayer, alpha_for, make_slot, pinned_config, rebuild_code, slot_layers
 from fxlora.runtime.calls import CALL_LOCK
+from fxlora.runtime.forwards import graph_forwards
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.lora_model import LoraModel
@@ -157,9 +158,10 @@ def hotswap_adapter(
             _take_scaling(layer, adapter_name, tx)
         state.configs[adapter_name] = pinned_config(swap.config.replace(inference_mode=state.configs[adapter_name].inference_mode), swap.layers)
         if needs_cells:
-            rebuild_code(lm)
-        for fwd in graph_forwards(lm):
-            fwd.forget_eager_code()  # eager code bakes scalings in as numbers
+            rebuild_code(lm)  # drops the eager code too
+        else:
+            for fwd in graph_forwards(lm.model):
+                fwd.forget_eager_code()  # eager code bakes scalings in as numbers
 
 
 def _check_swap(lm: "LoraModel", adapter: str, files: AdapterFiles) -> _Swap:

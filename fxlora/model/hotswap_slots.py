@@ -16,12 +16,12 @@ import torch.nn as nn
 from fxlora.config import LoraConfig, scaling_value
 from fxlora.core.layers import AdapterSpec, target_meta
 from fxlora.io.peft_format import layout_of_adapter
-from fxlora.runtime.forwards import GraphForward, installed_forward
+from fxlora.runtime.forwards import graph_forwards
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.lora_model import LoraModel
 
-__all__ = ["SlotLayer", "slot_layers", "make_slot", "alpha_for", "pinned_config", "graph_forwards", "rebuild_code"]
+__all__ = ["SlotLayer", "slot_layers", "make_slot", "alpha_for", "pinned_config", "rebuild_code"]
 
 
 @dataclass
@@ -132,10 +132,6 @@ def pinned_config(config: LoraConfig, layers: list[SlotLayer]) -> LoraConfig:
     return config.replace(**changes)
 
 
-def graph_forwards(lm: "LoraModel") -> list[GraphForward]:
-    return [f for f in map(installed_forward, lm.model.modules()) if isinstance(f, GraphForward)]
-
-
 def rebuild_code(lm: "LoraModel") -> None:
-    for fwd in graph_forwards(lm):
+    for fwd in graph_forwards(lm.model):
         fwd.refresh()

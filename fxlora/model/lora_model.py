@@ -34,7 +34,7 @@ from fxlora.passes import PassOptions
 from fxlora.planning.explain import Report
 from fxlora.planning.plan import TracePolicy, emit_warnings, make_plan
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.runtime.forwards import GraphForward, installed_forward
+from fxlora.runtime.forwards import GraphForward, graph_forwards, installed_forward
 from fxlora.runtime.install import fxlora_present, strip
 from fxlora.core.trainable import lora_parameters
 
@@ -304,7 +304,7 @@ class LoraModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown optimisation(s) {sorted(unknown)}; known: {sorted(known)}")
         state = self.adapter_state
-        forwards = [f for f in map(installed_forward, self.model.modules()) if isinstance(f, GraphForward)]
+        forwards = graph_forwards(self.model)
         with CALL_LOCK.exclusive(), state.transaction(self.model) as tx:
             previous = state.options
 
@@ -355,10 +355,8 @@ class LoraModel(nn.Module):
     # ------------------------------------------------------------------ copying
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for module in self.model.modules():
-            fwd = installed_forward(module)
-            if isinstance(fwd, GraphForward):
-                fwd.refresh()
+        for fwd in graph_forwards(self.model):
+            fwd.refresh()
 
 
 def _generation_expansion(model: nn.Module, kwargs: dict) -> int:

@@ -53,6 +53,7 @@ __all__ = [
     "install",
     "uninstall",
     "compile_graph",
+    "graph_forwards",
 ]
 
 
@@ -165,6 +166,11 @@ class SavedForward(_EagerForward):
 
 def _is_graph_root(module: nn.Module) -> bool:
     return isinstance(installed_forward(module), GraphForward)
+
+
+def graph_forwards(model: nn.Module) -> list["GraphForward"]:
+    """The `GraphForward` of every graph root in `model`, in module order."""
+    return [f for f in map(installed_forward, model.modules()) if isinstance(f, GraphForward)]
 
 
 def _base_calls(graph: fx.Graph, root: nn.Module) -> list[nn.Module]:

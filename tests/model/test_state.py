@@ -9,7 +9,7 @@ import torch
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.runtime.forwards import GraphForward, installed_forward
+from fxlora.runtime import forwards
 import importlib
 
 insert_lora_module = importlib.import_module("fxlora.passes.insert_lora")
@@ -24,7 +24,7 @@ def two_adapters(policy="auto", make=lambda: MLP(16)):
 
 
 def graph_forwards(model):
-    return [f for f in map(installed_forward, model.model.modules()) if isinstance(f, GraphForward)]
+    return forwards.graph_forwards(model.model)
 
 
 def test_pass_options_survive_adding_and_deleting_adapters():
