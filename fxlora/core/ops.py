@@ -241,9 +241,12 @@ def add_linear_product(base: torch.Tensor, hidden: torch.Tensor, weight: torch.T
     number: 1, or the multiplier of eager code for a known adapter state). Half precision rounds
     as PEFT does: the product, then the scaled product, then the sum; nested tensors cannot be
     reshaped."""
-    if base.dtype != hidden.dtype or weight.dtype != hidden.dtype or hidden.dtype in _HALF or base.is_nested:
+    dtype = hidden.dtype
+    if base.dtype is not dtype or weight.dtype is not dtype or dtype in _HALF or base.is_nested:
         update = torch.nn.functional.linear(hidden, weight)
         return add_update(base, update if alpha == 1.0 else update * alpha)
+    if base.dim() == 2:  # a batch of vectors: no reshape (eager code pays for every op between GEMMs)
+        return torch.addmm(base, hidden, weight.t(), alpha=alpha)
     out = torch.addmm(base.reshape(-1, weight.shape[0]), hidden.reshape(-1, weight.shape[1]), weight.t(), alpha=alpha)
     return out.view(base.shape)
 

@@ -37,7 +37,7 @@ from fxlora.core.layers import META_ATTR, SavedMeta, TargetMeta
 from fxlora.runtime.lowering import lower_base_calls
 from fxlora.tracing.reuse import module_values
 
-__all__ = ["written_safely", "safe_targets", "python_source", "compile_graph", "build_state", "built_once", "lowered_once"]
+__all__ = ["written_safely", "safe_targets", "share_module_reads", "python_source", "compile_graph", "build_state", "built_once", "lowered_once"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -93,6 +93,42 @@ def safe_targets(graph: fx.Graph) -> fx.Graph:
         node.replace_all_uses_with(value)
         graph.erase_node(node)
     graph.lint()
+    return graph
+
+
+def share_module_reads(graph: fx.Graph) -> fx.Graph:
+    """`graph` (changed in place) with each ``get_attr`` of a dotted path reading its holder module
+    from one node per module path, shared by all the reads below it: ``self.seq.0.lora_A.default.weight``
+    and ``...lora_B.default.weight`` look up ``seq.0`` once, where torch.fx would write the whole
+    chain for each (nn.Module's ``__getattr__`` per component: eager code pays for every lookup
+    between two GEMMs). Each holder is read where its first use was; the attributes themselves
+    (parameters, buffers) are still read where each node read them. Same values.
+
+    Requires: no node changes which module a path names (graph code never does); runs on code
+    about to be generated (`lowered_once`), after every pass."""
+    holders: dict[str, fx.Node] = {}
+
+    def holder(path: str) -> fx.Node:
+        node = holders.get(path)
+        if node is None:
+            parent, _, name = path.rpartition(".")
+            if parent:
+                node = _read(holder(parent), name)
+            else:  # a child named ``self`` (transformers' BertAttention.self) must not shadow the root
+                node = graph.create_node("get_attr", path, name="self_module" if path == "self" else None)
+            holders[path] = node
+        return node
+
+    def _read(owner: fx.Node, name: str) -> fx.Node:
+        return graph.call_function(getattr if written_safely(name) else _attribute, (owner, name))
+
+    for node in [n for n in graph.nodes if n.op == "get_attr" and "." in n.target]:
+        parent, _, name = node.target.rpartition(".")
+        with graph.inserting_before(node):
+            value = _read(holder(parent), name)
+        value.meta = dict(node.meta)
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
     return graph
 
 
@@ -189,5 +225,5 @@ def lowered_once(rewritten: fx.Graph, root: nn.Module, lowerable: Collection[nn.
     known = _LOWERED.setdefault(rewritten, {})
     fn = known.get(lowered)
     if fn is None:
-        fn = known[lowered] = compile_graph(lower_base_calls(copy.deepcopy(rewritten), root, lowerable))
+        fn = known[lowered] = compile_graph(share_module_reads(lower_base_calls(copy.deepcopy(rewritten), root, lowerable)))
     return fn

@@ -28,7 +28,7 @@ import torch.nn as nn
 from fxlora.core.branch import lora_output, own_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
 from fxlora.runtime.codegen import built_once, compile_graph, lowered_once, python_source
-from fxlora.runtime.idle import IDLE, run_gated, skippable
+from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.own_rows import ROWS_OF
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
@@ -39,7 +39,7 @@ from fxlora.passes.weight_uses import layers_used_by_weight
 from fxlora.tracing.call_keys import SELF, CallKey, call_key, canonical_key, gather_inputs, key_has_handles, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
-from fxlora.tracing.boundaries import BaseLayers, base_layers, nested_roots
+from fxlora.tracing.boundaries import BaseLayers, base_layers, nested_roots, subtree_hooks
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.state import AdapterState
@@ -192,7 +192,7 @@ class Code(NamedTuple):
     inputs: Optional[tuple]
     base: BaseLayers
     #: gated evaluation code only: the base model's code for `fxlora.runtime.idle.run_gated`
-    idle: Optional[Callable[..., Any]] = None
+    idle: Optional[IdleCode] = None
     #: the type the call rebuilds from the graph's dict output (`TracedVariant.output_type`)
     output: Optional[type] = None
 
@@ -248,8 +248,8 @@ class GraphForward:
         idle = None
         tensors_only = SELF not in variant.inputs and not key_has_handles(key)  # `run_gated` takes tensors
         if eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root):
-            idle = self._build(key, variant, IDLE).fn
-        return Code(fn, None if direct else variant.inputs, base_layers(layers, forwards), idle, variant.output_type)
+            idle = IdleCode(self._build(key, variant, IDLE).fn, subtree_hooks(self.root))
+        return Code(fn, None if direct else variant.inputs, base_layers(self.root, layers, forwards), idle, variant.output_type)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
@@ -278,7 +278,7 @@ class GraphForward:
         traced."""
         with CALL_LOCK.exclusive():
             if self._code(key, eager) is not None:
-                if self.variants[key].holds():
+                if self.variants[key].holds(self.root):
                     return True
                 self._forget(key)  # an attribute the graph baked in changed, or a module boundary appeared
             if key in self.failures:
@@ -340,14 +340,14 @@ class GraphForward:
     def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
         key = call_key(self.root.training, args, kwargs, self.ranked, self.sized)
         code = self._code(key, eager)
-        if code is None or not self.variants[key].holds():
+        if code is None or not self.variants[key].holds(self.root):
             return self._slow_call(key, gates, eager, args, kwargs)
         fn, inputs, base, idle, output = code
-        if not base.bypassable():
+        if not base.bypassable(self.root):
             return self._run_eagerly(args, kwargs)
         args = args if inputs is None else gather_inputs(inputs, self.root, args, kwargs)
-        if idle is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            return run_gated(fn, idle, self.root, gates, tuple(args))
+        if idle is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idle.hooks.absent(self.root):
+            return run_gated(fn, idle.fn, self.root, gates, tuple(args))
         out = fn(self.root, gates, *args)
         return out if output is None else output(**out)
 

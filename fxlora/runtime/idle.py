@@ -16,12 +16,14 @@ computation (torch functions, ``operator``, tensor methods, no in-place op; modu
 standard ``torch.nn`` kinds or adapted layers, no `modules_to_save` module) and it returns one
 tensor computed by such a call.
 Any other graph (a transformers model returning a cache object, say) keeps the gated code alone.
+A call whose root has a module with hooks (when it is compiled: `IdleCode.hooks`) runs the
+gated code alone too: a hook's side effect cannot run inside a ``torch.cond`` branch.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -30,11 +32,20 @@ import torch.nn as nn
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import saved_meta, target_meta
 from fxlora.passes.conditions import writes_in_place
+from fxlora.tracing.boundaries import HookTables
 
-__all__ = ["IDLE", "skippable", "run_gated", "any_gate_open"]
+__all__ = ["IDLE", "IdleCode", "skippable", "run_gated", "any_gate_open"]
 
 #: the eager key of the state in which no branch runs and no copy is selected
 IDLE = EagerKey((), ())
+
+class IdleCode(NamedTuple):
+    """The base model's code for a call pattern (`run_gated`), and the hook tables of the root's
+    modules, which must be empty for it to run (module docstring)."""
+
+    fn: Callable[..., Any]
+    hooks: HookTables
+
 
 #: modules of these ``torch.nn`` submodules compute their output from their input and their own
 #: tensors alone in evaluation mode

@@ -78,10 +78,11 @@ class TracedVariant:
     #: transformers' ``ModelOutput``), or None: the graph returns the output itself
     output_type: Optional[type] = None
 
-    def holds(self) -> bool:
-        """The graph still computes what the root's forward would: the plain attributes it read
-        kept their values and the modules it inlined gained no boundary."""
-        return guards_hold(self.guards) and self.inlined.hold()
+    def holds(self, root: nn.Module) -> bool:
+        """The graph still computes what `root`'s forward would (`root`: the module this variant
+        was traced for): the plain attributes it read kept their values and the modules it
+        inlined gained no boundary."""
+        return guards_hold(self.guards) and self.inlined.hold(root)
 
 
 # ------------------------------------------------------------------ tracing

@@ -217,3 +217,41 @@ def test_hooks_and_a_deep_copy():
     clone(X)
     assert seen == [1]
     assert torch.equal(clone(X), model(X))
+
+
+# ---------------------------------------------------------------------- under torch.compile
+def compiled_hook_runs(model, compiled, where: str, add_after_compile: bool) -> list[bool]:
+    """Whether a forward hook on `where` ran in each of two compiled calls, the hook added before
+    the first compiled call or after it."""
+    seen = []
+    module = model.model.get_submodule(where)
+    if not add_after_compile:
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(1))
+    with torch.no_grad():
+        compiled(X)
+        runs = [bool(seen)]
+        if add_after_compile:
+            handle = module.register_forward_hook(lambda m, args, out: seen.append(1))
+        seen.clear()
+        compiled(X)
+        runs.append(bool(seen))
+    handle.remove()
+    return runs
+
+
+@pytest.mark.parametrize("where", ["blocks.0.fc1", "blocks.0.fc1.lora_A.default", "blocks.0.norm"])
+def test_compiled_calls_run_hooks(where):
+    """Under torch.compile (eval, no grad: the code that skips idle branches with torch.cond), a
+    hook with a side effect present when the call is compiled runs in every call (never inside a
+    torch.cond branch, where it would fail). A hook added afterwards recompiles the call and
+    runs: on an adapted layer or its adapter modules, which the graph bypasses, and on a module
+    the graph calls (dynamo guards the tables fxlora reads)."""
+    model = make().eval()
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    assert compiled_hook_runs(model, torch.compile(model), where, add_after_compile=False) == [True, True]
+    torch._dynamo.reset()
+    assert compiled_hook_runs(model, torch.compile(model), where, add_after_compile=True) == [False, True]
+    torch._dynamo.reset()
+    with torch.no_grad():  # and the outputs are those of the model run eagerly
+        assert torch.allclose(torch.compile(model)(X), reference(X), atol=1e-6)
