@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import interleaved, peak_memory, table  # noqa: E402
 
 import fxlora  # noqa: E402
+from fxlora.core.layers import target_meta  # noqa: E402
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Case:
     make_input: Callable[[], object]
     loss: Callable[[object], torch.Tensor]
     transform_only: bool = False  # a meta-device model: transform time and first call only
+    #: the unmerged forward written by hand with the same operations on the fxlora model's own
+    #: tensors (the floor any library's generated code can reach), for models of plain Linear layers
+    by_hand: Optional[Callable[[nn.Module, object], Callable[[], object]]] = None
 
 
 class MLP(nn.Module):
@@ -74,6 +78,25 @@ def _call(model, inputs):
 
 def _logits(out):
     return out.logits if hasattr(out, "logits") else out
+
+
+def linear_stack_by_hand(fx_model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """The adapted stack's forward as plain torch calls on its own tensors, each layer's base
+    ``F.linear``, A product and scaled ``addmm`` of the B product: what fxlora's generated code
+    computes (the outputs are equal), without any library around it."""
+    F = torch.nn.functional
+    layers = [m for m in fx_model.model.modules() if isinstance(m, nn.Linear) and hasattr(m, "lora_A")]
+    scalings = [target_meta(m).adapters["default"].scaling for m in layers]
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            h = x
+            for layer, scaling in zip(layers, scalings):
+                base = F.linear(h, layer.weight, layer.bias)
+                h = torch.addmm(base, F.linear(h, layer.lora_A.default.weight), layer.lora_B.default.weight.t(), alpha=scaling)
+            return h
+
+    return run
 
 
 def cases() -> dict[str, Case]:
@@ -110,6 +133,7 @@ def cases() -> dict[str, Case]:
             dict(r=16, target_modules="all-linear"),
             lambda: torch.randn(64, 1024),
             squared,
+            by_hand=linear_stack_by_hand,
         ),
         "vit": Case("timm vit_tiny (112px, batch 8)", vit, dict(r=16, target_modules=r".*\.(qkv|proj|fc1|fc2)"), lambda: torch.randn(8, 3, 112, 112), squared),
         "llama": Case(
@@ -169,6 +193,8 @@ def row(case: Case, measure: str, mode: str, t: dict[str, float], unit: str = "m
         out["fxlora/peft"] = f"{t['fxlora'] / t['peft']:.3f}"
     if "base" in t:
         out["fxlora/base"] = f"{t['fxlora'] / t['base']:.3f}"
+    if "by hand" in t:  # the same operations written by hand (`Case.by_hand`), over the base
+        out["by hand/base"] = f"{t['by hand'] / t['base']:.3f}"
     return out
 
 
@@ -183,7 +209,12 @@ def measure_case(case: Case, rounds: int, compiled: bool, transform_only: bool =
     base, fxm, pm = build(case)
     rows = []
     fxm.eval(), pm.eval()
-    rows.append(row(case, "unmerged forward", "eager", interleaved({"fxlora": forward_fn(fxm, x), "peft": forward_fn(pm, x), "base": forward_fn(base, x)}, rounds)))
+    unmerged = {"fxlora": forward_fn(fxm, x), "peft": forward_fn(pm, x), "base": forward_fn(base, x)}
+    if case.by_hand is not None:
+        unmerged["by hand"] = case.by_hand(fxm, x)
+        with torch.no_grad():
+            assert torch.equal(unmerged["by hand"](), fxm(x)), "the hand-written forward must compute what fxlora computes"
+    rows.append(row(case, "unmerged forward", "eager", interleaved(unmerged, rounds)))
 
     full = copy.deepcopy(base).train()
     fxm.train(), pm.train()
@@ -282,7 +313,7 @@ def transform_rows(case: Case, base: nn.Module, x: object, rounds: int = 5) -> l
     ]
 
 
-COLUMNS = ["model", "measure", "mode", "fxlora/peft", "fxlora/base", "fxlora ms", "peft ms", "base ms"]
+COLUMNS = ["model", "measure", "mode", "fxlora/peft", "fxlora/base", "by hand/base", "fxlora ms", "peft ms", "base ms"]
 
 
 def main() -> None:
