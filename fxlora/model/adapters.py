@@ -24,7 +24,6 @@ import torch.nn as nn
 
 from fxlora.runtime.install import attach_plan, install_forwards, installed_forwards, reinstall_forwards, restore_forwards
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.runtime.collection import collection_paused
 from fxlora.core.combine import COMBINATIONS, DENSITY_COMBINATIONS, EQUAL_RANK_COMBINATIONS, combined_weights, layer_rank
 from fxlora.core.task_merge import SIGN_METHODS
 from fxlora.kinds.weight_inits import changes_base_weights, init_state_restorer
@@ -95,7 +94,7 @@ def add_adapter(lm: "LoraModel", adapter_name: str, config: LoraConfig) -> None:
     if adapter_name in lm.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(lm.peft_config)}")
     config = copy.deepcopy(config)
-    with CALL_LOCK.exclusive(), collection_paused():
+    with CALL_LOCK.exclusive():
         plan = make_plan(lm.model, config, adapter_name, trace="eager")  # paths come from re-planning
         _check_no_overlap_with_saved(lm, plan)
         add_planned(lm, plan)

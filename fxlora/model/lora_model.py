@@ -34,7 +34,6 @@ from fxlora.passes import PassOptions
 from fxlora.planning.explain import Report
 from fxlora.planning.plan import TracePolicy, emit_warnings, make_plan
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.runtime.collection import collection_paused
 from fxlora.runtime.forwards import GraphForward, graph_forwards, installed_forward
 from fxlora.runtime.install import fxlora_present, strip
 from fxlora.core.trainable import lora_parameters
@@ -93,7 +92,7 @@ class LoraModel(nn.Module):
         if isinstance(model, nn.Module) and fxlora_present(model):
             raise ValueError("this model already carries fxlora adapters; use the LoraModel it came from")
         config = copy.deepcopy(config)
-        with CALL_LOCK.exclusive(), collection_paused():  # tracing patches torch.nn.Module.__call__ process-wide
+        with CALL_LOCK.exclusive():  # tracing patches torch.nn.Module.__call__ process-wide
             plan = make_plan(model, config, adapter_name, trace)
             emit_warnings(plan)
             state = AdapterState(model, trace)

@@ -199,7 +199,7 @@ MAX_BUILDS_PER_GRAPH = 64
 #: per traced graph (shared by identical roots: `fxlora.tracing.reuse.TraceCache`): rewritten graphs
 #: by (build context, root state), and generated functions by (rewritten graph, lowered calls)
 _REWRITTEN: "weakref.WeakKeyDictionary[fx.Graph, dict[Hashable, fx.Graph]]" = weakref.WeakKeyDictionary()
-_LOWERED: "weakref.WeakKeyDictionary[fx.Graph, dict[frozenset, Callable[..., Any]]]" = weakref.WeakKeyDictionary()
+_LOWERED: "weakref.WeakKeyDictionary[fx.Graph, dict[tuple[frozenset, bool], Callable[..., Any]]]" = weakref.WeakKeyDictionary()
 
 
 def built_once(graph: fx.Graph, root: nn.Module, context: Hashable, build: Callable[[], fx.Graph]) -> fx.Graph:
@@ -217,13 +217,16 @@ def built_once(graph: fx.Graph, root: nn.Module, context: Hashable, build: Calla
     return rewritten
 
 
-def lowered_once(rewritten: fx.Graph, root: nn.Module, lowerable: Collection[nn.Module]) -> Callable[..., Any]:
+def lowered_once(rewritten: fx.Graph, root: nn.Module, lowerable: Collection[nn.Module], share_reads: bool) -> Callable[..., Any]:
     """`compile_graph` of `rewritten` with the base calls of `lowerable` lowered
-    (`fxlora.runtime.lowering.lower_base_calls`, on a copy), made once per set of lowered calls."""
+    (`fxlora.runtime.lowering.lower_base_calls`, on a copy) and, with `share_reads`, its module
+    reads shared (`share_module_reads`: for code that runs eagerly; code torch.compile traces
+    gains nothing from it), made once per set of lowered calls."""
     ids = {id(m) for m in lowerable}
     lowered = frozenset(n.target for n in rewritten.find_nodes(op="call_module") if id(root.get_submodule(n.target)) in ids)
     known = _LOWERED.setdefault(rewritten, {})
-    fn = known.get(lowered)
+    fn = known.get((lowered, share_reads))
     if fn is None:
-        fn = known[lowered] = compile_graph(share_module_reads(lower_base_calls(copy.deepcopy(rewritten), root, lowerable)))
+        graph = lower_base_calls(copy.deepcopy(rewritten), root, lowerable)
+        fn = known[(lowered, share_reads)] = compile_graph(share_module_reads(graph) if share_reads else graph)
     return fn

@@ -244,7 +244,7 @@ class GraphForward:
         layers = _base_calls(graph, self.root)
         forwards = [installed_forward(m) for m in layers]
         lowerable = [m for m, f in zip(layers, forwards) if f is not None and f.previous is None]
-        fn = lowered_once(graph, self.root, lowerable)
+        fn = lowered_once(graph, self.root, lowerable, share_reads=eager is not None)
         idle = None
         tensors_only = SELF not in variant.inputs and not key_has_handles(key)  # `run_gated` takes tensors
         if eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root):

@@ -59,8 +59,8 @@ def _paths(root: nn.Module, modules: Iterable[nn.Module]) -> tuple[str, ...]:
     return tuple(names[id(m)] for m in modules)
 
 
-def _tables(root: nn.Module, paths: tuple[str, ...], with_global: bool) -> tuple[dict, ...]:
-    own = tuple(getattr(root.get_submodule(path), name) for path in paths for name in HOOK_TABLES)
+def _tables(modules: Iterable[nn.Module], with_global: bool) -> tuple[dict, ...]:
+    own = tuple(getattr(m, name) for m in modules for name in HOOK_TABLES)
     return GLOBAL_HOOK_TABLES + own if with_global else own
 
 
@@ -76,7 +76,7 @@ class Inlined:
         self.modules: tuple[nn.Module, ...] = modules
         self.classes: tuple[type, ...] = tuple(type(m) for m in modules)
         self.paths: tuple[str, ...] = _paths(root, modules) if modules else ()  # below the root, whose hooks `hold` checks
-        self.tables: tuple[dict, ...] = _tables(root, self.paths, False) if modules else ()
+        self.tables: tuple[dict, ...] = _tables(modules, False)
         self.children: tuple[dict, ...] = children
         self.snapshot: tuple[dict, ...] = snapshot
 
@@ -124,8 +124,9 @@ class BaseLayers:
     def __init__(self, root: nn.Module, layers: tuple, forwards: tuple) -> None:
         self.layers: tuple[nn.Module, ...] = layers
         self.forwards: tuple = forwards
-        self.paths: tuple[str, ...] = _paths(root, [m for layer in layers for m in layer.modules()])
-        self.tables: tuple[dict, ...] = _tables(root, self.paths, True)
+        hooked = [m for layer in layers for m in layer.modules()]
+        self.paths: tuple[str, ...] = _paths(root, hooked)
+        self.tables: tuple[dict, ...] = _tables(hooked, True)
 
     def bypassable(self, root: nn.Module) -> bool:
         """`root`: the graph's root (the layers are reached from it under torch.compile)."""
@@ -150,8 +151,9 @@ class HookTables:
     with_global = True
 
     def __init__(self, root: nn.Module) -> None:
-        self.paths: tuple[str, ...] = tuple(name for name, _ in root.named_modules() if name)  # not the root: its own hooks run outside
-        self.tables: tuple[dict, ...] = _tables(root, self.paths, True)
+        below = [(name, m) for name, m in root.named_modules() if name]  # not the root: its own hooks run outside
+        self.paths: tuple[str, ...] = tuple(name for name, _ in below)
+        self.tables: tuple[dict, ...] = _tables((m for _, m in below), True)
 
     def absent(self, root: nn.Module) -> bool:
         return _hooks_absent(self, root)
