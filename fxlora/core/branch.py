@@ -112,7 +112,7 @@ def _factors(gates: Any, x: torch.Tensor, adapters: list[str], scalings: dict, e
 
 
 def _scaling(module: nn.Module, meta: TargetMeta, adapter: str, x: torch.Tensor, eager: Optional[EagerKey], given: Optional[dict]) -> Any:
-    """An adapter's scaling: in gated code a hot-swap slot's tensor (`slot_scaling`, on `x`'s
+    """An adapter's scaling: in gated code a hot-swap slot's tensor (`layer_scaling`, on `x`'s
     device), else the number given (a template's input) or the layer's spec's."""
     if given is not None and (eager is not None or meta.adapters[adapter].scaling_cell is None):
         return given[adapter]

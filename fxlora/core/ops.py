@@ -20,7 +20,6 @@ __all__ = [
     "adapter_gate",
     "select_gate",
     "eager_factor",
-    "slot_scaling",
         "scale_update",
     "add_update",
     "select_output",
@@ -56,20 +55,16 @@ def eager_factor(gates: GateState, adapter: str, scaling: float) -> float:
     return scaling * gates.scale[adapter]
 
 
-def slot_scaling(layer: torch.nn.Module, adapter: str, like: torch.Tensor) -> torch.Tensor:
-    """The scaling of hot-swap slot `adapter` on `layer`, on `like`'s device: its 0-d tensor
-    (`fxlora.core.layers.AdapterSpec.scaling_cell`), read per call, so that a swap filling it in place
-    reaches compiled code without recompiling."""
-    cell = target_meta(layer).adapters[adapter].scaling_cell
-    return cell if cell.device == like.device else cell.to(like.device)
-
-
 def layer_scaling(layer: torch.nn.Module, adapter: str, like: torch.Tensor, gated: bool) -> Any:
     """`adapter`'s scaling on `layer`: in gated code (what torch.compile sees) a hot-swap slot's
-    0-d tensor (`slot_scaling`), so that a swap reaches compiled code without recompiling; else,
+    0-d tensor (`fxlora.core.layers.AdapterSpec.scaling_cell`, read per call and put on `like`'s
+    device), so that a swap filling it in place reaches compiled code without recompiling; else,
     and for an adapter that is no slot, the spec's number."""
     spec = target_meta(layer).adapters[adapter]
-    return slot_scaling(layer, adapter, like) if gated and spec.scaling_cell is not None else spec.scaling
+    cell = spec.scaling_cell
+    if not gated or cell is None:
+        return spec.scaling
+    return cell if cell.device == like.device else cell.to(like.device)
 
 
 def _per_row(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

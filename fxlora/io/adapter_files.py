@@ -39,7 +39,7 @@ from fxlora.io.model_card import CARD_NAME, CardFacts, updated_card
 from fxlora.io.moe_files import convert_expert_tensors
 from fxlora.config import LoraConfig
 from fxlora.core.layers import fxlora_internal_names
-from fxlora.planning.matching import matches_name_list
+from fxlora.planning.names import matches_name_list
 from fxlora.io.peft_format import (
     BASE,
     CONFIG_DIGEST_KEY,

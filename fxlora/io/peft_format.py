@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from fxlora.io.peft_config import config_from_json, config_to_json, file_config
+from fxlora.planning.names import is_under
 from fxlora.kinds import LayerKind
 from fxlora.core.layers import LORA_CHILDREN, AdapterSpec, fxlora_internal_names, saved_meta, target_meta
 
@@ -223,7 +224,7 @@ def _add_all_biases(layout: Layout, model: nn.Module, target_names: set[str], sa
         owner = key.rpartition(".")[0]
         if not _is_bias_key(key) or owner in internal:
             continue
-        if any(owner == s or owner.startswith(s + ".") for s in saved_names):
+        if is_under(owner, saved_names):
             continue
         file_key = f"{owner}.base_layer.bias" if owner in target_names else key
         layout.add(file_key, _slot(key, tensor, BASE))
@@ -252,7 +253,7 @@ def _add_embedding_weights(layout: Layout, model: nn.Module, target_names: set[s
     for name, module in model.named_modules():
         if not name or not any(module is e for e in embeddings):
             continue
-        if any(name == s or name.startswith(s + ".") for s in saved_names):
+        if is_under(name, saved_names):
             continue  # its file keys are the modules_to_save copy's
         middle = "base_layer." if name in target_names else ""
         for rest, tensor in _own_state(module).items():

@@ -100,7 +100,7 @@ def _match_modules_to_save(config: LoraConfig, names: Sequence[str], model: nn.M
         return ()
     chosen: list[str] = []
     for entry in entries + optional:
-        hits = [n for n in names if n and (n == entry or n.endswith("." + entry))]
+        hits = [n for n in names if n and matches_name_list([entry], n)]
         if not hits and entry not in optional:
             raise NoTargetFoundError(
                 f"modules_to_save entry {entry!r} matched no module of {type(model).__name__} "

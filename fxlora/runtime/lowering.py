@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlora.core.layers import BASE_ONLY
+from fxlora.tracing.linear_reads import calls_as_linear
 
 __all__ = ["base_forward", "lower_base_calls"]
 
@@ -54,14 +55,10 @@ def lower_base_calls(graph: fx.Graph, root: nn.Module, lowerable: Collection[nn.
     return graph
 
 
-def _computes_as_linear(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
-    return type(layer).forward is nn.Linear.forward and len(args) == 1 and not kwargs
-
-
 def _lowered_call(graph: fx.Graph, target: str, layer: nn.Module, args: tuple, kwargs: dict) -> fx.Node:
     """The node computing `layer`'s own forward on `args`: ``F.linear`` for a layer computing as
     ``nn.Linear`` does, else ``base_forward``."""
-    if _computes_as_linear(layer, args, kwargs):
+    if calls_as_linear(layer) and len(args) == 1 and not kwargs:
         weight, bias = graph.get_attr(f"{target}.weight"), graph.get_attr(f"{target}.bias")
         return graph.call_function(F.linear, (args[0], weight, bias))
     return graph.call_function(base_forward, (graph.get_attr(target), *args), kwargs)

@@ -16,7 +16,7 @@ fxlora keeps every boundary:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ from fxlora.tracing.integrations import TraceHooks, hooks_for
 
 __all__ = [
     "kept_children",
-    "traced_into", "Inlined", "NOTHING_INLINED", "inlined", "BaseLayers", "base_layers", "HookTables", "subtree_hooks",
+    "traced_into", "HookTables", "hook_tables", "Inlined", "NOTHING_INLINED", "inlined", "BaseLayers", "base_layers", "subtree_hooks",
     "nested_roots"]
 
 def _module_at(root: nn.Module, path: str) -> nn.Module:
@@ -37,52 +37,56 @@ def _module_at(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _hooks_absent(record: "Inlined | BaseLayers | HookTables", root: nn.Module) -> bool:
-    """Whether every hook table of `record`'s modules (at `record.paths` below `root`), and every
-    global one (where `record.with_global`), is empty.
+class HookTables(NamedTuple):
+    """The hook tables of some modules below a graph root (`paths`, relative to it), and the global
+    ones where `with_global`. `absent` is true while all are empty.
 
-    Run as is, it tests the record's tuple of tables. Under torch.compile it reaches each module
-    from `root` as the generated code does (so dynamo guards one object per path, with no aliasing
+    Run as is, `absent` tests the tuple of tables. Under torch.compile it reaches each module from
+    the root as the generated code does (so dynamo guards one object per path, with no aliasing
     guards between two ways to it) and tests each table's length: dynamo guards every length (a
     hook added after compiling recompiles, and runs), while identical blocks, whose records
     differ only in their modules, share compiled code. (A truth test of a table taken from a
     tuple gets no length guard from dynamo: hooks added later would go unseen.)"""
-    if torch.compiler.is_compiling():
-        return all(len(getattr(_module_at(root, path), name)) == 0 for path in record.paths for name in HOOK_TABLES) and (
-            not record.with_global or all(len(getattr(_module_impl, f"_global{name}")) == 0 for name in HOOK_TABLES)
-        )
-    return not any(record.tables)
+
+    paths: tuple[str, ...]
+    tables: tuple[dict, ...]
+    with_global: bool
+
+    def absent(self, root: nn.Module) -> bool:
+        """`root`: the graph's root the paths start from."""
+        if torch.compiler.is_compiling():
+            return all(len(getattr(_module_at(root, path), name)) == 0 for path in self.paths for name in HOOK_TABLES) and (
+                not self.with_global or all(len(getattr(_module_impl, f"_global{name}")) == 0 for name in HOOK_TABLES)
+            )
+        return not any(self.tables)
 
 
-def _paths(root: nn.Module, modules: Iterable[nn.Module]) -> tuple[str, ...]:
-    names = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
-    return tuple(names[id(m)] for m in modules)
+def hook_tables(root: nn.Module, modules: Iterable[nn.Module], with_global: bool) -> HookTables:
+    """The `HookTables` of `modules` (below `root`)."""
+    modules = tuple(modules)
+    names = {id(m): name for name, m in root.named_modules(remove_duplicate=False)} if modules else {}
+    return _tables_at([(names[id(m)], m) for m in modules], with_global)
 
 
-def _tables(modules: Iterable[nn.Module], with_global: bool) -> tuple[dict, ...]:
-    own = tuple(getattr(m, name) for m in modules for name in HOOK_TABLES)
-    return GLOBAL_HOOK_TABLES + own if with_global else own
+def _tables_at(named: list[tuple[str, nn.Module]], with_global: bool) -> HookTables:
+    own = tuple(getattr(m, name) for _, m in named for name in HOOK_TABLES)
+    return HookTables(tuple(path for path, _ in named), GLOBAL_HOOK_TABLES + own if with_global else own, with_global)
 
 
-class Inlined:
-    """The modules a graph traced through, as they were: their hook tables (empty), their
-    children, their classes. `hold` is true while calling each would still only run its
-    forward with those children. (Global hooks are `BaseLayers`' concern: the graph still holds.)"""
+class Inlined(NamedTuple):
+    """The modules a graph traced through, as they were: their hook tables (empty; global hooks
+    are `BaseLayers`' concern), their children, their classes. `hold` is true while calling each
+    would still only run its forward with those children."""
 
-    __slots__ = ("modules", "classes", "paths", "tables", "children", "snapshot")
-    with_global = False
-
-    def __init__(self, root: Optional[nn.Module], modules: tuple, children: tuple, snapshot: tuple) -> None:
-        self.modules: tuple[nn.Module, ...] = modules
-        self.classes: tuple[type, ...] = tuple(type(m) for m in modules)
-        self.paths: tuple[str, ...] = _paths(root, modules) if modules else ()  # below the root, whose hooks `hold` checks
-        self.tables: tuple[dict, ...] = _tables(modules, False)
-        self.children: tuple[dict, ...] = children
-        self.snapshot: tuple[dict, ...] = snapshot
+    modules: tuple[nn.Module, ...]
+    classes: tuple[type, ...]
+    hooks: HookTables
+    children: tuple[dict, ...]
+    snapshot: tuple[dict, ...]
 
     def hold(self, root: nn.Module) -> bool:
         """`root`: the graph's root (the record's modules are reached from it under torch.compile)."""
-        if not _hooks_absent(self, root):
+        if not self.hooks.absent(root):
             return False
         if torch.compiler.is_compiling():  # dynamo guards the module tree it reads itself
             return True
@@ -95,42 +99,38 @@ class Inlined:
 
 
 #: the record of a graph that inlined nothing
-NOTHING_INLINED = Inlined(None, (), (), ())
+NOTHING_INLINED = Inlined((), (), HookTables((), (), False), (), ())
 
 
 def inlined(root: nn.Module, traced: Iterable[nn.Module]) -> Inlined:
     """The `Inlined` record of the modules a graph of `root` traced through (`root` itself runs
     its own ``__call__``: only its children are recorded)."""
     modules = tuple(traced)
+    inner = tuple(m for m in modules if m is not root)
     return Inlined(
-        root,
-        modules=tuple(m for m in modules if m is not root),
+        modules=inner,
+        classes=tuple(type(m) for m in inner),
+        hooks=hook_tables(root, inner, with_global=False),
         children=tuple(m._modules for m in modules),
         snapshot=tuple(dict(m._modules) for m in modules),
     )
 
 
-class BaseLayers:
+class BaseLayers(NamedTuple):
     """The layers a graph calls for their base output only (bypassing their ``__call__``: it
     adds their branches itself), with the forward each had installed, their hook tables (and
     their adapter modules') and the global ones. `bypassable` is false while any hook table is
-    non-empty (`_hooks_absent`) or a layer's forward was replaced since (accelerate's
-    ``cpu_offload`` after ``transform``): the call then runs the root's own forward, so that
-    every hook and wrapper sees what the module really does."""
+    non-empty or a layer's forward was replaced since (accelerate's ``cpu_offload`` after
+    ``transform``): the call then runs the root's own forward, so that every hook and wrapper
+    sees what the module really does."""
 
-    __slots__ = ("layers", "forwards", "paths", "tables")
-    with_global = True
-
-    def __init__(self, root: nn.Module, layers: tuple, forwards: tuple) -> None:
-        self.layers: tuple[nn.Module, ...] = layers
-        self.forwards: tuple = forwards
-        hooked = [m for layer in layers for m in layer.modules()]
-        self.paths: tuple[str, ...] = _paths(root, hooked)
-        self.tables: tuple[dict, ...] = _tables(hooked, True)
+    layers: tuple[nn.Module, ...]
+    forwards: tuple
+    hooks: HookTables
 
     def bypassable(self, root: nn.Module) -> bool:
         """`root`: the graph's root (the layers are reached from it under torch.compile)."""
-        if not _hooks_absent(self, root):
+        if not self.hooks.absent(root):
             return False
         return all(m.__dict__.get("forward") is f for m, f in zip(self.layers, self.forwards))
 
@@ -138,30 +138,16 @@ class BaseLayers:
 def base_layers(root: nn.Module, layers: Iterable[nn.Module], forwards: Iterable[Any]) -> BaseLayers:
     """The `BaseLayers` record of `layers` below `root`, each expected to keep the forward in
     `forwards` (fxlora's own: a layer whose forward is someone else's is never bypassed)."""
-    return BaseLayers(root, tuple(layers), tuple(forwards))
-
-
-class HookTables:
-    """The hook tables of every module below a root, and the global ones: `absent` is true while
-    all are empty (`_hooks_absent`). Code that runs the root's modules inside ``torch.cond``
-    (`fxlora.runtime.idle.run_gated`) needs this: a hook with a side effect (appending to a list,
-    logging) cannot run inside a ``torch.cond`` branch."""
-
-    __slots__ = ("paths", "tables")
-    with_global = True
-
-    def __init__(self, root: nn.Module) -> None:
-        below = [(name, m) for name, m in root.named_modules() if name]  # not the root: its own hooks run outside
-        self.paths: tuple[str, ...] = tuple(name for name, _ in below)
-        self.tables: tuple[dict, ...] = _tables((m for _, m in below), True)
-
-    def absent(self, root: nn.Module) -> bool:
-        return _hooks_absent(self, root)
+    layers = tuple(layers)
+    return BaseLayers(layers, tuple(forwards), hook_tables(root, (m for layer in layers for m in layer.modules()), with_global=True))
 
 
 def subtree_hooks(root: nn.Module) -> HookTables:
-    """The `HookTables` of the modules below `root` (its own hooks run outside its forward)."""
-    return HookTables(root)
+    """The `HookTables` of every module below `root` (its own hooks run outside its forward), and
+    the global ones. Code that runs the root's modules inside ``torch.cond``
+    (`fxlora.runtime.idle.run_gated`) needs them empty: a hook with a side effect (appending to a
+    list, logging) cannot run inside a ``torch.cond`` branch."""
+    return _tables_at([(name, m) for name, m in root.named_modules() if name], with_global=True)
 
 
 def traced_into(module: nn.Module, hooks: TraceHooks) -> bool:

@@ -72,7 +72,7 @@ def size_class(size: int) -> int:
 def _kind(value: Any, ranked: bool, sized: bool = False) -> Optional[Hashable]:
     if isinstance(value, torch.Tensor):
         if sized:
-            return (TENSOR, value.dim(), tuple(size_class(s) for s in value.shape))
+            return (TENSOR, value.dim(), tuple(s if s < MANY else MANY for s in value.shape))  # `size_class`, inline: run per call
         return (TENSOR, value.dim()) if ranked else TENSOR
     if value is None or isinstance(value, (bool, int, str)):
         return (type(value).__name__, value)

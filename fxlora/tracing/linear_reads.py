@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearRead", "AttributeUses", "attribute_uses", "linear_reads", "linear_arguments", "weight_only_layers"]
+__all__ = ["LinearRead", "AttributeUses", "attribute_uses", "linear_reads", "linear_arguments", "weight_only_layers", "calls_as_linear"]
 
 
 class LinearRead(NamedTuple):
@@ -53,7 +53,7 @@ def linear_arguments(node: fx.Node) -> Optional[tuple[Any, Any, Any]]:
     return values["input"], values["weight"], values.get("bias")
 
 
-def _calls_as_linear(module: nn.Module) -> bool:
+def calls_as_linear(module: nn.Module) -> bool:
     """Calling `module` computes ``F.linear(x, module.weight, module.bias)``."""
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
@@ -74,7 +74,7 @@ def _owner_paths(root: nn.Module, target: str, accept: Callable[[str, nn.Module]
 def _reads_of(layer: str, module: nn.Module, attrs: list[fx.Node]) -> Optional[list[LinearRead]]:
     """Every linear read of `module` (at `layer`) among the users of its attribute reads `attrs`,
     or None if one of those reads is used in any other way."""
-    if not _calls_as_linear(module):
+    if not calls_as_linear(module):
         return None
     weights = {n for n in attrs if n.target == layer + ".weight"}
     biases = {n for n in attrs if n.target == layer + ".bias"}
@@ -124,7 +124,7 @@ def attribute_uses(graph: fx.Graph, root: nn.Module, accept: Callable[[str, nn.M
         module = root.get_submodule(path)
         reads[path] = _reads_of(path, module, nodes)
         only_tensors = all(n.target in (path + ".weight", path + ".bias") for n in nodes)
-        if reads[path] is None and path not in called and _calls_as_linear(module) and only_tensors:
+        if reads[path] is None and path not in called and calls_as_linear(module) and only_tensors:
             weight_only.append(path)
     return AttributeUses(reads, sorted(weight_only))
 
