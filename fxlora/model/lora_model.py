@@ -33,7 +33,7 @@ from fxlora.model.state import AdapterState, CallScope
 from fxlora.passes import PassOptions
 from fxlora.planning.explain import Report
 from fxlora.planning.plan import TracePolicy, emit_warnings, make_plan
-from fxlora.runtime.calls import CALL_LOCK
+from fxlora.runtime.calls import CALL_LOCK, outside_compile
 from fxlora.runtime.forwards import GraphForward, graph_forwards, installed_forward
 from fxlora.runtime.install import fxlora_present, strip
 from fxlora.core.trainable import lora_parameters
@@ -146,7 +146,7 @@ class LoraModel(nn.Module):
         return self.adapter_state.reports
 
     # ------------------------------------------------------------------ calling
-    @torch.compiler.disable(recursive=False)
+    @outside_compile
     def forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
         """Call the model. With ``adapter_names`` (one adapter name per batch row, ``"__base__"``
         for the base model) every row computes with its own adapter.

@@ -24,9 +24,11 @@ import functools
 import threading
 from typing import Callable, Iterator, Optional, TypeVar
 
+import torch
+
 from fxlora.core.gates import GateState
 
-__all__ = ["SharedLock", "CALL_LOCK", "Pin", "exclusive"]
+__all__ = ["SharedLock", "CALL_LOCK", "Pin", "exclusive", "outside_compile"]
 
 T = TypeVar("T")
 
@@ -142,3 +144,21 @@ class Pin:
 
     def __reduce__(self) -> tuple:
         return (Pin, ())  # a copy (deepcopy, pickle) has no call in flight
+
+
+def outside_compile(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` with its own frame kept out of ``torch.compile`` while the calls it makes are compiled
+    (``torch.compiler.disable(recursive=False)``): the frame that takes `CALL_LOCK` and the pin for
+    the compiled code below it.
+
+    Its code is also marked as skipped for dynamo's frame evaluation where this torch allows it
+    (``torch._dynamo.eval_frame.skip_code``, the mark ``recursive=False`` itself declines to
+    cache). Without it dynamo examines the frame again on every call, about 0.1 ms. Callers dynamo
+    traces still break the graph at the call, as the disable asks."""
+    try:
+        from torch._dynamo.eval_frame import skip_code
+    except ImportError:  # another torch: the disable alone
+        pass
+    else:
+        skip_code(fn.__code__)
+    return torch.compiler.disable(fn, recursive=False)

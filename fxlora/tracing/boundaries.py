@@ -16,6 +16,7 @@ fxlora keeps every boundary:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -30,35 +31,39 @@ __all__ = [
     "traced_into", "HookTables", "hook_tables", "Inlined", "NOTHING_INLINED", "inlined", "BaseLayers", "base_layers", "subtree_hooks",
     "nested_roots"]
 
-def _module_at(root: nn.Module, path: str) -> nn.Module:
-    module = root
-    for part in path.split(".") if path else ():
-        module = module._modules[part]
-    return module
-
-
 class HookTables(NamedTuple):
     """The hook tables of some modules below a graph root (`paths`, relative to it), and the global
     ones where `with_global`. `absent` is true while all are empty.
 
-    Run as is, `absent` tests the tuple of tables. Under torch.compile it reaches each module from
-    the root as the generated code does (so dynamo guards one object per path, with no aliasing
-    guards between two ways to it) and tests each table's length: dynamo guards every length (a
-    hook added after compiling recompiles, and runs), while identical blocks, whose records
-    differ only in their modules, share compiled code. (A truth test of a table taken from a
-    tuple gets no length guard from dynamo: hooks added later would go unseen.)"""
+    Only modules that can be called have their tables here: a container with no forward
+    (``nn.ModuleDict``, ``nn.ModuleList``, ``nn.ParameterDict``) is indexed, never called, so its
+    hooks never run, in fxlora as in the model without it.
+
+    Run as is, `absent` tests the tuple of tables. Under torch.compile it runs `compiled_check`, a
+    function generated for the paths, which reaches each module from the root as the generated
+    code does and tests each table's length, with the paths written in its code: dynamo guards
+    every length (a hook added after compiling recompiles, and runs) and nothing else of the
+    record, so identical blocks, whose records differ only in their modules, share compiled code.
+    (A truth test of a table taken from a tuple gets no length guard from dynamo, so hooks added
+    later would go unseen; paths read from a tuple would be guarded one string at a time.)"""
 
     paths: tuple[str, ...]
     tables: tuple[dict, ...]
     with_global: bool
+    compiled_check: Callable[[nn.Module], bool]
 
     def absent(self, root: nn.Module) -> bool:
         """`root`: the graph's root the paths start from."""
         if torch.compiler.is_compiling():
-            return all(len(getattr(_module_at(root, path), name)) == 0 for path in self.paths for name in HOOK_TABLES) and (
-                not self.with_global or all(len(getattr(_module_impl, f"_global{name}")) == 0 for name in HOOK_TABLES)
-            )
+            return self.compiled_check(root)
         return not any(self.tables)
+
+    def __reduce__(self) -> tuple:
+        return (_with_check, (self.paths, self.tables, self.with_global))  # the check is generated code
+
+
+def _with_check(paths: tuple[str, ...], tables: tuple[dict, ...], with_global: bool) -> HookTables:
+    return HookTables(paths, tables, with_global, _length_check(paths, with_global))
 
 
 def hook_tables(root: nn.Module, modules: Iterable[nn.Module], with_global: bool) -> HookTables:
@@ -68,9 +73,31 @@ def hook_tables(root: nn.Module, modules: Iterable[nn.Module], with_global: bool
     return _tables_at([(names[id(m)], m) for m in modules], with_global)
 
 
+def _callable(module: nn.Module) -> bool:
+    """Whether calling `module` can run its hooks (a container with no forward is never called)."""
+    return getattr(type(module), "forward", None) is not _module_impl._forward_unimplemented
+
+
 def _tables_at(named: list[tuple[str, nn.Module]], with_global: bool) -> HookTables:
+    named = [(path, m) for path, m in named if _callable(m)]
     own = tuple(getattr(m, name) for _, m in named for name in HOOK_TABLES)
-    return HookTables(tuple(path for path, _ in named), GLOBAL_HOOK_TABLES + own if with_global else own, with_global)
+    paths = tuple(path for path, _ in named)
+    return _with_check(paths, GLOBAL_HOOK_TABLES + own if with_global else own, with_global)
+
+
+@functools.lru_cache(maxsize=1024)
+def _length_check(paths: tuple[str, ...], with_global: bool) -> Callable[[nn.Module], bool]:
+    """``absent(root)``: whether every hook table of the modules at `paths` below `root` (and the
+    global ones, where `with_global`) is empty, tested by length, the paths written in the code.
+    One function per set of paths: the identical blocks of a model share it."""
+    modules = ["root" + "".join(f"._modules[{part!r}]" for part in path.split(".")) if path else "root" for path in paths]
+    tables = [f"{module}.{name}" for module in modules for name in HOOK_TABLES]
+    if with_global:
+        tables += [f"_module_impl._global{name}" for name in HOOK_TABLES]
+    source = "def absent(root):\n    return not (" + " or ".join([f"len({t})" for t in tables] or ["False"]) + ")\n"
+    namespace: dict[str, Any] = {"_module_impl": _module_impl}
+    exec(compile(source, f"<fxlora hook check {len(paths)} modules>", "exec"), namespace)
+    return namespace["absent"]
 
 
 class Inlined(NamedTuple):
@@ -99,7 +126,7 @@ class Inlined(NamedTuple):
 
 
 #: the record of a graph that inlined nothing
-NOTHING_INLINED = Inlined((), (), HookTables((), (), False), (), ())
+NOTHING_INLINED = Inlined((), (), _tables_at([], False), (), ())
 
 
 def inlined(root: nn.Module, traced: Iterable[nn.Module]) -> Inlined:

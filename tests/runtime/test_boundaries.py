@@ -172,6 +172,23 @@ def test_graph_code_serves_calls_again_once_hooks_are_removed(eager_fallbacks):
     assert eager_fallbacks == ["Blocks"]
 
 
+def test_hooks_on_containers_that_are_never_called_keep_graph_code(eager_fallbacks):
+    """A hook on an adapter's ``nn.ModuleDict`` (``lora_A``: indexed, never called) never runs, in
+    the model run eagerly as in the graph, so it leaves the graph code serving calls; one on the
+    adapter module inside it (``lora_A.default``: called) makes the call eager and runs."""
+    model = make()
+    reference = make(trace="eager")
+    layer, reference_layer = model.model.blocks[0].fc1, reference.model.blocks[0].fc1
+    seen = []
+    for container in (layer.lora_A, reference_layer.lora_A):
+        container.register_forward_hook(lambda m, a, o: seen.append("container"))
+    assert torch.equal(model(X), reference(X))
+    assert seen == [] and eager_fallbacks == []
+    layer.lora_A["default"].register_forward_hook(lambda m, a, o: seen.append("module"))
+    assert torch.equal(model(X), reference(X))
+    assert seen == ["module"] and eager_fallbacks == ["Blocks"]
+
+
 def test_a_block_with_hooks_becomes_a_graph_root_of_its_own(eager_fallbacks):
     model = make()
     assert model.graph_roots == [""]
