@@ -13,8 +13,9 @@ state change (the predicate is data), and merged adapters cost the base model's 
 ``torch.cond`` must capture both codes whole (it raises on a graph break inside) and takes
 tensors in and out: a graph qualifies only when every node is a call known to be a pure tensor
 computation (torch functions, ``operator``, tensor methods, no in-place op; modules of the
-standard ``torch.nn`` kinds or adapted layers, no `modules_to_save` module) and it returns one
-tensor computed by such a call.
+standard ``torch.nn`` kinds, ones a library integration declares pure (timm's norm layers:
+`fxlora.tracing.integrations.TraceHooks.pure_in_eval`) or adapted layers, no `modules_to_save`
+module) and it returns one tensor computed by such a call.
 Any other graph (a transformers model returning a cache object, say) keeps the gated code alone.
 A call whose root has a module with hooks (when it is compiled: `IdleCode.hooks`) runs the
 gated code alone too: a hook's side effect cannot run inside a ``torch.cond`` branch.
@@ -33,6 +34,7 @@ from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import saved_meta, target_meta
 from fxlora.passes.conditions import writes_in_place
 from fxlora.tracing.boundaries import HookTables
+from fxlora.tracing.integrations import TraceHooks, hooks_for
 
 __all__ = ["IDLE", "IdleCode", "skippable", "run_gated", "any_gate_open"]
 
@@ -62,15 +64,19 @@ _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like"
 _NOT_TENSOR = {"size", "dim", "numel", "stride", "element_size", "is_contiguous", "nelement", "ndimension", "get_device"}
 
 
-def _pure_module(module: nn.Module) -> bool:
-    """A standard module or an adapted layer; a `modules_to_save` module is not (its copy is
-    selected whenever its adapter is active, merged or not, so no state would skip anything)."""
+def _pure_module(module: nn.Module, hooks: TraceHooks) -> bool:
+    """A standard module, one a library integration declares pure in evaluation mode
+    (`TraceHooks.pure_in_eval`: timm's norm layers) or an adapted layer; a `modules_to_save`
+    module is not (its copy is selected whenever its adapter is active, merged or not, so no state
+    would skip anything)."""
     if saved_meta(module) is not None:
         return False
     if target_meta(module) is not None:
         return True
     if module.training and isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU)):
         return False  # a submodule left in train mode inside evaluation code draws random numbers
+    if hooks.computes_purely(module):
+        return True
     return type(module).__module__ in _PURE_NN and not isinstance(module, _IMPURE_NN)
 
 
@@ -82,14 +88,14 @@ def _pure_function(target: Any) -> bool:
     return module in ("_operator", "operator") or module.startswith("torch") or getattr(torch, getattr(target, "__name__", ""), None) is target
 
 
-def _pure_node(node: fx.Node, root: nn.Module) -> bool:
+def _pure_node(node: fx.Node, root: nn.Module, hooks: TraceHooks) -> bool:
     if node.op in ("placeholder", "get_attr", "output"):
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if writes_in_place(node, root) or name in _RANDOM:
         return False
     if node.op == "call_module":
-        return _pure_module(root.get_submodule(node.target))
+        return _pure_module(root.get_submodule(node.target), hooks)
     if node.op == "call_method":
         return name not in _IMPURE_METHODS
     return node.op == "call_function" and _pure_function(node.target)
@@ -107,7 +113,8 @@ def _returns_tensor(graph: fx.Graph) -> bool:
 
 def skippable(graph: fx.Graph, root: nn.Module) -> bool:
     """Whether `graph` (a traced base graph of `root`) qualifies for `run_gated` (module docstring)."""
-    return _returns_tensor(graph) and all(_pure_node(n, root) for n in graph.nodes)
+    hooks = hooks_for(root)
+    return _returns_tensor(graph) and all(_pure_node(n, root, hooks) for n in graph.nodes)
 
 
 def any_gate_open(gates: GateState) -> torch.Tensor:

@@ -67,6 +67,42 @@ def test_which_graphs_qualify(make, expected):
     assert skippable(fx.symbolic_trace(model).graph, model) is expected
 
 
+class LeavesOnly(fx.Tracer):
+    def is_leaf_module(self, m, qualified_name):
+        return True
+
+
+@pytest.mark.parametrize("fast, expected", [(False, True), (True, False)], ids=["timm-norms", "timm-fast-norms"])
+def test_timm_norm_layers_qualify_on_torch_kernels(fast, expected):
+    pytest.importorskip("timm")
+    from timm.layers import LayerNorm, RmsNorm
+
+    model = nn.Sequential(nn.Linear(6, 6), LayerNorm(6), nn.GELU(), RmsNorm(6))
+    graph = LeavesOnly().trace(model)  # the norms as leaf modules, as fxlora's graphs call them
+    assert [n.op for n in graph.nodes].count("call_module") == 4
+    for m in model[1], model[3]:
+        m._fast_norm = fast  # timm's opt-in fast norm may call APEX kernels: not declared pure
+    assert skippable(graph, model) is expected
+
+
+def test_a_merged_timm_vit_runs_no_branch_when_compiled_without_autograd():
+    """A timm ViT (timm's own LayerNorm around every block): merged, compiled, no autograd, it
+    runs the base code alone (the poisoned factors never show) and equals the eager model."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=16, depth=2)
+    targets = r".*\.(qkv|proj|fc1|fc2)"  # the patch embedding's proj too: its module is traced through
+    model = fxlora.transform(base.eval(), LoraConfig(target_modules=targets, init_lora_weights=False)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        poison_after_merge(model)
+        out = compiled(x)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, model(x))
+
+
 def model_and_input():
     torch.manual_seed(0)
     model = fxlora.transform(MLP(16).eval(), LoraConfig(target_modules=["seq.0", "seq.2"], init_lora_weights=False))

@@ -15,7 +15,10 @@ little more knowledge to be traced *correctly* and *further*; an integration mod
 - ``guards``: extra ``(object, attribute)`` pairs whose trace-time values a graph depends on
   (transformers: ``config._attn_implementation``);
 - ``example_inputs``: small inputs ``(args, kwargs)`` for forward passes, used to observe how each
-  module is really called (`fxlora.tracing.probe`).
+  module is really called (`fxlora.tracing.probe`);
+- ``pure_in_eval``: tests for leaf modules that, in evaluation mode, compute their output from
+  their input and their own tensors alone (timm's norm layers), so that compiled code may run them
+  inside ``torch.cond`` (`fxlora.runtime.idle`).
 
 Object arguments that are neither tensors nor constants can be declared as *handles*
 (`register_object_type`): such an argument becomes a placeholder whose type is part of the call
@@ -75,6 +78,8 @@ class TraceHooks:
     #: children holding adapted layers as modules, roots themselves (transformers'
     #: ``GradientCheckpointingLayer``: checkpointing it must keep wrapping those children's graphs)
     kept_whole: tuple[Callable[[nn.Module], bool], ...] = ()
+    #: leaf modules that compute purely in evaluation mode (see the module docstring)
+    pure_in_eval: tuple[Callable[[nn.Module], bool], ...] = ()
 
     def merged(self, other: "TraceHooks") -> "TraceHooks":
         return TraceHooks(
@@ -86,11 +91,16 @@ class TraceHooks:
             example_inputs=self.example_inputs or other.example_inputs,
             output_types=self.output_types + other.output_types,
             kept_whole=self.kept_whole + other.kept_whole,
+            pure_in_eval=self.pure_in_eval + other.pure_in_eval,
         )
 
     def keeps_whole(self, module: nn.Module) -> bool:
         """`module` is one of `kept_whole`."""
         return any(test(module) for test in self.kept_whole)
+
+    def computes_purely(self, module: nn.Module) -> bool:
+        """`module` is one of `pure_in_eval`."""
+        return any(test(module) for test in self.pure_in_eval)
 
     def unwrap(self, fn: Callable, module: Optional[nn.Module] = None) -> Optional[tuple[Callable, frozenset[str]]]:
         """``(wrapped function, keyword names that make the wrapper act)`` when some integration

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from fxlora.tracing.integrations import TraceHooks
 
-__all__ = ["trace_hooks", "example_inputs"]
+__all__ = ["trace_hooks", "example_inputs", "pure_norm"]
 
 
 def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
@@ -43,10 +43,18 @@ def example_inputs(model: nn.Module) -> list[tuple[tuple, dict[str, Any]]]:
     return [((torch.zeros(1, channels, *size, device=device),), {})]
 
 
+def pure_norm(module: nn.Module) -> bool:
+    """A norm layer of ``timm.layers.norm`` (``LayerNorm``, ``LayerNorm2d``, ``RmsNorm``,
+    ``GroupNorm``, ...) on torch's own kernels: ``F.layer_norm`` / ``F.group_norm`` / timm's
+    ``rms_norm`` over its input and its own weights, nothing else. Not with timm's opt-in fast norm
+    (``set_fast_norm``), which may call APEX kernels."""
+    return type(module).__module__ == "timm.layers.norm" and not getattr(module, "_fast_norm", True)
+
+
 def trace_hooks() -> TraceHooks:
     try:
         from timm.layers import _fx
     except ImportError:  # pragma: no cover - very old timm
-        return TraceHooks(example_inputs=example_inputs)
+        return TraceHooks(example_inputs=example_inputs, pure_in_eval=(pure_norm,))
     functions = tuple(f for f in _fx.get_notrace_functions() if callable(f))
-    return TraceHooks(leaf_functions=functions, example_inputs=example_inputs)
+    return TraceHooks(leaf_functions=functions, example_inputs=example_inputs, pure_in_eval=(pure_norm,))
