@@ -10,11 +10,8 @@ takes that can name a directory (`fxlora.core.layers.check_adapter_name`); so be
 rewritten to reach the same object through ``_attribute(holder, <name>)`` calls, where torch.fx
 writes the name with ``repr``. Graphs whose targets all write safely are left as they are.
 
-Identical blocks build identical code: `built_once` keeps, per traced graph, the rewritten graph
-for each build context and root state (`build_state`: every module of the root's subtree, its
-class, plain values, tensor shapes, dtypes and devices and its fxlora record), and `lowered_once`
-the function generated from it for each set of lowered layer calls, so the 32 decoder layers of a
-model are rewritten and compiled once per call pattern instead of once each.
+Graphs that generate the same source over the same objects share one function (`compile_graph`);
+identical blocks get there without rewriting again (`fxlora.runtime.builds`).
 """
 
 from __future__ import annotations
@@ -26,18 +23,14 @@ import copy
 import functools
 import keyword
 import unicodedata
-from dataclasses import fields
-from typing import Any, Callable, Collection, Hashable, Optional
+from typing import Any, Callable
 
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.graph_module import _forward_from_src
 
-from fxlora.core.layers import META_ATTR, SavedMeta, TargetMeta
-from fxlora.runtime.lowering import lower_base_calls
-from fxlora.tracing.reuse import module_values
 
-__all__ = ["written_safely", "safe_targets", "share_module_reads", "python_source", "compile_graph", "build_state", "built_once", "lowered_once"]
+__all__ = ["written_safely", "safe_targets", "share_module_reads", "python_source", "compile_graph"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -105,7 +98,7 @@ def share_module_reads(graph: fx.Graph) -> fx.Graph:
     (parameters, buffers) are still read where each node read them. Same values.
 
     Requires: no node changes which module a path names (graph code never does); runs on code
-    about to be generated (`lowered_once`), after every pass."""
+    about to be generated (`fxlora.runtime.builds.Build.function`), after every pass."""
     holders: dict[str, fx.Node] = {}
 
     def holder(path: str) -> fx.Node:
@@ -151,82 +144,4 @@ def compile_graph(graph: fx.Graph) -> Callable[..., Any]:
     if fn is None:
         fn = _forward_from_src(code.src, code.globals)
         _FUNCTIONS[key] = fn
-    return fn
-
-
-# ------------------------------------------------------------------ one build per identical block
-def _record(module: nn.Module) -> Hashable:
-    """What the passes read from `module`'s fxlora record (`fxlora.core.layers`)."""
-    meta = module.__dict__.get(META_ATTR)
-    if isinstance(meta, TargetMeta):
-        specs = tuple((name, type(spec), _spec_values(spec)) for name, spec in meta.adapters.items())
-        return ("target", meta.kind, meta.fan_in_fan_out, specs, meta.kind.template_key(module))
-    if isinstance(meta, SavedMeta):
-        return ("saved", tuple(meta.adapters))
-    return None if meta is None else ("other", id(meta))  # an unknown record: never equal to another root's
-
-
-def _spec_values(spec: Any) -> tuple:
-    """An adapter spec's compared fields, and whether it has a hot-swap scaling tensor (read at
-    run time, so identical blocks with their own tensors still share one build)."""
-    return tuple((f.name, getattr(spec, f.name)) for f in fields(spec) if f.compare) + (getattr(spec, "scaling_cell", None) is not None,)
-
-
-def build_state(root: nn.Module) -> Optional[Hashable]:
-    """Everything of `root` the passes (`fxlora.passes.rewrite`) can read besides its traced graph:
-    for every module of its subtree its relative name, class, tensors' shapes, dtypes and devices
-    and fxlora record, and the plain values of the adapted and saved modules and of every module
-    inside them (dropout probabilities, the adapter modules' and copies' settings; the other
-    modules' plain values are in the traced graph already, as numbers or as the nodes reading
-    them: `fxlora.tracing.reuse`). None when some value cannot be hashed (then nothing is reused)."""
-    inside: set[int] = set()
-    for m in root.modules():
-        if META_ATTR in m.__dict__:
-            inside.update(id(sub) for sub in m.modules())
-    state = tuple(
-        (name, type(m), *(module_values(m) if id(m) in inside else ((), module_values(m)[1])), _record(m))
-        for name, m in root.named_modules()
-    )
-    try:
-        hash(state)
-    except TypeError:
-        return None
-    return state
-
-
-#: rewritten graphs kept per traced graph (the oldest dropped first; each root keeps its own code too)
-MAX_BUILDS_PER_GRAPH = 64
-#: per traced graph (shared by identical roots: `fxlora.tracing.reuse.TraceCache`): rewritten graphs
-#: by (build context, root state), and generated functions by (rewritten graph, lowered calls)
-_REWRITTEN: "weakref.WeakKeyDictionary[fx.Graph, dict[Hashable, fx.Graph]]" = weakref.WeakKeyDictionary()
-_LOWERED: "weakref.WeakKeyDictionary[fx.Graph, dict[tuple[frozenset, bool], Callable[..., Any]]]" = weakref.WeakKeyDictionary()
-
-
-def built_once(graph: fx.Graph, root: nn.Module, context: Hashable, build: Callable[[], fx.Graph]) -> fx.Graph:
-    """``build()`` (the rewrite of a copy of `graph` for `root` in `context`: options, eager key,
-    mode), or the graph it gave for a root in the same `build_state` (never to be changed)."""
-    state = build_state(root)
-    if state is None:
-        return build()
-    known = _REWRITTEN.setdefault(graph, {})
-    rewritten = known.get((context, state))
-    if rewritten is None:
-        rewritten = known[(context, state)] = build()
-        while len(known) > MAX_BUILDS_PER_GRAPH:  # adapters added and deleted over time: oldest first
-            del known[next(iter(known))]
-    return rewritten
-
-
-def lowered_once(rewritten: fx.Graph, root: nn.Module, lowerable: Collection[nn.Module], share_reads: bool) -> Callable[..., Any]:
-    """`compile_graph` of `rewritten` with the base calls of `lowerable` lowered
-    (`fxlora.runtime.lowering.lower_base_calls`, on a copy) and, with `share_reads`, its module
-    reads shared (`share_module_reads`: for code that runs eagerly; code torch.compile traces
-    gains nothing from it), made once per set of lowered calls."""
-    ids = {id(m) for m in lowerable}
-    lowered = frozenset(n.target for n in rewritten.find_nodes(op="call_module") if id(root.get_submodule(n.target)) in ids)
-    known = _LOWERED.setdefault(rewritten, {})
-    fn = known.get((lowered, share_reads))
-    if fn is None:
-        graph = lower_base_calls(copy.deepcopy(rewritten), root, lowerable)
-        fn = known[(lowered, share_reads)] = compile_graph(share_module_reads(graph) if share_reads else graph)
     return fn

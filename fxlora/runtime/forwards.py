@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from fxlora.core.branch import lora_output, own_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.runtime.codegen import built_once, compile_graph, lowered_once, python_source
+from fxlora.runtime.builds import built_once
+from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.own_rows import ROWS_OF
@@ -173,11 +174,6 @@ def graph_forwards(model: nn.Module) -> list["GraphForward"]:
     return [f for f in map(installed_forward, model.modules()) if isinstance(f, GraphForward)]
 
 
-def _base_calls(graph: fx.Graph, root: nn.Module) -> list[nn.Module]:
-    """The layers `graph` calls for their base output only (passing ``BASE_ONLY``)."""
-    return [root.get_submodule(n.target) for n in graph.find_nodes(op="call_module") if n.kwargs.get(BASE_ONLY)]
-
-
 def _interesting(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if target_meta(m) is not None or saved_meta(m) is not None]
 
@@ -235,16 +231,16 @@ class GraphForward:
         the call's positional arguments as they are, the common case)."""
         adopt_constants(self.root, variant.constants)
         options = self.owner.options
-        graph = built_once(  # identical blocks share one rewrite (`fxlora.runtime.codegen.build_state`)
-            variant.graph, self.root, (options, eager, key[0]),
-            lambda: rewrite(copy.deepcopy(variant.graph), self.root, options, eager, training=key[0]),
-        )
+        def rewritten() -> fx.Graph:
+            return rewrite(copy.deepcopy(variant.graph), self.root, options, eager, training=key[0])
+
+        build = built_once(variant.graph, self.root, (options, eager, key[0]), rewritten)  # one per identical block
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
-        layers = _base_calls(graph, self.root)
+        layers = build.base_layers(self.root)
         forwards = [installed_forward(m) for m in layers]
         lowerable = [m for m, f in zip(layers, forwards) if f is not None and f.previous is None]
-        fn = lowered_once(graph, self.root, lowerable, share_reads=eager is not None)
+        fn = build.function(self.root, lowerable, eager is not None, rewritten)
         idle = None
         tensors_only = SELF not in variant.inputs and not key_has_handles(key)  # `run_gated` takes tensors
         if eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root):

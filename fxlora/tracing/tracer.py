@@ -22,6 +22,7 @@ from fxlora.tracing.constructors import proxy_aware_constructors
 from fxlora.tracing.integrations import NO_HOOKS, TraceHooks
 from fxlora.tracing.handles import ObjectProxy
 from fxlora.tracing.proxies import InfoProxy, NotTraceable, TensorInfo, decide_comparison, infer
+from fxlora.tracing.fx_module_patches import scoped_module_patches
 from fxlora.tracing.fx_wrappers import reused_wrappers
 from fxlora.tracing.threads import tracing_here, tracing_in_this_thread
 
@@ -83,7 +84,7 @@ class LoraTracer(fx.Tracer):
         return super().create_arg(a)
 
     def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
-        with tracing_in_this_thread(), reused_wrappers():
+        with tracing_in_this_thread(), reused_wrappers(), scoped_module_patches(root):
             return super().trace(root, concrete_args)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:

@@ -523,7 +523,9 @@ def test_a_swap_computes_what_a_fresh_load_computes(first, second, extra):
     fxlora.set_peft_model_state_dict(want, new_tensors)
     x = torch.randn(3, 20, generator=torch.Generator().manual_seed(first[3]))
     with torch.no_grad():
-        torch.testing.assert_close(model(x), want(x), rtol=1e-5, atol=1e-5)
+        got, expected = model(x), want(x)
+    # the padded rank sums in another order: float32 rounding of the largest output's size
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=4e-5 * max(1.0, expected.abs().max().item()))
 
 
 @settings(max_examples=15)
