@@ -17,6 +17,7 @@ import torch.nn as nn
 from fxlora.core.layers import saved_meta, target_meta
 from fxlora.core.weight_use import adapted_weight
 from fxlora.passes.tags import Role, has_role, tag_of
+from fxlora.tracing.submodules import submodule
 
 __all__ = [
     "is_adapted",
@@ -131,7 +132,7 @@ def writes_in_place(node: fx.Node, root: nn.Module) -> bool:
     torch function named with a trailing underscore (``x.add_(y)``, ``torch.relu_(x)``), a call
     passing ``inplace=True``, or a call of a module built with ``inplace=True`` (``nn.ReLU``)."""
     if node.op == "call_module":
-        return getattr(root.get_submodule(node.target), "inplace", False) is True
+        return getattr(submodule(root, node.target), "inplace", False) is True
     if node.op not in ("call_method", "call_function"):
         return False
     if node.target is operator.setitem or node.kwargs.get("inplace") is True:

@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from fxlora.errors import UnsupportedTargetError
 from fxlora.tracing.probe import quiet_forwards
+from fxlora.tracing.submodules import submodule
 
 if TYPE_CHECKING:
     from fxlora.core.layers import AdapterSpec
@@ -66,7 +67,7 @@ def fused_parent(model: nn.Module, name: str) -> Optional[str]:
     parts = name.split(".")
     for end in range(len(parts) - 1, -1, -1):
         prefix = ".".join(parts[:end])
-        if isinstance(model.get_submodule(prefix), FUSED_PARENTS):
+        if isinstance(submodule(model, prefix), FUSED_PARENTS):
             return prefix
     return None
 

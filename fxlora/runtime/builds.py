@@ -27,6 +27,7 @@ from fxlora.core.layers import BASE_ONLY, META_ATTR, SavedMeta, TargetMeta
 from fxlora.runtime.codegen import compile_graph, share_module_reads
 from fxlora.runtime.lowering import lower_base_calls
 from fxlora.tracing.reuse import module_values
+from fxlora.tracing.submodules import submodule
 
 __all__ = ["Build", "build_state", "built_once", "MAX_BUILDS_PER_GRAPH"]
 
@@ -90,7 +91,7 @@ class Build:
 
     def base_layers(self, root: nn.Module) -> list[nn.Module]:
         """`root`'s layers that the code calls for their base output only."""
-        return [root.get_submodule(t) for t in self.base_targets]
+        return [submodule(root, t) for t in self.base_targets]
 
     def function(self, root: nn.Module, lowerable: Collection[nn.Module], share_reads: bool, rewrite: Callable[[], fx.Graph]) -> Callable[..., Any]:
         """`compile_graph` of the rewritten graph with the base calls of `lowerable` lowered
@@ -99,7 +100,7 @@ class Build:
         gains nothing from it), made once per set of lowered calls. `rewrite()` gives the
         rewritten graph again, for a set the build has no graph left for."""
         ids = {id(m) for m in lowerable}
-        lowered = frozenset(t for t in self.base_targets if id(root.get_submodule(t)) in ids)
+        lowered = frozenset(t for t in self.base_targets if id(submodule(root, t)) in ids)
         fn = self._functions.get((lowered, share_reads))
         if fn is None:
             graph, self._graph = (self._graph if self._graph is not None else rewrite()), None
@@ -115,10 +116,10 @@ MAX_BUILDS_PER_GRAPH = 64
 _BUILDS: "weakref.WeakKeyDictionary[fx.Graph, dict[Hashable, Build]]" = weakref.WeakKeyDictionary()
 
 
-def built_once(graph: fx.Graph, root: nn.Module, context: Hashable, rewrite: Callable[[], fx.Graph]) -> Build:
-    """The `Build` of ``rewrite()`` (the rewrite of a copy of `graph` for `root` in `context`:
-    options, eager key, mode), made once for all roots in the same `build_state`."""
-    state = build_state(root)
+def built_once(graph: fx.Graph, state: Optional[Hashable], context: Hashable, rewrite: Callable[[], fx.Graph]) -> Build:
+    """The `Build` of ``rewrite()`` (the rewrite of a copy of `graph` for a root in `context`:
+    options, eager key, mode), made once for all roots whose `build_state` is `state` (None: the
+    state could not be compared, nothing is shared)."""
     if state is None:
         return Build.of(rewrite())
     known = _BUILDS.setdefault(graph, {})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from fxlora.core.branch import lora_output, own_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.runtime.builds import built_once
+from fxlora.runtime.builds import build_state, built_once
 from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
@@ -226,15 +226,17 @@ class GraphForward:
         self.sized = any(key_is_sized(k) for k in self.variants)  # and size classes (`call_key`)
 
     # ---------------------------------------------------------------- building
-    def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey] = None) -> Code:
+    def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey], state: Optional[Hashable]) -> Code:
         """Code for `variant` for `eager` (None: gated code), and where its inputs come from (None:
-        the call's positional arguments as they are, the common case)."""
+        the call's positional arguments as they are, the common case); `state` is the root's
+        `fxlora.runtime.builds.build_state` as it is now."""
         adopt_constants(self.root, variant.constants)
         options = self.owner.options
+
         def rewritten() -> fx.Graph:
             return rewrite(copy.deepcopy(variant.graph), self.root, options, eager, training=key[0])
 
-        build = built_once(variant.graph, self.root, (options, eager, key[0]), rewritten)  # one per identical block
+        build = built_once(variant.graph, state, (options, eager, key[0]), rewritten)  # one per identical block
         _, positional, named = key
         direct = not named and variant.inputs == tuple(range(len(positional)))
         layers = build.base_layers(self.root)
@@ -244,14 +246,15 @@ class GraphForward:
         idle = None
         tensors_only = SELF not in variant.inputs and not key_has_handles(key)  # `run_gated` takes tensors
         if eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root):
-            idle = IdleCode(self._build(key, variant, IDLE).fn, subtree_hooks(self.root))
+            idle = IdleCode(self._build(key, variant, IDLE, state).fn, subtree_hooks(self.root))
         return Code(fn, None if direct else variant.inputs, base_layers(self.root, layers, forwards), idle, variant.output_type)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
         options changed); code for eager keys is rebuilt on first use."""
         with CALL_LOCK.exclusive():
-            self._gated = {key: self._build(key, variant) for key, variant in self.variants.items()}
+            state = build_state(self.root)  # the same for every pattern
+            self._gated = {key: self._build(key, variant, None, state) for key, variant in self.variants.items()}
             self._eager = OrderedDict()
             self._read = None
 
@@ -289,7 +292,7 @@ class GraphForward:
                 self.variants[key] = variant
                 self._read = None
                 self._adopt_nested_roots()
-            code = self._build(key, variant, eager)
+            code = self._build(key, variant, eager, build_state(self.root))
             if eager is None:
                 self._gated[key] = code
             else:

@@ -25,6 +25,7 @@ from fxlora.tracing.proxies import InfoProxy, NotTraceable, TensorInfo, decide_c
 from fxlora.tracing.fx_module_patches import scoped_module_patches
 from fxlora.tracing.fx_wrappers import reused_wrappers
 from fxlora.tracing.threads import tracing_here, tracing_in_this_thread
+from fxlora.tracing.submodules import submodule
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.tracing.call_template import CallTemplate
@@ -70,7 +71,7 @@ class LoraTracer(fx.Tracer):
                 return decided
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if isinstance(proxy, InfoProxy) and kind in ("call_function", "call_method", "call_module"):
-            module = self.root.get_submodule(target) if kind == "call_module" else None
+            module = submodule(self.root, target) if kind == "call_module" else None
             proxy.info = infer(kind, target, args, kwargs, module, self.hooks.rank_preserving)
         return proxy
 
