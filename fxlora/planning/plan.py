@@ -271,7 +271,7 @@ def assign_paths(
             p.reason = "trace='eager' was requested"
         return [], info
     roots: list[RootPlan] = []
-    observed = observe_calls(model)
+    observed = observe_calls(model, modules.values())
     cache = TraceCache()  # identical blocks are traced once
     for name, module in modules.items():
         info[name].probed = (id(module) in observed) if observed else None

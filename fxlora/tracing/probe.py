@@ -17,7 +17,7 @@ observation (with none at all, planning uses each module's plainest call).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -29,10 +29,14 @@ from fxlora.tracing.call_keys import CallKey, call_key
 __all__ = ["observe_calls", "quiet_forwards"]
 
 
-def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
+def observe_calls(model: nn.Module, of: Optional[Iterable[nn.Module]] = None) -> dict[int, list[CallKey]]:
     """``{id(module): [call patterns seen, in order]}`` for forward passes of the integration's
     example inputs (eval mode, training flag False in the patterns); ``{}`` when there is no
-    example input. An example the model rejects (raises on) is ignored entirely."""
+    example input. An example the model rejects (raises on) is ignored entirely.
+
+    With `of`, only those modules and the modules containing them are observed (what planning
+    asks about: the modules to adapt and their possible graph roots); a hook on every module
+    doubles the cost of the forward pass on a timm ViT."""
     hooks = hooks_for(model)
     if hooks.example_inputs is None:
         return {}
@@ -50,7 +54,7 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
         if key is not None:
             pending.append((id(module), key))
 
-    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in _observed(model, of)]
     try:
         with quiet_forwards(model):
             for args, kwargs in examples:
@@ -69,6 +73,20 @@ def observe_calls(model: nn.Module) -> dict[int, list[CallKey]]:
     return seen
 
 
+def _observed(model: nn.Module, of: Optional[Iterable[nn.Module]]) -> list[nn.Module]:
+    """`model`'s modules that are in `of` or contain one of them (all of them when `of` is None)."""
+    if of is None:
+        return list(model.modules())
+    wanted = {id(m) for m in of}
+    named = dict(model.named_modules(remove_duplicate=False))
+    paths = {""}
+    for name, module in named.items():
+        if id(module) in wanted:
+            parts = name.split(".") if name else []
+            paths.update(".".join(parts[:end]) for end in range(len(parts) + 1))
+    return [named[p] for p in paths if p in named]
+
+
 @contextlib.contextmanager
 def quiet_forwards(model: nn.Module) -> Iterator[None]:
     """Forward passes that change nothing: `model` in eval mode (but for layers an eval forward
@@ -76,15 +94,17 @@ def quiet_forwards(model: nn.Module) -> Iterator[None]:
     random number generators' state saved and restored, every module's train/eval flag put back."""
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        for module, flag in flags:  # left in their mode: an eval forward would change them
-            if eval_forward_changes_layer(module):
-                module.training = flag
+        if any(flag for _, flag in flags):  # a model in eval mode already is left alone
+            model.eval()
+            for module, flag in flags:  # left in their mode: an eval forward would change them
+                if flag and eval_forward_changes_layer(module):
+                    module.training = flag
         with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
             yield
     finally:
         for module, flag in flags:
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
 
 
 def _cuda_devices(model: nn.Module) -> list[Any]:

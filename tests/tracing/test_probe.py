@@ -56,3 +56,15 @@ def test_vision_models_are_probed_with_pixels_at_their_config_resolution():
     [key] = seen[id(attention)]
     key = erase_sizes(key)
     assert (TENSOR, 3) in [*key.positional, *dict(key.named).values()]  # (batch, patches, hidden), ranked
+
+
+def test_observing_some_modules_observes_them_and_what_contains_them_as_a_full_probe_does():
+    model = TRANSFORMERS["llama"].build()
+    layer = model.model.layers[0]
+    full = observe_calls(model)
+    seen = observe_calls(model, [layer.self_attn.q_proj, model.lm_head])
+    containing = [model, model.model, model.model.layers, layer, layer.self_attn, layer.self_attn.q_proj, model.lm_head]
+    assert set(seen) == {id(m) for m in containing if id(m) in full}
+    assert all(seen[k] == full[k] for k in seen)
+    assert id(layer.mlp) not in seen and id(model.model.layers[1]) not in seen
+    assert all(not m._forward_pre_hooks for m in model.modules())
