@@ -84,7 +84,7 @@ def _observed(model: nn.Module, of: Optional[Iterable[nn.Module]]) -> list[nn.Mo
         if id(module) in wanted:
             parts = name.split(".") if name else []
             paths.update(".".join(parts[:end]) for end in range(len(parts) + 1))
-    return [named[p] for p in paths if p in named]
+    return list({id(named[p]): named[p] for p in paths if p in named}.values())  # a module under two paths: one hook
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Which thread is tracing: torch.fx patches process-wide state only for the tracing thread's sake.
 
-While it traces, torch.fx patches ``nn.Module.__call__`` and ``nn.Module.__getattr__`` for the
-whole process, and fxlora patches a few library functions (``torch.utils.checkpoint``'s entry
+While it traces, torch.fx patches module calls and attribute reads for the whole process
+(``nn.Module.__call__`` and ``__getattr__``, or where `fxlora.tracing.fx_module_patches` puts
+them), and fxlora patches a few library functions (``torch.utils.checkpoint``'s entry
 points, transformers' attention lookup). Every one of those patches asks `tracing_here` and lets
 calls from other threads through untouched, so tracing one model never disturbs another thread's
 forward (`fxlora.runtime.calls.CALL_LOCK` keeps forwards of fxlora models and tracing apart as well).
