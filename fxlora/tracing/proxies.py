@@ -20,7 +20,8 @@ result's rank or length follows from the ranks alone; ``squeeze()`` (which depen
 any op without a rule gives "unknown", and code that needs the length of an unknown then fails
 to trace (the module runs eagerly) instead of guessing.
 
-Registered handle objects have their own proxies (`fxlora.tracing.handles`).
+Registered handle objects have their own proxies (`fxlora.tracing.handles`). A proxy unpacked by
+its caller (``b, n, c = x.shape``) reads the caller's bytecode once per code object (`_unpack_sizes`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-__all__ = [
-    "TensorInfo", "SizesInfo", "SeqInfo", "DimInfo", "Info", "InfoProxy", "info_of", "infer",
-    "decide_comparison", "NotTraceable",
-]
+__all__ = ["TensorInfo", "SizesInfo", "SeqInfo", "DimInfo", "Info", "InfoProxy", "AttributeProxy", "info_of", "infer", "decide_comparison", "NotTraceable"]
 
 
 class NotTraceable(Exception):
@@ -99,20 +96,12 @@ class InfoProxy(fx.Proxy):
     def keys(self) -> fx.Proxy:
         """``x.keys`` read as a value (a cache layer's key tensor) is an attribute node; calling
         it (``**x``, ``x.keys()``) records the same call as torch.fx's own ``keys``."""
-        return fx.proxy.Attribute(self, "keys")
+        return AttributeProxy(self, "keys")
 
     def __iter__(self) -> Iterator[Any]:
         """Items of a traced value: by its known length, else by the unpacking the calling code
-        does (``a, b = proxy``), else the tracer's ``iter``. Unlike ``fx.Proxy.__iter__`` this
-        reads each code object's bytecode once (`_unpack_sizes`), not at every unpacking."""
-        length = _length(self.info)
-        if length is None:
-            caller = inspect.currentframe().f_back
-            offset = caller.f_lasti if sys.version_info >= (3, 11) else 2 * caller.f_lasti
-            length = _unpack_sizes(caller.f_code).get(offset)
-            if length is None:
-                return self.tracer.iter(self)
-        return iter([self[i] for i in range(length)])
+        does (``a, b = proxy``), else the tracer's ``iter`` (module docstring)."""
+        return _items(self, _length(self.info), inspect.currentframe().f_back)
 
     def __setitem__(self, index: Any, value: Any) -> None:
         """``x[index] = value`` on a traced tensor: one ``operator.setitem`` node, run in program
@@ -136,7 +125,24 @@ class InfoProxy(fx.Proxy):
                 proxy = self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
                 proxy.info = SizesInfo(self.info.rank, self.info.classes)
                 return proxy
-        return super().__getattr__(name)
+        return AttributeProxy(self, name)  # what torch.fx's __getattr__ gives, unpacked as above
+
+
+class AttributeProxy(fx.proxy.Attribute):
+    """torch.fx's attribute proxy (``x.shape``), unpacked as `InfoProxy` unpacks (module docstring)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return _items(self, None, inspect.currentframe().f_back)
+
+
+def _items(proxy: fx.Proxy, length: Optional[int], caller: types.FrameType) -> Iterator[Any]:
+    """`length` items of `proxy`, else as many as the `caller` unpacks, else the tracer's ``iter``."""
+    if length is None:
+        offset = caller.f_lasti if sys.version_info >= (3, 11) else 2 * caller.f_lasti
+        length = _unpack_sizes(caller.f_code).get(offset)
+        if length is None:
+            return proxy.tracer.iter(proxy)
+    return iter([proxy[i] for i in range(length)])
 
 
 @functools.lru_cache(maxsize=1024)

@@ -171,3 +171,34 @@ def test_undeclared_handle_attributes_are_not_traced(handles):
     lora = fxlora.transform(model, fxlora.LoraConfig(target_modules=["fc"]))
     x = torch.randn(2, 4)
     torch.testing.assert_close(lora(x, Handle()), reference(x, Handle()))
+
+
+class Unpacks(nn.Module):
+    """Unpacks the shape of a tensor of unknown rank (timm's attention: ``B, N, C = x.shape``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        return self.proj(x).reshape(b * n, c)
+
+
+def test_unpacked_attributes_trace_as_in_torch_fx_reading_the_bytecode_once(monkeypatch):
+    import dis
+
+    from fxlora.tracing.tracer import LoraTracer
+
+    model = Unpacks()
+    ours = LoraTracer({id(model)}).trace(model)
+    reads = []
+    original = dis.get_instructions
+    monkeypatch.setattr(dis, "get_instructions", lambda code, *a, **k: reads.append(code) or original(code, *a, **k))
+    again = LoraTracer({id(model)}).trace(model)
+    assert reads == []  # the unpacking sizes of forward's code are known already
+    monkeypatch.undo()
+    plain = torch.fx.Tracer().trace(model)
+    assert ours.python_code("self").src == again.python_code("self").src == plain.python_code("self").src
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(torch.fx.GraphModule(model, ours)(x), model(x))
