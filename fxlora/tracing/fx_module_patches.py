@@ -11,9 +11,12 @@ a small trace.
 torch.fx's own two wrappers elsewhere, with the same effect on that trace:
 
 - the ``__getattr__`` wrapper on each class of the traced module tree instead of on
-  ``nn.Module`` (a few classes with few subclasses). A module of another class holds none of the
-  root's tensors (it is no submodule), so for it torch.fx's wrapper returns what the plain
-  attribute read returns;
+  ``nn.Module`` (a few classes with few subclasses). torch.fx's wrapper changes a read only
+  where it returns one of the root's own parameters or buffers; a module of another class is no
+  module of the tree, and reaches such a tensor only if the same tensor is registered on it too
+  (a module outside the model sharing its weight). Such a module called in the trace is refused
+  as in torch.fx (`fxlora.tracing.tracer`: it holds tensors and is no submodule); one only read
+  from gives the tensor itself, which any op turns into the same ``get_attr`` node;
 - the ``__call__`` wrapper behind ``nn.Module._call_impl``, which every ``nn.Module.__call__``
   calls (an ordinary attribute: no slot update). The wrapper's own call of the module goes
   through ``nn.Module.__call__`` again; `_intercepting` hands that one inner call to the
