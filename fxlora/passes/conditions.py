@@ -46,7 +46,7 @@ def is_saved(module: nn.Module) -> bool:
 
 def called_module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
     """The module a ``call_module`` node calls; None for any other node."""
-    return root.get_submodule(node.target) if node.op == "call_module" else None
+    return submodule(root, node.target) if node.op == "call_module" else None
 
 
 def resolve(root: nn.Module, target: str) -> Any:
@@ -132,7 +132,7 @@ def writes_in_place(node: fx.Node, root: nn.Module) -> bool:
     torch function named with a trailing underscore (``x.add_(y)``, ``torch.relu_(x)``), a call
     passing ``inplace=True``, or a call of a module built with ``inplace=True`` (``nn.ReLU``)."""
     if node.op == "call_module":
-        return getattr(submodule(root, node.target), "inplace", False) is True
+        return getattr(called_module(node, root), "inplace", False) is True
     if node.op not in ("call_method", "call_function"):
         return False
     if node.target is operator.setitem or node.kwargs.get("inplace") is True:

@@ -40,6 +40,7 @@ from fxlora.passes.branch_parts import PART, BranchPart, label_template
 from fxlora.passes.conditions import (
     BRANCHES_INSERTED,
     branch_of,
+    called_module,
     is_adapted,
     keyword_call,
     not_a_leaf,
@@ -49,7 +50,6 @@ from fxlora.passes.gates_input import gates_input
 from fxlora.passes.guard_idle import is_guarded
 from fxlora.passes.rows_source import pass_rows_source
 from fxlora.passes.tags import BRANCH_ROLES, NodeTag, Role, first_tagged, has_role, set_tag, tag_of, tagged
-from fxlora.tracing.submodules import submodule
 
 __all__ = ["InsertLora", "INSERT_LORA", "insert_lora", "branch_template", "splice", "first_input", "nodes_between"]
 
@@ -202,7 +202,7 @@ class InsertLora(Pass):
         ``ctx.eager`` of a known state, only the live adapters' branches are inserted."""
         sites = []
         for node in list(graph.find_nodes(op="call_module")):
-            module = submodule(root, node.target)
+            module = called_module(node, root)
             meta = target_meta(module)
             if meta is None or is_guarded(node):
                 continue

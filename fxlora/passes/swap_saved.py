@@ -26,10 +26,9 @@ from fxlora.core.gates import EagerKey
 from fxlora.core.layers import saved_meta
 from fxlora.core.ops import select_gate, select_output
 from fxlora.passes.base import Pass, PassContext, PassResult
-from fxlora.passes.conditions import branch_of, is_saved, not_a_leaf, untagged_call
+from fxlora.passes.conditions import branch_of, called_module, is_saved, not_a_leaf, untagged_call
 from fxlora.passes.gates_input import gates_input
 from fxlora.passes.tags import TAG, NodeTag, Role, set_tag, tagged
-from fxlora.tracing.submodules import submodule
 
 __all__ = ["SwapSaved", "SWAP_SAVED", "swap_saved_modules"]
 
@@ -89,7 +88,7 @@ class SwapSaved(Pass):
         known state) a node simply calls the copy that is used, or stays the original's call."""
         rewired = []
         for node in list(graph.find_nodes(op="call_module")):
-            meta = saved_meta(submodule(root, node.target))
+            meta = saved_meta(called_module(node, root))
             if meta is None:
                 continue
             path = node.target

@@ -32,10 +32,9 @@ import torch.nn as nn
 
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import saved_meta, target_meta
-from fxlora.passes.conditions import writes_in_place
+from fxlora.passes.conditions import called_module, writes_in_place
 from fxlora.tracing.boundaries import HookTables
 from fxlora.tracing.integrations import TraceHooks, hooks_for
-from fxlora.tracing.submodules import submodule
 
 __all__ = ["IDLE", "IdleCode", "skippable", "run_gated", "any_gate_open"]
 
@@ -96,7 +95,7 @@ def _pure_node(node: fx.Node, root: nn.Module, hooks: TraceHooks) -> bool:
     if writes_in_place(node, root) or name in _RANDOM:
         return False
     if node.op == "call_module":
-        return _pure_module(submodule(root, node.target), hooks)
+        return _pure_module(called_module(node, root), hooks)
     if node.op == "call_method":
         return name not in _IMPURE_METHODS
     return node.op == "call_function" and _pure_function(node.target)

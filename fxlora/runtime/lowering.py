@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxlora.core.layers import BASE_ONLY
+from fxlora.passes.conditions import called_module
 from fxlora.tracing.linear_reads import calls_as_linear
-from fxlora.tracing.submodules import submodule
 
 __all__ = ["base_forward", "lower_base_calls"]
 
@@ -45,11 +45,12 @@ def lower_base_calls(graph: fx.Graph, root: nn.Module, lowerable: Collection[nn.
     meeting the requirements above) by a ``base_forward`` call. Returns `graph`."""
     ids = {id(m) for m in lowerable}
     for node in list(graph.find_nodes(op="call_module")):
-        if not node.kwargs.get(BASE_ONLY) or id(submodule(root, node.target)) not in ids:
+        layer = called_module(node, root)
+        if not node.kwargs.get(BASE_ONLY) or id(layer) not in ids:
             continue
         kwargs = {k: v for k, v in node.kwargs.items() if k != BASE_ONLY}
         with graph.inserting_before(node):
-            call = _lowered_call(graph, node.target, submodule(root, node.target), node.args, kwargs)
+            call = _lowered_call(graph, node.target, layer, node.args, kwargs)
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)

@@ -72,11 +72,14 @@ def scoped_classes(root: Any) -> Optional[list[type]]:
 
 
 class _ClassAttribute(_SET_ATTR if _SET_ATTR is not None else object):  # type: ignore[misc]
-    """torch.fx's record of one patch: `fn` as ``cls.<name>``, where `cls` had none of its own
-    (reverting deletes it again)."""
+    """torch.fx's record of one patch: ``new_fn`` as ``cls.<name>``; reverting puts back the
+    class's own ``orig_fn``, or deletes the attribute where the class had none of its own (None)."""
 
     def revert(self) -> None:
-        delattr(self.frame_dict, self.fn_name)
+        if self.orig_fn is None:
+            delattr(self.frame_dict, self.fn_name)
+        else:
+            setattr(self.frame_dict, self.fn_name, self.orig_fn)
 
     def patch(self) -> None:
         setattr(self.frame_dict, self.fn_name, self.new_fn)
@@ -115,7 +118,7 @@ class _ScopedPatcher(_PATCHER if _PATCHER is not None else object):  # type: ign
             return super().patch_method(cls, name, new_fn, deduplicate)
         new_fn.__fx_already_patched = deduplicate  # type: ignore[attr-defined]
         if name == "__getattr__":
-            patches = [_SET_ATTR(c, name, c.__dict__[name], new_fn) if name in c.__dict__ else _ClassAttribute(c, name, None, new_fn) for c in self.classes]
+            patches = [_ClassAttribute(c, name, c.__dict__.get(name), new_fn) for c in self.classes]
         else:
             patches = [_SET_ATTR(nn.Module, "_call_impl", _ORIGINAL_CALL_IMPL, _intercepting(new_fn))]
         for patch in patches:
