@@ -68,12 +68,12 @@ def test_explain_says_whether_the_probe_reached_a_module_or_its_parent_reaches_i
 def test_a_module_not_called_itself_but_whose_inside_ran_is_said_to_be_reached_into():
     import torch.nn as nn
     from fxlora.errors import TraceFailure
-    from fxlora.planning.plan import _check_callable_root
+    from fxlora.planning.roots import check_callable_root
 
     layers = nn.ModuleList([nn.Linear(2, 2)])
     observed = {id(layers[0]): []}  # the probe saw the layer called, never the list
     with pytest.raises(TraceFailure, match="modules inside it ran, but it was never called itself"):
-        _check_callable_root(layers, False, observed)
+        check_callable_root(layers, False, observed)
     with pytest.raises(TraceFailure, match="never reached it nor anything inside it"):
-        _check_callable_root(nn.ModuleList([nn.Linear(2, 2)]), False, observed)
-    _check_callable_root(layers[0], False, observed)  # called: a possible root
+        check_callable_root(nn.ModuleList([nn.Linear(2, 2)]), False, observed)
+    check_callable_root(layers[0], False, observed)  # called: a possible root

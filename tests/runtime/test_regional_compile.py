@@ -22,6 +22,12 @@ def two_adapters():
     return model
 
 
+def same(out, ref):
+    """Equal up to float32 rounding: compiled code may order a sum differently from eager code
+    (seen as one-ulp differences on some CPUs)."""
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-6)
+
+
 def references(model):
     outs = {}
     for name in ("default", "other"):
@@ -55,7 +61,7 @@ def test_compiled_blocks_run_graph_code_with_no_break_and_no_recompile_on_switch
     counter = CompileCounterWithBackend("aot_eager")
     for block in model.model.blocks:
         block.compile(backend=counter, fullgraph=True)
-    assert torch.equal(model(X), ref["default"])
+    same(model(X), ref["default"])
     assert model.graph_roots == ["", "blocks.0", "blocks.1", "blocks.2"]
     assert all(isinstance(installed_forward(b), GraphForward) for b in model.model.blocks)
     frames = counter.frame_count
@@ -63,14 +69,14 @@ def test_compiled_blocks_run_graph_code_with_no_break_and_no_recompile_on_switch
     counts = []
     for _ in range(2):
         model.set_adapter("other")
-        assert torch.equal(model(X), ref["other"])
+        same(model(X), ref["other"])
         with model.disable_adapter():
-            assert torch.equal(model(X), ref[None])
+            same(model(X), ref[None])
         model.set_adapter("default")
         model.set_adapter_scale("default", 0.5)
-        assert not torch.equal(model(X), ref["default"])
+        assert not torch.allclose(model(X), ref["default"], rtol=1e-3, atol=1e-3)  # the scale acts
         model.set_adapter_scale("default", 1.0)
-        assert torch.equal(model(X), ref["default"])
+        same(model(X), ref["default"])
         counts.append(counter.frame_count)
     if mode == "eval":
         assert counts == [frames, frames]
@@ -91,4 +97,4 @@ def test_compiled_blocks_train_with_the_gradients_of_uncompiled_ones():
     assert len(grads) == 12  # 3 blocks x 2 layers x (A, B) of the active adapter
     for n, p in ref.named_parameters():
         if n in grads:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
