@@ -212,7 +212,7 @@ def assign_paths(
         return [], info
     roots: list[RootPlan] = []
     observed = observe_calls(model, modules.values())
-    cache = TraceCache()  # identical blocks are traced once
+    cache = TraceCache(model)  # identical blocks are traced once
     for name, module in modules.items():
         info[name].probed = (id(module) in observed) if observed else None
 

@@ -18,6 +18,7 @@ trace resolves), it is traced with them inlined, as without this rule.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch.nn as nn
@@ -28,6 +29,7 @@ from fxlora.tracing.boundaries import kept_children, traced_into
 from fxlora.tracing.call_keys import CallKey, canonical_key, erase_sizes, key_is_ranked, key_is_sized, with_training
 from fxlora.tracing.integrations import hooks_for
 from fxlora.tracing.reuse import TraceCache
+from fxlora.tracing.submodules import named_submodules
 from fxlora.tracing.traced import TracedVariant, trace_through_ids, traceable_parents
 
 __all__ = ["trace_root", "repeated_blocks", "check_callable_root", "BlocksOnly"]
@@ -51,34 +53,42 @@ def trace_root(
         raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
     kept = kept_children(module, interesting)  # called by the graph, planned as roots of their own
     blocks = {} if kept else repeated_blocks(module, interesting, observed)
+    reach = _Reach(module, trace_through_ids(module, interesting), traceable_parents(module, interesting))
     if blocks:
-        if not _adapts_outside(module, interesting, blocks):
+        if not reach.adapts_outside(blocks):
             raise BlocksOnly(f"every module to adapt in it is inside one of its repeated blocks: {next(iter(blocks.values()))}")
         try:
-            return _trace_with_leaves(module, interesting, observed, cache, blocks)
+            return _trace_with_leaves(module, observed, cache, blocks, reach.through(blocks))
         except TraceFailure:  # the graph needs the blocks inlined: traced as without blocks
             pass
-    if not _adapts_outside(module, interesting, kept):
+    if not reach.adapts_outside(kept):
         raise TraceFailure("each module to adapt in it sits inside a module its graph would call whole")
-    return _trace_with_leaves(module, interesting, observed, cache, kept)
+    return _trace_with_leaves(module, observed, cache, kept, reach.through(kept))
 
 
-def _through(module: nn.Module, interesting: list, leaves: dict[str, str]) -> set[int]:
-    """Ids of the modules a graph of `module` traces through when it calls `leaves` whole."""
-    called_whole = {id(m) for name in leaves for m in module.get_submodule(name).modules()}
-    return trace_through_ids(module, interesting) - called_whole
+@dataclass
+class _Reach:
+    """What a graph of `root` could trace through (`fxlora.tracing.traced.trace_through_ids`) and
+    the parents of its modules to adapt that it could trace through (`traceable_parents`)."""
 
+    root: nn.Module
+    through_ids: set[int]
+    parents: set[int]
 
-def _adapts_outside(module: nn.Module, interesting: list, leaves: dict[str, str]) -> bool:
-    """Whether a graph of `module` calling `leaves` whole could call some of `interesting` itself."""
-    return bool(_through(module, interesting, leaves) & traceable_parents(module, interesting))
+    def through(self, leaves: dict[str, str]) -> set[int]:
+        """Ids of the modules the graph traces through when it calls `leaves` whole."""
+        called_whole = {id(m) for name in leaves for m in self.root.get_submodule(name).modules()}
+        return self.through_ids - called_whole
+
+    def adapts_outside(self, leaves: dict[str, str]) -> bool:
+        """Whether the graph, calling `leaves` whole, could call some module to adapt itself."""
+        return bool(self.through(leaves) & self.parents)
 
 
 def _trace_with_leaves(
-    module: nn.Module, interesting: list, observed: dict, cache: TraceCache, leaves: dict[str, str]
+    module: nn.Module, observed: dict, cache: TraceCache, leaves: dict[str, str], through: set[int]
 ) -> tuple[dict, set[int], dict[str, str]]:
     leaves = dict(leaves)
-    through = _through(module, interesting, leaves)
     while True:
         traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
         found = {name: why for _, v in traced for name, why in v.leaves}
@@ -133,7 +143,7 @@ _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # where blocks sit
 def _holding(root: nn.Module, wanted: set[int]) -> set[str]:
     """The relative names of the modules below `root` that hold a module of `wanted` (not counting itself)."""
     holding: set[str] = set()
-    for name, module in root.named_modules():
+    for name, module in named_submodules(root):
         if id(module) in wanted and name:
             parts = name.split(".")
             holding.update(".".join(parts[:end]) for end in range(1, len(parts)))

@@ -26,8 +26,8 @@ import torch.nn as nn
 from fxlora.core.layers import BASE_ONLY, META_ATTR, SavedMeta, TargetMeta
 from fxlora.runtime.codegen import compile_graph, share_module_reads
 from fxlora.runtime.lowering import lower_base_calls
-from fxlora.tracing.reuse import module_values
-from fxlora.tracing.submodules import submodule
+from fxlora.tracing.reuse import module_tensors, module_values
+from fxlora.tracing.submodules import named_submodules, submodule
 
 __all__ = ["Build", "build_state", "built_once", "MAX_BUILDS_PER_GRAPH"]
 
@@ -56,13 +56,11 @@ def build_state(root: nn.Module) -> Optional[Hashable]:
     inside them (dropout probabilities, the adapter modules' and copies' settings; the other
     modules' plain values are in the traced graph already, as numbers or as the nodes reading
     them: `fxlora.tracing.reuse`). None when some value cannot be hashed (then nothing is reused)."""
-    inside: set[int] = set()
-    for m in root.modules():
-        if META_ATTR in m.__dict__:
-            inside.update(id(sub) for sub in m.modules())
+    named = named_submodules(root)
+    inside = {id(sub) for _, m in named if META_ATTR in m.__dict__ for sub in m.modules()}  # small subtrees
     state = tuple(
-        (name, type(m), *(module_values(m) if id(m) in inside else ((), module_values(m)[1])), _record(m))
-        for name, m in root.named_modules()
+        (name, type(m), *(module_values(m) if id(m) in inside else ((), module_tensors(m))), _record(m))
+        for name, m in named
     )
     try:
         hash(state)

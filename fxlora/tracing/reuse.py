@@ -29,7 +29,7 @@ remembered too, so identical untraceable roots fail once.
 from __future__ import annotations
 
 import functools
-import math
+from collections import Counter
 import keyword
 from dataclasses import dataclass, field, replace
 from typing import Any, Hashable, Optional, Union
@@ -43,11 +43,12 @@ from fxlora.tracing.boundaries import inlined
 from fxlora.tracing.call_keys import CallKey, key_is_ranked
 from fxlora.tracing.guards import make_guards
 from fxlora.tracing.integrations import TraceHooks, hooks_for
+from fxlora.tracing.submodules import named_submodules
 from fxlora.tracing.proxies import InfoProxy, NotTraceable, _SCALAR
 from fxlora.tracing.traced import TracedVariant, trace_variant, traced_modules
 from fxlora.tracing.tracer import LoraTracer
 
-__all__ = ["TraceCache", "fingerprint", "module_values", "LiftedValue", "same_graph"]
+__all__ = ["TraceCache", "fingerprint", "module_values", "module_tensors", "LiftedValue", "same_graph"]
 
 _PLAIN = (bool, int, float, str, type(None))
 _LIFTABLE = (int, float, str)  # bool and None decide control flow by identity: never lifted
@@ -55,15 +56,18 @@ _LIFTABLE = (int, float, str)  # bool and None decide control flow by identity: 
 Place = tuple[str, str]  # (module path relative to the root, attribute name)
 
 
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
 def _plain_attributes(module: nn.Module) -> tuple:
-    return tuple(
-        (name, value)
-        for name, value in sorted(module.__dict__.items())
-        if type(value) in _PLAIN and not (type(value) is float and math.isnan(value))
-    )
+    """`module`'s own attributes of plain values, by name (a float NaN, unequal to itself, left out)."""
+    found = [(name, value) for name, value in module.__dict__.items() if type(value) in _PLAIN_TYPES and value == value]
+    found.sort()  # by name: the names differ
+    return tuple(found)
 
 
-def _tensors(module: nn.Module) -> tuple:
+def module_tensors(module: nn.Module) -> tuple:
+    """`module`'s own tensors' (name, (shape, dtype, device type)), None for a hole."""
     own = list(module._parameters.items()) + list(module._buffers.items())
     return tuple((n, None if t is None else (tuple(t.shape), t.dtype, t.device.type)) for n, t in own)
 
@@ -95,7 +99,7 @@ def _other_attributes(module: nn.Module, traced_through: bool) -> tuple:
 
 def module_values(module: nn.Module) -> tuple[tuple, tuple]:
     """`module`'s own plain attribute values and its tensors' (shape, dtype, device type)."""
-    return _plain_attributes(module), _tensors(module)
+    return _plain_attributes(module), module_tensors(module)
 
 
 def _describe(root: nn.Module, trace_through: set[int], key: CallKey) -> Optional[tuple[Hashable, dict[Place, Any]]]:
@@ -110,12 +114,12 @@ def _describe_modules(root: nn.Module, trace_through: set[int]) -> Optional[tupl
     hooks = hooks_for(root)
     parts: list[Any] = [type(root)]
     values: dict[Place, Any] = {}
-    for name, module in root.named_modules():
+    for name, module in named_submodules(root):
         plain = _plain_attributes(module)
         values.update(((name, attr), value) for attr, value in plain)
         kinds = tuple((attr, type(value)) for attr, value in plain)
         through = id(module) in trace_through
-        parts.append((name, type(module), through, kinds, _other_attributes(module, through), _tensors(module)))
+        parts.append((name, type(module), through, kinds, _other_attributes(module, through), module_tensors(module)))
         for obj, attr in hooks.guards(module):
             parts.append((attr, getattr(obj, attr, None)))
     family = tuple(parts)
@@ -271,9 +275,12 @@ class _Family:
 
 
 class TraceCache:
-    """Traced variants (or trace failures) by fingerprint, for one planning pass."""
+    """Traced variants (or trace failures) by fingerprint, for one planning pass over `model`
+    (None: any roots). A root whose class no other module of `model` has can match no other
+    root (a fingerprint starts with the class): it is traced without one."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: Optional[nn.Module] = None) -> None:
+        self._classes = None if model is None else Counter(type(m) for _, m in named_submodules(model))
         self._entries: dict[Hashable, Union[TracedVariant, TraceFailure]] = {}
         self._families: dict[Hashable, _Family] = {}
         self._described: dict[int, tuple[nn.Module, set[int], Any]] = {}  # per root, for its other patterns
@@ -298,6 +305,8 @@ class TraceCache:
         """`fxlora.tracing.traced.trace_variant`, or a copy of an identical root's trace made
         for `root` (same graph, inputs and constants; `root`'s own guards and inlined modules),
         or a lifted trace of its family (see the module docstring)."""
+        if self._classes is not None and self._classes[type(root)] == 1:  # no identical root to share with
+            return self._trace_variant(root, trace_through, key)
         described = self._describe(root, trace_through, key)
         if described is None:
             return self._trace_variant(root, trace_through, key)

@@ -38,6 +38,7 @@ from fxlora.tracing.call_template import CallTemplate
 from fxlora.tracing.integrations import TraceHooks, hooks_for
 from fxlora.tracing.proxies import NotTraceable
 from fxlora.tracing.tracer import CheckpointInTrace, LoraTracer, check_transparent
+from fxlora.tracing.submodules import named_submodules
 from fxlora.errors import TraceFailure
 
 __all__ = [
@@ -120,7 +121,7 @@ def traceable_parents(root: nn.Module, interesting: Iterable[nn.Module]) -> set[
 def _ancestor_chains(root: nn.Module, interesting: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
     """For each interesting module below `root`, its ancestors below `root`, outermost first."""
     wanted = {id(m) for m in interesting}
-    for name, module in root.named_modules():
+    for name, module in named_submodules(root):
         if id(module) in wanted and name:
             chain, owner = [], root
             for part in name.split(".")[:-1]:

@@ -108,6 +108,18 @@ def test_identical_blocks_are_traced_once(monkeypatch):
     assert torch.equal(model(x), ref(x))
 
 
+def test_a_root_of_a_class_no_other_module_has_is_traced_without_a_fingerprint(monkeypatch):
+    described = []
+    original = reuse._describe_modules
+    monkeypatch.setattr(reuse, "_describe_modules", lambda root, through: described.append(type(root).__name__) or original(root, through))
+    calls = count_traces(monkeypatch)
+    model, ref = transformed_and_eager(lambda: Opaque([Block() for _ in range(3)] + [Scaled(0.5)]))
+    assert "Scaled" in calls and "Scaled" not in described  # unique: nothing to share, nothing described
+    assert described.count("Block") == 3 and calls.count("Block") == 1  # the identical blocks still share
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), ref(x))
+
+
 def test_a_value_reaching_the_graph_as_a_number_is_lifted_and_read_per_block(monkeypatch):
     calls = count_traces(monkeypatch)
     model, ref = transformed_and_eager(lambda: Opaque([Scaled(1.0), Scaled(2.0), Scaled(3.0), Scaled(2.0)]), ["fc1"])

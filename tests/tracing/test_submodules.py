@@ -4,7 +4,7 @@ import pytest
 import torch.nn as nn
 from hypothesis import given, strategies as st
 
-from fxlora.tracing.submodules import submodule
+from fxlora.tracing.submodules import named_submodules, submodule
 
 
 def tree(shape: list[int]) -> nn.Module:
@@ -44,3 +44,33 @@ def test_a_module_reached_as_an_attribute_is_found_as_get_submodule_finds_it():
 
     root = nn.Sequential(Holder())
     assert submodule(root, "0.alias") is root.get_submodule("0.alias") is root[0].inner
+
+
+@given(st.lists(st.integers(1, 3), min_size=0, max_size=3), st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=4), st.integers(0, 3))
+def test_named_submodules_lists_what_named_modules_lists(shape, shares, holes):
+    """Same paths, same modules, same order, shared modules once under their first path, holes
+    skipped."""
+    root = tree(shape)
+    modules = list(root.modules())
+    for i, j in shares:  # a module registered a second time elsewhere in the tree
+        owner, shared = modules[i % len(modules)], modules[j % len(modules)]
+        if shared is not root and owner is not shared:
+            owner.register_module(f"shared{j}", shared)
+    for k in range(holes):
+        modules[k % len(modules)].register_module(f"hole{k}", None)
+    assert [(p, id(m)) for p, m in named_submodules(root)] == [(p, id(m)) for p, m in root.named_modules()]
+
+
+def test_a_tree_that_lists_its_modules_its_own_way_is_left_to_named_modules():
+    class Listing(nn.Sequential):
+        def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+            yield prefix, self  # hides its children
+
+    class Equal(nn.Linear):
+        def __eq__(self, other):  # every Equal is one module to a set
+            return isinstance(other, Equal)
+
+        __hash__ = nn.Linear.__hash__
+
+    for root in (nn.Sequential(nn.Linear(2, 2), Listing(nn.ReLU())), nn.Sequential(Equal(2, 2), Equal(2, 2))):
+        assert [(p, id(m)) for p, m in named_submodules(root)] == [(p, id(m)) for p, m in root.named_modules()]
