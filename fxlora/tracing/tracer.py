@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["CheckpointInTrace", "LoraTracer", "check_transparent"]
 
+#: argument types torch.fx's ``Tracer.create_arg`` returns as they are
+_PLAIN_ARGUMENTS = frozenset({int, float, bool, str, type(None)})
+
+
 class CheckpointInTrace(NotTraceable):
     """The traced forward reached ``torch.utils.checkpoint``."""
 
@@ -76,7 +80,11 @@ class LoraTracer(fx.Tracer):
         return proxy
 
     def create_arg(self, a: Any):
-        if isinstance(a, nn.Module) and not isinstance(a, fx.Proxy):
+        if type(a) in _PLAIN_ARGUMENTS:  # what torch.fx's create_arg gives for them, without its type tests
+            return a
+        if isinstance(a, fx.Proxy):  # likewise (a proxy is never a parameter, a tensor or a module to torch.fx)
+            return a.node
+        if isinstance(a, nn.Module):
             if a is self.root and self._self_node is not None:
                 return self._self_node
             path = self.submodule_paths.get(a) if self.submodule_paths else None
