@@ -197,14 +197,6 @@ class Code(NamedTuple):
 MAX_EAGER_CODES = 16
 
 
-def _evaluation_graphs(module: nn.Module) -> Optional[list[fx.Graph]]:
-    """The evaluation-mode graphs of a graph root (`fxlora.runtime.idle.skippable`), None for any other module."""
-    forward = installed_forward(module)
-    if not isinstance(forward, GraphForward):
-        return None
-    return [variant.graph for key, variant in forward.variants.items() if not key[0]]
-
-
 class GraphForward:
     """``forward`` of a graph root: one rewritten graph per call pattern (`fxlora.tracing.traced`).
 
@@ -253,7 +245,7 @@ class GraphForward:
         fn = build.function(self.root, lowerable, eager is not None, rewritten)
         idle = None
         tensors_only = SELF not in variant.inputs and not key_has_handles(key)  # `run_gated` takes tensors
-        if eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root, _evaluation_graphs):
+        if eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root):
             idle = IdleCode(self._build(key, variant, IDLE, state).fn, subtree_hooks(self.root))
         return Code(fn, None if direct else variant.inputs, base_layers(self.root, layers, forwards), idle, variant.output_type)
 
