@@ -81,6 +81,11 @@ BASE_ONLY = "_fxlora_base_only"
 #: keyword with which gated evaluation code calls an adapted module for its output with LoRA under
 #: a run-time test of its gates (`fxlora.passes.guard_idle`): idle branches cost nothing compiled
 GUARD_IDLE = "_fxlora_guard_idle"
+#: keyword with which compiled evaluation code calls a graph root of its own (a repeated block,
+#: `fxlora.planning.roots`) inside one branch of its ``torch.cond`` (`fxlora.runtime.idle`): the
+#: value says which of the block's codes that branch runs, so that the block adds no ``torch.cond``
+NESTED_CODE = "_fxlora_code"
+GATED_CODE, IDLE_CODE = "gated", "idle"
 
 
 @dataclass

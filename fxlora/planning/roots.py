@@ -1,19 +1,43 @@
-"""Tracing a candidate graph root for planning (`trace_root`): the modules its graph can trace
-through and call, its call patterns, and the leaves it calls whole.
+"""Tracing a candidate graph root for planning (`trace_root`), and the repeated blocks below it
+that are planned as roots of their own (`repeated_blocks`).
+
+A model built of N blocks of one class (a timm ViT's 12 ``Block``s in a ``Sequential``, a BERT
+encoder's layers in a ``ModuleList``), inlined into one graph of the model, costs N times a
+block's trace, passes and code generation at transform. Planned as graph roots of their own,
+identical blocks are traced once (`fxlora.tracing.reuse.TraceCache`) and their code is built once
+(`fxlora.runtime.builds`); the enclosing graph calls each block as a module, whose installed
+forward runs the block's graph. The results are the same either way: the same operations on the
+same tensors, in the same order.
+
+Blocks are split off only where the example forward pass (`fxlora.tracing.probe`) saw each of them
+called as a module, so that each is traced for the way it is really called; where the enclosing
+graph does not trace with its blocks called whole (it reads their outputs in ways only an inlined
+trace resolves), it is traced with them inlined, as without this rule.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch.nn as nn
 
 from fxlora.boundary import boundary_of, can_be_root
 from fxlora.errors import TraceFailure
-from fxlora.tracing.boundaries import kept_children
+from fxlora.tracing.boundaries import kept_children, traced_into
 from fxlora.tracing.call_keys import CallKey, canonical_key, erase_sizes, key_is_ranked, key_is_sized, with_training
+from fxlora.tracing.integrations import hooks_for
 from fxlora.tracing.reuse import TraceCache
+from fxlora.tracing.submodules import named_submodules
 from fxlora.tracing.traced import TracedVariant, trace_through_ids, traceable_parents
 
-__all__ = ["trace_root", "check_callable_root"]
+__all__ = ["trace_root", "repeated_blocks", "check_callable_root", "BlocksOnly"]
+
+
+class BlocksOnly(TraceFailure):
+    """Every module to adapt in a candidate root is inside one of its repeated blocks: the blocks
+    are the roots (`repeated_blocks`), the module itself runs its own forward."""
 
 
 def trace_root(
@@ -21,15 +45,50 @@ def trace_root(
 ) -> tuple[dict, set[int], dict[str, str]]:
     """The graphs of `module`'s call patterns (all with the same leaves), the ids of the modules
     they trace through, and the modules they call as leaves, planned as roots of their own (name
-    -> why: children an integration keeps whole, and those tracing through which failed,
+    -> why: modules kept whole, repeated blocks, and those tracing through which failed,
     `fxlora.tracing.traced.trace_variant`); raises `TraceFailure` unless every pattern traces, or
-    where its graph could call none of `interesting` itself."""
+    where its graph could call none of `interesting` itself (`BlocksOnly` where all of them are
+    in repeated blocks)."""
     if not can_be_root(module):  # its call would not run a graph of its class forward
         raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
-    leaves = kept_children(module, interesting)  # called by the graph, planned as roots of their own
-    through = trace_through_ids(module, interesting) - {id(m) for name in leaves for m in module.get_submodule(name).modules()}
-    if not (through & traceable_parents(module, interesting)):
+    kept = kept_children(module, interesting)  # called by the graph, planned as roots of their own
+    blocks = {} if kept else repeated_blocks(module, interesting, observed)
+    reach = _Reach(module, trace_through_ids(module, interesting), traceable_parents(module, interesting))
+    if blocks:
+        if not reach.adapts_outside(blocks):
+            raise BlocksOnly(f"every module to adapt in it is inside one of its repeated blocks: {next(iter(blocks.values()))}")
+        try:
+            return _trace_with_leaves(module, observed, cache, blocks, reach.through(blocks))
+        except TraceFailure:  # the graph needs the blocks inlined: traced as without blocks
+            pass
+    if not reach.adapts_outside(kept):
         raise TraceFailure("each module to adapt in it sits inside a module its graph would call whole")
+    return _trace_with_leaves(module, observed, cache, kept, reach.through(kept))
+
+
+@dataclass
+class _Reach:
+    """What a graph of `root` could trace through (`fxlora.tracing.traced.trace_through_ids`) and
+    the parents of its modules to adapt that it could trace through (`traceable_parents`)."""
+
+    root: nn.Module
+    through_ids: set[int]
+    parents: set[int]
+
+    def through(self, leaves: dict[str, str]) -> set[int]:
+        """Ids of the modules the graph traces through when it calls `leaves` whole."""
+        called_whole = {id(m) for name in leaves for m in self.root.get_submodule(name).modules()}
+        return self.through_ids - called_whole
+
+    def adapts_outside(self, leaves: dict[str, str]) -> bool:
+        """Whether the graph, calling `leaves` whole, could call some module to adapt itself."""
+        return bool(self.through(leaves) & self.parents)
+
+
+def _trace_with_leaves(
+    module: nn.Module, observed: dict, cache: TraceCache, leaves: dict[str, str], through: set[int]
+) -> tuple[dict, set[int], dict[str, str]]:
+    leaves = dict(leaves)
     while True:
         traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
         found = {name: why for _, v in traced for name, why in v.leaves}
@@ -39,6 +98,56 @@ def trace_root(
             break
     sized, ranked = (any(test(v.key) for _, v in traced) for test in (key_is_sized, key_is_ranked))
     return {_planned_key(key, v, sized, ranked): v for key, v in traced}, through, leaves
+
+
+def repeated_blocks(root: nn.Module, interesting: Iterable[nn.Module], observed: dict[int, list[CallKey]]) -> dict[str, str]:
+    """The outermost repeated blocks below `root` on the paths its graph traces through, by
+    relative name -> why (see the module docstring): modules of one class in one container
+    (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``), two or more, each holding interesting modules without being one, each a possible root (`can_be_root`)
+    traced through by `root`'s graph (no module boundary) and seen called by the example forward
+    pass. Empty where no example forward pass ran (`observed` empty)."""
+    if not observed:
+        return {}
+    wanted = {id(m) for m in interesting}
+    hooks = hooks_for(root)
+    holding = _holding(root, wanted)
+    found: dict[str, str] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        candidates: dict[type, list[str]] = defaultdict(list)
+        opened: list[tuple[str, nn.Module]] = []
+        for name, child in module.named_children():
+            if id(child) in wanted or prefix + name not in holding or not traced_into(child, hooks):
+                continue
+            opened.append((name, child))
+            if isinstance(module, _CONTAINERS) and can_be_root(child) and id(child) in observed:
+                candidates[type(child)].append(name)
+        for cls, names in candidates.items():
+            if len(names) > 1:
+                why = (
+                    f"one of {len(names)} {cls.__name__} blocks in {prefix[:-1] or 'it'}: each runs a graph of its own, "
+                    "traced and built once for identical blocks"
+                )
+                found.update((prefix + name, why) for name in names)
+        for name, child in opened:
+            if prefix + name not in found:
+                visit(child, prefix + name + ".")
+
+    visit(root, "")
+    return found
+
+
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # where blocks sit
+
+
+def _holding(root: nn.Module, wanted: set[int]) -> set[str]:
+    """The relative names of the modules below `root` that hold a module of `wanted` (not counting itself)."""
+    holding: set[str] = set()
+    for name, module in named_submodules(root):
+        if id(module) in wanted and name:
+            parts = name.split(".")
+            holding.update(".".join(parts[:end]) for end in range(1, len(parts)))
+    return holding
 
 
 def _root_patterns(module: nn.Module, observed: dict[int, list[CallKey]]) -> list[CallKey]:

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from fxlora.core.layers import BASE_ONLY, META_ATTR, SavedMeta, TargetMeta
 from fxlora.runtime.codegen import compile_graph, share_module_reads
-from fxlora.runtime.lowering import lower_base_calls
+from fxlora.runtime.lowering import lower_base_calls, mark_nested_calls
 from fxlora.tracing.reuse import module_tensors, module_values
 from fxlora.tracing.submodules import named_submodules, submodule
 
@@ -80,7 +80,7 @@ class Build:
 
     base_targets: tuple[str, ...]
     _graph: Optional[fx.Graph] = None
-    _functions: dict[tuple[frozenset, bool], Callable[..., Any]] = field(default_factory=dict)
+    _functions: dict[tuple[frozenset, bool, tuple, Optional[str]], Callable[..., Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, rewritten: fx.Graph) -> "Build":
@@ -91,19 +91,29 @@ class Build:
         """`root`'s layers that the code calls for their base output only."""
         return [submodule(root, t) for t in self.base_targets]
 
-    def function(self, root: nn.Module, lowerable: Collection[nn.Module], share_reads: bool, rewrite: Callable[[], fx.Graph]) -> Callable[..., Any]:
+    def function(
+        self,
+        root: nn.Module,
+        lowerable: Collection[nn.Module],
+        share_reads: bool,
+        rewrite: Callable[[], fx.Graph],
+        nested: tuple[str, ...] = (),
+        code: Optional[str] = None,
+    ) -> Callable[..., Any]:
         """`compile_graph` of the rewritten graph with the base calls of `lowerable` lowered
-        (`fxlora.runtime.lowering.lower_base_calls`) and, with `share_reads`, its module reads
-        shared (`share_module_reads`: for code that runs eagerly; code torch.compile traces
-        gains nothing from it), made once per set of lowered calls. `rewrite()` gives the
-        rewritten graph again, for a set the build has no graph left for."""
+        (`fxlora.runtime.lowering.lower_base_calls`), the calls of the graph roots at `nested`
+        told to run their `code` (`fxlora.runtime.lowering.mark_nested_calls`) and, with
+        `share_reads`, its module reads shared (`share_module_reads`: for code that runs eagerly;
+        code torch.compile traces gains nothing from it), made once per set of lowered calls
+        and nested roots. `rewrite()` gives the rewritten graph again, for a set the build has no
+        graph left for."""
         ids = {id(m) for m in lowerable}
         lowered = frozenset(t for t in self.base_targets if id(submodule(root, t)) in ids)
-        fn = self._functions.get((lowered, share_reads))
+        fn = self._functions.get((lowered, share_reads, nested, code))
         if fn is None:
             graph, self._graph = (self._graph if self._graph is not None else rewrite()), None
-            graph = lower_base_calls(graph, root, lowerable)
-            fn = self._functions[(lowered, share_reads)] = compile_graph(share_module_reads(graph) if share_reads else graph)
+            graph = mark_nested_calls(lower_base_calls(graph, root, lowerable), nested, code)
+            fn = self._functions[(lowered, share_reads, nested, code)] = compile_graph(share_module_reads(graph) if share_reads else graph)
         return fn
 
 

@@ -32,7 +32,7 @@ from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.own_rows import ROWS_OF
-from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, saved_meta, target_meta
+from fxlora.core.layers import BASE_ONLY, GATED_CODE, GUARD_IDLE, IDLE_CODE, NESTED_CODE, saved_meta, target_meta
 from fxlora.core.ops import any_open
 from fxlora.passes import rewrite
 from fxlora.passes.weight_reads import layers_read
@@ -40,22 +40,13 @@ from fxlora.passes.weight_uses import layers_used_by_weight
 from fxlora.tracing.call_keys import SELF, CallKey, call_key, canonical_key, gather_inputs, key_has_handles, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
+from fxlora.tracing.submodules import submodule
 from fxlora.tracing.boundaries import BaseLayers, base_layers, nested_roots, subtree_hooks
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.state import AdapterState
 
-__all__ = [
-    "BASE_ONLY",
-    "GraphForward",
-    "EagerLoraForward",
-    "SavedForward",
-    "installed_forward",
-    "install",
-    "uninstall",
-    "compile_graph",
-    "graph_forwards",
-]
+__all__ = ["BASE_ONLY", "GraphForward", "EagerLoraForward", "SavedForward", "installed_forward", "install", "uninstall", "compile_graph", "graph_forwards"]
 
 
 def installed_forward(module: nn.Module) -> Optional[Any]:
@@ -191,10 +182,27 @@ class Code(NamedTuple):
     idle: Optional[IdleCode] = None
     #: the type the call rebuilds from the graph's dict output (`TracedVariant.output_type`)
     output: Optional[type] = None
+    #: the graph roots of their own the code tells which code to run (`NESTED_CODE`), with the
+    #: forwards they had: while one has another, the call runs the root's own forward
+    nested: tuple[tuple[nn.Module, Any], ...] = ()
 
 #: eager codes kept per graph root (least recently used dropped first); each is code for one
 #: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
 MAX_EAGER_CODES = 16
+
+
+def _evaluation_graphs(module: nn.Module) -> Optional[list[fx.Graph]]:
+    """The evaluation-mode graphs of a graph root (`fxlora.runtime.idle.skippable`), None for any other module."""
+    forward = installed_forward(module)
+    if not isinstance(forward, GraphForward):
+        return None
+    return [variant.graph for key, variant in forward.variants.items() if not key[0]]
+
+
+def _nested_roots(graph: fx.Graph, root: nn.Module) -> list[tuple[str, nn.Module, "GraphForward"]]:
+    """The graph roots of their own that `graph` calls as modules: (target, module, forward)."""
+    calls = [(node.target, submodule(root, node.target)) for node in graph.find_nodes(op="call_module")]
+    return [(target, module, forward) for target, module in calls if isinstance(forward := installed_forward(module), GraphForward)]
 
 
 class GraphForward:
@@ -226,10 +234,12 @@ class GraphForward:
         self.sized = any(key_is_sized(k) for k in self.variants)  # and size classes (`call_key`)
 
     # ---------------------------------------------------------------- building
-    def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey], state: Optional[Hashable]) -> Code:
+    def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey], state: Optional[Hashable], nested_code: Optional[str] = None) -> Code:
         """Code for `variant` for `eager` (None: gated code), and where its inputs come from (None:
         the call's positional arguments as they are, the common case); `state` is the root's
-        `fxlora.runtime.builds.build_state` as it is now."""
+        `fxlora.runtime.builds.build_state` as it is now. `nested_code`: what the roots it calls
+        run under torch.compile (`NESTED_CODE`; gated code with base-only code of its own sets it
+        itself)."""
         adopt_constants(self.root, variant.constants)
         options = self.owner.options
 
@@ -242,12 +252,14 @@ class GraphForward:
         layers = build.base_layers(self.root)
         forwards = [installed_forward(m) for m in layers]
         lowerable = [m for m, f in zip(layers, forwards) if f is not None and f.previous is None]
-        fn = build.function(self.root, lowerable, eager is not None, rewritten)
-        idle = None
         tensors_only = SELF not in variant.inputs and not key_has_handles(key)  # `run_gated` takes tensors
-        if eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root):
-            idle = IdleCode(self._build(key, variant, IDLE, state).fn, subtree_hooks(self.root))
-        return Code(fn, None if direct else variant.inputs, base_layers(self.root, layers, forwards), idle, variant.output_type)
+        gated = eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root, _evaluation_graphs)
+        nested = _nested_roots(variant.graph, self.root)
+        code = GATED_CODE if gated else nested_code  # inside one branch of this root's torch.cond: that branch's code
+        fn = build.function(self.root, lowerable, eager is not None, rewritten, tuple(t for t, _, _ in nested), code)
+        idle = IdleCode(self._build(key, variant, IDLE, state, IDLE_CODE).fn, subtree_hooks(self.root)) if gated else None
+        roots = tuple((m, f) for _, m, f in nested)
+        return Code(fn, None if direct else variant.inputs, base_layers(self.root, layers, forwards), idle, variant.output_type, roots)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
@@ -334,19 +346,24 @@ class GraphForward:
 
     # ---------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        told = kwargs.pop(NESTED_CODE, None)  # called by another root's compiled code: which code, which gates
+        if told is not None and torch.compiler.is_compiling():
+            return self._run(told[1], None, args, kwargs, told[0])
         return with_call_gates(self.owner, self._run, args, kwargs)
 
-    def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
+    def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict, nested: Optional[str] = None) -> Any:
         key = call_key(self.root.training, args, kwargs, self.ranked, self.sized)
         code = self._code(key, eager)
         if code is None or not self.variants[key].holds(self.root):
             return self._slow_call(key, gates, eager, args, kwargs)
-        fn, inputs, base, idle, output = code
-        if not base.bypassable(self.root):
+        fn, inputs, base, idle, output, roots = code
+        if not base.bypassable(self.root) or any(installed_forward(m) is not f for m, f in roots):
             return self._run_eagerly(args, kwargs)
         args = args if inputs is None else gather_inputs(inputs, self.root, args, kwargs)
         if idle is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idle.hooks.absent(self.root):
-            return run_gated(fn, idle.fn, self.root, gates, tuple(args))
+            if nested is None:
+                return run_gated(fn, idle.fn, self.root, gates, tuple(args))
+            fn = idle.fn if nested == IDLE_CODE else fn  # inside the caller's torch.cond: no cond of its own
         out = fn(self.root, gates, *args)
         return out if output is None else output(**out)
 

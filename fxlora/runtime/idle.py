@@ -15,7 +15,8 @@ tensors in and out: a graph qualifies only when every node is a call known to be
 computation (torch functions, ``operator``, tensor methods, no in-place op; modules of the
 standard ``torch.nn`` kinds, ones a library integration declares pure (timm's norm layers:
 `fxlora.tracing.integrations.TraceHooks.pure_in_eval`) or adapted layers, no `modules_to_save`
-module) and it returns one tensor computed by such a call.
+module; a module that is a graph root of its own, called as a module, whose evaluation graphs
+all qualify) and it returns one tensor computed by such a call.
 Any other graph (a transformers model returning a cache object, say) keeps the gated code alone.
 A call whose root has a module with hooks (when it is compiled: `IdleCode.hooks`) runs the
 gated code alone too: a hook's side effect cannot run inside a ``torch.cond`` branch.
@@ -24,7 +25,7 @@ gated code alone too: a hook's side effect cannot run inside a ``torch.cond`` br
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -64,15 +65,28 @@ _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like"
 _NOT_TENSOR = {"size", "dim", "numel", "stride", "element_size", "is_contiguous", "nelement", "ndimension", "get_device"}
 
 
-def _pure_module(module: nn.Module, hooks: TraceHooks) -> bool:
+#: ``graphs_of(module)``: the evaluation graphs of a module that is a graph root of its own (a
+#: repeated block, `fxlora.planning.roots`), None for any other module
+NestedGraphs = Callable[[nn.Module], Optional[Sequence[fx.Graph]]]
+
+
+def _no_nested_graphs(module: nn.Module) -> None:
+    return None
+
+
+def _pure_module(module: nn.Module, hooks: TraceHooks, graphs_of: NestedGraphs) -> bool:
     """A standard module, one a library integration declares pure in evaluation mode
-    (`TraceHooks.pure_in_eval`: timm's norm layers) or an adapted layer; a `modules_to_save`
+    (`TraceHooks.pure_in_eval`: timm's norm layers), an adapted layer, or a graph root of its own
+    whose evaluation graphs all qualify (`skippable`); a `modules_to_save`
     module is not (its copy is selected whenever its adapter is active, merged or not, so no state
     would skip anything)."""
     if saved_meta(module) is not None:
         return False
     if target_meta(module) is not None:
         return True
+    nested = graphs_of(module)
+    if nested is not None:
+        return bool(nested) and all(skippable(graph, module, graphs_of) for graph in nested)
     if module.training and isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU)):
         return False  # a submodule left in train mode inside evaluation code draws random numbers
     if hooks.computes_purely(module):
@@ -88,14 +102,14 @@ def _pure_function(target: Any) -> bool:
     return module in ("_operator", "operator") or module.startswith("torch") or getattr(torch, getattr(target, "__name__", ""), None) is target
 
 
-def _pure_node(node: fx.Node, root: nn.Module, hooks: TraceHooks) -> bool:
+def _pure_node(node: fx.Node, root: nn.Module, hooks: TraceHooks, graphs_of: NestedGraphs) -> bool:
     if node.op in ("placeholder", "get_attr", "output"):
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if writes_in_place(node, root) or name in _RANDOM:
         return False
     if node.op == "call_module":
-        return _pure_module(called_module(node, root), hooks)
+        return _pure_module(called_module(node, root), hooks, graphs_of)
     if node.op == "call_method":
         return name not in _IMPURE_METHODS
     return node.op == "call_function" and _pure_function(node.target)
@@ -111,10 +125,11 @@ def _returns_tensor(graph: fx.Graph) -> bool:
     return name not in _NOT_TENSOR and out.target not in (operator.getitem, getattr)
 
 
-def skippable(graph: fx.Graph, root: nn.Module) -> bool:
-    """Whether `graph` (a traced base graph of `root`) qualifies for `run_gated` (module docstring)."""
+def skippable(graph: fx.Graph, root: nn.Module, graphs_of: NestedGraphs = _no_nested_graphs) -> bool:
+    """Whether `graph` (a traced base graph of `root`) qualifies for `run_gated` (module
+    docstring); `graphs_of` gives the evaluation graphs of the graph roots it calls as modules."""
     hooks = hooks_for(root)
-    return _returns_tensor(graph) and all(_pure_node(n, root, hooks) for n in graph.nodes)
+    return _returns_tensor(graph) and all(_pure_node(n, root, hooks, graphs_of) for n in graph.nodes)
 
 
 def any_gate_open(gates: GateState) -> torch.Tensor:

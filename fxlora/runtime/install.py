@@ -86,10 +86,11 @@ def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, P
         _check_own_call(name, module, previous)
         cls = EagerLoraForward if target_meta(module) is not None else SavedForward
         install(module, cls(module, owner, previous=previous))
-    for r in roots:
-        forward = GraphForward(r.module, owner, r.variants)
+    forwards = [(r.module, GraphForward(r.module, owner, r.variants)) for r in roots]
+    for module, forward in forwards:  # all installed first: a root's code asks about the roots it calls
+        install(module, forward)
+    for _, forward in forwards:
         forward.refresh()
-        install(r.module, forward)
 
 
 def uninstall_forwards(model: nn.Module) -> None:

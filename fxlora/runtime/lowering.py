@@ -21,17 +21,19 @@ Guarantees: the graph computes the same values; no node passes ``BASE_ONLY``.
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any, Collection, Optional
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxlora.core.layers import BASE_ONLY
+from fxlora.core.layers import BASE_ONLY, NESTED_CODE
 from fxlora.passes.conditions import called_module
+from fxlora.passes.gates_input import gates_input
 from fxlora.tracing.linear_reads import calls_as_linear
 
-__all__ = ["base_forward", "lower_base_calls"]
+__all__ = ["base_forward", "lower_base_calls", "mark_nested_calls"]
 
 
 @fx.wrap
@@ -64,3 +66,27 @@ def _lowered_call(graph: fx.Graph, target: str, layer: nn.Module, args: tuple, k
         weight, bias = graph.get_attr(f"{target}.weight"), graph.get_attr(f"{target}.bias")
         return graph.call_function(F.linear, (args[0], weight, bias))
     return graph.call_function(base_forward, (graph.get_attr(target), *args), kwargs)
+
+
+def code_when_compiling(code: str, gates: Any) -> Optional[tuple[str, Any]]:
+    """``(code, gates)`` under torch.compile, else None (eager code leaves each nested root to
+    choose its own code, with the gates of the call in flight)."""
+    return (code, gates) if torch.compiler.is_compiling() else None
+
+
+def mark_nested_calls(graph: fx.Graph, targets: Collection[str], code: Optional[str]) -> fx.Graph:
+    """Make, in place, every ``call_module`` node of `targets` (graph roots of their own) pass
+    ``NESTED_CODE``: under torch.compile `code`, which of their codes they run inside this code's
+    branch of its ``torch.cond`` (`fxlora.runtime.idle.run_gated`), and this code's gates (the
+    branch's own input, not state read inside it); else None (they choose).
+    Every code of a root passes it, so that a root compiled on its own sees one set of keywords.
+    Returns `graph`."""
+    wanted = set(targets)
+    for node in list(graph.find_nodes(op="call_module")):
+        if node.target in wanted:
+            told: Any = None
+            if code is not None:
+                with graph.inserting_before(node):
+                    told = graph.call_function(code_when_compiling, (code, gates_input(graph)))
+            node.kwargs = {**node.kwargs, NESTED_CODE: told}
+    return graph

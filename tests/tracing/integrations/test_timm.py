@@ -49,13 +49,15 @@ def test_notrace_helpers_stay_opaque(monkeypatch):
     torch.testing.assert_close(model(y), reference(y))
 
 
-def test_whole_model_is_a_root_and_every_entry_point_still_uses_lora():
+def test_the_model_and_its_blocks_are_roots_and_every_entry_point_still_uses_lora():
     base = timm.create_model("test_vit", pretrained=False, num_classes=3)
     config = fxlora.LoraConfig(target_modules="all-linear", init_lora_weights=False)
     model = fxlora.transform(copy.deepcopy(base), config).eval()
     eager = fxlora.transform(copy.deepcopy(base), config, trace="eager").eval()
     eager.load_state_dict(model.state_dict())
-    assert model.graph_roots == [""] and set(model.target_paths.values()) == {"graph"}
+    # the head in the model's graph, each block in one of its own (`fxlora.planning.roots`)
+    assert model.graph_roots == [""] + [f"blocks.{i}" for i in range(len(base.blocks))]
+    assert set(model.target_paths.values()) == {"graph"}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
