@@ -18,7 +18,6 @@ trace resolves), it is traced with them inlined, as without this rule.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Iterable
 
 import torch.nn as nn
@@ -53,36 +52,24 @@ def trace_root(
         raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
     kept = kept_children(module, interesting)  # called by the graph, planned as roots of their own
     blocks = {} if kept else repeated_blocks(module, interesting, observed)
-    reach = _Reach(module, trace_through_ids(module, interesting), traceable_parents(module, interesting))
+    reach, parents = trace_through_ids(module, interesting), traceable_parents(module, interesting)
     if blocks:
-        if not reach.adapts_outside(blocks):
+        through = reach - _called_whole(module, blocks)
+        if not through & parents:
             raise BlocksOnly(f"every module to adapt in it is inside one of its repeated blocks: {next(iter(blocks.values()))}")
         try:
-            return _trace_with_leaves(module, observed, cache, blocks, reach.through(blocks))
+            return _trace_with_leaves(module, observed, cache, blocks, through)
         except TraceFailure:  # the graph needs the blocks inlined: traced as without blocks
             pass
-    if not reach.adapts_outside(kept):
+    through = reach - _called_whole(module, kept)
+    if not through & parents:
         raise TraceFailure("each module to adapt in it sits inside a module its graph would call whole")
-    return _trace_with_leaves(module, observed, cache, kept, reach.through(kept))
+    return _trace_with_leaves(module, observed, cache, kept, through)
 
 
-@dataclass
-class _Reach:
-    """What a graph of `root` could trace through (`fxlora.tracing.traced.trace_through_ids`) and
-    the parents of its modules to adapt that it could trace through (`traceable_parents`)."""
-
-    root: nn.Module
-    through_ids: set[int]
-    parents: set[int]
-
-    def through(self, leaves: dict[str, str]) -> set[int]:
-        """Ids of the modules the graph traces through when it calls `leaves` whole."""
-        called_whole = {id(m) for name in leaves for m in self.root.get_submodule(name).modules()}
-        return self.through_ids - called_whole
-
-    def adapts_outside(self, leaves: dict[str, str]) -> bool:
-        """Whether the graph, calling `leaves` whole, could call some module to adapt itself."""
-        return bool(self.through(leaves) & self.parents)
+def _called_whole(root: nn.Module, leaves: Iterable[str]) -> set[int]:
+    """Ids of the modules of `root` inside the `leaves` (relative names) its graph calls whole."""
+    return {id(m) for name in leaves for m in root.get_submodule(name).modules()}
 
 
 def _trace_with_leaves(
@@ -93,7 +80,7 @@ def _trace_with_leaves(
         traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
         found = {name: why for _, v in traced for name, why in v.leaves}
         leaves.update(found)
-        through = through - {id(m) for name in found for m in module.get_submodule(name).modules()}
+        through = through - _called_whole(module, found)
         if all(len(v.leaves) == len(found) for _, v in traced):  # the same leaves in every pattern
             break
     sized, ranked = (any(test(v.key) for _, v in traced) for test in (key_is_sized, key_is_ranked))

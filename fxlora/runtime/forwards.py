@@ -357,7 +357,7 @@ class GraphForward:
         if code is None or not self.variants[key].holds(self.root):
             return self._slow_call(key, gates, eager, args, kwargs)
         fn, inputs, base, idle, output, roots = code
-        if not base.bypassable(self.root) or any(installed_forward(m) is not f for m, f in roots):
+        if not base.bypassable(self.root) or any(m.__dict__.get("forward") is not f for m, f in roots):
             return self._run_eagerly(args, kwargs)
         args = args if inputs is None else gather_inputs(inputs, self.root, args, kwargs)
         if idle is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idle.hooks.absent(self.root):
