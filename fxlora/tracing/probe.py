@@ -25,18 +25,23 @@ import torch.nn as nn
 from fxlora.kinds.quantized import eval_forward_changes_layer
 from fxlora.tracing.integrations import hooks_for
 from fxlora.tracing.call_keys import CallKey, call_key
+from fxlora.tracing.probe_blocks import AlikeBlocks
 
 __all__ = ["observe_calls", "quiet_forwards"]
 
 
-def observe_calls(model: nn.Module, of: Optional[Iterable[nn.Module]] = None) -> dict[int, list[CallKey]]:
+def observe_calls(
+    model: nn.Module, of: Optional[Iterable[nn.Module]] = None, share_blocks: bool = True
+) -> dict[int, list[CallKey]]:
     """``{id(module): [call patterns seen, in order]}`` for forward passes of the integration's
     example inputs (eval mode, training flag False in the patterns); ``{}`` when there is no
     example input. An example the model rejects (raises on) is ignored entirely.
 
     With `of`, only those modules and the modules containing them are observed (what planning
     asks about: the modules to adapt and their possible graph roots); a hook on every module
-    doubles the cost of the forward pass on a timm ViT."""
+    doubles the cost of the forward pass on a timm ViT. With `share_blocks`, alike blocks called
+    alike compute once (`fxlora.tracing.probe_blocks.AlikeBlocks`); an example that fails so is
+    run again with every block computed."""
     hooks = hooks_for(model)
     if hooks.example_inputs is None:
         return {}
@@ -54,15 +59,15 @@ def observe_calls(model: nn.Module, of: Optional[Iterable[nn.Module]] = None) ->
         if key is not None:
             pending.append((id(module), key))
 
-    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in _observed(model, of)]
+    hooked = _observed(model, of)
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in hooked]
+    alike = AlikeBlocks(model, pending, {id(m) for m in hooked}) if share_blocks else None
     try:
         with quiet_forwards(model):
             for args, kwargs in examples:
-                pending.clear()
-                try:
-                    model(*args, **kwargs)
-                except Exception:  # this example does not suit the model: it tells nothing
-                    continue
+                if not _ran(model, args, kwargs, pending, alike):
+                    if not (alike and alike.replayed and _ran(model, args, kwargs, pending, None)):
+                        continue  # this example does not suit the model: it tells nothing
                 for module_id, key in pending:
                     keys = seen.setdefault(module_id, [])
                     if key not in keys:
@@ -71,6 +76,20 @@ def observe_calls(model: nn.Module, of: Optional[Iterable[nn.Module]] = None) ->
         for handle in handles:
             handle.remove()
     return seen
+
+
+def _ran(model: nn.Module, args: tuple, kwargs: dict, pending: list, alike: Optional[AlikeBlocks]) -> bool:
+    """Run one example, its calls recorded afresh into `pending`; False if the model rejects it.
+    With `alike`, alike blocks compute once per call (`fxlora.tracing.probe_blocks`)."""
+    pending.clear()
+    if alike:
+        alike.reset()
+    with alike if alike else contextlib.nullcontext():
+        try:
+            model(*args, **kwargs)
+        except Exception:
+            return False
+    return True
 
 
 def _observed(model: nn.Module, of: Optional[Iterable[nn.Module]]) -> list[nn.Module]:
