@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Collection, Hashable, Optional
+from typing import Any, Callable, Collection, Hashable, Iterable, Optional
 
 import torch.fx as fx
 import torch.nn as nn
@@ -29,7 +29,7 @@ from fxlora.runtime.lowering import lower_base_calls, mark_nested_calls
 from fxlora.tracing.reuse import module_tensors, module_values
 from fxlora.tracing.submodules import named_submodules, submodule
 
-__all__ = ["Build", "build_state", "built_once", "MAX_BUILDS_PER_GRAPH"]
+__all__ = ["Build", "build_state", "closed_roots", "built_once", "MAX_BUILDS_PER_GRAPH"]
 
 
 def _record(module: nn.Module) -> Hashable:
@@ -49,14 +49,20 @@ def _spec_values(spec: Any) -> tuple:
     return tuple((f.name, getattr(spec, f.name)) for f in fields(spec) if f.compare) + (getattr(spec, "scaling_cell", None) is not None,)
 
 
-def build_state(root: nn.Module) -> Optional[Hashable]:
+def build_state(root: nn.Module, closed: tuple[str, ...] = ()) -> Optional[Hashable]:
     """Everything of `root` the passes (`fxlora.passes.rewrite`) can read besides its traced graph:
     for every module of its subtree its relative name, class, tensors' shapes, dtypes and devices
     and fxlora record, and the plain values of the adapted and saved modules and of every module
     inside them (dropout probabilities, the adapter modules' and copies' settings; the other
     modules' plain values are in the traced graph already, as numbers or as the nodes reading
-    them: `fxlora.tracing.reuse`). None when some value cannot be hashed (then nothing is reused)."""
+    them: `fxlora.tracing.reuse`). None when some value cannot be hashed (then nothing is reused).
+
+    `closed`: the paths of modules the graphs call as modules and never reach into
+    (`closed_roots`): what is inside them is not the passes' concern, and not in the state."""
     named = named_submodules(root)
+    if closed:
+        inside = tuple(path + "." for path in closed)
+        named = [(name, m) for name, m in named if not name.startswith(inside)]
     inside = {id(sub) for _, m in named if META_ATTR in m.__dict__ for sub in m.modules()}  # small subtrees
     state = tuple(
         (name, type(m), *(module_values(m) if id(m) in inside else ((), module_tensors(m))), _record(m))
@@ -67,6 +73,16 @@ def build_state(root: nn.Module) -> Optional[Hashable]:
     except TypeError:
         return None
     return state
+
+
+def closed_roots(graphs: Iterable[fx.Graph], is_root: Callable[[nn.Module], bool], root: nn.Module) -> tuple[str, ...]:
+    """The paths of the modules that `graphs` (of `root`) call as modules, that `is_root` accepts
+    (graph roots of their own: they run their own code), and that no node of the graphs reaches
+    into (a call of, or a read from, a module inside)."""
+    calls = {n.target for g in graphs for n in g.find_nodes(op="call_module")}
+    reads = {n.target for g in graphs for n in g.find_nodes(op="get_attr")} | calls
+    nested = [t for t in calls if is_root(submodule(root, t))]
+    return tuple(sorted(t for t in nested if not any(r.startswith(t + ".") for r in reads)))
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from fxlora.core.branch import lora_output, own_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
-from fxlora.runtime.builds import build_state, built_once
+from fxlora.runtime.builds import build_state, built_once, closed_roots
 from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
@@ -259,16 +259,19 @@ class GraphForward:
         fn = build.function(self.root, lowerable, eager is not None, rewritten, tuple(t for t, _, _ in nested), code)
         idle = IdleCode(self._build(key, variant, IDLE, state, IDLE_CODE).fn, subtree_hooks(self.root)) if gated else None
         roots = tuple((m, f) for _, m, f in nested)
-        return Code(fn, None if direct else variant.inputs, base_layers(self.root, layers, forwards), idle, variant.output_type, roots)
+        return Code(fn, None if direct else variant.inputs, base_layers(build.base_targets, layers, forwards), idle, variant.output_type, roots)
 
     def refresh(self) -> None:
         """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
         options changed); code for eager keys is rebuilt on first use."""
         with CALL_LOCK.exclusive():
-            state = build_state(self.root)  # the same for every pattern
+            state = self._state()  # the same for every pattern
             self._gated = {key: self._build(key, variant, None, state) for key, variant in self.variants.items()}
             self._eager = OrderedDict()
             self._read = None
+
+    def _state(self) -> Optional[Hashable]:
+        return build_state(self.root, closed_roots([v.graph for v in self.variants.values()], _is_graph_root, self.root))
 
     def forget_eager_code(self) -> None:
         """Drop the code for eager keys (it bakes the adapters' scalings in as numbers; rebuilt on
@@ -304,7 +307,7 @@ class GraphForward:
                 self.variants[key] = variant
                 self._read = None
                 self._adopt_nested_roots()
-            code = self._build(key, variant, eager, build_state(self.root))
+            code = self._build(key, variant, eager, self._state())
             if eager is None:
                 self._gated[key] = code
             else:

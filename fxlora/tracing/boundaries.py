@@ -25,6 +25,7 @@ import torch.nn.modules.module as _module_impl
 
 from fxlora.boundary import GLOBAL_HOOK_TABLES, HOOK_TABLES, boundary_of, can_be_root
 from fxlora.tracing.integrations import TraceHooks, hooks_for
+from fxlora.tracing.submodules import named_submodules
 
 __all__ = [
     "kept_children",
@@ -69,7 +70,7 @@ def _with_check(paths: tuple[str, ...], tables: tuple[dict, ...], with_global: b
 def hook_tables(root: nn.Module, modules: Iterable[nn.Module], with_global: bool) -> HookTables:
     """The `HookTables` of `modules` (below `root`)."""
     modules = tuple(modules)
-    names = {id(m): name for name, m in root.named_modules(remove_duplicate=False)} if modules else {}
+    names = {id(m): name for name, m in named_submodules(root)} if modules else {}  # a shared module: its first path
     return _tables_at([(names[id(m)], m) for m in modules], with_global)
 
 
@@ -162,11 +163,13 @@ class BaseLayers(NamedTuple):
         return all(m.__dict__.get("forward") is f for m, f in zip(self.layers, self.forwards))
 
 
-def base_layers(root: nn.Module, layers: Iterable[nn.Module], forwards: Iterable[Any]) -> BaseLayers:
-    """The `BaseLayers` record of `layers` below `root`, each expected to keep the forward in
-    `forwards` (fxlora's own: a layer whose forward is someone else's is never bypassed)."""
+def base_layers(paths: Iterable[str], layers: Iterable[nn.Module], forwards: Iterable[Any]) -> BaseLayers:
+    """The `BaseLayers` record of `layers` at `paths` below a graph root, each expected to keep
+    the forward in `forwards` (fxlora's own: a layer whose forward is someone else's is never
+    bypassed)."""
     layers = tuple(layers)
-    return BaseLayers(layers, tuple(forwards), hook_tables(root, (m for layer in layers for m in layer.modules()), with_global=True))
+    named = [pair for path, layer in zip(paths, layers) for pair in layer.named_modules(prefix=path)]
+    return BaseLayers(layers, tuple(forwards), _tables_at(named, with_global=True))
 
 
 def subtree_hooks(root: nn.Module) -> HookTables:
@@ -174,7 +177,7 @@ def subtree_hooks(root: nn.Module) -> HookTables:
     the global ones. Code that runs the root's modules inside ``torch.cond``
     (`fxlora.runtime.idle.run_gated`) needs them empty: a hook with a side effect (appending to a
     list, logging) cannot run inside a ``torch.cond`` branch."""
-    return _tables_at([(name, m) for name, m in root.named_modules() if name], with_global=True)
+    return _tables_at([(name, m) for name, m in named_submodules(root) if name], with_global=True)
 
 
 def traced_into(module: nn.Module, hooks: TraceHooks) -> bool:

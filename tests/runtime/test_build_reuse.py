@@ -1,12 +1,15 @@
 """Identical blocks are rewritten and compiled once per call pattern (`fxlora.runtime.builds.built_once`,
 `Build.function`); blocks whose adapters differ (rank, alpha, which layers) get their own code."""
 
+import pytest
 import torch
 
 import fxlora
 from fxlora import LoraConfig
 from fxlora.runtime import builds as builds_module
-from models import Block, Opaque
+from fxlora.runtime.forwards import installed_forward
+from models import Block, Blocks, Opaque
+from zoo import tiny_timm
 
 
 def gated_functions(model, n):
@@ -74,3 +77,37 @@ def test_a_block_with_a_replaced_layer_forward_gets_its_own_lowering():
     calls.clear()
     assert torch.equal(model(x), ref(x))
     assert calls == [1]
+
+
+def test_graph_roots_called_whole_are_outside_the_callers_build_state():
+    """A module its graph calls as a graph root of its own (never reaching into it) contributes
+    its call, not its insides, to the caller's build state; one the graph reads into stays in."""
+    model = Blocks(n=3)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_module("blocks.0", (x,))
+    y = graph.call_module("blocks.1", (y,))
+    w = graph.get_attr("blocks.1.fc1.weight")
+    y = graph.call_module("blocks.2", (graph.call_function(torch.add, (y, w)),))
+    graph.output(graph.call_module("head", (y,)))
+    closed = builds_module.closed_roots([graph], lambda m: isinstance(m, Block), model)
+    assert closed == ("blocks.0", "blocks.2")  # blocks.1 is read into; head is no graph root
+    state = builds_module.build_state(model, closed)
+    names = [entry[0] for entry in state]
+    assert "blocks.0" in names and not any(n.startswith(("blocks.0.", "blocks.2.")) for n in names)
+    assert "blocks.1.fc1" in names and "head" in names
+    before = state
+    fxlora.transform(model.blocks[0], LoraConfig(target_modules=["fc1"]))
+    assert builds_module.build_state(model, closed) == before  # what changed is the block's own concern
+    model.head = torch.nn.Linear(8, 4)
+    assert builds_module.build_state(model, closed) != before
+
+
+def test_a_vit_root_state_leaves_out_its_blocks():
+    pytest.importorskip("timm")
+
+    vit = fxlora.transform(tiny_timm("vit")[0], LoraConfig(target_modules=["qkv", "fc1", "patch_embed.proj"]))
+    forward = installed_forward(vit.model)
+    assert [n for n in vit.graph_roots if n] == [f"blocks.{i}" for i in range(len(vit.model.blocks))]
+    names = [entry[0] for entry in forward._state()]
+    assert "blocks.0" in names and not any(n.startswith("blocks.0.") for n in names)
