@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from fxlora.runtime.install import attach_plan, install_forwards, installed_forwards, reinstall_forwards, restore_forwards
 from fxlora.runtime.calls import CALL_LOCK
+from fxlora.tracing.integrations import hooks_fixed
 from fxlora.core.combine import COMBINATIONS, DENSITY_COMBINATIONS, EQUAL_RANK_COMBINATIONS, combined_weights, layer_rank
 from fxlora.core.task_merge import SIGN_METHODS
 from fxlora.kinds.weight_inits import changes_base_weights, init_state_restorer
@@ -107,7 +108,7 @@ def add_planned(lm: "LoraModel", plan: Plan) -> None:
     adapter those the plan traced, `plan.roots`; else re-planned for every adapted module), record
     it in the adapter state, all or nothing. The adapter is active if it is the only one."""
     state = lm.adapter_state
-    with CALL_LOCK.exclusive(), state.transaction(lm.model) as tx:
+    with CALL_LOCK.exclusive(), state.transaction(lm.model) as tx, hooks_fixed():  # adapter modules are torch's and fxlora's
         forwards = installed_forwards(lm.model)
         tx.on_undo(lambda: drop_adapter_modules(lm.model, plan.adapter))
         tx.on_undo(lambda: restore_forwards(lm.model, forwards))

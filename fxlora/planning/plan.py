@@ -34,6 +34,7 @@ from fxlora.planning.parameters import parameter_specs
 from fxlora.kinds.parameter import PARAMETER
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.tracing.boundaries import nested_roots
+from fxlora.tracing.integrations import hooks_fixed
 from fxlora.tracing.probe import observe_calls
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.tracing.reuse import TraceCache
@@ -297,10 +298,11 @@ def make_plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default
     check_adapter_name(adapter_name)
     config.validate()
     notes: list[str] = []
-    selection = select_modules(model, config)
-    targets = _target_plans(model, config, selection, notes) + _parameter_plans(model, config, selection)
-    saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
-    roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace, weight_use_targets(model, config, targets))
+    with hooks_fixed():  # planning changes no module tree
+        selection = select_modules(model, config)
+        targets = _target_plans(model, config, selection, notes) + _parameter_plans(model, config, selection)
+        saved = [SavedPlan(n, model.get_submodule(n)) for n in selection.modules_to_save]
+        roots, paths = assign_paths(model, {p.name: p.module for p in [*targets, *saved]}, trace, weight_use_targets(model, config, targets))
     place(targets, saved, paths)
     layout = _fan_in_fan_out_note(config, targets)
     if layout:
