@@ -68,10 +68,27 @@ def _with_check(paths: tuple[str, ...], tables: tuple[dict, ...], with_global: b
 
 
 def hook_tables(root: nn.Module, modules: Iterable[nn.Module], with_global: bool) -> HookTables:
-    """The `HookTables` of `modules` (below `root`)."""
+    """The `HookTables` of `modules` (below `root`), each a child of `root` or of another of
+    them (the modules a graph traced through: only their part of the tree is walked)."""
     modules = tuple(modules)
-    names = {id(m): name for name, m in named_submodules(root)} if modules else {}  # a shared module: its first path
+    names = _paths_within(root, {id(m) for m in modules}) if modules else {}
+    if len(names) < len(modules):  # some module sits below one that is not among them
+        names = {id(m): name for name, m in named_submodules(root)}
     return _tables_at([(names[id(m)], m) for m in modules], with_global)
+
+
+def _paths_within(root: nn.Module, wanted: set[int]) -> dict[int, str]:
+    """A path below `root` of each module of `wanted` that is reached from `root` through
+    modules of `wanted` alone."""
+    paths: dict[int, str] = {}
+    stack = [("", root)]
+    while stack:
+        prefix, module = stack.pop()
+        for name, child in reversed(module._modules.items()):
+            if child is not None and id(child) in wanted and id(child) not in paths:
+                paths[id(child)] = path = prefix + name
+                stack.append((path + ".", child))
+    return paths
 
 
 def _callable(module: nn.Module) -> bool:

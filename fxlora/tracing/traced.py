@@ -315,13 +315,15 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: 
     training, _, _ = key
     hooks = hooks_for(root)
     call = CallTemplate(_forward_function(root, hooks, key), key)
-    flags = [(m, m.training) for m in root.modules()]
-    through = traced_modules(root, trace_through)
+    modules = list(root.modules())
+    flags = [(m, m.training) for m in modules]
+    through = [m for m in modules if id(m) in trace_through]  # `traced_modules`, no leaves yet
     snapshot = _snapshot(through)
     graph: Optional[fx.Graph] = None
     tracer = make_tracer(trace_through, hooks)
     try:
-        root.train(training)
+        if any(flag != training for _, flag in flags):  # (each module's flag is put back below)
+            root.train(training)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = tracer.trace_call(root, call)
