@@ -93,10 +93,13 @@ def trace_through_ids(root: nn.Module, interesting: Iterable[nn.Module]) -> set[
     ``__call__`` does more than its forward is called, never traced through, as is a module an
     integration keeps whole (`TraceHooks.kept_whole`)."""
     hooks = hooks_for(root)
-    ids = {id(root)}
+    ids, closed = {id(root)}, set()
     for chain in _ancestor_chains(root, interesting):
         for ancestor in chain:
-            if not traced_into(ancestor, hooks):
+            if id(ancestor) in ids:
+                continue
+            if id(ancestor) in closed or not traced_into(ancestor, hooks):
+                closed.add(id(ancestor))
                 break
             ids.add(id(ancestor))
     return ids
@@ -125,7 +128,8 @@ def _ancestor_chains(root: nn.Module, interesting: Iterable[nn.Module]) -> Itera
         if id(module) in wanted and name:
             chain, owner = [], root
             for part in name.split(".")[:-1]:
-                owner = getattr(owner, part)
+                child = owner._modules.get(part)
+                owner = child if child is not None else getattr(owner, part)
                 chain.append(owner)
             yield chain
 
