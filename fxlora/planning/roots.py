@@ -28,7 +28,7 @@ from fxlora.tracing.boundaries import kept_children, traced_into
 from fxlora.tracing.call_keys import CallKey, canonical_key, erase_sizes, key_is_ranked, key_is_sized, with_training
 from fxlora.tracing.integrations import hooks_for
 from fxlora.tracing.reuse import TraceCache
-from fxlora.tracing.submodules import named_submodules
+from fxlora.tracing.submodules import BLOCK_CONTAINERS, named_submodules
 from fxlora.tracing.traced import TracedVariant, trace_through_ids, traceable_parents
 
 __all__ = ["trace_root", "repeated_blocks", "check_callable_root", "BlocksOnly"]
@@ -107,7 +107,7 @@ def repeated_blocks(root: nn.Module, interesting: Iterable[nn.Module], observed:
             if id(child) in wanted or prefix + name not in holding or not traced_into(child, hooks):
                 continue
             opened.append((name, child))
-            if isinstance(module, _CONTAINERS) and can_be_root(child) and id(child) in observed:
+            if isinstance(module, BLOCK_CONTAINERS) and can_be_root(child) and id(child) in observed:
                 candidates[type(child)].append(name)
         for cls, names in candidates.items():
             if len(names) > 1:
@@ -123,8 +123,6 @@ def repeated_blocks(root: nn.Module, interesting: Iterable[nn.Module], observed:
     visit(root, "")
     return found
 
-
-_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # where blocks sit
 
 
 def _holding(root: nn.Module, wanted: set[int]) -> set[str]:

@@ -61,8 +61,8 @@ def build_state(root: nn.Module, closed: tuple[str, ...] = ()) -> Optional[Hasha
     (`closed_roots`): what is inside them is not the passes' concern, and not in the state."""
     named = named_submodules(root)
     if closed:
-        inside = tuple(path + "." for path in closed)
-        named = [(name, m) for name, m in named if not name.startswith(inside)]
+        below = tuple(path + "." for path in closed)
+        named = [(name, m) for name, m in named if not name.startswith(below)]
     inside = {id(sub) for _, m in named if META_ATTR in m.__dict__ for sub in m.modules()}  # small subtrees
     state = tuple(
         (name, type(m), *(module_values(m) if id(m) in inside else ((), module_tensors(m))), _record(m))

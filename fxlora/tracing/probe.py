@@ -82,8 +82,6 @@ def _ran(model: nn.Module, args: tuple, kwargs: dict, pending: list, alike: Opti
     """Run one example, its calls recorded afresh into `pending`; False if the model rejects it.
     With `alike`, alike blocks compute once per call (`fxlora.tracing.probe_blocks`)."""
     pending.clear()
-    if alike:
-        alike.reset()
     with alike if alike else contextlib.nullcontext():
         try:
             model(*args, **kwargs)

@@ -33,11 +33,9 @@ import torch.nn as nn
 
 from fxlora.tracing.call_keys import call_key
 from fxlora.tracing.reuse import module_tensors
-from fxlora.tracing.submodules import named_submodules
+from fxlora.tracing.submodules import BLOCK_CONTAINERS, named_submodules
 
 __all__ = ["AlikeBlocks"]
-
-_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 #: what a probe hook records: (id of the module called, its call pattern)
 Record = tuple[int, Hashable]
@@ -87,8 +85,8 @@ class AlikeBlocks:
     alike siblings (module docstring) has a forward that computes once per signature for its
     group and replays the calls recorded inside into `records` (the probe hooks' list).
     `hooked`: the ids of the modules whose calls the probe records (None: all); alike blocks
-    also have them at the same relative names. `reset()` between examples. Leaves every forward
-    as it was on exit."""
+    also have them at the same relative names. Enter it once per example (one forward pass);
+    leaving puts every forward back and forgets the example's outputs."""
 
     def __init__(self, model: nn.Module, records: list[Record], hooked: Optional[set[int]] = None) -> None:
         self.records = records
@@ -96,10 +94,10 @@ class AlikeBlocks:
         self._groups: list[dict] = []
         self._blocks: list[_Block] = []
         for container in model.modules():
-            if isinstance(container, _CONTAINERS):
+            if isinstance(container, BLOCK_CONTAINERS):
                 self._add_groups(container)
         self._saved: list[tuple[nn.Module, Optional[Callable]]] = []
-        #: calls answered without computing since the last `reset`
+        #: calls answered without computing in the example entered last
         self.replayed = 0
 
     def _add_groups(self, container: nn.Module) -> None:
@@ -120,13 +118,8 @@ class AlikeBlocks:
     def __bool__(self) -> bool:
         return bool(self._blocks)
 
-    def reset(self) -> None:
-        """Forget the computed calls (before each example: a new forward pass)."""
-        for group in self._groups:
-            group.clear()
-        self.replayed = 0
-
     def __enter__(self) -> "AlikeBlocks":
+        self.replayed = 0
         for block in self._blocks:
             module = block.module
             self._saved.append((module, module.__dict__.get("forward")))

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["submodule", "named_submodules"]
+__all__ = ["submodule", "named_submodules", "BLOCK_CONTAINERS"]
+
+#: the containers whose children are a model's repeated blocks
+BLOCK_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
 def submodule(root: nn.Module, path: str) -> nn.Module:
