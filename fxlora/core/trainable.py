@@ -88,11 +88,14 @@ def _own_params(module: nn.Module) -> Iterator[nn.Parameter]:
 def set_trainable(model: nn.Module, adapters: dict[str, str]) -> None:
     """Freeze everything, then let the given adapters' weights and copies train, and the base
     biases their ``bias`` settings ("none", "all", "lora_only") ask for."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for adapter, bias in adapters.items():
-        for owner, name in [*lora_slots(model, adapter), *_bias_slots(model, bias)]:
-            owner._parameters[name].requires_grad_(True)
+    on = [owner._parameters[name] for adapter, bias in adapters.items() for owner, name in [*lora_slots(model, adapter), *_bias_slots(model, bias)]]
+    ids = {id(p) for p in on}
+    for p in model.parameters():  # each flag set only where it changes
+        if p.requires_grad and id(p) not in ids:
+            p.requires_grad_(False)
+    for p in on:
+        if not p.requires_grad:
+            p.requires_grad_(True)
 
 
 class TrainableFlags:

@@ -14,6 +14,7 @@ read as matrices; everything else is here.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -31,6 +32,14 @@ if TYPE_CHECKING:
 __all__ = ["ModulePairKind"]
 
 torch.fx.wrap("cast_like")  # one opaque node when `update` is traced
+
+
+def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module.to(device=device, dtype=dtype)``, skipped where every parameter is there already
+    (the common case: a module built beside a float32 CPU layer)."""
+    if all(t.device == device and t.dtype == dtype for t in itertools.chain(module.parameters(), module.buffers())):
+        return module
+    return module.to(device=device, dtype=dtype)
 
 
 class ModulePairKind(KindBase):
@@ -63,8 +72,7 @@ class ModulePairKind(KindBase):
         else:
             self._init(lora_a, lora_b, init, spec.r)
         dropout = nn.Dropout(p=spec.dropout) if spec.dropout > 0 else nn.Identity()
-        placed = dict(device=device, dtype=dtype)
-        return {"lora_dropout": dropout, "lora_A": lora_a.to(**placed), "lora_B": lora_b.to(**placed)}
+        return {"lora_dropout": dropout, "lora_A": _placed(lora_a, device, dtype), "lora_B": _placed(lora_b, device, dtype)}
 
     def _init(self, lora_a: nn.Module, lora_b: nn.Module, init: Init, r: int) -> None:
         if init is False:

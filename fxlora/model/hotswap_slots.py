@@ -17,6 +17,7 @@ from fxlora.config import LoraConfig, scaling_value
 from fxlora.core.layers import AdapterSpec, target_meta
 from fxlora.io.peft_format import layout_of_adapter
 from fxlora.runtime.forwards import graph_forwards
+from fxlora.runtime.install import refresh_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.lora_model import LoraModel
@@ -133,5 +134,4 @@ def pinned_config(config: LoraConfig, layers: list[SlotLayer]) -> LoraConfig:
 
 
 def rebuild_code(lm: "LoraModel") -> None:
-    for fwd in graph_forwards(lm.model):
-        fwd.refresh()
+    refresh_all(graph_forwards(lm.model))

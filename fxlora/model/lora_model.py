@@ -35,7 +35,7 @@ from fxlora.planning.explain import Report
 from fxlora.planning.plan import TracePolicy, emit_warnings, make_plan
 from fxlora.runtime.calls import CALL_LOCK, outside_compile
 from fxlora.runtime.forwards import GraphForward, graph_forwards, installed_forward
-from fxlora.runtime.install import fxlora_present, strip
+from fxlora.runtime.install import fxlora_present, refresh_all, strip
 from fxlora.core.trainable import lora_parameters
 
 __all__ = ["LoraModel"]
@@ -310,13 +310,11 @@ class LoraModel(nn.Module):
 
             def rebuild_previous() -> None:
                 state.options = previous
-                for fwd in forwards:
-                    fwd.refresh()
+                refresh_all(forwards)
 
             tx.on_undo(rebuild_previous)
             state.options = dataclasses.replace(previous, **switches)
-            for fwd in forwards:
-                fwd.refresh()
+            refresh_all(forwards)
 
     def graph_code(self, root: str = "", training: Optional[bool] = None) -> str:
         """The generated code of a graph root (for inspection)."""
@@ -355,8 +353,7 @@ class LoraModel(nn.Module):
     # ------------------------------------------------------------------ copying
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for fwd in graph_forwards(self.model):
-            fwd.refresh()
+        refresh_all(graph_forwards(self.model))
 
 
 def _generation_expansion(model: nn.Module, kwargs: dict) -> int:

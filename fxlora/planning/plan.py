@@ -35,6 +35,7 @@ from fxlora.kinds.parameter import PARAMETER
 from fxlora.planning.target_checks import check_returns_one_tensor, fused_parent
 from fxlora.tracing.boundaries import nested_roots
 from fxlora.tracing.integrations import hooks_fixed
+from fxlora.tracing.submodules import named_submodules, trees_fixed
 from fxlora.tracing.probe import observe_calls
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.tracing.reuse import TraceCache
@@ -213,46 +214,47 @@ def assign_paths(
         return [], info
     roots: list[RootPlan] = []
     observed = observe_calls(model, modules.values())
-    cache = TraceCache(model)  # identical blocks are traced once
-    for name, module in modules.items():
-        info[name].probed = (id(module) in observed) if observed else None
+    with trees_fixed():  # the probe has run: planning adds, removes and replaces no module
+        cache = TraceCache(model)  # identical blocks are traced once
+        for name, module in modules.items():
+            info[name].probed = (id(module) in observed) if observed else None
 
-    def inside(prefix: str) -> list[str]:
-        return [n for n in modules if not prefix or n.startswith(prefix + ".")]
+        def inside(prefix: str) -> list[str]:
+            return [n for n in modules if not prefix or n.startswith(prefix + ".")]
 
-    def visit(name: str, module: nn.Module, reason: str) -> None:
-        if name in modules:
-            info[name].reason = reason or "no traceable module contains it"
-            return
-        names = inside(name)
-        try:
-            check_callable_root(module, not name, observed)
-            variants, through, leaves = trace_root(module, [modules[n] for n in names], observed, cache)
-            if not (covered := _in_graph(module, name, names, through)) and leaves:
-                raise TraceFailure(f"every adapted module in it is inside a module it calls as a leaf: {next(iter(leaves.values()))}")
-            counts = check_calls(name, module, variants, covered, weight_uses)
-        except TraceFailure as exc:
-            for read in exc.names if isinstance(exc, WeightRead) else ():
-                info[read].weight_read = True
-            failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
-            for child_name, child in module.named_children():
-                full = f"{name}.{child_name}" if name else child_name
-                if full in modules or inside(full):
-                    visit(full, child, failure)
-            return
-        roots.append(RootPlan(name, module, variants))
-        planned_for = "probe" if id(module) in observed else "plainest"
-        for n in covered:
-            calls, reads = counts[n]
-            info[n] = PathInfo("graph", name, "", calls, info[n].weight_read, reads, info[n].probed, planned_for)
-        leaf_ids = {id(module.get_submodule(rel)) for rel in leaves}
-        for nested in nested_roots(module, [modules[n] for n in names], lambda m: id(m) in leaf_ids):
-            visit(_name_of(model, nested), nested, "")
-        for rel, why in leaves.items():  # planned on their own, as roots or inside
-            if inside(full := f"{name}.{rel}" if name else rel):
-                visit(full, module.get_submodule(rel), f"{name or '<model>'} ({type(module).__name__}) calls it as a leaf: {why}")
+        def visit(name: str, module: nn.Module, reason: str) -> None:
+            if name in modules:
+                info[name].reason = reason or "no traceable module contains it"
+                return
+            names = inside(name)
+            try:
+                check_callable_root(module, not name, observed)
+                variants, through, leaves = trace_root(module, [modules[n] for n in names], observed, cache)
+                if not (covered := _in_graph(module, name, names, through)) and leaves:
+                    raise TraceFailure(f"every adapted module in it is inside a module it calls as a leaf: {next(iter(leaves.values()))}")
+                counts = check_calls(name, module, variants, covered, weight_uses)
+            except TraceFailure as exc:
+                for read in exc.names if isinstance(exc, WeightRead) else ():
+                    info[read].weight_read = True
+                failure = f"{name or '<model>'} ({type(module).__name__}) does not trace: {exc}"
+                for child_name, child in module.named_children():
+                    full = f"{name}.{child_name}" if name else child_name
+                    if full in modules or inside(full):
+                        visit(full, child, failure)
+                return
+            roots.append(RootPlan(name, module, variants))
+            planned_for = "probe" if id(module) in observed else "plainest"
+            for n in covered:
+                calls, reads = counts[n]
+                info[n] = PathInfo("graph", name, "", calls, info[n].weight_read, reads, info[n].probed, planned_for)
+            leaf_ids = {id(module.get_submodule(rel)) for rel in leaves}
+            for nested in nested_roots(module, [modules[n] for n in names], lambda m: id(m) in leaf_ids):
+                visit(_name_of(model, nested), nested, "")
+            for rel, why in leaves.items():  # planned on their own, as roots or inside
+                if inside(full := f"{name}.{rel}" if name else rel):
+                    visit(full, module.get_submodule(rel), f"{name or '<model>'} ({type(module).__name__}) calls it as a leaf: {why}")
 
-    visit("", model, "")
+        visit("", model, "")
     if policy == "graph":
         eager = [(n, p) for n, p in info.items() if p.path == "eager"]
         if eager:
@@ -269,7 +271,7 @@ def _in_graph(root: nn.Module, root_name: str, names: list[str], through: set[in
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
+    return next(n for n, m in named_submodules(model) if m is module)
 
 
 # ---------------------------------------------------------------------- counts

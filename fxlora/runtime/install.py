@@ -4,17 +4,19 @@ again. The all-or-nothing bookkeeping around these steps is the adapter state's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch.nn as nn
 
 from fxlora.errors import UnsupportedTargetError
 
 from fxlora.runtime.forwards import EagerLoraForward, GraphForward, SavedForward, install, installed_forward, uninstall
+from fxlora.runtime.idle import skippable_fixed
 from fxlora.core.layers import attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
 from fxlora.kinds.weight_inits import init_of
 from fxlora.core.weight_use import acts_through_weight
 from fxlora.planning.plan import PathInfo, Plan, RootPlan, assign_paths
+from fxlora.tracing.submodules import trees_fixed
 from fxlora.tracing.traced import CONSTANT_PREFIX
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "attach_plan",
     "install_forwards",
+    "refresh_all",
     "uninstall_forwards",
     "reinstall_forwards",
     "installed_forwards",
@@ -89,8 +92,16 @@ def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, P
     forwards = [(r.module, GraphForward(r.module, owner, r.variants)) for r in roots]
     for module, forward in forwards:  # all installed first: a root's code asks about the roots it calls
         install(module, forward)
-    for _, forward in forwards:
-        forward.refresh()
+    refresh_all([forward for _, forward in forwards])
+
+
+def refresh_all(forwards: Iterable[GraphForward]) -> None:
+    """`GraphForward.refresh` each of `forwards` (after adapters or pass options changed), with
+    each module tree walked once (`trees_fixed`) and each graph's `skippable` asked once: nothing
+    of the trees changes while their code is built."""
+    with trees_fixed(), skippable_fixed():
+        for forward in forwards:
+            forward.refresh()
 
 
 def uninstall_forwards(model: nn.Module) -> None:
@@ -144,23 +155,3 @@ def strip(model: nn.Module) -> None:
         detach_all(module)
         for name in [b for b in module._buffers if b.startswith(CONSTANT_PREFIX)]:
             del module._buffers[name]
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

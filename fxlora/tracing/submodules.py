@@ -6,14 +6,19 @@ each one up several times (the tracer, every pass, lowering). ``nn.Module.get_su
 ViT, a sixth of its transform); `submodule` walks the ``_modules`` tables that those paths come
 from (``named_modules``, as torch.fx names them), and leaves every other case, and every error
 message, to ``get_submodule``. `named_submodules` lists ``named_modules()`` without a generator per
-level of the tree (whose cost grows with depth: a third of computing a ViT's build state).
+level of the tree (whose cost grows with depth: a third of computing a ViT's build state), and
+while `trees_fixed` is entered walks each root's tree only once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator
+
 import torch.nn as nn
 
-__all__ = ["submodule", "named_submodules", "BLOCK_CONTAINERS"]
+__all__ = ["submodule", "named_submodules", "trees_fixed", "BLOCK_CONTAINERS"]
 
 #: the containers whose children are a model's repeated blocks
 BLOCK_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
@@ -35,11 +40,41 @@ def submodule(root: nn.Module, path: str) -> nn.Module:
 _NAMED_MODULES = nn.Module.named_modules
 
 
+_fixed = threading.local()  # this thread's `trees_fixed` table, while one is entered
+
+
+@contextlib.contextmanager
+def trees_fixed() -> Iterator[None]:
+    """While entered, `named_submodules` on this thread walks each root's tree once and hands
+    out that same list again: for work that adds, removes and replaces no module of the trees it
+    asks about (planning a model's graph roots, building the code of installed forwards), which
+    asks about each root's tree several times. The lists handed out are not to be changed."""
+    outer = getattr(_fixed, "table", None)
+    if outer is None:
+        _fixed.table = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _fixed.table = None
+
+
 def named_submodules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """``list(root.named_modules())``: every module of the tree once, under its first path, in
     the same order. Walks the ``_modules`` tables itself, and leaves a tree with a module whose
     class lists its modules or compares itself its own way (``named_modules``, ``__hash__`` or
-    ``__eq__`` of its own) to ``named_modules``."""
+    ``__eq__`` of its own) to ``named_modules``. Inside `trees_fixed`, the list of an earlier
+    call for `root` (not to be changed)."""
+    table = getattr(_fixed, "table", None)
+    if table is None:
+        return _walk(root)
+    known = table.get(id(root))
+    if known is None or known[0] is not root:
+        known = table[id(root)] = (root, _walk(root))
+    return known[1]
+
+
+def _walk(root: nn.Module) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", root)]

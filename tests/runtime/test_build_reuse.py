@@ -111,3 +111,26 @@ def test_a_vit_root_state_leaves_out_its_blocks():
     assert [n for n in vit.graph_roots if n] == [f"blocks.{i}" for i in range(len(vit.model.blocks))]
     names = [entry[0] for entry in forward._state()]
     assert "blocks.0" in names and not any(n.startswith("blocks.0.") for n in names)
+
+
+def test_refreshing_all_roots_together_builds_what_refreshing_each_alone_builds():
+    """`refresh_all` walks each tree and asks `skippable` once per graph and root: the code it
+    builds (gated and base-only, for the model root and its blocks) is what a lone refresh builds."""
+    pytest.importorskip("timm")
+    from fxlora.runtime.forwards import graph_forwards
+    from fxlora.runtime.install import refresh_all
+
+    vit = fxlora.transform(tiny_timm("vit")[0].eval(), LoraConfig(target_modules=["qkv", "fc1", "patch_embed.proj"]))
+    forwards = graph_forwards(vit.model)
+    assert len(forwards) > 2
+
+    def codes():
+        return [(key, code.fn, code.idle is not None, code.idle and code.idle.fn) for f in forwards for key, code in f._gated.items()]
+
+    together = codes()
+    assert any(gated for _, _, gated, _ in together)  # the blocks' evaluation code has its base-only twin
+    for forward in reversed(forwards):  # alone, blocks last: nothing memoised
+        forward.refresh()
+    assert codes() == together
+    refresh_all(forwards)
+    assert codes() == together

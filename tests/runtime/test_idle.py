@@ -182,3 +182,25 @@ def test_a_selected_copy_keeps_the_gated_code():
         torch.testing.assert_close(compiled(x), model(x))
         with model.disable_adapter():
             torch.testing.assert_close(compiled(x), model(x))
+
+
+# ---------------------------------------------------------------------- skippable_fixed
+def test_skippable_fixed_answers_each_graph_and_root_once_with_the_same_answer(monkeypatch):
+    from fxlora.runtime import idle
+    from fxlora.runtime.idle import skippable_fixed
+
+    asked = []
+    original = idle._returns_tensor
+    monkeypatch.setattr(idle, "_returns_tensor", lambda graph: asked.append(graph) or original(graph))
+    roots = [MLP(), Pair(), InPlace(), MLP()]
+    graphs = [fx.symbolic_trace(r).graph for r in roots]
+    plain = [skippable(g, r) for g, r in zip(graphs, roots)]
+    assert plain == [True, False, False, True]
+    asked.clear()
+    with skippable_fixed():
+        with skippable_fixed():  # nested: the outer table stays
+            assert [skippable(g, r) for g, r in zip(graphs, roots)] == plain
+        assert [skippable(g, r) for g, r in zip(graphs, roots)] == plain
+        assert skippable(graphs[0], roots[3]) is True  # another root: asked on its own
+    assert len(asked) == 5
+    assert skippable(graphs[0], roots[0]) and len(asked) == 6  # outside: asked again

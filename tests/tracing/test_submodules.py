@@ -74,3 +74,55 @@ def test_a_tree_that_lists_its_modules_its_own_way_is_left_to_named_modules():
 
     for root in (nn.Sequential(nn.Linear(2, 2), Listing(nn.ReLU())), nn.Sequential(Equal(2, 2), Equal(2, 2))):
         assert [(p, id(m)) for p, m in named_submodules(root)] == [(p, id(m)) for p, m in root.named_modules()]
+
+
+# ---------------------------------------------------------------------- trees_fixed
+def counting_walks(monkeypatch):
+    from fxlora.tracing import submodules
+
+    walks = []
+    original = submodules._walk
+    monkeypatch.setattr(submodules, "_walk", lambda root: walks.append(root) or original(root))
+    return walks
+
+
+def test_while_fixed_each_tree_is_walked_once_and_outside_every_time(monkeypatch):
+    from fxlora.tracing.submodules import trees_fixed
+
+    root = tree([2, 2])
+    walks = counting_walks(monkeypatch)
+    with trees_fixed():
+        with trees_fixed():  # nested: the outer table stays
+            first = named_submodules(root)
+        assert named_submodules(root) is first
+        assert named_submodules(root[0]) == list(root[0].named_modules())  # another root: its own walk
+    assert walks == [root, root[0]]
+    assert first == list(root.named_modules())
+    root.append(nn.Linear(2, 2))  # outside: the changed tree is seen
+    assert named_submodules(root) == list(root.named_modules()) != first
+    assert len(walks) == 3
+
+
+def test_other_threads_do_not_share_the_fixed_trees(monkeypatch):
+    import threading
+
+    from fxlora.tracing.submodules import trees_fixed
+
+    root = tree([2])
+    walks = counting_walks(monkeypatch)
+    entered, done = threading.Event(), threading.Event()
+
+    def planning():
+        with trees_fixed():
+            named_submodules(root)
+            entered.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=planning)
+    thread.start()
+    assert entered.wait(10)
+    root.append(nn.Linear(2, 2))
+    assert named_submodules(root) == list(root.named_modules())  # this thread: no table, the tree as it is
+    done.set()
+    thread.join()
+    assert len(walks) == 2
