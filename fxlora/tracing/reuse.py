@@ -68,8 +68,10 @@ def _plain_attributes(module: nn.Module) -> tuple:
 
 def module_tensors(module: nn.Module) -> tuple:
     """`module`'s own tensors' (name, (shape, dtype, device type)), None for a hole."""
-    own = list(module._parameters.items()) + list(module._buffers.items())
-    return tuple((n, None if t is None else (tuple(t.shape), t.dtype, t.device.type)) for n, t in own)
+    parameters, buffers = module._parameters, module._buffers
+    if not parameters and not buffers:  # most modules of a tree (containers, activations, dropouts)
+        return ()
+    return tuple((n, None if t is None else (tuple(t.shape), t.dtype, t.device.type)) for table in (parameters, buffers) for n, t in table.items())
 
 
 _TORCH_OWN = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (hooks, children, tensors)

@@ -339,7 +339,8 @@ def _trace(root: nn.Module, trace_through: set[int], key: CallKey, make_tracer: 
         raise _ChildFailure(short_error(exc) + _where(exc), tracer.failed_in) from exc
     finally:
         for module, flag in flags:
-            module.training = flag
+            if module.training is not flag:  # nn.Module.__setattr__ costs: only where it changed
+                module.training = flag
         constants = _take_constants(root, graph if graph is not None else fx.Graph())
         changed = _restore_if_changed(snapshot)
     if changed:
