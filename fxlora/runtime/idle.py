@@ -24,10 +24,8 @@ gated code alone too: a hook's side effect cannot run inside a ``torch.cond`` br
 
 from __future__ import annotations
 
-import contextlib
 import operator
-import threading
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ContextManager, NamedTuple, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -38,6 +36,7 @@ from fxlora.core.layers import saved_meta, target_meta
 from fxlora.passes.conditions import called_module, writes_in_place
 from fxlora.tracing.boundaries import HookTables
 from fxlora.tracing.integrations import TraceHooks, hooks_for
+from fxlora.tracing.memo import FixedAnswers
 
 __all__ = ["IDLE", "IdleCode", "skippable", "skippable_fixed", "run_gated", "any_gate_open"]
 
@@ -127,38 +126,27 @@ def _returns_tensor(graph: fx.Graph) -> bool:
     return name not in _NOT_TENSOR and out.target not in (operator.getitem, getattr)
 
 
-_fixed = threading.local()  # this thread's `skippable_fixed` table, while one is entered
+_SKIPPABLE = FixedAnswers()
 
 
-@contextlib.contextmanager
-def skippable_fixed() -> Iterator[None]:
+def skippable_fixed() -> ContextManager[None]:
     """While entered, `skippable` on this thread answers for each (graph, root) once: for work
     that changes no module, adapter, mode or traced graph between its questions (building the
     code of a model's graph roots one after another: a root asks about every block it calls,
     and each block asks about itself again)."""
-    outer = getattr(_fixed, "table", None)
-    if outer is None:
-        _fixed.table = {}
-    try:
-        yield
-    finally:
-        if outer is None:
-            _fixed.table = None
+    return _SKIPPABLE.fixed()
 
 
 def skippable(graph: fx.Graph, root: nn.Module, graphs_of: NestedGraphs = _no_nested_graphs) -> bool:
     """Whether `graph` (a traced base graph of `root`) qualifies for `run_gated` (module
     docstring); `graphs_of` gives the evaluation graphs of the graph roots it calls as modules
     (one function within a `skippable_fixed`)."""
-    table = getattr(_fixed, "table", None)
-    known = None if table is None else table.get((id(graph), id(root)))
-    if known is not None and known[0] is graph and known[1] is root:
-        return known[2]
-    hooks = hooks_for(root)
-    result = _returns_tensor(graph) and all(_pure_node(n, root, hooks, graphs_of) for n in graph.nodes)
-    if table is not None:
-        table[(id(graph), id(root))] = (graph, root, result)
-    return result
+
+    def ask() -> bool:
+        hooks = hooks_for(root)
+        return _returns_tensor(graph) and all(_pure_node(n, root, hooks, graphs_of) for n in graph.nodes)
+
+    return _SKIPPABLE.answer((graph, root), ask)
 
 
 def any_gate_open(gates: GateState) -> torch.Tensor:

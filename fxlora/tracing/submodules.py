@@ -12,11 +12,11 @@ while `trees_fixed` is entered walks each root's tree only once.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Iterator
+from typing import ContextManager
 
 import torch.nn as nn
+
+from fxlora.tracing.memo import FixedAnswers
 
 __all__ = ["submodule", "named_submodules", "trees_fixed", "BLOCK_CONTAINERS"]
 
@@ -40,23 +40,15 @@ def submodule(root: nn.Module, path: str) -> nn.Module:
 _NAMED_MODULES = nn.Module.named_modules
 
 
-_fixed = threading.local()  # this thread's `trees_fixed` table, while one is entered
+_TREES = FixedAnswers()
 
 
-@contextlib.contextmanager
-def trees_fixed() -> Iterator[None]:
+def trees_fixed() -> ContextManager[None]:
     """While entered, `named_submodules` on this thread walks each root's tree once and hands
     out that same list again: for work that adds, removes and replaces no module of the trees it
     asks about (planning a model's graph roots, building the code of installed forwards), which
     asks about each root's tree several times. The lists handed out are not to be changed."""
-    outer = getattr(_fixed, "table", None)
-    if outer is None:
-        _fixed.table = {}
-    try:
-        yield
-    finally:
-        if outer is None:
-            _fixed.table = None
+    return _TREES.fixed()
 
 
 def named_submodules(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -65,13 +57,7 @@ def named_submodules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     class lists its modules or compares itself its own way (``named_modules``, ``__hash__`` or
     ``__eq__`` of its own) to ``named_modules``. Inside `trees_fixed`, the list of an earlier
     call for `root` (not to be changed)."""
-    table = getattr(_fixed, "table", None)
-    if table is None:
-        return _walk(root)
-    known = table.get(id(root))
-    if known is None or known[0] is not root:
-        known = table[id(root)] = (root, _walk(root))
-    return known[1]
+    return _TREES.answer((root,), lambda: _walk(root))
 
 
 def _walk(root: nn.Module) -> list[tuple[str, nn.Module]]:

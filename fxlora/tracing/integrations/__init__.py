@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch.nn as nn
+
+from fxlora.tracing.memo import FixedAnswers
 
 __all__ = [
     "TraceHooks",
@@ -147,42 +148,30 @@ def libraries_of(modules: Iterable[nn.Module]) -> frozenset[str]:
     return frozenset(found)
 
 
-_fixed = threading.local()  # this thread's `hooks_fixed` table, while one is entered
+_HOOKS = FixedAnswers()
 
 
-@contextlib.contextmanager
-def hooks_fixed() -> Iterator[None]:
+def hooks_fixed() -> ContextManager[None]:
     """While entered, `hooks_for` on this thread looks at each module's tree once (a walk of the
     whole tree per question: planning asks about a model's roots hundreds of times). For a pass
     that gives no module a child of another integrated library than its tree has (planning and
     installing an adapter: adapter modules are torch's and fxlora's, `modules_to_save` copies of
     modules already there)."""
-    outer = getattr(_fixed, "table", None)
-    if outer is None:
-        _fixed.table = {}
-    try:
-        yield
-    finally:
-        if outer is None:
-            _fixed.table = None
+    return _HOOKS.fixed()
 
 
 def hooks_for(module: nn.Module) -> TraceHooks:
     """The merged hooks of every library whose classes appear in `module` (imports those
     integrations on first use)."""
-    table = getattr(_fixed, "table", None)
-    if table is not None:
-        known = table.get(id(module))
-        if known is not None and known[0] is module:
-            return known[1]
-    packages = libraries_of(module.modules())
+    return _HOOKS.answer((module,), lambda: _merged_hooks(libraries_of(module.modules())))
+
+
+def _merged_hooks(packages: frozenset[str]) -> TraceHooks:
     if packages not in _merged:
         hooks = NO_HOOKS
         for package in sorted(packages):
             hooks = hooks.merged(_library_hooks(package))
         _merged[packages] = hooks
-    if table is not None:
-        table[id(module)] = (module, _merged[packages])
     return _merged[packages]
 
 
