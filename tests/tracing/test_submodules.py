@@ -101,28 +101,3 @@ def test_while_fixed_each_tree_is_walked_once_and_outside_every_time(monkeypatch
     root.append(nn.Linear(2, 2))  # outside: the changed tree is seen
     assert named_submodules(root) == list(root.named_modules()) != first
     assert len(walks) == 3
-
-
-def test_other_threads_do_not_share_the_fixed_trees(monkeypatch):
-    import threading
-
-    from fxlora.tracing.submodules import trees_fixed
-
-    root = tree([2])
-    walks = counting_walks(monkeypatch)
-    entered, done = threading.Event(), threading.Event()
-
-    def planning():
-        with trees_fixed():
-            named_submodules(root)
-            entered.set()
-            done.wait(10)
-
-    thread = threading.Thread(target=planning)
-    thread.start()
-    assert entered.wait(10)
-    root.append(nn.Linear(2, 2))
-    assert named_submodules(root) == list(root.named_modules())  # this thread: no table, the tree as it is
-    done.set()
-    thread.join()
-    assert len(walks) == 2
