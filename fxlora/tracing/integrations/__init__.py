@@ -17,8 +17,8 @@ little more knowledge to be traced *correctly* and *further*; an integration mod
 - ``example_inputs``: small inputs ``(args, kwargs)`` for forward passes, used to observe how each
   module is really called (`fxlora.tracing.probe`);
 - ``pure_in_eval``: tests for leaf modules that, in evaluation mode, compute their output from
-  their input and their own tensors alone (timm's norm layers), so that compiled code may run them
-  inside ``torch.cond`` (`fxlora.runtime.idle`).
+  their input and their own tensors alone (timm's norm layers, transformers' activation
+  modules), so that compiled code may run them inside ``torch.cond`` (`fxlora.runtime.idle`).
 
 Object arguments that are neither tensors nor constants can be declared as *handles*
 (`register_object_type`): such an argument becomes a placeholder whose type is part of the call

@@ -198,6 +198,32 @@ def dynamic_cache_attributes(cls: type, members: dict) -> tuple[str, ...]:
     return ("get_seq_length",) if ints else ()
 
 
+#: the activation modules of ``transformers.activations`` whose forward computes a new tensor by
+#: torch functions of its input alone (``F.silu``, ``F.gelu``, tanh / erf / sigmoid formulas,
+#: ``clip``, ``mish``, ``relu`` squared, ``softplus``): not xIELU, whose forward may call a custom
+#: CUDA class, nor the identity (``LinearActivation`` returns its input itself)
+_PURE_ACTIVATIONS = frozenset(
+    {
+        "SiLUActivation", "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
+        "ClippedGELUActivation", "AccurateGELUActivation", "MishActivation", "LaplaceActivation",
+        "ReLUSquaredActivation", "SqrtSoftplusActivation", "GELUTanh", "PytorchGELUTanh",
+    }
+)
+
+
+def pure_activation(module: nn.Module) -> bool:
+    """One of transformers' plain activation modules (`_PURE_ACTIVATIONS`), running the class's
+    own forward: not one whose forward a kernel hub (``kernels``' ``kernelize``) or anyone else
+    replaced, on the class or on the instance."""
+    cls = type(module)
+    return (
+        cls.__module__ == "transformers.activations"
+        and cls.__name__ in _PURE_ACTIVATIONS
+        and getattr(cls.forward, "__module__", None) == "transformers.activations"
+        and "forward" not in module.__dict__
+    )
+
+
 def trace_hooks() -> TraceHooks:
     global _DEPRECATE_CODE
     from transformers.cache_utils import Cache
@@ -217,4 +243,5 @@ def trace_hooks() -> TraceHooks:
         example_inputs=example_inputs,
         output_types=(ModelOutput,),
         kept_whole=(is_checkpointing_layer,),
+        pure_in_eval=(pure_activation,),
     )

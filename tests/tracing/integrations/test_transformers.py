@@ -215,3 +215,62 @@ def test_get_seq_length_only_where_it_is_an_int():
     assert dynamic_cache_attributes(EncoderDecoderCache, {"self_attention_cache": StaticCache}) == ()
     subclass = type("MyCache", (DynamicCache,), {})
     assert dynamic_cache_attributes(subclass, {}) == ()
+
+
+# ---------------------------------------------------------------------- pure activations
+def test_transformers_plain_activations_qualify_for_base_only_code_and_others_do_not():
+    """transformers' activation modules (``ACT2FN``) computing a torch function of their input
+    let a graph run as the base model alone (`fxlora.runtime.idle.skippable`); xIELU (a custom
+    CUDA class) and an activation whose forward was replaced do not."""
+    import torch.fx as fx
+    import torch.nn as nn
+
+    from fxlora.runtime.idle import skippable
+    from fxlora.tracing.integrations.transformers import _PURE_ACTIVATIONS
+    from transformers import activations
+
+    class LeavesOnly(fx.Tracer):
+        def is_leaf_module(self, m, qualified_name):
+            return True
+
+    def qualifies(act):
+        model = nn.Sequential(nn.Linear(6, 6), act)
+        return skippable(LeavesOnly().trace(model), model)
+
+    made = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key in activations.ACT2CLS:  # every activation a config can name, as ACT2FN makes it
+            act = activations.ACT2FN[key]
+            made.setdefault(type(act).__name__, act)
+    assert {"SiLUActivation", "GELUActivation", "ClippedGELUActivation"} <= set(made)  # llama's, bert's, gelu_10
+    for name, act in made.items():
+        expected = name in _PURE_ACTIVATIONS or type(act).__module__.startswith("torch.nn.")
+        assert qualifies(act) is expected, name
+    assert "XIELUActivation" not in _PURE_ACTIVATIONS and "LinearActivation" not in _PURE_ACTIVATIONS
+    replaced = activations.SiLUActivation()
+    replaced.forward = lambda x: torch.nn.functional.silu(x) + 1
+    assert not qualifies(replaced)
+
+
+def test_a_merged_llama_mlp_runs_the_base_code_alone_when_compiled_without_autograd():
+    model = TRANSFORMERS["llama"].build().eval()
+    lm = fxlora.transform(model, fxlora.LoraConfig(target_modules="all-linear", init_lora_weights=False)).eval()
+    mlps = [m for m in lm.model.modules() if type(m).__name__ == "LlamaMLP"]
+    assert mlps
+    for mlp in mlps:
+        forward = installed_forward(mlp)
+        assert isinstance(forward, GraphForward)
+        assert all(code.idle is not None for key, code in forward._gated.items() if not key[0])
+    mlp = mlps[0]
+    h = torch.randn(2, 5, mlp.gate_proj.in_features)
+    compiled = torch.compile(mlp, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        lm.merge_adapter()
+        expected = mlp(h)  # eager, merged: the base layers alone, on merged weights
+        for name, p in lm.named_parameters():
+            if "lora_" in name:
+                p.fill_(float("nan"))  # code still computing a merged branch (times a zero gate) gives NaN
+        out = compiled(h)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected)
