@@ -14,9 +14,9 @@ state change (the predicate is data), and merged adapters cost the base model's 
 tensors in and out: a graph qualifies only when every node is a call known to be a pure tensor
 computation (torch functions, ``operator``, tensor methods, no in-place op; modules of the
 standard ``torch.nn`` kinds, ones a library integration declares pure (timm's norm layers,
-transformers' activations: `fxlora.tracing.integrations.TraceHooks.pure_in_eval`) or adapted layers, no `modules_to_save`
-module; a module that is a graph root of its own, called as a module, whose evaluation graphs
-all qualify) and it returns one tensor computed by such a call.
+transformers' activations: `fxlora.tracing.integrations.TraceHooks.pure_in_eval`) or adapted
+layers, no `modules_to_save` module; a module that is a graph root of its own, called as a
+module, whose evaluation graphs all qualify) and it returns one tensor computed by such a call.
 Any other graph (a transformers model returning a cache object, say) keeps the gated code alone.
 A call whose root has a module with hooks (when it is compiled: `IdleCode.hooks`) runs the
 gated code alone too: a hook's side effect cannot run inside a ``torch.cond`` branch.
@@ -78,9 +78,9 @@ def _no_nested_graphs(module: nn.Module) -> None:
 def _pure_module(module: nn.Module, hooks: TraceHooks, graphs_of: NestedGraphs) -> bool:
     """A standard module, one a library integration declares pure in evaluation mode
     (`TraceHooks.pure_in_eval`: timm's norm layers, transformers' activations), an adapted
-    layer, or a graph root of its own whose evaluation graphs all qualify (`skippable`); a `modules_to_save`
-    module is not (its copy is selected whenever its adapter is active, merged or not, so no state
-    would skip anything)."""
+    layer, or a graph root of its own whose evaluation graphs all qualify (`skippable`); a
+    `modules_to_save` module is not (its copy is selected whenever its adapter is active, merged
+    or not, so no state would skip anything)."""
     if saved_meta(module) is not None:
         return False
     if target_meta(module) is not None:
