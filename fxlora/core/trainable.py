@@ -66,11 +66,10 @@ def bias_slots(model: nn.Module, bias: str, targets: Iterable[nn.Module], saved:
 
 
 def _bias_slots(model: nn.Module, bias: str) -> Iterator[Slot]:
-    """`bias_slots` for the adapters attached to `model`."""
-    if bias == "none":  # nothing to look for
-        return iter(())
-    targets = [m for m in model.modules() if target_meta(m) is not None]
-    saved = [m for m in model.modules() if saved_meta(m) is not None]
+    """`bias_slots` for the adapters attached to `model` (each walk of the tree made only if
+    the setting reads it: none for "none")."""
+    targets = (m for m in model.modules() if target_meta(m) is not None)
+    saved = (m for m in model.modules() if saved_meta(m) is not None)
     return bias_slots(model, bias, targets, saved)
 
 

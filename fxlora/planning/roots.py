@@ -124,7 +124,6 @@ def repeated_blocks(root: nn.Module, interesting: Iterable[nn.Module], observed:
     return found
 
 
-
 def _holding(root: nn.Module, wanted: set[int]) -> set[str]:
     """The relative names of the modules below `root` that hold a module of `wanted` (not counting itself)."""
     holding: set[str] = set()

@@ -38,7 +38,7 @@ from fxlora.tracing.call_template import CallTemplate
 from fxlora.tracing.integrations import TraceHooks, hooks_for
 from fxlora.tracing.proxies import NotTraceable
 from fxlora.tracing.tracer import CheckpointInTrace, LoraTracer, check_transparent
-from fxlora.tracing.submodules import named_submodules
+from fxlora.tracing.submodules import named_submodules, submodule
 from fxlora.errors import TraceFailure
 
 __all__ = [
@@ -128,8 +128,7 @@ def _ancestor_chains(root: nn.Module, interesting: Iterable[nn.Module]) -> Itera
         if id(module) in wanted and name:
             chain, owner = [], root
             for part in name.split(".")[:-1]:
-                child = owner._modules.get(part)
-                owner = child if child is not None else getattr(owner, part)
+                owner = submodule(owner, part)
                 chain.append(owner)
             yield chain
 
