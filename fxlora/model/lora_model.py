@@ -35,7 +35,7 @@ from fxlora.planning.explain import Report
 from fxlora.planning.plan import TracePolicy, emit_warnings, make_plan
 from fxlora.runtime.calls import CALL_LOCK, outside_compile
 from fxlora.runtime.forwards import GraphForward, graph_forwards, installed_forward
-from fxlora.runtime.install import fxlora_present, refresh_all, strip
+from fxlora.runtime.install import fxlora_present, prepare_all, refresh_all, strip
 from fxlora.core.trainable import lora_parameters
 
 __all__ = ["LoraModel"]
@@ -223,10 +223,7 @@ class LoraModel(nn.Module):
             return self
         if mode and state.flags_stale:
             state.sync_trainable(True)
-        for module in self.model.modules():
-            fwd = installed_forward(module)
-            if isinstance(fwd, GraphForward):
-                fwd.prepare(module.training)
+        prepare_all(self.model)
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> "LoraModel":

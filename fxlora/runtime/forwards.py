@@ -2,13 +2,8 @@
 
 - `GraphForward` on a *graph root*: runs the LoRA-rewritten graph code with ``self`` bound to the
   root module itself, so every attribute it reads is the live one (no copy of the model exists).
-- `EagerLoraForward` on every adapted layer: the layer's own forward, then
-  `fxlora.core.branch.lora_output`, the same function the graph path traces (a layer whose kind
-  computes its adapted call itself, `LayerKind.own_call`: `fxlora.core.branch.own_output`, which
-  graph code calls through this forward). Graph code calls the layer
-  with ``BASE_ONLY`` and inserts the branch as nodes; any other call (a path no graph covers,
-  another method of the model) gets the branch eagerly.
-- `SavedForward` on every `modules_to_save` module, likewise.
+- `EagerLoraForward` on every adapted layer, `SavedForward` on every `modules_to_save` module
+  (`fxlora.runtime.layer_forwards`): their eager forwards, which graph code calls with ``BASE_ONLY``.
 
 The module's class, parameters and ``state_dict()`` keys never change; deleting the instance
 attribute (`uninstall`) gives back the class's own forward.
@@ -25,21 +20,20 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxlora.core.branch import lora_output, own_output, saved_output
 from fxlora.runtime.calls import CALL_LOCK
+from fxlora.runtime.layer_forwards import EagerLoraForward, SavedForward, call_original, with_call_gates
 from fxlora.runtime.builds import build_state, built_once, closed_roots
 from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
-from fxlora.core.own_rows import ROWS_OF
-from fxlora.core.layers import BASE_ONLY, GATED_CODE, GUARD_IDLE, IDLE_CODE, NESTED_CODE, saved_meta, target_meta
-from fxlora.core.ops import any_open
+from fxlora.core.layers import BASE_ONLY, GATED_CODE, IDLE_CODE, NESTED_CODE, saved_meta, target_meta
 from fxlora.passes import rewrite
 from fxlora.passes.weight_reads import layers_read
 from fxlora.passes.weight_uses import layers_used_by_weight
 from fxlora.tracing.call_keys import SELF, CallKey, call_key, canonical_key, gather_inputs, key_has_handles, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
+from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.submodules import submodule
 from fxlora.tracing.boundaries import BaseLayers, base_layers, nested_roots, subtree_hooks
 
@@ -68,92 +62,6 @@ def uninstall(module: nn.Module) -> None:
         module.__dict__["forward"] = fwd.previous
     else:
         del module.__dict__["forward"]
-
-
-def _call_original(module: nn.Module, previous: Optional[Callable], args: tuple, kwargs: dict) -> Any:
-    if previous is not None:
-        return previous(*args, **kwargs)
-    return type(module).forward(module, *args, **kwargs)
-
-
-def with_call_gates(owner: "AdapterState", fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """``fn(gates, eager, args, kwargs)`` with the gates of the call in flight: under
-    torch.compile the current state and gated code (no lock, no pin: dynamo traces neither);
-    inside a call of this model its pinned state (that call holds the lock); else a new call's
-    context (`AdapterState.calling`)."""
-    if torch.compiler.is_compiling():
-        return fn(owner.current(), None, args, kwargs)
-    pinned = owner.pin.get()
-    if pinned is not None:
-        return fn(pinned, pinned.eager, args, kwargs)
-    with owner.calling() as gates:
-        return fn(gates, gates.eager, args, kwargs)
-
-
-class _EagerForward:
-    """The forward installed on every adapted (or saved) module, whichever path its branch takes:
-    called from anywhere (the model's ``forward``, another method such as timm's
-    ``forward_features``, a library reaching into a container), the module computes with LoRA,
-    with the gates of the call in flight (`fxlora.model.state.AdapterState.calling`). Graph code calls
-    it with ``BASE_ONLY=True`` and adds the branch as graph nodes. `previous` is the instance
-    forward it replaced (None: the class's own)."""
-
-    path = "eager"
-
-    def __init__(self, module: nn.Module, owner: AdapterState, previous: Optional[Callable] = None) -> None:
-        self.module = module
-        self.owner = owner
-        self.previous = previous
-
-    def original(self, *args: Any, **kwargs: Any) -> Any:
-        return _call_original(self.module, self.previous, args, kwargs)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.pop(BASE_ONLY, False):
-            return self.original(*args, **kwargs)
-        return with_call_gates(self.owner, self.compute, args, kwargs)
-
-    def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
-        raise NotImplementedError
-
-
-class EagerLoraForward(_EagerForward):
-    """``forward`` of an adapted layer: base output plus `lora_output`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.pop(GUARD_IDLE, False) and torch.compiler.is_compiling() and self._guardable(args, kwargs):
-            return self._guarded(args[0], self.owner.current())
-        return super().__call__(*args, **kwargs)
-
-    def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
-        if target_meta(self.module).kind.own_call:
-            rows_of = kwargs.pop(ROWS_OF, None)  # graph code: the batch-first tensor its input was reshaped from
-            return own_output(self.module, args, kwargs, gates, eager, rows_of)
-        base = self.original(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
-        return lora_output(self.module, x, base, gates, eager)
-
-    @staticmethod
-    def _guardable(args: tuple, kwargs: dict) -> bool:
-        return len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
-
-    def _guarded(self, x: torch.Tensor, gates: GateState) -> torch.Tensor:
-        """Compiled evaluation code (`fxlora.passes.guard_idle`): the branches run only when one of
-        the layer's gates is open, decided at run time, so no state change recompiles."""
-        module = self.module
-        open_gates = [gates.scale_of(a, x) for a in target_meta(module).adapters]
-
-        def with_lora(x: torch.Tensor) -> torch.Tensor:
-            return lora_output(module, x, self.original(x), gates, None)
-
-        return torch.cond(any_open(open_gates), with_lora, self.original, (x,))
-
-
-class SavedForward(_EagerForward):
-    """``forward`` of a `modules_to_save` module: the selected trainable copy's output."""
-
-    def compute(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict) -> Any:
-        return saved_output(self.module, self.original, args, kwargs, gates, eager)
 
 
 def _is_graph_root(module: nn.Module) -> bool:
@@ -295,18 +203,9 @@ class GraphForward:
                 if self.variants[key].holds(self.root):
                     return True
                 self._forget(key)  # an attribute the graph baked in changed, or a module boundary appeared
-            if key in self.failures:
-                return False
-            variant = self.variants.get(key)
+            variant = self.traced(key)
             if variant is None:
-                try:
-                    variant = trace_variant(self.root, trace_through_ids(self.root, _interesting(self.root)), key)
-                except TraceFailure as exc:
-                    self.failures[key] = str(exc)
-                    return False
-                self.variants[key] = variant
-                self._read = None
-                self._adopt_nested_roots()
+                return False
             code = self._build(key, variant, eager, self._state())
             if eager is None:
                 self._gated[key] = code
@@ -315,6 +214,25 @@ class GraphForward:
                 while len(self._eager) > MAX_EAGER_CODES:
                     self._eager.popitem(last=False)
             return True
+
+    def traced(self, key: CallKey, cache: Optional[TraceCache] = None) -> Optional[TracedVariant]:
+        """The variant of pattern `key`, traced if new (through `cache`: identical roots traced
+        in one pass share their traces); None if it cannot be traced."""
+        with CALL_LOCK.exclusive():
+            if key in self.failures:
+                return None
+            variant = self.variants.get(key)
+            if variant is None:
+                through = trace_through_ids(self.root, _interesting(self.root))
+                try:
+                    variant = trace_variant(self.root, through, key) if cache is None else cache.trace(self.root, through, key)
+                except TraceFailure as exc:
+                    self.failures[key] = str(exc)
+                    return None
+                self.variants[key] = variant
+                self._read = None
+                self._adopt_nested_roots()
+            return variant
 
     def _adopt_nested_roots(self) -> None:
         """Make each module with a boundary below this root that holds adapted layers a graph
@@ -331,14 +249,19 @@ class GraphForward:
         for entry in [e for e in self._eager if e[0] == key]:
             del self._eager[entry]
 
-    def prepare(self, training: bool) -> bool:
-        """Trace and build the plainest call pattern, and the train/eval twin of every known
-        pattern, for that mode ahead of use (so that a compiled model does not meet an untraced
-        pattern)."""
+    def mode_keys(self, training: bool) -> list[CallKey]:
+        """The patterns to have ahead for `training` mode: the train/eval twin of every known
+        pattern and the plainest call pattern (so that a compiled model does not meet an
+        untraced pattern)."""
         keys = [with_training(k, training) for k in list(self.variants)]
         if not self.ranked:  # a ranked root is never called with the rank-free plainest pattern
             keys.insert(0, canonical_key(self.root, training))
-        return all([self.ensure(k) for k in keys])
+        return keys
+
+    def prepare(self, training: bool) -> bool:
+        """Trace and build `mode_keys` (`fxlora.runtime.install.prepare_all` traces them first,
+        once for identical roots)."""
+        return all([self.ensure(k) for k in self.mode_keys(training)])
 
     def graph_code(self, training: Optional[bool] = None) -> str:
         """The generated code of the plainest call pattern (for inspection)."""
@@ -391,7 +314,7 @@ class GraphForward:
                 "do not act in this call",
                 stacklevel=3,
             )
-        return _call_original(self.root, self.previous, args, kwargs)
+        return call_original(self.root, self.previous, args, kwargs)
 
     # ---------------------------------------------------------------- copying
     def __getstate__(self) -> dict[str, Any]:

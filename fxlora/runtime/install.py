@@ -17,6 +17,7 @@ from fxlora.kinds.weight_inits import init_of
 from fxlora.core.weight_use import acts_through_weight
 from fxlora.planning.plan import PathInfo, Plan, RootPlan, assign_paths
 from fxlora.tracing.submodules import trees_fixed
+from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.traced import CONSTANT_PREFIX
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,6 +27,7 @@ __all__ = [
     "attach_plan",
     "install_forwards",
     "refresh_all",
+    "prepare_all",
     "uninstall_forwards",
     "reinstall_forwards",
     "installed_forwards",
@@ -102,6 +104,19 @@ def refresh_all(forwards: Iterable[GraphForward]) -> None:
     with trees_fixed(), skippable_fixed():
         for forward in forwards:
             forward.refresh()
+
+
+def prepare_all(model: nn.Module) -> None:
+    """`GraphForward.prepare` every graph root of `model` for the mode it is in (after a mode
+    switch), each root's patterns traced first through one `TraceCache`, so that identical
+    blocks are traced once per pattern (as when planning) and then share one build."""
+    forwards = [f for m in model.modules() if isinstance(f := installed_forward(m), GraphForward)]
+    cache = TraceCache(model)
+    for forward in forwards:
+        for key in forward.mode_keys(forward.root.training):
+            forward.traced(key, cache)
+    for forward in forwards:
+        forward.prepare(forward.root.training)
 
 
 def uninstall_forwards(model: nn.Module) -> None:

@@ -217,3 +217,30 @@ def test_blocks_differing_in_held_objects_or_tuples_are_traced_apart(monkeypatch
     x = torch.randn(3, 8)
     for i in range(3):
         assert torch.equal(model.get_submodule(f"blocks.{i}")(x), ref.get_submodule(f"blocks.{i}")(x))
+
+
+class Wrapping(nn.Module):
+    """A root tracing through a custom child (whose forward its graph inlines)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Block()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_roots_own_instance_forward_is_not_in_its_fingerprint_but_a_childs_is():
+    """A root's trace follows its class's ``forward`` (its instance ``forward`` is fxlora's once
+    adapted: blocks must still match); a child traced through runs its instance ``forward``."""
+    a, b = Wrapping(), Wrapping()
+    key = canonical_key(a, True)
+
+    def fp(root):
+        return reuse.fingerprint(root, trace_through_ids(root, [root.inner.fc1]), key)
+
+    assert id(a.inner) in trace_through_ids(a, [a.inner.fc1])
+    b.forward = lambda x: x  # noqa: E731
+    assert fp(a) == fp(b)
+    b.inner.forward = lambda x: x  # noqa: E731
+    assert fp(a) != fp(b)

@@ -1,0 +1,144 @@
+"""A mode switch prepares every graph root through one trace cache (`fxlora.runtime.install.prepare_all`):
+identical blocks are traced once per call pattern, blocks differing in a number their graph
+carries share one lifted trace, blocks whose values decide control flow are traced on their own,
+and every block computes exactly what its eager forward computes in the new mode."""
+
+import copy
+
+import pytest
+import torch
+
+import fxlora
+from fxlora import LoraConfig
+from fxlora.runtime import forwards
+from fxlora.tracing import reuse
+from models import Block, Opaque, copy_peft_adapter_weights
+
+
+class Scaled(Block):
+    """Multiplies by a plain attribute (a number its graph carries: lifted)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+class ModeBranching(Block):
+    """Python control flow on the training flag and on a plain attribute: the two modes' graphs
+    differ, and so do odd and even blocks."""
+
+    def __init__(self, idx: int):
+        super().__init__()
+        self.idx = idx
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.training:
+            y = y + 1
+        if self.idx % 2:
+            y = y * 2
+        return y
+
+
+def count_traces(monkeypatch) -> list[str]:
+    """Every trace of a graph root, shared (`TraceCache`) or on its own (`GraphForward.traced`)."""
+    calls: list[str] = []
+
+    def spying(module):
+        original = module.trace_variant
+
+        def spy(root, through, key, **options):
+            calls.append(type(root).__name__ + (" lifted" if "tracer" in options else ""))
+            return original(root, through, key, **options)
+
+        monkeypatch.setattr(module, "trace_variant", spy)
+
+    spying(reuse)
+    spying(forwards)
+    return calls
+
+
+def in_train_mode(make, targets=("fc1", "fc2")):
+    """fxlora's graph model, transformed in training mode, and an eager reference with its weights."""
+    torch.manual_seed(0)
+    model = fxlora.transform(make().train(), LoraConfig(target_modules=list(targets), init_lora_weights=False))
+    ref = fxlora.transform(make().train(), LoraConfig(target_modules=list(targets)), trace="eager")
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
+def eval_functions(model, n):
+    return [code.fn for i in range(n) for key, code in model.get_submodule(f"blocks.{i}").forward._gated.items() if not key[0]]
+
+
+def test_identical_blocks_are_traced_once_when_the_mode_switches(monkeypatch):
+    model, ref = in_train_mode(lambda: Opaque([Block() for _ in range(4)]))
+    calls = count_traces(monkeypatch)
+    model.eval(), ref.eval()
+    assert calls == ["Block"]  # not once per block
+    fns = eval_functions(model, 4)
+    assert len(fns) == 4 and all(fn is fns[0] for fn in fns)  # and one build for all
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), ref(x))
+    calls.clear()
+    model.train(), ref.train()
+    assert calls == []  # the training patterns were planned
+    assert torch.equal(model(x), ref(x))
+
+
+def test_blocks_differing_in_a_number_share_a_lifted_trace_after_a_switch(monkeypatch):
+    model, ref = in_train_mode(lambda: Opaque([Scaled(s) for s in (1.0, 2.0, 3.0, 2.0)]), ["fc1"])
+    calls = count_traces(monkeypatch)
+    model.eval(), ref.eval()
+    assert sorted(calls) == ["Scaled", "Scaled lifted"]
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), ref(x))
+    for i in range(4):
+        assert torch.equal(model.get_submodule(f"blocks.{i}")(x), ref.get_submodule(f"blocks.{i}")(x))
+
+
+def test_blocks_whose_values_decide_control_flow_are_traced_apart_after_a_switch(monkeypatch):
+    model, ref = in_train_mode(lambda: Opaque([ModeBranching(i) for i in range(4)]), ["fc1"])
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), ref(x))
+    calls = count_traces(monkeypatch)
+    model.eval(), ref.eval()
+    assert calls.count("ModeBranching") == 4 and calls.count("ModeBranching lifted") == 1  # tried, refused
+    for i in range(4):  # each block's own graph, for the new mode: no +1, odd blocks double
+        assert torch.equal(model.get_submodule(f"blocks.{i}")(x), ref.get_submodule(f"blocks.{i}")(x))
+    assert torch.equal(model(x), ref(x))
+    model.train(), ref.train()
+    assert torch.equal(model(x), ref(x))
+
+
+def test_tiny_llama_transformed_in_training_mode_switches_to_eval_with_lifted_traces(monkeypatch):
+    """The decoder layers' attention blocks differ in ``layer_idx`` (the KV cache's index): after
+    the switch, one trace and one lifted trace per call pattern; logits and a cached decoding step
+    equal peft's (a wrong index would mix the layers' caches)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    base = transformers.LlamaForCausalLM(config).train()
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    ours = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules="all-linear"))
+    copy_peft_adapter_weights(reference, ours)
+    calls = count_traces(monkeypatch)
+    ours.eval(), reference.eval()
+    patterns = calls.count("LlamaAttention")
+    assert patterns >= 1 and calls.count("LlamaAttention lifted") == patterns  # not one trace per layer
+    assert calls.count("LlamaMLP") == 1
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids, use_cache=True), reference(input_ids=ids, use_cache=True)
+        assert torch.allclose(a.logits, b.logits, atol=1e-5)
+        step = torch.randint(0, 96, (2, 1))
+        a2 = ours(input_ids=step, past_key_values=a.past_key_values, use_cache=True)
+        b2 = reference(input_ids=step, past_key_values=b.past_key_values, use_cache=True)
+        assert torch.allclose(a2.logits, b2.logits, atol=1e-5)
