@@ -10,12 +10,13 @@ import torch.nn as nn
 
 from fxlora.errors import UnsupportedTargetError
 
-from fxlora.runtime.forwards import EagerLoraForward, GraphForward, SavedForward, install, installed_forward, uninstall
+from fxlora.runtime.forwards import EagerLoraForward, GraphForward, SavedForward, graph_forwards, install, installed_forward, uninstall
 from fxlora.runtime.idle import skippable_fixed
 from fxlora.core.layers import attach_adapter, attach_saved_copy, detach_all, saved_meta, target_meta
 from fxlora.kinds.weight_inits import init_of
 from fxlora.core.weight_use import acts_through_weight
 from fxlora.planning.plan import PathInfo, Plan, RootPlan, assign_paths
+from fxlora.tracing.integrations import hooks_fixed
 from fxlora.tracing.submodules import trees_fixed
 from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.traced import CONSTANT_PREFIX
@@ -109,14 +110,20 @@ def refresh_all(forwards: Iterable[GraphForward]) -> None:
 def prepare_all(model: nn.Module) -> None:
     """`GraphForward.prepare` every graph root of `model` for the mode it is in (after a mode
     switch), each root's patterns traced first through one `TraceCache`, so that identical
-    blocks are traced once per pattern (as when planning) and then share one build."""
-    forwards = [f for m in model.modules() if isinstance(f := installed_forward(m), GraphForward)]
+    blocks are traced once per pattern (as when planning) and then share one build. A mode switch
+    adds, removes and replaces no module: each tree is walked once (`trees_fixed`, `hooks_fixed`)
+    and, once every pattern is traced, each graph's `skippable` asked once."""
+    forwards = graph_forwards(model)
     cache = TraceCache(model)
-    for forward in forwards:
-        for key in forward.mode_keys(forward.root.training):
-            forward.traced(key, cache)
-    for forward in forwards:
-        forward.prepare(forward.root.training)
+    with trees_fixed(), hooks_fixed():
+        for forward in forwards:
+            if forward.ranked:
+                cache.needs_ranks(type(forward.root))
+            for key in forward.mode_keys(forward.root.training):
+                forward.traced(key, cache)
+        with skippable_fixed():
+            for forward in forwards:
+                forward.prepare(forward.root.training)
 
 
 def uninstall_forwards(model: nn.Module) -> None:

@@ -283,12 +283,23 @@ class TraceCache:
     root (a fingerprint starts with the class): it is traced without one."""
 
     def __init__(self, model: Optional[nn.Module] = None) -> None:
-        self._classes = None if model is None else Counter(type(m) for _, m in named_submodules(model))
+        self._model = model
+        self._counted: Optional[Counter] = None  # classes of `model`'s modules, counted on first use
         self._entries: dict[Hashable, Union[TracedVariant, TraceFailure]] = {}
         self._families: dict[Hashable, _Family] = {}
         self._described: dict[int, tuple[nn.Module, set[int], Any]] = {}  # per root, for its other patterns
         #: module classes whose code needed ranks once: their rank-free trace is not tried again
         self._ranked_types: set[type] = set()
+
+    def needs_ranks(self, cls: type) -> None:
+        """Trace roots of `cls` with ranks at once (one needed them before: a rank-free attempt
+        would fail again; a ranked graph is exact for its pattern either way)."""
+        self._ranked_types.add(cls)
+
+    def _count(self, cls: type) -> int:
+        if self._counted is None:
+            self._counted = Counter(type(m) for _, m in named_submodules(self._model))
+        return self._counted[cls]
 
     def _trace_variant(self, root: nn.Module, trace_through: set[int], key: CallKey, **kwargs: Any) -> TracedVariant:
         """`trace_variant`, skipping the rank-free attempt for a class that needed ranks before
@@ -308,7 +319,7 @@ class TraceCache:
         """`fxlora.tracing.traced.trace_variant`, or a copy of an identical root's trace made
         for `root` (same graph, inputs and constants; `root`'s own guards and inlined modules),
         or a lifted trace of its family (see the module docstring)."""
-        if self._classes is not None and self._classes[type(root)] == 1:  # no identical root to share with
+        if self._model is not None and self._count(type(root)) == 1:  # no identical root to share with
             return self._trace_variant(root, trace_through, key)
         described = self._describe(root, trace_through, key)
         if described is None:

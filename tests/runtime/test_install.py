@@ -11,7 +11,7 @@ import torch
 import fxlora
 from fxlora import LoraConfig
 from fxlora.runtime import forwards
-from fxlora.tracing import reuse
+from fxlora.tracing import reuse, traced
 from models import Block, Opaque, copy_peft_adapter_weights
 
 
@@ -130,10 +130,13 @@ def test_tiny_llama_transformed_in_training_mode_switches_to_eval_with_lifted_tr
     ours = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules="all-linear"))
     copy_peft_adapter_weights(reference, ours)
     calls = count_traces(monkeypatch)
+    traces = []
+    monkeypatch.setattr(traced, "_trace", lambda *a, _trace=traced._trace, **k: traces.append(1) or _trace(*a, **k))
     ours.eval(), reference.eval()
     patterns = calls.count("LlamaAttention")
     assert patterns >= 1 and calls.count("LlamaAttention lifted") == patterns  # not one trace per layer
     assert calls.count("LlamaMLP") == 1
+    assert len(traces) == 2 * patterns + 1  # no rank-free attempt: the attention needed ranks when planned
     ids = torch.randint(0, 96, (2, 7))
     with torch.no_grad():
         a, b = ours(input_ids=ids, use_cache=True), reference(input_ids=ids, use_cache=True)
