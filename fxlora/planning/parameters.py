@@ -87,10 +87,10 @@ def moe_family(model: nn.Module) -> Optional[str]:
         from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
     except ImportError:
         return None
-    if get_checkpoint_conversion_mapping(model_type) is None:
-        return None
     family = "mixtral" if model_type == "mixtral" else _MODEL_TO_CONVERSION_PATTERN.get(model_type)
-    return family if family in _MOE_NAMES else None
+    if family not in _MOE_NAMES:  # asked first: transformers hands out a deep copy of a model's mapping (2 ms for llama's)
+        return None
+    return family if get_checkpoint_conversion_mapping(model_type) is not None else None
 
 
 def moe_expert_sources(family: str) -> dict[str, tuple[str, ...]]:

@@ -100,3 +100,28 @@ def test_config_field():
     with pytest.raises(ValueError, match="needs target_parameters"):
         LoraConfig(target_modules=[])
     assert LoraConfig(target_modules=[], target_parameters=["x"]).target_modules == []
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "olmoe", "llama", "gpt2", "not_a_model"])
+def test_the_moe_family_is_peft_s_and_asks_for_a_mapping_only_for_moe_candidates(monkeypatch, model_type):
+    """PEFT converts a config where transformers has a conversion mapping for the model type and
+    the type's conversion pattern is an MoE family; transformers hands out a deep copy of the
+    mapping on every call (2 ms for llama's), so it is asked for MoE candidates only."""
+    from transformers import conversion_mapping
+
+    from fxlora.planning import parameters
+
+    expected = conversion_mapping.get_checkpoint_conversion_mapping(model_type) is not None and (
+        "mixtral" if model_type == "mixtral" else conversion_mapping._MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    ) in parameters._MOE_NAMES
+    asked = []
+    original = conversion_mapping.get_checkpoint_conversion_mapping
+    monkeypatch.setattr(conversion_mapping, "get_checkpoint_conversion_mapping", lambda t: asked.append(t) or original(t))
+    model = nn.Linear(2, 2)
+    model.config = type("Config", (), {"model_type": model_type})()
+    family = parameters.moe_family(model)
+    assert (family is not None) == expected
+    assert family is None or family in parameters._MOE_NAMES
+    assert family == {"mixtral": "mixtral", "qwen3_moe": "qwen2_moe", "olmoe": "qwen2_moe"}.get(model_type)
+    if family is None:
+        assert asked == []
