@@ -225,7 +225,10 @@ class GraphForward:
             if variant is None:
                 through = trace_through_ids(self.root, _interesting(self.root))
                 try:
-                    variant = trace_variant(self.root, through, key) if cache is None else cache.trace(self.root, through, key)
+                    if cache is None:  # ranks at once for a root that needed them (exact either way)
+                        variant = trace_variant(self.root, through, key, rank_free_first=not self.ranked)
+                    else:
+                        variant = cache.trace(self.root, through, key)
                 except TraceFailure as exc:
                     self.failures[key] = str(exc)
                     return None

@@ -160,3 +160,41 @@ def test_eager_state_code_equals_gated_code(setup, data):
     for step in steps:
         step()
         torch.testing.assert_close(model(x), gated_output(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_root_that_needed_ranks_traces_a_new_pattern_with_ranks_at_once(monkeypatch):
+    """A call pattern first met at run time on a root planned with ranks (transformers' attention)
+    is traced with ranks, without a rank-free attempt that would fail again; its code computes
+    what the attention's own forward computes with the eager branches."""
+    transformers = pytest.importorskip("transformers")
+    from fxlora.tracing import traced
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = fxlora.transform(transformers.LlamaForCausalLM(config).eval(), LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    attention = model.model.model.layers[0].self_attn
+    forward = installed_forward(attention)
+    assert isinstance(forward, GraphForward) and forward.ranked
+    hidden = torch.randn(2, 5, 32)
+    rotary = model.model.model.rotary_emb(hidden, torch.arange(5)[None])
+    outcomes = []
+
+    def spy(*args, _trace=traced._trace, **kwargs):
+        try:
+            result = _trace(*args, **kwargs)
+        except Exception:
+            outcomes.append("failed")
+            raise
+        outcomes.append("traced")
+        return result
+
+    monkeypatch.setattr(traced, "_trace", spy)
+    known = set(forward.variants)
+    with torch.no_grad():
+        out, _ = attention(hidden_states=hidden, position_embeddings=rotary, attention_mask=None)
+        assert outcomes == ["traced"] and set(forward.variants) - known
+        expected, _ = forward._run_eagerly((), dict(hidden_states=hidden, position_embeddings=rotary, attention_mask=None))
+    assert torch.equal(out, expected)
