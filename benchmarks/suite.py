@@ -9,15 +9,17 @@ machine drift hits all alike:
   full fine-tuning;
 - merged forward (after ``merge_adapter()``) against the base forward, eager and compiled, and
   compiled with the opt-in ``guard_idle`` pass (unmerged and merged);
-- transform time (``fxlora.transform`` vs ``peft.get_peft_model``), and the first call after it
-  (fxlora traces ahead at transform but builds the code for the adapter state in use on the first
-  call: that cost is shown, not hidden);
+- transform time (``fxlora.transform`` vs ``peft.get_peft_model``) of a model in eval mode (as
+  ``from_pretrained`` gives it), the first call after it (fxlora traces ahead at transform but
+  builds the code for the adapter state in use on the first call) and the switch to training
+  mode after that (fxlora traces and builds the training patterns then): those costs are shown,
+  not hidden;
 - peak extra memory of an eager training step;
 - training step time and peak memory with ``lora_dropout=0.1`` (fxlora against peft).
 
 A fifth case, ``llama7b-meta``, builds a llama with 7B shapes (hidden 4096, 32 layers, MLP 11008)
-on the meta device and measures only transform time and the first call (meta tensors: Python
-work only, what the block count scales).
+on the meta device and measures only transform time, the first call and the switch to training
+mode (meta tensors: Python work only, what the block count scales).
 
 Prints a table of times and ratios and writes JSON.
 
@@ -283,16 +285,18 @@ def measure_compiled(case, x, base, fxm, pm, full, rounds) -> list[dict]:
 
 
 def transform_rows(case: Case, base: nn.Module, x: object, rounds: int = 5) -> list[dict]:
-    """Transform time and the first call after it (eval, no grad), fxlora and peft interleaved
-    round by round, each round on a fresh copy of `base`; medians (the first round warms caches
-    and is dropped)."""
+    """Transform time, the first call after it (eval, no grad) and the switch to training mode
+    after that (``train()``: fxlora traces and builds the training patterns then), fxlora and
+    peft interleaved round by round, each round on a fresh copy of `base`; medians (the first
+    round warms caches and is dropped)."""
     import peft
 
     adapt = {
         "fxlora": lambda m: fxlora.transform(m, fxlora.LoraConfig(**case.lora)),
         "peft": lambda m: peft.get_peft_model(m, peft.LoraConfig(**case.lora)),
     }
-    samples: dict[str, dict[str, list[float]]] = {"transform": {"fxlora": [], "peft": []}, "first call": {"fxlora": [], "peft": []}}
+    phases = ("transform", "first call", "train()")
+    samples: dict[str, dict[str, list[float]]] = {what: {"fxlora": [], "peft": []} for what in phases}
     for i in range(rounds + 1):
         for name, fn in adapt.items():
             model = copy.deepcopy(base)
@@ -301,15 +305,18 @@ def transform_rows(case: Case, base: nn.Module, x: object, rounds: int = 5) -> l
             middle = time.perf_counter()
             with torch.no_grad():
                 _call(adapted, x)
+            called = time.perf_counter()
+            adapted.train()
             end = time.perf_counter()
             if i:
-                samples["transform"][name].append(middle - start)
-                samples["first call"][name].append(end - middle)
+                for what, seconds in zip(phases, (middle - start, called - middle, end - called)):
+                    samples[what][name].append(seconds)
             del model, adapted
     medians = {what: {k: statistics.median(v) for k, v in by.items()} for what, by in samples.items()}
     return [
         row(case, "transform time", "eager", medians["transform"]),
         row(case, "first call after transform", "eager", medians["first call"]),
+        row(case, "switch to training mode (train())", "eager", medians["train()"]),
     ]
 
 
