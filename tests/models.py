@@ -229,6 +229,17 @@ class Block(nn.Module):
         return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
 
 
+class Scaled(Block):
+    """A block whose forward multiplies by a plain attribute (a number in its graph)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
 class Opaque(nn.Module):
     """Blocks called through a Python loop over a list: each block is its own root."""
 
@@ -302,3 +313,16 @@ def assert_same_state_as_peft(peft_model: nn.Module, lora_model: nn.Module) -> N
     assert set(theirs) == set(ours)
     unequal = [k for k, v in theirs.items() if not torch.equal(v, ours[k])]
     assert not unequal, unequal
+
+
+def assert_same_cached_decoding(ours: nn.Module, reference: nn.Module, vocab: int) -> None:
+    """Logits of a prompt, then of one decoding step on its KV cache, equal between two causal
+    language models (a wrong layer index would mix the layers' caches)."""
+    ids = torch.randint(0, vocab, (2, 7))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids, use_cache=True), reference(input_ids=ids, use_cache=True)
+        assert torch.allclose(a.logits, b.logits, atol=1e-5)
+        step = torch.randint(0, vocab, (2, 1))
+        a2 = ours(input_ids=step, past_key_values=a.past_key_values, use_cache=True)
+        b2 = reference(input_ids=step, past_key_values=b.past_key_values, use_cache=True)
+        assert torch.allclose(a2.logits, b2.logits, atol=1e-5)

@@ -12,18 +12,7 @@ import fxlora
 from fxlora import LoraConfig
 from fxlora.runtime import forwards
 from fxlora.tracing import reuse, traced
-from models import Block, Opaque, copy_peft_adapter_weights
-
-
-class Scaled(Block):
-    """Multiplies by a plain attribute (a number its graph carries: lifted)."""
-
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x):
-        return super().forward(x) * self.scale
+from models import Block, Opaque, Scaled, assert_same_cached_decoding, copy_peft_adapter_weights
 
 
 class ModeBranching(Block):
@@ -137,11 +126,4 @@ def test_tiny_llama_transformed_in_training_mode_switches_to_eval_with_lifted_tr
     assert patterns >= 1 and calls.count("LlamaAttention lifted") == patterns  # not one trace per layer
     assert calls.count("LlamaMLP") == 1
     assert len(traces) == 2 * patterns + 1  # no rank-free attempt: the attention needed ranks when planned
-    ids = torch.randint(0, 96, (2, 7))
-    with torch.no_grad():
-        a, b = ours(input_ids=ids, use_cache=True), reference(input_ids=ids, use_cache=True)
-        assert torch.allclose(a.logits, b.logits, atol=1e-5)
-        step = torch.randint(0, 96, (2, 1))
-        a2 = ours(input_ids=step, past_key_values=a.past_key_values, use_cache=True)
-        b2 = reference(input_ids=step, past_key_values=b.past_key_values, use_cache=True)
-        assert torch.allclose(a2.logits, b2.logits, atol=1e-5)
+    assert_same_cached_decoding(ours, reference, 96)

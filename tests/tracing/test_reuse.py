@@ -14,18 +14,7 @@ from fxlora import LoraConfig
 from fxlora.tracing import reuse
 from fxlora.tracing.call_keys import canonical_key
 from fxlora.tracing.traced import trace_through_ids
-from models import Block, Opaque, copy_peft_adapter_weights
-
-
-class Scaled(Block):
-    """A block whose forward multiplies by a plain attribute (a number in its graph)."""
-
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x):
-        return super().forward(x) * self.scale
+from models import Block, Opaque, Scaled, assert_same_cached_decoding, copy_peft_adapter_weights
 
 
 class Branching(Block):
@@ -199,14 +188,7 @@ def test_tiny_llama_blocks_share_lifted_traces_and_equal_peft(monkeypatch):
     assert patterns >= 1 and calls.count("LlamaAttention lifted") == patterns  # not 4 traces per pattern
     graphs = [v.graph for v in ours.get_submodule("model.layers.3.self_attn").forward.variants.values()]
     assert any(n.op == "get_attr" and n.target == "layer_idx" for g in graphs for n in g.nodes)  # read when run
-    ids = torch.randint(0, 96, (2, 7))
-    with torch.no_grad():
-        a, b = ours(input_ids=ids, use_cache=True), reference(input_ids=ids, use_cache=True)
-        assert torch.allclose(a.logits, b.logits, atol=1e-5)
-        step = torch.randint(0, 96, (2, 1))
-        a2 = ours(input_ids=step, past_key_values=a.past_key_values, use_cache=True)
-        b2 = reference(input_ids=step, past_key_values=b.past_key_values, use_cache=True)
-        assert torch.allclose(a2.logits, b2.logits, atol=1e-5)
+    assert_same_cached_decoding(ours, reference, 96)
 
 
 def test_blocks_differing_in_held_objects_or_tuples_are_traced_apart(monkeypatch):
