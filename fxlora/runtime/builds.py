@@ -59,10 +59,7 @@ def build_state(root: nn.Module, closed: tuple[str, ...] = ()) -> Optional[Hasha
 
     `closed`: the paths of modules the graphs call as modules and never reach into
     (`closed_roots`): what is inside them is not the passes' concern, and not in the state."""
-    named = named_submodules(root)
-    if closed:
-        below = tuple(path + "." for path in closed)
-        named = [(name, m) for name, m in named if not name.startswith(below)]
+    named = named_submodules(root, closed)
     inside = {id(sub) for _, m in named if META_ATTR in m.__dict__ for sub in m.modules()}  # small subtrees
     state = tuple(
         (name, type(m), *(module_values(m) if id(m) in inside else ((), module_tensors(m))), _record(m))

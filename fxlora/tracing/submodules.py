@@ -51,16 +51,19 @@ def trees_fixed() -> ContextManager[None]:
     return _TREES.fixed()
 
 
-def named_submodules(root: nn.Module) -> list[tuple[str, nn.Module]]:
+def named_submodules(root: nn.Module, closed: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
     """``list(root.named_modules())``: every module of the tree once, under its first path, in
     the same order. Walks the ``_modules`` tables itself, and leaves a tree with a module whose
     class lists its modules or compares itself its own way (``named_modules``, ``__hash__`` or
     ``__eq__`` of its own) to ``named_modules``. Inside `trees_fixed`, the list of an earlier
-    call for `root` (not to be changed)."""
-    return _TREES.answer((root,), lambda: _walk(root))
+    call for `root` (not to be changed).
+
+    `closed`: paths whose modules are listed but not walked into (what is inside them is left
+    out, unless it is reachable outside them too)."""
+    return _TREES.answer((root, closed), lambda: _walk(root, frozenset(closed)))
 
 
-def _walk(root: nn.Module) -> list[tuple[str, nn.Module]]:
+def _walk(root: nn.Module, closed: frozenset = frozenset()) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", root)]
@@ -70,9 +73,12 @@ def _walk(root: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         cls, table = type(module), module.__dict__.get("_modules")
         if cls.named_modules is not _NAMED_MODULES or cls.__hash__ is not object.__hash__ or cls.__eq__ is not object.__eq__ or type(table) is not dict:
-            return list(root.named_modules())
+            below = tuple(c + "." for c in closed)
+            return [(name, m) for name, m in root.named_modules() if not name.startswith(below)]
         seen.add(id(module))
         found.append((path, module))
+        if path in closed:
+            continue
         prefix = path + "." if path else ""
         stack.extend((prefix + name, child) for name, child in reversed(table.items()) if child is not None)
     return found

@@ -61,6 +61,41 @@ def test_named_submodules_lists_what_named_modules_lists(shape, shares, holes):
     assert [(p, id(m)) for p, m in named_submodules(root)] == [(p, id(m)) for p, m in root.named_modules()]
 
 
+@given(
+    st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=4),
+    st.lists(st.integers(0, 40), max_size=3),
+)
+def test_closed_paths_are_listed_but_not_walked_into(shape, shares, closing):
+    """named_modules' walk (each module once, under its first path, in its order) that lists a
+    module at a closed path but does not go into it: without shared modules, named_modules less
+    what is below the closed paths."""
+    root = tree(shape)
+    modules = list(root.modules())
+    for i, j in shares:
+        owner, shared = modules[i % len(modules)], modules[j % len(modules)]
+        if shared is not root and owner is not shared:
+            owner.register_module(f"shared{j}", shared)
+    paths = [p for p, _ in root.named_modules()]
+    closed = tuple(sorted({paths[k % len(paths)] for k in closing} - {""}))
+    expected, seen = [], set()
+
+    def visit(path, module):
+        if id(module) not in seen:
+            seen.add(id(module))
+            expected.append((path, id(module)))
+            if path not in closed:
+                for name, child in module._modules.items():
+                    if child is not None:
+                        visit(f"{path}.{name}" if path else name, child)
+
+    visit("", root)
+    assert [(p, id(m)) for p, m in named_submodules(root, closed)] == expected
+    if not shares:
+        below = tuple(c + "." for c in closed)
+        assert expected == [(p, id(m)) for p, m in root.named_modules() if not p.startswith(below)]
+
+
 def test_a_tree_that_lists_its_modules_its_own_way_is_left_to_named_modules():
     class Listing(nn.Sequential):
         def named_modules(self, memo=None, prefix="", remove_duplicate=True):
@@ -82,7 +117,7 @@ def counting_walks(monkeypatch):
 
     walks = []
     original = submodules._walk
-    monkeypatch.setattr(submodules, "_walk", lambda root: walks.append(root) or original(root))
+    monkeypatch.setattr(submodules, "_walk", lambda root, *closed: walks.append(root) or original(root, *closed))
     return walks
 
 
