@@ -141,6 +141,18 @@ class Pin:
             yield state
         finally:
             self._local.state = previous
+            if previous is None:  # the outermost call ends
+                self._local.memo = None
+
+    def call_memo(self, make: Callable[[], T]) -> Optional[T]:
+        """An object kept for this thread's outermost call in flight (made by `make` on first
+        use, dropped when that call ends); None outside any call."""
+        if self.get() is None:
+            return None
+        memo = getattr(self._local, "memo", None)
+        if memo is None:
+            memo = self._local.memo = make()
+        return memo
 
     def __reduce__(self) -> tuple:
         return (Pin, ())  # a copy (deepcopy, pickle) has no call in flight

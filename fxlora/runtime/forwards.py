@@ -217,13 +217,19 @@ class GraphForward:
 
     def traced(self, key: CallKey, cache: Optional[TraceCache] = None) -> Optional[TracedVariant]:
         """The variant of pattern `key`, traced if new (through `cache`: identical roots traced
-        in one pass share their traces); None if it cannot be traced."""
+        in one pass share their traces; by default, in a call, the call's own cache: identical
+        blocks meeting a new pattern in one forward pass trace it once); None if it cannot be
+        traced."""
         with CALL_LOCK.exclusive():
             if key in self.failures:
                 return None
             variant = self.variants.get(key)
             if variant is None:
                 through = trace_through_ids(self.root, _interesting(self.root))
+                if cache is None:
+                    cache = self.owner.pin.call_memo(TraceCache)
+                if cache is not None and self.ranked:
+                    cache.needs_ranks(type(self.root))
                 try:
                     if cache is None:  # ranks at once for a root that needed them (exact either way)
                         variant = trace_variant(self.root, through, key, rank_free_first=not self.ranked)

@@ -117,8 +117,6 @@ def prepare_all(model: nn.Module) -> None:
     cache = TraceCache(model)
     with trees_fixed(), hooks_fixed():
         for forward in forwards:
-            if forward.ranked:
-                cache.needs_ranks(type(forward.root))
             for key in forward.mode_keys(forward.root.training):
                 forward.traced(key, cache)
         with skippable_fixed():

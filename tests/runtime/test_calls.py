@@ -12,7 +12,7 @@ import torch
 
 import fxlora
 from fxlora import LoraConfig
-from fxlora.runtime.calls import SharedLock
+from fxlora.runtime.calls import Pin, SharedLock
 from models import Mixed, row_by_row
 
 ROUNDS = 60
@@ -266,3 +266,23 @@ def test_shared_lock_exclusive_waits_for_shared_holders_and_upgrades_without_dea
     for t in threads:
         t.join(10)
     assert len(done) == 2
+
+
+def test_a_pins_call_memo_lives_for_the_outermost_call_of_its_thread():
+    pin, made = Pin(), []
+
+    def make():
+        made.append(object())
+        return made[-1]
+
+    assert pin.call_memo(make) is None and made == []  # no call in flight
+    with pin.hold("outer"):
+        first = pin.call_memo(make)
+        with pin.hold("inner"), pin.hold("replaced", replace=True):
+            assert pin.call_memo(make) is first  # nested calls share it
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(pin.call_memo(make)))
+        thread.start(), thread.join()
+        assert seen == [None]  # another thread has no call in flight
+    with pin.hold("next"):
+        assert pin.call_memo(make) is not first and len(made) == 2  # a new call, a new memo

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
@@ -127,3 +128,42 @@ def test_tiny_llama_transformed_in_training_mode_switches_to_eval_with_lifted_tr
     assert calls.count("LlamaMLP") == 1
     assert len(traces) == 2 * patterns + 1  # no rank-free attempt: the attention needed ranks when planned
     assert_same_cached_decoding(ours, reference, 96)
+
+
+class OptionalScale(Block):
+    """A block with an optional argument: planned for its plainest call (``x`` alone)."""
+
+    def forward(self, x, scale=None):
+        y = super().forward(x)
+        return y if scale is None else y * scale
+
+
+class LoopWithScale(nn.Module):
+    """Blocks in a Python loop the model's graph cannot hold (data-dependent), each handed a scale."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(OptionalScale() for _ in range(n))
+
+    def forward(self, x, scale=None):
+        for block in self.blocks:
+            if x.sum() > 1e9:
+                break
+            x = block(x, scale=scale) if scale is not None else block(x)
+        return x
+
+
+def test_identical_blocks_meeting_a_new_pattern_in_one_call_trace_it_once(monkeypatch):
+    """A pattern no plan covered, met by every block of one forward pass: the call's own trace
+    cache traces it for the first block, the others reuse that trace (and its build); a later
+    call starts with a cache of its own."""
+    model, ref = in_train_mode(lambda: LoopWithScale(4))
+    calls = count_traces(monkeypatch)
+    x, scale = torch.randn(3, 8), torch.tensor(0.5)
+    assert torch.equal(model(x, scale=scale), ref(x, scale=scale))
+    assert calls == ["OptionalScale"]
+    keyed = [f for f in (forwards.installed_forward(model.get_submodule(f"blocks.{i}")) for i in range(4))]
+    graphs = {id(v.graph) for f in keyed for k, v in f.variants.items() if ("scale", "T") in k.named}
+    assert len(graphs) == 1
+    model.eval(), ref.eval()
+    assert torch.equal(model(x, scale=scale), ref(x, scale=scale))
