@@ -22,7 +22,9 @@ does the family reuse it, for every block differing from the first in no other a
 the blocks with the first one's values switch to it: one graph, so one build, for all);
 otherwise each block is traced on its own, as before.
 
-A cache lives for one planning pass (`fxlora.planning.plan.assign_paths`); a failure to trace is
+A cache lives for one pass over roots that changes no module between its traces: planning
+(`fxlora.planning.plan.assign_paths`), a mode switch (`fxlora.runtime.install.prepare_all`), one
+call meeting new patterns (`fxlora.runtime.forwards.GraphForward.traced`); a failure to trace is
 remembered too, so identical untraceable roots fail once.
 """
 
@@ -278,8 +280,8 @@ class _Family:
 
 
 class TraceCache:
-    """Traced variants (or trace failures) by fingerprint, for one planning pass over `model`
-    (None: any roots). A root whose class no other module of `model` has can match no other
+    """Traced variants (or trace failures) by fingerprint, for one pass over `model` (None: any
+    roots; see the module docstring). A root whose class no other module of `model` has can match no other
     root (a fingerprint starts with the class): it is traced without one."""
 
     def __init__(self, model: Optional[nn.Module] = None) -> None:
