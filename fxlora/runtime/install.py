@@ -109,19 +109,20 @@ def refresh_all(forwards: Iterable[GraphForward]) -> None:
 
 def prepare_all(model: nn.Module) -> None:
     """`GraphForward.prepare` every graph root of `model` for the mode it is in (after a mode
-    switch), each root's patterns traced first through one `TraceCache`, so that identical
-    blocks are traced once per pattern (as when planning) and then share one build. A mode switch
-    adds, removes and replaces no module: each tree is walked once (`trees_fixed`, `hooks_fixed`).
-    (`skippable` is asked afresh: a guard that fails while building retraces a root, whose
-    parent's answer then changes.)"""
-    forwards = graph_forwards(model)
+    switch): each root's `mode_keys` traced first, all through one `TraceCache`, so that
+    identical blocks are traced once per pattern (as when planning), then built, identical blocks
+    sharing one build. A mode switch adds, removes and replaces no module: each tree is walked
+    once (`trees_fixed`, `hooks_fixed`). (`skippable` is asked afresh: a guard that fails while
+    building retraces a root, whose parent's answer then changes.)"""
+    wanted = [(forward, forward.mode_keys(forward.root.training)) for forward in graph_forwards(model)]
     cache = TraceCache(model)
     with trees_fixed(), hooks_fixed():
-        for forward in forwards:
-            for key in forward.mode_keys(forward.root.training):
+        for forward, keys in wanted:
+            for key in keys:
                 forward.traced(key, cache)
-        for forward in forwards:
-            forward.prepare(forward.root.training)
+        for forward, keys in wanted:
+            for key in keys:
+                forward.ensure(key)
 
 
 def uninstall_forwards(model: nn.Module) -> None:

@@ -59,8 +59,10 @@ def named_submodules(root: nn.Module, closed: tuple[str, ...] = ()) -> list[tupl
     call for `root` (not to be changed).
 
     `closed`: paths whose modules are listed but not walked into (what is inside them is left
-    out, unless it is reachable outside them too)."""
-    return _TREES.answer((root, closed), lambda: _walk(root, frozenset(closed)))
+    out, unless it is reachable outside them too); such a walk is short and never kept."""
+    if closed:
+        return _walk(root, frozenset(closed))
+    return _TREES.answer((root,), lambda: _walk(root))
 
 
 def _walk(root: nn.Module, closed: frozenset = frozenset()) -> list[tuple[str, nn.Module]]:
