@@ -51,6 +51,7 @@ __all__ = [
     "opaque",
     "NO_HOOKS",
     "INTEGRATIONS",
+    "MARKERS",
 ]
 
 #: top-level package of a module class -> fxlora integration module
@@ -58,7 +59,12 @@ INTEGRATIONS: dict[str, str] = {
     "diffusers": "fxlora.tracing.integrations.diffusers",
     "timm": "fxlora.tracing.integrations.timm",
     "transformers": "fxlora.tracing.integrations.transformers",
+    "kernels": "fxlora.tracing.integrations.hf_kernels",
 }
+
+#: an instance attribute a library's class decorator gives modules of any package -> that library
+#: (the ``kernels`` package's ``use_kernelized_func``, which transformers 5 applies too)
+MARKERS: dict[str, str] = {"_kernel_funcs": "kernels"}
 
 #: ``(forward, its module) -> (wrapped function, keyword names that make the wrapper act)`` or None
 Unwrapper = Callable[[Callable, Optional[nn.Module]], Optional[tuple[Callable, frozenset[str]]]]
@@ -83,6 +89,10 @@ class TraceHooks:
     kept_whole: tuple[Callable[[nn.Module], bool], ...] = ()
     #: leaf modules that compute purely in evaluation mode (see the module docstring)
     pure_in_eval: tuple[Callable[[nn.Module], bool], ...] = ()
+    #: instance attributes of a module traced through that its graph never reads (a transparent
+    #: wrapper's own state: ``kernels``' private function copies), left out of the fingerprint
+    #: that decides which blocks share a trace (`fxlora.tracing.reuse`)
+    unread_attributes: frozenset[str] = frozenset()
 
     def merged(self, other: "TraceHooks") -> "TraceHooks":
         return TraceHooks(
@@ -92,6 +102,7 @@ class TraceHooks:
             patches=self.patches + other.patches,
             guard_sources=self.guard_sources + other.guard_sources,
             example_inputs=self.example_inputs or other.example_inputs,
+            unread_attributes=self.unread_attributes | other.unread_attributes,
             output_types=self.output_types + other.output_types,
             kept_whole=self.kept_whole + other.kept_whole,
             pure_in_eval=self.pure_in_eval + other.pure_in_eval,
@@ -139,12 +150,15 @@ def _library_hooks(package: str) -> TraceHooks:
 
 
 def libraries_of(modules: Iterable[nn.Module]) -> frozenset[str]:
-    """Packages with an integration among the classes of `modules`."""
+    """Packages with an integration among the classes of `modules`, and libraries whose
+    decorators marked one of them (`MARKERS`)."""
     found = set()
     for m in modules:
         package = type(m).__module__.partition(".")[0]
         if package in INTEGRATIONS:
             found.add(package)
+        if m.__dict__.keys() & MARKERS.keys():
+            found.update(MARKERS[name] for name in m.__dict__.keys() & MARKERS.keys())
     return frozenset(found)
 
 
