@@ -8,7 +8,7 @@ machine drift hits all alike:
 - training step (forward + backward + AdamW step), eager and compiled; the base's training step is
   full fine-tuning;
 - merged forward (after ``merge_adapter()``) against the base forward, eager and compiled, and
-  compiled with the opt-in ``guard_idle`` pass (unmerged and merged);
+  compiled with the opt-in ``guard_idle`` pass (unmerged and merged) where this torch allows it;
 - transform time (``fxlora.transform`` vs ``peft.get_peft_model``) of a model in eval mode (as
   ``from_pretrained`` gives it), the first call after it (fxlora traces ahead at transform but
   builds the code for the adapter state in use on the first call) and the switch to training
@@ -47,6 +47,7 @@ from common import interleaved, peak_memory, table  # noqa: E402
 
 import fxlora  # noqa: E402
 from fxlora.core.layers import target_meta  # noqa: E402
+from fxlora.runtime.cond_support import cond_keeps_state  # noqa: E402
 
 
 @dataclass
@@ -274,7 +275,10 @@ def measure_compiled(case, x, base, fxm, pm, full, rounds) -> list[dict]:
     fxm.merge_adapter(), pm.merge_adapter()
     rows.append(row(case, "merged forward", "compiled", interleaved({"fxlora": forward_fn(cfx, x), "peft": forward_fn(cpm, x), "base": forward_fn(cbase, x)}, rounds)))
     fxm.unmerge_adapter(), pm.unmerge_adapter()
-    # the opt-in pass that skips idle branches at run time (torch.cond per layer)
+    # the opt-in pass that skips idle branches at run time (torch.cond per layer): refused on a
+    # torch whose dynamo drops state updates across a cond (fxlora.runtime.cond_support)
+    if not cond_keeps_state():
+        return rows
     fxm.set_optimizations(guard_idle=True)
     for label, change in (("unmerged forward, guard_idle", lambda: None), ("merged forward, guard_idle", lambda: (fxm.merge_adapter(), pm.merge_adapter()))):
         change()

@@ -33,6 +33,17 @@ def _seed_and_quiet():
 
 
 @pytest.fixture
+def cond_kept(monkeypatch):
+    """fxlora's ``torch.cond`` code (base-only inference code, ``guard_idle``) switched on as on a
+    torch whose dynamo keeps a frame's state updates across a cond (this one does not:
+    `fxlora.runtime.cond_support`, checked in tests/runtime/test_cond_support.py). For tests of
+    that code in frames that update no Python state."""
+    from fxlora.runtime import cond_support
+
+    monkeypatch.setattr(cond_support, "KEEPS_STATE_FROM", (0, 0))
+
+
+@pytest.fixture
 def eager_fallbacks(monkeypatch):
     """Roots (class names) whose graph code could not serve a call (filled as calls run)."""
     from fxlora.runtime.forwards import GraphForward

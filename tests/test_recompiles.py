@@ -59,7 +59,7 @@ def run_sequence(model, x, compiled):
 
 @pytest.mark.parametrize("guard_idle", [False, True])
 @pytest.mark.parametrize("fullgraph", [True, False])
-def test_state_changes_compile_at_most_once_more(fullgraph, guard_idle):
+def test_state_changes_compile_at_most_once_more(fullgraph, guard_idle, cond_kept):
     model = make_model()
     model.set_optimizations(guard_idle=guard_idle)
     counter = CompileCounter()

@@ -34,6 +34,7 @@ from fxlora.passes import PassOptions
 from fxlora.planning.explain import Report
 from fxlora.planning.plan import TracePolicy, emit_warnings, make_plan
 from fxlora.runtime.calls import CALL_LOCK, outside_compile
+from fxlora.runtime.cond_support import COND_DROPS_STATE, cond_keeps_state
 from fxlora.runtime.forwards import GraphForward, graph_forwards, installed_forward
 from fxlora.runtime.install import fxlora_present, prepare_all, refresh_all, strip
 from fxlora.core.trainable import lora_parameters
@@ -300,6 +301,8 @@ class LoraModel(nn.Module):
         unknown = set(switches) - known
         if unknown:
             raise ValueError(f"unknown optimisation(s) {sorted(unknown)}; known: {sorted(known)}")
+        if switches.get("guard_idle") and not cond_keeps_state():
+            raise ValueError(f"guard_idle=True is refused: {COND_DROPS_STATE}; the other optimisations: {sorted(known - {'guard_idle'})}")
         state = self.adapter_state
         forwards = graph_forwards(self.model)
         with CALL_LOCK.exclusive(), state.transaction(self.model) as tx:

@@ -23,6 +23,8 @@ class PassOptions:
       state change. Each ``torch.cond`` costs a host sync and a sub-graph call per layer: on this
       CPU a compiled merged model ran 8% faster with it and an unmerged one 3-7% slower
       (`benchmarks/suite.py`), so switch it on for serving mostly merged or disabled adapters.
+      Refused by ``set_optimizations`` on a torch whose dynamo drops a compiled frame's state
+      updates across a ``torch.cond`` (torch 2.14: `fxlora.runtime.cond_support`).
     """
 
     skip_dropout: bool = True

@@ -24,6 +24,7 @@ from fxlora.runtime.calls import CALL_LOCK
 from fxlora.runtime.layer_forwards import EagerLoraForward, SavedForward, call_original, with_call_gates
 from fxlora.runtime.builds import build_state, built_once, closed_roots
 from fxlora.runtime.codegen import compile_graph, python_source
+from fxlora.runtime.cond_support import cond_keeps_state
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GATED_CODE, IDLE_CODE, NESTED_CODE, saved_meta, target_meta
@@ -161,7 +162,7 @@ class GraphForward:
         forwards = [installed_forward(m) for m in layers]
         lowerable = [m for m, f in zip(layers, forwards) if f is not None and f.previous is None]
         tensors_only = SELF not in variant.inputs and not key_has_handles(key)  # `run_gated` takes tensors
-        gated = eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and skippable(variant.graph, self.root, _evaluation_graphs)
+        gated = eager is None and not key[0] and not self.owner.options.guard_idle and tensors_only and cond_keeps_state() and skippable(variant.graph, self.root, _evaluation_graphs)
         nested = _nested_roots(variant.graph, self.root)
         code = GATED_CODE if gated else nested_code  # inside one branch of this root's torch.cond: that branch's code
         fn = build.function(self.root, lowerable, eager is not None, rewritten, tuple(t for t, _, _ in nested), code)

@@ -20,6 +20,10 @@ module, whose evaluation graphs all qualify) and it returns one tensor computed 
 Any other graph (a transformers model returning a cache object, say) keeps the gated code alone.
 A call whose root has a module with hooks (when it is compiled: `IdleCode.hooks`) runs the
 gated code alone too: a hook's side effect cannot run inside a ``torch.cond`` branch.
+
+None of this code is built on a torch whose dynamo drops a compiled frame's state updates across a
+``torch.cond`` (torch 2.14: `fxlora.runtime.cond_support.cond_keeps_state`); compiled inference
+then runs the gated code.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def test_generate_gives_each_row_its_adapter():
 
 
 @pytest.mark.parametrize(("build", "guard_idle"), [("mixtral", False), ("qwen3_moe", True)])
-def test_compiled_fullgraph_without_graph_breaks_or_recompiles(build, guard_idle):
+def test_compiled_fullgraph_without_graph_breaks_or_recompiles(build, guard_idle, cond_kept):
     model = two_adapters(MODELS[build](layers=1))
     model.set_optimizations(guard_idle=guard_idle)  # routers and experts compute their call themselves: never guarded
     x = ids()

@@ -122,7 +122,7 @@ def test_prepare_refuses_a_rank_above_the_target_and_changes_nothing(adapters):
     "backend, fullgraph, options",
     [("counter", True, {}), ("counter", False, {}), ("aot_eager", True, {}), ("counter", True, {"fold_scaling": False}), ("counter", False, {"guard_idle": True})],
 )
-def test_compiled_model_swaps_ranks_and_alphas_with_zero_recompiles(adapters, backend, fullgraph, options):
+def test_compiled_model_swaps_ranks_and_alphas_with_zero_recompiles(adapters, backend, fullgraph, options, cond_kept):
     """aot_eager: the scaling tensors stay graph inputs through AOT tracing (not constants);
     the pass options: the scaling reaches every form of the branch."""
     model = loaded(adapters["r4"])

@@ -27,7 +27,7 @@ def graph_forwards(model):
     return forwards.graph_forwards(model.model)
 
 
-def test_pass_options_survive_adding_and_deleting_adapters():
+def test_pass_options_survive_adding_and_deleting_adapters(cond_kept):
     model = two_adapters()
     model.set_optimizations(fold_scaling=False, guard_idle=True)
     model.add_adapter("c", LoraConfig(target_modules=["seq.2"], init_lora_weights=False))

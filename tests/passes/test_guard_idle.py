@@ -56,7 +56,7 @@ def _graphs_with_cond(model):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_compiled_outputs_follow_every_state_without_recompiling(grad):
+def test_compiled_outputs_follow_every_state_without_recompiling(grad, cond_kept):
     torch._dynamo.reset()
     lora = adapted()
     lora.add_adapter("other", LoraConfig(target_modules=["seq.0"], r=4, init_lora_weights=False))
@@ -84,7 +84,7 @@ def test_compiled_outputs_follow_every_state_without_recompiling(grad):
     torch._dynamo.reset()
 
 
-def test_gradients_through_guarded_code_equal_eager():
+def test_gradients_through_guarded_code_equal_eager(cond_kept):
     torch._dynamo.reset()
     lora = adapted()
     lora.set_optimizations(guard_idle=True)

@@ -257,7 +257,7 @@ def compiled_hook_runs(model, compiled, where: str, add_after_compile: bool) -> 
 
 
 @pytest.mark.parametrize("where", ["blocks.0.fc1", "blocks.0.fc1.lora_A.default", "blocks.0.norm"])
-def test_compiled_calls_run_hooks(where):
+def test_compiled_calls_run_hooks(where, cond_kept):
     """Under torch.compile (eval, no grad: the code that skips idle branches with torch.cond), a
     hook with a side effect present when the call is compiled runs in every call (never inside a
     torch.cond branch, where it would fail). A hook added afterwards recompiles the call and

@@ -113,7 +113,7 @@ def test_a_vit_root_state_leaves_out_its_blocks():
     assert "blocks.0" in names and not any(n.startswith("blocks.0.") for n in names)
 
 
-def test_refreshing_all_roots_together_builds_what_refreshing_each_alone_builds():
+def test_refreshing_all_roots_together_builds_what_refreshing_each_alone_builds(cond_kept):
     """`refresh_all` walks each tree and asks `skippable` once per graph and root: the code it
     builds (gated and base-only, for the model root and its blocks) is what a lone refresh builds."""
     pytest.importorskip("timm")

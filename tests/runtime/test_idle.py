@@ -1,5 +1,7 @@
 """Compiled inference code of a qualifying graph runs the base model alone while no adapter acts
-(merged, disabled, inactive), decided per call by ``torch.cond``: no recompile on a state change."""
+(merged, disabled, inactive), decided per call by ``torch.cond``: no recompile on a state change.
+Run as on a torch whose dynamo keeps state updates across a cond (`cond_kept`); on this torch the
+code is not built (tests/runtime/test_cond_support.py)."""
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ import fxlora
 from fxlora import LoraConfig
 from fxlora.runtime.idle import skippable
 from models import MLP
+
+
+pytestmark = pytest.mark.usefixtures("cond_kept")
 
 
 @pytest.fixture(autouse=True)

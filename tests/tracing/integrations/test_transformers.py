@@ -253,7 +253,7 @@ def test_transformers_plain_activations_qualify_for_base_only_code_and_others_do
     assert not qualifies(replaced)
 
 
-def test_a_merged_llama_mlp_runs_the_base_code_alone_when_compiled_without_autograd():
+def test_a_merged_llama_mlp_runs_the_base_code_alone_when_compiled_without_autograd(cond_kept):
     model = TRANSFORMERS["llama"].build().eval()
     lm = fxlora.transform(model, fxlora.LoraConfig(target_modules="all-linear", init_lora_weights=False)).eval()
     mlps = [m for m in lm.model.modules() if type(m).__name__ == "LlamaMLP"]
