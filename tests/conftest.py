@@ -33,6 +33,16 @@ def _seed_and_quiet():
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after the test (frame counts start at zero)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def cond_kept(monkeypatch):
     """fxlora's ``torch.cond`` code (base-only inference code, ``guard_idle``) switched on as on a
     torch whose dynamo keeps a frame's state updates across a cond (this one does not:

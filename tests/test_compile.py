@@ -12,11 +12,7 @@ from models import MLP, Mixed
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def perturb(model):

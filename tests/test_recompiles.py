@@ -10,11 +10,7 @@ from fxlora import LoraConfig
 from models import MLP, Mixed
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def make_model(make=lambda: MLP(16), targets=("seq.0", "seq.2"), saved=("seq.4",)):

@@ -22,11 +22,7 @@ from models import MLP, ConvNet2d, EmbeddingModel, Mixed, assert_same_state, sta
 TARGETS = ["seq.0", "seq.2"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def base(make=lambda: MLP(16)):

@@ -14,11 +14,7 @@ from fxlora.runtime import cond_support
 from fxlora.runtime.cond_support import cond_keeps_state
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class Counting(nn.Module):

@@ -16,14 +16,7 @@ from fxlora.runtime.idle import skippable
 from models import MLP
 
 
-pytestmark = pytest.mark.usefixtures("cond_kept")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("cond_kept", "fresh_dynamo")
 
 
 class Pair(nn.Module):
