@@ -276,16 +276,16 @@ class LoraModel(nn.Module):
 
     @property
     def target_paths(self) -> dict[str, str]:
-        """``{target name: "graph" | "eager"}``: how each adapted module computes its branch."""
-        covered: dict[str, str] = {}
+        """``{target name: "graph" | "eager"}``: how each adapted module computes its branch: in
+        the graph code of a root whose graphs call it or read its weights, or eagerly (a child its
+        root's graph calls whole, having failed to trace, runs its own forward)."""
+        covered: set[str] = set()
         for name, module in self.model.named_modules():
             fwd = installed_forward(module)
             if isinstance(fwd, GraphForward):
                 prefix = f"{name}." if name else ""
-                for sub, m in module.named_modules():
-                    if target_meta(m) is not None:
-                        covered[prefix + sub] = "graph"
-        return {name: covered.get(name, "eager") for name, _ in self._adapted()}
+                covered.update(prefix + used for used in fwd.modules_used())
+        return {name: "graph" if name in covered else "eager" for name, _ in self._adapted()}
 
     @property
     def graph_roots(self) -> list[str]:

@@ -273,6 +273,18 @@ class GraphForward:
         once for identical roots)."""
         return all([self.ensure(k) for k in self.mode_keys(training)])
 
+    def modules_used(self) -> set[str]:
+        """Paths (relative to the root) of the modules the traced graphs call, and of those whose
+        tensors they read."""
+        used = set()
+        for variant in self.variants.values():
+            for node in variant.graph.nodes:
+                if node.op == "call_module":
+                    used.add(node.target)
+                elif node.op == "get_attr":
+                    used.add(node.target.rpartition(".")[0])
+        return used
+
     def graph_code(self, training: Optional[bool] = None) -> str:
         """The generated code of the plainest call pattern (for inspection)."""
         key = canonical_key(self.root, self.root.training if training is None else training)

@@ -34,7 +34,7 @@ import functools
 from collections import Counter
 import keyword
 from dataclasses import dataclass, field, replace
-from typing import Any, Hashable, Optional, Union
+from typing import Any, Callable, Hashable, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -86,20 +86,23 @@ def _frozen(value: Any) -> bool:
     return type(value) in _PLAIN
 
 
-def _other_attributes(module: nn.Module, traced_through: bool, is_root: bool = False, unread: frozenset[str] = frozenset()) -> tuple:
+def _other_attributes(
+    module: nn.Module, traced_through: bool, is_root: bool = False, summaries: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
+) -> tuple:
     """`module`'s attributes a trace may bake in that are not plain values: tuples of plain values
     (a kernel size, a shape) by value; for a module traced through, every other object (a config)
-    by identity. nn.Module's own bookkeeping aside, a root's instance ``forward`` (fxlora's
-    installed forward, once adapted): a root's trace follows its class's ``forward``, and what the
-    integrations declare `unread` (`TraceHooks.unread_attributes`)."""
+    by identity, or by the summary an integration gives for it (`TraceHooks.attribute_summaries`).
+    nn.Module's own bookkeeping aside, and a root's instance ``forward`` (fxlora's installed
+    forward, once adapted): a root's trace follows its class's ``forward``."""
+    summary_of = dict(summaries)
     found = []
     for name, value in module.__dict__.items():
-        if name in _TORCH_OWN or type(value) in _PLAIN or (is_root and name == "forward") or name in unread:
+        if name in _TORCH_OWN or type(value) in _PLAIN or (is_root and name == "forward"):
             continue
         if _frozen(value):
             found.append((name, value))
         elif traced_through:
-            found.append((name, id(value)))
+            found.append((name, summary_of[name](value) if name in summary_of else id(value)))
     return tuple(sorted(found))
 
 
@@ -125,7 +128,7 @@ def _describe_modules(root: nn.Module, trace_through: set[int]) -> Optional[tupl
         values.update(((name, attr), value) for attr, value in plain)
         kinds = tuple((attr, type(value)) for attr, value in plain)
         through = id(module) in trace_through
-        parts.append((name, type(module), through, kinds, _other_attributes(module, through, not name, hooks.unread_attributes), module_tensors(module)))
+        parts.append((name, type(module), through, kinds, _other_attributes(module, through, not name, hooks.attribute_summaries), module_tensors(module)))
         for obj, attr in hooks.guards(module):
             parts.append((attr, getattr(obj, attr, None)))
     family = tuple(parts)

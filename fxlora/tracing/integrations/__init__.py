@@ -89,10 +89,11 @@ class TraceHooks:
     kept_whole: tuple[Callable[[nn.Module], bool], ...] = ()
     #: leaf modules that compute purely in evaluation mode (see the module docstring)
     pure_in_eval: tuple[Callable[[nn.Module], bool], ...] = ()
-    #: instance attributes of a module traced through that its graph never reads (a transparent
-    #: wrapper's own state: ``kernels``' private function copies), left out of the fingerprint
-    #: that decides which blocks share a trace (`fxlora.tracing.reuse`)
-    unread_attributes: frozenset[str] = frozenset()
+    #: ``(name, summary)``: an instance attribute of a module traced through that its graph never
+    #: reads, but whose state decides whether the module traces (a transparent wrapper's own
+    #: state: ``kernels``' private function copies). The fingerprint that decides which blocks
+    #: share a trace (`fxlora.tracing.reuse`) holds ``summary(value)`` for it, not its identity
+    attribute_summaries: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
 
     def merged(self, other: "TraceHooks") -> "TraceHooks":
         return TraceHooks(
@@ -102,7 +103,7 @@ class TraceHooks:
             patches=self.patches + other.patches,
             guard_sources=self.guard_sources + other.guard_sources,
             example_inputs=self.example_inputs or other.example_inputs,
-            unread_attributes=self.unread_attributes | other.unread_attributes,
+            attribute_summaries=self.attribute_summaries + other.attribute_summaries,
             output_types=self.output_types + other.output_types,
             kept_whole=self.kept_whole + other.kept_whole,
             pure_in_eval=self.pure_in_eval + other.pure_in_eval,

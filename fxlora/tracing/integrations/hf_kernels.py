@@ -9,8 +9,9 @@ while ``forward`` runs, so that ``kernelize`` can swap a hub kernel into that co
 While no private copy has been kernelized (none has a ``forward`` of its own) and none has hooks,
 the copy runs the plain function: the wrapper then calls ``forward`` with the call's arguments
 unchanged, and a graph traced through the wrapped ``forward`` (where ``fn`` runs the plain function
-too) computes exactly what the call computes (`unwrap_kernelized_func`); the graph never reads the
-copies, so identical blocks share one trace although each holds copies of its own. A module with a kernelized
+too) computes exactly what the call computes (`unwrap_kernelized_func`). The graph never reads the
+copies: identical blocks share one trace although each holds copies of its own, the fingerprint
+holding only whether each copy is plain (`plain_copies`). A module with a kernelized
 copy does not trace (it runs eagerly, with its kernel). ``kernelize`` after ``fxlora.transform``
 is not seen by the graphs already traced: they keep the plain function (the same math).
 """
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 from fxlora.tracing.integrations import TraceHooks
 
-__all__ = ["kernelized_forward_code", "unwrap_kernelized_func", "trace_hooks"]
+__all__ = ["kernelized_forward_code", "plain_copies", "unwrap_kernelized_func", "trace_hooks"]
 
 
 def kernelized_forward_code():
@@ -55,6 +56,13 @@ def _plain_copy(wrapper: object) -> bool:
     return not (wrapper._forward_hooks or wrapper._forward_pre_hooks or wrapper._backward_hooks)
 
 
+def plain_copies(copies: object) -> object:
+    """What a trace depends on in a module's ``_kernel_funcs``: which of its copies are plain."""
+    if not isinstance(copies, dict):
+        return id(copies)
+    return tuple(sorted((str(name), _plain_copy(w)) for name, w in copies.items()))
+
+
 def unwrap_kernelized_func(fn: Callable, module: Optional[nn.Module] = None) -> Optional[tuple[Callable, frozenset[str]]]:
     """``(wrapped forward, {})`` when `fn` is ``use_kernelized_func``'s wrapper and every private
     copy of `module` runs the plain function (see the module docstring); else None."""
@@ -69,4 +77,4 @@ def unwrap_kernelized_func(fn: Callable, module: Optional[nn.Module] = None) -> 
 def trace_hooks() -> TraceHooks:
     """Looked up for any model holding a module that ``use_kernelized_func`` decorated
     (`fxlora.tracing.integrations.MARKERS`), whatever package its class is in."""
-    return TraceHooks(unwrappers=(unwrap_kernelized_func,), unread_attributes=frozenset({"_kernel_funcs"}))
+    return TraceHooks(unwrappers=(unwrap_kernelized_func,), attribute_summaries=(("_kernel_funcs", plain_copies),))

@@ -93,3 +93,29 @@ def test_a_kernelized_or_hooked_copy_runs_eagerly_with_its_kernel(change):
     assert all(path.startswith("eager") for path in model.target_paths.values()), model.target_paths
     with torch.no_grad():
         assert torch.equal(model(x), expected)  # B is zero: the adapted model computes the base's output
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Shifted(), Shifted()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_of_two_identical_blocks_only_the_kernelized_one_runs_eagerly():
+    torch.manual_seed(0)
+    base = TwoBlocks()
+    _kernelize(base.blocks[1])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = base(x)
+    model = fxlora.transform(base, fxlora.LoraConfig(target_modules=["proj", "out"]))
+    paths = model.target_paths
+    assert paths["blocks.0.proj"] == "graph" and paths["blocks.0.out"] == "graph"
+    assert paths["blocks.1.proj"].startswith("eager") and paths["blocks.1.out"].startswith("eager"), paths
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)  # block 1's kernel (x * 3) acts
