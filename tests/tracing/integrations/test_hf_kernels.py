@@ -74,7 +74,12 @@ def test_a_plain_copy_is_seen_through_and_trains_as_the_module():
     out = model(x)
     eager = fxlora.transform(copy.deepcopy(base), fxlora.LoraConfig(target_modules=["block.proj", "block.out"], init_lora_weights=False), trace="eager")
     eager.load_state_dict(model.state_dict())
-    assert torch.equal(out, eager(x))
+    expected = eager(x)
+    assert torch.equal(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(torch.equal(g, dict(eager.named_parameters())[n].grad) for n, g in grads.items())
 
 
 @pytest.mark.parametrize("change", ["kernelized", "hooked"])
