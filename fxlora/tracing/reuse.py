@@ -86,15 +86,13 @@ def _frozen(value: Any) -> bool:
     return type(value) in _PLAIN
 
 
-def _other_attributes(
-    module: nn.Module, traced_through: bool, is_root: bool = False, summaries: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
-) -> tuple:
+def _other_attributes(module: nn.Module, traced_through: bool, is_root: bool = False, summary_of: Optional[dict[str, Callable[[Any], Any]]] = None) -> tuple:
     """`module`'s attributes a trace may bake in that are not plain values: tuples of plain values
     (a kernel size, a shape) by value; for a module traced through, every other object (a config)
     by identity, or by the summary an integration gives for it (`TraceHooks.attribute_summaries`).
     nn.Module's own bookkeeping aside, and a root's instance ``forward`` (fxlora's installed
     forward, once adapted): a root's trace follows its class's ``forward``."""
-    summary_of = dict(summaries)
+    summary_of = summary_of or {}
     found = []
     for name, value in module.__dict__.items():
         if name in _TORCH_OWN or type(value) in _PLAIN or (is_root and name == "forward"):
@@ -121,6 +119,7 @@ def _describe(root: nn.Module, trace_through: set[int], key: CallKey) -> Optiona
 def _describe_modules(root: nn.Module, trace_through: set[int]) -> Optional[tuple[Hashable, dict[Place, Any]]]:
     """`_describe` but for the call pattern (the same for every pattern of a root)."""
     hooks = hooks_for(root)
+    summary_of = dict(hooks.attribute_summaries)
     parts: list[Any] = [type(root)]
     values: dict[Place, Any] = {}
     for name, module in named_submodules(root):
@@ -128,7 +127,7 @@ def _describe_modules(root: nn.Module, trace_through: set[int]) -> Optional[tupl
         values.update(((name, attr), value) for attr, value in plain)
         kinds = tuple((attr, type(value)) for attr, value in plain)
         through = id(module) in trace_through
-        parts.append((name, type(module), through, kinds, _other_attributes(module, through, not name, hooks.attribute_summaries), module_tensors(module)))
+        parts.append((name, type(module), through, kinds, _other_attributes(module, through, not name, summary_of), module_tensors(module)))
         for obj, attr in hooks.guards(module):
             parts.append((attr, getattr(obj, attr, None)))
     family = tuple(parts)

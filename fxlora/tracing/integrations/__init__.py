@@ -158,8 +158,7 @@ def libraries_of(modules: Iterable[nn.Module]) -> frozenset[str]:
         package = type(m).__module__.partition(".")[0]
         if package in INTEGRATIONS:
             found.add(package)
-        if m.__dict__.keys() & MARKERS.keys():
-            found.update(MARKERS[name] for name in m.__dict__.keys() & MARKERS.keys())
+        found.update(library for marker, library in MARKERS.items() if marker in m.__dict__)
     return frozenset(found)
 
 

@@ -24,10 +24,10 @@ import torch.nn as nn
 
 from fxlora.tracing.integrations import TraceHooks
 
-__all__ = ["kernelized_forward_code", "plain_copies", "unwrap_kernelized_func", "trace_hooks"]
+__all__ = ["plain_copies", "unwrap_kernelized_func", "trace_hooks"]
 
 
-def kernelized_forward_code():
+def _kernelized_forward_code():
     """The code object of ``use_kernelized_func``'s forward wrapper, or None without ``kernels``."""
     try:
         from kernels import use_kernel_forward_from_hub, use_kernelized_func
@@ -46,7 +46,7 @@ def kernelized_forward_code():
     return getattr(_Layer.forward, "__code__", None)
 
 
-_CODE = kernelized_forward_code()
+_CODE = _kernelized_forward_code()
 
 
 def _plain_copy(wrapper: object) -> bool:
@@ -69,7 +69,7 @@ def unwrap_kernelized_func(fn: Callable, module: Optional[nn.Module] = None) -> 
     if _CODE is None or getattr(fn, "__code__", None) is not _CODE or module is None:
         return None
     copies = module.__dict__.get("_kernel_funcs")
-    if not isinstance(copies, dict) or not all(_plain_copy(w) for w in copies.values()):
+    if not isinstance(copies, dict) or not all(plain for _, plain in plain_copies(copies)):
         return None
     return fn.__wrapped__, frozenset()
 
