@@ -34,6 +34,7 @@ from fxlora.passes import PassOptions
 from fxlora.planning.explain import Report
 from fxlora.planning.plan import TracePolicy, emit_warnings, make_plan
 from fxlora.runtime.calls import CALL_LOCK, outside_compile
+from fxlora.runtime.compile_builds import build_if_compiling
 from fxlora.runtime.cond_support import COND_DROPS_STATE, cond_keeps_state
 from fxlora.runtime.forwards import GraphForward, graph_forwards, installed_forward
 from fxlora.runtime.install import fxlora_present, prepare_all, refresh_all, strip
@@ -162,6 +163,7 @@ class LoraModel(nn.Module):
         """
         if adapter_names is not None:
             check_batch_layout(self, adapter_names, args, kwargs)
+        build_if_compiling()
         with self._scope(adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
 
@@ -294,9 +296,10 @@ class LoraModel(nn.Module):
 
     def set_optimizations(self, **switches: bool) -> None:
         """Turn the graph optimisation passes on or off (see `fxlora.passes.PassOptions`), e.g.
-        ``model.set_optimizations(fold_scaling=False)``; the graph code is rebuilt. The options
-        are the adapter state's: they stay as set when adapters are added or removed. All or
-        nothing: should rebuilding fail, the previous options and code are back."""
+        ``model.set_optimizations(fold_scaling=False)``; the graph code is rebuilt, the gated code
+        at once (proving the options here). The options are the adapter state's: they stay as set
+        when adapters are added or removed. All or nothing: should rebuilding fail, the previous
+        options and code are back."""
         known = set(PassOptions.__dataclass_fields__)
         unknown = set(switches) - known
         if unknown:
@@ -315,6 +318,8 @@ class LoraModel(nn.Module):
             tx.on_undo(rebuild_previous)
             state.options = dataclasses.replace(previous, **switches)
             refresh_all(forwards)
+            for forward in forwards:
+                forward.build_gated()
 
     def graph_code(self, root: str = "", training: Optional[bool] = None) -> str:
         """The generated code of a graph root (for inspection)."""

@@ -72,30 +72,39 @@ class SharedLock:
                     self._cond.notify_all()
 
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the lock alone: waits until no other thread holds it."""
+    def exclusive(self, wait: bool = True) -> Iterator[bool]:
+        """Hold the lock alone: waits until no other thread holds it, and yields True. With
+        `wait` False it never waits: where another thread holds the lock or waits for it, it
+        yields False at once without taking it."""
         me = threading.get_ident()
         if self._writer == me:
             self._writer_depth += 1
             try:
-                yield
+                yield True
             finally:
                 self._writer_depth -= 1
             return
         holding = self._depth() > 0
         with self._cond:
-            if holding:
-                self._readers -= 1
-                self._cond.notify_all()
-            self._waiting_writers += 1
-            try:
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
-            finally:
-                self._waiting_writers -= 1
-            self._writer = me
+            if not wait and (self._writer is not None or self._waiting_writers or self._readers > int(holding)):
+                taken = False
+            else:
+                taken = True
+                if holding:
+                    self._readers -= 1
+                    self._cond.notify_all()
+                self._waiting_writers += 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._cond.wait()
+                finally:
+                    self._waiting_writers -= 1
+                self._writer = me
+        if not taken:
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             with self._cond:
                 self._writer = None

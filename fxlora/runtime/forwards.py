@@ -24,6 +24,7 @@ from fxlora.runtime.calls import CALL_LOCK
 from fxlora.runtime.layer_forwards import EagerLoraForward, SavedForward, call_original, with_call_gates
 from fxlora.runtime.builds import build_state, built_once, closed_roots
 from fxlora.runtime.codegen import compile_graph, python_source
+from fxlora.runtime.compile_builds import defer
 from fxlora.runtime.cond_support import cond_keeps_state
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
@@ -122,6 +123,10 @@ class GraphForward:
     first use (holding `fxlora.runtime.calls.CALL_LOCK` exclusively); a pattern that cannot be traced runs
     the root's original forward with the eager LoRA forwards installed on its layers (same math,
     no graph). The pass options are the owner's (`AdapterState.options`).
+
+    Eager calls run code built for their adapter state on first use; the gated code that
+    torch.compile captures is built when torch.compile next compiles
+    (`fxlora.runtime.compile_builds`): the patterns waiting for it are ``_unbuilt``.
     """
 
     path = "graph"
@@ -137,6 +142,7 @@ class GraphForward:
         # for every pattern, and per (pattern, eager key) code that runs only the live branches,
         # least recently used dropped first
         self._gated: dict[CallKey, Code] = {}
+        self._unbuilt: set[CallKey] = set()  # known patterns whose gated code waits for torch.compile
         self._eager: OrderedDict[tuple[CallKey, EagerKey], Code] = OrderedDict()
         # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.call_keys.call_key`)
         self.ranked = any(key_is_ranked(k) for k in self.variants)
@@ -171,13 +177,38 @@ class GraphForward:
         return Code(fn, None if direct else variant.inputs, base_layers(build.base_targets, layers, forwards), idle, variant.output_type, roots)
 
     def refresh(self) -> None:
-        """Rebuild every known pattern's gated code from its traced graph (after adapters or pass
-        options changed); code for eager keys is rebuilt on first use."""
+        """Drop all code (after adapters or pass options changed): code for eager keys is rebuilt
+        on first use, every known pattern's gated code when torch.compile next compiles
+        (`build_gated`)."""
         with CALL_LOCK.exclusive():
-            state = self._state()  # the same for every pattern
-            self._gated = {key: self._build(key, variant, None, state) for key, variant in self.variants.items()}
+            self._gated, self._unbuilt = {}, set(self.variants)
             self._eager = OrderedDict()
             self._read = None
+            self._defer_gated()
+
+    def _defer_gated(self) -> None:
+        """Have the ``_unbuilt`` patterns' gated code built when torch.compile next compiles (at
+        once where this torch cannot call back)."""
+        if self._unbuilt and not defer(self):
+            self.build_gated()
+
+    def build_gated(self, wait: bool = True) -> bool:
+        """Build the gated code of the patterns waiting for it; False (nothing built) where
+        `wait` is False and another thread holds `CALL_LOCK`."""
+        with CALL_LOCK.exclusive(wait) as held:
+            if not held:
+                return False
+            if self._unbuilt:
+                state = self._state()  # the same for every pattern
+                for key in [k for k in self.variants if k in self._unbuilt]:
+                    self._gated[key] = self._build(key, self.variants[key], None, state)
+                self._unbuilt = set()
+            return True
+
+    def gated_code(self) -> dict[CallKey, Code]:
+        """The gated code of every known pattern (built now where it waited for torch.compile)."""
+        self.build_gated()
+        return dict(self._gated)
 
     def _state(self) -> Optional[Hashable]:
         return build_state(self.root, closed_roots([v.graph for v in self.variants.values()], _is_graph_root, self.root))
@@ -196,21 +227,28 @@ class GraphForward:
             self._eager.move_to_end((key, eager))
         return code
 
-    def ensure(self, key: CallKey, eager: Optional[EagerKey] = None) -> bool:
-        """Make sure pattern `key` has code for `eager` (tracing it if new); False if it cannot be
-        traced."""
+    def ensure(self, key: CallKey, eager: Optional[EagerKey] = None, now: bool = True) -> bool:
+        """Make sure pattern `key` has code for `eager` (tracing it if new; gated code, `eager`
+        None, built now or, with `now` False, when torch.compile next compiles); False if it
+        cannot be traced."""
         with CALL_LOCK.exclusive():
-            if self._code(key, eager) is not None:
+            if self._code(key, eager) is not None or (eager is None and key in self._unbuilt):
                 if self.variants[key].holds(self.root):
+                    if eager is None and now:
+                        self.build_gated()
                     return True
                 self._forget(key)  # an attribute the graph baked in changed, or a module boundary appeared
             variant = self.traced(key)
             if variant is None:
                 return False
-            code = self._build(key, variant, eager, self._state())
             if eager is None:
-                self._gated[key] = code
+                self._unbuilt.add(key)
+                if now:
+                    self.build_gated()
+                else:
+                    self._defer_gated()
             else:
+                code = self._build(key, variant, eager, self._state())
                 self._eager[(key, eager)] = code
                 while len(self._eager) > MAX_EAGER_CODES:
                     self._eager.popitem(last=False)
@@ -256,6 +294,7 @@ class GraphForward:
     def _forget(self, key: CallKey) -> None:
         self.variants.pop(key, None)
         self._gated.pop(key, None)
+        self._unbuilt.discard(key)
         for entry in [e for e in self._eager if e[0] == key]:
             del self._eager[entry]
 
@@ -269,9 +308,9 @@ class GraphForward:
         return keys
 
     def prepare(self, training: bool) -> bool:
-        """Trace and build `mode_keys` (`fxlora.runtime.install.prepare_all` traces them first,
-        once for identical roots)."""
-        return all([self.ensure(k) for k in self.mode_keys(training)])
+        """Trace `mode_keys`, their gated code built when torch.compile next compiles
+        (`fxlora.runtime.install.prepare_all` traces them first, once for identical roots)."""
+        return all([self.ensure(k, now=False) for k in self.mode_keys(training)])
 
     def modules_used(self) -> set[str]:
         """Paths (relative to the root) of the modules the traced graphs call, and of those whose
@@ -342,4 +381,9 @@ class GraphForward:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_gated"], state["_eager"] = {}, OrderedDict()  # code is rebuilt from the graphs on first use
+        state["_unbuilt"] = set(self.variants)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._defer_gated()

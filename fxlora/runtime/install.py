@@ -100,8 +100,9 @@ def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, P
 
 def refresh_all(forwards: Iterable[GraphForward]) -> None:
     """`GraphForward.refresh` each of `forwards` (after adapters or pass options changed), with
-    each module tree walked once (`trees_fixed`) and each graph's `skippable` asked once: nothing
-    of the trees changes while their code is built."""
+    each module tree walked once (`trees_fixed`) and each graph's `skippable` asked once where
+    the code is built at once (`fxlora.runtime.compile_builds`): nothing of the trees changes
+    while their code is built."""
     with trees_fixed(), skippable_fixed():
         for forward in forwards:
             forward.refresh()
@@ -110,8 +111,9 @@ def refresh_all(forwards: Iterable[GraphForward]) -> None:
 def prepare_all(model: nn.Module) -> None:
     """`GraphForward.prepare` every graph root of `model` for the mode it is in (after a mode
     switch): each root's `mode_keys` traced first, all through one `TraceCache`, so that
-    identical blocks are traced once per pattern (as when planning), then built, identical blocks
-    sharing one build. A mode switch adds, removes and replaces no module: each tree is walked
+    identical blocks are traced once per pattern (as when planning); their gated code is built
+    when torch.compile next compiles, identical blocks sharing one build
+    (`fxlora.runtime.compile_builds`). A mode switch adds, removes and replaces no module: each tree is walked
     once (`trees_fixed`, `hooks_fixed`). (`skippable` is asked afresh: a guard that fails while
     building retraces a root, whose parent's answer then changes.)"""
     wanted = [(forward, forward.mode_keys(forward.root.training)) for forward in graph_forwards(model)]
@@ -122,7 +124,7 @@ def prepare_all(model: nn.Module) -> None:
                 forward.traced(key, cache)
         for forward, keys in wanted:
             for key in keys:
-                forward.ensure(key)
+                forward.ensure(key, now=False)
 
 
 def uninstall_forwards(model: nn.Module) -> None:

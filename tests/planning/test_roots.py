@@ -136,6 +136,9 @@ def test_a_timm_vit_traces_and_builds_one_block_for_all_and_equals_peft(monkeypa
     assert model.graph_roots == ["", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
     assert set(model.target_paths.values()) == {"graph"}
     assert [type(args[0]).__name__ for args in traces] == ["VisionTransformer", "Block"]  # one block traced for all
+    assert builds == []  # gated code waits for torch.compile (`fxlora.runtime.compile_builds`)
+    for forward in forwards.graph_forwards(model.model):
+        forward.gated_code()
     # gated evaluation code (and its base-only twin where this torch allows a cond), for the model and for one block
     assert len(builds) == 2 * (2 if cond_keeps_state() else 1)
     torch.manual_seed(1)

@@ -13,7 +13,7 @@ from zoo import tiny_timm
 
 
 def gated_functions(model, n):
-    return [next(iter(model.get_submodule(f"blocks.{i}").forward._gated.values())).fn for i in range(n)]
+    return [next(iter(model.get_submodule(f"blocks.{i}").forward.gated_code().values())).fn for i in range(n)]
 
 
 def pair(config: dict, n: int = 4):
@@ -125,7 +125,7 @@ def test_refreshing_all_roots_together_builds_what_refreshing_each_alone_builds(
     assert len(forwards) > 2
 
     def codes():
-        return [(key, code.fn, code.idle is not None, code.idle and code.idle.fn) for f in forwards for key, code in f._gated.items()]
+        return [(key, code.fn, code.idle is not None, code.idle and code.idle.fn) for f in forwards for key, code in f.gated_code().items()]
 
     together = codes()
     assert any(gated for _, _, gated, _ in together)  # the blocks' evaluation code has its base-only twin

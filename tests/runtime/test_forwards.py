@@ -26,15 +26,15 @@ def test_train_and_eval_both_run_graph_code(eager_fallbacks):
     model.eval()
     model(x)
     assert eager_fallbacks == [] and fwd.failures == {}
-    assert {key[0] for key in fwd._gated} == {True, False}
+    assert {key[0] for key in fwd.gated_code()} == {True, False}
 
 
 def test_eval_variant_traced_on_mode_switch_not_on_call():
     model = fxlora.transform(MLP(8), LoraConfig(target_modules=["seq.0"]))
     fwd = installed_forward(model.model)
-    assert [key[0] for key in fwd._gated] == [True]
+    assert [key[0] for key in fwd.gated_code()] == [True]
     model.eval()
-    assert sorted(key[0] for key in fwd._gated) == [False, True]
+    assert sorted(key[0] for key in fwd.gated_code()) == [False, True]
 
 
 def test_new_call_patterns_are_traced_once(eager_fallbacks):
@@ -88,7 +88,7 @@ def test_pickle_keeps_graphs_and_rebuilds_code():
     clone = pickle.loads(pickle.dumps(model))
     fwd = installed_forward(clone.model)
     assert fwd.root is clone.model
-    assert sorted(key[0] for key in fwd._gated) == [False, True]  # rebuilt on load
+    assert sorted(key[0] for key in fwd.gated_code()) == [False, True]  # rebuilt on load
     assert torch.equal(clone(x), model(x))
 
 

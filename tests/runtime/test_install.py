@@ -61,7 +61,7 @@ def in_train_mode(make, targets=("fc1", "fc2")):
 
 
 def eval_functions(model, n):
-    return [code.fn for i in range(n) for key, code in model.get_submodule(f"blocks.{i}").forward._gated.items() if not key[0]]
+    return [code.fn for i in range(n) for key, code in model.get_submodule(f"blocks.{i}").forward.gated_code().items() if not key[0]]
 
 
 def test_identical_blocks_are_traced_once_when_the_mode_switches(monkeypatch):

@@ -261,7 +261,7 @@ def test_a_merged_llama_mlp_runs_the_base_code_alone_when_compiled_without_autog
     for mlp in mlps:
         forward = installed_forward(mlp)
         assert isinstance(forward, GraphForward)
-        assert all(code.idle is not None for key, code in forward._gated.items() if not key[0])
+        assert all(code.idle is not None for key, code in forward.gated_code().items() if not key[0])
     mlp = mlps[0]
     h = torch.randn(2, 5, mlp.gate_proj.in_features)
     compiled = torch.compile(mlp, backend="eager", fullgraph=True)

@@ -1,0 +1,111 @@
+"""Gated code built when ``torch.compile`` first needs it, not at transform.
+
+A graph root runs two kinds of code (`fxlora.runtime.forwards.GraphForward`): eager code per
+adapter state, built on the first eager call in that state, and *gated* code, the one code per
+call pattern that ``torch.compile`` captures (adapter states become tensor gates, so switching
+never recompiles). Eager calls never run gated code, so building it at transform (and again at
+every mode switch) is work a model used eagerly never needs: on a tiny llama it is about a
+quarter of ``transform``.
+
+So a root whose gated code is due registers here (`defer`), and its code is built when dynamo
+starts compiling any frame (its compile-start callback, before the frame is traced: the code is
+there when dynamo reads it, so the compiled model meets no missing code, breaks no graph and
+recompiles no more than before). The build takes `fxlora.runtime.calls.CALL_LOCK` only if no
+other thread holds it: dynamo calls back holding its own compile lock, and waiting there for a
+forward in another thread, which may itself wait for that lock, could deadlock. A root whose
+build was skipped so, or any code torch.compile does not compile (``torch.export`` without
+dynamo), builds on first use (`GraphForward._slow_call`): the results are the same either way.
+
+Where this torch has no compile-start callback, `defer` declines and the code is built at once,
+as before.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional, Protocol
+
+import torch
+
+from fxlora.runtime.calls import outside_compile
+from fxlora.runtime.idle import skippable_fixed
+from fxlora.tracing.submodules import trees_fixed
+
+__all__ = ["defer", "build_deferred", "build_if_compiling", "CAN_DEFER"]
+
+
+class _Deferred(Protocol):
+    def build_gated(self, wait: bool = True) -> bool: ...
+
+
+_DEFERRED: "weakref.WeakSet[_Deferred]" = weakref.WeakSet()
+
+try:  # a C function: calling it opens no frame for torch.compile to compile
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
+except ImportError:  # pragma: no cover - another torch
+
+    def _eval_frame_callback() -> Any:
+        return None
+
+
+def build_deferred(wait: bool = False) -> None:
+    """Build the gated code of every root waiting for it (each walking its trees once); with
+    `wait` False, a root whose lock another thread holds stays waiting."""
+    waiting = list(_DEFERRED)
+    if not waiting:
+        return
+    with trees_fixed(), skippable_fixed():
+        for forward in waiting:
+            if forward.build_gated(wait):
+                _DEFERRED.discard(forward)
+
+
+def _on_compile_start(*_: Any) -> None:
+    build_deferred(wait=False)
+
+
+def _handler() -> Optional[Any]:
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:  # another torch: gated code is built at once
+        return None
+    return callback_handler if isinstance(getattr(callback_handler, "start_callbacks", None), list) else None
+
+
+_HANDLER = _handler()
+#: whether gated code can wait for torch.compile on this torch
+CAN_DEFER = _HANDLER is not None
+
+
+def defer(forward: _Deferred) -> bool:
+    """Have `forward`'s gated code built when torch.compile next compiles; False where this
+    torch cannot call back (the caller builds it now). The callback is registered again where
+    ``torch._dynamo.reset()`` removed it."""
+    if _HANDLER is None:
+        return False
+    if _on_compile_start not in _HANDLER.start_callbacks:
+        _HANDLER.register_start_callback(_on_compile_start)
+    _DEFERRED.add(forward)
+    return True
+
+
+def _build_waiting() -> None:
+    build_deferred(wait=True)
+
+
+# kept out of torch.compile, callees included: it would compile this frame (its generators)
+_build_outside_compile = torch.compiler.disable(_build_waiting)
+
+
+def _build_if_compiling() -> None:
+    callback = _eval_frame_callback()
+    if callback is not None and callback is not False and _DEFERRED:
+        _build_outside_compile()
+
+
+#: Build the deferred gated code now if torch.compile's frame evaluation is active around this
+#: call. `fxlora.model.lora_model.LoraModel.forward`, which dynamo never traces, calls it before
+#: the compiled model: this covers a compile-start callback that ``torch._dynamo.reset()``
+#: removed after `defer`. Its own frame is kept out of torch.compile without switching frame
+#: evaluation off (`fxlora.runtime.calls.outside_compile`), so that it sees whether it is on.
+build_if_compiling = outside_compile(_build_if_compiling)

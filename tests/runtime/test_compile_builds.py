@@ -1,0 +1,159 @@
+"""Gated code waits for torch.compile: eager use never builds it, a compiled model meets no missing
+code (no graph break, no extra recompile), and a build never waits for another thread's lock
+inside dynamo's compile-start callback."""
+
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounter
+
+import fxlora
+from fxlora import LoraConfig
+from fxlora.runtime import compile_builds
+from fxlora.runtime.calls import CALL_LOCK, SharedLock
+from fxlora.runtime.forwards import installed_forward
+from models import MLP
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+CONFIG = dict(target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"], init_lora_weights=False)
+
+
+def adapted(mode="eval"):
+    torch.manual_seed(0)
+    model = fxlora.transform(MLP(16), LoraConfig(**CONFIG))
+    return model.eval() if mode == "eval" else model.train()
+
+
+def test_transform_and_eager_calls_build_no_gated_code():
+    model = adapted()
+    forward = installed_forward(model.model)
+    assert forward._gated == {} and forward._unbuilt == set(forward.variants)
+    x = torch.randn(4, 20)
+    model(x)
+    with model.disable_adapter():
+        model(x)
+    model.train()
+    model(x).sum().backward()
+    assert forward._gated == {}
+    assert {key.training for key in forward._unbuilt} == {False, True}  # the training patterns wait too
+
+
+@pytest.mark.parametrize("inner", [False, True], ids=["lora_model", "inner_model"])
+def test_a_compiled_model_builds_its_gated_code_before_tracing(inner):
+    model = adapted()
+    x = torch.randn(4, 20)
+    want = model(x)
+    counter = CompileCounter()
+    compiled = torch.compile(model.model if inner else model, backend=counter, fullgraph=True)
+    torch.testing.assert_close(compiled(x), want)
+    with model.disable_adapter():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert counter.frame_count == 1  # one graph, no break, no recompile on the switch
+    forward = installed_forward(model.model)
+    assert forward._unbuilt == set() and set(forward._gated) == set(forward.variants)
+
+
+def test_a_reset_after_transform_still_compiles_the_lora_model_whole():
+    model = adapted()
+    x = torch.randn(4, 20)
+    torch._dynamo.reset()  # drops dynamo's compile-start callbacks
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert counter.frame_count == 1
+
+
+def test_a_reset_after_transform_leaves_an_inner_compile_exact():
+    model = adapted()
+    x = torch.randn(4, 20)
+    want = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.model, backend="eager")  # the code is built on first use: a graph break
+    torch.testing.assert_close(compiled(x), want)
+    torch.testing.assert_close(compiled(x), want)
+
+
+def test_mode_switch_defers_training_code_and_a_compiled_step_matches_eager():
+    model = adapted("train")
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 20)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    compiled(x).sum().backward()
+    eager(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_the_compile_callback_never_waits_for_another_threads_lock():
+    model = adapted()
+    forward = installed_forward(model.model)
+    holding, release = threading.Event(), threading.Event()
+
+    def reader():
+        with CALL_LOCK.shared():
+            holding.set()
+            release.wait(timeout=60)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert holding.wait(timeout=60)
+        compile_builds.build_deferred(wait=False)  # returns at once, nothing built
+        assert forward._unbuilt and forward._gated == {}
+    finally:
+        release.set()
+        thread.join(timeout=60)
+    compile_builds.build_deferred(wait=False)
+    assert forward._unbuilt == set() and set(forward._gated) == set(forward.variants)
+
+
+def test_a_copy_and_a_pickled_model_defer_their_code_and_compile_whole():
+    model = adapted()
+    x = torch.randn(4, 20)
+    for make in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):  # one at a time: a compile builds all that wait
+        clone = make(model)
+        forward = installed_forward(clone.model)
+        assert forward._gated == {} and forward._unbuilt == set(forward.variants)
+        counter = CompileCounter()
+        torch.testing.assert_close(torch.compile(clone, backend=counter, fullgraph=True)(x), model(x))
+        assert counter.frame_count == 1
+
+
+def test_without_a_compile_callback_gated_code_is_built_at_once(monkeypatch):
+    monkeypatch.setattr(compile_builds, "_HANDLER", None)
+    forward = installed_forward(adapted().model)
+    assert forward._unbuilt == set() and set(forward._gated) == set(forward.variants)
+
+
+def test_an_exclusive_hold_without_waiting_takes_a_free_lock_or_declines_at_once():
+    lock = SharedLock()
+    with lock.exclusive(wait=False) as held:
+        assert held
+        with lock.exclusive(wait=False) as again:  # reentrant
+            assert again
+    with lock.shared():
+        with lock.exclusive(wait=False) as held:  # only this thread reads: upgraded
+            assert held
+    holding, release, results = threading.Event(), threading.Event(), []
+
+    def reader():
+        with lock.shared():
+            holding.set()
+            release.wait(timeout=60)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert holding.wait(timeout=60)
+    with lock.exclusive(wait=False) as held:
+        results.append(held)
+    release.set()
+    thread.join(timeout=60)
+    with lock.exclusive(wait=False) as held:
+        results.append(held)
+    assert results == [False, True]
