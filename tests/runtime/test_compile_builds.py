@@ -157,3 +157,29 @@ def test_an_exclusive_hold_without_waiting_takes_a_free_lock_or_declines_at_once
     with lock.exclusive(wait=False) as held:
         results.append(held)
     assert results == [False, True]
+
+
+def test_two_threads_compiling_one_model_at_once_compute_the_eager_results():
+    model = adapted()
+    x = torch.randn(4, 20)
+    want = model(x)
+    compiled = torch.compile(model, backend="eager")
+    barrier, results, errors = threading.Barrier(2), [], []
+
+    def worker():
+        barrier.wait()
+        try:
+            for _ in range(5):
+                results.append(compiled(x))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert len(results) == 10
+    for got in results:
+        torch.testing.assert_close(got, want)
