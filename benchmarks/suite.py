@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -304,6 +305,7 @@ def transform_rows(case: Case, base: nn.Module, x: object, rounds: int = 5) -> l
     for i in range(rounds + 1):
         for name, fn in adapt.items():
             model = copy.deepcopy(base)
+            gc.collect()  # as `common.interleaved_samples` does: no earlier garbage collected inside a timing
             start = time.perf_counter()
             adapted = fn(model).eval()
             middle = time.perf_counter()
@@ -341,6 +343,11 @@ def main() -> None:
     for key in args.models.split(","):
         print(f"measuring {all_cases[key].name} ...", file=sys.stderr, flush=True)
         rows += measure_case(all_cases[key], args.rounds, not args.no_compile, args.transform_only)
+        # each case starts as in a fresh process: the compiled code and models of the cases before
+        # freed (a heap of ~1M objects left by them made a gen-2 collection cost 0.5 s inside the
+        # last case's timings)
+        torch._dynamo.reset()
+        gc.collect()
     shown = []
     for r in rows:
         r = dict(r)

@@ -48,20 +48,28 @@ except ImportError:  # pragma: no cover - another torch
         return None
 
 
-def build_deferred(wait: bool = False) -> None:
+def build_deferred(wait: bool = False, isolated: bool = False) -> None:
     """Build the gated code of every root waiting for it (each walking its trees once); with
-    `wait` False, a root whose lock another thread holds stays waiting."""
+    `wait` False, a root whose lock another thread holds stays waiting. With `isolated`, a root
+    whose build raises is left to build on first use (raising there, in its own call) instead
+    of failing the caller (dynamo's compile of some other frame, another model's call)."""
     waiting = list(_DEFERRED)
     if not waiting:
         return
     with trees_fixed(), skippable_fixed():
         for forward in waiting:
-            if forward.build_gated(wait):
+            try:
+                built = forward.build_gated(wait)
+            except Exception:
+                if not isolated:
+                    raise
+                built = True  # not retried on every compile: its first use builds (and raises)
+            if built:
                 _DEFERRED.discard(forward)
 
 
 def _on_compile_start(*_: Any) -> None:
-    build_deferred(wait=False)
+    build_deferred(wait=False, isolated=True)
 
 
 def _handler() -> Optional[Any]:
@@ -90,7 +98,7 @@ def defer(forward: _Deferred) -> bool:
 
 
 def _build_waiting() -> None:
-    build_deferred(wait=True)
+    build_deferred(wait=True, isolated=True)  # every model's code, not only the caller's
 
 
 # kept out of torch.compile, callees included: it would compile this frame (its generators)

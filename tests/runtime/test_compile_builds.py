@@ -183,3 +183,18 @@ def test_two_threads_compiling_one_model_at_once_compute_the_eager_results():
     assert len(results) == 10
     for got in results:
         torch.testing.assert_close(got, want)
+
+
+def test_a_build_failing_in_the_compile_callback_fails_only_its_own_model(monkeypatch):
+    broken, healthy = adapted(), adapted()
+    x = torch.randn(4, 20)
+    forward = installed_forward(broken.model)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(forward, "_build", failing)
+    torch.testing.assert_close(torch.compile(healthy, backend="eager", fullgraph=True)(x), healthy(x))
+    assert forward._unbuilt  # left to its first use
+    with pytest.raises(RuntimeError, match="out of memory"):
+        torch.compile(broken.model, backend="eager")(x)
