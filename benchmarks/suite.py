@@ -11,9 +11,9 @@ machine drift hits all alike:
   compiled with the opt-in ``guard_idle`` pass (unmerged and merged) where this torch allows it;
 - transform time (``fxlora.transform`` vs ``peft.get_peft_model``) of a model in eval mode (as
   ``from_pretrained`` gives it), the first call after it (fxlora traces ahead at transform but
-  builds the code for the adapter state in use on the first call) and the switch to training
-  mode after that (fxlora traces and builds the training patterns then): those costs are shown,
-  not hidden;
+  builds the code for the adapter state in use on the first call, and torch.compile's code when
+  it compiles) and the switch to training mode after that (fxlora traces the training patterns
+  then): those costs are shown, not hidden;
 - peak extra memory of an eager training step;
 - training step time and peak memory with ``lora_dropout=0.1`` (fxlora against peft).
 
@@ -291,7 +291,7 @@ def measure_compiled(case, x, base, fxm, pm, full, rounds) -> list[dict]:
 
 def transform_rows(case: Case, base: nn.Module, x: object, rounds: int = 5) -> list[dict]:
     """Transform time, the first call after it (eval, no grad) and the switch to training mode
-    after that (``train()``: fxlora traces and builds the training patterns then), fxlora and
+    after that (``train()``: fxlora traces the training patterns then), fxlora and
     peft interleaved round by round, each round on a fresh copy of `base`; medians (the first
     round warms caches and is dropped)."""
     import peft

@@ -2,6 +2,7 @@
 code (no graph break, no extra recompile), and a build never waits for another thread's lock
 inside dynamo's compile-start callback."""
 
+import contextlib
 import copy
 import pickle
 import threading
@@ -90,13 +91,13 @@ def test_mode_switch_defers_training_code_and_a_compiled_step_matches_eager():
             torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def test_the_compile_callback_never_waits_for_another_threads_lock():
-    model = adapted()
-    forward = installed_forward(model.model)
+@contextlib.contextmanager
+def read_in_another_thread(lock):
+    """`lock` held shared by another thread for the duration of the block."""
     holding, release = threading.Event(), threading.Event()
 
     def reader():
-        with CALL_LOCK.shared():
+        with lock.shared():
             holding.set()
             release.wait(timeout=60)
 
@@ -104,11 +105,18 @@ def test_the_compile_callback_never_waits_for_another_threads_lock():
     thread.start()
     try:
         assert holding.wait(timeout=60)
-        compile_builds.build_deferred(wait=False)  # returns at once, nothing built
-        assert forward._unbuilt and forward._gated == {}
+        yield
     finally:
         release.set()
         thread.join(timeout=60)
+
+
+def test_the_compile_callback_never_waits_for_another_threads_lock():
+    model = adapted()
+    forward = installed_forward(model.model)
+    with read_in_another_thread(CALL_LOCK):
+        compile_builds.build_deferred(wait=False)  # returns at once, nothing built
+        assert forward._unbuilt and forward._gated == {}
     compile_builds.build_deferred(wait=False)
     assert forward._unbuilt == set() and set(forward._gated) == set(forward.variants)
 
@@ -140,20 +148,10 @@ def test_an_exclusive_hold_without_waiting_takes_a_free_lock_or_declines_at_once
     with lock.shared():
         with lock.exclusive(wait=False) as held:  # only this thread reads: upgraded
             assert held
-    holding, release, results = threading.Event(), threading.Event(), []
-
-    def reader():
-        with lock.shared():
-            holding.set()
-            release.wait(timeout=60)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    assert holding.wait(timeout=60)
-    with lock.exclusive(wait=False) as held:
-        results.append(held)
-    release.set()
-    thread.join(timeout=60)
+    results = []
+    with read_in_another_thread(lock):
+        with lock.exclusive(wait=False) as held:
+            results.append(held)
     with lock.exclusive(wait=False) as held:
         results.append(held)
     assert results == [False, True]
