@@ -31,7 +31,7 @@ from fxlora.runtime.calls import outside_compile
 from fxlora.runtime.idle import skippable_fixed
 from fxlora.tracing.submodules import trees_fixed
 
-__all__ = ["defer", "build_deferred", "build_if_compiling", "CAN_DEFER"]
+__all__ = ["defer", "build_deferred", "build_if_compiling"]
 
 
 class _Deferred(Protocol):
@@ -80,9 +80,8 @@ def _handler() -> Optional[Any]:
     return callback_handler if isinstance(getattr(callback_handler, "start_callbacks", None), list) else None
 
 
+#: dynamo's compile-callback registry (None on a torch without one: code is built at once)
 _HANDLER = _handler()
-#: whether gated code can wait for torch.compile on this torch
-CAN_DEFER = _HANDLER is not None
 
 
 def defer(forward: _Deferred) -> bool:
