@@ -317,9 +317,7 @@ class LoraModel(nn.Module):
 
             tx.on_undo(rebuild_previous)
             state.options = dataclasses.replace(previous, **switches)
-            refresh_all(forwards)
-            for forward in forwards:
-                forward.build_gated()
+            refresh_all(forwards, build=True)
 
     def graph_code(self, root: str = "", training: Optional[bool] = None) -> str:
         """The generated code of a graph root (for inspection)."""

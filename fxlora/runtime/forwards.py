@@ -184,12 +184,12 @@ class GraphForward:
             self._gated, self._unbuilt = {}, set(self.variants)
             self._eager = OrderedDict()
             self._read = None
-            self._defer_gated()
+            self._gated_due()
 
-    def _defer_gated(self) -> None:
-        """Have the ``_unbuilt`` patterns' gated code built when torch.compile next compiles (at
-        once where this torch cannot call back)."""
-        if self._unbuilt and not defer(self):
+    def _gated_due(self, now: bool = False) -> None:
+        """Build the ``_unbuilt`` patterns' gated code now, or when torch.compile next compiles
+        (at once where this torch cannot call back)."""
+        if self._unbuilt and (now or not defer(self)):
             self.build_gated()
 
     def build_gated(self, wait: bool = True) -> bool:
@@ -234,8 +234,8 @@ class GraphForward:
         with CALL_LOCK.exclusive():
             if self._code(key, eager) is not None or (eager is None and key in self._unbuilt):
                 if self.variants[key].holds(self.root):
-                    if eager is None and now:
-                        self.build_gated()
+                    if eager is None:
+                        self._gated_due(now)
                     return True
                 self._forget(key)  # an attribute the graph baked in changed, or a module boundary appeared
             variant = self.traced(key)
@@ -243,10 +243,7 @@ class GraphForward:
                 return False
             if eager is None:
                 self._unbuilt.add(key)
-                if now:
-                    self.build_gated()
-                else:
-                    self._defer_gated()
+                self._gated_due(now)
             else:
                 code = self._build(key, variant, eager, self._state())
                 self._eager[(key, eager)] = code
@@ -315,14 +312,9 @@ class GraphForward:
     def modules_used(self) -> set[str]:
         """Paths (relative to the root) of the modules the traced graphs call, and of those whose
         tensors they read."""
-        used = set()
-        for variant in self.variants.values():
-            for node in variant.graph.nodes:
-                if node.op == "call_module":
-                    used.add(node.target)
-                elif node.op == "get_attr":
-                    used.add(node.target.rpartition(".")[0])
-        return used
+        graphs = [variant.graph for variant in self.variants.values()]
+        calls = {node.target for graph in graphs for node in graph.find_nodes(op="call_module")}
+        return calls | {node.target.rpartition(".")[0] for graph in graphs for node in graph.find_nodes(op="get_attr")}
 
     def graph_code(self, training: Optional[bool] = None) -> str:
         """The generated code of the plainest call pattern (for inspection)."""
@@ -386,4 +378,4 @@ class GraphForward:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._defer_gated()
+        self._gated_due()

@@ -98,14 +98,17 @@ def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, P
     refresh_all([forward for _, forward in forwards])
 
 
-def refresh_all(forwards: Iterable[GraphForward]) -> None:
-    """`GraphForward.refresh` each of `forwards` (after adapters or pass options changed), with
-    each module tree walked once (`trees_fixed`) and each graph's `skippable` asked once where
-    the code is built at once (`fxlora.runtime.compile_builds`): nothing of the trees changes
-    while their code is built."""
+def refresh_all(forwards: Iterable[GraphForward], build: bool = False) -> None:
+    """`GraphForward.refresh` each of `forwards` (after adapters or pass options changed); with
+    `build`, their gated code is built now instead of when torch.compile next compiles
+    (`fxlora.runtime.compile_builds`). Each module tree is walked once (`trees_fixed`) and each
+    graph's `skippable` asked once: nothing of the trees changes while their code is built."""
+    forwards = list(forwards)
     with trees_fixed(), skippable_fixed():
         for forward in forwards:
             forward.refresh()
+        for forward in forwards if build else ():
+            forward.build_gated()
 
 
 def prepare_all(model: nn.Module) -> None:
