@@ -12,16 +12,20 @@ pure weight update: `fxlora.passes.weight_uses` then hands that code the adapted
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn as nn
 
 from fxlora.config import LoraConfig
+from fxlora.core.layers import saved_meta, target_meta
 from fxlora.core.weight_use import acts_through_weight, some_act_through_weight
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.kinds.quantized import quantization_of
 from fxlora.tracing.linear_reads import attribute_uses
+from fxlora.tracing.submodules import named_submodules
 from fxlora.tracing.traced import modules_called
 
-__all__ = ["WeightRead", "check_calls", "weight_use_targets"]
+__all__ = ["WeightRead", "check_calls", "check_new_graph", "weight_use_targets"]
 
 
 class WeightRead(TraceFailure):
@@ -63,6 +67,16 @@ def check_calls(
     if read_only:
         raise WeightRead(list(read_only), list(read_only.values()))
     return counts
+
+
+def check_new_graph(root: nn.Module, variant: Any) -> None:
+    """`check_calls` for a graph of `root` traced after planning (a call pattern met later, a
+    pattern planning left pending): the same `WeightRead` or `UnsupportedTargetError` where
+    planning would not have made it a graph, its adapted modules as they are now (the ones that
+    act through their weight, `acts_through_weight`, as re-planning would say)."""
+    names = [rel for rel, m in named_submodules(root) if rel and (target_meta(m) is not None or saved_meta(m) is not None)]
+    by_weight = frozenset(rel for rel in names if acts_through_weight(root.get_submodule(rel)))
+    check_calls("", root, {variant.key: variant}, names, by_weight)
 
 
 def _check_kept_weight_uses(root: nn.Module, refused: list[str], served: set[str], rels: dict[str, str]) -> None:

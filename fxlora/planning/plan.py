@@ -5,9 +5,10 @@
 applies a plan, so what `explain` reports is what `transform` does.
 
 Path choice ("trace the largest traceable sub-modules that contain targets"): starting at the
-model, try to trace a module for the way it is really called (the call patterns seen in one small
-forward pass, `fxlora.tracing.probe`, where the model's integration provides an input; otherwise its
-plainest call), in the module's current train/eval mode; if it traces, it becomes a graph root
+model, try to trace a module for the way it is really called (the first call pattern seen in one
+small forward pass, `fxlora.tracing.probe`, where the model's integration provides an input;
+otherwise its plainest call; the other patterns seen are traced when first needed:
+`fxlora.planning.roots.trace_root`), in the module's current train/eval mode; if it traces, it becomes a graph root
 that covers every target inside it, except in the sub-modules it calls as leaves because their
 code does not trace (planned the same way, on their own). If not, try each child that contains targets. A target
 reached this way with no traceable ancestor takes the eager path; its reason is the failure of its nearest ancestor.
@@ -96,6 +97,8 @@ class RootPlan:
     name: str
     module: nn.Module
     variants: dict = field(default_factory=dict)
+    #: observed call patterns traced when first needed (`fxlora.planning.roots.TracedRoot`)
+    pending: tuple = ()
 
 
 @dataclass
@@ -229,10 +232,11 @@ def assign_paths(
             names = inside(name)
             try:
                 check_callable_root(module, not name, observed)
-                variants, through, leaves = trace_root(module, [modules[n] for n in names], observed, cache)
-                if not (covered := _in_graph(module, name, names, through)) and leaves:
+                traced = trace_root(module, [modules[n] for n in names], observed, cache)
+                leaves = traced.leaves
+                if not (covered := _in_graph(module, name, names, traced.through)) and leaves:
                     raise TraceFailure(f"every adapted module in it is inside a module it calls as a leaf: {next(iter(leaves.values()))}")
-                counts = check_calls(name, module, variants, covered, weight_uses)
+                counts = check_calls(name, module, traced.variants, covered, weight_uses)
             except TraceFailure as exc:
                 for read in exc.names if isinstance(exc, WeightRead) else ():
                     info[read].weight_read = True
@@ -242,7 +246,7 @@ def assign_paths(
                     if full in modules or inside(full):
                         visit(full, child, failure)
                 return
-            roots.append(RootPlan(name, module, variants))
+            roots.append(RootPlan(name, module, traced.variants, traced.pending))
             planned_for = "probe" if id(module) in observed else "plainest"
             for n in covered:
                 calls, reads = counts[n]

@@ -18,6 +18,7 @@ trace resolves), it is traced with them inlined, as without this rule.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch.nn as nn
@@ -25,13 +26,26 @@ import torch.nn as nn
 from fxlora.boundary import boundary_of, can_be_root
 from fxlora.errors import TraceFailure
 from fxlora.tracing.boundaries import kept_children, traced_into
-from fxlora.tracing.call_keys import CallKey, canonical_key, erase_sizes, key_is_ranked, key_is_sized, with_training
+from fxlora.tracing.call_keys import CallKey, canonical_key, erase_sizes, key_in_form, key_is_ranked, key_is_sized, with_training
 from fxlora.tracing.integrations import hooks_for
 from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.submodules import BLOCK_CONTAINERS, named_submodules
 from fxlora.tracing.traced import TracedVariant, trace_through_ids, traceable_parents
 
-__all__ = ["trace_root", "repeated_blocks", "check_callable_root", "BlocksOnly"]
+__all__ = ["trace_root", "TracedRoot", "repeated_blocks", "check_callable_root", "BlocksOnly"]
+
+
+@dataclass
+class TracedRoot:
+    """A candidate root as planning traced it: the graph of its first call pattern (by the key the
+    root's calls are looked up with), the ids of the modules it traces through, the modules it
+    calls as leaves (relative name -> why), and the other observed patterns, traced when first
+    needed (`fxlora.runtime.forwards.GraphForward.pending`)."""
+
+    variants: dict[CallKey, TracedVariant]
+    through: set[int]
+    leaves: dict[str, str]
+    pending: tuple[CallKey, ...] = ()
 
 
 class BlocksOnly(TraceFailure):
@@ -39,15 +53,19 @@ class BlocksOnly(TraceFailure):
     are the roots (`repeated_blocks`), the module itself runs its own forward."""
 
 
-def trace_root(
-    module: nn.Module, interesting: list, observed: dict, cache: TraceCache
-) -> tuple[dict, set[int], dict[str, str]]:
-    """The graphs of `module`'s call patterns (all with the same leaves), the ids of the modules
-    they trace through, and the modules they call as leaves, planned as roots of their own (name
-    -> why: modules kept whole, repeated blocks, and those tracing through which failed,
-    `fxlora.tracing.traced.trace_variant`); raises `TraceFailure` unless every pattern traces, or
-    where its graph could call none of `interesting` itself (`BlocksOnly` where all of them are
-    in repeated blocks)."""
+def trace_root(module: nn.Module, interesting: list, observed: dict, cache: TraceCache) -> TracedRoot:
+    """`module` traced for its first call pattern (`TracedRoot`; its leaves are planned as roots
+    of their own: modules kept whole, repeated blocks, and those tracing through which failed,
+    `fxlora.tracing.traced.trace_variant`); raises `TraceFailure` where that pattern does not
+    trace, or where its graph could call none of `interesting` itself (`BlocksOnly` where all of
+    them are in repeated blocks).
+
+    Its other observed patterns are not traced here: tracing them all (four for a transformers
+    attention: with and without a mask and a KV cache, and each again for every family of blocks
+    differing in ``layer_idx``) was half of ``transform`` on a tiny llama. They are traced when
+    first needed: by the first call meeting one, or all of them when torch.compile next compiles
+    (`fxlora.runtime.compile_builds`), so that a compiled model still meets no untraced pattern.
+    One that then fails to trace runs the root's own forward, with the same math, and warns."""
     if not can_be_root(module):  # its call would not run a graph of its class forward
         raise TraceFailure(f"it cannot be a graph root: {boundary_of(module)}")
     kept = kept_children(module, interesting)  # called by the graph, planned as roots of their own
@@ -72,19 +90,14 @@ def _called_whole(root: nn.Module, leaves: Iterable[str]) -> set[int]:
     return {id(m) for name in leaves for m in root.get_submodule(name).modules()}
 
 
-def _trace_with_leaves(
-    module: nn.Module, observed: dict, cache: TraceCache, leaves: dict[str, str], through: set[int]
-) -> tuple[dict, set[int], dict[str, str]]:
-    leaves = dict(leaves)
-    while True:
-        traced = [(key, cache.trace(module, through, key)) for key in _root_patterns(module, observed)]
-        found = {name: why for _, v in traced for name, why in v.leaves}
-        leaves.update(found)
-        through = through - _called_whole(module, found)
-        if all(len(v.leaves) == len(found) for _, v in traced):  # the same leaves in every pattern
-            break
-    sized, ranked = (any(test(v.key) for _, v in traced) for test in (key_is_sized, key_is_ranked))
-    return {_planned_key(key, v, sized, ranked): v for key, v in traced}, through, leaves
+def _trace_with_leaves(module: nn.Module, observed: dict, cache: TraceCache, leaves: dict[str, str], through: set[int]) -> TracedRoot:
+    first, *later = _root_patterns(module, observed)
+    variant = cache.trace(module, through, first)
+    found = dict(variant.leaves)
+    sized, ranked = key_is_sized(variant.key), key_is_ranked(variant.key)
+    key = _planned_key(first, variant, sized, ranked)
+    pending = tuple(dict.fromkeys(k for k in (key_in_form(k, ranked, sized) for k in later) if k != key))
+    return TracedRoot({key: variant}, through - _called_whole(module, found), {**leaves, **found}, pending)
 
 
 def repeated_blocks(root: nn.Module, interesting: Iterable[nn.Module], observed: dict[int, list[CallKey]]) -> dict[str, str]:

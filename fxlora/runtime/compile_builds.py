@@ -5,7 +5,9 @@ adapter state, built on the first eager call in that state, and *gated* code, th
 call pattern that ``torch.compile`` captures (adapter states become tensor gates, so switching
 never recompiles). Eager calls never run gated code, so building it at transform (and again at
 every mode switch) is work a model used eagerly never needs: on a tiny llama it is about a
-quarter of ``transform``.
+quarter of ``transform``. The same holds for the call patterns planning saw but did not trace
+(`fxlora.planning.roots.trace_root`: a root's patterns beyond its first, ``GraphForward.pending``):
+they are traced here too, before the gated code is built.
 
 So a root whose gated code is due registers here (`defer`), and its code is built when dynamo
 starts compiling any frame (its compile-start callback, before the frame is traced: the code is
@@ -23,19 +25,22 @@ as before.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
 from fxlora.runtime.calls import outside_compile
 from fxlora.runtime.idle import skippable_fixed
+from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.submodules import trees_fixed
 
 __all__ = ["defer", "build_deferred", "build_if_compiling"]
 
 
 class _Deferred(Protocol):
-    def build_gated(self, wait: bool = True) -> bool: ...
+    def trace_pending(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool: ...
+
+    def build_gated(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool: ...
 
 
 _DEFERRED: "weakref.WeakSet[_Deferred]" = weakref.WeakSet()
@@ -49,23 +54,35 @@ except ImportError:  # pragma: no cover - another torch
 
 
 def build_deferred(wait: bool = False, isolated: bool = False) -> None:
-    """Build the gated code of every root waiting for it (each walking its trees once); with
-    `wait` False, a root whose lock another thread holds stays waiting. With `isolated`, a root
-    whose build raises is left to build on first use (raising there, in its own call) instead
-    of failing the caller (dynamo's compile of some other frame, another model's call)."""
-    waiting = list(_DEFERRED)
-    if not waiting:
+    """Trace the pending patterns and build the gated code of every root waiting for it (each
+    walking its trees once, identical roots sharing one `TraceCache`), and of the roots that
+    tracing makes (nested roots); with `wait` False, a root whose lock another thread holds
+    stays waiting. With `isolated`, a root whose build raises is left to build on first use
+    (raising there, in its own call) instead of failing the caller (dynamo's compile of some
+    other frame, another model's call)."""
+    if not _DEFERRED:
         return
-    with trees_fixed(), skippable_fixed():
-        for forward in waiting:
-            try:
-                built = forward.build_gated(wait)
-            except Exception:
-                if not isolated:
-                    raise
-                built = True  # not retried on every compile: its first use builds (and raises)
-            if built:
-                _DEFERRED.discard(forward)
+    tried: set[int] = set()
+    cache = TraceCache()
+    with trees_fixed():
+        while waiting := [f for f in list(_DEFERRED) if id(f) not in tried]:  # tracing may make nested roots
+            tried.update(map(id, waiting))
+            traced = [f for f in waiting if _isolated(lambda f=f: f.trace_pending(wait, cache), isolated)]
+            with skippable_fixed():  # every graph is there: a parent's `skippable` asks its nested roots'
+                for forward in traced:
+                    if _isolated(lambda f=forward: f.build_gated(wait, cache), isolated):
+                        _DEFERRED.discard(forward)
+
+
+def _isolated(step: Callable[[], bool], isolated: bool) -> bool:
+    """`step()`; with `isolated`, True where it raises (not retried on every compile: its first
+    use does the work, and raises, in its own call)."""
+    try:
+        return step()
+    except Exception:
+        if not isolated:
+            raise
+        return True
 
 
 def _on_compile_start(*_: Any) -> None:

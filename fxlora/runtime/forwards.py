@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -23,6 +23,7 @@ import torch.nn as nn
 from fxlora.runtime.calls import CALL_LOCK
 from fxlora.runtime.layer_forwards import EagerLoraForward, SavedForward, call_original, with_call_gates
 from fxlora.runtime.builds import build_state, built_once, closed_roots
+from fxlora.runtime.code import MAX_EAGER_CODES, Code
 from fxlora.runtime.codegen import compile_graph, python_source
 from fxlora.runtime.compile_builds import defer
 from fxlora.runtime.cond_support import cond_keeps_state
@@ -33,11 +34,12 @@ from fxlora.passes import rewrite
 from fxlora.passes.weight_reads import layers_read
 from fxlora.passes.weight_uses import layers_used_by_weight
 from fxlora.tracing.call_keys import SELF, CallKey, call_key, canonical_key, gather_inputs, key_has_handles, key_is_ranked, key_is_sized, with_training
-from fxlora.errors import TraceFailure
+from fxlora.errors import TraceFailure, UnsupportedTargetError
+from fxlora.planning.call_checks import check_new_graph
 from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
 from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.submodules import submodule
-from fxlora.tracing.boundaries import BaseLayers, base_layers, nested_roots, subtree_hooks
+from fxlora.tracing.boundaries import base_layers, nested_roots, subtree_hooks
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.state import AdapterState
@@ -70,6 +72,10 @@ def _is_graph_root(module: nn.Module) -> bool:
     return isinstance(installed_forward(module), GraphForward)
 
 
+def _holds_graph_root(module: nn.Module) -> bool:
+    return any(_is_graph_root(m) for m in module.modules())
+
+
 def graph_forwards(model: nn.Module) -> list["GraphForward"]:
     """The `GraphForward` of every graph root in `model`, in module order."""
     return [f for f in map(installed_forward, model.modules()) if isinstance(f, GraphForward)]
@@ -77,28 +83,6 @@ def graph_forwards(model: nn.Module) -> list["GraphForward"]:
 
 def _interesting(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if target_meta(m) is not None or saved_meta(m) is not None]
-
-
-class Code(NamedTuple):
-    """Generated code of one call pattern, where its inputs come from (None: the call's
-    positional arguments as they are, the common case; else `fxlora.tracing.call_keys.Source`s),
-    and the layers it calls for their base output only (while one has hooks or a new forward,
-    the call runs the root's own forward: `fxlora.tracing.boundaries.BaseLayers`)."""
-
-    fn: Callable[..., Any]
-    inputs: Optional[tuple]
-    base: BaseLayers
-    #: gated evaluation code only: the base model's code for `fxlora.runtime.idle.run_gated`
-    idle: Optional[IdleCode] = None
-    #: the type the call rebuilds from the graph's dict output (`TracedVariant.output_type`)
-    output: Optional[type] = None
-    #: the graph roots of their own the code tells which code to run (`NESTED_CODE`), with the
-    #: forwards they had: while one has another, the call runs the root's own forward
-    nested: tuple[tuple[nn.Module, Any], ...] = ()
-
-#: eager codes kept per graph root (least recently used dropped first); each is code for one
-#: `EagerKey` (a set of live adapter names), so a handful covers any serving pattern
-MAX_EAGER_CODES = 16
 
 
 def _evaluation_graphs(module: nn.Module) -> Optional[list[fx.Graph]]:
@@ -131,11 +115,14 @@ class GraphForward:
 
     path = "graph"
 
-    def __init__(self, root: nn.Module, owner: AdapterState, variants: dict[CallKey, TracedVariant]) -> None:
+    def __init__(self, root: nn.Module, owner: AdapterState, variants: dict[CallKey, TracedVariant], pending: Iterable[CallKey] = ()) -> None:
         self.root = root
         self.owner = owner
         self.previous: Optional[Callable] = None
         self.variants = dict(variants)
+        #: patterns seen by planning's example forward pass but not traced yet: traced by the first
+        #: call meeting one, or all when torch.compile next compiles (`build_gated`)
+        self.pending: list[CallKey] = [k for k in dict.fromkeys(pending) if k not in self.variants]
         self.failures: dict[CallKey, str] = {}
         self._read: Optional[list[str]] = None  # `layers_read` of the variants and adapters as they are
         # code per call pattern: gated code (what torch.compile sees, which reads only this table)
@@ -187,16 +174,25 @@ class GraphForward:
             self._gated_due()
 
     def _gated_due(self, now: bool = False) -> None:
-        """Build the ``_unbuilt`` patterns' gated code now, or when torch.compile next compiles
-        (at once where this torch cannot call back)."""
-        if self._unbuilt and (now or not defer(self)):
+        """Trace the `pending` patterns and build the ``_unbuilt`` ones' gated code now, or when
+        torch.compile next compiles (at once where this torch cannot call back)."""
+        if (self._unbuilt or self.pending) and (now or not defer(self)):
             self.build_gated()
 
-    def build_gated(self, wait: bool = True) -> bool:
-        """Build the gated code of the patterns waiting for it; False (nothing built) where
-        `wait` is False and another thread holds `CALL_LOCK`."""
+    def trace_pending(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool:
+        """Trace the `pending` patterns (through `cache`: identical roots share their traces),
+        their gated code left waiting; False (nothing done) where `wait` is False and another
+        thread holds `CALL_LOCK`."""
         with CALL_LOCK.exclusive(wait) as held:
-            if not held:
+            for key in list(self.pending) if held else ():
+                self.traced(key, cache)
+            return held
+
+    def build_gated(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool:
+        """`trace_pending`, then build the gated code of the patterns waiting for it; False
+        (nothing built) where `wait` is False and another thread holds `CALL_LOCK`."""
+        with CALL_LOCK.exclusive(wait) as held:
+            if not held or not self.trace_pending(wait, cache):
                 return False
             if self._unbuilt:
                 state = self._state()  # the same for every pattern
@@ -241,49 +237,62 @@ class GraphForward:
             variant = self.traced(key)
             if variant is None:
                 return False
-            if eager is None:
-                self._unbuilt.add(key)
-                self._gated_due(now)
-            else:
+            if eager is not None:
                 code = self._build(key, variant, eager, self._state())
                 self._eager[(key, eager)] = code
                 while len(self._eager) > MAX_EAGER_CODES:
                     self._eager.popitem(last=False)
+            self._gated_due(now and eager is None)  # a compiled call of a pattern met eagerly meets its code
             return True
 
     def traced(self, key: CallKey, cache: Optional[TraceCache] = None) -> Optional[TracedVariant]:
         """The variant of pattern `key`, traced if new (through `cache`: identical roots traced
         in one pass share their traces; by default, in a call, the call's own cache: identical
         blocks meeting a new pattern in one forward pass trace it once); None if it cannot be
-        traced."""
+        traced. A new pattern's gated code waits in ``_unbuilt`` (`_gated_due`)."""
         with CALL_LOCK.exclusive():
             if key in self.failures:
                 return None
             variant = self.variants.get(key)
             if variant is None:
-                through = trace_through_ids(self.root, _interesting(self.root))
-                if cache is None:
-                    cache = self.owner.pin.call_memo(TraceCache)
-                if cache is not None and self.ranked:
-                    cache.needs_ranks(type(self.root))
+                observed = key in self.pending
+                if observed:
+                    self.pending.remove(key)
                 try:
-                    if cache is None:  # ranks at once for a root that needed them (exact either way)
-                        variant = trace_variant(self.root, through, key, rank_free_first=not self.ranked)
-                    else:
-                        variant = cache.trace(self.root, through, key)
-                except TraceFailure as exc:
+                    variant = self._trace(key, cache)
+                    check_new_graph(self.root, variant)
+                except (TraceFailure, UnsupportedTargetError) as exc:
                     self.failures[key] = str(exc)
+                    if observed and all(v.holds(self.root) for v in self.variants.values()):
+                        # planning saw it called so, and nothing it traced has changed since: say so
+                        warnings.warn(
+                            f"fxlora: {type(self.root).__name__} does not trace for one of the call patterns fxlora's example "
+                            f"forward pass saw ({exc}): calls of that pattern run its own forward, not a graph",
+                            stacklevel=2,
+                        )
                     return None
                 self.variants[key] = variant
+                self._unbuilt.add(key)  # its gated code: when torch.compile next compiles (`_gated_due`)
                 self._read = None
                 self._adopt_nested_roots()
             return variant
 
+    def _trace(self, key: CallKey, cache: Optional[TraceCache]) -> TracedVariant:
+        through = trace_through_ids(self.root, _interesting(self.root))
+        if cache is None:
+            cache = self.owner.pin.call_memo(TraceCache)
+        if cache is not None and self.ranked:
+            cache.needs_ranks(type(self.root))
+        if cache is None:  # ranks at once for a root that needed them (exact either way)
+            return trace_variant(self.root, through, key, rank_free_first=not self.ranked)
+        return cache.trace(self.root, through, key)
+
     def _adopt_nested_roots(self) -> None:
         """Make each module with a boundary below this root that holds adapted layers a graph
         root of its own (`fxlora.tracing.boundaries.nested_roots`): this root's graphs call it as
-        a module, its own graph runs inside its ``__call__``."""
-        for module in nested_roots(self.root, _interesting(self.root), _is_graph_root):
+        a module, its own graph runs inside its ``__call__``. A module holding graph roots already
+        (planning made its children roots: it did not trace itself) is left as planning left it."""
+        for module in nested_roots(self.root, _interesting(self.root), _holds_graph_root):
             forward = GraphForward(module, self.owner, {})
             forward.prepare(module.training)
             install(module, forward)
@@ -304,9 +313,14 @@ class GraphForward:
             keys.insert(0, canonical_key(self.root, training))
         return keys
 
+    def pend_for(self, training: bool) -> None:
+        """Make the `pending` patterns their `training` twins (still pending: traced when first needed)."""
+        self.pending = [k for k in dict.fromkeys(with_training(k, training) for k in self.pending) if k not in self.variants]
+
     def prepare(self, training: bool) -> bool:
         """Trace `mode_keys`, their gated code built when torch.compile next compiles
-        (`fxlora.runtime.install.prepare_all` traces them first, once for identical roots)."""
+        (`fxlora.runtime.install.prepare_all` traces them first, once for identical roots), after `pend_for`."""
+        self.pend_for(training)
         return all([self.ensure(k, now=False) for k in self.mode_keys(training)])
 
     def modules_used(self) -> set[str]:

@@ -92,7 +92,7 @@ def install_forwards(model: nn.Module, roots: list[RootPlan], paths: dict[str, P
         _check_own_call(name, module, previous)
         cls = EagerLoraForward if target_meta(module) is not None else SavedForward
         install(module, cls(module, owner, previous=previous))
-    forwards = [(r.module, GraphForward(r.module, owner, r.variants)) for r in roots]
+    forwards = [(r.module, GraphForward(r.module, owner, r.variants, r.pending)) for r in roots]
     for module, forward in forwards:  # all installed first: a root's code asks about the roots it calls
         install(module, forward)
     refresh_all([forward for _, forward in forwards])
@@ -120,6 +120,8 @@ def prepare_all(model: nn.Module) -> None:
     once (`trees_fixed`, `hooks_fixed`). (`skippable` is asked afresh: a guard that fails while
     building retraces a root, whose parent's answer then changes.)"""
     wanted = [(forward, forward.mode_keys(forward.root.training)) for forward in graph_forwards(model)]
+    for forward, _ in wanted:
+        forward.pend_for(forward.root.training)
     cache = TraceCache(model)
     with trees_fixed(), hooks_fixed():
         for forward, keys in wanted:

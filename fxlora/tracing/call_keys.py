@@ -31,7 +31,7 @@ from fxlora.tracing.integrations import object_kind
 
 __all__ = [
     "CallKey", "Source", "SELF", "TENSOR", "OBJECT", "MANY", "size_class", "is_ranked_tensor", "call_key", "canonical_key",
-    "key_is_ranked", "key_is_sized", "key_has_handles", "erase_ranks", "erase_sizes", "with_training", "gather_inputs",
+    "key_is_ranked", "key_is_sized", "key_has_handles", "erase_ranks", "erase_sizes", "key_in_form", "with_training", "gather_inputs",
 ]
 
 TENSOR = "T"
@@ -154,6 +154,12 @@ def erase_ranks(key: CallKey) -> CallKey:
 def erase_sizes(key: CallKey) -> CallKey:
     """`key` with every tensor's size classes forgotten (ranks kept)."""
     return _map_kinds(key, lambda k: k[:2] if _is_sized_tensor(k) else k)
+
+
+def key_in_form(key: CallKey, ranked: bool, sized: bool) -> CallKey:
+    """`key` as a root whose calls are keyed with or without ranks and size classes looks it up
+    (`call_key`'s `ranked` and `sized`)."""
+    return key if sized else erase_sizes(key) if ranked else erase_ranks(key)
 
 
 def with_training(key: CallKey, training: bool) -> CallKey:

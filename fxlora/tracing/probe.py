@@ -6,8 +6,10 @@ is representative. A transformers attention module, though, is called with keywo
 signature does not reveal (rotary embeddings as a tuple, a ``Cache`` object, flags, ranks that the
 code relies on), and so is a timm block (``rope=``, ``attn_mask=``). For models whose integration
 can build a small input (`fxlora.tracing.integrations.TraceHooks.example_inputs`), fxlora runs it once and
-records every module's call pattern (ranked, `fxlora.tracing.call_keys.call_key`): those patterns are traced
-ahead (so ``torch.compile`` meets no untraced one), and a sub-module never called is no root.
+records every module's call pattern (ranked, `fxlora.tracing.call_keys.call_key`): planning traces a root
+for the first one and the others wait until first needed, by a call or by ``torch.compile``, which
+traces them all before it traces the model (so it meets no untraced one:
+`fxlora.runtime.compile_builds`); a sub-module never called is no root.
 
 The probe changes nothing: it runs in eval mode under ``torch.no_grad()`` with the random number
 generators' state saved and restored, and removes its hooks; an example the model rejects adds no

@@ -386,7 +386,10 @@ def test_served_mixed_batches_follow_any_sequence_of_updates(steps):
         if step != "serve":
             UPDATES[step](model)
         with torch.no_grad():
-            torch.testing.assert_close(model(x, adapter_names=list(names)), row_by_row(model, x, list(names)), rtol=1e-5, atol=1e-5)
+            expected = row_by_row(model, x, list(names))
+            # updates compound (AdamW steps, x-2 writes): rows and batch sum terms that grew in different orders
+            scale = max(1.0, float(expected.abs().max()))
+            torch.testing.assert_close(model(x, adapter_names=list(names)), expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 # --------------------------------------------------------------------------- where the batch is

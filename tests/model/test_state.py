@@ -116,7 +116,7 @@ def test_eager_codes_per_root_are_bounded():
         for subset in subsets:
             model.set_adapter(subset)
             model(x)
-    from fxlora.runtime.forwards import MAX_EAGER_CODES
+    from fxlora.runtime.code import MAX_EAGER_CODES
 
     (fwd,) = graph_forwards(model)
     assert len(subsets) > MAX_EAGER_CODES

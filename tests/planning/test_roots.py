@@ -93,8 +93,9 @@ def test_blocks_are_leaves_of_the_enclosing_graph_unless_it_needs_them_inlined()
         model = Net(checks_rank=checks_rank)
         x = torch.randn(2, 5, 8)
         observed = observed_calls(model, x)
-        variants, through, leaves = trace_root(model, targets(model), observed, TraceCache())
-        [variant] = variants.values()
+        traced = trace_root(model, targets(model), observed, TraceCache())
+        through, leaves = traced.through, traced.leaves
+        [variant] = traced.variants.values()
         called = {n.target for n in variant.graph.nodes if n.op == "call_module"}
         assert ({"stages.0", "stages.1", "stages.2"} <= called) is split
         assert (sorted(leaves) == ["stages.0", "stages.1", "stages.2"]) is split

@@ -24,14 +24,17 @@ Object arguments that are neither tensors nor constants can be declared as *hand
 (`register_object_type`): such an argument becomes a placeholder whose type is part of the call
 pattern and on which only the declared attributes may be used (transformers' ``Cache``: ``update``).
 
-Integrations are looked up by the top-level package of a model's module classes and imported only
-then, so fxlora never imports timm or transformers for a model that does not use them.
+Integrations are looked up by the top-level package of a model's module classes, or of the classes
+they derive from (a model class of the user's own or of ``trust_remote_code`` code deriving from
+transformers' ``PreTrainedModel`` gets transformers' hooks, its example inputs included), and
+imported only then, so fxlora never imports timm or transformers for a model that does not use them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Optional
 
@@ -150,14 +153,23 @@ def _library_hooks(package: str) -> TraceHooks:
     return _loaded[package]
 
 
+_CLASS_LIBRARIES: "weakref.WeakKeyDictionary[type, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
+def _class_libraries(cls: type) -> frozenset[str]:
+    """The integrated packages of `cls` and of the classes it derives from."""
+    found = _CLASS_LIBRARIES.get(cls)
+    if found is None:
+        found = _CLASS_LIBRARIES[cls] = frozenset(p for p in (c.__module__.partition(".")[0] for c in cls.__mro__) if p in INTEGRATIONS)
+    return found
+
+
 def libraries_of(modules: Iterable[nn.Module]) -> frozenset[str]:
     """Packages with an integration among the classes of `modules`, and libraries whose
     decorators marked one of them (`MARKERS`)."""
-    found = set()
+    found: set[str] = set()
     for m in modules:
-        package = type(m).__module__.partition(".")[0]
-        if package in INTEGRATIONS:
-            found.add(package)
+        found.update(_class_libraries(type(m)))
         found.update(library for marker, library in MARKERS.items() if marker in m.__dict__)
     return frozenset(found)
 
