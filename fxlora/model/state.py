@@ -46,6 +46,30 @@ class MergeStep:
     records: dict[str, FoldRecord]
 
 
+class CallContext:
+    """`AdapterState.calling`: a shared hold of `CALL_LOCK`, then a pin (a class, not a
+    generator: every call enters one)."""
+
+    __slots__ = ("_hold", "_pin")
+
+    def __init__(self, hold: Any, pin: Any) -> None:
+        self._hold, self._pin = hold, pin
+
+    def __enter__(self) -> GateState:
+        self._hold.__enter__()
+        try:
+            return self._pin.__enter__()
+        except BaseException:
+            self._hold.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._pin.__exit__(*exc)
+        finally:
+            self._hold.__exit__(*exc)
+
+
 class CallScope:
     """The context of one call (`AdapterState.calling`), entered and left outside torch.compile."""
 
@@ -175,12 +199,10 @@ class AdapterState:
         pinned = self.pin.get()
         return self.published if pinned is None else pinned
 
-    @contextlib.contextmanager
-    def calling(self, state: Optional[GateState] = None) -> Iterator[GateState]:
+    def calling(self, state: Optional[GateState] = None) -> "CallContext":
         """The context of one call: `CALL_LOCK` held shared and a gate state pinned (`state`, or the
-        published one unless this thread's call already pinned one)."""
-        with CALL_LOCK.shared(), self.pin.hold(self.published if state is None else state, replace=state is not None) as held:
-            yield held
+        published one unless this thread's call already pinned one); entering it gives that state."""
+        return CallContext(CALL_LOCK.shared(), self.pin.hold(self.published if state is None else state, replace=state is not None))
 
     def scope(self, state: Optional[GateState] = None) -> "CallScope":
         """`calling` as an object with ``__enter__`` / ``__exit__`` kept out of ``torch.compile``

@@ -41,7 +41,8 @@ class SharedLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer: Optional[int] = None
         self._writer_depth = 0
@@ -51,24 +52,28 @@ class SharedLock:
     def _depth(self) -> int:
         return getattr(self._local, "depth", 0)
 
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        """Hold the lock shared (nested holds in one thread count once)."""
-        me = threading.get_ident()
-        outer = self._depth() == 0 and self._writer != me
+    def shared(self) -> "_SharedHold":
+        """Hold the lock shared (nested holds in one thread count once); a context manager."""
+        return _SharedHold(self)
+
+    def _enter_shared(self) -> bool:
+        """Take a shared hold; True where it is this thread's outermost one."""
+        depth = self._depth()
+        outer = depth == 0 and self._writer != threading.get_ident()
         if outer:
-            with self._cond:
+            with self._mutex:
                 while self._writer is not None or self._waiting_writers:
                     self._cond.wait()
                 self._readers += 1
-        self._local.depth = self._depth() + 1
-        try:
-            yield
-        finally:
-            self._local.depth -= 1
-            if outer:
-                with self._cond:
-                    self._readers -= 1
+        self._local.depth = depth + 1
+        return outer
+
+    def _exit_shared(self, outer: bool) -> None:
+        self._local.depth -= 1
+        if outer:
+            with self._mutex:
+                self._readers -= 1
+                if self._waiting_writers:  # only a writer waits for readers to leave
                     self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -113,6 +118,21 @@ class SharedLock:
                 self._cond.notify_all()
 
 
+class _SharedHold:
+    """A shared hold of a `SharedLock` (a class, not a generator: every call enters one)."""
+
+    __slots__ = ("_lock", "_outer")
+
+    def __init__(self, lock: SharedLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._outer = self._lock._enter_shared()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock._exit_shared(self._outer)
+
+
 #: the process-wide lock between forwards (shared) and tracing / structural changes (exclusive)
 CALL_LOCK = SharedLock()
 
@@ -137,21 +157,11 @@ class Pin:
     def get(self) -> Optional[GateState]:
         return getattr(self._local, "state", None)
 
-    @contextlib.contextmanager
-    def hold(self, state: GateState, replace: bool = False) -> Iterator[GateState]:
-        """Pin `state` for this thread for the duration of the block; a pin already held is kept
-        (nested calls read their outermost call's state) unless `replace`."""
-        previous = self.get()
-        if previous is not None and not replace:
-            yield previous
-            return
-        self._local.state = state
-        try:
-            yield state
-        finally:
-            self._local.state = previous
-            if previous is None:  # the outermost call ends
-                self._local.memo = None
+    def hold(self, state: GateState, replace: bool = False) -> "_PinHold":
+        """Pin `state` for this thread for the duration of the block (a context manager giving
+        the state pinned); a pin already held is kept (nested calls read their outermost call's
+        state) unless `replace`."""
+        return _PinHold(self, state, replace)
 
     def call_memo(self, make: Callable[[], T]) -> Optional[T]:
         """An object kept for this thread's outermost call in flight (made by `make` on first
@@ -165,6 +175,32 @@ class Pin:
 
     def __reduce__(self) -> tuple:
         return (Pin, ())  # a copy (deepcopy, pickle) has no call in flight
+
+
+class _PinHold:
+    """`Pin.hold`'s context (a class, not a generator: every call enters one)."""
+
+    __slots__ = ("_pin", "_state", "_replace", "_previous", "_kept")
+
+    def __init__(self, pin: Pin, state: GateState, replace: bool) -> None:
+        self._pin, self._state, self._replace = pin, state, replace
+
+    def __enter__(self) -> GateState:
+        local = self._pin._local
+        previous = self._previous = getattr(local, "state", None)
+        self._kept = previous is not None and not self._replace
+        if self._kept:
+            return previous
+        local.state = self._state
+        return self._state
+
+    def __exit__(self, *exc: object) -> None:
+        if self._kept:
+            return
+        local = self._pin._local
+        local.state = self._previous
+        if self._previous is None:  # the outermost call ends
+            local.memo = None
 
 
 def outside_compile(fn: Callable[..., T]) -> Callable[..., T]:

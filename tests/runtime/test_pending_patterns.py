@@ -142,3 +142,30 @@ def test_a_pending_pattern_that_does_not_trace_warns_once_and_runs_the_roots_own
             warnings.simplefilter("error")  # said once
             assert torch.equal(ours(ids, mask), out)
     assert all(not f.pending and len(f.failures) == 1 for f in blocks)
+
+
+class WeightOnlyWithScale(nn.Module):
+    """Calls ``fc`` for ``x`` alone; with a scale, uses its weight in a way no call equals."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale=None):
+        if scale is None:
+            return self.fc(x)
+        return x * self.fc.weight.sum() * scale
+
+
+def test_a_pattern_met_after_planning_gets_planning_s_call_checks():
+    """A pattern whose graph would use an adapted layer's weight without calling it (so its
+    branch could not act there) is refused, as planning refuses such a graph: the call runs the
+    module's own forward, and the pattern is remembered as failed."""
+    torch.manual_seed(0)
+    model = fxlora.transform(WeightOnlyWithScale(), LoraConfig(target_modules=["fc"], lora_dropout=0.1, init_lora_weights=False))
+    [forward] = graph_forwards(model.model)
+    x, scale = torch.randn(2, 4), torch.tensor(2.0)
+    assert torch.equal(model(x, scale=scale), x * model.model.fc.weight.sum() * scale)
+    [reason] = forward.failures.values()
+    assert "fc is used through its weights, not called as a module" in reason
+    assert len(forward.variants) == 1  # the planned pattern only
