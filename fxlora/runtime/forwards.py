@@ -110,7 +110,9 @@ class GraphForward:
 
     Eager calls run code built for their adapter state on first use; the gated code that
     torch.compile captures is built when torch.compile next compiles
-    (`fxlora.runtime.compile_builds`): the patterns waiting for it are ``_unbuilt``.
+    (`fxlora.runtime.compile_builds`): the patterns waiting for it are ``_unbuilt``. So are the
+    traces of the patterns planning saw but did not trace (`pending`,
+    `fxlora.planning.roots.trace_root`), unless a call meets one first.
     """
 
     path = "graph"

@@ -169,3 +169,32 @@ def test_a_pattern_met_after_planning_gets_planning_s_call_checks():
     [reason] = forward.failures.values()
     assert "fc is used through its weights, not called as a module" in reason
     assert len(forward.variants) == 1  # the planned pattern only
+
+
+def test_threads_meeting_a_pending_pattern_at_once_trace_it_once_and_all_compute_it(monkeypatch):
+    """Four threads make the first padded call together: one traces the pattern (holding the
+    call lock exclusively), the others wait and run its code; every result equals the eager one."""
+    import threading
+
+    base = tiny_llama(2)
+    model = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    eager = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules="all-linear", init_lora_weights=False), trace="eager")
+    eager.load_state_dict(model.state_dict())
+    batch = padded_batch()
+    with torch.no_grad():
+        expected = eager(**batch).logits
+    calls = count_traces(monkeypatch)
+    start, results = threading.Barrier(4), []
+
+    def call():
+        start.wait()
+        with torch.no_grad():
+            results.append(model(**batch).logits)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(torch.equal(r, expected) for r in results)
+    assert Counter(calls) == {"LlamaAttention": 1, "LlamaAttention lifted": 1}
