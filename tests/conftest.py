@@ -16,6 +16,9 @@ try:
     settings.register_profile(
         "ci",
         max_examples=int(os.environ.get("FXLORA_HYPOTHESIS_EXAMPLES", "30")),
+        # the same examples on every run (a CI run decides whether a change lands); set
+        # FXLORA_HYPOTHESIS_RANDOM=1 to draw new ones
+        derandomize=not os.environ.get("FXLORA_HYPOTHESIS_RANDOM"),
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
