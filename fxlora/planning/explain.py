@@ -45,6 +45,10 @@ class Report:
     trainable_params: int
     all_params: int
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    #: call patterns traced by planning, and those the probe saw that are traced when first met
+    #: by a call or when torch.compile compiles (`fxlora.planning.roots.trace_root`), over all roots
+    traced_patterns: int = 0
+    pending_patterns: int = 0
 
     @property
     def targets(self) -> list[str]:
@@ -98,6 +102,11 @@ class Report:
         )
         if self.graph_roots:
             out.append("graph roots: " + ", ".join(r or "<model>" for r in self.graph_roots))
+        if self.pending_patterns:
+            out.append(
+                f"call patterns: {self.traced_patterns} traced, {self.pending_patterns} more seen by the example forward pass "
+                "traced when a call first meets one or torch.compile compiles"
+            )
         out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
 
@@ -123,6 +132,8 @@ def report_from_plan(plan: Plan) -> Report:
         trainable_params=plan.trainable_params,
         all_params=plan.all_params,
         warnings=tuple(plan.warnings),
+        traced_patterns=sum(len(r.variants) for r in plan.roots),
+        pending_patterns=sum(len(r.pending) for r in plan.roots),
     )
 
 

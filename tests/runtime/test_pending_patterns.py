@@ -50,6 +50,8 @@ def test_planning_traces_each_block_family_for_its_first_pattern_and_a_masked_ca
     assert Counter(calls) == {"LlamaAttention": 1, "LlamaAttention lifted": 1, "LlamaMLP": 1}
     for forward in attention_forwards(ours):
         assert len(forward.variants) == 1 and len(forward.pending) == 3
+    report = fxlora.explain(copy.deepcopy(base), LoraConfig(target_modules="all-linear"))  # says so
+    assert (report.traced_patterns, report.pending_patterns) == (8, 12) and "call patterns: 8 traced, 12 more" in str(report)
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear", init_lora_weights=False))
     copy_peft_adapter_weights(reference, ours)
     calls.clear()
