@@ -280,6 +280,7 @@ class GraphForward:
             return variant
 
     def _trace(self, key: CallKey, cache: Optional[TraceCache]) -> TracedVariant:
+        """A new trace of pattern `key` (through `cache`, or the call's own; raises `TraceFailure`)."""
         through = trace_through_ids(self.root, _interesting(self.root))
         if cache is None:
             cache = self.owner.pin.call_memo(TraceCache)
