@@ -12,8 +12,6 @@ pure weight update: `fxlora.passes.weight_uses` then hands that code the adapted
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn as nn
 
 from fxlora.config import LoraConfig
@@ -23,7 +21,7 @@ from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.kinds.quantized import quantization_of
 from fxlora.tracing.linear_reads import attribute_uses
 from fxlora.tracing.submodules import named_submodules
-from fxlora.tracing.traced import modules_called
+from fxlora.tracing.traced import TracedVariant, modules_called
 
 __all__ = ["WeightRead", "check_calls", "check_new_graph", "weight_use_targets"]
 
@@ -69,7 +67,7 @@ def check_calls(
     return counts
 
 
-def check_new_graph(root: nn.Module, variant: Any) -> None:
+def check_new_graph(root: nn.Module, variant: TracedVariant) -> None:
     """`check_calls` for a graph of `root` traced after planning (a call pattern met later, a
     pattern planning left pending): the same `WeightRead` or `UnsupportedTargetError` where
     planning would not have made it a graph, its adapted modules as they are now (the ones that

@@ -124,7 +124,8 @@ class GraphForward:
         self.variants = dict(variants)
         #: patterns seen by planning's example forward pass but not traced yet: traced by the first
         #: call meeting one, or all when torch.compile next compiles (`build_gated`)
-        self.pending: list[CallKey] = [k for k in dict.fromkeys(pending) if k not in self.variants]
+        self.pending: list[CallKey] = list(pending)
+        self.pend_for(root.training)  # no repeats, none traced already
         self.failures: dict[CallKey, str] = {}
         self._read: Optional[list[str]] = None  # `layers_read` of the variants and adapters as they are
         # code per call pattern: gated code (what torch.compile sees, which reads only this table)
@@ -187,15 +188,16 @@ class GraphForward:
         thread holds `CALL_LOCK`."""
         with CALL_LOCK.exclusive(wait) as held:
             for key in list(self.pending) if held else ():
-                self.traced(key, cache)
+                self.traced(key, cache)  # a traced one waits in ``_unbuilt``
             return held
 
     def build_gated(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool:
         """`trace_pending`, then build the gated code of the patterns waiting for it; False
         (nothing built) where `wait` is False and another thread holds `CALL_LOCK`."""
         with CALL_LOCK.exclusive(wait) as held:
-            if not held or not self.trace_pending(wait, cache):
+            if not held:
                 return False
+            self.trace_pending(cache=cache)  # this thread holds the lock already: it takes it again at once
             if self._unbuilt:
                 state = self._state()  # the same for every pattern
                 for key in [k for k in self.variants if k in self._unbuilt]:
