@@ -20,6 +20,13 @@ dynamo), builds on first use (`GraphForward._slow_call`): the results are the sa
 
 Where this torch has no compile-start callback, `defer` declines and the code is built at once,
 as before.
+
+A call pattern nobody saw before torch.compile started (a keyword a compiled model is first
+called with, passed on to its blocks) is traced when dynamo meets it: `ready_when_traced` runs
+for real while dynamo traces the call (``torch._dynamo.assume_constant_result``), so the code is
+there when dynamo reads it and the compiled graph does not break where the pattern is called.
+It never waits for `CALL_LOCK`; where it cannot take it, or the trace fails, dynamo meets no
+code and the call falls back to `GraphForward._slow_call` (a graph break, the results the same).
 """
 
 from __future__ import annotations
@@ -29,18 +36,27 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from fxlora.runtime.calls import outside_compile
+from fxlora.runtime.calls import CALL_LOCK, outside_compile
 from fxlora.runtime.idle import skippable_fixed
+from fxlora.tracing.call_keys import CallKey
 from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.submodules import trees_fixed
 
-__all__ = ["defer", "build_deferred", "build_if_compiling"]
+__all__ = ["defer", "build_deferred", "build_if_compiling", "ready_when_traced", "track"]
 
 
 class _Deferred(Protocol):
     def trace_pending(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool: ...
 
     def build_gated(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool: ...
+
+    def traced(self, key: Any, cache: Optional[TraceCache] = None) -> Any: ...
+
+    def ensure(self, key: Any, eager: None = None) -> bool: ...
+
+    def has_gated_code(self, key: Any) -> bool: ...
+
+    root: Any
 
 
 _DEFERRED: "weakref.WeakSet[_Deferred]" = weakref.WeakSet()
@@ -133,3 +149,32 @@ def _build_if_compiling() -> None:
 #: removed after `defer`. Its own frame is kept out of torch.compile without switching frame
 #: evaluation off (`fxlora.runtime.calls.outside_compile`), so that it sees whether it is on.
 build_if_compiling = outside_compile(_build_if_compiling)
+
+
+#: every live `GraphForward` (`track`), for `ready_when_traced` to find a call's root among
+_LIVE: "weakref.WeakSet[_Deferred]" = weakref.WeakSet()
+
+
+def track(forward: _Deferred) -> None:
+    """Let `ready_when_traced` find `forward` (each graph root's, when made or unpickled)."""
+    _LIVE.add(forward)
+
+
+@torch._dynamo.assume_constant_result
+def _ensure_at_trace_time(root_type: type, key: tuple) -> bool:
+    key = CallKey(*key)  # dynamo rebuilds a NamedTuple argument wrong: it comes as a tuple
+    with CALL_LOCK.exclusive(wait=False) as held:
+        cache = TraceCache()  # identical roots: one trace
+        for forward in [f for f in list(_LIVE) if type(f.root) is root_type and not f.has_gated_code(key)] if held else ():
+            _isolated(lambda f=forward: f.traced(key, cache) is not None and f.ensure(key), True)
+        return held
+
+
+def ready_when_traced(forward: _Deferred, key: "CallKey") -> None:
+    """Called by `forward` while dynamo traces its call with pattern `key`: trace the pattern if
+    new and build its gated code, at trace time (module docstring), for every live root of the
+    same class that lacks it (identical blocks: one trace). The roots are found by class, not by
+    `forward` itself or its model, so that dynamo guards on neither: identical blocks compiled one
+    by one, in one model or several, still share their compiled code. What raises here is left
+    to the call itself, which raises outside the graph."""
+    _ensure_at_trace_time(type(forward.root), tuple(key))

@@ -25,7 +25,7 @@ from fxlora.runtime.layer_forwards import EagerLoraForward, SavedForward, call_o
 from fxlora.runtime.builds import build_state, built_once, closed_roots
 from fxlora.runtime.code import MAX_EAGER_CODES, Code
 from fxlora.runtime.codegen import compile_graph, python_source
-from fxlora.runtime.compile_builds import defer
+from fxlora.runtime.compile_builds import defer, ready_when_traced, track
 from fxlora.runtime.cond_support import cond_keeps_state
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
@@ -60,11 +60,9 @@ def install(module: nn.Module, forward: Any) -> None:
 def uninstall(module: nn.Module) -> None:
     """Give `module` back the forward it had before fxlora."""
     fwd = installed_forward(module)
-    if fwd is None:
-        return
-    if fwd.previous is not None:
+    if fwd is not None and fwd.previous is not None:
         module.__dict__["forward"] = fwd.previous
-    else:
+    elif fwd is not None:
         del module.__dict__["forward"]
 
 
@@ -104,9 +102,10 @@ class GraphForward:
 
     A call whose pattern has a graph runs that graph's generated code with the call's gates:
     straight-line tensor code, so ``torch.compile`` captures it whole. A new pattern is traced on
-    first use (holding `fxlora.runtime.calls.CALL_LOCK` exclusively); a pattern that cannot be traced runs
-    the root's original forward with the eager LoRA forwards installed on its layers (same math,
-    no graph). The pass options are the owner's (`AdapterState.options`).
+    first use (holding `fxlora.runtime.calls.CALL_LOCK` exclusively; one a compiled call meets, while
+    dynamo traces it: `fxlora.runtime.compile_builds.ready_when_traced`); a pattern that cannot be
+    traced runs the root's original forward with its layers' eager LoRA forwards (same math, no graph).
+    The pass options are the owner's (`AdapterState.options`).
 
     Eager calls run code built for their adapter state on first use; the gated code that
     torch.compile captures is built when torch.compile next compiles
@@ -128,15 +127,15 @@ class GraphForward:
         self.pend_for(root.training)  # no repeats, none traced already
         self.failures: dict[CallKey, str] = {}
         self._read: Optional[list[str]] = None  # `layers_read` of the variants and adapters as they are
-        # code per call pattern: gated code (what torch.compile sees, which reads only this table)
-        # for every pattern, and per (pattern, eager key) code that runs only the live branches,
-        # least recently used dropped first
+        # code per call pattern: gated code (what torch.compile sees, reading only this table) for every
+        # pattern, and per (pattern, eager key) code running only the live branches, least recently used dropped first
         self._gated: dict[CallKey, Code] = {}
         self._unbuilt: set[CallKey] = set()  # known patterns whose gated code waits for torch.compile
         self._eager: OrderedDict[tuple[CallKey, EagerKey], Code] = OrderedDict()
         # patterns fix tensor ranks when the planned ones needed them (`fxlora.tracing.call_keys.call_key`)
         self.ranked = any(key_is_ranked(k) for k in self.variants)
         self.sized = any(key_is_sized(k) for k in self.variants)  # and size classes (`call_key`)
+        track(self)
 
     # ---------------------------------------------------------------- building
     def _build(self, key: CallKey, variant: TracedVariant, eager: Optional[EagerKey], state: Optional[Hashable], nested_code: Optional[str] = None) -> Code:
@@ -218,6 +217,9 @@ class GraphForward:
         first use), keeping the gated code torch.compile sees (`fxlora.model.hotswap`)."""
         with CALL_LOCK.exclusive():
             self._eager = OrderedDict()
+
+    def has_gated_code(self, key: CallKey) -> bool:
+        return key in self._gated
 
     def _code(self, key: Optional[CallKey], eager: Optional[EagerKey]) -> Optional[Code]:
         if eager is None:
@@ -351,6 +353,8 @@ class GraphForward:
 
     def _run(self, gates: GateState, eager: Optional[EagerKey], args: tuple, kwargs: dict, nested: Optional[str] = None) -> Any:
         key = call_key(self.root.training, args, kwargs, self.ranked, self.sized)
+        if eager is None and torch.compiler.is_compiling():
+            ready_when_traced(self, key)
         code = self._code(key, eager)
         if code is None or not self.variants[key].holds(self.root):
             return self._slow_call(key, gates, eager, args, kwargs)
@@ -375,26 +379,22 @@ class GraphForward:
         """The original forward: its adapted layers compute their branches themselves, except
         those its code uses by weight (`fxlora.passes.weight_reads`): warned."""
         if self._read is None:  # scanned once per set of graphs and adapters, not on every eager call
-            self._read = sorted(
-                {layer for v in self.variants.values() for layer in (*layers_read(v.graph, self.root), *layers_used_by_weight(v.graph, self.root))}
-            )
-        read = self._read
-        if read:
+            self._read = sorted({n for v in self.variants.values() for n in (*layers_read(v.graph, self.root), *layers_used_by_weight(v.graph, self.root))})
+        if self._read:
             warnings.warn(
                 f"fxlora: {type(self.root).__name__} runs its own forward in this call (a call pattern or hook fxlora's "
-                f"graph does not cover), which reads the weight of {', '.join(read)} directly: their unmerged adapters "
+                f"graph does not cover), which reads the weight of {', '.join(self._read)} directly: their unmerged adapters "
                 "do not act in this call",
                 stacklevel=3,
             )
         return call_original(self.root, self.previous, args, kwargs)
 
-    # ---------------------------------------------------------------- copying
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_gated"], state["_eager"] = {}, OrderedDict()  # code is rebuilt from the graphs on first use
-        state["_unbuilt"] = set(self.variants)
+        state.update(_gated={}, _eager=OrderedDict(), _unbuilt=set(self.variants))  # code is rebuilt from the graphs on first use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        track(self)
         self._gated_due()

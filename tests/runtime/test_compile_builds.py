@@ -196,3 +196,88 @@ def test_a_build_failing_in_the_compile_callback_fails_only_its_own_model(monkey
     assert forward._unbuilt  # left to its first use
     with pytest.raises(RuntimeError, match="out of memory"):
         torch.compile(broken.model, backend="eager")(x)
+
+
+class Scalable(torch.nn.Module):
+    """A model whose example call (``forward(x)``) leaves its ``scale`` pattern unseen; with
+    `check`, that pattern does not trace (a branch on the scale's value)."""
+
+    def __init__(self, check: bool = False):
+        super().__init__()
+        self.lin, self.out, self.check = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), check
+
+    def forward(self, x, scale=None):
+        h = self.lin(x)
+        if scale is not None and (not self.check or bool(scale.sum() > 0)):
+            h = h * scale
+        return self.out(h)
+
+
+def scalable_pair(check: bool = False):
+    peft = pytest.importorskip("peft")
+    from models import copy_peft_adapter_weights
+
+    torch.manual_seed(0)
+    base = Scalable(check).eval()
+    ours = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules=["lin", "out"]))
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["lin", "out"], init_lora_weights=False))
+    copy_peft_adapter_weights(reference, ours)
+    return ours.eval(), reference.eval()
+
+
+def test_a_pattern_first_met_by_a_compiled_call_is_traced_while_dynamo_traces_it():
+    """The ``scale`` pattern is new to fxlora when dynamo meets it: it is traced there and then,
+    so the compiled model is one graph (``fullgraph``) and computes peft's result."""
+    ours, reference = scalable_pair()
+    forward = installed_forward(ours.model)
+    known = set(forward.variants) | set(forward.pending)
+    x, scale = torch.randn(3, 8), torch.tensor(2.0)
+    counter = CompileCounter()
+    with torch.no_grad():
+        got = torch.compile(ours, backend=counter, fullgraph=True)(x, scale=scale)
+        torch.testing.assert_close(got, reference(x, scale=scale), rtol=0, atol=0)
+    assert counter.frame_count == 1
+    assert len(set(forward.variants) - known) == 1  # the new pattern, traced once
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, scale=scale), got, rtol=0, atol=0)  # eager calls reuse the trace
+
+
+def test_a_new_pattern_that_does_not_trace_falls_back_to_the_roots_own_forward_in_a_compiled_call():
+    ours, reference = scalable_pair(check=True)
+    forward = installed_forward(ours.model)
+    x, scale = torch.randn(3, 8), torch.tensor(2.0)
+    with torch.no_grad():
+        got = torch.compile(ours, backend="eager")(x, scale=scale)
+        torch.testing.assert_close(got, reference(x, scale=scale), rtol=0, atol=0)
+    assert len(forward.failures) == 1  # tried once (at trace time), not again by the fallback
+
+
+def test_identical_blocks_meeting_a_new_pattern_in_a_compiled_call_trace_it_once(monkeypatch):
+    """``output_hidden_states`` reaches a llama's attention blocks as a keyword no example call
+    passed: the first compiled call traces that pattern once for all three blocks, compiles no
+    more frames than the model without adapters (transformers' own hooks break its graph once)
+    and gives eager fxlora's hidden states."""
+    transformers = pytest.importorskip("transformers")
+    from test_install import count_traces
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    base = transformers.LlamaForCausalLM(config).eval()
+    model = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, 96, (2, 6))
+    plain, ours = CompileCounter(), CompileCounter()
+    with torch.no_grad():
+        torch.compile(base, backend=plain)(input_ids=ids, output_hidden_states=True)
+    compile_builds.build_deferred(wait=True)  # the patterns the example call saw: traced now, not counted
+    calls = count_traces(monkeypatch)
+    with torch.no_grad():
+        got = torch.compile(model, backend=ours)(input_ids=ids, output_hidden_states=True)
+        assert ours.frame_count == plain.frame_count  # no graph break of fxlora's (6 more frames without)
+        assert calls == ["LlamaAttention", "LlamaAttention lifted"]  # once, and once with layer_idx lifted
+        want = model(input_ids=ids, output_hidden_states=True)
+    assert len(calls) == 2  # the eager call found it traced
+    for a, b in zip(got.hidden_states, want.hidden_states):
+        torch.testing.assert_close(a, b)
