@@ -38,11 +38,12 @@ import torch
 
 from fxlora.runtime.calls import CALL_LOCK, outside_compile
 from fxlora.runtime.idle import skippable_fixed
+from fxlora.runtime.installed import live_roots
 from fxlora.tracing.call_keys import CallKey
 from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.submodules import trees_fixed
 
-__all__ = ["defer", "build_deferred", "build_if_compiling", "ready_when_traced", "track"]
+__all__ = ["defer", "build_deferred", "build_if_compiling", "ready_when_traced"]
 
 
 class _Deferred(Protocol):
@@ -151,21 +152,12 @@ def _build_if_compiling() -> None:
 build_if_compiling = outside_compile(_build_if_compiling)
 
 
-#: every live `GraphForward` (`track`), for `ready_when_traced` to find a call's root among
-_LIVE: "weakref.WeakSet[_Deferred]" = weakref.WeakSet()
-
-
-def track(forward: _Deferred) -> None:
-    """Let `ready_when_traced` find `forward` (each graph root's, when made or unpickled)."""
-    _LIVE.add(forward)
-
-
 @torch._dynamo.assume_constant_result
 def _ensure_at_trace_time(root_type: type, key: tuple) -> bool:
     key = CallKey(*key)  # dynamo rebuilds a NamedTuple argument wrong: it comes as a tuple
     with CALL_LOCK.exclusive(wait=False) as held:
-        cache = TraceCache()  # identical roots: one trace
-        for forward in [f for f in list(_LIVE) if type(f.root) is root_type and not f.has_gated_code(key)] if held else ():
+        cache = TraceCache()  # identical roots, of any model: one trace
+        for forward in [f for f in live_roots(root_type) if not f.has_gated_code(key)] if held else ():
             _isolated(lambda f=forward: f.traced(key, cache) is not None and f.ensure(key), True)
         return held
 

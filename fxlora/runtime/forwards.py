@@ -21,11 +21,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxlora.runtime.calls import CALL_LOCK
+from fxlora.runtime.installed import install, installed_forward, installs, live_roots, track, uninstall
 from fxlora.runtime.layer_forwards import EagerLoraForward, SavedForward, call_original, with_call_gates
 from fxlora.runtime.builds import build_state, built_once, closed_roots
 from fxlora.runtime.code import MAX_EAGER_CODES, Code
 from fxlora.runtime.codegen import compile_graph, python_source
-from fxlora.runtime.compile_builds import defer, ready_when_traced, track
+from fxlora.runtime.compile_builds import defer, ready_when_traced
 from fxlora.runtime.cond_support import cond_keeps_state
 from fxlora.runtime.idle import IDLE, IdleCode, run_gated, skippable
 from fxlora.core.gates import EagerKey, GateState
@@ -45,25 +46,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.state import AdapterState
 
 __all__ = ["BASE_ONLY", "GraphForward", "EagerLoraForward", "SavedForward", "installed_forward", "install", "uninstall", "compile_graph", "graph_forwards"]
-
-
-def installed_forward(module: nn.Module) -> Optional[Any]:
-    """The fxlora forward installed on `module`, if any."""
-    fwd = module.__dict__.get("forward")
-    return fwd if isinstance(fwd, (GraphForward, EagerLoraForward, SavedForward)) else None
-
-
-def install(module: nn.Module, forward: Any) -> None:
-    module.__dict__["forward"] = forward
-
-
-def uninstall(module: nn.Module) -> None:
-    """Give `module` back the forward it had before fxlora."""
-    fwd = installed_forward(module)
-    if fwd is not None and fwd.previous is not None:
-        module.__dict__["forward"] = fwd.previous
-    elif fwd is not None:
-        del module.__dict__["forward"]
 
 
 def _is_graph_root(module: nn.Module) -> bool:
@@ -97,6 +79,7 @@ def _nested_roots(graph: fx.Graph, root: nn.Module) -> list[tuple[str, nn.Module
     return [(target, module, forward) for target, module in calls if isinstance(forward := installed_forward(module), GraphForward)]
 
 
+@installs
 class GraphForward:
     """``forward`` of a graph root: one rewritten graph per call pattern (`fxlora.tracing.traced`).
 
@@ -240,9 +223,13 @@ class GraphForward:
                         self._gated_due(now)
                     return True
                 self._forget(key)  # an attribute the graph baked in changed, or a module boundary appeared
-            variant = self.traced(key)
+            new = key not in self.variants
+            cache = self.owner.pin.call_memo(TraceCache) or TraceCache()
+            variant = self.traced(key, cache)
             if variant is None:
                 return False
+            for sibling in live_roots(type(self.root), self.owner) if new else ():
+                sibling.traced(key, cache)  # identical blocks: one trace, by whichever call meets the pattern first
             if eager is not None:
                 code = self._build(key, variant, eager, self._state())
                 self._eager[(key, eager)] = code
@@ -388,6 +375,12 @@ class GraphForward:
                 stacklevel=3,
             )
         return call_original(self.root, self.previous, args, kwargs)
+
+    @property
+    def __code__(self) -> Any:
+        """The code of the root's own forward, for tools that read where a module's forward is
+        defined (non-strict ``torch.export``)."""
+        return getattr(self.previous, "__code__", None) or type(self.root).forward.__code__
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -24,6 +24,7 @@ from fxlora.core.gates import EagerKey, GateState
 from fxlora.core.layers import BASE_ONLY, GUARD_IDLE, target_meta
 from fxlora.core.ops import any_open
 from fxlora.core.own_rows import ROWS_OF
+from fxlora.runtime.installed import installs
 
 if TYPE_CHECKING:  # pragma: no cover
     from fxlora.model.state import AdapterState
@@ -51,6 +52,7 @@ def with_call_gates(owner: "AdapterState", fn: Callable[..., Any], args: tuple, 
         return fn(gates, gates.eager, args, kwargs)
 
 
+@installs
 class _EagerForward:
     """The forward installed on every adapted (or saved) module, whichever path its branch takes:
     called from anywhere (the model's ``forward``, another method such as timm's

@@ -164,8 +164,8 @@ def test_eager_state_code_equals_gated_code(setup, data):
 
 def test_a_root_that_needed_ranks_traces_a_new_pattern_with_ranks_at_once(monkeypatch):
     """A call pattern first met at run time on a root planned with ranks (transformers' attention)
-    is traced with ranks, without a rank-free attempt that would fail again; its code computes
-    what the attention's own forward computes with the eager branches."""
+    is traced with ranks, without a rank-free attempt that would fail again, for both blocks at
+    once; its code computes what the attention's own forward computes with the eager branches."""
     transformers = pytest.importorskip("transformers")
     from fxlora.tracing import traced
 
@@ -195,6 +195,8 @@ def test_a_root_that_needed_ranks_traces_a_new_pattern_with_ranks_at_once(monkey
     known = set(forward.variants)
     with torch.no_grad():
         out, _ = attention(hidden_states=hidden, position_embeddings=rotary, attention_mask=None)
-        assert outcomes == ["traced"] and set(forward.variants) - known
+        new = set(forward.variants) - known
+        assert outcomes == ["traced", "traced"] and new  # no rank-free attempt; the second block's trace lifts layer_idx
+        assert new <= set(installed_forward(model.model.model.layers[1].self_attn).variants)  # traced with the first
         expected, _ = forward._run_eagerly((), dict(hidden_states=hidden, position_embeddings=rotary, attention_mask=None))
     assert torch.equal(out, expected)
