@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 
 from fxlora.config import LoraConfig
-from fxlora.core.layers import LORA_CHILDREN, saved_meta, target_meta
+from fxlora.core.layers import saved_meta, target_meta
 from fxlora.kinds.quantized import counted_elements
 from fxlora.model import adapters, hotswap, loading, merging
 from fxlora.model.mixed_batch import check_batch_layout, servable_names
+from fxlora.model.model_repr import annotated_repr
 from fxlora.model.signature import forward_signature, signed_forward
 from fxlora.model.state import AdapterState, CallScope
 from fxlora.passes import PassOptions
@@ -160,7 +161,15 @@ class LoraModel(nn.Module):
 
         This frame is kept out of ``torch.compile`` (the model call inside is compiled), so the
         names never become guards: a new assignment of adapters to rows does not recompile.
+        ``torch.export`` captures the model call with the adapter state as it is (no names).
         """
+        if torch.compiler.is_exporting():  # the program computes with the adapter state exported in
+            if adapter_names is not None:
+                raise ValueError(
+                    "adapter_names cannot be exported: an exported program computes with the adapter state it was "
+                    "exported in (export once per adapter after set_adapter(...), or call the model itself)"
+                )
+            return self.model(*args, **kwargs)
         if adapter_names is not None:
             check_batch_layout(self, adapter_names, args, kwargs)
         build_if_compiling()
@@ -191,7 +200,9 @@ class LoraModel(nn.Module):
         """``{parameter name: tensor}`` of one adapter (default: the active one): its LoRA weights
         and `modules_to_save` copies, named as in ``named_parameters()``. Pass such a dict (or a
         stack of them under ``torch.func.vmap``) to ``torch.func.functional_call(model, tensors,
-        args)`` to evaluate with adapter weights that are not stored in the model."""
+        args)`` to evaluate with adapter weights that are not stored in the model (for a model
+        with a child called ``model``, which the attribute ``self.model`` shadows, pass
+        ``self.model``: the same names)."""
         adapter = adapter_name or self.adapter_state.active[0]
         self.adapter_state.check_known(adapter)
         wanted = {id(p) for p in lora_parameters(self.model, adapter)}
@@ -351,7 +362,7 @@ class LoraModel(nn.Module):
             f"LoraModel(adapters={list(self.peft_config)}, active={self.adapter_state.active}, "
             f"targets={len(paths)} ({n_graph} graph, {len(paths) - n_graph} eager))"
         )
-        return head + "\n" + _annotated_repr(self.model, paths)
+        return head + "\n" + annotated_repr(self.model, paths)
 
     # ------------------------------------------------------------------ copying
     def __setstate__(self, state: dict) -> None:
@@ -365,34 +376,3 @@ def _generation_expansion(model: nn.Module, kwargs: dict) -> int:
     beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
     sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
     return beams if beams > 1 else sequences
-
-
-def _lora_note(module: nn.Module, path: str) -> str:
-    meta = target_meta(module)
-    if meta is not None:
-        parts = [f"{a}: r={s.r} alpha={s.alpha:g}" for a, s in meta.adapters.items()]
-        return f"  [LoRA {', '.join(parts)}; {path}]"
-    saved = saved_meta(module)
-    if saved is not None:
-        return f"  [modules_to_save: trainable copy for {', '.join(saved.adapters)}]"
-    return ""
-
-
-def _annotated_repr(module: nn.Module, paths: dict[str, str], name: str = "") -> str:
-    """`nn.Module.__repr__` with fxlora's children folded into a note on their module's line."""
-    hide = _is_fxlora_child(module)
-    children = [(k, m) for k, m in module._modules.items() if m is not None and not (hide and k in LORA_CHILDREN)]
-    note = _lora_note(module, paths.get(name, "eager"))
-    extra_lines = module.extra_repr().split("\n") if module.extra_repr() else []
-    child_lines = [
-        f"({key}): " + _annotated_repr(child, paths, f"{name}.{key}" if name else key).replace("\n", "\n  ")
-        for key, child in children
-    ]
-    if not child_lines and len(extra_lines) <= 1:
-        return f"{module._get_name()}({''.join(extra_lines)}){note}"
-    body = "\n  ".join(extra_lines + child_lines)
-    return f"{module._get_name()}({note}\n  {body}\n)"
-
-
-def _is_fxlora_child(module: nn.Module) -> bool:
-    return target_meta(module) is not None or saved_meta(module) is not None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -211,11 +211,21 @@ def outside_compile(fn: Callable[..., T]) -> Callable[..., T]:
     Its code is also marked as skipped for dynamo's frame evaluation where this torch allows it
     (``torch._dynamo.eval_frame.skip_code``, the mark ``recursive=False`` itself declines to
     cache). Without it dynamo examines the frame again on every call, about 0.1 ms. Callers dynamo
-    traces still break the graph at the call, as the disable asks."""
+    traces still break the graph at the call, as the disable asks. While ``torch.export`` exports
+    (which refuses such a disable) `fn` is called as it is: an exported program captures it whole."""
+    disabled = torch.compiler.disable(fn, recursive=False)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        if torch.compiler.is_exporting():
+            return fn(*args, **kwargs)
+        return disabled(*args, **kwargs)
+
     try:
         from torch._dynamo.eval_frame import skip_code
     except ImportError:  # another torch: the disable alone
         pass
     else:
         skip_code(fn.__code__)
-    return torch.compiler.disable(fn, recursive=False)
+        skip_code(call.__code__)
+    return call

@@ -14,6 +14,7 @@ import contextlib
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -97,9 +98,18 @@ class LoraTracer(fx.Tracer):
             return super().trace(root, concrete_args)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        """torch.fx's, and a plain tensor in a parameter's slot (where ``torch.func.functional_call``
+        puts its tensors for the call) read as that parameter, not baked in as a constant."""
         if not tracing_here():  # another thread's module, read while this one traces
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        read = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if read is attr_val and isinstance(attr_val, torch.Tensor):
+            name = next((n for n, p in self.root.named_parameters(remove_duplicate=False) if p is attr_val), None)
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return read
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         if not tracing_here():  # another thread's call, made while this one traces
