@@ -326,3 +326,17 @@ def assert_same_cached_decoding(ours: nn.Module, reference: nn.Module, vocab: in
         a2 = ours(input_ids=step, past_key_values=a.past_key_values, use_cache=True)
         b2 = reference(input_ids=step, past_key_values=b.past_key_values, use_cache=True)
         assert torch.allclose(a2.logits, b2.logits, atol=1e-5)
+
+
+def tiny_llama(layers: int = 2) -> nn.Module:
+    """A transformers ``LlamaForCausalLM`` of `layers` tiny decoder layers (vocabulary 96, hidden
+    32, grouped-query attention), seeded, in eval mode; skips the test without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()

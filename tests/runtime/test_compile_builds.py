@@ -257,15 +257,10 @@ def test_identical_blocks_meeting_a_new_pattern_in_a_compiled_call_trace_it_once
     passed: the first compiled call traces that pattern once for all three blocks, compiles no
     more frames than the model without adapters (transformers' own hooks break its graph once)
     and gives eager fxlora's hidden states."""
-    transformers = pytest.importorskip("transformers")
+    from models import tiny_llama
     from test_install import count_traces
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    base = transformers.LlamaForCausalLM(config).eval()
+    base = tiny_llama(3)
     model = fxlora.transform(copy.deepcopy(base), LoraConfig(target_modules="all-linear", init_lora_weights=False))
     ids = torch.randint(0, 96, (2, 6))
     plain, ours = CompileCounter(), CompileCounter()

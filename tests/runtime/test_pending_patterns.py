@@ -13,6 +13,7 @@ import torch.nn as nn
 import fxlora
 from fxlora import LoraConfig
 from fxlora.runtime.forwards import GraphForward, graph_forwards, installed_forward
+import models
 from models import copy_peft_adapter_weights
 from test_install import count_traces
 
@@ -20,12 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(layers: int = 4) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return models.tiny_llama(layers)
 
 
 def attention_forwards(model) -> list[GraphForward]:
