@@ -54,7 +54,7 @@ def test_live_roots_are_found_per_model_and_forgotten_with_it():
     roots = lambda model: {id(installed_forward(model.model))}  # noqa: E731
     assert {id(f) for f in live_roots(Blocks, first.adapter_state)} == roots(first)
     assert roots(first) | roots(second) <= {id(f) for f in live_roots(Blocks)}
-    assert live_roots(Block) == []  # no block is a root of its own here
+    assert live_roots(Block, first.adapter_state) == []  # no block of its is a root of its own
     clone = pickle.loads(pickle.dumps(second))  # unpickled roots are tracked too
     assert {id(f) for f in live_roots(Blocks, clone.adapter_state)} == roots(clone)
     gone = roots(second) | roots(clone)
