@@ -22,6 +22,8 @@ from fxlora.model.corda import preprocess_corda
 from fxlora.model.eva import get_eva_state_dict, initialize_lora_eva_weights
 from fxlora.model.lora_model import LoraModel
 from fxlora.model.peft_functions import (
+    get_layer_status,
+    get_model_status,
     get_peft_model_state_dict,
     hotswap_adapter,
     hotswap_adapter_from_state_dict,
@@ -45,6 +47,8 @@ __all__ = [
     "explain",
     "transform",
     "get_peft_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "set_peft_model_state_dict",
     "inject_adapter_in_model",
     "prepare_model_for_compiled_hotswap",

@@ -52,6 +52,9 @@ class QuantizedWeight:
 class Quantization:
     """One way of storing a layer's weight quantized (see the module docstring)."""
 
+    #: the backend's name as PEFT's status records write it (``get_layer_status``)
+    backend_name: str = ""
+
     #: for messages: "torchao Int8Tensor", "bitsandbytes Linear4bit (nf4)", ...
     def describe(self, module: nn.Module) -> str:
         raise NotImplementedError
@@ -103,6 +106,8 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
 class _Torchao(Quantization):
     """A torchao tensor subclass as ``nn.Linear.weight`` (``quantize_``): dequantized with its own
     ``dequantize()``, requantized by ``quantize_`` with the config `requantize_with` declared."""
+
+    backend_name = "torchao"
 
     def describe(self, module: nn.Module) -> str:
         return f"torchao {type(module.weight).__name__}"
@@ -157,6 +162,8 @@ class _Bnb8bit(Quantization):
     rows with one absmax scale each (``SCB``), held by the weight until the first forward moves
     them to the layer's ``state``."""
 
+    backend_name = "bnb 8bit"
+
     def describe(self, module: nn.Module) -> str:
         return "bitsandbytes Linear8bitLt"
 
@@ -196,6 +203,8 @@ class _Bnb8bit(Quantization):
 
 class _Bnb4bit(Quantization):
     """bitsandbytes ``Linear4bit`` (NF4 / FP4, QLoRA): blocks of 4-bit codes with their quant state."""
+
+    backend_name = "bnb 4bit"
 
     def describe(self, module: nn.Module) -> str:
         return f"bitsandbytes Linear4bit ({module.weight.quant_type})"

@@ -26,7 +26,7 @@ import torch.nn as nn
 from fxlora.config import LoraConfig
 from fxlora.core.layers import saved_meta, target_meta
 from fxlora.kinds.quantized import counted_elements
-from fxlora.model import adapters, hotswap, loading, merging
+from fxlora.model import adapters, hotswap, loading, merging, status
 from fxlora.model.mixed_batch import check_batch_layout, servable_names
 from fxlora.model.model_repr import annotated_repr
 from fxlora.model.signature import forward_signature, signed_forward
@@ -128,6 +128,7 @@ class LoraModel(nn.Module):
     load_adapter = _delegate(loading.load_adapter)
     from_pretrained = classmethod(_delegate(loading.from_pretrained))
     hotswap_adapter, prepare_for_compiled_hotswap = _delegate(hotswap.hotswap_adapter), _delegate(hotswap.prepare_for_compiled_hotswap)
+    get_layer_status, get_model_status = _delegate(status.get_layer_status), _delegate(status.get_model_status)
 
     @property
     def merged_adapters(self) -> list[str]:

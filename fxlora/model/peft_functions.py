@@ -1,7 +1,7 @@
 """PEFT's module-level functions, for code written against PEFT: `get_peft_model_state_dict`,
 `set_peft_model_state_dict`, `inject_adapter_in_model`, and ``peft.utils.hotswap``'s
 `prepare_model_for_compiled_hotswap`, `hotswap_adapter` and `hotswap_adapter_from_state_dict`
-(`fxlora.model.hotswap`).
+(`fxlora.model.hotswap`), `get_layer_status` and `get_model_status` (`fxlora.model.status`).
 
 The state-dict functions speak PEFT's key format: on a `LoraModel` the keys PEFT's functions use
 on a ``PeftModel`` (``base_model.model.<module>.lora_A.weight``, no adapter name), on a model
@@ -22,9 +22,11 @@ from fxlora.config import LoraConfig
 from fxlora.errors import CheckpointError, MergeError
 from fxlora.io.moe_files import adapter_targets, convert_expert_tensors
 from fxlora.io.peft_format import BASE, EXTRA_BASE, PEFT_PREFIX, layout_of_adapter
+from fxlora.model import status
 from fxlora.model.loading import adapter_peft_tensors
 from fxlora.model.lora_model import LoraModel
 from fxlora.model.state import AdapterState
+from fxlora.model.status import LayerStatus, ModelStatus
 from fxlora.model.transform import transform
 from fxlora.runtime.forwards import installed_forward
 
@@ -35,6 +37,8 @@ __all__ = [
     "prepare_model_for_compiled_hotswap",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "LoadResult",
 ]
 
@@ -58,6 +62,17 @@ def _facade(model: nn.Module) -> tuple[LoraModel, str]:
             "or fxlora.inject_adapter_in_model(config, model)"
         )
     return LoraModel(model, owner), ""
+
+
+def get_layer_status(model: nn.Module) -> list[LayerStatus]:
+    """PEFT's ``get_layer_status(model)`` (`fxlora.model.status`): `model` is a `LoraModel`, a model
+    adapted by `inject_adapter_in_model`, or either compiled."""
+    return status.get_layer_status(_facade(model)[0])
+
+
+def get_model_status(model: nn.Module) -> ModelStatus:
+    """PEFT's ``get_model_status(model)`` (`fxlora.model.status`), for the models `get_layer_status` takes."""
+    return status.get_model_status(_facade(model)[0])
 
 
 def get_peft_model_state_dict(
