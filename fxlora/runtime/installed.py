@@ -8,6 +8,7 @@ Each kind of forward fxlora installs registers its class here (`installs`): the 
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Optional, TypeVar
 
@@ -48,16 +49,21 @@ def uninstall(module: nn.Module) -> None:
         del module.__dict__["forward"]
 
 
-#: every live graph root's forward (`track`)
+#: every live graph root's forward (`track`), and the lock of that set (a root may be made or
+#: unpickled in one thread while another looks for roots)
 _ROOTS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_ROOTS_LOCK = threading.Lock()
 
 
 def track(forward: Any) -> None:
     """Let `live_roots` find `forward` (a graph root's, when made or unpickled)."""
-    _ROOTS.add(forward)
+    with _ROOTS_LOCK:
+        _ROOTS.add(forward)
 
 
 def live_roots(cls: type, owner: Optional[Any] = None) -> list[Any]:
     """The live graph roots' forwards whose root is of class `cls` (of `owner`'s model only,
     when given)."""
-    return [f for f in list(_ROOTS) if type(f.root) is cls and (owner is None or f.owner is owner)]
+    with _ROOTS_LOCK:
+        roots = list(_ROOTS)
+    return [f for f in roots if type(f.root) is cls and (owner is None or f.owner is owner)]

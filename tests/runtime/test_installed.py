@@ -61,3 +61,39 @@ def test_live_roots_are_found_per_model_and_forgotten_with_it():
     del second, clone
     gc.collect()
     assert not gone & {id(f) for f in live_roots(Blocks)}
+
+
+def test_roots_made_in_threads_while_others_look_for_roots_are_all_found():
+    """Unpickling makes roots (tracked) in several threads while others list the live roots."""
+    import threading
+
+    model = adapted()
+    blob = pickle.dumps(model)
+    made, errors, stop = [], [], threading.Event()
+
+    def make():
+        try:
+            for _ in range(20):
+                made.append(pickle.loads(blob))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def look():
+        try:
+            while not stop.is_set():
+                live_roots(Blocks)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    makers = [threading.Thread(target=make) for _ in range(3)]
+    lookers = [threading.Thread(target=look) for _ in range(2)]
+    for t in makers + lookers:
+        t.start()
+    for t in makers:
+        t.join(timeout=120)
+    stop.set()
+    for t in lookers:
+        t.join(timeout=120)
+    assert errors == [] and len(made) == 60
+    found = {id(f) for f in live_roots(Blocks)}
+    assert all(id(installed_forward(m.model)) in found for m in made)
