@@ -213,9 +213,9 @@ class GraphForward:
         return code
 
     def ensure(self, key: CallKey, eager: Optional[EagerKey] = None, now: bool = True) -> bool:
-        """Make sure pattern `key` has code for `eager` (tracing it if new; gated code, `eager`
-        None, built now or, with `now` False, when torch.compile next compiles); False if it
-        cannot be traced."""
+        """Make sure pattern `key` has code for `eager` (tracing it if new, for every root of this
+        class in the model; gated code, `eager` None, built now or, with `now` False, when
+        torch.compile next compiles); False if it cannot be traced."""
         with CALL_LOCK.exclusive():
             if self._code(key, eager) is not None or (eager is None and key in self._unbuilt):
                 if self.variants[key].holds(self.root):
