@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Any, Callable, Iterator, Optional, TypeVar
+import time
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 
@@ -77,10 +78,11 @@ class SharedLock:
                     self._cond.notify_all()
 
     @contextlib.contextmanager
-    def exclusive(self, wait: bool = True) -> Iterator[bool]:
+    def exclusive(self, wait: Union[bool, float] = True) -> Iterator[bool]:
         """Hold the lock alone: waits until no other thread holds it, and yields True. With
         `wait` False it never waits: where another thread holds the lock or waits for it, it
-        yields False at once without taking it."""
+        yields False at once without taking it. With `wait` a number it waits at most that many
+        seconds, then yields False, this thread's shared hold (if any) taken back as it was."""
         me = threading.get_ident()
         if self._writer == me:
             self._writer_depth += 1
@@ -91,20 +93,10 @@ class SharedLock:
             return
         holding = self._depth() > 0
         with self._cond:
-            if not wait and (self._writer is not None or self._waiting_writers or self._readers > int(holding)):
+            if wait is False and (self._writer is not None or self._waiting_writers or self._readers > int(holding)):
                 taken = False
             else:
-                taken = True
-                if holding:
-                    self._readers -= 1
-                    self._cond.notify_all()
-                self._waiting_writers += 1
-                try:
-                    while self._writer is not None or self._readers:
-                        self._cond.wait()
-                finally:
-                    self._waiting_writers -= 1
-                self._writer = me
+                taken = self._wait_to_write(holding, None if wait is True else time.monotonic() + wait)
         if not taken:
             yield False
             return
@@ -116,6 +108,31 @@ class SharedLock:
                 if holding:
                     self._readers += 1
                 self._cond.notify_all()
+
+
+    def _wait_to_write(self, holding: bool, deadline: Optional[float]) -> bool:
+        """With the mutex held: become the writer, by `deadline` (None: however long it takes);
+        False where the deadline passed first (a shared hold of this thread's is back then)."""
+        if holding:
+            self._readers -= 1
+            self._cond.notify_all()
+        self._waiting_writers += 1
+        try:
+            while self._writer is not None or self._readers:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            else:
+                self._writer = threading.get_ident()
+                return True
+        finally:
+            self._waiting_writers -= 1
+        while holding and self._writer is not None:  # take the shared hold back once no one writes
+            self._cond.wait()
+        self._readers += int(holding)
+        self._cond.notify_all()  # readers that waited behind this writer go on
+        return False
 
 
 class _SharedHold:

@@ -25,8 +25,10 @@ A call pattern nobody saw before torch.compile started (a keyword a compiled mod
 called with, passed on to its blocks) is traced when dynamo meets it: `ready_when_traced` runs
 for real while dynamo traces the call (``torch._dynamo.assume_constant_result``), so the code is
 there when dynamo reads it and the compiled graph does not break where the pattern is called.
-It never waits for `CALL_LOCK`; where it cannot take it, or the trace fails, dynamo meets no
-code and the call falls back to `GraphForward._slow_call` (a graph break, the results the same).
+It waits for `CALL_LOCK` at most `TRACE_TIME_WAIT` seconds (calls in other threads finish in
+that time; one waiting for dynamo's compile lock, which this compile holds, never would); where
+it cannot take it, or the trace fails, dynamo meets no code and the call falls back to
+`GraphForward._slow_call` (a graph break, the results the same).
 """
 
 from __future__ import annotations
@@ -152,10 +154,14 @@ def _build_if_compiling() -> None:
 build_if_compiling = outside_compile(_build_if_compiling)
 
 
+#: how long tracing a pattern met while dynamo traces waits for `CALL_LOCK` (module docstring)
+TRACE_TIME_WAIT = 1.0
+
+
 @torch._dynamo.assume_constant_result
 def _ensure_at_trace_time(root_type: type, key: tuple) -> bool:
     key = CallKey(*key)  # dynamo rebuilds a NamedTuple argument wrong: it comes as a tuple
-    with CALL_LOCK.exclusive(wait=False) as held:
+    with CALL_LOCK.exclusive(wait=TRACE_TIME_WAIT) as held:
         cache = TraceCache()  # identical roots, of any model: one trace
         for forward in [f for f in live_roots(root_type) if not f.has_gated_code(key)] if held else ():
             _isolated(lambda f=forward: f.traced(key, cache) is not None and f.ensure(key), True)

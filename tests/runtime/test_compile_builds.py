@@ -6,6 +6,7 @@ import contextlib
 import copy
 import pickle
 import threading
+import time
 
 import pytest
 import torch
@@ -157,6 +158,48 @@ def test_an_exclusive_hold_without_waiting_takes_a_free_lock_or_declines_at_once
     assert results == [False, True]
 
 
+def hold_shared_in_another_thread(lock, seconds):
+    """A thread that takes `lock` shared, holds it `seconds`, and releases it; started and
+    holding when this returns."""
+    holding = threading.Event()
+
+    def reader():
+        with lock.shared():
+            holding.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert holding.wait(timeout=60)
+    return thread
+
+
+def test_an_exclusive_hold_with_a_bounded_wait_takes_the_lock_in_time_or_gives_up_as_it_was():
+    lock = SharedLock()
+    brief = hold_shared_in_another_thread(lock, 0.05)
+    with lock.exclusive(wait=30) as held:  # the reader leaves in time
+        assert held
+    brief.join()
+    long = hold_shared_in_another_thread(lock, 2.0)
+    started = time.monotonic()
+    with lock.shared():  # this thread reads too: it gives its hold back while waiting, and takes it back
+        with lock.exclusive(wait=0.1) as held:
+            assert not held and time.monotonic() - started < 1.5
+        entered = []
+
+        def write():
+            with lock.exclusive() as taken:
+                entered.append(taken)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.1)
+        assert entered == []  # this thread still holds the lock shared: no writer gets in
+    long.join()
+    writer.join(timeout=60)
+    assert entered == [True]
+
+
 def test_two_threads_compiling_one_model_at_once_compute_the_eager_results():
     model = adapted()
     x = torch.randn(4, 20)
@@ -276,3 +319,56 @@ def test_identical_blocks_meeting_a_new_pattern_in_a_compiled_call_trace_it_once
     assert len(calls) == 2  # the eager call found it traced
     for a, b in zip(got.hidden_states, want.hidden_states):
         torch.testing.assert_close(a, b)
+
+
+def test_a_new_pattern_met_while_another_thread_is_in_a_call_waits_for_it_and_compiles_whole():
+    """The trace at trace time waits (a bounded time) for a call in another thread to finish
+    (the inner model compiled: no `LoraModel.forward` builds the code before dynamo starts)."""
+    ours, reference = scalable_pair()
+    x, scale = torch.randn(3, 8), torch.tensor(2.0)
+    holding = threading.Event()
+
+    def call_in_flight():  # leaves soon after the trace starts waiting for it (or after 10 s)
+        with CALL_LOCK.shared():
+            holding.set()
+            deadline = time.monotonic() + 10
+            while not CALL_LOCK._waiting_writers and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.05)
+
+    other = threading.Thread(target=call_in_flight)
+    other.start()
+    assert holding.wait(timeout=60)
+    with torch.no_grad():
+        got = torch.compile(ours.model, backend="eager", fullgraph=True)(x, scale=scale)  # a break would raise
+        torch.testing.assert_close(got, reference(x, scale=scale), rtol=0, atol=0)
+    other.join()
+
+
+def test_a_new_pattern_met_while_another_thread_holds_on_falls_back_after_the_bounded_wait():
+    """A call in another thread that outlasts `TRACE_TIME_WAIT` (as one waiting for the compile
+    lock this compile holds would): the trace at trace time gives up, the compiled call falls
+    back to the slow call (a graph break), which traces once that call is over; results hold."""
+    from torch._dynamo.utils import counters
+
+    ours, reference = scalable_pair()
+    x, scale = torch.randn(3, 8), torch.tensor(2.0)
+    counters.clear()
+    holding = threading.Event()
+
+    def call_in_flight():  # leaves once a writer has waited for it and given up (or after 20 s)
+        with CALL_LOCK.shared():
+            holding.set()
+            deadline = time.monotonic() + 20
+            for waiting in (True, False):
+                while bool(CALL_LOCK._waiting_writers) is not waiting and time.monotonic() < deadline:
+                    time.sleep(0.001)
+
+    other = threading.Thread(target=call_in_flight)
+    other.start()
+    assert holding.wait(timeout=60)
+    with torch.no_grad():
+        got = torch.compile(ours.model, backend="eager")(x, scale=scale)
+    other.join()
+    torch.testing.assert_close(got, reference(x, scale=scale), rtol=0, atol=0)
+    assert any("_slow_call" in reason for reason in counters["graph_break"])  # the break at the slow call
