@@ -101,3 +101,9 @@ def test_a_quantized_base_names_its_backend():
     model = fxlora.transform(base, LoraConfig(target_modules=["0", "2"]))
     assert [layer.quantization_backend for layer in model.get_layer_status()] == ["torchao", None]
     assert model.get_model_status().quantization_backend == "irregular"
+
+
+@pytest.mark.parametrize("options", [dict(use_dora=True), dict(lora_bias=True), dict(bias="all")], ids=["dora", "lora_bias", "bias_all"])
+def test_variants_and_bias_settings_report_what_peft_reports(options):
+    ours, theirs = both(config=dict(target_modules=["seq.0", "seq.2"], **options), second=None)
+    assert_same_status(ours, theirs)
