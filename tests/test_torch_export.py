@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fxlora
 from fxlora import LoraConfig
-from models import MLP, copy_peft_adapter_weights, tiny_llama
+from models import ConvNet2d, EmbeddingModel, MLP, copy_peft_adapter_weights, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -109,3 +109,26 @@ def test_a_causal_lm_exports_from_the_model_inside_and_computes_peft_s_logits(st
     program = torch.export.export(ours.model, (), {"input_ids": ids, "use_cache": False}, strict=strict).module()
     with torch.no_grad():
         torch.testing.assert_close(program(input_ids=ids, use_cache=False).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+
+
+KINDS = {
+    "dora": (lambda: MLP(16), dict(target_modules=["seq.0", "seq.2"], use_dora=True), lambda: torch.randn(4, 20)),
+    "modules_to_save": (lambda: MLP(16), dict(target_modules=["seq.0"], modules_to_save=["seq.4"]), lambda: torch.randn(4, 20)),
+    "conv": (ConvNet2d, dict(target_modules=["conv1", "conv2"]), lambda: torch.randn(2, 3, 8, 8)),
+    "embedding": (EmbeddingModel, dict(target_modules=["emb", "proj"]), lambda: torch.randint(0, 50, (2, 5))),
+}
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_other_layer_kinds_and_options_export_and_equal_peft(kind, strict):
+    make, config, make_x = KINDS[kind]
+    torch.manual_seed(0)
+    base = make().eval()
+    ours = fxlora.transform(copy.deepcopy(base), LoraConfig(**config)).eval()
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config, init_lora_weights=False)).eval()
+    copy_peft_adapter_weights(reference, ours)
+    x = make_x()
+    program = exported(ours, x, strict)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), reference(x), rtol=0, atol=0)
