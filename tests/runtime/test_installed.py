@@ -29,7 +29,11 @@ def test_every_installed_kind_is_found_and_nothing_else():
     assert installed_forward(plain) is None and installed_forward(model.model.head) is None
 
 
-def test_a_registered_kind_installs_and_uninstalls_back_to_the_previous_forward():
+def test_a_registered_kind_installs_and_uninstalls_back_to_the_previous_forward(monkeypatch):
+    from fxlora.runtime import installed
+
+    monkeypatch.setattr(installed, "_KINDS", installed._KINDS)  # the registration is undone after the test
+
     @installs
     class Stamp:
         def __init__(self, previous):
