@@ -52,7 +52,8 @@ class LayerStatus:
 @dataclass
 class ModelStatus:
     """The model's adapters (PEFT's ``TunerModelStatus``): a value that differs between layers
-    is ``"irregular"``."""
+    (``requires_grad``, ``quantization_backend``) is ``"irregular"``; the adapter state has one
+    owner, so ``enabled``, ``active_adapters`` and ``merged_adapters`` are the model's."""
 
     base_model_type: str
     adapter_model_type: str
@@ -116,9 +117,6 @@ def get_model_status(lm: "LoraModel") -> ModelStatus:
             grads[adapter].append(flag)
         for adapter, types in layer.devices.items():
             devices[adapter].update(types)
-    merged = sorted({a for layer in layers for a in layer.merged_adapters})
-    if any(set(merged) & (set(layer.available_adapters) - set(layer.merged_adapters)) for layer in layers):
-        merged = "irregular"
     backends = {layer.quantization_backend for layer in layers}
     return ModelStatus(
         base_model_type=type(lm.model).__name__,
@@ -127,9 +125,9 @@ def get_model_status(lm: "LoraModel") -> ModelStatus:
         trainable_params=trainable,
         total_params=total,
         num_adapter_layers=len(layers),
-        enabled=_agreed(layer.enabled for layer in layers),
+        enabled=lm.adapter_state.enabled,
         active_adapters=list(lm.adapter_state.active),
-        merged_adapters=merged,
+        merged_adapters=sorted(lm.adapter_state.merged_adapters),
         requires_grad={adapter: _agreed(flags) for adapter, flags in grads.items()},
         available_adapters=sorted({a for layer in layers for a in layer.available_adapters}),
         devices={adapter: sorted(types) for adapter, types in devices.items()},

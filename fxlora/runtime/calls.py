@@ -109,7 +109,6 @@ class SharedLock:
                     self._readers += 1
                 self._cond.notify_all()
 
-
     def _wait_to_write(self, holding: bool, deadline: Optional[float]) -> bool:
         """With the mutex held: become the writer, by `deadline` (None: however long it takes);
         False where the deadline passed first (a shared hold of this thread's is back then)."""

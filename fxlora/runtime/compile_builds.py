@@ -48,7 +48,7 @@ from fxlora.tracing.submodules import trees_fixed
 __all__ = ["defer", "build_deferred", "build_if_compiling", "ready_when_traced"]
 
 
-class _Deferred(Protocol):
+class _RootForward(Protocol):
     def trace_pending(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool: ...
 
     def build_gated(self, wait: bool = True, cache: Optional[TraceCache] = None) -> bool: ...
@@ -62,7 +62,7 @@ class _Deferred(Protocol):
     root: Any
 
 
-_DEFERRED: "weakref.WeakSet[_Deferred]" = weakref.WeakSet()
+_DEFERRED: "weakref.WeakSet[_RootForward]" = weakref.WeakSet()
 
 try:  # a C function: calling it opens no frame for torch.compile to compile
     from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
@@ -120,7 +120,7 @@ def _handler() -> Optional[Any]:
 _HANDLER = _handler()
 
 
-def defer(forward: _Deferred) -> bool:
+def defer(forward: _RootForward) -> bool:
     """Have `forward`'s gated code built when torch.compile next compiles; False where this
     torch cannot call back (the caller builds it now). The callback is registered again where
     ``torch._dynamo.reset()`` removed it."""
@@ -168,7 +168,7 @@ def _ensure_at_trace_time(root_type: type, key: tuple) -> bool:
         return held
 
 
-def ready_when_traced(forward: _Deferred, key: "CallKey") -> None:
+def ready_when_traced(forward: _RootForward, key: "CallKey") -> None:
     """Called by `forward` while dynamo traces its call with pattern `key`: trace the pattern if
     new and build its gated code, at trace time (module docstring), for every live root of the
     same class that lacks it (identical blocks: one trace). The roots are found by class, not by

@@ -37,7 +37,7 @@ from fxlora.passes.weight_uses import layers_used_by_weight
 from fxlora.tracing.call_keys import SELF, CallKey, call_key, canonical_key, gather_inputs, key_has_handles, key_is_ranked, key_is_sized, with_training
 from fxlora.errors import TraceFailure, UnsupportedTargetError
 from fxlora.planning.call_checks import check_new_graph
-from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids, trace_variant
+from fxlora.tracing.traced import TracedVariant, adopt_constants, trace_through_ids
 from fxlora.tracing.reuse import TraceCache
 from fxlora.tracing.submodules import submodule
 from fxlora.tracing.boundaries import base_layers, nested_roots, subtree_hooks
@@ -224,7 +224,7 @@ class GraphForward:
                     return True
                 self._forget(key)  # an attribute the graph baked in changed, or a module boundary appeared
             new = key not in self.variants
-            cache = self.owner.pin.call_memo(TraceCache) or TraceCache()
+            cache = self._trace_cache()
             variant = self.traced(key, cache)
             if variant is None:
                 return False
@@ -270,16 +270,17 @@ class GraphForward:
                 self._adopt_nested_roots()
             return variant
 
+    def _trace_cache(self) -> TraceCache:
+        """The call's trace cache (identical blocks meeting a pattern in one forward pass share
+        their traces), or a new one outside a call."""
+        return self.owner.pin.call_memo(TraceCache) or TraceCache()
+
     def _trace(self, key: CallKey, cache: Optional[TraceCache]) -> TracedVariant:
-        """A new trace of pattern `key` (through `cache`, or the call's own; raises `TraceFailure`)."""
-        through = trace_through_ids(self.root, _interesting(self.root))
-        if cache is None:
-            cache = self.owner.pin.call_memo(TraceCache)
-        if cache is not None and self.ranked:
+        """A new trace of pattern `key` (through `cache`, or `_trace_cache`; raises `TraceFailure`)."""
+        cache = cache or self._trace_cache()
+        if self.ranked:  # ranks at once for a root that needed them (exact either way)
             cache.needs_ranks(type(self.root))
-        if cache is None:  # ranks at once for a root that needed them (exact either way)
-            return trace_variant(self.root, through, key, rank_free_first=not self.ranked)
-        return cache.trace(self.root, through, key)
+        return cache.trace(self.root, trace_through_ids(self.root, _interesting(self.root)), key)
 
     def _adopt_nested_roots(self) -> None:
         """Make each module with a boundary below this root that holds adapted layers a graph
@@ -311,11 +312,14 @@ class GraphForward:
         """Make the `pending` patterns their `training` twins (still pending: traced when first needed)."""
         self.pending = [k for k in dict.fromkeys(with_training(k, training) for k in self.pending) if k not in self.variants]
 
-    def prepare(self, training: bool) -> bool:
-        """Trace `mode_keys`, their gated code built when torch.compile next compiles
-        (`fxlora.runtime.install.prepare_all` traces them first, once for identical roots), after `pend_for`."""
+    def prepare(self, training: bool, cache: Optional[TraceCache] = None) -> bool:
+        """After `pend_for`, trace `mode_keys` (through `cache`: `fxlora.runtime.install.prepare_all`
+        passes one for all roots), their gated code built when torch.compile next compiles."""
         self.pend_for(training)
-        return all([self.ensure(k, now=False) for k in self.mode_keys(training)])
+        keys = self.mode_keys(training)
+        for key in keys:
+            self.traced(key, cache)
+        return all([self.ensure(k, now=False) for k in keys])
 
     def modules_used(self) -> set[str]:
         """Paths (relative to the root) of the modules the traced graphs call, and of those whose

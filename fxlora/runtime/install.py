@@ -119,17 +119,10 @@ def prepare_all(model: nn.Module) -> None:
     (`fxlora.runtime.compile_builds`). A mode switch adds, removes and replaces no module: each tree is walked
     once (`trees_fixed`, `hooks_fixed`). (`skippable` is asked afresh: a guard that fails while
     building retraces a root, whose parent's answer then changes.)"""
-    wanted = [(forward, forward.mode_keys(forward.root.training)) for forward in graph_forwards(model)]
-    for forward, _ in wanted:
-        forward.pend_for(forward.root.training)
     cache = TraceCache(model)
     with trees_fixed(), hooks_fixed():
-        for forward, keys in wanted:
-            for key in keys:
-                forward.traced(key, cache)
-        for forward, keys in wanted:
-            for key in keys:
-                forward.ensure(key, now=False)
+        for forward in graph_forwards(model):
+            forward.prepare(forward.root.training, cache)
 
 
 def uninstall_forwards(model: nn.Module) -> None:
